@@ -1,0 +1,168 @@
+"""Our checkpoint format: one dict that rebuilds the model from the file alone.
+
+    {
+        "format": "erfnet-v1",
+        "model": state_dict,
+        "model_args": ERFNet constructor arguments,
+        "meta": {"class_names", "palette", "mean", "std", ...},
+        # training checkpoints add: "optimizer", "scaler", "scheduler", "iteration",
+        # "best_miou", "rng", "sampler", "args"
+    }
+
+Files are written atomically and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.labels import CLASS_NAMES, PALETTE
+from erfnet.model import ERFNet
+
+FORMAT = "erfnet-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def default_meta(num_classes: int) -> dict[str, Any]:
+    """Class names, palette and normalisation stored beside the weights."""
+    names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else None
+    if names is None:
+        names = [f"class_{i}" for i in range(num_classes)]
+        names[: len(CLASS_NAMES)] = CLASS_NAMES[:num_classes]
+    palette = [list(c) for c in PALETTE][:num_classes]
+    palette += [[0, 0, 0]] * (num_classes - len(palette))
+    return {"class_names": names, "palette": palette, "mean": list(MEAN_RGB), "std": list(STD_RGB)}
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any) -> dict:
+    """The checkpoint dict for ``model`` (unwrapped from DDP / torch.compile if needed)."""
+    model = unwrap_model(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full_meta = default_meta(model.num_classes)
+    full_meta.update(meta or {})
+    return {
+        "format": FORMAT,
+        "model": state,
+        "model_args": dict(model.config),
+        "meta": full_meta,
+        **extra,
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any
+) -> None:
+    """Write ``model`` (plus optional training state in ``extra``) to ``path`` atomically."""
+    atomic_save(make_checkpoint(model, meta, **extra), path)
+
+
+def unwrap_model(model: torch.nn.Module) -> ERFNet:
+    """The ERFNet inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model  # type: ignore[return-value]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read one of our checkpoints safely and check its structure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / unsafe files
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        hint = ""
+        if isinstance(ckpt, dict) and ("state_dict" in ckpt or any("module." in k for k in ckpt)):
+            hint = (
+                " It looks like an mmsegmentation or erfnet_pytorch file: convert it first with"
+                " `python scripts/convert_checkpoint.py --from {mmseg,erfnet_pytorch} IN OUT`."
+            )
+        raise CheckpointError(
+            f"{path} is not an erfnet checkpoint (expected a dict with 'model' and"
+            f" 'model_args').{hint}"
+        )
+    return ckpt
+
+
+def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> ERFNet:
+    """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly."""
+    try:
+        model = ERFNet(**ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model_args {ckpt['model_args']!r}: {e}") from e
+    missing, unexpected = [], []
+    own = model.state_dict()
+    for k in own:
+        if k not in ckpt["model"]:
+            missing.append(k)
+    for k in ckpt["model"]:
+        if k not in own:
+            unexpected.append(k)
+    shape_errors = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in ckpt["model"].items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shape_errors:
+        raise CheckpointError(
+            f"{path}: weights do not match the model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}, mis-shaped {shape_errors[:10]}"
+        )
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False
+) -> ERFNet:
+    """Load a model for inference from one of our checkpoints, in eval mode.
+
+    ``fast=True`` returns the fastest exact inference path for the device (BatchNorm folded into
+    the convolutions, channels_last memory format); see ``erfnet.deploy``.
+    """
+    ckpt = load_checkpoint(path)
+    model = build_model_from_checkpoint(ckpt, path).to(device).eval()
+    model.meta = ckpt.get("meta", default_meta(model.num_classes))
+    if fast:
+        from erfnet.deploy import optimize_for_inference
+
+        fast_model = optimize_for_inference(model)
+        fast_model.meta = model.meta
+        return fast_model
+    return model
