@@ -27,7 +27,7 @@ class DistInfo:
 
 
 def resolve_device(name: str | None = None, local_rank: int = 0) -> torch.device:
-    """``--device`` to a torch.device: ``None``/``"auto"`` picks CUDA (this process's GPU) if present."""
+    """``--device`` to a torch.device; ``None`` or ``"auto"`` picks this process's GPU if any."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
