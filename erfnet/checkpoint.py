@@ -15,7 +15,7 @@ Files are written atomically and read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its files are mode 0600, and the rename would keep that mode; an
+    # exclusive open honours the umask like a plain torch.save would.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -108,7 +110,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         hint = ""
-        if isinstance(ckpt, dict) and ("state_dict" in ckpt or any("module." in k for k in ckpt)):
+        foreign_prefixes = ("module.", "backbone.", "decode_head.", "encoder.", "decoder.")
+        if isinstance(ckpt, dict) and (
+            "state_dict" in ckpt
+            or any(isinstance(k, str) and k.startswith(foreign_prefixes) for k in ckpt)
+        ):
             hint = (
                 " It looks like an mmsegmentation or erfnet_pytorch file: convert it first with"
                 " `python scripts/convert_checkpoint.py --from {mmseg,erfnet_pytorch} IN OUT`."
@@ -126,6 +132,10 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
         model = ERFNet(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model_args {ckpt['model_args']!r}: {e}") from e
+    if not isinstance(ckpt["model"], dict) or not all(
+        isinstance(v, torch.Tensor) for v in ckpt["model"].values()
+    ):
+        raise CheckpointError(f"{path}: 'model' must be a state_dict (a dict of tensors)")
     missing, unexpected = [], []
     own = model.state_dict()
     for k in own:

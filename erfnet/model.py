@@ -115,6 +115,9 @@ class FCNHead(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        # mmcv's ConvModule re-initialises its conv (kaiming normal, fan_out, relu); mmseg's
+        # BaseDecodeHead draws conv_seg from normal(std 0.01) with zero bias.
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 

@@ -1,0 +1,52 @@
+"""Convert an mmsegmentation or erfnet_pytorch ERFNet checkpoint into ours.
+
+    python scripts/convert_checkpoint.py --from mmseg IN.pth OUT.pth
+    python scripts/convert_checkpoint.py --from erfnet_pytorch erfnet_pretrained.pth OUT.pth
+
+The result loads with ``erfnet.load_model(OUT.pth)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Runnable from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from erfnet.convert import SOURCES, ConversionError, convert_checkpoint  # noqa: E402
+from erfnet.model import count_parameters  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=SOURCES,
+        help="format of IN: mmseg (erfnet_fcn_*_cityscapes) or erfnet_pytorch (Eromera's)",
+    )
+    p.add_argument("input", type=Path, help="foreign checkpoint (.pth)")
+    p.add_argument("output", type=Path, help="where to write our checkpoint (.pth)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        model = convert_checkpoint(args.input, args.output, args.source)
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # e.g. the output folder is not writable
+        raise SystemExit(f"error: cannot write {args.output}: {e}") from None
+    print(
+        f"converted {args.source} checkpoint {args.input} -> {args.output}: "
+        f"head={model.config['head']}, classes={model.num_classes}, "
+        f"params={count_parameters(model):,}"
+    )
+
+
+if __name__ == "__main__":
+    main()

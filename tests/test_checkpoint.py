@@ -1,0 +1,169 @@
+"""Our checkpoint format: round trip, atomic writes, clear errors, weights_only safety."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import erfnet
+from erfnet.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_model,
+    make_checkpoint,
+    save_checkpoint,
+)
+from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.labels import CLASS_NAMES
+from erfnet.model import ERFNet
+
+
+def random_model(**kwargs) -> ERFNet:
+    """A model whose BatchNorm statistics are not the defaults, so a lost buffer shows."""
+    torch.manual_seed(0)
+    model = ERFNet(**kwargs)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.bias, std=0.1)
+    return model.eval()
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_classes": 20, "head": "deconv", "dropout": 0.3}])
+def test_round_trip_identical_outputs(tmp_path, kwargs):
+    model = random_model(**kwargs)
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, meta={"note": "hello"}, iteration=7)
+    loaded = erfnet.load_model(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.meta["note"] == "hello"
+    assert loaded.meta["mean"] == list(MEAN_RGB) and loaded.meta["std"] == list(STD_RGB)
+    assert loaded.meta["class_names"][:19] == list(CLASS_NAMES)
+    assert len(loaded.meta["palette"]) == model.num_classes
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "erfnet-v1" and ckpt["iteration"] == 7
+
+
+def test_atomic_write_leaves_only_the_file(tmp_path):
+    save_checkpoint(tmp_path / "a.pth", random_model())
+    assert files_in(tmp_path) == ["a.pth"]
+    # Same permissions as a plain write (the temporary file must not impose 0600).
+    (tmp_path / "plain").write_bytes(b"")
+    assert os.stat(tmp_path / "a.pth").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
+def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.pth"
+    old = random_model()
+    save_checkpoint(path, old)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")  # a write that dies half way
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    new = ERFNet()
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, new)
+    monkeypatch.undo()
+    assert files_in(tmp_path) == ["a.pth"]
+    loaded = load_model(path)
+    for k, v in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_atomic_save_creates_folders(tmp_path):
+    atomic_save({"x": torch.ones(2)}, tmp_path / "a" / "b" / "c.pth")
+    assert torch.equal(torch.load(tmp_path / "a/b/c.pth", weights_only=True)["x"], torch.ones(2))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not found: .*nothing\.pth"):
+        load_model(tmp_path / "nothing.pth")
+
+
+def test_garbage_file(tmp_path):
+    (tmp_path / "g.pth").write_bytes(os.urandom(256))
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*g\.pth"):
+        load_model(tmp_path / "g.pth")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"state_dict": {"backbone.encoder.0.conv.weight": torch.zeros(1)}, "meta": {}},
+        {"backbone.encoder.0.conv.weight": torch.zeros(1)},
+        {"module.encoder.initial_block.conv.weight": torch.zeros(1)},
+    ],
+    ids=["mmseg", "mmseg-bare", "erfnet_pytorch"],
+)
+def test_foreign_file_suggests_conversion(tmp_path, obj):
+    torch.save(obj, tmp_path / "f.pth")
+    with pytest.raises(CheckpointError, match=r"not an erfnet checkpoint.*convert_checkpoint\.py"):
+        load_model(tmp_path / "f.pth")
+
+
+def test_unrelated_objects_are_not_checkpoints(tmp_path):
+    for i, obj in enumerate([[1, 2, 3], {1: torch.zeros(1)}, {"model": {}}]):
+        torch.save(obj, tmp_path / f"{i}.pth")
+        with pytest.raises(CheckpointError, match="not an erfnet checkpoint") as e:
+            load_model(tmp_path / f"{i}.pth")
+        assert "convert" not in str(e.value)
+
+
+def test_wrong_shapes_missing_and_unexpected_keys(tmp_path):
+    ckpt = make_checkpoint(random_model())
+    ckpt["model"]["head.classifier.weight"] = torch.zeros(7, 128, 1, 1)
+    del ckpt["model"]["encoder.3.bn1.running_var"]
+    ckpt["model"]["encoder.3.extra"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "bad.pth")
+    msg = str(e.value)
+    assert "bad.pth" in msg
+    assert "head.classifier.weight: file (7, 128, 1, 1) vs model (19, 128, 1, 1)" in msg
+    assert "encoder.3.bn1.running_var" in msg and "encoder.3.extra" in msg
+
+
+def test_bad_model_args_and_model_entry(tmp_path):
+    ckpt = make_checkpoint(random_model())
+    torch.save({**ckpt, "model_args": {"num_classes": 19, "head": "psp"}}, tmp_path / "a.pth")
+    with pytest.raises(CheckpointError, match="bad model_args"):
+        load_model(tmp_path / "a.pth")
+    torch.save({**ckpt, "model": [1, 2]}, tmp_path / "b.pth")
+    with pytest.raises(CheckpointError, match="must be a state_dict"):
+        load_model(tmp_path / "b.pth")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = make_checkpoint(random_model())
+    ckpt["meta"]["payload"] = _Evil(marker)
+    torch.save(ckpt, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*evil\.pth"):
+        load_model(tmp_path / "evil.pth")
+    assert not marker.exists()

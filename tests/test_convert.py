@@ -1,0 +1,498 @@
+"""Converters: a reference network per source, built here from its documented module tree with
+random weights and BatchNorm statistics, must give the same logits as our converted model."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erfnet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.convert import (
+    ConversionError,
+    checkpoint_filter_fn,
+    convert_checkpoint,
+    detect_source,
+)
+from erfnet.labels import CLASS_NAMES, PALETTE
+from erfnet.model import ERFNet, count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
+
+
+# --- mmsegmentation's module tree (mmseg/models/backbones/erfnet.py + FCNHead) ---------------
+
+
+class MMDownsampler(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout - cin, 3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(2, stride=2)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        conv = self.conv(x)
+        # mmseg always resizes the pool output to the conv output's size.
+        pool = F.interpolate(self.pool(x), conv.shape[2:], mode="bilinear", align_corners=False)
+        return self.act(self.bn(torch.cat([conv, pool], 1)))
+
+
+class MMNonBottleneck1d(nn.Module):
+    def __init__(self, ch: int, drop: float = 0.0, dilation: int = 1) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.convs_layers = nn.ModuleList()
+        for i in range(2):
+            d = 1 if i == 0 else dilation
+            self.convs_layers.append(nn.Conv2d(ch, ch, (3, 1), padding=(d, 0), dilation=(d, 1)))
+            self.convs_layers.append(nn.ReLU())
+            self.convs_layers.append(nn.Conv2d(ch, ch, (1, 3), padding=(0, d), dilation=(1, d)))
+            self.convs_layers.append(nn.BatchNorm2d(ch, eps=1e-3))
+            self.convs_layers.append(nn.ReLU() if i == 0 else nn.Dropout(drop))
+
+    def forward(self, x):
+        out = x
+        for layer in self.convs_layers:
+            out = layer(out)
+        return self.act(out + x)
+
+
+class MMUpsampler(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class MMBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList([MMDownsampler(3, 16), MMDownsampler(16, 64)])
+        self.encoder.extend(MMNonBottleneck1d(64, 0.1) for _ in range(5))
+        self.encoder.append(MMDownsampler(64, 128))
+        for _ in range(2):
+            self.encoder.extend(MMNonBottleneck1d(128, 0.1, d) for d in (2, 4, 8, 16))
+        self.decoder = nn.ModuleList(
+            [MMUpsampler(128, 64), MMNonBottleneck1d(64), MMNonBottleneck1d(64)]
+            + [MMUpsampler(64, 16), MMNonBottleneck1d(16), MMNonBottleneck1d(16)]
+        )
+
+    def forward(self, x):
+        for m in [*self.encoder, *self.decoder]:
+            x = m(x)
+        return x
+
+
+class ConvModule(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU()
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class MMFCNHead(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(16, 128))
+        self.dropout = nn.Dropout2d(0.1)
+        self.conv_seg = nn.Conv2d(128, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+class MMSegERFNet(nn.Module):
+    def __init__(self, num_classes: int = 19) -> None:
+        super().__init__()
+        self.backbone = MMBackbone()
+        self.decode_head = MMFCNHead(num_classes)
+
+    def forward(self, x):
+        out = self.decode_head(self.backbone(x))
+        return F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=False)
+
+
+# --- Eromera/erfnet_pytorch's module tree and forward (train/erfnet.py) ----------------------
+
+
+class EPDownsampler(nn.Module):
+    def __init__(self, ninput: int, noutput: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ninput, noutput - ninput, (3, 3), stride=2, padding=1, bias=True)
+        self.pool = nn.MaxPool2d(2, stride=2)
+        self.bn = nn.BatchNorm2d(noutput, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], 1)))
+
+
+class EPNonBottleneck1d(nn.Module):
+    def __init__(self, chann: int, dropprob: float, dilated: int) -> None:
+        super().__init__()
+        d = dilated
+        self.conv3x1_1 = nn.Conv2d(chann, chann, (3, 1), stride=1, padding=(1, 0), bias=True)
+        self.conv1x3_1 = nn.Conv2d(chann, chann, (1, 3), stride=1, padding=(0, 1), bias=True)
+        self.bn1 = nn.BatchNorm2d(chann, eps=1e-03)
+        self.conv3x1_2 = nn.Conv2d(chann, chann, (3, 1), padding=(d, 0), dilation=(d, 1))
+        self.conv1x3_2 = nn.Conv2d(chann, chann, (1, 3), padding=(0, d), dilation=(1, d))
+        self.bn2 = nn.BatchNorm2d(chann, eps=1e-03)
+        self.dropout = nn.Dropout2d(dropprob)
+
+    def forward(self, x):
+        out = F.relu(self.conv3x1_1(x))
+        out = F.relu(self.bn1(self.conv1x3_1(out)))
+        out = F.relu(self.conv3x1_2(out))
+        out = self.bn2(self.conv1x3_2(out))
+        if self.dropout.p != 0:
+            out = self.dropout(out)
+        return F.relu(out + x)
+
+
+class EPUpsampler(nn.Module):
+    def __init__(self, ninput: int, noutput: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(ninput, noutput, 3, stride=2, padding=1, output_padding=1)
+        self.bn = nn.BatchNorm2d(noutput, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class EPEncoder(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.initial_block = EPDownsampler(3, 16)
+        self.layers = nn.ModuleList([EPDownsampler(16, 64)])
+        self.layers.extend(EPNonBottleneck1d(64, 0.03, 1) for _ in range(5))
+        self.layers.append(EPDownsampler(64, 128))
+        for _ in range(2):
+            self.layers.extend(EPNonBottleneck1d(128, 0.3, d) for d in (2, 4, 8, 16))
+        self.output_conv = nn.Conv2d(128, num_classes, 1, stride=1, padding=0, bias=True)
+
+    def forward(self, x, predict=False):
+        out = self.initial_block(x)
+        for layer in self.layers:
+            out = layer(out)
+        return self.output_conv(out) if predict else out
+
+
+class EPDecoder(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [EPUpsampler(128, 64), EPNonBottleneck1d(64, 0, 1), EPNonBottleneck1d(64, 0, 1)]
+            + [EPUpsampler(64, 16), EPNonBottleneck1d(16, 0, 1), EPNonBottleneck1d(16, 0, 1)]
+        )
+        self.output_conv = nn.ConvTranspose2d(
+            16, num_classes, 2, stride=2, padding=0, output_padding=0, bias=True
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.output_conv(x)
+
+
+class EPNet(nn.Module):
+    def __init__(self, num_classes: int = 20) -> None:
+        super().__init__()
+        self.encoder = EPEncoder(num_classes)
+        self.decoder = EPDecoder(num_classes)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights (seeded default init, random biases) and random BatchNorm statistics."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            m.reset_parameters()
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=0.1)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, std=0.2)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.3, 2.0)
+            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+    return model.eval()
+
+
+def assert_same_logits(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape
+    assert ref.std() > 1e-2, "degenerate reference output; the comparison would prove nothing"
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def mmseg_file_dict(ref: MMSegERFNet) -> dict:
+    """What mmcv's save_checkpoint writes for an mmseg 0.x model."""
+    return {
+        "meta": {
+            "mmseg_version": "0.20.2",
+            "mmcv_version": "1.4.0",
+            "iter": 160000,
+            "epoch": 1,
+            "time": "Fri Nov 26 08:20:56 2021",
+            "CLASSES": tuple(CLASS_NAMES),
+            "PALETTE": [list(c) for c in PALETTE],
+            "hook_msgs": {"last_ckpt": "work_dirs/iter_160000.pth", "best_score": np.float64(0.7)},
+        },
+        "state_dict": OrderedDict(ref.state_dict()),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "momentum": 0.9, "params": [0]}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def mmseg_ref() -> MMSegERFNet:
+    return randomize(MMSegERFNet(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def mmseg_file(tmp_path_factory, mmseg_ref) -> Path:
+    path = tmp_path_factory.mktemp("mmseg") / "erfnet_fcn_4x4_512x1024_160k_cityscapes.pth"
+    torch.save(mmseg_file_dict(mmseg_ref), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ep_ref() -> EPNet:
+    return randomize(EPNet(20), seed=2)
+
+
+@pytest.fixture(scope="module")
+def ep_file(tmp_path_factory, ep_ref) -> Path:
+    """Like the released erfnet_pretrained.pth: DataParallel's ``module.`` prefix, PyTorch's
+    legacy (pre-1.6) file format and no BatchNorm ``num_batches_tracked`` (pre-0.4.1)."""
+    sd = OrderedDict(
+        ("module." + k, v) for k, v in ep_ref.state_dict().items() if "num_batches" not in k
+    )
+    path = tmp_path_factory.mktemp("ep") / "erfnet_pretrained.pth"
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- equivalence -----------------------------------------------------------------------------
+
+
+def test_mmseg_script_converts_to_identical_logits(tmp_path, mmseg_file, mmseg_ref):
+    out = tmp_path / "ours.pth"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--from", "mmseg", str(mmseg_file), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mmseg" in proc.stdout and "classes=19" in proc.stdout
+    assert "params=2,084,095" in proc.stdout
+
+    model = load_model(out)
+    assert model.config["head"] == "fcn" and model.num_classes == 19
+    meta = load_checkpoint(out)["meta"]
+    assert meta["source"] == "mmseg" and meta["source_file"] == mmseg_file.name
+    assert meta["mean"] == list(MEAN_RGB) and meta["std"] == list(STD_RGB)
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["source_meta"]["mmseg_version"] == "0.20.2"
+    assert meta["source_meta"]["iter"] == 160000
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for h, w in [(37, 53), (32, 64)]:  # odd (the pool resize is used) and even
+            x = torch.randn(2, 3, h, w)
+            assert_same_logits(model(x), mmseg_ref(x))
+
+
+def test_mmseg_bare_state_dict_and_filter_fn(mmseg_ref):
+    state = checkpoint_filter_fn(OrderedDict(mmseg_ref.state_dict()), "mmseg")
+    model = ERFNet().eval()
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert_same_logits(model(x), mmseg_ref(x))
+
+
+def test_mmseg_num_classes_from_classifier(tmp_path):
+    ref = randomize(MMSegERFNet(num_classes=7), seed=3)
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "in.pth")  # bare meta-less dict
+    model = convert_checkpoint(tmp_path / "in.pth", tmp_path / "out.pth", "mmseg")
+    assert model.num_classes == 7
+    loaded = load_model(tmp_path / "out.pth")
+    assert loaded.num_classes == 7 and len(loaded.meta["class_names"]) == 7
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        assert_same_logits(loaded(x), ref(x))
+
+
+def test_erfnet_pytorch_converts_to_identical_logits(tmp_path, ep_file, ep_ref):
+    out = tmp_path / "ours.pth"
+    convert_checkpoint(ep_file, out, "erfnet_pytorch")
+    model = load_model(out)
+    assert model.config["head"] == "deconv" and model.num_classes == 20
+    assert count_parameters(model) == 2_062_956 + 16 * 20 * 2 * 2 + 20
+    meta = model.meta
+    assert meta["source"] == "erfnet_pytorch" and meta["source_file"] == "erfnet_pretrained.pth"
+    assert meta["void_class"] == 19 and meta["class_names"][19] == "void"
+    assert meta["class_names"][:19] == list(CLASS_NAMES)
+
+    # The original takes RGB in [0, 1]; our pipeline's (x - mean) / std with the stored meta on
+    # the 0-255 scale must feed it exactly that.
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        # The original network needs sizes divisible by 8 (its downsampler has no resize).
+        for h, w in [(32, 48), (40, 56)]:
+            img = torch.randint(0, 256, (2, 3, h, w)).float()
+            assert_same_logits(model((img - mean) / std), ep_ref(img / 255))
+
+
+def test_erfnet_pytorch_without_prefix_with_counters(ep_ref):
+    state = checkpoint_filter_fn(ep_ref.state_dict(), "erfnet_pytorch")
+    model = ERFNet(20, head="deconv").eval()
+    model.load_state_dict(state, strict=True)
+    bn = ep_ref.encoder.layers[3].bn2
+    assert torch.equal(model.encoder[4].bn2.running_var, bn.running_var)
+    assert model.encoder[4].bn2.num_batches_tracked == bn.num_batches_tracked
+
+
+def test_conversion_is_sensitive_to_the_mapping(mmseg_ref):
+    """A wrong table (bn1 <-> bn2 swapped) changes the logits: the equivalence test can fail."""
+    sd = OrderedDict(mmseg_ref.state_dict())
+    swapped = OrderedDict()
+    for k, v in sd.items():
+        k2 = k.replace("encoder.9.convs_layers.3.", "TMP.").replace(
+            "encoder.9.convs_layers.8.", "encoder.9.convs_layers.3."
+        )
+        swapped[k2.replace("TMP.", "encoder.9.convs_layers.8.")] = v
+    model = ERFNet().eval()
+    model.load_state_dict(checkpoint_filter_fn(swapped, "mmseg"))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad(), pytest.raises(AssertionError):
+        assert_same_logits(model(x), mmseg_ref(x))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_missing_and_misshaped_keys_listed_together(mmseg_ref):
+    sd = OrderedDict(mmseg_ref.state_dict())
+    sd["backbone.encoder.3.convs_layers.11.weight"] = torch.zeros(1)
+    sd["auxiliary_head.conv_seg.weight"] = torch.zeros(1)
+    del sd["decode_head.conv_seg.bias"]
+    sd["backbone.decoder.0.bn.running_var"] = torch.ones(65)
+    with pytest.raises(ConversionError) as e:
+        checkpoint_filter_fn(sd, "mmseg")
+    msg = str(e.value)
+    assert "2 unknown key(s)" in msg and "backbone.encoder.3.convs_layers.11.weight" in msg
+    assert "auxiliary_head.conv_seg.weight" in msg
+    assert "1 missing key(s): decode_head.conv_seg.bias" in msg
+    assert "1 mis-shaped tensor(s): backbone.decoder.0.bn.running_var: (65,), expected (64,)" in msg
+
+
+def test_misshaped_key_reported_with_shapes(mmseg_ref):
+    sd = OrderedDict(mmseg_ref.state_dict())
+    sd["backbone.encoder.7.conv.weight"] = torch.zeros(64, 32, 3, 3)
+    with pytest.raises(
+        ConversionError,
+        match=r"mis-shaped.*backbone\.encoder\.7\.conv\.weight: "
+        r"\(64, 32, 3, 3\), expected \(64, 64, 3, 3\)",
+    ):
+        checkpoint_filter_fn(sd, "mmseg")
+
+
+def test_wrong_source_suggests_the_right_one(tmp_path, mmseg_file, ep_file, ep_ref):
+    with pytest.raises(ConversionError, match="looks like a mmseg checkpoint.*--from mmseg"):
+        convert_checkpoint(mmseg_file, tmp_path / "a.pth", "erfnet_pytorch")
+    with pytest.raises(ConversionError, match="--from erfnet_pytorch"):
+        convert_checkpoint(ep_file, tmp_path / "b.pth", "mmseg")
+    with pytest.raises(ConversionError, match="look like a 'erfnet_pytorch' checkpoint"):
+        checkpoint_filter_fn(ep_ref.state_dict(), "mmseg")
+    with pytest.raises(ConversionError, match="unknown source 'caffe'"):
+        checkpoint_filter_fn(ep_ref.state_dict(), "caffe")
+    assert not list(tmp_path.iterdir())
+
+
+def test_detect_source(mmseg_ref, ep_ref):
+    assert detect_source({"state_dict": mmseg_ref.state_dict()}) == "mmseg"
+    assert detect_source(mmseg_ref.state_dict()) == "mmseg"
+    assert detect_source({"module." + k: v for k, v in ep_ref.state_dict().items()}) == (
+        "erfnet_pytorch"
+    )
+    assert detect_source({"format": "erfnet-v1", "model": {}, "model_args": {}}) == "erfnet"
+    assert detect_source({"weight": torch.zeros(1)}) is None
+    assert detect_source([1, 2]) is None
+
+
+def test_our_own_checkpoint_is_not_converted(tmp_path):
+    save_checkpoint(tmp_path / "ours.pth", ERFNet())
+    with pytest.raises(ConversionError, match="already an erfnet checkpoint"):
+        convert_checkpoint(tmp_path / "ours.pth", tmp_path / "out.pth", "mmseg")
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": {"backbone.x": Evil()}}, tmp_path / "evil.pth")
+    with pytest.raises(ConversionError, match=r"refusing to load.*\(io\.open\)"):
+        convert_checkpoint(tmp_path / "evil.pth", tmp_path / "out.pth", "mmseg")
+    assert not marker.exists()
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_garbage_and_missing_files(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ConversionError, match="cannot read .*junk.pth"):
+        convert_checkpoint(tmp_path / "junk.pth", tmp_path / "out.pth", "mmseg")
+    with pytest.raises(ConversionError, match="not found: .*nope.pth"):
+        convert_checkpoint(tmp_path / "nope.pth", tmp_path / "out.pth", "mmseg")
+
+
+def test_script_errors_are_one_line(tmp_path, mmseg_file, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit, match=r"^error: input checkpoint not found: .*missing\.pth$"):
+        script.main(["--from", "mmseg", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")])
+    with pytest.raises(SystemExit, match="^error: .*--from mmseg"):
+        script.main(["--from", "erfnet_pytorch", str(mmseg_file), str(tmp_path / "o.pth")])
+    with pytest.raises(SystemExit, match="^error: output path must differ"):
+        script.main(["--from", "mmseg", str(mmseg_file), str(mmseg_file)])
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        script.main(["--from", "caffe", str(mmseg_file), str(tmp_path / "o.pth")])
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()
