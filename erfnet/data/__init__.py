@@ -1,0 +1,14 @@
+"""Cityscapes data: the dataset, the mmseg-recipe transforms and a synthetic generator."""
+
+from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
+from erfnet.data.synthetic import make_synthetic_cityscapes
+from erfnet.data.transforms import EvalTransform, TrainTransform
+
+__all__ = [
+    "CityscapesDataset",
+    "DatasetError",
+    "EvalTransform",
+    "TrainTransform",
+    "make_synthetic_cityscapes",
+    "resolve_data_root",
+]

@@ -1,0 +1,448 @@
+"""Cityscapes in its official layout: discovery, pairing, decoding, the 34 -> 19 label mapping.
+
+    <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+                                  (and/or ..._gtFine_labelTrainIds.png from prepare_cityscapes.py)
+
+Labels are read from ``_labelTrainIds.png`` when present, else ``_labelIds.png`` is mapped through
+``erfnet.labels.ID_TO_TRAIN_ID`` with one indexing op. Every problem with the files on disk is a
+``DatasetError`` naming the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+from erfnet.config import IGNORE_INDEX, NUM_CLASSES
+from erfnet.labels import ID_TO_TRAIN_ID, VALID_LABEL_IDS
+
+ENV_VAR = "CITYSCAPES_DATASET"
+DEFAULT_ROOT = "data/cityscapes"
+IMAGE_DIR, LABEL_DIR = "leftImg8bit", "gtFine"
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
+SPLITS = ("train", "val", "test")
+UNLABELLED_SPLITS = frozenset({"test"})  # the public test labels are all "unlabeled"
+
+LAYOUT = (
+    "expected the official Cityscapes layout:\n"
+    "  <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
+    "  <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"
+    " (or _gtFine_labelTrainIds.png)\n"
+    f"(set --data-root or ${ENV_VAR} to <root>)"
+)
+
+# Lookup tables as tensors; label ids are 0..33 so one max() checks a labelIds image.
+_ID_TO_TRAIN_ID = torch.from_numpy(ID_TO_TRAIN_ID.copy())
+_MAX_LABEL_ID = max(VALID_LABEL_IDS)
+assert set(range(_MAX_LABEL_ID + 1)) == set(VALID_LABEL_IDS)  # contiguous: max() is enough
+
+
+class DatasetError(ValueError):
+    """Files on disk that are not a usable Cityscapes; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label file. ``label_kind`` is "trainIds", "labelIds" or None."""
+
+    name: str
+    city: str
+    image: Path
+    label: Path | None
+    label_kind: str | None
+
+
+def resolve_data_root(arg: str | os.PathLike | None) -> Path:
+    """The dataset root: ``arg``, else ``$CITYSCAPES_DATASET``, else ``data/cityscapes``."""
+    if arg is not None and str(arg) != "":
+        return Path(arg).expanduser()
+    env = os.environ.get(ENV_VAR, "")
+    return Path(env).expanduser() if env else Path(DEFAULT_ROOT)
+
+
+def check_root(root: Path) -> None:
+    """Raise a ``DatasetError`` with a hint when ``root`` is not a Cityscapes root folder."""
+    if not root.exists():
+        raise DatasetError(f"Cityscapes root '{root}' does not exist; {LAYOUT}")
+    if not root.is_dir():
+        raise DatasetError(f"Cityscapes root '{root}' is not a folder; {LAYOUT}")
+    # Pointed one or two levels too deep (at leftImg8bit/ or gtFine/, or at one of their splits)?
+    for up, node in ((1, root), (2, root.parent)):
+        if node.name in (IMAGE_DIR, LABEL_DIR) and not (root / IMAGE_DIR).is_dir():
+            parent = node.parent
+            raise DatasetError(
+                f"'{root}' looks like the {node.name}/"
+                + ("" if up == 1 else f"{root.name}/")
+                + f" folder, not the dataset root; use its parent '{parent}' instead; {LAYOUT}"
+            )
+    if not (root / IMAGE_DIR).is_dir():
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise DatasetError(
+            f"no '{IMAGE_DIR}' folder in Cityscapes root '{root}' (found: {found}); {LAYOUT}"
+        )
+
+
+def _scan(split_dir: Path, suffix: str) -> dict[str, tuple[str, Path]]:
+    """name -> (city, path) for every ``<city>/<name><suffix>`` under ``split_dir``."""
+    out: dict[str, tuple[str, Path]] = {}
+    if not split_dir.is_dir():
+        return out
+    for city_entry in os.scandir(split_dir):
+        if not city_entry.is_dir():
+            continue
+        for f in os.scandir(city_entry.path):
+            if f.name.endswith(suffix) and f.is_file():
+                out[f.name[: -len(suffix)]] = (city_entry.name, Path(f.path))
+    return out
+
+
+def find_samples(root: str | os.PathLike, split: str, labels: bool | None = None) -> list[Sample]:
+    """Discover and pair the files of ``split``, sorted by (city, name).
+
+    ``labels`` None means "labels for every split but test". With labels, an image without a
+    label file (or a label file without an image) is an error naming both paths.
+    """
+    root = Path(root)
+    check_root(root)
+    if labels is None:
+        labels = split not in UNLABELLED_SPLITS
+    img_split = root / IMAGE_DIR / split
+    if not img_split.is_dir():
+        have = sorted(p.name for p in (root / IMAGE_DIR).iterdir() if p.is_dir())
+        raise DatasetError(
+            f"split folder '{img_split}' does not exist (splits found: {have}); {LAYOUT}"
+        )
+    images = _scan(img_split, IMAGE_SUFFIX)
+    if not images:
+        raise DatasetError(
+            f"split '{split}' is empty: no '<city>/*{IMAGE_SUFFIX}' files under '{img_split}'; "
+            f"{LAYOUT}"
+        )
+    lab_split = root / LABEL_DIR / split
+    if labels:
+        if not lab_split.is_dir():
+            raise DatasetError(
+                f"label folder '{lab_split}' does not exist but split '{split}' needs labels; "
+                f"{LAYOUT}"
+            )
+        label_ids = _scan(lab_split, LABEL_IDS_SUFFIX)
+        train_ids = _scan(lab_split, TRAIN_IDS_SUFFIX)
+        for name in sorted(set(label_ids) | set(train_ids)):
+            if name not in images:
+                city, path = train_ids.get(name) or label_ids[name]
+                expected = img_split / city / f"{name}{IMAGE_SUFFIX}"
+                raise DatasetError(f"label '{path}' has no image: expected '{expected}'")
+    samples = []
+    for name, (city, img_path) in images.items():
+        if not labels:
+            samples.append(Sample(name, city, img_path, None, None))
+        elif name in train_ids:
+            samples.append(Sample(name, city, img_path, train_ids[name][1], "trainIds"))
+        elif name in label_ids:
+            samples.append(Sample(name, city, img_path, label_ids[name][1], "labelIds"))
+        else:
+            expected = lab_split / city / f"{name}{LABEL_IDS_SUFFIX}"
+            raise DatasetError(
+                f"image '{img_path}' has no label: expected '{expected}' "
+                f"(or its {TRAIN_IDS_SUFFIX} version)"
+            )
+    samples.sort(key=lambda s: (s.city, s.name))
+    return samples
+
+
+def _torch_io_message(e: Exception) -> str:
+    """torchvision.io's message without its "function, file.cpp:line," prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^[^,]*, \S+:\d+, ", "", text)
+
+
+def _read_png(path: Path, mode: ImageReadMode) -> torch.Tensor:
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, warning on every
+    # call; they are still the fastest PNG path here (libpng straight into a tensor).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            data = read_file(str(path))
+        except (RuntimeError, OSError) as e:
+            raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
+        try:
+            return decode_png(data, mode=mode)
+        except RuntimeError as e:
+            raise DatasetError(
+                f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
+            ) from None
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as uint8 RGB [3, H, W]."""
+    return _read_png(Path(path), ImageReadMode.RGB)
+
+
+def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:
+    """Cityscapes label ids (uint8, any shape) -> trainIds (uint8), 255 for ignored ids."""
+    # index_select on a flat int32 view is ~10x faster than fancy indexing with a long tensor.
+    flat = label_ids.reshape(-1).to(torch.int32)
+    return _ID_TO_TRAIN_ID.index_select(0, flat).view(label_ids.shape)
+
+
+def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
+    """A label PNG as uint8 trainIds [H, W] (kind "labelIds" is mapped, "trainIds" is checked)."""
+    path = Path(path)
+    lab = _read_png(path, ImageReadMode.UNCHANGED)
+    if lab.dtype != torch.uint8 or lab.shape[0] != 1:
+        raise DatasetError(
+            f"label '{path}' must be a single-channel 8-bit PNG, got {lab.shape[0]} channel(s) "
+            f"of {lab.dtype}"
+        )
+    lab = lab[0]
+    if kind == "labelIds":
+        if int(lab.max()) > _MAX_LABEL_ID:
+            bad = torch.unique(lab[lab > _MAX_LABEL_ID])[:10].tolist()
+            raise DatasetError(
+                f"label '{path}' has values {bad} that are not Cityscapes label ids "
+                f"(expected 0..{_MAX_LABEL_ID})"
+            )
+        return map_label_ids(lab)
+    if kind == "trainIds":
+        bad_mask = (lab >= NUM_CLASSES) & (lab != IGNORE_INDEX)
+        if bool(bad_mask.any()):
+            bad = torch.unique(lab[bad_mask])[:10].tolist()
+            raise DatasetError(
+                f"label '{path}' has values {bad} that are not trainIds "
+                f"(expected 0..{NUM_CLASSES - 1} or {IGNORE_INDEX})"
+            )
+        return lab
+    raise ValueError(f"unknown label kind {kind!r}; expected 'labelIds' or 'trainIds'")
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class CityscapesDataset(Dataset):
+    """Cityscapes ``split`` under ``root``.
+
+    Items are dicts: ``image`` float32 [3,H,W] normalised, ``label`` int64 [H,W] trainIds with
+    255 = ignore (absent for the test split), ``name`` "<city>_<seq>_<frame>", ``city``, and
+    ``ori_size`` int64 [2] = the image's (H, W) on disk. ``transform`` is a joint callable
+    (uint8 image [3,H,W], uint8 trainIds [H,W] or None) -> (float image, int64 label or None),
+    e.g. ``TrainTransform()`` or ``EvalTransform()``; None only normalises.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Transform | None = None,
+        labels: bool | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.samples: list[Sample] = find_samples(self.root, split, labels)
+        self.has_labels = self.samples[0].label is not None
+        if transform is None:
+            from erfnet.data.transforms import NormalizeTransform
+
+            transform = NormalizeTransform()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw pair: uint8 RGB [3,H,W] and uint8 trainIds [H,W] (or None), checked."""
+        s = self.samples[index]
+        image = load_image(s.image)
+        if s.label is None:
+            return image, None
+        label = load_label(s.label, s.label_kind or "labelIds")
+        if tuple(label.shape) != tuple(image.shape[1:]):
+            raise DatasetError(
+                f"label '{s.label}' is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                f"'{s.image}' is {image.shape[2]}x{image.shape[1]}; they must be the same size"
+            )
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image, label = self.load(index)
+        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
+        image, label = self.transform(image, label)
+        item: dict[str, Any] = {"image": image, "name": s.name, "city": s.city}
+        if label is not None:
+            item["label"] = label
+        item["ori_size"] = ori_size
+        return item
+
+    def __repr__(self) -> str:
+        return (
+            f"CityscapesDataset(root='{self.root}', split='{self.split}', n={len(self)}, "
+            f"transform={self.transform!r})"
+        )
+
+
+def time_pipeline(
+    dataset: CityscapesDataset, num: int = 20, warmup: int = 2, threads: int | None = 1
+) -> dict[str, float]:
+    """Time ``dataset[i]`` (decode + labels + transform) in this process, like one DataLoader
+    worker (``threads=1`` matches a worker's single torch thread).
+
+    Returns images/s from the median and from the mean time per image, and the median seconds of
+    the two stages: load (PNG decode + label mapping and checks) and transform. The median is the
+    better figure on a shared machine.
+    """
+    import statistics
+    import time
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        n = len(dataset)
+        for i in range(warmup):
+            dataset[i % n]
+        loads, tfs = [], []
+        for i in range(num):
+            t0 = time.perf_counter()
+            image, label = dataset.load(i % n)
+            t1 = time.perf_counter()
+            dataset.transform(image, label)
+            t2 = time.perf_counter()
+            loads.append(t1 - t0)
+            tfs.append(t2 - t1)
+    finally:
+        torch.set_num_threads(old_threads)
+    totals = [a + b for a, b in zip(loads, tfs, strict=True)]
+    return {
+        "images_per_s": 1.0 / statistics.median(totals),
+        "images_per_s_mean": num / sum(totals),
+        "load_s": statistics.median(loads),
+        "transform_s": statistics.median(tfs),
+    }
+
+
+# ---------------------------------------------------------------- _labelTrainIds.png preparation
+
+
+def find_label_id_files(root: str | os.PathLike) -> list[Path]:
+    """Every ``gtFine/<split>/<city>/*_gtFine_labelIds.png`` under ``root``, sorted."""
+    root = Path(root)
+    check_root(root)
+    gt = root / LABEL_DIR
+    if not gt.is_dir():
+        raise DatasetError(f"no '{LABEL_DIR}' folder in Cityscapes root '{root}'; {LAYOUT}")
+    files = sorted(gt.glob(f"*/*/*{LABEL_IDS_SUFFIX}"))
+    if not files:
+        raise DatasetError(f"no '*{LABEL_IDS_SUFFIX}' files under '{gt}/<split>/<city>/'; {LAYOUT}")
+    return files
+
+
+def train_ids_path(label_ids_path: str | os.PathLike) -> Path:
+    """``..._gtFine_labelIds.png`` -> ``..._gtFine_labelTrainIds.png`` (same folder)."""
+    p = Path(label_ids_path)
+    if not p.name.endswith(LABEL_IDS_SUFFIX):
+        raise ValueError(f"'{p}' is not a *{LABEL_IDS_SUFFIX} file")
+    return p.with_name(p.name[: -len(LABEL_IDS_SUFFIX)] + TRAIN_IDS_SUFFIX)
+
+
+def _needs_update(src: Path, dst: Path) -> bool:
+    return not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime
+
+
+def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> bool:
+    """Write the ``_labelTrainIds.png`` of one ``_labelIds.png``; False if it was up to date.
+
+    The values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives);
+    the file is written to a temporary name and renamed, so an interrupted run leaves no partial
+    PNG. Up to date means: it exists and is not older than its ``_labelIds.png``. Uses only
+    numpy and PIL, so forked workers never touch torch.
+    """
+    import numpy as np
+    from PIL import Image
+
+    src = Path(label_ids_path)
+    dst = train_ids_path(src)
+    if not force and not _needs_update(src, dst):
+        return False
+    try:
+        with Image.open(src) as im:
+            im.load()
+            if im.mode not in ("L", "P"):
+                raise DatasetError(
+                    f"label '{src}' must be a single-channel 8-bit PNG, got PIL mode {im.mode}"
+                )
+            ids = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot decode '{src}' as PNG (corrupt or truncated?): {e}") from None
+    if ids.size and int(ids.max()) > _MAX_LABEL_ID:
+        bad = np.unique(ids[ids > _MAX_LABEL_ID])[:10].tolist()
+        raise DatasetError(
+            f"label '{src}' has values {bad} that are not Cityscapes label ids "
+            f"(expected 0..{_MAX_LABEL_ID})"
+        )
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(ID_TO_TRAIN_ID[ids]).save(tmp, format="PNG")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _write_train_ids_job(args: tuple[str, bool]) -> tuple[str, bool | None, str]:
+    path, force = args
+    try:
+        return path, write_train_ids(path, force), ""
+    except (DatasetError, OSError) as e:
+        return path, None, str(e)
+
+
+def prepare_train_ids(
+    root: str | os.PathLike, workers: int = 1, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Write ``_labelTrainIds.png`` next to every ``_labelIds.png`` under ``root`` (all splits),
+    in ``workers`` processes, skipping up-to-date files unless ``force``.
+
+    Returns ``{"written": n, "skipped": n, "errors": [(path, message), ...]}``.
+    """
+    from tqdm import tqdm
+
+    files = find_label_id_files(root)
+    todo = [p for p in files if force or _needs_update(p, train_ids_path(p))]
+    result: dict[str, Any] = {"written": 0, "skipped": len(files) - len(todo), "errors": []}
+    jobs = [(str(p), True) for p in todo]
+    with tqdm(total=len(jobs), desc="labelTrainIds", unit="img", disable=not progress) as bar:
+        if workers <= 1 or len(jobs) <= 1:
+            items = map(_write_train_ids_job, jobs)
+            pool = None
+        else:
+            import multiprocessing as mp
+
+            # fork: workers only run numpy/PIL, and spawn would re-import torch in each one.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = mp.get_context(method).Pool(min(workers, len(jobs)))
+            items = pool.imap_unordered(_write_train_ids_job, jobs, chunksize=4)
+        try:
+            for path, wrote, err in items:
+                if wrote is None:
+                    result["errors"].append((path, err))
+                else:
+                    result["written"] += 1
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    result["errors"].sort()
+    return result

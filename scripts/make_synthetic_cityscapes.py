@@ -1,0 +1,94 @@
+"""Write a synthetic Cityscapes in the official layout (for smoke runs, tests and benchmarks).
+
+    python scripts/make_synthetic_cityscapes.py --root data/synthetic --train 16 --val 4 \
+        --size 512x256 --seed 0
+
+Images are street-like scenes whose classes have their own colour and stripe texture; labels are
+real Cityscapes label ids (ignored ids included). The same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+# Runnable from a checkout without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from erfnet.data.synthetic import make_synthetic_cityscapes  # noqa: E402
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H), both at least 8."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 2048x1024, got '{text}'")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"width and height must be at least 8, got '{text}'")
+    return w, h
+
+
+def non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", required=True, type=Path, help="output dataset root (created)")
+    p.add_argument("--train", type=non_negative, default=8, help="train images (default 8)")
+    p.add_argument("--val", type=non_negative, default=4, help="val images (default 4)")
+    p.add_argument("--test", type=non_negative, default=0, help="test images (default 0)")
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=(2048, 1024),
+        metavar="WxH",
+        help="image size, width x height (default 2048x1024, the real size)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="write only images and _labelIds.png (skip _color, _instanceIds, _polygons.json)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.train + args.val + args.test == 0:
+        raise SystemExit("error: nothing to write: --train, --val and --test are all 0")
+    if args.root.exists() and not args.root.is_dir():
+        raise SystemExit(f"error: --root '{args.root}' exists and is not a folder")
+    t0 = time.perf_counter()
+    try:
+        root = make_synthetic_cityscapes(
+            args.root,
+            train=args.train,
+            val=args.val,
+            test=args.test,
+            size=args.size,
+            seed=args.seed,
+            extras=not args.no_extras,
+        )
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    w, h = args.size
+    print(
+        f"wrote {args.train} train / {args.val} val / {args.test} test images of {w}x{h} to "
+        f"{root} in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny synthetic Cityscapes written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from erfnet.data.synthetic import make_synthetic_cityscapes
+
+# (W, H) of the synthetic images and how many per split; small so every test stays fast.
+SYNTHETIC_SIZE = (128, 64)
+SYNTHETIC_COUNTS = {"train": 4, "val": 2, "test": 1}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a synthetic Cityscapes (4 train / 2 val / 1 test images, 64x128 HxW, seed 0).
+
+    Shared by the whole session: treat it as read-only (copy it to modify files).
+    """
+    root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
+    return make_synthetic_cityscapes(root, size=SYNTHETIC_SIZE, seed=0, **SYNTHETIC_COUNTS)

@@ -1,0 +1,58 @@
+"""The data command-line scripts, run as a user would (subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_make_synthetic_then_prepare(tmp_path: Path):
+    root = tmp_path / "syn"
+    r = run("make_synthetic_cityscapes.py", "--root", str(root), "--train", "3", "--val", "1",
+            "--test", "1", "--size", "40x24", "--seed", "7")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "3 train / 1 val / 1 test images of 40x24" in r.stdout
+    images = sorted(root.glob("leftImg8bit/*/*/*_leftImg8bit.png"))
+    labels = sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png"))
+    assert [p.parts[-3] for p in images] == ["test", "train", "train", "train", "val"]
+    assert len(labels) == 5
+    assert Image.open(images[0]).size == (40, 24) and Image.open(images[0]).mode == "RGB"
+    assert Image.open(labels[0]).mode == "L"
+
+    r = run("prepare_cityscapes.py", "--root", str(root), "--workers", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 5, up to date 0, failed 0" in r.stdout
+    prepared = sorted(root.glob("gtFine/*/*/*_gtFine_labelTrainIds.png"))
+    assert len(prepared) == 5
+    values = set(np.unique(np.asarray(Image.open(prepared[1]))).tolist())
+    assert values <= set(range(19)) | {255} and len(values) > 3
+
+
+def test_make_synthetic_rejects_a_bad_size(tmp_path: Path):
+    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path / "x"), "--size", "64by32")
+    assert r.returncode == 2
+    assert "--size" in r.stderr and "WIDTHxHEIGHT" in r.stderr and "64by32" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_prepare_reports_a_wrong_root(tmp_path: Path):
+    (tmp_path / "leftImg8bit").mkdir()
+    r = run("prepare_cityscapes.py", "--root", str(tmp_path / "leftImg8bit"), "--quiet")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert f"use its parent '{tmp_path}'" in r.stderr
