@@ -1,0 +1,269 @@
+"""Evaluate an ERFNet checkpoint on Cityscapes exactly as mmsegmentation reports its numbers.
+
+    python eval.py --checkpoint erfnet.pth                      # val, single scale (whole image)
+    python eval.py --checkpoint erfnet.pth --ms-flip            # 6 scales x flip
+    python eval.py --checkpoint erfnet.pth --split test --out-dir submission/
+    torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
+
+Sizes are given as H W. The metric is mmseg's (and the official evaluator's) dataset-wide IoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from erfnet.config import NUM_CLASSES, RECIPE
+
+_RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate an ERFNet checkpoint on Cityscapes (mmseg protocol)."
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="our checkpoint (.pth)")
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=None,
+        help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("val", "test", "train"),
+        default="val",
+        help="split to evaluate (default: val); test only writes --out-dir predictions",
+    )
+    p.add_argument(
+        "--ms-flip",
+        action="store_true",
+        help="multi-scale + flip test: softmax of every ratio x (no flip, flip) view averaged",
+    )
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        metavar="R",
+        default=None,
+        help=f"ratios of --scale for --ms-flip (default: {_RATIOS})",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        default="whole",
+        help=f"whole image (default), or sliding {RECIPE.slide_crop} crops, stride"
+        f" {RECIPE.slide_stride}",
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=list(RECIPE.test_scale),
+        help="test resize, keeping the image's ratio (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out-dir",
+        metavar="DIR",
+        default=None,
+        help="write official submission PNGs (label ids, original size) in per-city folders",
+    )
+    p.add_argument(
+        "--save-color",
+        metavar="DIR",
+        default=None,
+        help="write colour renderings and blends over the image (apart from --out-dir)",
+    )
+    p.add_argument("--json", metavar="PATH", default=None, help="write the metrics as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--workers", type=int, default=4, metavar="N", help="DataLoader workers (default: 4)"
+    )
+    p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, as SystemExit messages."""
+    if args.split == "test" and args.out_dir is None:
+        raise SystemExit(
+            "error: --split test has no labels to score; add --out-dir DIR to write the"
+            " submission PNGs"
+        )
+    if args.scales is not None and not args.ms_flip:
+        raise SystemExit("error: --scales sets the --ms-flip ratios; add --ms-flip")
+    if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
+        raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
+    if min(args.scale) < 1:
+        raise SystemExit(f"error: --scale H W must be positive, got {args.scale}")
+    if args.workers < 0:
+        raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
+    if args.out_dir is not None and args.save_color is not None:
+        out, color = Path(args.out_dir).resolve(), Path(args.save_color).resolve()
+        if out == color or out in color.parents or color in out.parents:
+            raise SystemExit(
+                f"error: --save-color {args.save_color} must be outside --out-dir {args.out_dir}:"
+                " the official evaluator rejects a second PNG per image under its folder"
+            )
+
+
+def adapt_normalization(model, meta: dict):
+    """The dataset normalises with MEAN_RGB / STD_RGB; a checkpoint trained with another mean/std
+    (its ``meta``) gets its own normalisation back through one per-channel affine map."""
+    import torch
+
+    from erfnet.config import MEAN_RGB, STD_RGB
+
+    mean, std = meta.get("mean", MEAN_RGB), meta.get("std", STD_RGB)
+    if list(map(float, mean)) == list(MEAN_RGB) and list(map(float, std)) == list(STD_RGB):
+        return model
+
+    class Renormalized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.num_classes = model, model.num_classes
+            # (x * STD + MEAN - mean) / std = x * a + b
+            a = torch.tensor(STD_RGB, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
+            b = (torch.tensor(MEAN_RGB) - torch.tensor(mean)) / torch.tensor(std)
+            self.register_buffer("a", a.view(1, 3, 1, 1).float())
+            self.register_buffer("b", b.view(1, 3, 1, 1).float())
+
+        def forward(self, x):
+            return self.model(x * self.a + self.b)
+
+    p = next(model.parameters())
+    return Renormalized().to(p.device).eval()
+
+
+def _clean(e: BaseException) -> str:
+    """One readable line, also for errors re-raised from DataLoader workers."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def results_json(results: dict | None, args: argparse.Namespace, num_images: int) -> dict:
+    from erfnet.labels import CLASS_NAMES
+
+    def num(v: float) -> float | None:
+        return None if v is None or math.isnan(v) else v
+
+    ratios = list(args.scales or RECIPE.ms_flip_ratios) if args.ms_flip else [1.0]
+    out: dict = {}
+    if results is not None:
+        out = {
+            "mIoU": num(results["mIoU"]),
+            "mAcc": num(results["mAcc"]),
+            "aAcc": num(results["aAcc"]),
+            "IoU": {n: num(v) for n, v in zip(CLASS_NAMES, results["IoU"], strict=True)},
+            "Acc": {n: num(v) for n, v in zip(CLASS_NAMES, results["Acc"], strict=True)},
+        }
+    out.update(
+        checkpoint=str(args.checkpoint),
+        ms_flip=args.ms_flip,
+        scales=ratios,
+        mode=args.mode,
+        scale=list(args.scale),
+        split=args.split,
+        num_images=num_images,
+        amp=args.amp,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+
+    import torch
+
+    from erfnet.checkpoint import CheckpointError, load_model
+    from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
+    from erfnet.distributed import (
+        cleanup_distributed,
+        init_distributed,
+        local_rank_from_env,
+        resolve_device,
+    )
+    from erfnet.inference import build_eval_loader, evaluate
+    from erfnet.labels import CLASS_NAMES
+    from erfnet.metrics import format_table
+
+    device = resolve_device(args.device, local_rank_from_env())
+    info = init_distributed(device)
+    try:
+        if args.amp and device.type != "cuda" and info.is_main:
+            print("note: --amp only applies on CUDA; evaluating in float32", file=sys.stderr)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes
+        try:
+            # Plain weights (no BN folding): folding changes float rounding, so not bit-exact.
+            model = load_model(args.checkpoint, device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: --checkpoint: {e}") from None
+        if model.num_classes != NUM_CLASSES:
+            void = model.meta.get("void_class")
+            hint = f" (class {void} is a 'void' class)" if void is not None else ""
+            raise SystemExit(
+                f"error: --checkpoint {args.checkpoint} predicts {model.num_classes} classes"
+                f"{hint}; Cityscapes evaluation needs {NUM_CLASSES} (trainIds 0-18)"
+            )
+        model = adapt_normalization(model, model.meta)
+        root = resolve_data_root(args.data_root)
+        try:
+            dataset = CityscapesDataset(root, args.split, EvalTransform(tuple(args.scale)))
+            if len(dataset) == 0:
+                raise DatasetError(f"split '{args.split}' under '{root}' has no images")
+            loader = build_eval_loader(dataset, workers=args.workers)
+            results = evaluate(
+                model,
+                loader,
+                device,
+                num_classes=NUM_CLASSES,
+                ms_flip=args.ms_flip,
+                scales=args.scales,
+                mode=args.mode,
+                test_scale=tuple(args.scale),
+                amp=args.amp,
+                out_dir=args.out_dir,
+                color_dir=args.save_color,
+                progress=info.is_main,
+            )
+        except DatasetError as e:
+            raise SystemExit(f"error: {_clean(e)}") from None
+        if info.is_main:
+            how = (
+                "ms+flip " + str(list(args.scales or RECIPE.ms_flip_ratios))
+                if args.ms_flip
+                else "single scale"
+            )
+            print(
+                f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}"
+            )
+            if results is not None:
+                print(format_table(results, CLASS_NAMES))
+            if args.out_dir is not None:
+                print(f"submission PNGs (label ids) written to {args.out_dir}")
+            if args.save_color is not None:
+                print(f"colour renderings written to {args.save_color}")
+            if args.json is not None:
+                path = Path(args.json)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # The images actually scored (summed over ranks), not just the split's size.
+                count = results["num_images"] if results is not None else len(dataset)
+                data = results_json(results, args, count)
+                path.write_text(json.dumps(data, indent=2) + "\n")
+                print(f"metrics written to {path}")
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""eval.py end to end on the synthetic Cityscapes: official-evaluator agreement, PNG round trip,
+torchrun equivalence, ms+flip / slide runs, the test-server output and clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erfnet import ERFNet, save_checkpoint
+from erfnet.data import CityscapesDataset, EvalTransform
+from erfnet.metrics import ConfusionMatrix
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO / "eval.py"
+SCALE = ["--scale", "64", "128"]  # the synthetic images' own size: no resize
+
+# The official evaluator's 19 evaluated label ids, in trainId order (cityscapesScripts labels.py).
+EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+def _load_eval_module():
+    spec = importlib.util.spec_from_file_location("erfnet_eval_script", EVAL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_script = _load_eval_module()
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=240, **kw,
+    )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Random weights with a large-variance classifier, so that predictions cover many classes."""
+    torch.manual_seed(0)
+    model = ERFNet()
+    torch.nn.init.normal_(model.head.classifier.weight, std=1.0)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pth"
+    save_checkpoint(path, model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def val_root(tmp_path_factory) -> Path:
+    """3 val images: an odd count, so that a sharding that pads or repeats images shows."""
+    from erfnet.data import make_synthetic_cityscapes
+
+    root = tmp_path_factory.mktemp("val3") / "cityscapes"
+    return make_synthetic_cityscapes(root, train=0, val=3, test=0, seed=1, extras=False)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, val_root, checkpoint) -> Path:
+    """One single-process subprocess run with every output; the folder holding them."""
+    out = tmp_path_factory.mktemp("single")
+    r = _run(
+        [str(EVAL), "--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
+         "--workers", "0", "--device", "cpu", "--json", str(out / "r.json"),
+         "--out-dir", str(out / "sub"), "--save-color", str(out / "color")]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mIoU" in r.stdout and "| road" in r.stdout
+    return out
+
+
+def official_class_iou(gt_root: Path, results: Path) -> list[float]:
+    """cityscapesScripts evalPixelLevelSemanticLabeling's class IoU, in numpy: label-id PNGs,
+    confusion over all label ids, TP / (TP + FP + FN) with FP on ignored ground truth dropped."""
+    n = 256
+    conf = np.zeros((n, n), dtype=np.int64)
+    gts = sorted(gt_root.rglob("*_gtFine_labelIds.png"))
+    assert gts
+    for gt_path in gts:
+        stem = gt_path.name[: -len("_gtFine_labelIds.png")]
+        matches = list(results.rglob(f"{stem}*.png"))
+        assert len(matches) == 1, f"official evaluator: {len(matches)} predictions for {stem}"
+        pred = np.array(Image.open(matches[0]))
+        gt = np.array(Image.open(gt_path))
+        assert pred.ndim == 2 and pred.dtype == np.uint8 and pred.shape == gt.shape
+        assert set(np.unique(pred).tolist()) <= set(range(34)), "unknown label id predicted"
+        conf += np.bincount((gt.astype(np.int64) * n + pred).ravel(), minlength=n * n).reshape(n, n)
+    ious = []
+    for lid in EVAL_IDS:
+        tp = conf[lid, lid]
+        fn = conf[lid, :].sum() - tp
+        fp = conf[[k for k in EVAL_IDS if k != lid], lid].sum()
+        denom = tp + fp + fn
+        ious.append(math.nan if denom == 0 else tp / denom)
+    return ious
+
+
+def test_matches_official_evaluator(single_run, val_root):
+    data = json.loads((single_run / "r.json").read_text())
+    ours = list(data["IoU"].values())
+    official = official_class_iou(val_root / "gtFine" / "val", single_run / "sub")
+    assert len(ours) == 19
+    for a, b in zip(ours, official, strict=True):
+        if math.isnan(b):
+            assert a is None
+        else:
+            assert a == pytest.approx(100 * b, abs=1e-9)
+    valid = [b for b in official if not math.isnan(b)]
+    assert data["mIoU"] == pytest.approx(100 * sum(valid) / len(valid), abs=1e-9)
+    # Not a trivial case: several classes predicted, some right, ignored pixels present.
+    preds = [np.array(Image.open(p)) for p in (single_run / "sub").rglob("*.png")]
+    assert len(np.unique(np.concatenate([p.ravel() for p in preds]))) >= 4
+    assert sum(b > 0 for b in valid) >= 2
+    assert data["split"] == "val" and data["num_images"] == 3 and data["ms_flip"] is False
+    assert set(data) >= {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "checkpoint", "scales", "mode"}
+
+
+def test_written_pngs_round_trip_to_the_same_metric(single_run, val_root):
+    from erfnet.labels import ID_TO_TRAIN_ID
+
+    data = json.loads((single_run / "r.json").read_text())
+    ds = CityscapesDataset(val_root, "val", EvalTransform(None))
+    cm = ConfusionMatrix(19)
+    for i, s in enumerate(ds.samples):
+        path = single_run / "sub" / s.city / f"{s.name}_leftImg8bit.png"
+        pred = torch.from_numpy(ID_TO_TRAIN_ID[np.array(Image.open(path))].astype(np.int64))
+        cm.update(pred, ds[i]["label"])
+    r = cm.compute()
+    assert r["mIoU"] == data["mIoU"] and r["aAcc"] == data["aAcc"]
+    # Colour renderings went to their own folder, two per image.
+    colors = sorted(p.name for p in (single_run / "color").rglob("*.png"))
+    assert len(colors) == 6 and all(n.endswith(("_color.png", "_blend.png")) for n in colors)
+
+
+def test_torchrun_two_processes_equal_single(tmp_path, single_run, val_root, checkpoint):
+    r = _run(
+        ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", str(EVAL), "--checkpoint", str(checkpoint),
+         "--data-root", str(val_root), *SCALE, "--workers", "0", "--device", "cpu",
+         "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "sub")]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    dist_data = json.loads((tmp_path / "r.json").read_text())
+    single = json.loads((single_run / "r.json").read_text())
+    for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images"):
+        assert dist_data[key] == single[key], key
+    a = sorted(p.relative_to(tmp_path / "sub") for p in (tmp_path / "sub").rglob("*.png"))
+    b = sorted(p.relative_to(single_run / "sub") for p in (single_run / "sub").rglob("*.png"))
+    assert a == b and len(a) == 3
+    for rel in a:
+        assert np.array_equal(
+            np.array(Image.open(tmp_path / "sub" / rel)),
+            np.array(Image.open(single_run / "sub" / rel)),
+        )
+
+
+def test_ms_flip_and_slide_in_process(tmp_path, synthetic_root, checkpoint, capsys):
+    common = ["--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--workers",
+              "0", "--device", "cpu"]  # fmt: skip
+    eval_script.main(
+        [*common, "--scale", "32", "64", "--ms-flip", "--scales", "1.0", "2.0",
+         "--json", str(tmp_path / "ms.json")]
+    )  # fmt: skip
+    ms = json.loads((tmp_path / "ms.json").read_text())
+    assert ms["ms_flip"] is True and ms["scales"] == [1.0, 2.0] and ms["scale"] == [32, 64]
+    assert 0 <= ms["mIoU"] <= 100
+    eval_script.main([*common, *SCALE, "--mode", "slide", "--json", str(tmp_path / "sl.json")])
+    slide = json.loads((tmp_path / "sl.json").read_text())
+    assert slide["mode"] == "slide" and 0 <= slide["mIoU"] <= 100
+    assert "ms+flip [1.0, 2.0]" in capsys.readouterr().out
+
+
+def test_split_test_writes_submission_only(tmp_path, synthetic_root, checkpoint, capsys):
+    out = tmp_path / "submission"
+    eval_script.main(
+        ["--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--split", "test",
+         "--scale", "32", "64", "--workers", "0", "--out-dir", str(out),
+         "--json", str(tmp_path / "t.json")]
+    )  # fmt: skip
+    files = list(out.rglob("*.png"))
+    assert len(files) == 1 and files[0].name.endswith("_leftImg8bit.png")
+    assert files[0].parent.name == files[0].name.split("_")[0]  # per-city folder
+    pred = np.array(Image.open(files[0]))
+    assert pred.shape == (64, 128) and pred.dtype == np.uint8  # original size, not the 32x64 input
+    assert set(np.unique(pred).tolist()) <= set(EVAL_IDS)
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert "mIoU" not in data and data["num_images"] == 1
+    assert "per class" not in capsys.readouterr().out
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def test_clear_errors(tmp_path, synthetic_root, checkpoint):
+    base = ["--data-root", str(synthetic_root), *SCALE, "--workers", "0", "--device", "cpu"]
+    ck = ["--checkpoint", str(checkpoint)]
+    msg = _error(["--checkpoint", str(tmp_path / "missing.pth"), *base])
+    assert "checkpoint not found" in msg and "missing.pth" in msg
+    twenty = tmp_path / "twenty.pth"
+    save_checkpoint(twenty, ERFNet(num_classes=20))
+    msg = _error(["--checkpoint", str(twenty), *base])
+    assert "predicts 20 classes" in msg and "19" in msg
+    assert "--out-dir" in _error([*ck, *base, "--split", "test"])
+    msg = _error([*ck, *base, "--out-dir", str(tmp_path / "a"), "--save-color",
+                  str(tmp_path / "a" / "color")])  # fmt: skip
+    assert "--save-color" in msg and "outside --out-dir" in msg
+    assert "outside" in _error(
+        [*ck, *base, "--out-dir", str(tmp_path / "a"), "--save-color", str(tmp_path / "a")]
+    )
+    assert "--ms-flip" in _error([*ck, *base, "--scales", "1.0"])
+    assert "--scales" in _error([*ck, *base, "--ms-flip", "--scales", "0"])
+    assert "--scale" in _error([*ck, "--data-root", str(synthetic_root), "--scale", "0", "64"])
+    msg = _error([*ck, "--data-root", str(tmp_path / "nowhere"), *SCALE])
+    assert "nowhere" in msg and "does not exist" in msg
+    # A split with no images.
+    empty = tmp_path / "empty"
+    (empty / "leftImg8bit" / "val" / "frankfurt").mkdir(parents=True)
+    (empty / "gtFine" / "val").mkdir(parents=True)
+    assert "empty" in _error([*ck, "--data-root", str(empty), *SCALE, "--workers", "0"])
+    with pytest.raises(SystemExit):  # argparse: bad choice
+        eval_script.main([*ck, *base, "--mode", "tiles"])
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path, synthetic_root, checkpoint):
+    root = tmp_path / "cs"
+    shutil.copytree(synthetic_root / "leftImg8bit" / "val", root / "leftImg8bit" / "val")
+    shutil.copytree(synthetic_root / "gtFine" / "val", root / "gtFine" / "val")
+    bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    # One worker: the error crosses the DataLoader's process boundary and is still one line.
+    msg = _error(["--checkpoint", str(checkpoint), "--data-root", str(root), *SCALE,
+                  "--workers", "1", "--device", "cpu"])  # fmt: skip
+    assert bad.name in msg and "cannot decode" in msg and "Traceback" not in msg
+
+
+def test_checkpoint_normalisation_is_respected():
+    from erfnet.config import MEAN_RGB, STD_RGB
+
+    torch.manual_seed(0)
+    model = ERFNet(num_classes=19).eval()
+    assert eval_script.adapt_normalization(model, {"mean": MEAN_RGB, "std": STD_RGB}) is model
+    adapted = eval_script.adapt_normalization(model, {"mean": [0, 0, 0], "std": [255] * 3})
+    rgb = torch.randint(0, 256, (1, 3, 16, 32)).float()
+    dataset_input = (rgb - torch.tensor(MEAN_RGB).view(1, 3, 1, 1)) / torch.tensor(STD_RGB).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(dataset_input), model(rgb / 255), rtol=1e-4, atol=1e-4)
+    assert adapted.num_classes == 19

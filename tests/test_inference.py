@@ -1,0 +1,309 @@
+"""Inference modes on stub networks whose outputs are known, and evaluate() on a tiny loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
+from erfnet.inference import (
+    ShardSampler,
+    evaluate,
+    infer_logits,
+    infer_probs_ms_flip,
+    predict,
+    ratio_scale,
+    rescale_size,
+    resize_image,
+    slide_logits,
+)
+from erfnet.metrics import ConfusionMatrix
+
+
+class Pointwise(nn.Module):
+    """A 1x1 conv: fully convolutional and flip-equivariant."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class CoordNet(nn.Module):
+    """Class 0's logit is a ramp over the input's absolute x position, class 1's is the input's
+    channel 0: flipping the input flips only class 1's logit."""
+
+    def __init__(self, slope: float = 3.0) -> None:
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        ramp = (torch.arange(w, dtype=x.dtype) + 0.5) / w * self.slope
+        return torch.stack([ramp.expand_as(x[:, 0]), x[:, 0]], dim=1)
+
+
+class Recorder(nn.Module):
+    """Records every input's size and its top-left values; outputs zeros for 2 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[int, int], torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((tuple(x.shape[-2:]), x[0, :, 0, 0].clone()))
+        return x.new_zeros((x.shape[0], 2, *x.shape[-2:]))
+
+
+def test_rescale_size_mmcv_rule():
+    assert rescale_size((1024, 2048), (1024, 2048)) == (1024, 2048)
+    assert rescale_size((512, 1024), (1024, 2048)) == (1024, 2048)
+    assert rescale_size((1024, 2048), (512, 1024)) == (512, 1024)
+    # factor = min(128 / 150, 64 / 100) = 0.64 -> (64, int(96.0 + 0.5))
+    assert rescale_size((100, 150), (64, 128)) == (64, 96)
+    # The long bound binds: factor = min(2048 / 3000, 1024 / 1000) -> round half up.
+    assert rescale_size((1000, 3000), (1024, 2048)) == (683, 2048)
+    assert [ratio_scale((1024, 2048), r) for r in (0.5, 0.75, 1.75)] == [
+        (512, 1024),
+        (768, 1536),
+        (1792, 3584),
+    ]
+
+
+def test_whole_resizes_to_test_scale_and_back():
+    net = Recorder()
+    image = torch.randn(1, 3, 24, 40)
+    logits = infer_logits(net, image, (30, 50), test_scale=(64, 128))
+    # (30, 50) rescaled into (64, 128): factor min(128 / 50, 64 / 30) = 2.1333 -> (64, 107)
+    assert [c[0] for c in net.calls] == [(64, 107)]
+    assert logits.shape == (1, 2, 30, 50)
+    # An image already at the test scale is not resized.
+    net.calls.clear()
+    image = torch.randn(1, 3, 32, 64)
+    infer_logits(net, image, (32, 64), test_scale=(32, 64))
+    assert torch.equal(net.calls[0][1], image[0, :, 0, 0])
+
+
+def test_whole_logits_bilinear_to_label_size():
+    net = Pointwise()
+    image = torch.randn(2, 3, 16, 32)
+    logits = infer_logits(net, image, (24, 48), test_scale=(16, 32))
+    expected = F.interpolate(net(image), size=(24, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_ms_flip_view_sizes_and_flips():
+    net = Recorder()
+    image = torch.arange(3 * 32 * 64, dtype=torch.float32).view(1, 3, 32, 64)
+    probs = infer_probs_ms_flip(net, image, (32, 64), ratios=(0.5, 1.0, 1.5), test_scale=(32, 64))
+    sizes = [c[0] for c in net.calls]
+    assert sizes == [(16, 32), (16, 32), (32, 64), (32, 64), (48, 96), (48, 96)]
+    # Ratio 1.0 is the unresized image; its flipped view starts with the last column.
+    assert torch.equal(net.calls[2][1], image[0, :, 0, 0])
+    assert torch.equal(net.calls[3][1], image[0, :, 0, -1])
+    assert probs.shape == (1, 2, 32, 64)
+    torch.testing.assert_close(probs, torch.full_like(probs, 0.5))
+
+
+def test_ms_flip_undoes_the_flip():
+    net = CoordNet(slope=3.0)
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 8, 16)
+    probs = infer_probs_ms_flip(net, image, (8, 16), ratios=(1.0,), test_scale=(8, 16))
+    # Independent expectation: the unflipped view sees the ramp r(j), the flipped view's output
+    # flipped back sees r(W - 1 - j); the pointwise channel is un-flipped back in place.
+    w = 16
+    ramp = (np.arange(w) + 0.5) / w * 3.0
+    img0 = image[0, 0].numpy().astype(np.float64)
+
+    def softmax2(a, b):
+        m = np.maximum(a, b)
+        ea, eb = np.exp(a - m), np.exp(b - m)
+        return np.stack([ea, eb]) / (ea + eb)
+
+    expected = 0.5 * (softmax2(ramp[None, :], img0) + softmax2(ramp[::-1][None, :], img0))
+    np.testing.assert_allclose(probs[0].numpy(), expected, rtol=1e-5, atol=1e-6)
+    # Without the flip the result is just the first view.
+    single = infer_probs_ms_flip(net, image, (8, 16), ratios=(1.0,), flip=False, test_scale=(8, 16))
+    np.testing.assert_allclose(single[0].numpy(), softmax2(ramp[None, :], img0), rtol=1e-5)
+
+
+def _uint8_resize(image, size):
+    """mmseg resizes the uint8 image, then normalises: emulate that on a normalised image."""
+    mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
+    std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
+    rgb = F.interpolate(image * std + mean, size=size, mode="bilinear", align_corners=False)
+    return (rgb.round().clamp(0, 255) - mean) / std
+
+
+def test_ms_flip_averages_resized_softmax():
+    net = Pointwise()
+    torch.manual_seed(1)
+    image = torch.randn(1, 3, 16, 32)
+    probs = infer_probs_ms_flip(net, image, (16, 32), ratios=(0.5, 1.0), test_scale=(16, 32))
+
+    def up(logits):
+        return F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=False)
+
+    half = _uint8_resize(image, (8, 16))
+    views = [
+        up(net(half)).softmax(1),
+        up(net(half.flip(-1))).flip(-1).softmax(1),
+        net(image).softmax(1),
+        net(image.flip(-1)).flip(-1).softmax(1),
+    ]
+    expected = sum(views) / 4
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+    pred = predict(net, image, ms_flip=True, scales=(0.5, 1.0), test_scale=(16, 32))
+    assert torch.equal(pred, expected.argmax(1))
+
+
+def test_resize_image_rounds_like_uint8():
+    rgb = torch.randint(0, 256, (1, 3, 10, 14)).float()
+    mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
+    std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
+    out = resize_image((rgb - mean) / std, (15, 21)) * std + mean
+    torch.testing.assert_close(out, out.round(), rtol=0, atol=1e-4)  # integer grey levels
+    exact = F.interpolate(rgb, size=(15, 21), mode="bilinear", align_corners=False)
+    assert (out - exact).abs().max() <= 0.5 + 1e-4
+    same = torch.randn(1, 3, 4, 4)
+    assert resize_image(same, (4, 4)) is same
+
+
+def test_slide_equals_whole_for_pointwise_net():
+    net = Pointwise()
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, 50, 75)
+    whole = net(image)
+    slid = slide_logits(net, image, crop=(20, 30), stride=(13, 17))
+    torch.testing.assert_close(slid, whole, rtol=1e-5, atol=1e-5)
+    a = predict(
+        net, image, mode="slide", test_scale=(50, 75), slide_crop=(20, 30), slide_stride=(13, 17)
+    )
+    assert torch.equal(a, whole.argmax(1))
+    with pytest.raises(ValueError, match="uncovered"):
+        predict(net, image, mode="slide", slide_crop=(20, 30), slide_stride=(21, 30))
+
+
+def test_slide_grid_matches_mmseg():
+    net = Recorder()
+    rows = torch.arange(50, dtype=torch.float32).view(50, 1).expand(50, 150)
+    cols = torch.arange(150, dtype=torch.float32).view(1, 150).expand(50, 150)
+    image = torch.stack([rows, cols, rows]).unsqueeze(0)
+    slide_logits(net, image, crop=(40, 60), stride=(30, 45))
+    origins = [(int(v[0]), int(v[1])) for _, v in net.calls]
+    # h_grids = (50 - 40 + 29) // 30 + 1 = 2: rows 0 and min(30 + 40, 50) - 40 = 10.
+    # w_grids = (150 - 60 + 44) // 45 + 1 = 3: cols 0, 45, 90.
+    assert origins == [(0, 0), (0, 45), (0, 90), (10, 0), (10, 45), (10, 90)]
+    assert all(size == (40, 60) for size, _ in net.calls)
+    net.calls.clear()
+    slide_logits(net, image[:, :, :20, :30], crop=(40, 60), stride=(30, 45))
+    assert [size for size, _ in net.calls] == [(20, 30)]  # smaller than one crop
+
+
+def test_slide_averages_overlaps():
+    class Ones(nn.Module):
+        def forward(self, x):
+            return torch.ones(x.shape[0], 1, *x.shape[-2:]) * x[:, :1, :1, :1]
+
+    image = torch.zeros(1, 3, 10, 10)
+    image[0, 0, 0, 5] = 4.0  # the second column crop's top-left value
+    out = slide_logits(Ones(), image, crop=(10, 5), stride=(10, 3))
+    # w_grids = (10 - 5 + 2) // 3 + 1 = 3: crops x 0-4, 3-7, 5-9 (clamped from 6); only the
+    # last one adds 4, and columns 5-7 are covered twice.
+    assert out[0, 0, 0].tolist() == [0, 0, 0, 0, 0, 2, 2, 2, 4, 4]
+
+
+def test_predict_flag_errors():
+    net = Pointwise()
+    image = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="ms_flip"):
+        predict(net, image, scales=(1.0,))
+    with pytest.raises(ValueError, match="mode"):
+        predict(net, image, mode="tiles")
+    with pytest.raises(ValueError, match="positive"):
+        predict(net, image, ms_flip=True, scales=(0.0,))
+
+
+def _dataset(n: int, labelled: bool = True):
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for i in range(n):
+        item = {
+            "image": torch.randn(3, 12, 20, generator=g),
+            "name": f"city_{i:06d}_000019",
+            "city": "city",
+        }
+        if labelled:
+            label = torch.randint(0, 4, (12, 20), generator=g)
+            label[torch.rand(12, 20, generator=g) < 0.1] = IGNORE_INDEX
+            item["label"] = label
+        items.append(item)
+    return items
+
+
+def test_evaluate_matches_manual_confusion(tmp_path):
+    net = Pointwise(4).train()
+    data = _dataset(5)
+    loader = DataLoader(data, batch_size=2)
+    r = evaluate(net, loader, "cpu", num_classes=4, test_scale=(12, 20), progress=False)
+    assert net.training  # restored
+    cm = ConfusionMatrix(4)
+    with torch.no_grad():
+        net.eval()
+        for item in data:
+            cm.update(net(item["image"][None]).argmax(1)[0], item["label"])
+    expected = cm.compute()
+    assert r["IoU"] == pytest.approx(expected["IoU"], nan_ok=True)
+    assert r["mIoU"] == pytest.approx(expected["mIoU"])
+    assert r["num_images"] == 5
+    # Unlabelled data: nothing to score, predictions still written.
+    out = tmp_path / "out"
+    assert (
+        evaluate(
+            net,
+            DataLoader(_dataset(2, False)),
+            "cpu",
+            num_classes=4,
+            out_dir=out,
+            test_scale=(12, 20),
+            progress=False,
+        )
+        is None
+    )
+    assert sorted(p.name for p in (out / "city").iterdir()) == [
+        "city_000000_000019_leftImg8bit.png",
+        "city_000001_000019_leftImg8bit.png",
+    ]
+    with pytest.raises(ValueError, match="predicts 4 classes, expected 19"):
+        evaluate(net, loader, "cpu", num_classes=19, progress=False)
+
+
+def test_shard_sampler_covers_each_index_once():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+    assert [len(ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]
+    assert list(ShardSampler(1, 1, 2)) == []
+    with pytest.raises(ValueError):
+        ShardSampler(3, 2, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_close_to_fp32():
+    net = Pointwise().cuda().eval()
+    image = torch.randn(1, 3, 64, 128, device="cuda")
+    a = infer_logits(net, image, amp=True, test_scale=(64, 128))
+    b = infer_logits(net, image, amp=False, test_scale=(64, 128))
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    cl = net.to(memory_format=torch.channels_last)
+    c = infer_logits(cl, image, test_scale=(64, 128))
+    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
