@@ -1,0 +1,419 @@
+"""Training: lr schedule, sampler, exact resume, DDP, outputs and error messages (tiny, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erfnet.checkpoint import load_model, save_checkpoint
+from erfnet.config import RECIPE
+from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.transforms import TrainTransform
+from erfnet.engine import (
+    FAULT_ENV,
+    SYNTHETIC_PRESET,
+    InfiniteSampler,
+    PolyLR,
+    SeededDataset,
+    get_rng_state,
+    poly_lr,
+    set_rng_state,
+    train_step,
+)
+from erfnet.model import ERFNet
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
+# Tiny run: 64x128 synthetic images, 32x64 crops, 2 images per step.
+TINY = [
+    "--data",
+    "synthetic",
+    "--iters",
+    "4",
+    "--batch-size",
+    "2",
+    "--crop-size",
+    "32",
+    "64",
+    "--scale",
+    "64",
+    "128",
+    "--val-interval",
+    "2",
+    "--ckpt-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--num-vis",
+    "1",
+    "--no-progress",
+]
+
+
+def _load_cli():
+    """train.py as a module (it lives beside the package, not inside it)."""
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cli = _load_cli()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(FAULT_ENV, None)
+    # One thread per process: faster on a small shared CPU, and the same math in every run.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, TRAIN, *args],
+        cwd=REPO,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def full_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 4-iteration run (the reference for the resume tests)."""
+    work = tmp_path_factory.mktemp("full")
+    r = _run([*TINY, "--data-root", str(synthetic_root), "--workers", "0", "--work-dir", str(work)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_poly_lr_start_middle_end():
+    base, lo, n = 0.01, 1e-4, 160_000
+    assert poly_lr(base, 0, n, 0.9, lo) == pytest.approx(base)
+    assert poly_lr(base, n // 2, n, 0.9, lo) == pytest.approx((base - lo) * 0.5**0.9 + lo)
+    assert poly_lr(base, n, n, 0.9, lo) == pytest.approx(lo)
+    assert poly_lr(base, n + 10, n, 0.9, lo) == pytest.approx(lo)  # clamped after the end
+
+    def lrs_of(sched_iters: int, steps: int, start_state: dict | None = None) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+        sched = PolyLR(opt, sched_iters, 0.9, lo)
+        if start_state is not None:
+            sched.load_state_dict(start_state)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, sched.state_dict()
+
+    lrs, _ = lrs_of(10, 10)
+    assert lrs[0] == base
+    assert lrs[5] == pytest.approx((base - lo) * 0.5**0.9 + lo)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] > lo
+    # Resumed after 4 steps (through a weights_only round trip): the same values exactly.
+    _, state = lrs_of(10, 4)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    resumed, _ = lrs_of(10, 6, torch.load(buf, weights_only=True))
+    assert resumed == lrs[4:]
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path: Path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(2)
+    np.random.seed(2)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+# ---------------------------------------------------------------- data order
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_infinite_sampler_order_shards_and_resume():
+    s = InfiniteSampler(10, seed=3)
+    first = _take(iter(s), 25)
+    assert first == _take(iter(InfiniteSampler(10, seed=3)), 25)  # reproducible
+    assert sorted(i for i, _ in first[:10]) == list(range(10))  # an epoch is a permutation
+    assert [i for i, _ in first[:10]] != [i for i, _ in first[10:20]]  # reshuffled per epoch
+    assert [i for i, _ in first[:10]] != list(range(10))
+    assert len({seed for _, seed in first}) == 25  # every draw its own augmentation seed
+    # Starting at position 13 continues the same stream.
+    assert _take(iter(InfiniteSampler(10, seed=3, start=13)), 12) == first[13:25]
+    assert s.position(13) == (1, 3)
+    # Two ranks: disjoint halves of each epoch (padded like DistributedSampler for odd sizes).
+    r0 = [i for i, _ in _take(iter(InfiniteSampler(7, seed=3, rank=0, world_size=2)), 4)]
+    r1 = [i for i, _ in _take(iter(InfiniteSampler(7, seed=3, rank=1, world_size=2)), 4)]
+    assert set(r0) | set(r1) == set(range(7))
+    assert len(set(r0) & set(r1)) == 1  # the one padding duplicate
+
+
+def test_seeded_dataset_augmentation_is_a_function_of_the_seed(synthetic_root: Path):
+    ds = SeededDataset(
+        CityscapesDataset(synthetic_root, "train", transform=TrainTransform((32, 64), (64, 128)))
+    )
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = ds[(1, 1234)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
+    ds[(0, 99)]
+    b = ds[(1, 1234)]
+    c = ds[(1, 4321)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert not torch.equal(a["image"], c["image"])
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_loss_decreases_when_overfitting_one_batch(synthetic_root: Path, one_thread):
+    torch.manual_seed(0)
+    ds = CityscapesDataset(
+        synthetic_root, "train", transform=TrainTransform((32, 64), (64, 128), photometric=False)
+    )
+    batch = [ds[i] for i in range(2)]
+    images = torch.stack([b["image"] for b in batch])
+    labels = torch.stack([b["label"] for b in batch])
+    model = ERFNet(dropout=0.0, head_dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum)
+    losses = [train_step(model, images, labels, opt) for _ in range(15)]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_parser_defaults_come_from_the_recipe():
+    args = train_cli.build_parser().parse_args([])
+    cfg = train_cli.config_from_args(args).resolved()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.min_lr, cfg.iters) == (
+        RECIPE.lr,
+        RECIPE.momentum,
+        RECIPE.weight_decay,
+        RECIPE.min_lr,
+        RECIPE.iters,
+    )
+    assert cfg.crop_size == RECIPE.crop_size and cfg.scale == RECIPE.scale
+    assert cfg.batch_size == RECIPE.batch_size_per_gpu
+    assert (cfg.val_interval, cfg.ckpt_interval) == (RECIPE.val_interval, RECIPE.ckpt_interval)
+    # --data synthetic is a quick-start preset; an explicit flag still wins.
+    syn = train_cli.build_parser().parse_args(["--data", "synthetic", "--lr", "0.02"])
+    syn = train_cli.config_from_args(syn).resolved()
+    assert syn.lr == 0.02 and syn.iters == SYNTHETIC_PRESET["iters"]
+    assert syn.crop_size == SYNTHETIC_PRESET["crop_size"]
+    assert train_cli.build_parser().parse_args(["--resume"]).resume == "latest"
+    assert train_cli.build_parser().parse_args(["--no-amp"]).amp is False
+    text = train_cli.build_parser().format_help()
+    for flag in ("--crop-size", "--scale", "--resume", "--amp", "--ckpt-interval", "--workers"):
+        assert flag in text
+    assert "(default: 160000; synthetic: 800)" in text and "(default: 0.0005)" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--crop-size", "600", "1024", "--scale", "512", "1024"], "--crop-size"),
+        (["--iters", "0"], "--iters"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+    ],
+)
+def test_bad_flag_values_are_rejected(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*argv, "--work-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_root_is_a_clear_error(tmp_path: Path):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--data-root", str(missing), "--work-dir", str(tmp_path / "w")])
+    msg = str(exc.value.code)
+    assert msg.startswith("error:") and str(missing) in msg and "does not exist" in msg
+
+
+def test_incompatible_checkpoints_are_clear_errors(
+    synthetic_root: Path, tmp_path: Path, full_run: Path
+):
+    base = [
+        *TINY,
+        "--data-root",
+        str(synthetic_root),
+        "--workers",
+        "0",
+        "--work-dir",
+        str(tmp_path / "w"),
+    ]
+    other = tmp_path / "other.pth"
+    save_checkpoint(
+        other, ERFNet(num_classes=5), optimizer={}, scheduler={}, iteration=1, sampler={}
+    )
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--resume", str(other)])
+    assert "does not match" in str(exc.value.code) and "num_classes" in str(exc.value.code)
+    # best.pth holds weights only: not resumable.
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--resume", str(full_run / "best.pth")])
+    assert "not a training checkpoint" in str(exc.value.code)
+    # --resume without a path and nothing in the work dir.
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--resume"])
+    assert "no latest.pth" in str(exc.value.code)
+
+
+def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, one_thread
+):
+    monkeypatch.setenv(FAULT_ENV, "nan@1")  # the loss is NaN from the 2nd iteration on
+    work = tmp_path / "w"
+    args = [
+        *TINY,
+        "--data-root",
+        str(synthetic_root),
+        "--workers",
+        "0",
+        "--work-dir",
+        str(work),
+        "--ckpt-interval",
+        "1",
+        "--val-interval",
+        "100",
+        "--max-nonfinite",
+        "2",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(args)
+    assert "non-finite" in str(exc.value.code)
+    ckpt = torch.load(work / "latest.pth", weights_only=True)
+    assert ckpt["iteration"] == 1  # the last good state, not overwritten by the NaN steps
+
+
+# ---------------------------------------------------------------- end to end (subprocesses)
+
+
+def test_end_to_end_outputs(full_run: Path):
+    for name in ("latest.pth", "best.pth", "iter_2.pth", "iter_4.pth", "args.json", "train.log"):
+        assert (full_run / name).is_file(), name
+    assert any((full_run / "tensorboard").iterdir())
+    model = load_model(full_run / "best.pth")
+    assert model.num_classes == 19 and not model.training
+    latest = torch.load(full_run / "latest.pth", weights_only=True)  # weights_only-safe
+    assert latest["iteration"] == 4
+    assert {"optimizer", "scheduler", "rng", "sampler", "best_miou"} <= set(latest)
+    assert latest["sampler"]["consumed"] == 8 and latest["sampler"]["epoch"] == 2
+    args = json.loads((full_run / "args.json").read_text())
+    assert args["iters"] == 4 and args["crop_size"] == [32, 64]
+    log = (full_run / "train.log").read_text()
+    assert "val at iteration 2" in log and "val at iteration 4" in log
+
+
+@pytest.mark.parametrize("fault, workers", [("sigterm@2", "1"), ("sigkill@3", "0")])
+def test_kill_and_resume_gives_identical_weights(
+    fault, workers, synthetic_root: Path, tmp_path: Path, full_run: Path
+):
+    """Interrupted (SIGTERM: saves and exits 143; SIGKILL: dies, latest.pth is from iteration 2)
+    then resumed to the end: the same weights, bit for bit, as the uninterrupted run."""
+    args = [*TINY, "--data-root", str(synthetic_root), "--work-dir", str(tmp_path)]
+    r = _run([*args, "--workers", workers], **{FAULT_ENV: fault})
+    if fault.startswith("sigterm"):
+        assert r.returncode == 143, r.stderr[-3000:]
+        assert "stopped by SIGTERM at iteration 2" in r.stderr
+    else:
+        assert r.returncode == -9
+    assert torch.load(tmp_path / "latest.pth", weights_only=True)["iteration"] == 2
+    assert not _same_weights(tmp_path / "latest.pth", full_run / "latest.pth")
+    r = _run([*args, "--workers", "0", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert _same_weights(tmp_path / "latest.pth", full_run / "latest.pth")
+    a = torch.load(tmp_path / "latest.pth", weights_only=True)
+    b = torch.load(full_run / "latest.pth", weights_only=True)
+    assert a["best_miou"] == b["best_miou"]
+    for x, y in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu(synthetic_root: Path, tmp_path: Path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        TRAIN,
+        *TINY,
+        "--iters",
+        "2",
+        "--batch-size",
+        "1",
+        "--data-root",
+        str(synthetic_root),
+        "--workers",
+        "0",
+        "--work-dir",
+        str(tmp_path),
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "latest.pth", weights_only=True)
+    assert ckpt["iteration"] == 2 and ckpt["sampler"]["world_size"] == 2
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["world_size"] == 2 and args["total_batch_size"] == 2
+    load_model(tmp_path / "best.pth")
+    # Rank 0 alone logs: one line per logged iteration.
+    assert (tmp_path / "train.log").read_text().count("iter 2/2") == 1
