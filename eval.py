@@ -125,7 +125,7 @@ def adapt_normalization(model, meta: dict):
     class Renormalized(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model, self.num_classes = model, model.num_classes
+            self.model, self.num_classes, self.meta = model, model.num_classes, meta
             # (x * STD + MEAN - mean) / std = x * a + b
             a = torch.tensor(STD_RGB, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
             b = (torch.tensor(MEAN_RGB) - torch.tensor(mean)) / torch.tensor(std)
@@ -207,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(args.checkpoint, device)
         except CheckpointError as e:
             raise SystemExit(f"error: --checkpoint: {e}") from None
-        if model.num_classes != NUM_CLASSES:
-            void = model.meta.get("void_class")
-            hint = f" (class {void} is a 'void' class)" if void is not None else ""
+        void = model.meta.get("void_class")
+        # erfnet_pytorch's 20-class model: its class 19 ("void") is predicted but never scored.
+        has_void = model.num_classes == NUM_CLASSES + 1 and void == NUM_CLASSES
+        if model.num_classes != NUM_CLASSES and not has_void:
             raise SystemExit(
-                f"error: --checkpoint {args.checkpoint} predicts {model.num_classes} classes"
-                f"{hint}; Cityscapes evaluation needs {NUM_CLASSES} (trainIds 0-18)"
+                f"error: --checkpoint {args.checkpoint} predicts {model.num_classes} classes;"
+                f" Cityscapes evaluation needs {NUM_CLASSES} (trainIds 0-18), or"
+                f" {NUM_CLASSES + 1} with meta['void_class'] = {NUM_CLASSES}"
             )
         model = adapt_normalization(model, model.meta)
         root = resolve_data_root(args.data_root)

@@ -415,8 +415,12 @@ def evaluate(
         raise ValueError("scales are the ms+flip ratios: pass ms_flip=True with them")
     device = torch.device(device)
     net = _unwrap_ddp(model)
-    model_classes = getattr(net, "num_classes", None)
-    if model_classes is not None and model_classes != num_classes:
+    model_classes = getattr(net, "num_classes", None) or num_classes
+    void_class = getattr(net, "meta", {}).get("void_class")
+    # A trailing "void" output (erfnet_pytorch's class 19) is predicted but never scored.
+    if model_classes != num_classes and not (
+        model_classes == num_classes + 1 and void_class == num_classes
+    ):
         raise ValueError(f"the model predicts {model_classes} classes, expected {num_classes}")
     was_training = net.training
     net.eval()
@@ -425,7 +429,7 @@ def evaluate(
     channels_last = prefers_channels_last(net)
     try:
         with torch.inference_mode():
-            cm = ConfusionMatrix(num_classes, device)
+            cm = ConfusionMatrix(model_classes, device)
             num_images = num_labelled = 0
             batches = loader
             if progress and rank == 0:
@@ -464,7 +468,7 @@ def evaluate(
                     f"only {num_labelled} of {num_images} images have labels; cannot score a"
                     " partly labelled split"
                 )
-            results = cm.compute() if has_labels else None
+            results = cm.compute(num_classes) if has_labels else None
     finally:
         net.train(was_training)
     if results is not None:

@@ -89,19 +89,28 @@ class ConfusionMatrix:
         all_reduce_sum(self.mat)
         return self
 
-    def compute(self) -> dict:
+    def compute(self, num_scored: int | None = None) -> dict:
         """Metrics in percent, unrounded: IoU/Acc per class (lists, NaN where undefined), mIoU,
-        mAcc, aAcc, plus the raw per-class areas."""
+        mAcc, aAcc, plus the raw per-class areas.
+
+        ``num_scored`` < ``num_classes`` scores only the first classes; predictions of the others
+        (a "void" output, as in erfnet_pytorch's 20-class model) count as misses.
+        """
         mat = self.mat.detach().to("cpu", torch.float64)
-        return metrics_from_confusion(mat)
+        return metrics_from_confusion(mat[: num_scored or self.num_classes])
 
 
 def metrics_from_confusion(mat: torch.Tensor) -> dict:
-    """mmseg's metrics from a label x prediction confusion matrix (any numeric dtype)."""
+    """mmseg's metrics from a label x prediction confusion matrix (any numeric dtype).
+
+    The matrix may have more prediction columns than label rows: those extra predicted classes
+    are never right, so they only add to the labels' areas (false negatives).
+    """
     mat = torch.as_tensor(mat, dtype=torch.float64)
-    intersect = mat.diagonal()
+    n = mat.shape[0]
+    intersect = mat[:, :n].diagonal()
     area_label = mat.sum(1)
-    area_pred = mat.sum(0)
+    area_pred = mat[:, :n].sum(0)
     union = area_label + area_pred - intersect
     # 0 / 0 -> NaN marks a class that neither occurs nor is predicted (IoU) / is not labelled (Acc).
     iou = intersect / union * 100.0

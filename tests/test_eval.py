@@ -270,3 +270,39 @@ def test_checkpoint_normalisation_is_respected():
     with torch.no_grad():
         torch.testing.assert_close(adapted(dataset_input), model(rgb / 255), rtol=1e-4, atol=1e-4)
     assert adapted.num_classes == 19
+
+
+def test_void_class_checkpoint_scores_void_as_a_miss(tmp_path, val_root):
+    """erfnet_pytorch's 20-class model (class 19 = void) is scored on the 19 classes."""
+    torch.manual_seed(0)
+    model = ERFNet(num_classes=20, head="deconv").eval()
+    torch.nn.init.normal_(model.head.output_conv.weight, std=1.0)
+    with torch.no_grad():
+        model.head.output_conv.bias[19] = 0.5  # void wins on part of the image, not all of it
+    path = tmp_path / "void.pth"
+    save_checkpoint(path, model, meta={"void_class": 19})
+    eval_script.main(
+        ["--checkpoint", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0",
+         "--device", "cpu", "--json", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    data = json.loads((tmp_path / "r.json").read_text())
+    # Independent count: a void prediction on a labelled pixel is a false negative only.
+    inter, label, predicted, void_hits = np.zeros(19), np.zeros(19), np.zeros(19), 0
+    ds = CityscapesDataset(val_root, "val", EvalTransform(None))
+    with torch.no_grad():
+        for item in ds:
+            pred = model(item["image"][None]).argmax(1)[0].numpy()
+            gt = item["label"].numpy()
+            keep = gt != 255
+            void_hits += int((pred[keep] == 19).sum())
+            for c in range(19):
+                inter[c] += ((pred == c) & (gt == c)).sum()
+                label[c] += (gt == c).sum()
+                predicted[c] += ((pred == c) & keep).sum()
+    assert void_hits > 0  # the case under test occurs
+    union = label + predicted - inter
+    for c, name in enumerate(data["IoU"]):
+        if union[c] == 0:
+            assert data["IoU"][name] is None
+        else:
+            assert data["IoU"][name] == pytest.approx(100 * inter[c] / union[c], abs=1e-9)

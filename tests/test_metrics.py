@@ -114,3 +114,17 @@ def test_format_table():
     assert "66.67" in text  # aAcc 2/3
     with pytest.raises(ValueError, match="class names"):
         format_table(cm.compute(), CLASS_NAMES[:3])
+
+
+def test_void_predictions_count_as_misses():
+    # Two scored classes plus a "void" output (class 2) that is predicted but never labelled.
+    cm = ConfusionMatrix(3)
+    target = torch.tensor([0, 0, 0, 1, 1, 255])
+    pred = torch.tensor([0, 2, 2, 1, 0, 2])
+    cm.update(pred, target)
+    r = cm.compute(num_scored=2)
+    # class 0: I=1, L=3, P=2 -> 1/4; class 1: I=1, L=2, P=1 -> 1/2; void never counts as a hit.
+    assert r["IoU"] == pytest.approx([25.0, 50.0])
+    assert r["Acc"] == pytest.approx([100 / 3, 50.0])
+    assert r["aAcc"] == pytest.approx(40.0)
+    assert len(r["area_label"]) == 2
