@@ -1,0 +1,77 @@
+"""The CUDA paths (fp16 autocast + GradScaler, channels_last, cudnn.benchmark, the fast inference
+path, training end to end). Skipped on machines without a GPU; run them where one is available."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from erfnet import ERFNet, load_model, save_checkpoint
+from erfnet.deploy import optimize_for_inference
+from erfnet.engine import train_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_amp_train_step_with_grad_scaler_and_channels_last():
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    model = ERFNet().cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cuda")
+    images = torch.randn(2, 3, 128, 256, device="cuda").contiguous(
+        memory_format=torch.channels_last
+    )
+    labels = (images[:, 0] > 0).long() * 13  # learnable: car where channel 0 is positive
+    labels[:, :8] = 255
+    before = model.head.classifier.weight.detach().clone()
+    losses = [
+        train_step(model, images, labels, opt, scaler, autocast_dtype=torch.float16)
+        for _ in range(15)
+    ]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # The same batch again and again (the scaler may skip its first overflowing steps).
+    assert losses[-1] < 0.9 * losses[0]
+    assert not torch.equal(before, model.head.classifier.weight)
+    assert model.head.classifier.weight.dtype == torch.float32  # master weights stay fp32
+    assert scaler.get_scale() > 0
+
+
+def test_fast_path_matches_eager_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    model = ERFNet()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    save_checkpoint(tmp_path / "m.pth", model)
+    eager = load_model(tmp_path / "m.pth", device="cuda")
+    fast = load_model(tmp_path / "m.pth", device="cuda", fast=True)
+    fused = optimize_for_inference(eager)
+    x = torch.randn(1, 3, 256, 512, device="cuda")
+    with torch.no_grad():
+        ref = eager(x)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-3, atol=1e-3)
+        with torch.autocast("cuda", dtype=torch.float16):
+            half = fast(x)
+    agree = (half.float().argmax(1) == ref.argmax(1)).float().mean().item()
+    assert agree > 0.99
+
+
+def test_train_script_on_cuda_with_amp(tmp_path):
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", "synthetic",
+           "--data-root", str(tmp_path / "syn"), "--iters", "6", "--batch-size", "2",
+           "--val-interval", "3", "--ckpt-interval", "3", "--workers", "2", "--device", "cuda",
+           "--amp", "--work-dir", str(work), "--no-progress"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = load_model(work / "best.pth", device="cuda")
+    assert next(model.parameters()).is_cuda
+    assert (work / "latest.pth").is_file() and (work / "args.json").is_file()
