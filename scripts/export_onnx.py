@@ -1,0 +1,188 @@
+"""Export a trained ERFNet to ONNX (BatchNorm folded, dynamic batch, height and width).
+
+    python scripts/export_onnx.py --checkpoint ckpt.pth --out erfnet.onnx
+    python scripts/export_onnx.py --checkpoint ckpt.pth --out erfnet.onnx --opset 18 \\
+        --height 512 --width 1024
+
+The graph takes a normalised float32 image ``input`` [N, 3, H, W] (mean / std are in the
+checkpoint's meta and in the ONNX metadata) and returns the logits ``logits`` [N, C, H, W].
+``--height/--width`` only size the dummy input used for tracing. If onnxruntime is installed the
+exported model is run at the dummy size and at a second, odd size, compared with PyTorch and
+timed. Needs the ``onnx`` package (``pip install onnx onnxruntime``); the TorchScript exporter is
+used (``dynamo=False``), so onnxscript is not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MIN_OPSET = 17
+
+
+def require(module: str) -> Any:
+    """Import an optional dependency or exit with the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(
+            f"error: exporting to ONNX needs the optional package '{module}': "
+            "pip install onnx onnxruntime  (or: pip install -e .[export])"
+        ) from None
+
+
+def export(
+    model: torch.nn.Module,
+    out: str | Path,
+    height: int = 512,
+    width: int = 1024,
+    opset: int = MIN_OPSET,
+    meta: dict | None = None,
+) -> Path:
+    """Write ``model`` (an ERFNet, fused here) to ``out`` with dynamic N, H and W axes."""
+    from erfnet.deploy import fuse_bn
+
+    require("onnx")
+    fused = fuse_bn(model).cpu().float().eval()
+    dummy = torch.randn(1, 3, height, width)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = dict(
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
+                      "logits": {0: "batch", 2: "height", 3: "width"}},
+        do_constant_folding=True,
+    )  # fmt: skip
+    try:
+        # The TorchScript exporter needs no onnxscript and handles dynamic H / W through the
+        # model's shape-dependent resize; torch >= 2.9 defaults to the dynamo exporter instead.
+        torch.onnx.export(fused, (dummy,), str(out), dynamo=False, **kwargs)
+    except TypeError:  # older torch without the dynamo argument
+        torch.onnx.export(fused, (dummy,), str(out), **kwargs)
+    if meta:
+        import onnx
+
+        proto = onnx.load(str(out))
+        for key in ("mean", "std", "class_names", "palette"):
+            if key in meta:
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(meta[key])
+        onnx.save(proto, str(out))
+    return out
+
+
+def check_onnxruntime(
+    model: torch.nn.Module,
+    path: str | Path,
+    sizes: Sequence[tuple[int, int]],
+    repeats: int = 5,
+) -> list[dict[str, Any]]:
+    """Compare onnxruntime's logits with PyTorch's at each size and time both (median)."""
+    import onnxruntime as ort
+
+    from erfnet.deploy import optimize_for_inference
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    plain = model.cpu().float().eval()
+    fast = optimize_for_inference(plain)
+    rows = []
+    for h, w in sizes:
+        torch.manual_seed(0)
+        x = torch.randn(1, 3, h, w)
+        with torch.inference_mode():
+            ref = plain(x)
+        got = torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+        if got.shape != ref.shape:
+            raise SystemExit(f"error: ONNX output {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
+        ort_s, torch_s = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            session.run(["logits"], {"input": x.numpy()})
+            ort_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                fast(x)
+            torch_s.append(time.perf_counter() - t)
+        rows.append(
+            {
+                "size": f"{h}x{w}",
+                "max_abs_diff": float((got - ref).abs().max()),
+                "max_rel_diff": float((got - ref).abs().max() / ref.abs().max()),
+                "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+                "onnxruntime_ms": statistics.median(ort_s) * 1e3,
+                "torch_fast_ms": statistics.median(torch_s) * 1e3,
+            }
+        )
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="our checkpoint (.pth)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--height", type=int, default=512, help="dummy input height (default 512)")
+    p.add_argument("--width", type=int, default=1024, help="dummy input width (default 1024)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per size for the check")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    args = p.parse_args(argv)
+    if args.opset < MIN_OPSET:
+        p.error(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
+    if args.height < 8 or args.width < 8:
+        p.error(f"--height/--width must be at least 8, got {args.height}x{args.width}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from erfnet.checkpoint import CheckpointError, load_model
+
+    require("onnx")  # fail before loading anything
+    try:
+        model = load_model(args.checkpoint, "cpu")
+    except CheckpointError as e:
+        raise SystemExit(f"error: --checkpoint: {e}") from None
+    t = time.perf_counter()
+    path = export(model, args.out, args.height, args.width, args.opset, getattr(model, "meta", {}))
+    size_mb = path.stat().st_size / 2**20
+    took = time.perf_counter() - t
+    print(f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}) in {took:.1f} s")
+    result: dict[str, Any] = {"path": str(path), "opset": args.opset, "size_mb": size_mb}
+    if args.no_check:
+        return result
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime is not installed: skipped the check (pip install onnxruntime)")
+        return result
+    # A second, odd size shows that height and width are really dynamic.
+    sizes = [(args.height, args.width), (args.height // 2 + 3, args.width // 2 + 5)]
+    result["check"] = check_onnxruntime(model, path, sizes, args.repeats)
+    for r in result["check"]:
+        print(
+            f"{r['size']}: max |onnx - torch| {r['max_abs_diff']:.2e} "
+            f"(relative {r['max_rel_diff']:.2e}), argmax agreement "
+            f"{100 * r['argmax_agreement']:.3f}%, onnxruntime {r['onnxruntime_ms']:.1f} ms vs "
+            f"torch fast {r['torch_fast_ms']:.1f} ms (median of {args.repeats})"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()

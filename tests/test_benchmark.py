@@ -1,0 +1,146 @@
+"""scripts/benchmark.py: FLOP counting against a hand count, and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from erfnet.deploy import fuse_bn
+from erfnet.model import ERFNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"_script_{name}", ROOT / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_script("benchmark")
+
+
+# Hand count, one formula per layer type (a multiply-add counts 2 FLOPs; bias adds not counted):
+#   Conv2d            2 * C_out * C_in / groups * kH * kW * H_out * W_out
+#   ConvTranspose2d   2 * C_in * C_out / groups * kH * kW * H_in * W_in  (each input pixel is
+#                     scattered into a kH x kW window of every output channel)
+#   NonBottleneck1d(C) at H x W: four convs (3x1, 1x3, 3x1 dilated, 1x3 dilated), each
+#                     2 * C * C * 3 * H * W (padding keeps H x W; dilation adds no work)
+#   BN, ReLU, max-pool, concat, add, dropout, bilinear resize: 0 (not multiply-adds)
+def conv_flops(c_in: int, c_out: int, k: int, h_out: int, w_out: int) -> int:
+    return 2 * c_out * c_in * k * h_out * w_out
+
+
+def deconv_flops(c_in: int, c_out: int, k: int, h_in: int, w_in: int) -> int:
+    return 2 * c_in * c_out * k * h_in * w_in
+
+
+def nb_flops(c: int, h: int, w: int) -> int:
+    return 4 * conv_flops(c, c, 3, h, w)
+
+
+def erfnet_hand_flops(h: int, w: int, head: str = "fcn", num_classes: int = 19) -> int:
+    """ERFNet FLOPs for H and W divisible by 8 (every stride-2 layer halves exactly)."""
+    h2, w2, h4, w4, h8, w8 = h // 2, w // 2, h // 4, w // 4, h // 8, w // 8
+    total = conv_flops(3, 13, 9, h2, w2)  # encoder.0 Downsampler 3 -> 16 (conv 3 -> 13)
+    total += conv_flops(16, 48, 9, h4, w4)  # encoder.1 Downsampler 16 -> 64
+    total += 5 * nb_flops(64, h4, w4)  # encoder.2-6
+    total += conv_flops(64, 64, 9, h8, w8)  # encoder.7 Downsampler 64 -> 128
+    total += 8 * nb_flops(128, h8, w8)  # encoder.8-15
+    total += deconv_flops(128, 64, 9, h8, w8)  # decoder.0 Upsampler
+    total += 2 * nb_flops(64, h4, w4)  # decoder.1-2
+    total += deconv_flops(64, 16, 9, h4, w4)  # decoder.3 Upsampler
+    total += 2 * nb_flops(16, h2, w2)  # decoder.4-5
+    if head == "fcn":
+        total += conv_flops(16, 128, 9, h2, w2) + conv_flops(128, num_classes, 1, h2, w2)
+    else:
+        total += deconv_flops(16, num_classes, 4, h2, w2)  # 2x2 transposed conv, stride 2
+    return total
+
+
+def test_hand_count_matches_reference_figure() -> None:
+    # REFERENCE: 29.18 GMAC = 58.4 GFLOP at 512x1024, 116.7 GMAC at 1024x2048.
+    assert abs(erfnet_hand_flops(512, 1024) / 2e9 - 29.18) < 0.01
+    assert abs(erfnet_hand_flops(1024, 2048) / 2e9 - 116.7) < 0.05
+
+
+@pytest.mark.parametrize("head", ["fcn", "deconv"])
+def test_flop_counter_matches_hand_count(head: str) -> None:
+    model = ERFNet(head=head).eval()
+    for h, w in [(32, 64), (48, 80)]:
+        assert benchmark.count_flops(model, (h, w)) == erfnet_hand_flops(h, w, head)
+    assert benchmark.count_flops(model, (32, 64), batch=3) == 3 * erfnet_hand_flops(32, 64, head)
+    # Folding BN changes no convolution.
+    assert benchmark.count_flops(fuse_bn(model), (32, 64)) == erfnet_hand_flops(32, 64, head)
+
+
+def test_parse_size_and_bad_flags() -> None:
+    assert benchmark.parse_size("512x1024") == (512, 1024)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sizes", "5x5"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sizes", "512"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--repeats", "0"])
+    with pytest.raises(SystemExit, match="expected cpu or cuda"):
+        benchmark.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            benchmark.resolve_device("cuda")
+
+
+def test_interleaved_runs_every_function_each_round() -> None:
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = benchmark.interleaved(fns, torch.device("cpu"), repeats=4, warmup=1)
+    assert calls == ["a", "b"] * 5
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+
+
+def test_quick_run_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--device", "cpu",
+        "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
+        "--sections", "flops", "infer", "train", "data",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Inference 32x64, batch 2" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["model"]["params"] == 2_084_095
+    assert res["model"]["flops"]["32x64"] == erfnet_hand_flops(32, 64)
+    assert res["peak_gflops"]["fp32"] > 0
+    infer = res["infer"]
+    variants = {r["variant"] for r in infer}
+    assert {"eager fp32 NCHW", "channels_last", "fused BN", "fast"} <= variants
+    assert {(r["size"], r["batch"]) for r in infer} == {("32x64", 1), ("32x64", 2)}
+    for r in infer:
+        assert r["median_ms"] > 0 and r["images_per_s"] > 0 and r["runs"] == 2
+        if "autocast" not in r["variant"]:  # the fp32 variants are exact
+            assert r["max_abs_diff"] < 1e-3 and r["argmax_agreement"] > 0.999
+    base = [r for r in infer if r["variant"] == "eager fp32 NCHW"]
+    assert all(r["speedup"] == 1.0 for r in base)
+    train = {r["variant"]: r for r in res["train"]}
+    assert set(train) >= {"eager fp32 NCHW", "channels_last"}
+    assert all(r["median_s"] > 0 and r["peak_memory_mb"] > 0 for r in train.values())
+    data = {r["split"]: r for r in res["data"]}
+    assert set(data) == {"train", "val"} and all(r["images_per_s"] > 0 for r in data.values())
+
+
+def test_malloc_child_reports_times(capsys: pytest.CaptureFixture[str]) -> None:
+    benchmark.child_malloc("default", (32, 64), 2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("CHILD ")
+    res = json.loads(line[len("CHILD ") :])
+    assert res["mode"] == "default" and not res["applied"]
+    assert {k: len(v) for k, v in res["times"].items()} == {"eager": 2, "fast": 2}

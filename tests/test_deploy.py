@@ -1,0 +1,187 @@
+"""erfnet.deploy: BatchNorm folding and the fast inference path give the eval model's logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from erfnet.checkpoint import load_model, save_checkpoint
+from erfnet.deploy import (
+    FusedERFNet,
+    fold_bn_into_conv,
+    fuse_bn,
+    optimize_for_inference,
+)
+from erfnet.model import DownsamplerBlock, ERFNet
+
+
+def randomise_bn(model: nn.Module, seed: int = 0, negative: bool = False) -> nn.Module:
+    """Random BN statistics and affine parameters, so folding is not the identity.
+
+    ``negative`` makes some gammas negative (max-pool and a negative scale do not commute).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+                gamma = torch.rand(n, generator=g) + 0.5
+                if negative:
+                    gamma *= torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
+                m.weight.copy_(gamma)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def make_model(head: str = "fcn", seed: int = 0) -> ERFNet:
+    torch.manual_seed(seed)
+    return randomise_bn(ERFNet(head=head), seed, negative=True).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("head", ["fcn", "deconv"])
+@pytest.mark.parametrize("size", [(64, 128), (37, 53)])
+def test_fuse_bn_matches_eval_model(head: str, size: tuple[int, int]) -> None:
+    model = make_model(head)
+    fused = fuse_bn(model)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert out.shape == ref.shape == (2, model.num_classes, *size)
+    assert rel_err(out, ref) < 1e-4
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
+
+
+def test_fuse_bn_removes_bn_and_dropout_and_keeps_source() -> None:
+    model = make_model()
+    model.train()  # the copy must be in eval mode whatever the source's mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_bn(model)
+    kinds = {type(m) for m in fused.modules()}
+    assert not kinds & {nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity}
+    assert not fused.training
+    assert all(not p.requires_grad for p in fused.parameters())
+    assert isinstance(fused, ERFNet) and isinstance(fused, FusedERFNet)
+    assert fused.num_classes == model.num_classes and fused.config == model.config
+    # The source is untouched (still trainable, same weights and statistics).
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # The FCN head's conv had no bias: folding created one.
+    assert fused.head.conv.bias is not None and model.head.conv.bias is None
+
+
+def test_fuse_bn_rejects_other_modules_and_is_idempotent() -> None:
+    with pytest.raises(TypeError, match="ERFNet"):
+        fuse_bn(nn.Conv2d(3, 3, 1))
+    model = make_model()
+    fused = fuse_bn(model)
+    again = fuse_bn(fused)
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), fused(x))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_bn_into_conv(transposed: bool, bias: bool) -> None:
+    torch.manual_seed(0)
+    if transposed:
+        # Different in/out channels: the output channel is dim 1 of the weight.
+        conv = nn.ConvTranspose2d(5, 7, 3, stride=2, padding=1, output_padding=1, bias=bias)
+    else:
+        conv = nn.Conv2d(5, 7, (3, 1), padding=(2, 0), dilation=(2, 1), bias=bias)
+    bn = randomise_bn(nn.BatchNorm2d(7, eps=1e-3), negative=True).eval()
+    fused = fold_bn_into_conv(conv, bn)
+    x = torch.randn(2, 5, 9, 11)
+    with torch.no_grad():
+        assert rel_err(fused(x), bn(conv(x))) < 1e-5
+    assert fused.bias is not None
+    with pytest.raises(ValueError, match="outputs"):
+        fold_bn_into_conv(conv, nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (15, 21)])
+def test_fused_downsampler_with_negative_pool_scale(size: tuple[int, int]) -> None:
+    from erfnet.deploy import FusedDownsampler
+
+    torch.manual_seed(0)
+    block = DownsamplerBlock(16, 64)
+    randomise_bn(block, negative=True).eval()
+    with torch.no_grad():
+        block.bn.weight[16:] = -block.bn.weight[16:].abs()  # every pool channel negative
+        x = torch.randn(2, 16, *size)
+        assert rel_err(FusedDownsampler(block)(x), block(x)) < 1e-5
+
+
+@pytest.mark.parametrize("size", [(64, 128), (75, 141)])
+def test_optimize_for_inference_matches(size: tuple[int, int]) -> None:
+    model = make_model()
+    fast = optimize_for_inference(model)
+    fast.head.rows = 8  # small strips so that the strip path runs (several strips, a short one)
+    assert fast.memory_format == torch.channels_last
+    w = fast.encoder[2].conv3x1_1.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    x = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        ref, out = model(x), fast(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert rel_err(out, ref) < 1e-4
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
+
+
+def test_head_strips_equal_whole_head() -> None:
+    model = make_model()
+    fused = fuse_bn(model)
+    feats = torch.randn(1, 16, 45, 30)
+    with torch.no_grad():
+        whole = fused.head(feats)
+        fused.head.rows = 7
+        strips = fused.head(feats)
+    assert torch.allclose(strips, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_load_model_fast(tmp_path) -> None:
+    model = make_model()
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model)
+    plain = load_model(path)
+    fast = load_model(path, fast=True)
+    assert isinstance(fast, FusedERFNet) and fast.meta == plain.meta
+    x = torch.randn(1, 3, 48, 80)
+    with torch.inference_mode():
+        ref, out = plain(x), fast(x)
+    assert rel_err(out, ref) < 1e-4
+    assert torch.equal(out.argmax(1), model(x).argmax(1))
+
+
+def test_tune_cpu_allocator_keeps_results() -> None:
+    # In a child process: the allocator setting is process-wide.
+    code = (
+        "import platform, sys, torch\n"
+        "from erfnet.deploy import optimize_for_inference, tune_cpu_allocator\n"
+        "from erfnet.model import ERFNet\n"
+        "torch.manual_seed(0)\n"
+        "fast = optimize_for_inference(ERFNet().eval())\n"
+        "x = torch.randn(1, 3, 32, 64)\n"
+        "with torch.inference_mode():\n"
+        "    before = fast(x)\n"
+        "    applied = tune_cpu_allocator()\n"
+        "    after = fast(x)\n"
+        "glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'\n"
+        "assert applied == glibc, (applied, glibc)\n"
+        "assert torch.equal(before, after)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]

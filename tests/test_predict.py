@@ -1,0 +1,110 @@
+"""scripts/predict.py: colour maps and blends for single images and folders, no dataset needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erfnet.checkpoint import save_checkpoint
+from erfnet.labels import TRAIN_ID_TO_COLOR
+from erfnet.model import ERFNet
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "predict.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("_script_predict", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+predict = load_script()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = ERFNet()
+    with torch.no_grad():  # non-trivial BN statistics so the fast path really folds something
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    save_checkpoint(path, model.eval())
+    return path
+
+
+@pytest.fixture()
+def images(synthetic_root: Path, tmp_path: Path) -> Path:
+    """A folder with two synthetic images (64x128), one in a sub-folder."""
+    src = sorted((synthetic_root / "leftImg8bit" / "val").rglob("*.png"))[:2]
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(src[0], folder / "a.png")
+    shutil.copy(src[1], folder / "sub" / "b.png")
+    return folder
+
+
+def run(*args: str) -> list[Path]:
+    return predict.main([*map(str, args), "--device", "cpu"])
+
+
+def test_predict_folder_writes_colour_and_blend(images: Path, checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    written = run(images, "--checkpoint", checkpoint, "--out", out, "--scale", "64", "128")
+    expected = {out / "a_color.png", out / "a_blend.png", out / "sub/b_color.png",
+                out / "sub/b_blend.png"}  # fmt: skip
+    assert set(written) == expected and all(p.is_file() for p in expected)
+    rgb = np.asarray(Image.open(images / "a.png").convert("RGB"))
+    color = np.asarray(Image.open(out / "a_color.png"))
+    blend = np.asarray(Image.open(out / "a_blend.png"))
+    assert color.shape == blend.shape == rgb.shape
+    # Every colour is a class colour, and the blend is half image, half colour.
+    palette = {tuple(c) for c in TRAIN_ID_TO_COLOR[:19].tolist()}
+    assert {tuple(c) for c in color.reshape(-1, 3).tolist()} <= palette
+    mix = 0.5 * rgb.astype(np.float32) + 0.5 * color.astype(np.float32)
+    assert np.abs(blend.astype(np.float32) - mix).max() <= 1.0
+
+
+def test_fast_path_predicts_the_same_classes(images: Path, checkpoint: Path, tmp_path: Path):
+    common = ["--checkpoint", checkpoint, "--scale", "48", "96"]
+    run(images / "a.png", *common, "--out", tmp_path / "fast")
+    run(images / "a.png", *common, "--out", tmp_path / "plain", "--no-fast")
+    fast = np.asarray(Image.open(tmp_path / "fast" / "a_color.png"))
+    plain = np.asarray(Image.open(tmp_path / "plain" / "a_color.png"))
+    assert (fast == plain).all(axis=-1).mean() > 0.999
+
+
+def test_ms_flip_and_cli(images: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ms"
+    cmd = [sys.executable, str(SCRIPT), str(images / "a.png"), "--checkpoint", str(checkpoint),
+           "--out", str(out), "--ms-flip", "--scale", "32", "64", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "a_color.png").is_file() and (out / "a_blend.png").is_file()
+    assert Image.open(out / "a_color.png").size == (128, 64)
+
+
+def test_clear_errors(images: Path, checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no such file"):
+        run(tmp_path / "missing", "--checkpoint", checkpoint, "--out", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        run(tmp_path / "empty", "--checkpoint", checkpoint, "--out", tmp_path / "o")
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        run(images, "--checkpoint", tmp_path / "nope.pth", "--out", tmp_path / "o")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="cannot read image"):
+        run(bad, "--checkpoint", checkpoint, "--out", tmp_path / "o")
