@@ -251,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None
     except DatasetError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
+        print(
+            "error: aborted by a second SIGINT/SIGTERM without saving; --resume continues from"
+            " the last latest.pth",
+            file=sys.stderr,
+        )
+        return 130
     if result.interrupted_by:
         return 128 + int(result.interrupted_by)
     return 0

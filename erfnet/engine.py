@@ -633,14 +633,25 @@ def ensure_synthetic(root: Path) -> Path:
 
 def build_datasets(cfg: TrainConfig, dist_info: DistInfo) -> tuple[Dataset, Dataset, Path]:
     """The augmented train split and the plain val split (resized later by the evaluator)."""
-    from erfnet.data.cityscapes import CityscapesDataset, resolve_data_root
+    from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
     from erfnet.data.transforms import TrainTransform
 
     if cfg.data == "synthetic":
         root = synthetic_root(cfg)
+        if root.exists() and not root.is_dir():
+            raise DatasetError(f"--data-root '{root}' exists and is not a folder")
+        error = [""]
         if dist_info.is_main:
-            ensure_synthetic(root)
-        barrier()
+            try:
+                ensure_synthetic(root)
+            except OSError as e:
+                error[0] = f"cannot create the synthetic dataset in '{root}': {e}"
+        if dist_info.distributed:  # every rank stops with rank 0's error instead of hanging
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise DatasetError(error[0])
     else:
         root = resolve_data_root(cfg.data_root)
     transform = TrainTransform(
@@ -828,10 +839,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_config(cfg)
     device = resolve_device(cfg.device, local_rank_from_env())
     autocast_dtype, use_scaler = _amp_settings(cfg, device)
-    dist_info = init_distributed(device)
     work_dir = Path(cfg.work_dir)  # type: ignore[arg-type]
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(f"--work-dir '{work_dir}' exists and is not a folder")
+    dist_info = init_distributed(device)
     if dist_info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
     handlers = setup_logging(work_dir if dist_info.is_main else None, dist_info.is_main)
     stop = StopFlag()
     stop.install()

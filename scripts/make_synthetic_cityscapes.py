@@ -70,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: nothing to write: --train, --val and --test are all 0")
     if args.root.exists() and not args.root.is_dir():
         raise SystemExit(f"error: --root '{args.root}' exists and is not a folder")
+    if args.root.is_dir() and any(args.root.iterdir()):
+        # The files carry real Cityscapes names: writing into a used folder would overwrite a
+        # real dataset's files or mix two synthetic ones (and leave stale _labelTrainIds.png).
+        raise SystemExit(
+            f"error: --root '{args.root}' is not empty; the synthetic files use real Cityscapes"
+            " names and would overwrite or mix with what is there. Use a new or empty folder."
+        )
     t0 = time.perf_counter()
     try:
         root = make_synthetic_cityscapes(

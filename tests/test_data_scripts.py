@@ -56,3 +56,13 @@ def test_prepare_reports_a_wrong_root(tmp_path: Path):
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert f"use its parent '{tmp_path}'" in r.stderr
+
+
+def test_make_synthetic_refuses_a_non_empty_root(tmp_path: Path):
+    real = tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"a real Cityscapes image")
+    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path), "--train", "1", "--val", "0",
+            "--size", "16x8")  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "not empty" in r.stderr
+    assert real.read_bytes() == b"a real Cityscapes image"

@@ -417,3 +417,28 @@ def test_two_process_ddp_on_cpu(synthetic_root: Path, tmp_path: Path):
     load_model(tmp_path / "best.pth")
     # Rank 0 alone logs: one line per logged iteration.
     assert (tmp_path / "train.log").read_text().count("iter 2/2") == 1
+
+
+def test_bad_device_work_dir_and_synthetic_root_are_clear_errors(tmp_path: Path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = [*TINY, "--data", "synthetic", "--workers", "0"]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--device", "foo", "--work-dir", str(tmp_path / "w")])
+    assert "--device 'foo'" in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--work-dir", str(a_file)])
+    assert exc.value.code == 2 and f"--work-dir '{a_file}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([*base, "--data-root", str(a_file), "--work-dir", str(tmp_path / "w")])
+    msg = str(exc.value.code)
+    assert msg.startswith("error:") and f"--data-root '{a_file}'" in msg
+
+
+def test_second_interrupt_is_one_message_not_a_traceback(monkeypatch, capsys):
+    def abort(cfg):
+        raise KeyboardInterrupt("second SIGINT: aborting")
+
+    monkeypatch.setattr(train_cli, "train", abort)
+    assert train_cli.main(["--data", "synthetic"]) == 130
+    assert capsys.readouterr().err.startswith("error: aborted by a second SIGINT")
