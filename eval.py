@@ -102,6 +102,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --scale H W must be positive, got {args.scale}")
     if args.workers < 0:
         raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
+    # Output paths are checked before the (possibly hours-long) evaluation, not after it.
+    for flag, value in (("--out-dir", args.out_dir), ("--save-color", args.save_color)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise SystemExit(f"error: {flag} {value} is a file, not a folder")
+    if args.json is not None and Path(args.json).is_dir():
+        raise SystemExit(f"error: --json {args.json} is a folder; give a file path")
     if args.out_dir is not None and args.save_color is not None:
         out, color = Path(args.out_dir).resolve(), Path(args.save_color).resolve()
         if out == color or out in color.parents or color in out.parents:
@@ -112,31 +118,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def adapt_normalization(model, meta: dict):
-    """The dataset normalises with MEAN_RGB / STD_RGB; a checkpoint trained with another mean/std
-    (its ``meta``) gets its own normalisation back through one per-channel affine map."""
-    import torch
+    """See ``erfnet.inference.adapt_normalization`` (imported lazily: ``--help`` stays fast)."""
+    from erfnet.inference import adapt_normalization as adapt
 
-    from erfnet.config import MEAN_RGB, STD_RGB
-
-    mean, std = meta.get("mean", MEAN_RGB), meta.get("std", STD_RGB)
-    if list(map(float, mean)) == list(MEAN_RGB) and list(map(float, std)) == list(STD_RGB):
-        return model
-
-    class Renormalized(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model, self.num_classes, self.meta = model, model.num_classes, meta
-            # (x * STD + MEAN - mean) / std = x * a + b
-            a = torch.tensor(STD_RGB, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
-            b = (torch.tensor(MEAN_RGB) - torch.tensor(mean)) / torch.tensor(std)
-            self.register_buffer("a", a.view(1, 3, 1, 1).float())
-            self.register_buffer("b", b.view(1, 3, 1, 1).float())
-
-        def forward(self, x):
-            return self.model(x * self.a + self.b)
-
-    p = next(model.parameters())
-    return Renormalized().to(p.device).eval()
+    return adapt(model, meta)
 
 
 def _clean(e: BaseException) -> str:
@@ -219,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         model = adapt_normalization(model, model.meta)
         root = resolve_data_root(args.data_root)
         try:
-            dataset = CityscapesDataset(root, args.split, EvalTransform(tuple(args.scale)))
+            # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug
+            # does; a first resize to --scale would blur the views above ratio 1.
+            scale = None if args.ms_flip else tuple(args.scale)
+            dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")
             loader = build_eval_loader(dataset, workers=args.workers)

@@ -100,14 +100,20 @@ def unwrap_model(model: torch.nn.Module) -> ERFNet:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read one of our checkpoints safely and check its structure."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from e
+        # torch's own reason ("Unsupported global: ...", "Unsupported operand ...") follows a
+        # generic preamble whose first line suggests weights_only=False: never what we want.
+        text = str(e)
+        start = text.find("Unpickler error:")
+        reason = text[start + len("Unpickler error:") :] if start >= 0 else text
+        reason = " ".join(reason.split("Check the documentation")[0].split())[:300]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         hint = ""
         foreign_prefixes = ("module.", "backbone.", "decode_head.", "encoder.", "decoder.")

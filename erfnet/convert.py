@@ -256,6 +256,8 @@ def load_foreign_checkpoint(path: str | os.PathLike) -> Any:
     weights_only refuses is reported with the globals the file would need.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"input {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise ConversionError(f"input checkpoint not found: {path}")
     allowed = _numpy_scalar_globals()

@@ -67,6 +67,31 @@ def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return rgb.sub_(mean).div_(std)
 
 
+def adapt_normalization(model: nn.Module, meta: dict) -> nn.Module:
+    """``model`` for inputs normalised with MEAN_RGB / STD_RGB (what ``resize_image`` and the
+    dataset assume): a checkpoint trained with another mean/std (its ``meta``, e.g. erfnet_pytorch's
+    0 / 255) gets its own normalisation back through one per-channel affine map."""
+    mean, std = meta.get("mean", MEAN_RGB), meta.get("std", STD_RGB)
+    if list(map(float, mean)) == list(MEAN_RGB) and list(map(float, std)) == list(STD_RGB):
+        return model
+
+    class Renormalized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.num_classes, self.meta = model, model.num_classes, meta
+            # (x * STD + MEAN - mean) / std = x * a + b
+            a = torch.tensor(STD_RGB, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
+            b = (torch.tensor(MEAN_RGB) - torch.tensor(mean)) / torch.tensor(std)
+            self.register_buffer("a", a.view(1, 3, 1, 1).float())
+            self.register_buffer("b", b.view(1, 3, 1, 1).float())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x * self.a + self.b)
+
+    p = next(model.parameters())
+    return Renormalized().to(p.device).eval()
+
+
 # --------------------------------------------------------------------------------------------
 # Forward passes
 # --------------------------------------------------------------------------------------------
@@ -241,7 +266,11 @@ def predict(
     slide_crop: Sequence[int] = RECIPE.slide_crop,
     slide_stride: Sequence[int] = RECIPE.slide_stride,
 ) -> torch.Tensor:
-    """Class map [N, *out_size] (int64) for a normalised image batch [N, 3, h, w]."""
+    """Class map [N, *out_size] (int64) for a normalised image batch [N, 3, h, w].
+
+    Images are normalised with MEAN_RGB / STD_RGB (the resizing assumes it); a model trained
+    with another mean / std (its ``meta``) is wrapped with ``adapt_normalization`` first.
+    """
     kw = dict(
         test_scale=test_scale,
         mode=mode,
@@ -496,6 +525,7 @@ def _write(
 
 __all__ = [
     "MODES",
+    "adapt_normalization",
     "ShardSampler",
     "build_eval_loader",
     "denormalize",

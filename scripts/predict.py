@@ -64,12 +64,14 @@ def color_lut(meta: dict) -> np.ndarray:
     return lut
 
 
-def normalize(rgb: np.ndarray, meta: dict, device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 -> [1, 3, H, W] float32 normalised with the checkpoint's mean / std."""
+def normalize(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """HxWx3 uint8 -> [1, 3, H, W] float32 normalised with MEAN_RGB / STD_RGB, the constants
+    ``erfnet.inference``'s resizing assumes (a checkpoint with its own mean / std is wrapped by
+    ``adapt_normalization``)."""
     from erfnet.config import MEAN_RGB, STD_RGB
 
-    mean = torch.tensor(meta.get("mean", MEAN_RGB), dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(meta.get("std", STD_RGB), dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(STD_RGB, dtype=torch.float32).view(1, 3, 1, 1)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     return ((x - mean) / std).to(device)
 
@@ -112,23 +114,28 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
     from erfnet.checkpoint import CheckpointError, load_model
     from erfnet.distributed import resolve_device
-    from erfnet.inference import predict
+    from erfnet.inference import adapt_normalization, predict
 
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
     device = resolve_device(args.device)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: --out {out_dir} is a file, not a folder")
     try:
         model = load_model(args.checkpoint, device, fast=not args.no_fast)
     except CheckpointError as e:
         raise SystemExit(f"error: --checkpoint: {e}") from None
     meta = getattr(model, "meta", {}) or {}
+    # predict() resizes in 0-255 space assuming MEAN_RGB / STD_RGB; a checkpoint normalised
+    # otherwise (erfnet_pytorch: x / 255) gets its own normalisation inside the model.
+    model = adapt_normalization(model, meta)
     lut = color_lut(meta)
-    out_dir = Path(args.out)
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
         rgb = read_rgb(path)
-        x = normalize(rgb, meta, device)
+        x = normalize(rgb, device)
         pred = predict(model, x, rgb.shape[:2], ms_flip=args.ms_flip, test_scale=args.scale)
         color = lut[pred[0].to("cpu", torch.uint8).numpy()]
         target = out_dir / stem

@@ -164,6 +164,14 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
     ckpt = make_checkpoint(random_model())
     ckpt["meta"]["payload"] = _Evil(marker)
     torch.save(ckpt, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*evil\.pth"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*evil\.pth") as e:
         load_model(tmp_path / "evil.pth")
     assert not marker.exists()
+    # The real reason, not torch's preamble advising the unsafe weights_only=False.
+    msg = str(e.value)
+    assert "Unsupported global" in msg and "weights_only` set to `False" not in msg
+
+
+def test_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
+        load_model(tmp_path)

@@ -482,6 +482,8 @@ def test_garbage_and_missing_files(tmp_path):
         convert_checkpoint(tmp_path / "junk.pth", tmp_path / "out.pth", "mmseg")
     with pytest.raises(ConversionError, match="not found: .*nope.pth"):
         convert_checkpoint(tmp_path / "nope.pth", tmp_path / "out.pth", "mmseg")
+    with pytest.raises(ConversionError, match="is a folder, not a checkpoint file"):
+        convert_checkpoint(tmp_path, tmp_path / "out.pth", "mmseg")
 
 
 def test_script_errors_are_one_line(tmp_path, mmseg_file, capsys):

@@ -242,6 +242,14 @@ def test_clear_errors(tmp_path, synthetic_root, checkpoint):
     assert "empty" in _error([*ck, "--data-root", str(empty), *SCALE, "--workers", "0"])
     with pytest.raises(SystemExit):  # argparse: bad choice
         eval_script.main([*ck, *base, "--mode", "tiles"])
+    # Bad output paths and devices are refused before any evaluation, in one line.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "--out-dir" in _error([*ck, *base, "--out-dir", str(a_file)])
+    assert "--save-color" in _error([*ck, *base, "--save-color", str(a_file)])
+    assert "--json" in _error([*ck, *base, "--json", str(tmp_path)])
+    msg = _error([*ck, *base[:-2], "--device", "gpu"])
+    assert "--device" in msg and "gpu" in msg and "Traceback" not in msg
 
 
 def test_unreadable_image_is_a_clear_error(tmp_path, synthetic_root, checkpoint):
@@ -306,3 +314,23 @@ def test_void_class_checkpoint_scores_void_as_a_miss(tmp_path, val_root):
             assert data["IoU"][name] is None
         else:
             assert data["IoU"][name] == pytest.approx(100 * inter[c] / union[c], abs=1e-9)
+
+
+def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, checkpoint):
+    """mmseg's MultiScaleFlipAug resizes the original image to every ratio x --scale: a ratio-2
+    view of a 32x64 --scale on 64x128 images is the original image, not an upsampled 32x64 copy."""
+    from erfnet.checkpoint import load_model
+    from erfnet.inference import predict
+    from erfnet.labels import TRAIN_ID_TO_ID
+
+    out = tmp_path / "sub"
+    eval_script.main(
+        ["--checkpoint", str(checkpoint), "--data-root", str(val_root), "--scale", "32", "64",
+         "--ms-flip", "--scales", "2.0", "--workers", "0", "--device", "cpu",
+         "--out-dir", str(out)]
+    )  # fmt: skip
+    model = load_model(checkpoint)
+    for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
+        ref = predict(model, item["image"][None], ms_flip=True, scales=[2.0], test_scale=(32, 64))
+        got = np.array(Image.open(out / item["city"] / f"{item['name']}_leftImg8bit.png"))
+        np.testing.assert_array_equal(got, TRAIN_ID_TO_ID[ref[0].numpy().astype(np.uint8)])

@@ -108,3 +108,41 @@ def test_clear_errors(images: Path, checkpoint: Path, tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="cannot read image"):
         run(bad, "--checkpoint", checkpoint, "--out", tmp_path / "o")
+    with pytest.raises(SystemExit, match="--out .* is a file"):
+        run(images, "--checkpoint", checkpoint, "--out", checkpoint)
+    with pytest.raises(SystemExit, match="--device 'gpu'"):
+        predict.main(
+            [str(images), "--checkpoint", str(checkpoint), "--out", "o", "--device", "gpu"]
+        )
+
+
+def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> None:
+    """An erfnet_pytorch-style checkpoint (mean 0, std 255) sees exactly the uint8-resized
+    image / 255, not a copy re-quantised with the Cityscapes mean / std."""
+    import torch.nn.functional as F
+
+    import erfnet.checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path / "ep.pth"
+    meta = {"mean": [0.0] * 3, "std": [255.0] * 3, "void_class": 19}
+    save_checkpoint(path, ERFNet(num_classes=20, head="deconv").eval(), meta=meta)
+    rgb = (np.random.RandomState(0).rand(40, 70, 3) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    seen: list[torch.Tensor] = []
+    real_load = erfnet.checkpoint.load_model
+
+    def load_and_spy(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].clone()))
+        return model
+
+    monkeypatch.setattr(erfnet.checkpoint, "load_model", load_and_spy)
+    run(tmp_path / "img.png", "--checkpoint", path, "--out", tmp_path / "o", "--scale", "32", "64",
+        "--no-fast")  # fmt: skip
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    ref = F.interpolate(x, size=(32, 56), mode="bilinear", align_corners=False).round() / 255
+    assert len(seen) == 1
+    # Equal but for rare exact .5 ties of the rounding, which float noise may send either way.
+    diff = (seen[0] - ref).abs()
+    assert diff.max() <= 1 / 255 + 1e-5 and (diff > 1e-5).float().mean() < 0.01
