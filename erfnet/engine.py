@@ -723,6 +723,37 @@ def _format_eta(seconds: float) -> str:
 TRAINING_KEYS = ("optimizer", "scheduler", "iteration", "sampler")
 
 
+# Settings whose change on --resume alters the run. The first group continues from the
+# checkpoint (the optimizer's and scheduler's saved state win); the rest take the new values.
+RESUME_KEPT = ("lr", "min_lr", "poly_power", "momentum", "weight_decay")
+RESUME_NEW = ("data", "batch_size", "crop_size", "scale", "photometric", "seed", "head")
+
+
+def _warn_changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Say which settings differ from the checkpoint's run, and which of the two applies."""
+
+    def changed(keys: tuple[str, ...]) -> list[str]:
+        return [
+            f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}"
+            for k in keys
+            if k in saved and k in now and saved[k] != now[k]
+        ]
+
+    kept, new = changed(RESUME_KEPT), changed(RESUME_NEW)
+    if kept:
+        log.warning(
+            "resume: %s differ from the checkpoint's run; the checkpoint's values are kept"
+            " (optimizer and schedule state)",
+            ", ".join(kept),
+        )
+    if new:
+        log.warning(
+            "resume: %s differ from the checkpoint's run; the new values apply from here on,"
+            " so the run is no longer the one that was interrupted",
+            ", ".join(new),
+        )
+
+
 def config_to_json(cfg: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -955,6 +986,7 @@ class Trainer:
                 cfg.iters,
             )
             self.scheduler.set_max_iters(cfg.iters)
+        _warn_changed_settings(ckpt.get("args") or {}, config_to_json(cfg))
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])

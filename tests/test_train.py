@@ -442,3 +442,20 @@ def test_second_interrupt_is_one_message_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(train_cli, "train", abort)
     assert train_cli.main(["--data", "synthetic"]) == 130
     assert capsys.readouterr().err.startswith("error: aborted by a second SIGINT")
+
+
+def test_resume_with_changed_settings_says_which_apply(
+    full_run: Path, synthetic_root: Path, tmp_path: Path
+):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(full_run, work)
+    args = [*TINY, "--data-root", str(synthetic_root), "--workers", "0"]
+    args[args.index("--iters") + 1] = "5"
+    r = _run([*args, "--work-dir", str(work), "--resume", "--lr", "0.5", "--seed", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_text = (work / "train.log").read_text()
+    assert "--lr 0.1 -> 0.5" in log_text and "checkpoint's values are kept" in log_text
+    assert "--seed 0 -> 3" in log_text and "new values apply" in log_text
+    assert "--batch-size" not in log_text  # unchanged settings are not reported
