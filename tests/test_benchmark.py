@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts_loader import load_script
 
 from erfnet.deploy import fuse_bn
 from erfnet.model import ERFNet
@@ -17,16 +17,7 @@ from erfnet.model import ERFNet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"_script_{name}", ROOT / "scripts" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = load_script("benchmark")
+benchmark = load_script("scripts/benchmark.py")
 
 
 # Hand count, one formula per layer type (a multiply-add counts 2 FLOPs; bias adds not counted):

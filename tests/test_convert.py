@@ -3,7 +3,6 @@ random weights and BatchNorm statistics, must give the same logits as our conver
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections import OrderedDict
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scripts_loader import load_script
 from torch import nn
 
 from erfnet.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -296,13 +296,6 @@ def ep_file(tmp_path_factory, ep_ref) -> Path:
     return path
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --- equivalence -----------------------------------------------------------------------------
 
 
@@ -487,7 +480,7 @@ def test_garbage_and_missing_files(tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path, mmseg_file, capsys):
-    script = load_script()
+    script = load_script("scripts/convert_checkpoint.py")
     with pytest.raises(SystemExit, match=r"^error: input checkpoint not found: .*missing\.pth$"):
         script.main(["--from", "mmseg", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")])
     with pytest.raises(SystemExit, match="^error: .*--from mmseg"):

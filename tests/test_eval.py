@@ -3,7 +3,6 @@ torchrun equivalence, ms+flip / slide runs, the test-server output and clear err
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts_loader import load_script
 
 from erfnet import ERFNet, save_checkpoint
 from erfnet.data import CityscapesDataset, EvalTransform
@@ -30,14 +30,7 @@ SCALE = ["--scale", "64", "128"]  # the synthetic images' own size: no resize
 EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 
 
-def _load_eval_module():
-    spec = importlib.util.spec_from_file_location("erfnet_eval_script", EVAL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_script = _load_eval_module()
+eval_script = load_script("eval.py")
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:

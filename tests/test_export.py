@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts_loader import load_script
 
 from erfnet.checkpoint import save_checkpoint
 from erfnet.model import ERFNet
@@ -16,15 +17,7 @@ from erfnet.model import ERFNet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    path = ROOT / "scripts" / "export_onnx.py"
-    spec = importlib.util.spec_from_file_location("_script_export_onnx", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_onnx = load_script()
+export_onnx = load_script("scripts/export_onnx.py")
 
 
 def test_missing_package_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts_loader import load_script
 
 from erfnet.checkpoint import save_checkpoint
 from erfnet.labels import TRAIN_ID_TO_COLOR
@@ -21,14 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "predict.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("_script_predict", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-predict = load_script()
+predict = load_script("scripts/predict.py")
 
 
 @pytest.fixture(scope="module")

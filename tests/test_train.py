@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scripts_loader import load_script
 
 from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
@@ -62,15 +62,7 @@ TINY = [
 ]
 
 
-def _load_cli():
-    """train.py as a module (it lives beside the package, not inside it)."""
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_cli = _load_cli()
+train_cli = load_script("train.py")
 
 
 def _env(**extra: str) -> dict[str, str]:
