@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from erfnet.checkpoint import CheckpointError, load_model
     from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
     from erfnet.distributed import (
+        DeviceError,
         cleanup_distributed,
         init_distributed,
         local_rank_from_env,
@@ -180,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     from erfnet.labels import CLASS_NAMES
     from erfnet.metrics import format_table
 
-    device = resolve_device(args.device, local_rank_from_env())
+    try:
+        device = resolve_device(args.device, local_rank_from_env())
+    except DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     info = init_distributed(device)
     try:
         if args.amp and device.type != "cuda" and info.is_main:

@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """A ``--device`` that this machine does not have; the message names the flag."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process stands: rank 0 of 1 when not launched by torchrun."""
@@ -27,23 +31,26 @@ class DistInfo:
 
 
 def resolve_device(name: str | None = None, local_rank: int = 0) -> torch.device:
-    """``--device`` to a torch.device; ``None`` or ``"auto"`` picks this process's GPU if any."""
+    """``--device`` to a torch.device; ``None`` or ``"auto"`` picks this process's GPU if any.
+
+    Raises ``DeviceError`` for a name that is not a device or a GPU this machine lacks.
+    """
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(
-            f"error: --device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        raise DeviceError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
         ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+            raise DeviceError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise SystemExit(
-                f"error: --device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
+            raise DeviceError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
                 f" (cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
         torch.cuda.set_device(device)

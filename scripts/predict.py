@@ -113,13 +113,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     from tqdm import tqdm
 
     from erfnet.checkpoint import CheckpointError, load_model
-    from erfnet.distributed import resolve_device
+    from erfnet.distributed import DeviceError, resolve_device
     from erfnet.inference import adapt_normalization, predict
 
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise SystemExit(f"error: --out {out_dir} is a file, not a folder")
