@@ -11,245 +11,510 @@ latest.pth; continue with --resume), 1 on an error, 2 for bad flags.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import signal
 import sys
+import time
+from argparse import Namespace
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
-from erfnet.checkpoint import CheckpointError
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
-from erfnet.data.cityscapes import DatasetError
-from erfnet.engine import (
-    RECIPE_DEFAULTS,
-    SYNTHETIC_PRESET,
-    ConfigError,
-    TrainConfig,
-    TrainingError,
-    train,
+from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
+from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
+from erfnet.data.transforms import TrainTransform
+from erfnet.distributed import (
+    DeviceError,
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    local_rank_from_env,
+    resolve_device,
 )
+from erfnet.engine import (
+    ConfigError,
+    Criterion,
+    PolyLR,
+    StopFlag,
+    TrainingError,
+    amp_settings,
+    fault_signal_from_env,
+    mean_over_ranks,
+    train_step,
+)
+from erfnet.inference import build_eval_loader, evaluate
+from erfnet.logs import (
+    LossWindow,
+    close_logging,
+    log,
+    log_predictions,
+    log_training,
+    log_validation,
+    open_tensorboard,
+    setup_logging,
+)
+from erfnet.model import ERFNet
+from erfnet.resume import (
+    build_train_loader,
+    load_training_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_training_state,
+    seed_iteration,
+    settings_json,
+    training_state,
+)
+
+# ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
+# `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
+# recipe's 512x1024 crops would take hours). Each value applies only where its flag is not given.
+SYNTHETIC_PRESET: dict[str, Any] = {
+    "iters": 800,
+    "batch_size": 8,
+    "lr": 0.1,
+    "crop_size": (64, 128),
+    "scale": (128, 256),
+    "val_interval": 200,
+    "ckpt_interval": 400,
+}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default, except where the help text already explains a computed one."""
+    """Shows every default, except where the help text already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None and action.help and "default" in action.help:
+        if action.help and "(default" in action.help:
             return action.help
         return super()._get_help_string(action)
 
 
-def _size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer size, got {text!r}") from None
-    return value
-
-
-def _preset(key: str) -> str:
+def _preset(key: str, recipe_value: Any) -> str:
     """'(default: <recipe value>; synthetic: <quick-start value>)' for a help text."""
 
-    def show(v: object) -> str:
+    def show(v: Any) -> str:
         return " ".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
-    return f"(default: {show(RECIPE_DEFAULTS[key])}; synthetic: {show(SYNTHETIC_PRESET[key])})"
+    return f"(default: {show(recipe_value)}; synthetic: {show(SYNTHETIC_PRESET[key])})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+def get_args_parser() -> argparse.ArgumentParser:
+    r = RECIPE
     p = argparse.ArgumentParser(
         prog="train.py",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=_HelpFormatter,
     )
+    # fmt: off
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        choices=("cityscapes", "synthetic"),
-        default=d.data,
-        help="dataset: Cityscapes (gtFine) or a synthetic Cityscapes made on demand",
-    )
-    g.add_argument(
-        "--data-root",
-        metavar="DIR",
-        default=None,
-        help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes);"
-        " for --data synthetic the folder to create/use (default: a cache folder,"
-        " ~/.cache/erfnet/synthetic-...)",
-    )
-    g.add_argument(
-        "--crop-size",
-        nargs=2,
-        type=_size,
-        metavar=("H", "W"),
-        default=None,
-        help=f"random crop {_preset('crop_size')}",
-    )
-    g.add_argument(
-        "--scale",
-        nargs=2,
-        type=_size,
-        metavar=("H", "W"),
-        default=None,
-        help="base size of the random resize (ratio"
-        f" {RECIPE.ratio_range[0]}-{RECIPE.ratio_range[1]}), also the validation resize"
-        f" {_preset('scale')}",
-    )
-    g.add_argument(
-        "--photometric",
-        action=argparse.BooleanOptionalAction,
-        default=d.photometric,
-        help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)",
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        default=d.workers,
-        help="DataLoader worker processes per training process (default: min(4, CPU cores))",
-    )
+    g.add_argument("--data", choices=("cityscapes", "synthetic"), default="cityscapes",
+                   help="dataset: Cityscapes (gtFine) or a synthetic Cityscapes made on demand")
+    g.add_argument("--data-root", metavar="DIR", default=None,
+                   help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes);"
+                   " for --data synthetic the folder to create/use (default: a cache folder,"
+                   " ~/.cache/erfnet/synthetic-...)")
+    g.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"), default=r.crop_size,
+                   help=f"random crop {_preset('crop_size', r.crop_size)}")
+    g.add_argument("--scale", nargs=2, type=int, metavar=("H", "W"), default=r.scale,
+                   help=f"base size of the random resize (ratio {r.ratio_range[0]}-"
+                   f"{r.ratio_range[1]}), also the validation resize {_preset('scale', r.scale)}")
+    g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
+                   help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
+    g.add_argument("--workers", type=int, metavar="N", default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes per training process"
+                   " (default: min(4, CPU cores))")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument(
-        "--iters",
-        type=int,
-        metavar="N",
-        default=None,
-        help=f"training iterations {_preset('iters')}",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        default=None,
-        help="images per process and iteration; the recipe's total is"
-        f" {RECIPE.batch_size_per_gpu} x {RECIPE.reference_gpus} GPUs"
-        f" {_preset('batch_size')}",
-    )
-    g.add_argument("--lr", type=float, default=None, help=f"SGD base learning rate {_preset('lr')}")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="the poly schedule's final lr")
-    g.add_argument("--poly-power", type=float, default=d.poly_power, help="poly schedule power")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed of weights, data order, augmentation and dropout",
-    )
-    g.add_argument(
-        "--head",
-        choices=("fcn", "deconv"),
-        default=d.head,
-        help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output",
-    )
+    g.add_argument("--iters", type=int, metavar="N", default=r.iters,
+                   help=f"training iterations {_preset('iters', r.iters)}")
+    g.add_argument("--batch-size", type=int, metavar="N", default=r.batch_size_per_gpu,
+                   help="images per process and iteration; the recipe's total is"
+                   f" {r.batch_size_per_gpu} x {r.reference_gpus} GPUs"
+                   f" {_preset('batch_size', r.batch_size_per_gpu)}")
+    g.add_argument("--lr", type=float, default=r.lr,
+                   help=f"SGD base learning rate {_preset('lr', r.lr)}")
+    g.add_argument("--momentum", type=float, default=r.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="SGD weight decay")
+    g.add_argument("--min-lr", type=float, default=r.min_lr, help="the poly schedule's final lr")
+    g.add_argument("--poly-power", type=float, default=r.poly_power, help="poly schedule power")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of weights, data order, augmentation and dropout")
+    g.add_argument("--head", choices=("fcn", "deconv"), default="fcn",
+                   help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
 
     g = p.add_argument_group("speed")
-    g.add_argument(
-        "--device",
-        default=d.device,
-        help="auto (this process's GPU if any, else cpu), cpu, cuda, cuda:N",
-    )
-    g.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mixed precision (default: on for CUDA with fp16 autocast + GradScaler,"
-        " off on the CPU; --amp on the CPU means bf16 autocast)",
-    )
-    g.add_argument(
-        "--amp-dtype",
-        choices=("auto", "float16", "bfloat16"),
-        default=d.amp_dtype,
-        help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU",
-    )
+    g.add_argument("--device", default="auto",
+                   help="auto (this process's GPU if any, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA with fp16 autocast + GradScaler,"
+                   " off on the CPU; --amp on the CPU means bf16 autocast)")
+    g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                   help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("outputs and checkpoints")
-    g.add_argument(
-        "--work-dir",
-        metavar="DIR",
-        default=None,
-        help="outputs: latest.pth, best.pth, iter_<N>.pth, train.log, args.json,"
-        " tensorboard/ (default: work_dirs/erfnet_<data>)",
-    )
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="PATH",
-        help="continue a run: from PATH, or without PATH from the work dir's"
-        " latest.pth (default: start a new run)",
-    )
-    g.add_argument(
-        "--val-interval",
-        type=int,
-        metavar="N",
-        default=None,
-        help=f"validate (single scale) every N iterations and at the end {_preset('val_interval')}",
-    )
-    g.add_argument(
-        "--ckpt-interval",
-        type=int,
-        metavar="N",
-        default=None,
-        help=f"write iter_<N>.pth every N iterations {_preset('ckpt_interval')}",
-    )
-    g.add_argument(
-        "--keep-ckpts",
-        type=int,
-        metavar="K",
-        default=d.keep_ckpts,
-        help="keep only the newest K iter_<N>.pth files (0 keeps all)",
-    )
-    g.add_argument(
-        "--log-interval",
-        type=int,
-        metavar="N",
-        default=d.log_interval,
-        help="log the mean loss to train.log and TensorBoard every N iterations",
-    )
-    g.add_argument(
-        "--num-vis",
-        type=int,
-        metavar="N",
-        default=d.num_vis,
-        help="val images whose predictions go to TensorBoard at each validation",
-    )
-    g.add_argument(
-        "--max-nonfinite",
-        type=int,
-        metavar="N",
-        default=d.max_nonfinite,
-        help="stop after N consecutive iterations with a non-finite loss",
-    )
-    g.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="tqdm progress bars on rank 0 (the log reports progress either way)",
-    )
+    g.add_argument("--work-dir", metavar="DIR", default=None,
+                   help="outputs: latest.pth, best.pth, iter_<N>.pth, train.log, args.json,"
+                   " tensorboard/ (default: work_dirs/erfnet_<data>)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue a run: from PATH, or without PATH from the work dir's"
+                   " latest.pth (default: start a new run)")
+    g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
+                   help="validate (single scale) every N iterations and at the end"
+                   f" {_preset('val_interval', r.val_interval)}")
+    g.add_argument("--ckpt-interval", type=int, metavar="N", default=r.ckpt_interval,
+                   help="write iter_<N>.pth every N iterations"
+                   f" {_preset('ckpt_interval', r.ckpt_interval)}")
+    g.add_argument("--keep-ckpts", type=int, metavar="K", default=0,
+                   help="keep only the newest K iter_<N>.pth files (0 keeps all)")
+    g.add_argument("--log-interval", type=int, metavar="N", default=50,
+                   help="log the mean loss to train.log and TensorBoard every N iterations")
+    g.add_argument("--num-vis", type=int, metavar="N", default=4,
+                   help="val images whose predictions go to TensorBoard at each validation")
+    g.add_argument("--max-nonfinite", type=int, metavar="N", default=20,
+                   help="stop after N consecutive iterations with a non-finite loss")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bars on rank 0 (the log reports progress either way)")
+    # fmt: on
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = vars(args).copy()
-    for key in ("crop_size", "scale"):
-        if values[key] is not None:
-            values[key] = tuple(values[key])
-    return TrainConfig(**values)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Namespace:
+    """The flags, with the synthetic preset for --data synthetic, checked."""
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    if args.data == "synthetic":  # the quick-start preset, under any flag given explicitly
+        parser.set_defaults(**SYNTHETIC_PRESET)
+        args = parser.parse_args(argv)
+    if args.work_dir is None:
+        args.work_dir = str(Path("work_dirs") / f"erfnet_{args.data}")
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
+    """What argparse cannot check; ``parser.error`` (exit status 2) names the flag."""
+    for flag in ("iters", "batch_size", "val_interval", "ckpt_interval", "log_interval",
+                 "max_nonfinite"):  # fmt: skip
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got"
+                         f" {getattr(args, flag)}")  # fmt: skip
+    for flag in ("workers", "keep_ckpts", "num_vis", "seed"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
+        if min(size) < 8:
+            parser.error(f"{flag} takes H W, each at least 8, got {list(size)}")
+    (ch, cw), (sh, sw) = args.crop_size, args.scale
+    if ch > sh or cw > sw:
+        parser.error(f"--crop-size {ch} {cw} is larger than --scale {sh} {sw}: the crop must fit"
+                     " in the resize base size (H W)")  # fmt: skip
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not (0 <= args.min_lr <= args.lr):
+        parser.error(f"--min-lr must be in [0, --lr={args.lr}], got {args.min_lr}")
+    if not (0 <= args.momentum < 1):
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not (args.poly_power > 0):
+        parser.error(f"--poly-power must be positive, got {args.poly_power}")
+    if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
+
+
+def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]:
+    """The augmented train split and the plain val split (the evaluator resizes it to --scale).
+
+    A dataset exposes ``classes`` (names), ``palette`` (RGB per class) and ``ignore_index``; the
+    model, the loss, validation and the checkpoint meta take them from the train split. To train
+    on other data, return your own datasets here (items: ``image`` float [3, H, W] normalised,
+    ``label`` int64 [H, W]).
+    """
+    if args.data == "synthetic":
+        root = Path(args.data_root) if args.data_root else synthetic_cache_root()
+        make_synthetic_on_rank0(root, dist_info)
+    else:
+        root = resolve_data_root(args.data_root)
+    transform = TrainTransform(
+        crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
+    )
+    return CityscapesDataset(root, "train", transform=transform), CityscapesDataset(root, "val")
+
+
+def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
+    """Rank 0 creates the synthetic dataset on first use; every rank stops on its error."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"--data-root '{root}' exists and is not a folder")
+    error = [""]
+    if dist_info.is_main:
+        try:
+            if not (root.exists() and any(root.iterdir())):
+                log.info("creating the synthetic dataset in %s", root)
+            ensure_synthetic_cityscapes(root)
+        except OSError as e:
+            error[0] = f"cannot create the synthetic dataset in '{root}': {e}"
+    if dist_info.distributed:  # the others wait for rank 0, and stop with its error
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise DatasetError(error[0])
+
+
+def get_criterion(ignore_index: int) -> Criterion:
+    """mmseg's CrossEntropyLoss (no class weights): the mean over labelled pixels."""
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+    return criterion
+
+
+def main(args: Namespace) -> int:
+    """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
+    fault_signal = fault_signal_from_env()  # tests only: a signal to ourselves at iteration K
+    device = resolve_device(args.device, local_rank_from_env())
+    autocast_dtype, use_scaler = amp_settings(device, args.amp, args.amp_dtype)
+    work_dir = Path(args.work_dir)
+    dist_info = init_distributed(device)
+    is_main = dist_info.is_main
+    with ExitStack() as cleanup:
+        cleanup.callback(cleanup_distributed)
+        if is_main:
+            try:
+                work_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                msg = f"--work-dir '{work_dir}': cannot create it ({e.strerror})"
+                raise ConfigError(msg) from None
+        cleanup.callback(close_logging, setup_logging(work_dir if is_main else None, is_main))
+        stop = StopFlag()  # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
+        stop.install()
+        cleanup.callback(stop.restore)
+
+        resume_path = resolve_resume(args.resume, work_dir)
+        train_set, val_set = get_dataset(args, dist_info)
+        meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
+        ckpt = load_training_checkpoint(resume_path, model) if resume_path else None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        if dist_info.distributed and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist_info.distributed:
+            log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
+        # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths;
+        # scripts/benchmark.py measures 1.2-1.5x per training iteration on a 2-core CPU).
+        model.to(device, memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+        scheduler = PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        start, best_miou, consumed = 0, -1.0, 0
+        if ckpt is not None:
+            start, best_miou, consumed = restore_training_state(
+                ckpt, optimizer=optimizer, scheduler=scheduler, scaler=scaler, args=args,
+                dataset_size=len(train_set), world_size=dist_info.world_size,
+            )  # fmt: skip
+            log.info("resumed from %s at iteration %d (best mIoU %.2f)", resume_path, start,
+                     best_miou)  # fmt: skip
+        train_model: nn.Module = model
+        if dist_info.distributed:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if args.compile:
+            train_model = torch.compile(train_model)
+        criterion = get_criterion(meta["ignore_index"])
+
+        if is_main:
+            write_args(args, work_dir, train_set, val_set, device, dist_info, autocast_dtype,
+                       resume_path)  # fmt: skip
+        loader, sampler = build_train_loader(
+            train_set, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+            rank=dist_info.rank, world_size=dist_info.world_size, start_samples=consumed,
+            start_iter=start, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        val_loader = build_eval_loader(
+            val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
+        )
+        writer = open_tensorboard(work_dir, start) if is_main else None
+        if writer is not None:
+            cleanup.callback(writer.close)
+
+        def save(name: str, full: bool = True, **extra_meta: Any) -> None:
+            """Rank 0 writes ``work_dir/name``: the weights and meta, and (``full``) all that
+            --resume needs."""
+            if not is_main:
+                return
+            state = {}
+            if full:
+                state = training_state(optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                       sampler=sampler, consumed=consumed, args=args)  # fmt: skip
+            ckpt_meta = {**meta, "iteration": done, **extra_meta}
+            out = make_checkpoint(model, ckpt_meta, iteration=done, best_miou=best_miou, **state)
+            atomic_save(out, work_dir / name)
+
+        if start >= args.iters:
+            log.info("nothing to do: the checkpoint is at iteration %d of --iters %d", start,
+                     args.iters)  # fmt: skip
+            return 0
+        log.info(
+            "training for %d iterations (from %d), batch %d x %d process(es), lr %g, amp %s, on %s",
+            args.iters, start, args.batch_size, dist_info.world_size, args.lr, autocast_dtype,
+            device,
+        )  # fmt: skip
+        progress = None
+        if is_main and args.progress:
+            progress = tqdm(total=args.iters, initial=start, unit="it", desc="train",
+                            dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+            cleanup.callback(progress.close)
+        model.train()
+        data_iter = iter(loader)
+        window = LossWindow()  # the losses since the last log line
+        last_miou: float | None = None
+        nonfinite = 0  # consecutive iterations with a non-finite loss
+        for iteration in range(start, args.iters):
+            seed_iteration(args.seed, dist_info.rank, iteration)  # dropout: a function of these
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            window.data_time += time.perf_counter() - t0
+            images = batch["image"].to(device, non_blocking=True)
+            images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"].to(device, non_blocking=True)
+            lr = optimizer.param_groups[0]["lr"]
+            loss = train_step(
+                train_model, images, labels, optimizer, scaler, criterion=criterion,
+                autocast_dtype=autocast_dtype,
+                reduce=mean_over_ranks if dist_info.distributed else None,
+            )  # fmt: skip
+            scheduler.step()
+            consumed += args.batch_size
+            done = iteration + 1  # iterations completed: what logs and checkpoints count
+
+            if math.isfinite(loss):
+                nonfinite = 0
+                window.add(loss)
+            else:  # the step was skipped
+                nonfinite += 1
+                log.warning("iteration %d: non-finite loss (%s), step skipped (%d in a row)",
+                            done, loss, nonfinite)  # fmt: skip
+                if nonfinite >= args.max_nonfinite:
+                    raise TrainingError(
+                        f"the loss was non-finite for {nonfinite} consecutive iterations (last at"
+                        f" iteration {done}); stopping. The last good checkpoint is"
+                        f" {work_dir / 'latest.pth'} (if one was written). Try a lower --lr or"
+                        " --no-amp, and check the data."
+                    )
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            last = done == args.iters
+            if done % args.log_interval == 0 or last:
+                log_training(window, writer, iteration=done, first=start, iters=args.iters,
+                             log_interval=args.log_interval, lr=lr, device=device)  # fmt: skip
+
+            do_val = done % args.val_interval == 0 or last
+            do_ckpt = done % args.ckpt_interval == 0
+            if do_val:  # single scale, every rank takes part, rank 0 logs
+                metrics = evaluate(
+                    model, val_loader, device, num_classes=len(meta["class_names"]),
+                    test_scale=tuple(args.scale), progress=args.progress,
+                    amp=autocast_dtype == torch.float16 and device.type == "cuda",
+                )  # fmt: skip
+                last_miou = float(metrics["mIoU"])
+                if is_main:
+                    log_validation(metrics, meta["class_names"], done, writer)
+                if writer is not None:
+                    if args.num_vis:
+                        log_predictions(writer, model, val_set, num=args.num_vis,
+                                        palette=meta["palette"], test_scale=tuple(args.scale),
+                                        device=device, step=done)  # fmt: skip
+                    writer.flush()
+                if last_miou > best_miou:
+                    best_miou = last_miou
+                    save("best.pth", full=False, mIoU=last_miou)
+                    log.info("new best mIoU %.2f: best.pth", last_miou)
+            if nonfinite and (do_ckpt or do_val or last):
+                # BN statistics may hold NaNs now: keep the last good checkpoint.
+                log.warning("iteration %d: no checkpoint during non-finite losses", done)
+            elif do_ckpt or do_val or last:
+                if do_ckpt:
+                    save(f"iter_{done}.pth")
+                    if is_main:
+                        prune_checkpoints(work_dir, args.keep_ckpts)
+                save("latest.pth")
+
+            if fault_signal is not None and done == fault_signal[1]:
+                os.kill(os.getpid(), fault_signal[0])
+            if stop.requested(device if dist_info.distributed else None) and not last:
+                if not nonfinite:
+                    save("latest.pth")
+                log.warning("stopped by %s at iteration %d; latest.pth saved. Continue with"
+                            " --resume.", stop.name(), done)  # fmt: skip
+                if progress is not None:
+                    progress.close()
+                barrier()
+                return 128 + (stop.signum or signal.SIGTERM)  # SIGTERM: another rank's
+        if progress is not None:
+            progress.close()
+        barrier()
+        log.info(
+            "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+            args.iters, best_miou, last_miou if last_miou is not None else float("nan"), work_dir,
+        )  # fmt: skip
+    return 0
+
+
+def write_args(
+    args: Namespace,
+    work_dir: Path,
+    train_set: Dataset,
+    val_set: Dataset,
+    device: torch.device,
+    dist_info: DistInfo,
+    autocast_dtype: torch.dtype | None,
+    resume_path: Path | None,
+) -> None:
+    """args.json: the flags as resolved, plus where and how this run trains."""
+    data_root = getattr(train_set, "root", args.data_root)
+    settings = settings_json(args)
+    settings.update(
+        data_root=str(data_root),
+        device=str(device),
+        world_size=dist_info.world_size,
+        total_batch_size=args.batch_size * dist_info.world_size,
+        amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+        resumed_from=str(resume_path) if resume_path else None,
+    )
+    (work_dir / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    log.info("run settings: %s", json.dumps(settings))
+    log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: flags, the run, and its exit status (see the module docstring)."""
+    parser = get_args_parser()
+    args = parse_args(parser, argv)
     try:
-        result = train(cfg)
+        return main(args)
     except ConfigError as e:
         parser.error(str(e))
-    except (CheckpointError, TrainingError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except DatasetError as e:
+    except (CheckpointError, DatasetError, DeviceError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(
@@ -258,10 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    if result.interrupted_by:
-        return 128 + int(result.interrupted_by)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -4,7 +4,7 @@
         "format": "erfnet-v1",
         "model": state_dict,
         "model_args": ERFNet constructor arguments,
-        "meta": {"class_names", "palette", "mean", "std", ...},
+        "meta": {"class_names", "palette", "ignore_index", "mean", "std", ...},
         # training checkpoints add: "optimizer", "scaler", "scheduler", "iteration",
         # "best_miou", "rng", "sampler", "args"
     }
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet
 
@@ -32,15 +32,41 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
-def default_meta(num_classes: int) -> dict[str, Any]:
-    """Class names, palette and normalisation stored beside the weights."""
-    names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else None
-    if names is None:
-        names = [f"class_{i}" for i in range(num_classes)]
-        names[: len(CLASS_NAMES)] = CLASS_NAMES[:num_classes]
+def dataset_meta(dataset: Any) -> dict[str, Any]:
+    """The meta a model trained on ``dataset`` carries: its classes, palette and ignore index.
+
+    ``dataset`` exposes ``classes`` (names), ``palette`` (one RGB triple per class) and
+    ``ignore_index``; ``mean`` / ``std`` (0-255 scale, RGB) where it has them, else the
+    ImageNet statistics every built-in pipeline normalises with.
+    """
+    classes, palette = list(dataset.classes), [list(c) for c in dataset.palette]
+    if len(palette) != len(classes):
+        raise ValueError(f"the dataset has {len(classes)} classes but {len(palette)} colours")
+    return {
+        "class_names": [str(n) for n in classes],
+        "palette": [[int(v) for v in c] for c in palette],
+        "ignore_index": int(dataset.ignore_index),
+        "mean": list(getattr(dataset, "mean", MEAN_RGB)),
+        "std": list(getattr(dataset, "std", STD_RGB)),
+    }
+
+
+def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
+    """Cityscapes' meta for checkpoints made without a dataset (the converters).
+
+    Models with more outputs than the 19 classes get ``class_<i>`` / black for the extra ones.
+    """
+    names = list(CLASS_NAMES[:num_classes])
+    names += [f"class_{i}" for i in range(len(names), num_classes)]
     palette = [list(c) for c in PALETTE][:num_classes]
     palette += [[0, 0, 0]] * (num_classes - len(palette))
-    return {"class_names": names, "palette": palette, "mean": list(MEAN_RGB), "std": list(STD_RGB)}
+    return {
+        "class_names": names,
+        "palette": palette,
+        "ignore_index": IGNORE_INDEX,
+        "mean": list(MEAN_RGB),
+        "std": list(STD_RGB),
+    }
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -68,7 +94,9 @@ def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: 
     """The checkpoint dict for ``model`` (unwrapped from DDP / torch.compile if needed)."""
     model = unwrap_model(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    full_meta = default_meta(model.num_classes)
+    # The normalisation always; class names and colours only where the caller knows them
+    # (``dataset_meta``): a checkpoint never claims classes it was not trained on.
+    full_meta: dict[str, Any] = {"mean": list(MEAN_RGB), "std": list(STD_RGB)}
     full_meta.update(meta or {})
     return {
         "format": FORMAT,
@@ -174,7 +202,7 @@ def load_model(
     """
     ckpt = load_checkpoint(path)
     model = build_model_from_checkpoint(ckpt, path).to(device).eval()
-    model.meta = ckpt.get("meta", default_meta(model.num_classes))
+    model.meta = {"mean": list(MEAN_RGB), "std": list(STD_RGB), **(ckpt.get("meta") or {})}
     if fast:
         from erfnet.deploy import optimize_for_inference
 

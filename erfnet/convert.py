@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erfnet.checkpoint import FORMAT, default_meta, save_checkpoint
+from erfnet.checkpoint import FORMAT, cityscapes_meta, save_checkpoint
 from erfnet.config import NUM_CLASSES
 from erfnet.model import ERFNet
 
@@ -302,7 +302,7 @@ def _plain_meta(meta: Any) -> dict[str, Any]:
 
 
 def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[str, Any]:
-    meta = default_meta(num_classes)
+    meta = cityscapes_meta(num_classes)
     meta.update({"source": source, "source_file": in_path.name})
     if source == "mmseg":
         foreign_meta = raw.get("meta") if isinstance(raw, dict) else None

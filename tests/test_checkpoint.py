@@ -13,12 +13,15 @@ import erfnet
 from erfnet.checkpoint import (
     CheckpointError,
     atomic_save,
+    cityscapes_meta,
+    dataset_meta,
     load_checkpoint,
     load_model,
     make_checkpoint,
     save_checkpoint,
 )
 from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet
 
@@ -43,7 +46,10 @@ def files_in(folder: Path) -> list[str]:
 def test_round_trip_identical_outputs(tmp_path, kwargs):
     model = random_model(**kwargs)
     path = tmp_path / "m.pth"
-    save_checkpoint(path, model, meta={"note": "hello"}, iteration=7)
+    names = [f"class_{i}" for i in range(model.num_classes)]
+    palette = [[i, 2 * i, 3 * i] for i in range(model.num_classes)]
+    meta = {"class_names": names, "palette": palette, "note": "hello"}
+    save_checkpoint(path, model, meta=meta, iteration=7)
     loaded = erfnet.load_model(path)
     assert not loaded.training
     assert loaded.config == model.config
@@ -54,10 +60,23 @@ def test_round_trip_identical_outputs(tmp_path, kwargs):
         assert torch.equal(loaded.state_dict()[k], v), k
     assert loaded.meta["note"] == "hello"
     assert loaded.meta["mean"] == list(MEAN_RGB) and loaded.meta["std"] == list(STD_RGB)
-    assert loaded.meta["class_names"][:19] == list(CLASS_NAMES)
-    assert len(loaded.meta["palette"]) == model.num_classes
+    assert loaded.meta["class_names"] == names and loaded.meta["palette"] == palette
     ckpt = load_checkpoint(path)
     assert ckpt["format"] == "erfnet-v1" and ckpt["iteration"] == 7
+
+
+def test_meta_comes_from_the_dataset_never_invented(tmp_path, synthetic_root):
+    save_checkpoint(tmp_path / "m.pth", ERFNet(num_classes=5))
+    meta = erfnet.load_model(tmp_path / "m.pth").meta
+    assert "class_names" not in meta and "palette" not in meta
+    assert meta["mean"] == list(MEAN_RGB) and meta["std"] == list(STD_RGB)
+    city = dataset_meta(CityscapesDataset(synthetic_root, "val"))
+    assert city["class_names"] == list(CLASS_NAMES) and len(city["palette"]) == 19
+    assert city["ignore_index"] == 255 and city == cityscapes_meta()
+    # The converters' explicit Cityscapes meta, for a model with one extra output.
+    wide = cityscapes_meta(20)
+    assert wide["class_names"][:19] == list(CLASS_NAMES) and wide["class_names"][19] == "class_19"
+    assert len(wide["palette"]) == 20 and wide["palette"][19] == [0, 0, 0]
 
 
 def test_atomic_write_leaves_only_the_file(tmp_path):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_png, read_file
 
 from erfnet.config import IGNORE_INDEX, NUM_CLASSES
-from erfnet.labels import ID_TO_TRAIN_ID, VALID_LABEL_IDS
+from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, VALID_LABEL_IDS
 
 ENV_VAR = "CITYSCAPES_DATASET"
 DEFAULT_ROOT = "data/cityscapes"
@@ -238,7 +238,14 @@ class CityscapesDataset(Dataset):
     ``ori_size`` int64 [2] = the image's (H, W) on disk. ``transform`` is a joint callable
     (uint8 image [3,H,W], uint8 trainIds [H,W] or None) -> (float image, int64 label or None),
     e.g. ``TrainTransform()`` or ``EvalTransform()``; None only normalises.
+
+    ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated classes
+    of ``erfnet.labels``); training takes the model's class count and checkpoint meta from them.
     """
+
+    classes: tuple[str, ...] = CLASS_NAMES
+    palette: tuple[tuple[int, int, int], ...] = PALETTE
+    ignore_index: int = IGNORE_INDEX
 
     def __init__(
         self,

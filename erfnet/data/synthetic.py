@@ -12,6 +12,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -234,4 +235,44 @@ def make_synthetic_cityscapes(
                 _save_png(inst, gt_dir / f"{name}_gtFine_instanceIds.png", compress_level)
                 poly = {"imgHeight": height, "imgWidth": width, "objects": polys}
                 (gt_dir / f"{name}_gtFine_polygons.json").write_text(json.dumps(poly))
+    return root
+
+
+# The dataset ``train.py --data synthetic`` makes on demand: images per split, size (H, W), seed.
+SYNTHETIC_DATA: dict = {"train": 64, "val": 16, "size": (128, 256), "seed": 0}
+
+
+def synthetic_cache_root() -> Path:
+    """Where ``--data synthetic`` keeps its dataset without ``--data-root``: a cache folder."""
+    p = SYNTHETIC_DATA
+    h, w = p["size"]
+    tag = f"synthetic-{p['train']}-{p['val']}-{w}x{h}-s{p['seed']}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "erfnet" / tag
+
+
+def ensure_synthetic_cityscapes(root: str | os.PathLike) -> Path:
+    """Create the ``SYNTHETIC_DATA`` dataset at ``root`` unless something is there already.
+
+    Written into a temporary sibling folder and renamed, so a killed run or a concurrent one
+    never leaves a half-made dataset behind. Raises OSError when ``root`` cannot be made.
+    """
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        return root
+    p = SYNTHETIC_DATA
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
+    h, w = p["size"]
+    make_synthetic_cityscapes(
+        tmp, train=p["train"], val=p["val"], test=0, size=(w, h), seed=p["seed"], extras=False
+    )
+    try:
+        if root.exists():
+            root.rmdir()  # an empty folder, e.g. made by the user for --data-root
+        os.replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+        if not (root.exists() and any(root.iterdir())):
+            raise
     return root

@@ -1,0 +1,188 @@
+"""What a training run reports: train.log and the console, TensorBoard scalars, and
+[image | ground truth | prediction] strips of a few validation images."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from erfnet.checkpoint import unwrap_model
+from erfnet.inference import denormalize, predict
+
+log = logging.getLogger("erfnet.train")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not break the tqdm bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]:
+    """Console + ``train.log`` on rank 0; warnings only elsewhere. Returns the handlers added."""
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [_TqdmHandler()]
+    if work_dir is not None and is_main:
+        handlers.append(logging.FileHandler(work_dir / "train.log", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return handlers
+
+
+def close_logging(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+
+
+def open_tensorboard(work_dir: Path, purge_step: int | None) -> Any:
+    """A SummaryWriter in ``work_dir/tensorboard`` (events after ``purge_step`` are dropped, so a
+    resumed run does not draw twice), or None when TensorBoard cannot be used."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: training goes on without it
+    except Exception as e:
+        log.warning("TensorBoard logging disabled (%s)", e)
+        return None
+    return SummaryWriter(log_dir=str(work_dir / "tensorboard"), purge_step=purge_step)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h:02d}:{m:02d}:{s:02d}"
+
+
+class LossWindow:
+    """The losses and data-loading time since the last log line."""
+
+    def __init__(self) -> None:
+        self.run_start = time.perf_counter()
+        self.reset(self.run_start)
+
+    def reset(self, now: float) -> None:
+        self.start, self.loss_sum, self.loss_n, self.data_time = now, 0.0, 0, 0.0
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.loss_n += 1
+
+
+def log_training(
+    window: LossWindow,
+    writer: Any,
+    *,
+    iteration: int,
+    first: int,
+    iters: int,
+    log_interval: int,
+    lr: float,
+    device: torch.device,
+) -> None:
+    """One ``iter N/M | loss | lr | s/it | eta`` line (mean over the window) and its scalars."""
+    now = time.perf_counter()
+    n = max(1, iteration - max(first, iteration - log_interval))
+    sec_per_it = (now - window.start) / n
+    avg = window.loss_sum / window.loss_n if window.loss_n else float("nan")
+    eta = (now - window.run_start) / max(1, iteration - first) * (iters - iteration)
+    mem = ""
+    if device.type == "cuda":
+        mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    log.info(
+        "iter %d/%d | loss %.4f | lr %.3e | %.3f s/it (data %.3f) | eta %s%s",
+        iteration,
+        iters,
+        avg,
+        lr,
+        sec_per_it,
+        window.data_time / n,
+        format_eta(eta),
+        mem,
+    )
+    if writer is not None:
+        writer.add_scalar("train/loss", avg, iteration)
+        writer.add_scalar("train/lr", lr, iteration)
+        writer.add_scalar("train/sec_per_iter", sec_per_it, iteration)
+    window.reset(now)
+
+
+def log_validation(
+    metrics: dict, class_names: Sequence[str], iteration: int, writer: Any
+) -> list[tuple[str, float]]:
+    """The val line of train.log (mIoU, mAcc, aAcc and each class's IoU) and its scalars."""
+    ious = [(n, v) for n, v in zip(class_names, metrics["IoU"], strict=False) if not math.isnan(v)]
+    log.info(
+        "val at iteration %d: mIoU %.2f mAcc %.2f aAcc %.2f | %s",
+        iteration,
+        metrics["mIoU"],
+        metrics["mAcc"],
+        metrics["aAcc"],
+        " ".join(f"{n}={v:.1f}" for n, v in ious),
+    )
+    if writer is not None:
+        for key in ("mIoU", "mAcc", "aAcc"):
+            writer.add_scalar(f"val/{key}", metrics[key], iteration)
+        for n, v in ious:
+            writer.add_scalar(f"val/IoU/{n}", v, iteration)
+    return ious
+
+
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """An HxW class map as HxWx3 uint8 colours; values outside the palette (ignore) are black."""
+    colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    label = np.asarray(label).astype(np.int64)
+    out = np.zeros((*label.shape, 3), dtype=np.uint8)
+    valid = (label >= 0) & (label < len(colors))
+    out[valid] = colors[label[valid]]
+    return out
+
+
+@torch.no_grad()
+def log_predictions(
+    writer: Any,
+    model: nn.Module,
+    val_set: Dataset,
+    *,
+    num: int,
+    palette: Sequence[Sequence[int]],
+    test_scale: Sequence[int],
+    device: torch.device,
+    step: int,
+) -> None:
+    """The first ``num`` val images as [image | ground truth | prediction] strips."""
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(min(num, len(val_set))):  # type: ignore[arg-type]
+            sample = val_set[i]
+            image = sample["image"].unsqueeze(0).to(device)
+            label = sample["label"].numpy()
+            pred = predict(net, image, label.shape, test_scale=test_scale)[0].cpu().numpy()
+            rgb = denormalize(sample["image"])
+            if rgb.shape[:2] != label.shape:
+                rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
+            strip = np.concatenate([rgb, colorize(label, palette), colorize(pred, palette)], axis=1)
+            writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
+    finally:
+        net.train(was_training)
