@@ -21,18 +21,9 @@ from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.transforms import TrainTransform
-from erfnet.engine import (
-    FAULT_ENV,
-    SYNTHETIC_PRESET,
-    InfiniteSampler,
-    PolyLR,
-    SeededDataset,
-    get_rng_state,
-    poly_lr,
-    set_rng_state,
-    train_step,
-)
+from erfnet.engine import FAULT_ENV, PolyLR, poly_lr, train_step
 from erfnet.model import ERFNet
+from erfnet.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -63,6 +54,11 @@ TINY = [
 
 
 train_cli = load_script("train.py")
+SYNTHETIC_PRESET = train_cli.SYNTHETIC_PRESET
+
+
+def _parse(argv: list[str]):
+    return train_cli.parse_args(train_cli.get_args_parser(), argv)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -222,8 +218,7 @@ def test_loss_decreases_when_overfitting_one_batch(synthetic_root: Path, one_thr
 
 
 def test_parser_defaults_come_from_the_recipe():
-    args = train_cli.build_parser().parse_args([])
-    cfg = train_cli.config_from_args(args).resolved()
+    cfg = _parse([])
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.min_lr, cfg.iters) == (
         RECIPE.lr,
         RECIPE.momentum,
@@ -235,13 +230,12 @@ def test_parser_defaults_come_from_the_recipe():
     assert cfg.batch_size == RECIPE.batch_size_per_gpu
     assert (cfg.val_interval, cfg.ckpt_interval) == (RECIPE.val_interval, RECIPE.ckpt_interval)
     # --data synthetic is a quick-start preset; an explicit flag still wins.
-    syn = train_cli.build_parser().parse_args(["--data", "synthetic", "--lr", "0.02"])
-    syn = train_cli.config_from_args(syn).resolved()
+    syn = _parse(["--data", "synthetic", "--lr", "0.02"])
     assert syn.lr == 0.02 and syn.iters == SYNTHETIC_PRESET["iters"]
     assert syn.crop_size == SYNTHETIC_PRESET["crop_size"]
-    assert train_cli.build_parser().parse_args(["--resume"]).resume == "latest"
-    assert train_cli.build_parser().parse_args(["--no-amp"]).amp is False
-    text = train_cli.build_parser().format_help()
+    assert train_cli.get_args_parser().parse_args(["--resume"]).resume == "latest"
+    assert train_cli.get_args_parser().parse_args(["--no-amp"]).amp is False
+    text = train_cli.get_args_parser().format_help()
     for flag in ("--crop-size", "--scale", "--resume", "--amp", "--ckpt-interval", "--workers"):
         assert flag in text
     assert "(default: 160000; synthetic: 800)" in text and "(default: 0.0005)" in text
@@ -258,7 +252,7 @@ def test_parser_defaults_come_from_the_recipe():
 )
 def test_bad_flag_values_are_rejected(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*argv, "--work-dir", str(tmp_path)])
+        train_cli.cli([*argv, "--work-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -266,7 +260,7 @@ def test_bad_flag_values_are_rejected(argv, message, capsys, tmp_path):
 def test_bad_data_root_is_a_clear_error(tmp_path: Path):
     missing = tmp_path / "no_such_dataset"
     with pytest.raises(SystemExit) as exc:
-        train_cli.main(["--data-root", str(missing), "--work-dir", str(tmp_path / "w")])
+        train_cli.cli(["--data-root", str(missing), "--work-dir", str(tmp_path / "w")])
     msg = str(exc.value.code)
     assert msg.startswith("error:") and str(missing) in msg and "does not exist" in msg
 
@@ -288,22 +282,35 @@ def test_incompatible_checkpoints_are_clear_errors(
         other, ERFNet(num_classes=5), optimizer={}, scheduler={}, iteration=1, sampler={}
     )
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--resume", str(other)])
+        train_cli.cli([*base, "--resume", str(other)])
     assert "does not match" in str(exc.value.code) and "num_classes" in str(exc.value.code)
     # best.pth holds weights only: not resumable.
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--resume", str(full_run / "best.pth")])
+        train_cli.cli([*base, "--resume", str(full_run / "best.pth")])
     assert "not a training checkpoint" in str(exc.value.code)
     # --resume without a path and nothing in the work dir.
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--resume"])
+        train_cli.cli([*base, "--resume"])
     assert "no latest.pth" in str(exc.value.code)
 
 
 def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
     synthetic_root: Path, tmp_path: Path, monkeypatch, one_thread
 ):
-    monkeypatch.setenv(FAULT_ENV, "nan@1")  # the loss is NaN from the 2nd iteration on
+    real_criterion = train_cli.get_criterion
+
+    def nan_from_the_second_iteration(ignore_index: int):
+        criterion, calls = real_criterion(ignore_index), []
+
+        def nan_criterion(logits, labels):
+            calls.append(1)
+            loss = criterion(logits, labels)
+            return loss * float("nan") if len(calls) >= 2 else loss
+
+        return nan_criterion
+
+    # The loss is NaN from the 2nd iteration on.
+    monkeypatch.setattr(train_cli, "get_criterion", nan_from_the_second_iteration)
     work = tmp_path / "w"
     args = [
         *TINY,
@@ -321,7 +328,7 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
         "2",
     ]
     with pytest.raises(SystemExit) as exc:
-        train_cli.main(args)
+        train_cli.cli(args)
     assert "non-finite" in str(exc.value.code)
     ckpt = torch.load(work / "latest.pth", weights_only=True)
     assert ckpt["iteration"] == 1  # the last good state, not overwritten by the NaN steps
@@ -416,23 +423,23 @@ def test_bad_device_work_dir_and_synthetic_root_are_clear_errors(tmp_path: Path,
     a_file.write_text("x")
     base = [*TINY, "--data", "synthetic", "--workers", "0"]
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--device", "foo", "--work-dir", str(tmp_path / "w")])
+        train_cli.cli([*base, "--device", "foo", "--work-dir", str(tmp_path / "w")])
     assert "--device 'foo'" in str(exc.value.code)
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--work-dir", str(a_file)])
+        train_cli.cli([*base, "--work-dir", str(a_file)])
     assert exc.value.code == 2 and f"--work-dir '{a_file}'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        train_cli.main([*base, "--data-root", str(a_file), "--work-dir", str(tmp_path / "w")])
+        train_cli.cli([*base, "--data-root", str(a_file), "--work-dir", str(tmp_path / "w")])
     msg = str(exc.value.code)
     assert msg.startswith("error:") and f"--data-root '{a_file}'" in msg
 
 
 def test_second_interrupt_is_one_message_not_a_traceback(monkeypatch, capsys):
-    def abort(cfg):
+    def abort(args):
         raise KeyboardInterrupt("second SIGINT: aborting")
 
-    monkeypatch.setattr(train_cli, "train", abort)
-    assert train_cli.main(["--data", "synthetic"]) == 130
+    monkeypatch.setattr(train_cli, "main", abort)
+    assert train_cli.cli(["--data", "synthetic"]) == 130
     assert capsys.readouterr().err.startswith("error: aborted by a second SIGINT")
 
 
