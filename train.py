@@ -11,7 +11,6 @@ latest.pth; continue with --resume), 1 on an error, 2 for bad flags.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -29,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from erfnet import engine, logs, resume
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
@@ -43,39 +43,10 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.engine import (
-    ConfigError,
-    Criterion,
-    PolyLR,
-    StopFlag,
-    TrainingError,
-    amp_settings,
-    fault_signal_from_env,
-    mean_over_ranks,
-    train_step,
-)
+from erfnet.engine import ConfigError, TrainingError
 from erfnet.inference import build_eval_loader, evaluate
-from erfnet.logs import (
-    LossWindow,
-    close_logging,
-    log,
-    log_predictions,
-    log_training,
-    log_validation,
-    open_tensorboard,
-    setup_logging,
-)
+from erfnet.logs import log
 from erfnet.model import ERFNet
-from erfnet.resume import (
-    build_train_loader,
-    load_training_checkpoint,
-    prune_checkpoints,
-    resolve_resume,
-    restore_training_state,
-    seed_iteration,
-    settings_json,
-    training_state,
-)
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -271,7 +242,7 @@ def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
         raise DatasetError(error[0])
 
 
-def get_criterion(ignore_index: int) -> Criterion:
+def get_criterion(ignore_index: int) -> engine.Criterion:
     """mmseg's CrossEntropyLoss (no class weights): the mean over labelled pixels."""
 
     def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -282,9 +253,9 @@ def get_criterion(ignore_index: int) -> Criterion:
 
 def main(args: Namespace) -> int:
     """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
-    fault_signal = fault_signal_from_env()  # tests only: a signal to ourselves at iteration K
+    fault_signal = engine.fault_signal_from_env()  # tests only: (signal, iteration) or None
     device = resolve_device(args.device, local_rank_from_env())
-    autocast_dtype, use_scaler = amp_settings(device, args.amp, args.amp_dtype)
+    autocast_dtype, use_scaler = engine.amp_settings(device, args.amp, args.amp_dtype)
     work_dir = Path(args.work_dir)
     dist_info = init_distributed(device)
     is_main = dist_info.is_main
@@ -296,17 +267,20 @@ def main(args: Namespace) -> int:
             except OSError as e:
                 msg = f"--work-dir '{work_dir}': cannot create it ({e.strerror})"
                 raise ConfigError(msg) from None
-        cleanup.callback(close_logging, setup_logging(work_dir if is_main else None, is_main))
-        stop = StopFlag()  # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
+        cleanup.callback(
+            logs.close_logging, logs.setup_logging(work_dir if is_main else None, is_main)
+        )
+        # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
+        stop = engine.StopFlag()
         stop.install()
         cleanup.callback(stop.restore)
 
-        resume_path = resolve_resume(args.resume, work_dir)
+        resume_path = resume.resolve_resume(args.resume, work_dir)
         train_set, val_set = get_dataset(args, dist_info)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
-        ckpt = load_training_checkpoint(resume_path, model) if resume_path else None
+        ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
         if dist_info.distributed and device.type == "cuda":
@@ -322,16 +296,22 @@ def main(args: Namespace) -> int:
         optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
-        scheduler = PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
+        scheduler = engine.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         start, best_miou, consumed = 0, -1.0, 0
         if ckpt is not None:
-            start, best_miou, consumed = restore_training_state(
-                ckpt, optimizer=optimizer, scheduler=scheduler, scaler=scaler, args=args,
-                dataset_size=len(train_set), world_size=dist_info.world_size,
-            )  # fmt: skip
-            log.info("resumed from %s at iteration %d (best mIoU %.2f)", resume_path, start,
-                     best_miou)  # fmt: skip
+            start, best_miou, consumed = resume.restore_training_state(
+                ckpt,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                args=args,
+                dataset_size=len(train_set),
+                world_size=dist_info.world_size,
+            )
+            log.info(
+                "resumed from %s at iteration %d (best mIoU %.2f)", resume_path, start, best_miou
+            )
         train_model: nn.Module = model
         if dist_info.distributed:
             train_model = nn.parallel.DistributedDataParallel(
@@ -342,17 +322,24 @@ def main(args: Namespace) -> int:
         criterion = get_criterion(meta["ignore_index"])
 
         if is_main:
-            write_args(args, work_dir, train_set, val_set, device, dist_info, autocast_dtype,
-                       resume_path)  # fmt: skip
-        loader, sampler = build_train_loader(
-            train_set, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-            rank=dist_info.rank, world_size=dist_info.world_size, start_samples=consumed,
-            start_iter=start, pin_memory=device.type == "cuda",
-        )  # fmt: skip
+            logs.write_run_settings(
+                args, work_dir, train_set, val_set, device, dist_info, autocast_dtype, resume_path
+            )
+        loader, sampler = resume.build_train_loader(
+            train_set,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            seed=args.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            start_samples=consumed,
+            start_iter=start,
+            pin_memory=device.type == "cuda",
+        )
         val_loader = build_eval_loader(
             val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
         )
-        writer = open_tensorboard(work_dir, start) if is_main else None
+        writer = logs.open_tensorboard(work_dir, start) if is_main else None
         if writer is not None:
             cleanup.callback(writer.close)
 
@@ -363,33 +350,39 @@ def main(args: Namespace) -> int:
                 return
             state = {}
             if full:
-                state = training_state(optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                       sampler=sampler, consumed=consumed, args=args)  # fmt: skip
+                state = resume.training_state(optimizer, scheduler, scaler, sampler, consumed, args)
             ckpt_meta = {**meta, "iteration": done, **extra_meta}
             out = make_checkpoint(model, ckpt_meta, iteration=done, best_miou=best_miou, **state)
             atomic_save(out, work_dir / name)
 
         if start >= args.iters:
-            log.info("nothing to do: the checkpoint is at iteration %d of --iters %d", start,
-                     args.iters)  # fmt: skip
+            log.info(
+                "nothing to do: the checkpoint is at iteration %d of --iters %d", start, args.iters
+            )
             return 0
         log.info(
-            "training for %d iterations (from %d), batch %d x %d process(es), lr %g, amp %s, on %s",
-            args.iters, start, args.batch_size, dist_info.world_size, args.lr, autocast_dtype,
-            device,
-        )  # fmt: skip
+            f"training for {args.iters} iterations (from {start}), batch {args.batch_size}"
+            f" x {dist_info.world_size} process(es), lr {args.lr:g}, amp {autocast_dtype},"
+            f" on {device}"
+        )
         progress = None
         if is_main and args.progress:
-            progress = tqdm(total=args.iters, initial=start, unit="it", desc="train",
-                            dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+            progress = tqdm(
+                total=args.iters,
+                initial=start,
+                unit="it",
+                desc="train",
+                dynamic_ncols=True,
+                smoothing=0.05,
+            )
             cleanup.callback(progress.close)
         model.train()
         data_iter = iter(loader)
-        window = LossWindow()  # the losses since the last log line
+        window = logs.LossWindow()  # the losses since the last log line
         last_miou: float | None = None
         nonfinite = 0  # consecutive iterations with a non-finite loss
         for iteration in range(start, args.iters):
-            seed_iteration(args.seed, dist_info.rank, iteration)  # dropout: a function of these
+            resume.seed_iteration(args.seed, dist_info.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
             batch = next(data_iter)
             window.data_time += time.perf_counter() - t0
@@ -397,11 +390,16 @@ def main(args: Namespace) -> int:
             images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
-            loss = train_step(
-                train_model, images, labels, optimizer, scaler, criterion=criterion,
+            loss = engine.train_step(
+                train_model,
+                images,
+                labels,
+                optimizer,
+                scaler,
+                criterion=criterion,
                 autocast_dtype=autocast_dtype,
-                reduce=mean_over_ranks if dist_info.distributed else None,
-            )  # fmt: skip
+                reduce=engine.mean_over_ranks if dist_info.distributed else None,
+            )
             scheduler.step()
             consumed += args.batch_size
             done = iteration + 1  # iterations completed: what logs and checkpoints count
@@ -411,8 +409,12 @@ def main(args: Namespace) -> int:
                 window.add(loss)
             else:  # the step was skipped
                 nonfinite += 1
-                log.warning("iteration %d: non-finite loss (%s), step skipped (%d in a row)",
-                            done, loss, nonfinite)  # fmt: skip
+                log.warning(
+                    "iteration %d: non-finite loss (%s), step skipped (%d in a row)",
+                    done,
+                    loss,
+                    nonfinite,
+                )
                 if nonfinite >= args.max_nonfinite:
                     raise TrainingError(
                         f"the loss was non-finite for {nonfinite} consecutive iterations (last at"
@@ -425,25 +427,44 @@ def main(args: Namespace) -> int:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             last = done == args.iters
             if done % args.log_interval == 0 or last:
-                log_training(window, writer, iteration=done, first=start, iters=args.iters,
-                             log_interval=args.log_interval, lr=lr, device=device)  # fmt: skip
+                logs.log_training(
+                    window,
+                    writer,
+                    iteration=done,
+                    first=start,
+                    iters=args.iters,
+                    log_interval=args.log_interval,
+                    lr=lr,
+                    device=device,
+                )
 
             do_val = done % args.val_interval == 0 or last
             do_ckpt = done % args.ckpt_interval == 0
             if do_val:  # single scale, every rank takes part, rank 0 logs
                 metrics = evaluate(
-                    model, val_loader, device, num_classes=len(meta["class_names"]),
-                    test_scale=tuple(args.scale), progress=args.progress,
+                    model,
+                    val_loader,
+                    device,
+                    num_classes=len(meta["class_names"]),
+                    test_scale=tuple(args.scale),
+                    progress=args.progress,
                     amp=autocast_dtype == torch.float16 and device.type == "cuda",
-                )  # fmt: skip
+                )
                 last_miou = float(metrics["mIoU"])
                 if is_main:
-                    log_validation(metrics, meta["class_names"], done, writer)
+                    logs.log_validation(metrics, meta["class_names"], done, writer)
                 if writer is not None:
                     if args.num_vis:
-                        log_predictions(writer, model, val_set, num=args.num_vis,
-                                        palette=meta["palette"], test_scale=tuple(args.scale),
-                                        device=device, step=done)  # fmt: skip
+                        logs.log_predictions(
+                            writer,
+                            model,
+                            val_set,
+                            num=args.num_vis,
+                            palette=meta["palette"],
+                            test_scale=tuple(args.scale),
+                            device=device,
+                            step=done,
+                        )
                     writer.flush()
                 if last_miou > best_miou:
                     best_miou = last_miou
@@ -456,7 +477,7 @@ def main(args: Namespace) -> int:
                 if do_ckpt:
                     save(f"iter_{done}.pth")
                     if is_main:
-                        prune_checkpoints(work_dir, args.keep_ckpts)
+                        resume.prune_checkpoints(work_dir, args.keep_ckpts)
                 save("latest.pth")
 
             if fault_signal is not None and done == fault_signal[1]:
@@ -464,8 +485,11 @@ def main(args: Namespace) -> int:
             if stop.requested(device if dist_info.distributed else None) and not last:
                 if not nonfinite:
                     save("latest.pth")
-                log.warning("stopped by %s at iteration %d; latest.pth saved. Continue with"
-                            " --resume.", stop.name(), done)  # fmt: skip
+                log.warning(
+                    "stopped by %s at iteration %d; latest.pth saved. Continue with --resume.",
+                    stop.name(),
+                    done,
+                )
                 if progress is not None:
                     progress.close()
                 barrier()
@@ -475,35 +499,12 @@ def main(args: Namespace) -> int:
         barrier()
         log.info(
             "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
-            args.iters, best_miou, last_miou if last_miou is not None else float("nan"), work_dir,
-        )  # fmt: skip
+            args.iters,
+            best_miou,
+            last_miou if last_miou is not None else float("nan"),
+            work_dir,
+        )
     return 0
-
-
-def write_args(
-    args: Namespace,
-    work_dir: Path,
-    train_set: Dataset,
-    val_set: Dataset,
-    device: torch.device,
-    dist_info: DistInfo,
-    autocast_dtype: torch.dtype | None,
-    resume_path: Path | None,
-) -> None:
-    """args.json: the flags as resolved, plus where and how this run trains."""
-    data_root = getattr(train_set, "root", args.data_root)
-    settings = settings_json(args)
-    settings.update(
-        data_root=str(data_root),
-        device=str(device),
-        world_size=dist_info.world_size,
-        total_batch_size=args.batch_size * dist_info.world_size,
-        amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
-        resumed_from=str(resume_path) if resume_path else None,
-    )
-    (work_dir / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
-    log.info("run settings: %s", json.dumps(settings))
-    log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)
 
 
 def cli(argv: list[str] | None = None) -> int:

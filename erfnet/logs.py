@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from erfnet.checkpoint import unwrap_model
+from erfnet.distributed import DistInfo
 from erfnet.inference import denormalize, predict
 
 log = logging.getLogger("erfnet.train")
@@ -63,6 +66,11 @@ def open_tensorboard(work_dir: Path, purge_step: int | None) -> Any:
         log.warning("TensorBoard logging disabled (%s)", e)
         return None
     return SummaryWriter(log_dir=str(work_dir / "tensorboard"), purge_step=purge_step)
+
+
+def settings_json(args: Any) -> dict[str, Any]:
+    """The run's settings (an argparse Namespace) as JSON values: sizes become lists."""
+    return {k: list(v) if isinstance(v, tuple | list) else v for k, v in vars(args).items()}
 
 
 def format_eta(seconds: float) -> str:
@@ -186,3 +194,29 @@ def log_predictions(
             writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
     finally:
         net.train(was_training)
+
+
+def write_run_settings(
+    args: Namespace,
+    work_dir: Path,
+    train_set: Dataset,
+    val_set: Dataset,
+    device: torch.device,
+    dist_info: DistInfo,
+    autocast_dtype: torch.dtype | None,
+    resume_path: Path | None,
+) -> None:
+    """args.json (the flags as resolved, plus where and how this run trains) and its log lines."""
+    data_root = getattr(train_set, "root", args.data_root)
+    settings = settings_json(args)
+    settings.update(
+        data_root=str(data_root),
+        device=str(device),
+        world_size=dist_info.world_size,
+        total_batch_size=args.batch_size * dist_info.world_size,
+        amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
+        resumed_from=str(resume_path) if resume_path else None,
+    )
+    (work_dir / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    log.info("run settings: %s", json.dumps(settings))
+    log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)

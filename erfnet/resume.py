@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from erfnet.checkpoint import CheckpointError, load_checkpoint
 from erfnet.engine import PolyLR
-from erfnet.logs import log
+from erfnet.logs import log, settings_json
 from erfnet.model import ERFNet
 
 _MASK64 = (1 << 64) - 1
@@ -244,13 +244,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def settings_json(args: Any) -> dict[str, Any]:
-    """The run's settings (an argparse Namespace) as JSON values: sizes become lists."""
-    return {k: list(v) if isinstance(v, tuple | list) else v for k, v in vars(args).items()}
-
-
 def training_state(
-    *,
     optimizer: torch.optim.Optimizer,
     scheduler: PolyLR,
     scaler: torch.amp.GradScaler,
