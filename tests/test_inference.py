@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -350,3 +351,41 @@ def test_amp_on_cuda_close_to_fp32():
     cl = net.to(memory_format=torch.channels_last)
     c = infer_logits(cl, image, test_scale=(64, 128))
     torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+
+
+class _Listed(torch.utils.data.Dataset):
+    """A list of items that, like CityscapesDataset, owns its classes and palette."""
+
+    classes = ("a", "b", "c", "d")
+    palette = ((10, 0, 0), (0, 20, 0), (0, 0, 30), (40, 40, 40))
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_evaluate_takes_classes_palette_and_statistics_from_the_data(tmp_path):
+    net = Pointwise(4).eval()
+    data = _Listed(_dataset(3))
+    loader = DataLoader(data, batch_size=1)
+    r = evaluate(net, loader, "cpu", test_scale=(12, 20), progress=False, color_dir=tmp_path)
+    assert len(r["IoU"]) == 4  # num_classes = len(dataset.classes)
+    colors = {tuple(c) for p in tmp_path.rglob("*_color.png")
+              for c in np.asarray(Image.open(p)).reshape(-1, 3).tolist()}  # fmt: skip
+    assert colors <= set(_Listed.palette) and len(colors) >= 2
+    assert len(list(tmp_path.rglob("*_blend.png"))) == 3
+    # Explicit statistics override the model's: here the network sees the 0-255 image.
+    cm = ConfusionMatrix(4)
+    with torch.no_grad():
+        for item in data:
+            cm.update(net(item["image"][None].float()).argmax(1)[0], item["label"])
+    raw = evaluate(net, loader, "cpu", test_scale=(12, 20), progress=False, **IDENTITY)
+    assert raw["mIoU"] == pytest.approx(cm.compute()["mIoU"])
+    with pytest.raises(ValueError, match="predicts 4 classes, expected 3"):
+        evaluate(net, loader, "cpu", num_classes=3, progress=False)
