@@ -6,6 +6,8 @@
     torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
 
 Sizes are given as H W. The metric is mmseg's (and the official evaluator's) dataset-wide IoU.
+Images are resized on the 0-255 scale and normalised with the checkpoint's own mean / std
+(``meta["mean"]`` / ``["std"]``); the classes scored and their names are the dataset's.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from erfnet.config import NUM_CLASSES, RECIPE
+import torch
+
+from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.config import RECIPE
+from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
+from erfnet.distributed import (
+    cleanup_distributed,
+    init_distributed,
+    local_rank_from_env,
+    resolve_device,
+)
+from erfnet.evaluation import build_eval_loader, evaluate
+from erfnet.metrics import format_table
 
 _RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))
 
@@ -117,11 +132,17 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def adapt_normalization(model, meta: dict):
-    """See ``erfnet.inference.adapt_normalization`` (imported lazily: ``--help`` stays fast)."""
-    from erfnet.inference import adapt_normalization as adapt
-
-    return adapt(model, meta)
+def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: str) -> None:
+    """The checkpoint must predict the dataset's classes; erfnet_pytorch's model may add a
+    trailing "void" output (``meta["void_class"]`` = its index), predicted but never scored."""
+    n = len(classes)
+    has_void = model.num_classes == n + 1 and model.meta.get("void_class") == n
+    if model.num_classes != n and not has_void:
+        raise SystemExit(
+            f"error: --checkpoint {checkpoint} predicts {model.num_classes} classes; this"
+            f" dataset's evaluation needs {n} (label values 0-{n - 1}), or {n + 1} with"
+            f" meta['void_class'] = {n}"
+        )
 
 
 def _clean(e: BaseException) -> str:
@@ -133,9 +154,9 @@ def _clean(e: BaseException) -> str:
     return text
 
 
-def results_json(results: dict | None, args: argparse.Namespace, num_images: int) -> dict:
-    from erfnet.labels import CLASS_NAMES
-
+def results_json(
+    results: dict | None, args: argparse.Namespace, num_images: int, class_names: Sequence[str]
+) -> dict:
     def num(v: float) -> float | None:
         return None if v is None or math.isnan(v) else v
 
@@ -146,8 +167,8 @@ def results_json(results: dict | None, args: argparse.Namespace, num_images: int
             "mIoU": num(results["mIoU"]),
             "mAcc": num(results["mAcc"]),
             "aAcc": num(results["aAcc"]),
-            "IoU": {n: num(v) for n, v in zip(CLASS_NAMES, results["IoU"], strict=True)},
-            "Acc": {n: num(v) for n, v in zip(CLASS_NAMES, results["Acc"], strict=True)},
+            "IoU": {n: num(v) for n, v in zip(class_names, results["IoU"], strict=True)},
+            "Acc": {n: num(v) for n, v in zip(class_names, results["Acc"], strict=True)},
         }
     out.update(
         checkpoint=str(args.checkpoint),
@@ -165,25 +186,9 @@ def results_json(results: dict | None, args: argparse.Namespace, num_images: int
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
-
-    import torch
-
-    from erfnet.checkpoint import CheckpointError, load_model
-    from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
-    from erfnet.distributed import (
-        DeviceError,
-        cleanup_distributed,
-        init_distributed,
-        local_rank_from_env,
-        resolve_device,
-    )
-    from erfnet.inference import build_eval_loader, evaluate
-    from erfnet.labels import CLASS_NAMES
-    from erfnet.metrics import format_table
-
     try:
         device = resolve_device(args.device, local_rank_from_env())
-    except DeviceError as e:
+    except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
     info = init_distributed(device)
     try:
@@ -196,16 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(args.checkpoint, device)
         except CheckpointError as e:
             raise SystemExit(f"error: --checkpoint: {e}") from None
-        void = model.meta.get("void_class")
-        # erfnet_pytorch's 20-class model: its class 19 ("void") is predicted but never scored.
-        has_void = model.num_classes == NUM_CLASSES + 1 and void == NUM_CLASSES
-        if model.num_classes != NUM_CLASSES and not has_void:
-            raise SystemExit(
-                f"error: --checkpoint {args.checkpoint} predicts {model.num_classes} classes;"
-                f" Cityscapes evaluation needs {NUM_CLASSES} (trainIds 0-18), or"
-                f" {NUM_CLASSES + 1} with meta['void_class'] = {NUM_CLASSES}"
-            )
-        model = adapt_normalization(model, model.meta)
         root = resolve_data_root(args.data_root)
         try:
             # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug
@@ -214,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")
+            check_classes(model, dataset.classes, args.checkpoint)
             loader = build_eval_loader(dataset, workers=args.workers)
             results = evaluate(
                 model,
                 loader,
                 device,
-                num_classes=NUM_CLASSES,
+                num_classes=len(dataset.classes),
                 ms_flip=args.ms_flip,
                 scales=args.scales,
                 mode=args.mode,
@@ -229,34 +225,37 @@ def main(argv: list[str] | None = None) -> int:
                 color_dir=args.save_color,
                 progress=info.is_main,
             )
-        except DatasetError as e:
+        except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
             raise SystemExit(f"error: {_clean(e)}") from None
         if info.is_main:
-            how = (
-                "ms+flip " + str(list(args.scales or RECIPE.ms_flip_ratios))
-                if args.ms_flip
-                else "single scale"
-            )
-            print(
-                f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}"
-            )
-            if results is not None:
-                print(format_table(results, CLASS_NAMES))
-            if args.out_dir is not None:
-                print(f"submission PNGs (label ids) written to {args.out_dir}")
-            if args.save_color is not None:
-                print(f"colour renderings written to {args.save_color}")
-            if args.json is not None:
-                path = Path(args.json)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # The images actually scored (summed over ranks), not just the split's size.
-                count = results["num_images"] if results is not None else len(dataset)
-                data = results_json(results, args, count)
-                path.write_text(json.dumps(data, indent=2) + "\n")
-                print(f"metrics written to {path}")
+            report(args, dataset, results)
     finally:
         cleanup_distributed()
     return 0
+
+
+def report(args: argparse.Namespace, dataset: CityscapesDataset, results: dict | None) -> None:
+    """The console table and the --json file (rank 0)."""
+    how = (
+        "ms+flip " + str(list(args.scales or RECIPE.ms_flip_ratios))
+        if args.ms_flip
+        else "single scale"
+    )
+    print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}")
+    if results is not None:
+        print(format_table(results, dataset.classes))
+    if args.out_dir is not None:
+        print(f"submission PNGs (label ids) written to {args.out_dir}")
+    if args.save_color is not None:
+        print(f"colour renderings written to {args.save_color}")
+    if args.json is not None:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The images actually scored (summed over ranks), not just the split's size.
+        count = results["num_images"] if results is not None else len(dataset)
+        data = results_json(results, args, count, dataset.classes)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"metrics written to {path}")
 
 
 if __name__ == "__main__":

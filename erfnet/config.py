@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# ImageNet statistics on the 0-255 scale, RGB order (mmseg's data_preprocessor).
+# ImageNet statistics on the 0-255 scale, RGB order (mmseg's data_preprocessor): the defaults of
+# TrainTransform and of a model without meta; inference normalises with a checkpoint's own
+# meta["mean"] / ["std"].
 MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
 STD_RGB: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 IGNORE_INDEX = 255
+# Cityscapes' 19 evaluated classes: only ERFNet's default width. Everything that needs the class
+# list takes it from the dataset (``classes``, ``palette``, ``ignore_index``) or ``model.meta``.
 NUM_CLASSES = 19
 
 

@@ -1,7 +1,10 @@
 """Write a synthetic Cityscapes in the official layout (for smoke runs, tests and benchmarks).
 
     python scripts/make_synthetic_cityscapes.py --root data/synthetic --train 16 --val 4 \
-        --size 512x256 --seed 0
+        --size 256 512 --seed 0
+
+Sizes are height then width, like every size in the project (--size 256 512 is 256 rows by 512
+columns; the real images are 1024 2048).
 
 Images are street-like scenes whose classes have their own colour and stripe texture; labels are
 real Cityscapes label ids (ignored ids included). The same seed gives the same files.
@@ -10,7 +13,6 @@ real Cityscapes label ids (ignored ids included). The same seed gives the same f
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,15 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from erfnet.data.synthetic import make_synthetic_cityscapes  # noqa: E402
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H), both at least 8."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 2048x1024, got '{text}'")
-    w, h = int(m.group(1)), int(m.group(2))
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"width and height must be at least 8, got '{text}'")
-    return w, h
+def image_side(text: str) -> int:
+    """One side of ``--size H W``: a whole number of pixels, at least 8."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 8:
+        raise argparse.ArgumentTypeError(
+            f"expected a height and a width in pixels (each >= 8), like --size 1024 2048;"
+            f" got '{text}'"
+        )
+    return n
 
 
 def non_negative(text: str) -> int:
@@ -50,10 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", type=non_negative, default=0, help="test images (default 0)")
     p.add_argument(
         "--size",
-        type=parse_size,
-        default=(2048, 1024),
-        metavar="WxH",
-        help="image size, width x height (default 2048x1024, the real size)",
+        type=image_side,
+        nargs=2,
+        default=[1024, 2048],
+        metavar=("H", "W"),
+        help="image height and width in pixels (default 1024 2048, the real size)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -84,16 +90,16 @@ def main(argv: list[str] | None = None) -> None:
             train=args.train,
             val=args.val,
             test=args.test,
-            size=args.size,
+            size=tuple(args.size),
             seed=args.seed,
             extras=not args.no_extras,
         )
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    w, h = args.size
+    h, w = args.size
     print(
-        f"wrote {args.train} train / {args.val} val / {args.test} test images of {w}x{h} to "
-        f"{root} in {time.perf_counter() - t0:.1f}s"
+        f"wrote {args.train} train / {args.val} val / {args.test} test images of {h}x{w} (HxW)"
+        f" to {root} in {time.perf_counter() - t0:.1f}s"
     )
 
 

@@ -4,10 +4,12 @@
     python scripts/predict.py photos/ --checkpoint ckpt.pth --out pred/ --ms-flip --device cuda
 
 For each image ``<name>.<ext>`` (a folder is searched recursively; sub-folders are kept) this
-writes ``<out>/<name>_color.png`` (Cityscapes colours) and ``<out>/<name>_blend.png`` (the colours
-over the image). No dataset is needed. Inference is mmseg's test protocol: the image is resized
-keeping its ratio to ``--scale`` (default the recipe's 1024x2048), the logits are resized back
-to the image's size; ``--ms-flip`` averages the softmax over the recipe's scales and flips.
+writes ``<out>/<name>_color.png`` (the checkpoint's class colours, ``meta["palette"]``) and
+``<out>/<name>_blend.png`` (the colours over the image). No dataset is needed. Inference is
+mmseg's test protocol: the image is resized on the 0-255 scale keeping its ratio to ``--scale``
+(default the recipe's 1024x2048) and normalised with the checkpoint's mean / std, the logits are
+resized back to the image's size; ``--ms-flip`` averages the softmax over the recipe's scales
+and flips, each view resized from the original image.
 The model is ``erfnet.load_model(..., fast=True)`` (BatchNorm folded, channels_last): the same
 predictions as the plain model, faster.
 """
@@ -21,10 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from erfnet.checkpoint import CheckpointError, load_model  # noqa: E402
 from erfnet.config import RECIPE  # noqa: E402
+from erfnet.data import CityscapesDataset  # noqa: E402
+from erfnet.deploy import tune_cpu_allocator  # noqa: E402
+from erfnet.distributed import resolve_device  # noqa: E402
+from erfnet.inference import predict  # noqa: E402
+from erfnet.visualize import blend, colorize  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -43,8 +53,6 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
 
 def read_rgb(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB; a clear error for files that are not images."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             return np.array(img.convert("RGB"))
@@ -52,34 +60,15 @@ def read_rgb(path: Path) -> np.ndarray:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
 
 
-def color_lut(meta: dict) -> np.ndarray:
-    """256x3 uint8 trainId -> colour: Cityscapes' TRAIN_ID_TO_COLOR, overridden by the
-    checkpoint's own palette (a model with other classes keeps its colours)."""
-    from erfnet.labels import TRAIN_ID_TO_COLOR
-
-    lut = np.array(TRAIN_ID_TO_COLOR, dtype=np.uint8, copy=True)
-    palette = meta.get("palette")
-    if palette:
-        lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
-    return lut
+def checkpoint_palette(meta: dict) -> list:
+    """The checkpoint's class colours (``meta["palette"]``); a meta without one gets the default
+    dataset's (Cityscapes)."""
+    return meta.get("palette") or [list(c) for c in CityscapesDataset.palette]
 
 
-def normalize(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 -> [1, 3, H, W] float32 normalised with MEAN_RGB / STD_RGB, the constants
-    ``erfnet.inference``'s resizing assumes (a checkpoint with its own mean / std is wrapped by
-    ``adapt_normalization``)."""
-    from erfnet.config import MEAN_RGB, STD_RGB
-
-    mean = torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(STD_RGB, dtype=torch.float32).view(1, 3, 1, 1)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    return ((x - mean) / std).to(device)
-
-
-def blend(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
-    """``alpha`` of the colours over ``1 - alpha`` of the image."""
-    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * color.astype(np.float32)
-    return out.round().clip(0, 255).astype(np.uint8)
+def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """HxWx3 uint8 -> [1, 3, H, W] uint8 on ``device``: ``predict`` resizes and normalises it."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -109,19 +98,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    from PIL import Image
-    from tqdm import tqdm
-
-    from erfnet.checkpoint import CheckpointError, load_model
-    from erfnet.distributed import DeviceError, resolve_device
-    from erfnet.inference import adapt_normalization, predict
-
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
     try:
         device = resolve_device(args.device)
-    except DeviceError as e:
+    except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -130,17 +112,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         model = load_model(args.checkpoint, device, fast=not args.no_fast)
     except CheckpointError as e:
         raise SystemExit(f"error: --checkpoint: {e}") from None
-    meta = getattr(model, "meta", {}) or {}
-    # predict() resizes in 0-255 space assuming MEAN_RGB / STD_RGB; a checkpoint normalised
-    # otherwise (erfnet_pytorch: x / 255) gets its own normalisation inside the model.
-    model = adapt_normalization(model, meta)
-    lut = color_lut(meta)
+    # predict() normalises each resized view with the checkpoint's meta mean / std.
+    palette = checkpoint_palette(getattr(model, "meta", {}) or {})
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
         rgb = read_rgb(path)
-        x = normalize(rgb, device)
-        pred = predict(model, x, rgb.shape[:2], ms_flip=args.ms_flip, test_scale=args.scale)
-        color = lut[pred[0].to("cpu", torch.uint8).numpy()]
+        pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], ms_flip=args.ms_flip,
+                       test_scale=args.scale)  # fmt: skip
+        color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette)
         target = out_dir / stem
         target.parent.mkdir(parents=True, exist_ok=True)
         for suffix, array in (("_color", color), ("_blend", blend(rgb, color, args.alpha))):
@@ -152,7 +131,5 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from erfnet.deploy import tune_cpu_allocator
-
     tune_cpu_allocator()  # process-wide: this process gains from reusing its freed memory
     main()

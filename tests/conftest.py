@@ -8,8 +8,8 @@ import pytest
 
 from erfnet.data.synthetic import make_synthetic_cityscapes
 
-# (W, H) of the synthetic images and how many per split; small so every test stays fast.
-SYNTHETIC_SIZE = (128, 64)
+# (H, W) of the synthetic images and how many per split; small so every test stays fast.
+SYNTHETIC_SIZE = (64, 128)
 SYNTHETIC_COUNTS = {"train": 4, "val": 2, "test": 1}
 
 

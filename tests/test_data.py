@@ -36,8 +36,8 @@ def official(label_id: int) -> int:
 
 @pytest.fixture
 def tiny_root(tmp_path: Path) -> Path:
-    """A private, writable dataset (2 train / 1 val, 32x16) that tests may break."""
-    return make_synthetic_cityscapes(tmp_path / "cs", train=2, val=1, size=(32, 16), seed=1)
+    """A private, writable dataset (2 train / 1 val, 16x32 HxW) that tests may break."""
+    return make_synthetic_cityscapes(tmp_path / "cs", train=2, val=1, size=(16, 32), seed=1)
 
 
 def label_file(root: Path, split: str = "train") -> Path:
@@ -85,20 +85,26 @@ def test_order_is_sorted_and_deterministic(synthetic_root: Path):
 def test_items_have_the_documented_types(synthetic_root: Path):
     item = CityscapesDataset(synthetic_root, "val")[1]
     assert item["name"] == "lindau_000000_000019" and item["city"] == "lindau"
-    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 64, 128)
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 64, 128)
     assert item["label"].dtype == torch.int64 and item["label"].shape == (64, 128)
     assert item["ori_size"].tolist() == [64, 128]
     values = set(item["label"].unique().tolist())
     assert values <= set(range(19)) | {255} and 255 in values and len(values) > 3
-    # Normalised with the ImageNet statistics: back to 0..255 integers.
+    # The default transform keeps the image as on disk (0-255): the evaluator normalises it.
     raw = np.array(Image.open(CityscapesDataset(synthetic_root, "val").samples[1].image))
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-    back = item["image"] * std + mean
-    assert torch.allclose(back, torch.from_numpy(raw).permute(2, 0, 1).float(), atol=1e-3)
+    assert torch.equal(item["image"], torch.from_numpy(raw).permute(2, 0, 1))
 
     test_item = CityscapesDataset(synthetic_root, "test")[0]
     assert "label" not in test_item and test_item["image"].shape == (3, 64, 128)
+
+
+def test_the_dataset_owns_its_classes(synthetic_root: Path):
+    ds = CityscapesDataset(synthetic_root, "val")
+    assert len(ds.classes) == len(ds.palette) == 19 and ds.ignore_index == 255
+    assert ds.classes[0] == "road" and ds.classes[-1] == "bicycle"
+    assert tuple(ds.palette[0]) == (128, 64, 128) and tuple(ds.palette[-1]) == (119, 11, 32)
+    # Label values are exactly the class indices and the ignore index.
+    assert set(ds[0]["label"].unique().tolist()) <= set(range(len(ds.classes))) | {255}
 
 
 def test_labels_match_the_official_mapping_of_the_files(synthetic_root: Path):
@@ -310,7 +316,7 @@ def test_corrupt_label_png(tiny_root: Path):
 def test_image_label_size_mismatch(tiny_root: Path):
     lab = label_file(tiny_root)
     Image.fromarray(np.full((8, 32), 7, np.uint8)).save(lab)
-    with pytest.raises(DatasetError, match="32x8 .* but its image .* is 32x16") as e:
+    with pytest.raises(DatasetError, match=r"8x32 \(HxW\) but its image .* is 16x32") as e:
         CityscapesDataset(tiny_root, "train")[0]
     assert str(lab) in str(e.value) and str(image_file(tiny_root)) in str(e.value)
 
@@ -326,9 +332,9 @@ def test_colour_label_is_rejected(tiny_root: Path):
 
 
 def test_synthetic_is_deterministic_and_independent_of_count(tmp_path: Path):
-    a = make_synthetic_cityscapes(tmp_path / "a", train=2, val=0, size=(48, 24), seed=5)
-    b = make_synthetic_cityscapes(tmp_path / "b", train=3, val=0, size=(48, 24), seed=5)
-    c = make_synthetic_cityscapes(tmp_path / "c", train=2, val=0, size=(48, 24), seed=6)
+    a = make_synthetic_cityscapes(tmp_path / "a", train=2, val=0, size=(24, 48), seed=5)
+    b = make_synthetic_cityscapes(tmp_path / "b", train=3, val=0, size=(24, 48), seed=5)
+    c = make_synthetic_cityscapes(tmp_path / "c", train=2, val=0, size=(24, 48), seed=6)
     for rel in [p.relative_to(a) for p in sorted(a.rglob("*.png"))]:
         assert np.array_equal(np.asarray(Image.open(a / rel)), np.asarray(Image.open(b / rel)))
     rel = image_file(a).relative_to(a)
@@ -352,7 +358,7 @@ def test_synthetic_layout_and_label_content(synthetic_root: Path):
 
 
 def test_synthetic_rejects_bad_arguments(tmp_path: Path):
-    with pytest.raises(ValueError, match="at least 8x8"):
-        make_synthetic_cityscapes(tmp_path, size=(4, 64))
+    with pytest.raises(ValueError, match=r"at least 8x8 \(HxW\), got 64x4"):
+        make_synthetic_cityscapes(tmp_path, size=(64, 4))
     with pytest.raises(ValueError, match="train images must be >= 0"):
         make_synthetic_cityscapes(tmp_path, train=-1)

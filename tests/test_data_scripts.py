@@ -24,9 +24,9 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_make_synthetic_then_prepare(tmp_path: Path):
     root = tmp_path / "syn"
     r = run("make_synthetic_cityscapes.py", "--root", str(root), "--train", "3", "--val", "1",
-            "--test", "1", "--size", "40x24", "--seed", "7")  # fmt: skip
+            "--test", "1", "--size", "24", "40", "--seed", "7")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "3 train / 1 val / 1 test images of 40x24" in r.stdout
+    assert "3 train / 1 val / 1 test images of 24x40 (HxW)" in r.stdout
     images = sorted(root.glob("leftImg8bit/*/*/*_leftImg8bit.png"))
     labels = sorted(root.glob("gtFine/*/*/*_gtFine_labelIds.png"))
     assert [p.parts[-3] for p in images] == ["test", "train", "train", "train", "val"]
@@ -44,9 +44,14 @@ def test_make_synthetic_then_prepare(tmp_path: Path):
 
 
 def test_make_synthetic_rejects_a_bad_size(tmp_path: Path):
-    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path / "x"), "--size", "64by32")
+    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path / "x"), "--size", "64by", "32")
     assert r.returncode == 2
-    assert "--size" in r.stderr and "WIDTHxHEIGHT" in r.stderr and "64by32" in r.stderr
+    assert "--size" in r.stderr and "a height and a width" in r.stderr and "64by" in r.stderr
+    # The old WxH form is one value: refused, not read as some other size.
+    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path / "x"), "--size", "64x32")
+    assert r.returncode == 2 and "--size" in r.stderr and "expected 2 arguments" in r.stderr
+    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path / "x"), "--size", "4", "64")
+    assert r.returncode == 2 and "'4'" in r.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -63,6 +68,6 @@ def test_make_synthetic_refuses_a_non_empty_root(tmp_path: Path):
     real.parent.mkdir(parents=True)
     real.write_bytes(b"a real Cityscapes image")
     r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path), "--train", "1", "--val", "0",
-            "--size", "16x8")  # fmt: skip
+            "--size", "8", "16")  # fmt: skip
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "not empty" in r.stderr
     assert real.read_bytes() == b"a real Cityscapes image"

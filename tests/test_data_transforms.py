@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import erfnet.data.transforms as T
+from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.transforms import (
     EvalTransform,
@@ -105,7 +106,7 @@ def test_train_transform_contract():
         assert lab.dtype == torch.int64 and lab.shape == (32, 48)
         assert set(lab.unique().tolist()) <= in_values | {255}
         assert set(lab.unique().tolist()) <= VALID
-        raw = denormalize(img)
+        raw = denormalize(img, MEAN_RGB, STD_RGB)
         inside = lab != 255
         assert raw.min() > -1e-3 and raw.max() < 255 + 1e-3
         assert torch.allclose(raw, raw.round(), atol=1e-3) or not inside.any()
@@ -156,7 +157,7 @@ def test_pad_values():
     assert (img[:, 16:] == 0).all() and (img[:, :, 32:] == 0).all()
     assert (lab[16:] == 255).all() and (lab[:, 32:] == 255).all()
     assert torch.equal(lab[:16, :32], label.long())
-    assert torch.allclose(img[:, :16, :32], normalize(image), atol=1e-5)
+    assert torch.allclose(img[:, :16, :32], normalize(image, MEAN_RGB, STD_RGB), atol=1e-5)
 
 
 def test_flip_is_applied_to_image_and_label_together():
@@ -175,7 +176,7 @@ def test_flip_is_applied_to_image_and_label_together():
     for seed in range(20):
         torch.manual_seed(seed)
         img, lab = tf(image, label)
-        assert torch.allclose(denormalize(img)[0], lab.float() * 10, atol=1e-3)
+        assert torch.allclose(denormalize(img, MEAN_RGB, STD_RGB)[0], lab.float() * 10, atol=1e-3)
         flips += int(not any(torch.equal(lab, w) for w in _windows(label.long(), (16, 24))))
     assert 3 <= flips <= 17
 
@@ -321,16 +322,37 @@ def test_photometric_contrast_position_follows_mode(monkeypatch: pytest.MonkeyPa
 def test_eval_transform_resizes_only_the_image():
     image, label = random_pair(32, 64)
     img, lab = EvalTransform(scale=(128, 256))(image, label)
-    assert img.shape == (3, 128, 256) and img.dtype == torch.float32
+    # 0-255, not normalised: the uint8 image mmseg resizes (the evaluator normalises it).
+    assert img.shape == (3, 128, 256) and img.dtype == torch.uint8
+    assert torch.equal(img, resize_image(image, (128, 256)).to(torch.uint8))
     assert lab.dtype == torch.int64 and torch.equal(lab, label.long())
     img, lab = EvalTransform(scale=None)(image, None)
-    assert lab is None and torch.allclose(img, normalize(image))
+    assert lab is None and torch.equal(img, image)
     img, _ = EvalTransform()(torch.zeros(3, 1024, 2048, dtype=torch.uint8))
     assert img.shape == (3, 1024, 2048)  # the recipe's test scale is a no-op on Cityscapes
 
 
-def test_normalize_uses_the_recipe_statistics():
+def test_normalize_uses_the_given_statistics():
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 2, 2)
-    assert torch.allclose(normalize(mean), torch.zeros(3, 2, 2), atol=1e-6)
-    assert torch.allclose(normalize(mean + torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)),
-                          torch.ones(3, 2, 2), atol=1e-6)  # fmt: skip
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    assert torch.allclose(normalize(mean, MEAN_RGB, STD_RGB), torch.zeros(3, 2, 2), atol=1e-6)
+    assert torch.allclose(normalize(mean + std, MEAN_RGB, STD_RGB), torch.ones(3, 2, 2),
+                          atol=1e-6)  # fmt: skip
+    # Batches too; denormalize is the inverse; erfnet_pytorch's statistics are x / 255.
+    image, _ = random_pair(8, 8)
+    batch = image[None].expand(2, 3, 8, 8)
+    assert torch.equal(normalize(batch, MEAN_RGB, STD_RGB)[1], normalize(image, MEAN_RGB, STD_RGB))
+    back = denormalize(normalize(image, MEAN_RGB, STD_RGB), MEAN_RGB, STD_RGB)
+    assert torch.allclose(back, image.float(), atol=1e-4)
+    torch.testing.assert_close(normalize(image, [0.0] * 3, [255.0] * 3), image.float() / 255)
+
+
+def test_train_transform_normalises_with_its_mean_and_std():
+    image, label = random_pair(16, 32)
+    kw = dict(crop_size=(16, 32), scale=(16, 32), ratio_range=(1.0, 1.0), flip_prob=0.0,
+              photometric=False, cat_max_ratio=1.0)  # fmt: skip
+    assert TrainTransform(**kw).mean == MEAN_RGB and TrainTransform(**kw).std == STD_RGB
+    img, _ = TrainTransform(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), **kw)(image, label)
+    torch.testing.assert_close(img, image.float() / 255)
+    with pytest.raises(ValueError, match="std"):
+        TrainTransform(std=(1.0, 0.0, 1.0))

@@ -19,7 +19,9 @@ from PIL import Image
 from scripts_loader import load_script
 
 from erfnet import ERFNet, save_checkpoint
+from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import CityscapesDataset, EvalTransform
+from erfnet.data.transforms import normalize
 from erfnet.metrics import ConfusionMatrix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,20 +259,32 @@ def test_unreadable_image_is_a_clear_error(tmp_path, synthetic_root, checkpoint)
     assert bad.name in msg and "cannot decode" in msg and "Traceback" not in msg
 
 
-def test_checkpoint_normalisation_is_respected():
-    from erfnet.config import MEAN_RGB, STD_RGB
+def test_checkpoint_normalisation_is_respected(tmp_path, val_root):
+    """A checkpoint trained with another mean / std (erfnet_pytorch: x / 255) is fed the 0-255
+    image normalised with its own statistics, not ImageNet's."""
+    from erfnet.labels import TRAIN_ID_TO_ID
 
     torch.manual_seed(0)
     model = ERFNet(num_classes=19).eval()
-    assert eval_script.adapt_normalization(model, {"mean": MEAN_RGB, "std": STD_RGB}) is model
-    adapted = eval_script.adapt_normalization(model, {"mean": [0, 0, 0], "std": [255] * 3})
-    rgb = torch.randint(0, 256, (1, 3, 16, 32)).float()
-    dataset_input = (rgb - torch.tensor(MEAN_RGB).view(1, 3, 1, 1)) / torch.tensor(STD_RGB).view(
-        1, 3, 1, 1
-    )
+    torch.nn.init.normal_(model.head.classifier.weight, std=1.0)
+    path = tmp_path / "x255.pth"
+    save_checkpoint(path, model, meta={"mean": [0.0] * 3, "std": [255.0] * 3})
+    out = tmp_path / "sub"
+    eval_script.main(
+        ["--checkpoint", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0",
+         "--device", "cpu", "--out-dir", str(out)]
+    )  # fmt: skip
+    changed = 0
     with torch.no_grad():
-        torch.testing.assert_close(adapted(dataset_input), model(rgb / 255), rtol=1e-4, atol=1e-4)
-    assert adapted.num_classes == 19
+        for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
+            rgb = item["image"][None].float()
+            own = model(normalize(rgb, [0.0] * 3, [255.0] * 3)).argmax(1)[0].numpy()
+            got = np.array(Image.open(out / item["city"] / f"{item['name']}_leftImg8bit.png"))
+            np.testing.assert_array_equal(got, TRAIN_ID_TO_ID[own.astype(np.uint8)])
+            imagenet = model(normalize(rgb, MEAN_RGB, STD_RGB)).argmax(1)[0].numpy()
+            changed += int((own != imagenet).sum())
+    torch.testing.assert_close(normalize(rgb, [0.0] * 3, [255.0] * 3), rgb / 255)
+    assert changed > 0  # the statistics matter for this model: a wrong pair would show
 
 
 def test_void_class_checkpoint_scores_void_as_a_miss(tmp_path, val_root):
@@ -292,7 +306,7 @@ def test_void_class_checkpoint_scores_void_as_a_miss(tmp_path, val_root):
     ds = CityscapesDataset(val_root, "val", EvalTransform(None))
     with torch.no_grad():
         for item in ds:
-            pred = model(item["image"][None]).argmax(1)[0].numpy()
+            pred = model(normalize(item["image"][None], MEAN_RGB, STD_RGB)).argmax(1)[0].numpy()
             gt = item["label"].numpy()
             keep = gt != 255
             void_hits += int((pred[keep] == 19).sum())

@@ -1,4 +1,8 @@
-"""Inference modes on stub networks whose outputs are known, and evaluate() on a tiny loader."""
+"""Inference modes on stub networks whose outputs are known, and evaluate() on a tiny loader.
+
+Images go in on the 0-255 scale; every view is resized there and normalised with the model's
+mean / std (ImageNet's for a model without ``meta``), as mmseg resizes the uint8 image.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
+from erfnet.data.transforms import normalize
+from erfnet.evaluation import ShardSampler, evaluate
 from erfnet.inference import (
-    ShardSampler,
-    evaluate,
     infer_logits,
     infer_probs_ms_flip,
+    model_normalization,
     predict,
     ratio_scale,
     rescale_size,
@@ -22,6 +28,18 @@ from erfnet.inference import (
     slide_logits,
 )
 from erfnet.metrics import ConfusionMatrix
+
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # the network sees the 0-255 image
+
+
+def rgb_batch(*shape: int, seed: int = 0) -> torch.Tensor:
+    """A float 0-255 image batch with integer grey levels, like a decoded uint8 image."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=g).float()
+
+
+def imagenet(rgb: torch.Tensor) -> torch.Tensor:
+    return normalize(rgb, MEAN_RGB, STD_RGB)
 
 
 class Pointwise(nn.Module):
@@ -80,30 +98,37 @@ def test_rescale_size_mmcv_rule():
 
 def test_whole_resizes_to_test_scale_and_back():
     net = Recorder()
-    image = torch.randn(1, 3, 24, 40)
+    image = rgb_batch(1, 3, 24, 40)
     logits = infer_logits(net, image, (30, 50), test_scale=(64, 128))
     # (30, 50) rescaled into (64, 128): factor min(128 / 50, 64 / 30) = 2.1333 -> (64, 107)
     assert [c[0] for c in net.calls] == [(64, 107)]
     assert logits.shape == (1, 2, 30, 50)
     # An image already at the test scale is not resized.
     net.calls.clear()
-    image = torch.randn(1, 3, 32, 64)
+    image = rgb_batch(1, 3, 32, 64)
     infer_logits(net, image, (32, 64), test_scale=(32, 64))
-    assert torch.equal(net.calls[0][1], image[0, :, 0, 0])
+    assert torch.equal(net.calls[0][1], imagenet(image)[0, :, 0, 0])
+    # uint8 in, the same network input.
+    infer_logits(net, image.to(torch.uint8), (32, 64), test_scale=(32, 64))
+    assert torch.equal(net.calls[1][1], net.calls[0][1])
 
 
 def test_whole_logits_bilinear_to_label_size():
     net = Pointwise()
-    image = torch.randn(2, 3, 16, 32)
+    image = rgb_batch(2, 3, 16, 32)
     logits = infer_logits(net, image, (24, 48), test_scale=(16, 32))
-    expected = F.interpolate(net(image), size=(24, 48), mode="bilinear", align_corners=False)
+    expected = F.interpolate(
+        net(imagenet(image)), size=(24, 48), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(logits, expected)
 
 
 def test_ms_flip_view_sizes_and_flips():
     net = Recorder()
     image = torch.arange(3 * 32 * 64, dtype=torch.float32).view(1, 3, 32, 64)
-    probs = infer_probs_ms_flip(net, image, (32, 64), ratios=(0.5, 1.0, 1.5), test_scale=(32, 64))
+    probs = infer_probs_ms_flip(
+        net, image, (32, 64), ratios=(0.5, 1.0, 1.5), test_scale=(32, 64), **IDENTITY
+    )
     sizes = [c[0] for c in net.calls]
     assert sizes == [(16, 32), (16, 32), (32, 64), (32, 64), (48, 96), (48, 96)]
     # Ratio 1.0 is the unresized image; its flipped view starts with the last column.
@@ -115,14 +140,15 @@ def test_ms_flip_view_sizes_and_flips():
 
 def test_ms_flip_undoes_the_flip():
     net = CoordNet(slope=3.0)
-    torch.manual_seed(0)
-    image = torch.randn(1, 3, 8, 16)
-    probs = infer_probs_ms_flip(net, image, (8, 16), ratios=(1.0,), test_scale=(8, 16))
+    image = rgb_batch(1, 3, 8, 16)
+    # Statistics that give the network inputs of order 1, comparable to the ramp.
+    stats = {"mean": (127.5,) * 3, "std": (64.0,) * 3}
+    probs = infer_probs_ms_flip(net, image, (8, 16), ratios=(1.0,), test_scale=(8, 16), **stats)
     # Independent expectation: the unflipped view sees the ramp r(j), the flipped view's output
     # flipped back sees r(W - 1 - j); the pointwise channel is un-flipped back in place.
     w = 16
     ramp = (np.arange(w) + 0.5) / w * 3.0
-    img0 = image[0, 0].numpy().astype(np.float64)
+    img0 = (image[0, 0].numpy().astype(np.float64) - 127.5) / 64.0
 
     def softmax2(a, b):
         m = np.maximum(a, b)
@@ -132,33 +158,35 @@ def test_ms_flip_undoes_the_flip():
     expected = 0.5 * (softmax2(ramp[None, :], img0) + softmax2(ramp[::-1][None, :], img0))
     np.testing.assert_allclose(probs[0].numpy(), expected, rtol=1e-5, atol=1e-6)
     # Without the flip the result is just the first view.
-    single = infer_probs_ms_flip(net, image, (8, 16), ratios=(1.0,), flip=False, test_scale=(8, 16))
+    single = infer_probs_ms_flip(
+        net, image, (8, 16), ratios=(1.0,), flip=False, test_scale=(8, 16), **stats
+    )
     np.testing.assert_allclose(single[0].numpy(), softmax2(ramp[None, :], img0), rtol=1e-5)
 
 
-def _uint8_resize(image, size):
-    """mmseg resizes the uint8 image, then normalises: emulate that on a normalised image."""
+def _uint8_resize(rgb, size):
+    """mmseg resizes the uint8 image, then normalises: bilinear, rounded, ImageNet statistics."""
+    out = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
     mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
     std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
-    rgb = F.interpolate(image * std + mean, size=size, mode="bilinear", align_corners=False)
-    return (rgb.round().clamp(0, 255) - mean) / std
+    return (out.round().clamp(0, 255) - mean) / std
 
 
 def test_ms_flip_averages_resized_softmax():
     net = Pointwise()
-    torch.manual_seed(1)
-    image = torch.randn(1, 3, 16, 32)
+    image = rgb_batch(1, 3, 16, 32, seed=1)
     probs = infer_probs_ms_flip(net, image, (16, 32), ratios=(0.5, 1.0), test_scale=(16, 32))
 
     def up(logits):
         return F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=False)
 
     half = _uint8_resize(image, (8, 16))
+    full = _uint8_resize(image, (16, 32))  # ratio 1: no resize, only normalised
     views = [
         up(net(half)).softmax(1),
         up(net(half.flip(-1))).flip(-1).softmax(1),
-        net(image).softmax(1),
-        net(image.flip(-1)).flip(-1).softmax(1),
+        net(full).softmax(1),
+        net(full.flip(-1)).flip(-1).softmax(1),
     ]
     expected = sum(views) / 4
     torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
@@ -167,23 +195,39 @@ def test_ms_flip_averages_resized_softmax():
 
 
 def test_resize_image_rounds_like_uint8():
-    rgb = torch.randint(0, 256, (1, 3, 10, 14)).float()
-    mean = torch.tensor(MEAN_RGB).view(1, 3, 1, 1)
-    std = torch.tensor(STD_RGB).view(1, 3, 1, 1)
-    out = resize_image((rgb - mean) / std, (15, 21)) * std + mean
-    torch.testing.assert_close(out, out.round(), rtol=0, atol=1e-4)  # integer grey levels
+    rgb = rgb_batch(1, 3, 10, 14)
+    out = resize_image(rgb, (15, 21))
+    assert torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
     exact = F.interpolate(rgb, size=(15, 21), mode="bilinear", align_corners=False)
-    assert (out - exact).abs().max() <= 0.5 + 1e-4
-    same = torch.randn(1, 3, 4, 4)
+    assert (out - exact).abs().max() <= 0.5
+    assert torch.equal(resize_image(rgb.to(torch.uint8), (15, 21)), out)  # any dtype
+    same = rgb_batch(1, 3, 4, 4)
     assert resize_image(same, (4, 4)) is same
+
+
+def test_views_use_the_model_normalisation():
+    """A model with its own mean / std (erfnet_pytorch: 0 / 255) sees the 0-255 image resized
+    and then normalised with them, once; keywords override the model's."""
+    net = Recorder()
+    image = rgb_batch(1, 3, 10, 14, seed=4)
+    assert model_normalization(net) == (MEAN_RGB, STD_RGB)
+    net.meta = {"mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
+    infer_logits(net, image, (10, 14), test_scale=(10, 14))
+    torch.testing.assert_close(net.calls[-1][1], image[0, :, 0, 0] / 255, rtol=0, atol=1e-7)
+    infer_probs_ms_flip(net, image, (10, 14), ratios=(2.0,), flip=False, test_scale=(10, 14))
+    resized = F.interpolate(image, size=(20, 28), mode="bilinear", align_corners=False).round()
+    torch.testing.assert_close(net.calls[-1][1], resized[0, :, 0, 0] / 255, rtol=0, atol=1e-7)
+    infer_logits(net, image, (10, 14), test_scale=(10, 14), mean=MEAN_RGB, std=STD_RGB)
+    assert torch.equal(net.calls[-1][1], imagenet(image)[0, :, 0, 0])
+    with pytest.raises(ValueError, match="0-255"):
+        predict(net, imagenet(image))  # an already normalised image is refused
 
 
 def test_slide_equals_whole_for_pointwise_net():
     net = Pointwise()
-    torch.manual_seed(2)
-    image = torch.randn(1, 3, 50, 75)
-    whole = net(image)
-    slid = slide_logits(net, image, crop=(20, 30), stride=(13, 17))
+    image = rgb_batch(1, 3, 50, 75, seed=2)
+    whole = net(imagenet(image))
+    slid = slide_logits(net, imagenet(image), crop=(20, 30), stride=(13, 17))
     torch.testing.assert_close(slid, whole, rtol=1e-5, atol=1e-5)
     a = predict(
         net, image, mode="slide", test_scale=(50, 75), slide_crop=(20, 30), slide_stride=(13, 17)
@@ -224,7 +268,7 @@ def test_slide_averages_overlaps():
 
 def test_predict_flag_errors():
     net = Pointwise()
-    image = torch.randn(1, 3, 8, 8)
+    image = rgb_batch(1, 3, 8, 8)
     with pytest.raises(ValueError, match="ms_flip"):
         predict(net, image, scales=(1.0,))
     with pytest.raises(ValueError, match="mode"):
@@ -238,7 +282,7 @@ def _dataset(n: int, labelled: bool = True):
     items = []
     for i in range(n):
         item = {
-            "image": torch.randn(3, 12, 20, generator=g),
+            "image": torch.randint(0, 256, (3, 12, 20), generator=g, dtype=torch.uint8),
             "name": f"city_{i:06d}_000019",
             "city": "city",
         }
@@ -260,7 +304,7 @@ def test_evaluate_matches_manual_confusion(tmp_path):
     with torch.no_grad():
         net.eval()
         for item in data:
-            cm.update(net(item["image"][None]).argmax(1)[0], item["label"])
+            cm.update(net(imagenet(item["image"][None])).argmax(1)[0], item["label"])
     expected = cm.compute()
     assert r["IoU"] == pytest.approx(expected["IoU"], nan_ok=True)
     assert r["mIoU"] == pytest.approx(expected["mIoU"])
@@ -299,7 +343,7 @@ def test_shard_sampler_covers_each_index_once():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_on_cuda_close_to_fp32():
     net = Pointwise().cuda().eval()
-    image = torch.randn(1, 3, 64, 128, device="cuda")
+    image = rgb_batch(1, 3, 64, 128).cuda()
     a = infer_logits(net, image, amp=True, test_scale=(64, 128))
     b = infer_logits(net, image, amp=False, test_scale=(64, 128))
     assert a.dtype == torch.float32
@@ -307,3 +351,41 @@ def test_amp_on_cuda_close_to_fp32():
     cl = net.to(memory_format=torch.channels_last)
     c = infer_logits(cl, image, test_scale=(64, 128))
     torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4)
+
+
+class _Listed(torch.utils.data.Dataset):
+    """A list of items that, like CityscapesDataset, owns its classes and palette."""
+
+    classes = ("a", "b", "c", "d")
+    palette = ((10, 0, 0), (0, 20, 0), (0, 0, 30), (40, 40, 40))
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_evaluate_takes_classes_palette_and_statistics_from_the_data(tmp_path):
+    net = Pointwise(4).eval()
+    data = _Listed(_dataset(3))
+    loader = DataLoader(data, batch_size=1)
+    r = evaluate(net, loader, "cpu", test_scale=(12, 20), progress=False, color_dir=tmp_path)
+    assert len(r["IoU"]) == 4  # num_classes = len(dataset.classes)
+    colors = {tuple(c) for p in tmp_path.rglob("*_color.png")
+              for c in np.asarray(Image.open(p)).reshape(-1, 3).tolist()}  # fmt: skip
+    assert colors <= set(_Listed.palette) and len(colors) >= 2
+    assert len(list(tmp_path.rglob("*_blend.png"))) == 3
+    # Explicit statistics override the model's: here the network sees the 0-255 image.
+    cm = ConfusionMatrix(4)
+    with torch.no_grad():
+        for item in data:
+            cm.update(net(item["image"][None].float()).argmax(1)[0], item["label"])
+    raw = evaluate(net, loader, "cpu", test_scale=(12, 20), progress=False, **IDENTITY)
+    assert raw["mIoU"] == pytest.approx(cm.compute()["mIoU"])
+    with pytest.raises(ValueError, match="predicts 4 classes, expected 3"):
+        evaluate(net, loader, "cpu", num_classes=3, progress=False)

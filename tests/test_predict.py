@@ -114,8 +114,6 @@ def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> 
     image / 255, not a copy re-quantised with the Cityscapes mean / std."""
     import torch.nn.functional as F
 
-    import erfnet.checkpoint
-
     torch.manual_seed(0)
     path = tmp_path / "ep.pth"
     meta = {"mean": [0.0] * 3, "std": [255.0] * 3, "void_class": 19}
@@ -123,14 +121,14 @@ def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> 
     rgb = (np.random.RandomState(0).rand(40, 70, 3) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "img.png")
     seen: list[torch.Tensor] = []
-    real_load = erfnet.checkpoint.load_model
+    real_load = predict.load_model
 
     def load_and_spy(*args, **kwargs):
         model = real_load(*args, **kwargs)
         model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].clone()))
         return model
 
-    monkeypatch.setattr(erfnet.checkpoint, "load_model", load_and_spy)
+    monkeypatch.setattr(predict, "load_model", load_and_spy)
     run(tmp_path / "img.png", "--checkpoint", path, "--out", tmp_path / "o", "--scale", "32", "64",
         "--no-fast")  # fmt: skip
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
@@ -139,3 +137,19 @@ def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> 
     # Equal but for rare exact .5 ties of the rounding, which float noise may send either way.
     diff = (seen[0] - ref).abs()
     assert diff.max() <= 1 / 255 + 1e-5 and (diff > 1e-5).float().mean() < 0.01
+    # Resized once, on the exact 0-255 values: no tie is lost to a normalised round trip.
+    torch.testing.assert_close(seen[0], ref, rtol=0, atol=1e-6)
+
+
+def test_colours_come_from_the_checkpoint_palette(images: Path, tmp_path: Path) -> None:
+    """A checkpoint's meta["palette"] colours its predictions, not Cityscapes' table."""
+    torch.manual_seed(0)
+    palette = [[i, 255 - i, 7] for i in range(0, 190, 10)]  # 19 colours, none of Cityscapes'
+    path = tmp_path / "own.pth"
+    model = ERFNet()
+    torch.nn.init.normal_(model.head.classifier.weight, std=1.0)
+    save_checkpoint(path, model.eval(), meta={"palette": palette})
+    run(images / "a.png", "--checkpoint", path, "--out", tmp_path / "o", "--scale", "32", "64")
+    color = np.asarray(Image.open(tmp_path / "o" / "a_color.png"))
+    used = {tuple(c) for c in color.reshape(-1, 3).tolist()}
+    assert used <= {tuple(c) for c in palette} and len(used) >= 2

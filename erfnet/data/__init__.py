@@ -2,13 +2,22 @@
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
 from erfnet.data.synthetic import make_synthetic_cityscapes
-from erfnet.data.transforms import EvalTransform, TrainTransform
+from erfnet.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    denormalize,
+    normalize,
+    resize_image,
+)
 
 __all__ = [
     "CityscapesDataset",
     "DatasetError",
     "EvalTransform",
     "TrainTransform",
+    "denormalize",
     "make_synthetic_cityscapes",
+    "normalize",
+    "resize_image",
     "resolve_data_root",
 ]

@@ -7,24 +7,36 @@
 Labels are read from ``_labelTrainIds.png`` when present, else ``_labelIds.png`` is mapped through
 ``erfnet.labels.ID_TO_TRAIN_ID`` with one indexing op. Every problem with the files on disk is a
 ``DatasetError`` naming the path and what was expected.
+
+Cityscapes-specific by nature, and only here: the labelIds -> trainIds mapping, the label-value
+checks, the official submission writer (trainIds -> label ids, ``save_label_ids``) and the
+``_labelTrainIds.png`` preparation. The rest of the project takes the classes from a dataset's
+``classes`` / ``palette`` / ``ignore_index`` or from a checkpoint's meta.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import re
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_png, read_file
+from tqdm import tqdm
 
-from erfnet.config import IGNORE_INDEX, NUM_CLASSES
-from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, VALID_LABEL_IDS
+from erfnet.config import IGNORE_INDEX
+from erfnet.data.transforms import EvalTransform
+from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, TRAIN_ID_TO_ID, VALID_LABEL_IDS
 
 ENV_VAR = "CITYSCAPES_DATASET"
 DEFAULT_ROOT = "data/cityscapes"
@@ -216,12 +228,13 @@ def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
             )
         return map_label_ids(lab)
     if kind == "trainIds":
-        bad_mask = (lab >= NUM_CLASSES) & (lab != IGNORE_INDEX)
+        num_classes = len(CLASS_NAMES)  # Cityscapes' 19 evaluated classes
+        bad_mask = (lab >= num_classes) & (lab != IGNORE_INDEX)
         if bool(bad_mask.any()):
             bad = torch.unique(lab[bad_mask])[:10].tolist()
             raise DatasetError(
                 f"label '{path}' has values {bad} that are not trainIds "
-                f"(expected 0..{NUM_CLASSES - 1} or {IGNORE_INDEX})"
+                f"(expected 0..{num_classes - 1} or {IGNORE_INDEX})"
             )
         return lab
     raise ValueError(f"unknown label kind {kind!r}; expected 'labelIds' or 'trainIds'")
@@ -233,11 +246,12 @@ Transform = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, to
 class CityscapesDataset(Dataset):
     """Cityscapes ``split`` under ``root``.
 
-    Items are dicts: ``image`` float32 [3,H,W] normalised, ``label`` int64 [H,W] trainIds with
-    255 = ignore (absent for the test split), ``name`` "<city>_<seq>_<frame>", ``city``, and
-    ``ori_size`` int64 [2] = the image's (H, W) on disk. ``transform`` is a joint callable
-    (uint8 image [3,H,W], uint8 trainIds [H,W] or None) -> (float image, int64 label or None),
-    e.g. ``TrainTransform()`` or ``EvalTransform()``; None only normalises.
+    Items are dicts: ``image`` [3,H,W], ``label`` int64 [H,W] trainIds with 255 = ignore (absent
+    for the test split), ``name`` "<city>_<seq>_<frame>", ``city``, and ``ori_size`` int64 [2] =
+    the image's (H, W) on disk. ``transform`` is a joint callable (uint8 image [3,H,W], uint8
+    trainIds [H,W] or None) -> (image, int64 label or None): ``TrainTransform()`` gives the
+    float32 normalised training crop, ``EvalTransform(scale)`` the uint8 0-255 image the
+    evaluator normalises itself; None is ``EvalTransform(None)`` (the image as on disk).
 
     ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated classes
     of ``erfnet.labels``); training takes the model's class count and checkpoint meta from them.
@@ -258,11 +272,7 @@ class CityscapesDataset(Dataset):
         self.split = split
         self.samples: list[Sample] = find_samples(self.root, split, labels)
         self.has_labels = self.samples[0].label is not None
-        if transform is None:
-            from erfnet.data.transforms import NormalizeTransform
-
-            transform = NormalizeTransform()
-        self.transform = transform
+        self.transform = EvalTransform(None) if transform is None else transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -276,8 +286,8 @@ class CityscapesDataset(Dataset):
         label = load_label(s.label, s.label_kind or "labelIds")
         if tuple(label.shape) != tuple(image.shape[1:]):
             raise DatasetError(
-                f"label '{s.label}' is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                f"'{s.image}' is {image.shape[2]}x{image.shape[1]}; they must be the same size"
+                f"label '{s.label}' is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
+                f"'{s.image}' is {image.shape[1]}x{image.shape[2]}; they must be the same size"
             )
         return image, label
 
@@ -309,9 +319,6 @@ def time_pipeline(
     the two stages: load (PNG decode + label mapping and checks) and transform. The median is the
     better figure on a shared machine.
     """
-    import statistics
-    import time
-
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -373,11 +380,8 @@ def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> b
     The values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives);
     the file is written to a temporary name and renamed, so an interrupted run leaves no partial
     PNG. Up to date means: it exists and is not older than its ``_labelIds.png``. Uses only
-    numpy and PIL, so forked workers never touch torch.
+    numpy and PIL, so forked workers never run torch.
     """
-    import numpy as np
-    from PIL import Image
-
     src = Path(label_ids_path)
     dst = train_ids_path(src)
     if not force and not _needs_update(src, dst):
@@ -423,8 +427,6 @@ def prepare_train_ids(
 
     Returns ``{"written": n, "skipped": n, "errors": [(path, message), ...]}``.
     """
-    from tqdm import tqdm
-
     files = find_label_id_files(root)
     todo = [p for p in files if force or _needs_update(p, train_ids_path(p))]
     result: dict[str, Any] = {"written": 0, "skipped": len(files) - len(todo), "errors": []}
@@ -434,8 +436,6 @@ def prepare_train_ids(
             items = map(_write_train_ids_job, jobs)
             pool = None
         else:
-            import multiprocessing as mp
-
             # fork: workers only run numpy/PIL, and spawn would re-import torch in each one.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             pool = mp.get_context(method).Pool(min(workers, len(jobs)))
@@ -453,3 +453,15 @@ def prepare_train_ids(
                 pool.join()
     result["errors"].sort()
     return result
+
+
+# ---------------------------------------------------------------- the official submission format
+
+
+def save_label_ids(pred: np.ndarray, out_dir: str | os.PathLike, city: str, name: str) -> Path:
+    """The Cityscapes test server's PNG for a trainId map [H,W] (uint8): trainIds -> label ids
+    (255 -> 0 "unlabeled"), written as ``<out>/<city>/<name>_leftImg8bit.png``."""
+    path = Path(out_dir) / city / f"{name}_leftImg8bit.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(TRAIN_ID_TO_ID[pred]).save(path)
+    return path

@@ -191,23 +191,24 @@ def make_synthetic_cityscapes(
     train: int = 4,
     val: int = 2,
     test: int = 0,
-    size: tuple[int, int] = (128, 64),
+    size: tuple[int, int] = (64, 128),
     seed: int = 0,
     extras: bool = True,
     compress_level: int = 1,
 ) -> Path:
     """Write a synthetic Cityscapes under ``root`` in the official layout and return ``root``.
 
-    ``size`` is (width, height) like the official 2048x1024. Writes
+    ``size`` is (height, width), like every size in the project (the real images are
+    (1024, 2048)). Writes
     ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
     ``gtFine/<split>/<city>/..._gtFine_labelIds.png`` (label ids, ignored ids included); with
     ``extras`` also ``_gtFine_color.png``, ``_gtFine_instanceIds.png`` and
     ``_gtFine_polygons.json`` (rectangles and triangles in drawing order).
     The test split's labels are all 0 ("unlabeled"), like the public release.
     """
-    width, height = int(size[0]), int(size[1])
-    if width < 8 or height < 8:
-        raise ValueError(f"synthetic image size must be at least 8x8 (WxH), got {width}x{height}")
+    height, width = int(size[0]), int(size[1])
+    if height < 8 or width < 8:
+        raise ValueError(f"synthetic image size must be at least 8x8 (HxW), got {height}x{width}")
     counts = {"train": train, "val": val, "test": test}
     for split, n in counts.items():
         if n < 0:

@@ -1,8 +1,11 @@
 """Joint image + label transforms of mmsegmentation's Cityscapes recipe, on torch tensors.
 
-Inputs are uint8 RGB images [3, H, W] and uint8 trainId labels [H, W] (or None); outputs are a
-float32 normalised image and an int64 label. Randomness comes from torch's global RNG, so
-DataLoader worker seeding and checkpoint resume cover it.
+Inputs are uint8 RGB images [3, H, W] and uint8 trainId labels [H, W] (or None). The training
+pipeline outputs a float32 normalised image and an int64 label; the evaluation one a uint8 image
+(0-255, resized as mmseg resizes it) that ``erfnet.inference`` resizes per view and normalises
+with the checkpoint's mean/std. Randomness comes from torch's global RNG, so DataLoader worker
+seeding and checkpoint resume cover it. ``normalize``, ``denormalize`` and ``resize_image`` here
+are the project's only image normalisation and resize.
 
 TrainTransform follows mmseg (v0.x ``Resize``/``RandomCrop``/``RandomFlip``/
 ``PhotoMetricDistortion``/``Normalize``/``Pad``) step by step, including its rounding: mmcv's
@@ -14,30 +17,36 @@ resize followed by the crop (to float rounding), see ``resize_crop_bilinear``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, RECIPE, STD_RGB
 
-_MEAN = torch.tensor(MEAN_RGB, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(STD_RGB, dtype=torch.float32).view(3, 1, 1)
+Stats = Sequence[float] | torch.Tensor  # per-channel RGB mean or std on the 0-255 scale
 
 
-_INV_STD = 1.0 / _STD
+def _per_channel(values: Stats, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1)
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """0-255 RGB [3,H,W] (any dtype) -> float32 ``(x - MEAN_RGB) / STD_RGB`` (a new tensor).
+def normalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) -> float32 ``(x - mean) / std``, a new tensor.
 
-    Multiplies by 1/std like mmcv's ``imnormalize``; one allocation, then in place.
+    The one place images are normalised: training (``TrainTransform``), evaluation and prediction
+    (``erfnet.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``). Multiplies by
+    1/std like mmcv's ``imnormalize``; one allocation, then in place.
     """
-    return image.to(torch.float32, copy=True).sub_(_MEAN).mul_(_INV_STD)
+    inv_std = 1.0 / _per_channel(std, image)
+    return image.to(torch.float32, copy=True).sub_(_per_channel(mean, image)).mul_(inv_std)
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``normalize`` (float32, 0-255 scale, unclipped); for visualisation."""
-    return image * _STD.to(image.device) + _MEAN.to(image.device)
+def denormalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """Inverse of ``normalize``: float32 on the 0-255 scale, unclipped."""
+    return image.float() * _per_channel(std, image) + _per_channel(mean, image)
 
 
 def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
@@ -52,14 +61,20 @@ def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, in
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (no antialiasing, like cv2 INTER_LINEAR) of a [3,H,W] image, rounded to
-    integer values and returned as float32."""
+def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The one image resize: a 0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) to ``size`` (H, W),
+    bilinear without antialiasing (align_corners=False, like cv2 INTER_LINEAR), rounded to
+    integers and clipped to 0..255 as mmseg's uint8 image is; float32. Resize first, then
+    ``normalize``: mmseg resizes the uint8 image before normalising it.
+    """
+    size = (int(size[0]), int(size[1]))
     image = image.to(torch.float32)
-    if tuple(image.shape[-2:]) == tuple(size):
+    if tuple(image.shape[-2:]) == size:
         return image
-    out = TF.resize(image, list(size), InterpolationMode.BILINEAR, antialias=False)
-    return out.round_().clamp_(0, 255)
+    batch = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+    out = out.round_().clamp_(0, 255)
+    return out if image.dim() == 4 else out[0]
 
 
 def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -268,9 +283,9 @@ def pad_to(
     if ph <= 0 and pw <= 0:
         return image, label
     ph, pw = max(ph, 0), max(pw, 0)
-    image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0.0)
+    image = F.pad(image, (0, pw, 0, ph), value=0.0)
     if label is not None:
-        label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+        label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
     return image, label
 
 
@@ -279,7 +294,8 @@ def pad_to(
 
 class TrainTransform:
     """Random resize (keep ratio) -> cat_max_ratio crop -> flip -> photometric -> normalise ->
-    pad, with mmseg's defaults from ``RECIPE``. Sizes are (H, W)."""
+    pad, with mmseg's defaults from ``RECIPE``. Sizes are (H, W); ``mean`` / ``std`` are RGB on
+    the 0-255 scale (default ImageNet's, the recipe's; a checkpoint records them in its meta)."""
 
     def __init__(
         self,
@@ -291,6 +307,8 @@ class TrainTransform:
         photometric: bool = True,
         ignore_index: int = IGNORE_INDEX,
         max_crop_tries: int = 10,
+        mean: Sequence[float] = MEAN_RGB,
+        std: Sequence[float] = STD_RGB,
     ) -> None:
         if min(crop_size) <= 0 or min(scale) <= 0:
             raise ValueError(f"crop_size {crop_size} and scale {scale} must be positive (H, W)")
@@ -304,6 +322,10 @@ class TrainTransform:
         self.photometric = PhotoMetricDistortion() if photometric else None
         self.ignore_index = ignore_index
         self.max_crop_tries = max_crop_tries
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean {mean} and std {std} must be 3 RGB values, std > 0")
 
     def sample_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The resized (h, w): mmseg's ``random_sample_ratio`` then mmcv's rescale rule."""
@@ -338,20 +360,23 @@ class TrainTransform:
         lab = resize_crop_nearest(label, size, box, flip)
         if self.photometric is not None:
             img = self.photometric(img)
-        img, lab = pad_to(normalize(img), lab, self.crop_size)
+        img, lab = pad_to(normalize(img, self.mean, self.std), lab, self.crop_size)
         return img, lab.long()
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(crop_size={self.crop_size}, scale={self.scale}, "
             f"ratio_range={self.ratio_range}, cat_max_ratio={self.cat_max_ratio}, "
-            f"flip_prob={self.flip_prob}, photometric={self.photometric is not None})"
+            f"flip_prob={self.flip_prob}, photometric={self.photometric is not None}, "
+            f"mean={self.mean}, std={self.std})"
         )
 
 
 class EvalTransform:
-    """Resize the image to ``scale`` (H, W) keeping its ratio (None: keep the size) and
-    normalise; the label is left at its original resolution (as int64) for evaluation."""
+    """Resize the image to ``scale`` (H, W) keeping its ratio (None: keep the size), in 0-255 and
+    rounded, as mmseg resizes the uint8 image; not normalised: the evaluator normalises each
+    view with the checkpoint's mean/std. Returns the uint8 image [3,h,w] and the label at its
+    original resolution (int64) for evaluation."""
 
     def __init__(self, scale: tuple[int, int] | None = RECIPE.test_scale) -> None:
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
@@ -361,18 +386,9 @@ class EvalTransform:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.scale is not None:
             size = rescale_size((image.shape[1], image.shape[2]), self.scale)
-            image = resize_image(image, size)
-        return normalize(image), None if label is None else label.long()
+            if size != tuple(image.shape[1:]):
+                image = resize_image(image, size).to(torch.uint8)  # exact: rounded, 0..255
+        return image, None if label is None else label.long()
 
     def __repr__(self) -> str:
         return f"EvalTransform(scale={self.scale})"
-
-
-class NormalizeTransform(EvalTransform):
-    """Normalise only (no resize); the dataset's default transform."""
-
-    def __init__(self) -> None:
-        super().__init__(scale=None)
-
-    def __repr__(self) -> str:
-        return "NormalizeTransform()"
