@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts_loader import load_script
 
 from erfnet.deploy import fuse_bn
 from erfnet.model import ERFNet
+from scripts import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-benchmark = load_script("scripts/benchmark.py")
 
 
 # Hand count, one formula per layer type (a multiply-add counts 2 FLOPs; bias adds not counted):
