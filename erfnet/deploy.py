@@ -111,7 +111,7 @@ def _fuse_children(module: nn.Module) -> None:
     """
     previous_name, previous = "", None
     for name, child in list(module.named_children()):
-        if isinstance(module, DownsamplerBlock) and child is module.bn and isinstance(child, BATCHNORMS):
+        if isinstance(module, DownsamplerBlock) and isinstance(child, BATCHNORMS):
             n = module.conv.out_channels
             scale, shift = bn_scale_shift(child)
             module.conv = _scale_conv(module.conv, scale[:n], shift[:n])
