@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
+from erfnet.deploy import optimize_for_inference
 from erfnet.labels import CLASS_NAMES, PALETTE
-from erfnet.model import ERFNet
+from erfnet.model import ERFNet, unwrap_model
 
 FORMAT = "erfnet-v1"
 
@@ -114,17 +115,6 @@ def save_checkpoint(
     atomic_save(make_checkpoint(model, meta, **extra), path)
 
 
-def unwrap_model(model: torch.nn.Module) -> ERFNet:
-    """The ERFNet inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model  # type: ignore[return-value]
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read one of our checkpoints safely and check its structure."""
     path = Path(path)
@@ -203,10 +193,4 @@ def load_model(
     ckpt = load_checkpoint(path)
     model = build_model_from_checkpoint(ckpt, path).to(device).eval()
     model.meta = {"mean": list(MEAN_RGB), "std": list(STD_RGB), **(ckpt.get("meta") or {})}
-    if fast:
-        from erfnet.deploy import optimize_for_inference
-
-        fast_model = optimize_for_inference(model)
-        fast_model.meta = model.meta
-        return fast_model
-    return model
+    return optimize_for_inference(model) if fast else model  # the copy keeps .meta

@@ -22,6 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    from numpy._core.multiarray import scalar  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import scalar
+
 from erfnet.checkpoint import FORMAT, cityscapes_meta, save_checkpoint
 from erfnet.config import NUM_CLASSES
 from erfnet.model import ERFNet
@@ -232,10 +237,6 @@ def _numpy_scalar_globals() -> list[Any]:
     small state tuple. Object dtypes are not allowed, so nothing but plain numbers and strings can
     come out of these.
     """
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar
     dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUS"}
     return [
         np.dtype,

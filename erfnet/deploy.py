@@ -1,9 +1,11 @@
-"""Inference-only rewrites of an ERFNet that keep its outputs (to float rounding).
+"""Inference-only copies of an ERFNet that keep its outputs (to float rounding).
 
-``fuse_bn(model)`` folds every BatchNorm into the convolution before it and drops dropout;
-``optimize_for_inference(model)`` is the fastest exact path for the model's device (what
-``erfnet.load_model(path, fast=True)`` and scripts/predict.py use); ``tune_cpu_allocator()`` is
-an opt-in, process-wide malloc setting that saves the page faults of large CPU tensors.
+``fuse_bn(model)`` folds every BatchNorm into the convolution before it and drops dropout, on a
+copy that still runs model.py's own ``forward`` (the folded BatchNorms and the dropouts become
+``nn.Identity``); ``optimize_for_inference(model)`` is the fastest exact path for the model's
+device (what ``erfnet.load_model(path, fast=True)`` and scripts/predict.py use);
+``tune_cpu_allocator()`` is an opt-in, process-wide malloc setting that saves the page faults of
+large CPU tensors.
 
 Folding BN into a conv: ``bn(conv(x)) = s * (W x + b - mean) + beta`` with
 ``s = gamma / sqrt(var + eps)``, i.e. a conv with weights ``s * W`` and bias
@@ -15,37 +17,34 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from erfnet.model import (
-    DeconvHead,
-    DownsamplerBlock,
-    ERFNet,
-    FCNHead,
-    NonBottleneck1d,
-    UpsamplerBlock,
-)
+from erfnet.model import DownsamplerBlock, ERFNet, FCNHead, unwrap_model
 
 __all__ = [
-    "FusedDownsampler",
-    "FusedERFNet",
-    "FusedFCNHead",
-    "FusedNonBottleneck1d",
-    "FusedUpsampler",
+    "ChannelAffine",
+    "HeadInStrips",
     "bn_scale_shift",
+    "export_onnx",
     "fold_bn_into_conv",
     "fuse_bn",
     "optimize_for_inference",
     "tune_cpu_allocator",
 ]
 
+BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
+    """Per-channel float64 ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics")
     # Fold in float64 (on the CPU: not every device has it) so folding adds no rounding error.
@@ -57,12 +56,18 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, beta - mean * scale
 
 
-@torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.Module:
     """A new conv equal to ``bn(conv(x))`` in eval mode (a bias is created when missing)."""
     if conv.out_channels != bn.num_features:
         raise ValueError(f"conv has {conv.out_channels} outputs but BN {bn.num_features}")
-    scale, shift = bn_scale_shift(bn)
+    return _scale_conv(conv, *bn_scale_shift(bn))
+
+
+@torch.no_grad()
+def _scale_conv(
+    conv: nn.Conv2d | nn.ConvTranspose2d, scale: torch.Tensor, shift: torch.Tensor
+) -> nn.Module:
+    """A new conv equal to ``conv(x) * scale + shift`` (per output channel)."""
     fused = copy.deepcopy(conv)
     w = _f64(conv.weight)
     if isinstance(conv, nn.ConvTranspose2d):
@@ -80,196 +85,168 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
 
 
-class FusedDownsampler(nn.Module):
-    """DownsamplerBlock with its BN folded: conv channels into the conv, pool channels affine."""
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: what remains of the DownsamplerBlock's BatchNorm.
 
-    def __init__(self, block: DownsamplerBlock) -> None:
-        super().__init__()
-        n_conv = block.conv.out_channels
-        scale, shift = bn_scale_shift(block.bn)
-        conv_bn = nn.BatchNorm2d(n_conv, eps=block.bn.eps).to(block.bn.running_mean.device)
-        with torch.no_grad():
-            conv_bn.weight.copy_(block.bn.weight[:n_conv])
-            conv_bn.bias.copy_(block.bn.bias[:n_conv])
-            conv_bn.running_mean.copy_(block.bn.running_mean[:n_conv])
-            conv_bn.running_var.copy_(block.bn.running_var[:n_conv])
-        self.conv = fold_bn_into_conv(block.conv, conv_bn)
-        like = dict(device=block.conv.weight.device, dtype=block.conv.weight.dtype)
-        self.register_buffer("pool_scale", scale[n_conv:].to(**like).view(1, -1, 1, 1))
-        self.register_buffer("pool_shift", shift[n_conv:].to(**like).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv(x)
-        pool = F.max_pool2d(x, 2, 2)
-        if pool.shape[-2:] != conv.shape[-2:] or _tracing():
-            pool = F.interpolate(pool, size=conv.shape[-2:], mode="bilinear", align_corners=False)
-        # In the conv's dtype, so that under autocast the concat stays in half precision.
-        dt = conv.dtype
-        pool = torch.addcmul(self.pool_shift.to(dt), pool.to(dt), self.pool_scale.to(dt))
-        return torch.relu_(torch.cat([conv, pool], dim=1))
-
-
-class FusedNonBottleneck1d(nn.Module):
-    """NonBottleneck1d with bn1 / bn2 folded into conv1x3_1 / conv1x3_2 and dropout dropped."""
-
-    def __init__(self, block: NonBottleneck1d) -> None:
-        super().__init__()
-        self.conv3x1_1 = copy.deepcopy(block.conv3x1_1)
-        self.conv1x3_1 = fold_bn_into_conv(block.conv1x3_1, block.bn1)
-        self.conv3x1_2 = copy.deepcopy(block.conv3x1_2)
-        self.conv1x3_2 = fold_bn_into_conv(block.conv1x3_2, block.bn2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu_(self.conv3x1_1(x))
-        out = torch.relu_(self.conv1x3_1(out))
-        out = torch.relu_(self.conv3x1_2(out))
-        out = self.conv1x3_2(out)
-        return torch.relu_(out.add_(x))
-
-
-class FusedUpsampler(nn.Module):
-    """UpsamplerBlock with its BN folded into the transposed conv."""
-
-    def __init__(self, block: UpsamplerBlock) -> None:
-        super().__init__()
-        self.conv = fold_bn_into_conv(block.conv, block.bn)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu_(self.conv(x))
-
-
-class FusedFCNHead(nn.Module):
-    """FCNHead with its BN folded into the 3x3 conv (which gains a bias); dropout dropped.
-
-    With ``rows > 0`` the head runs in horizontal strips of that many rows: the 128-channel
-    hidden map (67 MB at 512x1024) then never leaves the cache, which makes the head about
-    twice as fast on CPU. Each output pixel sees exactly the same inputs and weights.
+    That BN normalises ``cat([conv(x), maxpool(x)])``: its conv channels fold into the conv
+    (their scale here is 1 and shift 0, which is exact), its pool channels cannot (max-pool does
+    not commute with a negative scale) and keep their scale and shift here.
     """
 
-    def __init__(self, head: FCNHead, rows: int = 0) -> None:
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, like: torch.Tensor) -> None:
         super().__init__()
-        self.conv = fold_bn_into_conv(head.conv, head.bn)
-        self.classifier = copy.deepcopy(head.classifier)
-        self.rows = rows
+        self.register_buffer("scale", scale.to(like.device, like.dtype).view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.to(like.device, like.dtype).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[2]
-        if self.rows <= 0 or h <= self.rows:
-            return self.classifier(torch.relu_(self.conv(x)))
-        conv, cls = self.conv, self.classifier
-        ph, pw = conv.padding
-        xp = F.pad(x, (0, 0, ph, ph))  # pad rows once; each strip then takes its halo
-        out = torch.empty(
-            (x.shape[0], cls.out_channels, h, x.shape[3]),
-            dtype=x.dtype,
-            device=x.device,
-            memory_format=_memory_format(x),
-        )
-        halo = conv.dilation[0] * (conv.kernel_size[0] - 1)
-        for r0 in range(0, h, self.rows):
-            r1 = min(h, r0 + self.rows)
-            hidden = F.conv2d(
-                xp[:, :, r0 : r1 + halo], conv.weight, conv.bias, 1, (0, pw), conv.dilation
-            )
-            out[:, :, r0:r1] = cls(torch.relu_(hidden))
-        return out
+        return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
 
-def _tracing() -> bool:
-    """True while tracing for TorchScript / ONNX: shape tests would be frozen into the graph, so
-    the resizes are always recorded (a resize to the same size is exactly the identity)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+def _fuse_children(module: nn.Module) -> None:
+    """Fold, in place and depth first, each BatchNorm into the conv registered just before it.
 
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-class FusedERFNet(ERFNet):
-    """The inference copy made by ``fuse_bn``: same attributes and outputs as the ERFNet.
-
-    ``memory_format`` is applied to the input, so every layer runs in it (channels_last is
-    the fast layout for oneDNN on CPU); the logits come back as a contiguous NCHW tensor.
+    model.py's blocks and ``nn.Sequential`` register a BN right after the conv it normalises,
+    which is what makes this walk generic: a head built from those blocks, or a Sequential of
+    conv / BN / ReLU layers, fuses too. A BN after anything else stays (it is exact in eval).
     """
-
-    def __init__(self, src: ERFNet) -> None:
-        nn.Module.__init__(self)  # the layers come from ``src``, not from fresh random init
-        self.config = dict(src.config)
-        self.num_classes = src.num_classes
-        if hasattr(src, "meta"):
-            self.meta = src.meta
-        self.memory_format = torch.contiguous_format
-        self.encoder = nn.Sequential(*(_fuse_module(m) for m in src.encoder))
-        self.decoder = nn.Sequential(*(_fuse_module(m) for m in src.decoder))
-        self.head = _fuse_module(src.head)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        logits = self.head(self.forward_features(x.contiguous(memory_format=self.memory_format)))
-        # Bilinear resizing is faster in NCHW, and callers expect an ordinary tensor.
-        logits = logits.contiguous()
-        if logits.shape[-2:] != size or _tracing():
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
-
-
-def _fuse_module(m: nn.Module) -> nn.Module:
-    if isinstance(m, DownsamplerBlock):
-        return FusedDownsampler(m)
-    if isinstance(m, NonBottleneck1d):
-        return FusedNonBottleneck1d(m)
-    if isinstance(m, UpsamplerBlock):
-        return FusedUpsampler(m)
-    if isinstance(m, FCNHead):
-        return FusedFCNHead(m)
-    if isinstance(m, DeconvHead):
-        return copy.deepcopy(m)
-    raise TypeError(f"fuse_bn does not know how to fold {type(m).__name__}")
+    previous_name, previous = "", None
+    for name, child in list(module.named_children()):
+        if isinstance(module, DownsamplerBlock) and isinstance(child, BATCHNORMS):
+            n = module.conv.out_channels
+            scale, shift = bn_scale_shift(child)
+            module.conv = _scale_conv(module.conv, scale[:n], shift[:n])
+            scale[:n], shift[:n] = 1.0, 0.0
+            module.bn = ChannelAffine(scale, shift, like=module.conv.weight)
+        elif isinstance(child, BATCHNORMS) and isinstance(previous, CONVS):
+            setattr(module, previous_name, fold_bn_into_conv(previous, child))
+            setattr(module, name, nn.Identity())
+        elif isinstance(child, DROPOUTS):
+            setattr(module, name, nn.Identity())
+        else:
+            _fuse_children(child)
+        previous_name, previous = name, child
 
 
 @torch.no_grad()
-def fuse_bn(model: nn.Module) -> FusedERFNet:
+def fuse_bn(model: nn.Module) -> ERFNet:
     """An eval-mode inference copy of ``model`` (an ERFNet) with every BatchNorm folded away.
 
-    The copy returns the same logits as ``model.eval()`` up to float rounding, for any input
-    size, on the same device and dtype. It is for inference only: no parameter requires grad.
+    The copy is the same ERFNet class running the same ``forward``; it returns the same logits
+    as ``model.eval()`` up to float rounding, for any input size, on the same device and dtype.
+    It is for inference only: no parameter requires grad.
     """
-    from erfnet.checkpoint import unwrap_model
-
     src = unwrap_model(model)
-    if isinstance(src, FusedERFNet):
-        fused = copy.deepcopy(src)
-    elif isinstance(src, ERFNet):
-        fused = FusedERFNet(src)
-    else:
+    if not isinstance(src, ERFNet):
         raise TypeError(f"fuse_bn expects an ERFNet, got {type(src).__name__}")
-    fused.eval()
+    fused = copy.deepcopy(src).eval()
+    _fuse_children(fused)
     for p in fused.parameters():
         p.requires_grad_(False)
     return fused
 
 
-# Strip height of the FCN head on CPU (see FusedFCNHead); measured best among 16 / 32 / 64.
+class HeadInStrips(nn.Module):
+    """Runs ``head`` on horizontal strips of ``rows`` rows (0: whole) and returns NCHW logits.
+
+    On the CPU the FCN head's 128-channel hidden map (67 MB at 512x1024) then never leaves the
+    cache. Each strip carries the rows of context its 3x3 conv needs (``halo``), so each output
+    pixel sees exactly the inputs and weights it sees in the whole-image head.
+    """
+
+    def __init__(self, head: nn.Module, rows: int = 0) -> None:
+        super().__init__()
+        self.head = head
+        self.rows = rows
+        if isinstance(head, FCNHead):
+            self.halo = head.conv.dilation[0] * (head.conv.kernel_size[0] - 1) // 2
+        elif rows > 0:
+            raise ValueError(f"strips need an FCNHead, got {type(head).__name__}")
+        else:
+            self.halo = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[2]
+        if self.rows <= 0 or h <= self.rows:
+            # Contiguous NCHW: bilinear resizing is faster so, and callers expect it.
+            return self.head(x).contiguous()
+        out = None
+        for r0 in range(0, h, self.rows):
+            r1 = min(h, r0 + self.rows)
+            a, b = max(0, r0 - self.halo), min(h, r1 + self.halo)
+            strip = self.head(x[:, :, a:b])[:, :, r0 - a : r1 - a]
+            if out is None:
+                out = strip.new_empty((x.shape[0], strip.shape[1], h, x.shape[3]))
+            out[:, :, r0:r1] = strip
+        return out
+
+
+# Strip height of the FCN head on CPU (see HeadInStrips); measured best among 16 / 32 / 64.
 CPU_HEAD_ROWS = 32
 
 
-def optimize_for_inference(model: nn.Module) -> FusedERFNet:
-    """The fastest exact inference path for ``model`` on its device.
+def optimize_for_inference(model: nn.Module) -> ERFNet:
+    """The fastest exact inference path for ``model`` on its device: ``fuse_bn(model)`` with
+    channels_last weights (oneDNN / cuDNN's fast layout) and, on CPU, the FCN head
+    run in cache-sized strips.
 
-    BatchNorm folded into the convolutions, dropout and Identity modules gone, in-place ReLU
-    and residual adds, channels_last layout (oneDNN / cuDNN's fast path), and on CPU the FCN
-    head run in cache-sized strips. Outputs equal the eval-mode model to float rounding; the
-    result accepts any input size. Lower precision and ``torch.compile`` are not applied here
-    (not exact / compiles per input size); ``scripts/benchmark.py`` measures them.
+    Outputs equal the eval-mode model to float rounding, as a contiguous NCHW tensor, for any
+    input size. Lower precision and ``torch.compile`` are not applied here (not exact /
+    compiles per input size); ``scripts/benchmark.py`` measures them.
     """
-    fused = fuse_bn(model)
-    device = next(fused.parameters()).device
-    fused.memory_format = torch.channels_last
-    fused.to(memory_format=torch.channels_last)
-    if device.type == "cpu" and isinstance(fused.head, FusedFCNHead):
-        fused.head.rows = CPU_HEAD_ROWS
-    return fused
+    fast = fuse_bn(model)
+    cpu = next(fast.parameters()).device.type == "cpu"
+    rows = CPU_HEAD_ROWS if cpu and isinstance(fast.head, FCNHead) else 0
+    fast.head = HeadInStrips(fast.head, rows)
+    # channels_last weights are enough: convolutions then compute in channels_last whatever the
+    # input's layout (converting the input as well measured no faster).
+    fast.to(memory_format=torch.channels_last)
+    return fast
+
+
+ONNX_MIN_OPSET = 17
+
+
+def export_onnx(
+    model: nn.Module,
+    out: str | Path,
+    height: int = 512,
+    width: int = 1024,
+    opset: int = ONNX_MIN_OPSET,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``fuse_bn(model)`` to ``out`` as ONNX with dynamic N, H and W axes.
+
+    The graph takes ``input`` [N, 3, H, W] and returns ``logits`` [N, C, H, W]; ``height`` and
+    ``width`` only size the dummy input used for tracing. ``meta``'s mean, std, class names and
+    palette go into the file's metadata. Needs the optional ``onnx`` package.
+    """
+    import onnx  # optional extra: pip install onnx onnxruntime
+
+    fused = fuse_bn(model).cpu().float()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    # The TorchScript exporter (dynamo=False) needs no onnxscript and keeps H and W dynamic
+    # through model.py's resizes, which are always recorded while exporting.
+    torch.onnx.export(
+        fused,
+        (torch.randn(1, 3, height, width),),
+        str(out),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={"input": axes, "logits": axes},
+        do_constant_folding=True,
+    )
+    if meta:
+        proto = onnx.load(str(out))
+        for key in ("mean", "std", "class_names", "palette"):
+            if key in meta:
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, json.dumps(meta[key])
+        onnx.save(proto, str(out))
+    return out
 
 
 # glibc mallopt parameters (malloc.h).

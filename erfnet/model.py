@@ -21,6 +21,14 @@ ENCODER_DILATIONS = (2, 4, 8, 16, 2, 4, 8, 16)
 HEADS = ("fcn", "deconv")
 
 
+def _needs_resize(x: torch.Tensor, size: torch.Size) -> bool:
+    """True if ``x`` is not ``size`` (H, W) already, and always while tracing for ONNX /
+    TorchScript: the shape test would be frozen into the graph, so the resize is recorded (a
+    bilinear resize to the same size is exactly the identity)."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return tracing or x.shape[-2:] != size
+
+
 class DownsamplerBlock(nn.Module):
     """Strided 3x3 conv beside a 2x2 max-pool, concatenated: halves the resolution."""
 
@@ -34,7 +42,7 @@ class DownsamplerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv(x)
         pool = self.pool(x)
-        if pool.shape[-2:] != conv.shape[-2:]:
+        if _needs_resize(pool, conv.shape[-2:]):
             # Odd input sizes: the conv rounds up, the pool down. mmseg resizes the pool output
             # bilinearly; for equal sizes that resize is the identity, so it is skipped.
             pool = F.interpolate(pool, size=conv.shape[-2:], mode="bilinear", align_corners=False)
@@ -182,9 +190,20 @@ class ERFNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.forward_features(x))
-        if logits.shape[-2:] != x.shape[-2:]:
+        if _needs_resize(logits, x.shape[-2:]):
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -9,7 +9,8 @@ Every comparison is measured side by side in one process: the variants run inter
 call each per round, and the median over rounds is reported, so a busy machine slows every
 variant alike. FLOPs count a multiply-add as 2 (torch.utils.flop_counter); achieved GFLOP/s is
 shown beside the machine's measured peak (a large matmul). Ratios are against the plain eager
-fp32 NCHW model, which is what mmsegmentation and erfnet_pytorch run.
+fp32 NCHW model, which is what mmsegmentation and erfnet_pytorch run. A section is one function
+``section_x(args, model) -> {json key: results}`` and its line in SECTIONS.
 """
 
 from __future__ import annotations
@@ -17,38 +18,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE
+from erfnet.data.cityscapes import CityscapesDataset, time_pipeline
+from erfnet.data.synthetic import make_synthetic_cityscapes
+from erfnet.data.transforms import EvalTransform, TrainTransform
+from erfnet.deploy import export_onnx, fuse_bn, optimize_for_inference
+from erfnet.engine import train_step
+from erfnet.model import ERFNet, count_parameters
 
-from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE  # noqa: E402
-from erfnet.deploy import fuse_bn, optimize_for_inference  # noqa: E402
-from erfnet.model import ERFNet, count_parameters  # noqa: E402
-
-SECTIONS = ("flops", "infer", "malloc", "train", "data")
-Size = tuple[int, int]
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "eager fp32 NCHW"
+# erfnet.deploy.tune_cpu_allocator()'s setting, as glibc's environment variables.
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> Size:
+def parse_size(text: str) -> tuple[int, int]:
     """'512x1024' (HxW) -> (512, 1024)."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -64,32 +69,429 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(model: nn.Module, size: Size, batch: int = 1) -> int:
+def count_flops(model: nn.Module, size: tuple[int, int], batch: int = 1) -> int:
     """FLOPs of one forward pass (multiply-add = 2), counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(batch, 3, *size, device=next(model.parameters()).device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Measured GFLOP/s of an n x n x n matmul (best of ``repeats``): the practical peak.
+def interleaved(fns: dict[str, Callable], device: torch.device, repeats: int, warmup: int = 1,
+                budget_s: float = float("inf")) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per call of every function, in rounds of one call each, after ``warmup`` untimed
+    rounds; fewer rounds (at least 3) when ``repeats`` would take longer than ``budget_s``."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    start = time.perf_counter()
+    for r in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+        if r >= 2 and (time.perf_counter() - start) / (r + 1) * (r + 2) > budget_s:
+            break
+    return times
 
-    The best run, not the median: a peak is what the machine can do when nothing else runs.
-    """
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = []
-    for i in range(repeats + 1):
+
+@functools.cache
+def matmul_peak(device: torch.device, quick: bool, approx: bool) -> dict[str, float]:
+    """GFLOP/s of an n^3 matmul per dtype, best of 5: the most the machine can do. On CUDA fp32
+    convolutions run in TF32 (cudnn.allow_tf32), so both fp32 and tf32 are measured."""
+    n = 256 if quick else 8192 if device.type == "cuda" else 4096
+    dtypes = {"fp32": torch.float32}
+    if device.type == "cuda":
+        dtypes |= {"tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    elif approx:
+        dtypes["bf16"] = torch.bfloat16
+    peak, tf32 = {}, torch.backends.cuda.matmul.allow_tf32
+    for key, dtype in dtypes.items():
+        torch.backends.cuda.matmul.allow_tf32 = key == "tf32"
+        a = torch.randn(n, n, device=device).to(dtype)
+        mm = functools.partial(torch.matmul, a, a)
+        peak[key] = 2 * n**3 / min(interleaved({"mm": mm}, device, 5)["mm"]) / 1e9
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    show(f"Measured matmul peak ({n}^3)", [{"dtype": k, "GFLOP/s": v} for k, v in peak.items()])
+    return peak
+
+
+def show(title: str, rows: list[dict], columns: dict[str, Callable | str] | None = None) -> None:
+    """Print ``rows`` as a fixed-width table: header -> row key or function of the row."""
+    columns = columns or {k: k for k in rows[0]}
+    get = {h: (c if callable(c) else lambda r, c=c: r[c]) for h, c in columns.items()}
+    cells = [list(columns)] + [[_fmt(get[h](r)) for h in columns] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    left = [j == 0 or h in ("note", "transform") for j, h in enumerate(columns)]
+    print(f"\n{title}")
+    for i, r in enumerate(cells):
+        line = (c.ljust(w) if lj else c.rjust(w) for c, w, lj in zip(r, widths, left, strict=True))
+        print("  ".join(line).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
+    return str(v)
+
+
+def section_flops(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """Parameters and per-image FLOPs at each size."""
+    backbone = sum(count_parameters(m) for m in (model.encoder, model.decoder))
+    out = {"params": count_parameters(model), "params_backbone": backbone, "flops": {}}
+    rows = [{"": "parameters (backbone + head)", "value": f"{out['params']:,}", "GMAC": ""},
+            {"": "parameters (backbone)", "value": f"{backbone:,}", "GMAC": ""}]  # fmt: skip
+    for h, w in args.sizes:
+        flops = out["flops"][f"{h}x{w}"] = count_flops(model, (h, w))
+        rows.append({"": f"FLOPs at {h}x{w}", "value": f"{flops / 1e9:.2f} G",
+                     "GMAC": f"{flops / 2e9:.2f}"})  # fmt: skip
+    show("Model size (FLOPs: multiply-add = 2)", rows)
+    return {"model": out}
+
+
+def agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of pixels whose argmax class equals the reference's."""
+    return float((out.argmax(1) == ref.argmax(1)).double().mean())
+
+
+def autocast(fn: Callable, device: torch.device, dtype: torch.dtype) -> Callable:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(x)
+
+    return run
+
+
+def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
+    """Capture ``fn(x)`` into a CUDA graph; the returned callable replays it on ``x``'s buffer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x)
+
+    def replay(_x: torch.Tensor) -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def onnxruntime_variant(model: nn.Module) -> Callable | None:
+    """erfnet.deploy.export_onnx's graph run by onnxruntime; None without onnx/onnxruntime."""
+    try:
+        import onnxruntime  # optional extra, as is onnx
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(None):
+        path = export_onnx(model, Path(tmp) / "erfnet.onnx", 64, 128)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
+
+
+def infer_variants(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, compile_now: bool
+                   ) -> dict[str, tuple[Callable, str]]:  # fmt: skip
+    """name -> (callable on the NCHW fp32 batch ``x``, note). The first is the baseline."""
+    device, cuda = args.device, args.device.type == "cuda"
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    fast = optimize_for_inference(model)
+    v = {BASELINE: (model, "baseline (mmseg / erfnet_pytorch)"),
+         "channels_last": (lambda x: cl(x.contiguous(memory_format=torch.channels_last)), ""),
+         "fused BN": (fuse_bn(model), "fuse_bn, NCHW"),
+         "fast": (fast, "optimize_for_inference (load_model fast=True)")}  # fmt: skip
+    if compile_now:
+        compiled = torch.compile(optimize_for_inference(model))
+        if not cuda:  # inductor's freezing: weights as constants, oneDNN prepacking
+            compiled = inductor_config.patch(freezing=True)(compiled)
+        v["torch.compile(fast)"] = (compiled, "inductor" + ("" if cuda else ", freezing"))
+    if cuda:
+        v["fast + fp16 autocast"] = (autocast(fast, device, torch.float16), "approximate")
+        v["fast + bf16 autocast"] = (autocast(fast, device, torch.bfloat16), "approximate")
+        with torch.inference_mode():
+            graph = cuda_graph(v["fast + fp16 autocast"][0], x)
+        v["fast + fp16 + CUDA graph"] = (graph, "approximate; graph replay")
+    elif (ort := onnxruntime_variant(model)) is not None:
+        v["onnxruntime"] = (ort, "export_onnx graph, CPUExecutionProvider")
+    if not cuda and args.approx:
+        bf16 = autocast(fast, device, torch.bfloat16)
+        v["fast + bf16 autocast"] = (bf16, "approximate (AVX512-BF16 / AMX)")
+    return v
+
+
+def section_infer(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """Latency / throughput and equivalence of every variant at every (size, batch)."""
+    device, cuda, rows = args.device, args.device.type == "cuda", []
+    peak = matmul_peak(device, args.quick, args.approx)
+    fp32 = "tf32" if cuda and torch.backends.cudnn.allow_tf32 else "fp32"
+    for i, (size, batch) in enumerate(args.infer_configs):
+        torch.manual_seed(0)
+        x = torch.randn(batch, 3, *size, device=device)
+        compile_now = args.compile == "all" or (args.compile == "first" and i == 0)
+        variants = infer_variants(args, model, x, compile_now)
+        flops = count_flops(model, size, batch)
+        with torch.inference_mode():
+            ref, outs, first_s = model(x).float(), {}, {}
+            for name, (fn, _) in variants.items():
+                t = time.perf_counter()
+                outs[name] = fn(x).float()
+                sync(device)
+                first_s[name] = time.perf_counter() - t
+            fns = {name: functools.partial(fn, x) for name, (fn, _) in variants.items()}
+            times = interleaved(fns, device, args.repeats, args.warmup, args.budget)
+        base, table = statistics.median(times[BASELINE]), []
+        for name, (_, note) in variants.items():
+            med, out = statistics.median(times[name]), outs[name]
+            dtype = next((k for k in ("fp16", "bf16") if k in name), fp32)
+            table.append({"size": f"{size[0]}x{size[1]}", "batch": batch, "variant": name,
+                          "median_ms": med * 1e3, "min_ms": min(times[name]) * 1e3,
+                          "runs": len(times[name]), "images_per_s": batch / med,
+                          "gflops_per_s": flops / med / 1e9, "peak_dtype": dtype,
+                          "fraction_of_peak": flops / med / 1e9 / peak.get(dtype, float("nan")),
+                          "speedup": base / med, "max_abs_diff": float((out - ref).abs().max()),
+                          "argmax_agreement": agreement(out, ref),
+                          "note": note})  # fmt: skip
+            if name.startswith("torch.compile"):
+                table[-1]["compile_s"] = first_s[name]
+        show(f"Inference {size[0]}x{size[1]}, batch {batch}, {device.type} (median of "
+             f"{len(times[BASELINE])} interleaved runs; {fp32} peak "
+             f"{peak.get(fp32, float('nan')):.0f} GFLOP/s)", table,
+             {"variant": "variant", "ms": "median_ms", "img/s": "images_per_s",
+              "GFLOP/s": "gflops_per_s",
+              "of peak": lambda r: f"{100 * r['fraction_of_peak']:.0f}% {r['peak_dtype']}",
+              "speedup": lambda r: f"{r['speedup']:.2f}x",
+              "max|diff|": lambda r: f"{r['max_abs_diff']:.1e}",
+              "argmax%": lambda r: f"{100 * r['argmax_agreement']:.3f}",
+              "note": "note"})  # fmt: skip
+        rows += table
+    return {"peak_gflops": peak, "infer": rows}
+
+
+def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The infer section at the first size, batch 1, in one process per glibc malloc setting:
+    the default, and erfnet.deploy.tune_cpu_allocator()'s (set through glibc's environment)."""
+    (h, w), rows = args.sizes[0], []
+    for allocator, env in (("default", {}), ("tuned", TUNED_MALLOC)):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "scripts.benchmark", "--sections", "infer", "--device",
+                   "cpu", "--sizes", f"{h}x{w}", "--batch", "1", "--compile", "off", "--no-approx",
+                   "--repeats", str(args.repeats), "--json", f"{tmp}/out.json",
+                   *(["--threads", str(args.threads)] if args.threads else []),
+                   *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                   *(["--quick"] if args.quick else [])]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: malloc run failed:\n{proc.stderr.decode()[-2000:]}")
+            rows += [{**r, "allocator": allocator, "speedup": None}
+                     for r in json.loads(Path(f"{tmp}/out.json").read_text())["infer"]]  # fmt: skip
+    for r in rows:  # against the baseline with the default allocator
+        r["speedup"] = rows[0]["median_ms"] / r["median_ms"]
+    show(f"Allocator (process-wide): {h}x{w}, batch 1, one process each", rows,
+         {"variant": "variant", "allocator": "allocator", "ms": "median_ms",
+          "speedup": lambda r: f"{r['speedup']:.2f}x"})  # fmt: skip
+    return {"malloc": rows}
+
+
+def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """One SGD iteration (forward, loss, backward, step): plain eager vs our training path."""
+    device, cuda, (h, w), batch = args.device, args.device.type == "cuda", *args.train_shape
+    torch.manual_seed(0)
+    net = ERFNet()
+    x = torch.randn(batch, 3, h, w, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch, h, w), device=device)
+    y[:, :4] = IGNORE_INDEX  # a few ignored pixels, as in real labels
+
+    def step(ours: bool, amp: torch.dtype | None = None) -> Callable[[], Any]:
+        layout = torch.channels_last if ours else torch.contiguous_format
+        m = copy.deepcopy(net).to(device, memory_format=layout).train()
+        opt = torch.optim.SGD(m.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum,
+                              weight_decay=RECIPE.weight_decay)  # fmt: skip
+        if ours:
+            scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+            xcl = x.contiguous(memory_format=layout)
+            return lambda: train_step(m, xcl, y, opt, scaler, autocast_dtype=amp)
+
+        def plain() -> None:  # what mmseg runs: NCHW fp32, CE with ignore_index, SGD
+            loss = F.cross_entropy(m(x), y, ignore_index=IGNORE_INDEX)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return plain
+
+    variants = {BASELINE: (step(False), "as mmseg"),
+                "channels_last": (step(True), "erfnet.engine.train_step, same maths")}  # fmt: skip
+    if cuda:
+        variants["channels_last + fp16 AMP"] = (step(True, torch.float16), "approximate")
+    # Peak memory of one iteration per variant, before the timing. On the CPU only the process's
+    # peak RSS so far is known (ru_maxrss): cumulative, so later variants show at least the max.
+    memory, kind = {}, "cuda max_memory_allocated" if cuda else "process peak RSS"
+    for name, (fn, _) in variants.items():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        fn()
         sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:  # the first call is the warm-up
-            times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
+        memory[name] = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)  # fmt: skip
+    fns = {name: fn for name, (fn, _) in variants.items()}
+    times = interleaved(fns, device, max(3, args.repeats // 2), max(0, args.warmup - 1),
+                        args.budget * 2)  # fmt: skip
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = [{"size": f"{h}x{w}", "batch": batch, "variant": name, "median_s": med[name],
+             "min_s": min(times[name]), "runs": len(times[name]),
+             "images_per_s": batch / med[name], "speedup": med[BASELINE] / med[name],
+             "peak_memory_mb": memory[name], "memory_kind": kind, "note": note}
+            for name, (_, note) in variants.items()]  # fmt: skip
+    show(f"Training iteration (fwd + bwd + SGD), {h}x{w}, batch {batch}, {device.type} "
+         f"(median of {len(times[BASELINE])} interleaved runs)", rows,
+         {"variant": "variant", "s/iter": "median_s", "img/s": "images_per_s",
+          "speedup": lambda r: f"{r['speedup']:.2f}x", f"{kind} MiB": "peak_memory_mb",
+          "note": "note"})  # fmt: skip
+    return {"train": rows}
+
+
+def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """Images/s of one loader worker (decode + transform) for the train and val pipelines."""
+    (h, w), n, rows = ((128, 256) if args.quick else (1024, 2048)), args.data_images, []
+    with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
+        root = Path(args.data) if args.data else make_synthetic_cityscapes(
+            Path(tmp) / "cityscapes", train=n, val=n, test=0, size=(w, h), seed=0, extras=False)  # fmt: skip  # noqa: E501
+        made = args.data or f"synthetic {n}+{n} images at {w}x{h} (WxH)"
+        tfs = ({"train": TrainTransform(crop_size=(h // 2, w // 2), scale=(h, w)),
+                "val": EvalTransform(scale=(h, w))} if args.quick else
+               {"train": TrainTransform(), "val": EvalTransform()})  # fmt: skip
+        for split, tf in tfs.items():
+            torch.manual_seed(0)
+            res = time_pipeline(CityscapesDataset(root, split, transform=tf),
+                                num=3 if args.quick else 8, warmup=1, threads=1)  # fmt: skip
+            rows.append({"split": split, "transform": repr(tf), "dataset": made, **res,
+                         "transform_name": type(tf).__name__})  # fmt: skip
+    show(f"Data pipeline, one worker (1 torch thread): {made}", rows,
+         {"split": "split", "images/s": "images_per_s", "load s": "load_s",
+          "transform s": "transform_s", "transform": "transform_name"})  # fmt: skip
+    return {"data": rows}
+
+
+# --sections name -> section, run in this order. Adding a section: its function and a line here.
+SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] = {
+    "flops": section_flops,
+    "infer": section_infer,
+    "malloc": section_malloc,  # CPU only: the CUDA caching allocator does not use malloc
+    "train": section_train,
+    "data": section_data,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add = p.add_argument
+    add("--sections", nargs="+", default=["all"], choices=[*SECTIONS, "all"], help="default all")
+    add("--sizes", nargs="+", type=parse_size, help="HxW sizes (default 512x1024 1024x2048)")
+    add("--batch", type=int, help="inference batch besides 1 (default 8 CUDA; CPU 2, first size)")
+    add("--train-batch", type=int, help="training batch (default: 2 CPU, 8 CUDA)")
+    add("--repeats", type=int, help="timed rounds per comparison (default: 7 CPU, 30 CUDA)")
+    add("--warmup", type=int, help="untimed rounds (default 1 CPU, 5 CUDA)")
+    add("--budget", type=float, help="seconds per comparison before fewer rounds (default 25)")
+    add("--compile", choices=("off", "first", "all"), help="torch.compile at the first size and"
+        " batch, all, or off (default first CPU, all CUDA; compiles per input shape)")  # fmt: skip
+    add("--no-approx", dest="approx", action="store_false", help="skip bf16 / fp16 variants")
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add("--checkpoint", help="our checkpoint (default: random weights and BN statistics)")
+    add("--data", metavar="ROOT", help="Cityscapes root (default: a synthetic one in a temp dir)")
+    add("--data-images", type=int, default=4, help="synthetic images per split")
+    add("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
+    add("--json", metavar="OUT.json", help="write all results here")
+    args = p.parse_args(argv)
+    for name in ("batch", "train_batch", "repeats", "data_images", "threads"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.data and not Path(args.data).is_dir():
+        p.error(f"--data {args.data}: not a directory")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name}: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on the device and on --quick."""
+    cuda, quick = args.device.type == "cuda", args.quick
+    batch_given, big = args.batch is not None, cuda and not quick
+    args.sizes = args.sizes or ([(64, 128)] if quick else [(512, 1024), (1024, 2048)])
+    args.batch = args.batch or (8 if big else 2)
+    args.repeats = args.repeats or (3 if quick else 30 if cuda else 7)
+    args.warmup = args.warmup if args.warmup is not None else 5 if big else 1
+    args.budget = args.budget or (float("inf") if quick else 25.0)
+    args.compile = args.compile or ("off" if quick else "all" if cuda else "first")
+    args.train_shape = (args.sizes[0] if quick else RECIPE.crop_size), args.train_batch or 2
+    if big and args.train_batch is None:
+        args.train_shape = args.train_shape[0], 8
+    # Batch N at every size, except on the CPU by default: only at the first size there.
+    args.infer_configs = [(s, b) for s in args.sizes for b in sorted({1, args.batch})
+                          if cuda or batch_given or b == 1 or s == args.sizes[0]]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
+    resolve_defaults(args)
+    cuda = args.device.type == "cuda"
+    if args.checkpoint:
+        try:
+            model = load_model(args.checkpoint, args.device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: --checkpoint: {e}") from None
+    else:
+        torch.manual_seed(0)
+        model = randomise_bn(ERFNet()).to(args.device).eval()
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.engine) run
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(args.device)}  # fmt: skip
+    if cuda:
+        info |= {"gpu": torch.cuda.get_device_name(args.device),
+                 "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+    weights = args.checkpoint or "random (seed 0) with random BatchNorm statistics"
+    results: dict[str, Any] = {"machine": info, "weights": weights, "args": vars(args)}
+    print(f"erfnet benchmark on {args.device}: {info['processor']}"
+          f"{' / ' + info['gpu'] if cuda else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    started = time.perf_counter()
+    for name, section in SECTIONS.items():
+        if ("all" in args.sections or name in args.sections) and not (name == "malloc" and cuda):
+            results |= section(args, model)
+    results["total_s"] = time.perf_counter() - started
+    print(f"\ntotal {results['total_s']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return results
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -106,731 +508,11 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def peak_rss_reset() -> bool:
-    """Reset the process's peak RSS (Linux /proc/self/clear_refs); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, B on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def current_rss_mb() -> float | None:
-    """Resident set size now, in MiB (Linux), else None."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def interleaved(
-    fns: dict[str, Callable[[], Any]],
-    device: torch.device,
-    repeats: int,
-    warmup: int = 1,
-    budget_s: float | None = None,
-) -> dict[str, list[float]]:
-    """Seconds per call of every function, measured in rounds (one call of each per round).
-
-    After ``warmup`` untimed rounds, runs ``repeats`` rounds, or fewer (at least 3) when
-    ``budget_s`` would be exceeded.
-    """
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    start = time.perf_counter()
-    for r in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-        spent = time.perf_counter() - start
-        if budget_s is not None and r >= 2 and spent / (r + 1) * (r + 2) > budget_s:
-            break
-    return times
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A plain fixed-width table; text columns (first and 'note') left-aligned."""
-    cells = [[str(h) for h in header]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    left = [i == 0 or h in ("note", "transform") for i, h in enumerate(header)]
-    print(f"\n{title}")
-    for i, r in enumerate(cells):
-        cols = zip(r, widths, left, strict=True)
-        print("  ".join(c.ljust(w) if lj else c.rjust(w) for c, w, lj in cols).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != v:  # nan
-            return "-"
-        if abs(v) >= 100:
-            return f"{v:.0f}"
-        if abs(v) >= 1:
-            return f"{v:.2f}"
-        return f"{v:.3g}"
-    return "-" if v is None else str(v)
-
-
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
-
-
-def section_flops(model: nn.Module, sizes: Sequence[Size]) -> dict[str, Any]:
-    """Parameters and per-image FLOPs at each size."""
-    backbone = sum(count_parameters(m) for m in (model.encoder, model.decoder))
-    out: dict[str, Any] = {
-        "params": count_parameters(model),
-        "params_backbone": backbone,
-        "flops": {},
-    }
-    rows = [["parameters (backbone + head)", f"{out['params']:,}", ""]]
-    rows.append(["parameters (backbone)", f"{backbone:,}", ""])
-    for size in sizes:
-        flops = count_flops(model, size)
-        out["flops"][f"{size[0]}x{size[1]}"] = flops
-        rows.append([f"FLOPs at {size[0]}x{size[1]}", f"{flops / 1e9:.2f} G", f"{flops / 2e9:.2f}"])
-    print_table("Model size (FLOPs: multiply-add = 2)", ["", "value", "GMAC"], rows)
-    return out
-
-
-def _compile(model: nn.Module, device: torch.device) -> nn.Module:
-    """torch.compile; on CPU with inductor's freezing (weights as constants, oneDNN prepacking)."""
-    compiled = torch.compile(model)
-    if device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        def call(x: torch.Tensor) -> torch.Tensor:
-            with inductor_config.patch(freezing=True):
-                return compiled(x)
-
-        return call  # type: ignore[return-value]
-    return compiled
-
-
-_ORT_CACHE: dict[int, Any] = {}
-
-
-def _onnxruntime_session(model: nn.Module) -> Any:
-    """An onnxruntime session of the exported model (scripts/export_onnx.py), or None when
-    onnx / onnxruntime are not installed. Exported once per model (dynamic H and W)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    if id(model) not in _ORT_CACHE:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "_erfnet_export_onnx", Path(__file__).resolve().parent / "export_onnx.py"
-        )
-        export_onnx = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(export_onnx)
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(None):
-            path = export_onnx.export(model, Path(tmp) / "erfnet.onnx", 64, 128)
-            _ORT_CACHE[id(model)] = ort.InferenceSession(
-                str(path), providers=["CPUExecutionProvider"]
-            )
-    return _ORT_CACHE[id(model)]
-
-
-def _cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable:
-    """Capture ``fn(x)`` into a CUDA graph; the returned callable replays it on ``x``'s buffer."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x)
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
-
-
-def build_infer_variants(
-    model: nn.Module, device: torch.device, x: torch.Tensor, compile_now: bool, approx: bool
-) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]]:
-    """name -> (callable on the NCHW fp32 batch ``x``, note). The first is the baseline.
-
-    The CUDA-graph variant replays a graph captured on ``x`` itself (its output is static too).
-    """
-    plain = copy.deepcopy(model).eval()
-    cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    fused = fuse_bn(model)
-    fast = optimize_for_inference(model)
-    v: dict[str, tuple[Callable, str]] = {
-        "eager fp32 NCHW": (plain, "baseline (mmseg / erfnet_pytorch)"),
-        "channels_last": (lambda x: cl(x.contiguous(memory_format=torch.channels_last)), ""),
-        "fused BN": (fused, "fuse_bn, NCHW"),
-        "fast": (fast, "optimize_for_inference (load_model fast=True)"),
-    }
-    if compile_now:
-        compiled = _compile(optimize_for_inference(model), device)
-        v["torch.compile(fast)"] = (
-            compiled,
-            "inductor" + (", freezing" if device.type == "cpu" else ""),
-        )
-    if device.type == "cuda":
-        for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-
-            def run(x: torch.Tensor, dt: torch.dtype = dt) -> torch.Tensor:
-                with torch.autocast("cuda", dtype=dt):
-                    return fast(x)
-
-            v[f"fast + {name} autocast"] = (run, "approximate")
-        with torch.inference_mode():
-            graph = _cuda_graph(v["fast + fp16 autocast"][0], x)
-        v["fast + fp16 + CUDA graph"] = (lambda _x: graph(), "approximate; graph replay")
-    else:
-        session = _onnxruntime_session(model)
-        if session is not None:
-
-            def run_ort(x: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
-
-            v["onnxruntime"] = (run_ort, "export_onnx.py graph, CPUExecutionProvider")
-    if device.type == "cpu" and approx:
-
-        def run_bf16(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return fast(x)
-
-        v["fast + bf16 autocast"] = (run_bf16, "approximate (AVX512-BF16 / AMX)")
-    return v
-
-
-def section_infer(
-    model: nn.Module,
-    device: torch.device,
-    configs: Sequence[tuple[Size, int]],
-    repeats: int,
-    warmup: int,
-    budget_s: float,
-    compile_mode: str,
-    approx: bool,
-    peak: dict[str, float],
-) -> list[dict[str, Any]]:
-    """Latency / throughput of every variant at every (size, batch), side by side."""
-    rows: list[dict[str, Any]] = []
-    first = True
-    flops_per_image = {s: count_flops(model, s) for s in {c[0] for c in configs}}
-    # fp32 convolutions run in TF32 on CUDA by default (torch.backends.cudnn.allow_tf32).
-    fp32_key = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
-
-    def peak_of(variant: str) -> tuple[str, float]:
-        key = next((k for k in ("fp16", "bf16") if k in variant), fp32_key)
-        return key, peak.get(key, float("nan"))
-
-    for size, batch in configs:
-        compile_now = compile_mode == "all" or (compile_mode == "first" and first)
-        first = False
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, *size, device=device)
-        variants = build_infer_variants(model, device, x, compile_now, approx)
-        compile_s = None
-        with torch.inference_mode():
-            ref = variants["eager fp32 NCHW"][0](x).float()
-            outs = {}
-            for name, (fn, _) in variants.items():
-                t = time.perf_counter()
-                outs[name] = fn(x).float()
-                sync(device)
-                if name.startswith("torch.compile"):
-                    compile_s = time.perf_counter() - t
-            fns = {name: (lambda fn=fn, x=x: fn(x)) for name, (fn, _) in variants.items()}
-            times = interleaved(fns, device, repeats, warmup, budget_s)
-        base = statistics.median(times["eager fp32 NCHW"])
-        flops = flops_per_image[size] * batch
-        for name, (_, note) in variants.items():
-            med = statistics.median(times[name])
-            out = outs[name]
-            row = {
-                "size": f"{size[0]}x{size[1]}",
-                "batch": batch,
-                "variant": name,
-                "median_ms": med * 1e3,
-                "min_ms": min(times[name]) * 1e3,
-                "runs": len(times[name]),
-                "images_per_s": batch / med,
-                "gflops_per_s": flops / med / 1e9,
-                "peak_dtype": peak_of(name)[0],
-                "fraction_of_peak": flops / med / 1e9 / peak_of(name)[1],
-                "speedup": base / med,
-                "max_abs_diff": float((out - ref).abs().max()),
-                "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()),
-                "note": note,
-            }
-            if name.startswith("torch.compile"):
-                row["compile_s"] = compile_s
-            rows.append(row)
-        del variants, outs, fns
-        table = [
-            [
-                r["variant"],
-                r["median_ms"],
-                r["images_per_s"],
-                r["gflops_per_s"],
-                f"{100 * r['fraction_of_peak']:.0f}% {r['peak_dtype']}",
-                f"{r['speedup']:.2f}x",
-                f"{r['max_abs_diff']:.1e}",
-                f"{100 * r['argmax_agreement']:.3f}",
-                r["note"],
-            ]
-            for r in rows
-            if r["size"] == f"{size[0]}x{size[1]}" and r["batch"] == batch
-        ]
-        print_table(
-            f"Inference {size[0]}x{size[1]}, batch {batch}, {device.type} "
-            f"(median of {len(times['eager fp32 NCHW'])} interleaved runs; "
-            f"{fp32_key} peak {peak.get(fp32_key, float('nan')):.0f} GFLOP/s)",
-            ["variant", "ms", "img/s", "GFLOP/s", "of peak", "speedup", "max|diff|", "argmax%",
-             "note"],
-            table,
-        )  # fmt: skip
-    return rows
-
-
-def child_malloc(mode: str, size: Size, repeats: int) -> None:
-    """One process of the malloc section: eager vs fast, interleaved, with glibc's default
-    allocator or ``erfnet.deploy.tune_cpu_allocator()``; prints one ``CHILD {json}`` line."""
-    from erfnet.deploy import tune_cpu_allocator
-
-    applied = tune_cpu_allocator() if mode == "tuned" else False
-    torch.manual_seed(0)
-    model = randomise_bn(ERFNet()).eval()
-    fast = optimize_for_inference(model)
-    x = torch.randn(1, 3, *size)
-    with torch.inference_mode():
-        times = interleaved({"eager": lambda: model(x), "fast": lambda: fast(x)},
-                            torch.device("cpu"), repeats, warmup=1)  # fmt: skip
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    print("CHILD " + json.dumps({"mode": mode, "applied": applied, "times": times,
-                                 "minor_faults": faults}))  # fmt: skip
-
-
-def section_malloc(size: Size, rounds: int, repeats: int, threads: int | None) -> list[dict]:
-    """The allocator is process-wide, so this comparison runs in separate processes, default
-    and tuned alternated ``rounds`` times; each process times eager and fast interleaved."""
-    import subprocess
-
-    times: dict[tuple[str, str], list[float]] = {}
-    applied = True
-    for _ in range(rounds):
-        for mode in ("default", "tuned"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child-malloc", mode,
-                   "--sizes", f"{size[0]}x{size[1]}", "--repeats", str(repeats)]  # fmt: skip
-            if threads:
-                cmd += ["--threads", str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
-            if proc.returncode != 0 or not lines:
-                raise SystemExit(f"error: malloc child failed:\n{proc.stderr[-2000:]}")
-            res = json.loads(lines[-1][len("CHILD ") :])
-            applied = applied and (res["applied"] or mode == "default")
-            for variant, ts in res["times"].items():
-                times.setdefault((variant, mode), []).extend(ts)
-    base = statistics.median(times[("eager", "default")])
-    rows = []
-    for (variant, mode), ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"size": f"{size[0]}x{size[1]}", "batch": 1, "variant": variant,
-                     "allocator": mode, "median_ms": med * 1e3, "runs": len(ts),
-                     "speedup": base / med, "tuned_applied": applied})  # fmt: skip
-    print_table(
-        f"Allocator (process-wide): {size[0]}x{size[1]}, batch 1, {rounds} processes each, "
-        f"alternated (median of {len(times[('eager', 'default')])} runs)"
-        + ("" if applied else " [tuning unavailable here: not glibc]"),
-        ["variant", "allocator", "ms", "speedup"],
-        [[r["variant"], r["allocator"], r["median_ms"], f"{r['speedup']:.2f}x"] for r in rows],
-    )
-    return rows
-
-
-def _train_setup(
-    model: nn.Module, device: torch.device, channels_last: bool
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    m = copy.deepcopy(model).to(device).train()
-    if channels_last:
-        m.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(
-        m.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay
-    )
-    return m, opt
-
-
-def section_train(
-    device: torch.device, size: Size, batch: int, repeats: int, warmup: int, budget_s: float
-) -> list[dict[str, Any]]:
-    """One SGD iteration (forward, loss, backward, step): plain eager vs our training path."""
-    torch.manual_seed(0)
-    model = ERFNet()
-    x = torch.randn(batch, 3, *size, device=device)
-    y = torch.randint(0, NUM_CLASSES, (batch, *size), device=device)
-    y[:, :4] = IGNORE_INDEX  # a few ignored pixels, as in real labels
-
-    def plain_step(m: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], float]:
-        # What mmseg runs: NCHW fp32, CE with ignore_index, SGD with momentum and weight decay.
-        def step() -> float:
-            loss = F.cross_entropy(m(x), y, ignore_index=IGNORE_INDEX)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            return float(loss.detach())
-
-        return step
-
-    def ours_step(
-        m: nn.Module, opt: torch.optim.Optimizer, amp: torch.dtype | None = None
-    ) -> Callable[[], float]:
-        from erfnet.engine import train_step
-
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-        return lambda: train_step(m, xcl, y, opt, scaler, autocast_dtype=amp)
-
-    variants: dict[str, tuple[Callable[[], float], str]] = {}
-    variants["eager fp32 NCHW"] = (plain_step(*_train_setup(model, device, False)), "as mmseg")
-    variants["channels_last"] = (
-        ours_step(*_train_setup(model, device, True)),
-        "erfnet.engine.train_step, same maths",
-    )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the recipe and erfnet.engine do
-        variants["channels_last + fp16 AMP"] = (
-            ours_step(*_train_setup(model, device, True), amp=torch.float16),
-            "approximate (not the recipe's fp32)",
-        )
-    fns = {k: v[0] for k, v in variants.items()}
-    # Peak memory of one iteration per variant, measured before the timing runs.
-    memory: dict[str, float] = {}
-    before: dict[str, float] = {}
-    rss_resettable = True
-    for name, fn in fns.items():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            fn()
-            torch.cuda.synchronize(device)
-            memory[name] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            rss_resettable = peak_rss_reset() and rss_resettable
-            before[name] = current_rss_mb()
-            fn()
-            memory[name] = peak_rss_mb()
-    times = interleaved(fns, device, repeats, warmup=max(0, warmup - 1), budget_s=budget_s)
-    base = statistics.median(times["eager fp32 NCHW"])
-    rows = []
-    for name, (_, note) in variants.items():
-        med = statistics.median(times[name])
-        rows.append(
-            {
-                "size": f"{size[0]}x{size[1]}",
-                "batch": batch,
-                "variant": name,
-                "median_s": med,
-                "min_s": min(times[name]),
-                "runs": len(times[name]),
-                "images_per_s": batch / med,
-                "speedup": base / med,
-                "peak_memory_mb": memory[name],
-                "memory_before_mb": before.get(name),
-                "memory_kind": "cuda max_memory_allocated"
-                if device.type == "cuda"
-                else ("peak RSS" if rss_resettable else "process peak RSS (not resettable)"),
-                "note": note,
-            }
-        )
-    mem_col = "max alloc MiB" if device.type == "cuda" else "peak RSS MiB"
-    print_table(
-        f"Training iteration (fwd + bwd + SGD), {size[0]}x{size[1]}, batch {batch}, "
-        f"{device.type} (median of {len(times['eager fp32 NCHW'])} interleaved runs)",
-        ["variant", "s/iter", "img/s", "speedup", mem_col, "(RSS before)", "note"],
-        [
-            [r["variant"], r["median_s"], r["images_per_s"], f"{r['speedup']:.2f}x",
-             r["peak_memory_mb"], r["memory_before_mb"], r["note"]]
-            for r in rows
-        ],
-    )  # fmt: skip
-    return rows
-
-
-def section_data(
-    root: Path | None, size: Size, images: int, repeats: int, quick: bool
-) -> list[dict[str, Any]]:
-    """Images/s of one loader worker (decode + transform) for the train and val pipelines."""
-    from erfnet.data.cityscapes import CityscapesDataset, time_pipeline
-    from erfnet.data.synthetic import make_synthetic_cityscapes
-    from erfnet.data.transforms import EvalTransform, TrainTransform
-
-    with contextlib.ExitStack() as stack:
-        if root is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="erfnet_bench_")))
-            t = time.perf_counter()
-            root = make_synthetic_cityscapes(
-                tmp / "cityscapes", train=images, val=images, test=0, size=(size[1], size[0]),
-                seed=0, extras=False,
-            )  # fmt: skip
-            made = f"synthetic {images}+{images} images at {size[1]}x{size[0]} (WxH), written in " \
-                f"{time.perf_counter() - t:.1f} s"  # fmt: skip
-        else:
-            made = str(root)
-        if quick:
-            train_tf = TrainTransform(crop_size=(size[0] // 2, size[1] // 2), scale=size)
-            val_tf = EvalTransform(scale=size)
-        else:
-            train_tf, val_tf = TrainTransform(), EvalTransform()
-        rows = []
-        for split, tf in (("train", train_tf), ("val", val_tf)):
-            ds = CityscapesDataset(root, split, transform=tf)
-            torch.manual_seed(0)
-            res = time_pipeline(ds, num=repeats, warmup=1, threads=1)
-            rows.append({"split": split, "transform": repr(tf), "dataset": made, **res})
-            rows[-1]["transform_name"] = type(tf).__name__
-    print_table(
-        f"Data pipeline, one worker (1 torch thread): {made}",
-        ["split", "images/s", "load s", "transform s", "transform"],
-        [[r["split"], r["images_per_s"], r["load_s"], r["transform_s"], r["transform_name"]]
-         for r in rows],
-    )  # fmt: skip
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--sections", nargs="+", default=["all"], choices=[*SECTIONS, "all"],
-        help="what to measure (default: all)",
-    )  # fmt: skip
-    p.add_argument(
-        "--sizes", nargs="+", type=parse_size, default=None,
-        help="HxW input sizes for FLOPs and inference (default: 512x1024 1024x2048)",
-    )  # fmt: skip
-    p.add_argument(
-        "--batch", type=int, default=None,
-        help="the 'batch N' of inference, besides batch 1 (default: 8 on CUDA at every size; 2 on "
-        "CPU at the first size only)",
-    )  # fmt: skip
-    p.add_argument(
-        "--train-batch", type=int, default=None, help="training batch (default: 2 CPU, 8 CUDA)"
-    )
-    p.add_argument(
-        "--repeats", type=int, default=None,
-        help="timed rounds per comparison (default: 7 CPU, 30 CUDA)",
-    )  # fmt: skip
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 / 5)")
-    p.add_argument(
-        "--budget", type=float, default=None,
-        help="seconds per comparison after which fewer rounds are run (at least 3; default 25)",
-    )  # fmt: skip
-    p.add_argument(
-        "--compile", choices=("off", "first", "all"), default=None,
-        help="torch.compile at the first size/batch only, at all, or off "
-        "(default: first on CPU, all on CUDA; it compiles once per input shape)",
-    )  # fmt: skip
-    p.add_argument(
-        "--no-approx", action="store_true",
-        help="skip the reduced-precision (bf16 / fp16) variants",
-    )  # fmt: skip
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--checkpoint", default=None,
-        help="our checkpoint to benchmark (default: random weights, random BN statistics)",
-    )  # fmt: skip
-    p.add_argument(
-        "--data", default=None, metavar="ROOT",
-        help="Cityscapes root for the data section (default: a synthetic 2048x1024 one in a temp "
-        "dir)",
-    )  # fmt: skip
-    p.add_argument("--data-images", type=int, default=4, help="synthetic images per split")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write all results here")
-    p.add_argument("--child-malloc", choices=("default", "tuned"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    for name in ("batch", "train_batch", "repeats", "data_images", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name}: expected cpu or cuda")
-    return device
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cudnn"] = torch.backends.cudnn.version()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child_malloc:
-        child_malloc(args.child_malloc, (args.sizes or [(512, 1024)])[0], args.repeats or 3)
-        return {}
-    device = resolve_device(args.device)
-    cuda = device.type == "cuda"
-    sections = set(SECTIONS) if "all" in args.sections else set(args.sections)
-    if args.quick:
-        sizes = args.sizes or [(64, 128)]
-        batch, train_batch = args.batch or 2, args.train_batch or 2
-        repeats, warmup = args.repeats or 3, 1 if args.warmup is None else args.warmup
-        train_size, data_size, peak_n = sizes[0], (128, 256), 256
-    else:
-        sizes = args.sizes or [(512, 1024), (1024, 2048)]
-        batch = args.batch or (8 if cuda else 2)
-        train_batch = args.train_batch or (8 if cuda else 2)
-        repeats = args.repeats or (30 if cuda else 7)
-        warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-        train_size, data_size, peak_n = RECIPE.crop_size, (1024, 2048), 8192 if cuda else 4096
-    budget = args.budget if args.budget is not None else (1e9 if args.quick else 25.0)
-    compile_mode = args.compile or ("all" if cuda else "first")
-    if args.quick and args.compile is None:
-        compile_mode = "off"
-
-    if args.checkpoint:
-        from erfnet.checkpoint import CheckpointError, load_model
-
-        try:
-            model = load_model(args.checkpoint, device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: --checkpoint: {e}") from None
-        weights = str(args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        model = randomise_bn(ERFNet()).to(device).eval()
-        weights = "random (seed 0) with random BatchNorm statistics"
-
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.engine) run
-    results: dict[str, Any] = {"machine": machine_info(device), "weights": weights}
-    results["args"] = {k: v for k, v in vars(args).items()}
-    print(f"erfnet benchmark on {device}: {results['machine']['processor']}"
-          + (f" / {results['machine']['gpu']}" if cuda else "")
-          + f", torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    started = time.perf_counter()
-    if "flops" in sections:
-        results["model"] = section_flops(model, sizes)
-    if "infer" in sections or "train" in sections:
-        peak = {"fp32": matmul_peak(device, torch.float32, peak_n)}
-        if cuda:
-            with _tf32(False):
-                peak["fp32"] = matmul_peak(device, torch.float32, peak_n)
-            with _tf32(True):
-                peak["tf32"] = matmul_peak(device, torch.float32, peak_n)
-            peak["fp16"] = matmul_peak(device, torch.float16, peak_n)
-            peak["bf16"] = matmul_peak(device, torch.bfloat16, peak_n)
-        elif not args.no_approx:
-            peak["bf16"] = matmul_peak(device, torch.bfloat16, peak_n)
-        results["peak_gflops"] = peak
-        print_table(
-            f"Measured matmul peak ({peak_n}^3)",
-            ["dtype", "GFLOP/s"],
-            [[k, v] for k, v in peak.items()],
-        )
-    if "infer" in sections:
-        # Batch N at every size, except on the CPU by default: only at the first size there.
-        configs = [(s, b) for s in sizes for b in sorted({1, batch})]
-        if not cuda and args.batch is None:
-            configs = [(s, b) for s, b in configs if b == 1 or s == sizes[0]]
-        results["infer"] = section_infer(
-            model, device, configs, repeats, warmup, budget, compile_mode,
-            not args.no_approx, results["peak_gflops"],
-        )  # fmt: skip
-    if "malloc" in sections and not cuda:
-        results["malloc"] = section_malloc(
-            sizes[0], 1 if args.quick else 2, 2 if args.quick else 4, args.threads
-        )
-    if "train" in sections:
-        results["train"] = section_train(
-            device, train_size, train_batch, max(3, repeats // 2), warmup, budget * 2
-        )
-    if "data" in sections:
-        root = Path(args.data) if args.data else None
-        if root is not None and not root.is_dir():
-            raise SystemExit(f"error: --data {root}: not a directory")
-        results["data"] = section_data(
-            root, data_size, args.data_images, 3 if args.quick else 8, args.quick
-        )
-    results["total_s"] = time.perf_counter() - started
-    print(f"\ntotal {results['total_s']:.0f} s")
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {out}")
-    return results
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 if __name__ == "__main__":

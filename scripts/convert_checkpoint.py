@@ -9,14 +9,10 @@ The result loads with ``erfnet.load_model(OUT.pth)``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-# Runnable from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from erfnet.convert import SOURCES, ConversionError, convert_checkpoint  # noqa: E402
-from erfnet.model import count_parameters  # noqa: E402
+from erfnet.convert import SOURCES, ConversionError, convert_checkpoint
+from erfnet.model import count_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

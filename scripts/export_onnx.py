@@ -15,9 +15,8 @@ used (``dynamo=False``), so onnxscript is not needed.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +24,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.deploy import ONNX_MIN_OPSET, export_onnx, optimize_for_inference
 
-MIN_OPSET = 17
+MIN_OPSET = ONNX_MIN_OPSET
 
 
 def require(module: str) -> Any:
     """Import an optional dependency or exit with the pip command that installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -51,38 +49,9 @@ def export(
     opset: int = MIN_OPSET,
     meta: dict | None = None,
 ) -> Path:
-    """Write ``model`` (an ERFNet, fused here) to ``out`` with dynamic N, H and W axes."""
-    from erfnet.deploy import fuse_bn
-
+    """``erfnet.deploy.export_onnx``, after checking that onnx is installed."""
     require("onnx")
-    fused = fuse_bn(model).cpu().float().eval()
-    dummy = torch.randn(1, 3, height, width)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = dict(
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=opset,
-        dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"},
-                      "logits": {0: "batch", 2: "height", 3: "width"}},
-        do_constant_folding=True,
-    )  # fmt: skip
-    try:
-        # The TorchScript exporter needs no onnxscript and handles dynamic H / W through the
-        # model's shape-dependent resize; torch >= 2.9 defaults to the dynamo exporter instead.
-        torch.onnx.export(fused, (dummy,), str(out), dynamo=False, **kwargs)
-    except TypeError:  # older torch without the dynamo argument
-        torch.onnx.export(fused, (dummy,), str(out), **kwargs)
-    if meta:
-        import onnx
-
-        proto = onnx.load(str(out))
-        for key in ("mean", "std", "class_names", "palette"):
-            if key in meta:
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(meta[key])
-        onnx.save(proto, str(out))
-    return out
+    return export_onnx(model, out, height, width, opset, meta)
 
 
 def check_onnxruntime(
@@ -92,10 +61,7 @@ def check_onnxruntime(
     repeats: int = 5,
 ) -> list[dict[str, Any]]:
     """Compare onnxruntime's logits with PyTorch's at each size and time both (median)."""
-    import onnxruntime as ort
-
-    from erfnet.deploy import optimize_for_inference
-
+    ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     plain = model.cpu().float().eval()
     fast = optimize_for_inference(plain)
@@ -151,8 +117,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from erfnet.checkpoint import CheckpointError, load_model
-
     require("onnx")  # fail before loading anything
     try:
         model = load_model(args.checkpoint, "cpu")
@@ -166,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"path": str(path), "opset": args.opset, "size_mb": size_mb}
     if args.no_check:
         return result
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         print("onnxruntime is not installed: skipped the check (pip install onnxruntime)")
         return result
     # A second, odd size shows that height and width are really dynamic.

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts_loader import load_script
 
 from erfnet.deploy import fuse_bn
 from erfnet.model import ERFNet
+from scripts import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-benchmark = load_script("scripts/benchmark.py")
 
 
 # Hand count, one formula per layer type (a multiply-add counts 2 FLOPs; bias adds not counted):
@@ -99,12 +96,13 @@ def test_interleaved_runs_every_function_each_round() -> None:
 
 def test_quick_run_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    # As a module from the root: works with or without `pip install -e .`.
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--device", "cpu",
+        sys.executable, "-m", "scripts.benchmark", "--quick", "--device", "cpu",
         "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
-        "--sections", "flops", "infer", "train", "data",
+        "--sections", "flops", "infer", "malloc", "train", "data",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Inference 32x64, batch 2" in proc.stdout
     res = json.loads(out.read_text())
@@ -126,12 +124,11 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     assert all(r["median_s"] > 0 and r["peak_memory_mb"] > 0 for r in train.values())
     data = {r["split"]: r for r in res["data"]}
     assert set(data) == {"train", "val"} and all(r["images_per_s"] > 0 for r in data.values())
-
-
-def test_malloc_child_reports_times(capsys: pytest.CaptureFixture[str]) -> None:
-    benchmark.child_malloc("default", (32, 64), 2)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("CHILD ")
-    res = json.loads(line[len("CHILD ") :])
-    assert res["mode"] == "default" and not res["applied"]
-    assert {k: len(v) for k, v in res["times"].items()} == {"eager": 2, "fast": 2}
+    # The allocator comparison: one child process per malloc setting, each timing every variant.
+    malloc = {(r["allocator"], r["variant"]): r for r in res["malloc"]}
+    for allocator in ("default", "tuned"):
+        for variant in ("eager fp32 NCHW", "fast"):
+            r = malloc[(allocator, variant)]
+            assert r["median_ms"] > 0 and r["runs"] == 2 and r["size"] == "32x64"
+            assert r["max_abs_diff"] < 1e-3
+    assert malloc[("default", "eager fp32 NCHW")]["speedup"] == 1.0

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scripts_loader import load_script
 from torch import nn
 
 from erfnet.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -25,9 +24,11 @@ from erfnet.convert import (
 )
 from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet, count_parameters
+from scripts import convert_checkpoint as convert_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
+# Run as a module from the root: works with or without `pip install -e .`.
+SCRIPT = [sys.executable, "-m", "scripts.convert_checkpoint"]
 
 
 # --- mmsegmentation's module tree (mmseg/models/backbones/erfnet.py + FCNHead) ---------------
@@ -302,7 +303,7 @@ def ep_file(tmp_path_factory, ep_ref) -> Path:
 def test_mmseg_script_converts_to_identical_logits(tmp_path, mmseg_file, mmseg_ref):
     out = tmp_path / "ours.pth"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--from", "mmseg", str(mmseg_file), str(out)],
+        [*SCRIPT, "--from", "mmseg", str(mmseg_file), str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -480,7 +481,7 @@ def test_garbage_and_missing_files(tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path, mmseg_file, capsys):
-    script = load_script("scripts/convert_checkpoint.py")
+    script = convert_script
     with pytest.raises(SystemExit, match=r"^error: input checkpoint not found: .*missing\.pth$"):
         script.main(["--from", "mmseg", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")])
     with pytest.raises(SystemExit, match="^error: .*--from mmseg"):

@@ -12,12 +12,13 @@ from torch import nn
 
 from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.deploy import (
-    FusedERFNet,
+    ChannelAffine,
+    HeadInStrips,
     fold_bn_into_conv,
     fuse_bn,
     optimize_for_inference,
 )
-from erfnet.model import DownsamplerBlock, ERFNet
+from erfnet.model import DownsamplerBlock, ERFNet, NonBottleneck1d, UpsamplerBlock
 
 
 def randomise_bn(model: nn.Module, seed: int = 0, negative: bool = False) -> nn.Module:
@@ -68,10 +69,23 @@ def test_fuse_bn_removes_bn_and_dropout_and_keeps_source() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = fuse_bn(model)
     kinds = {type(m) for m in fused.modules()}
-    assert not kinds & {nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity}
+    assert not kinds & {nn.BatchNorm2d, nn.Dropout, nn.Dropout2d}
+    # Identity stands exactly where a BN or a dropout was (or already stood); the downsamplers'
+    # BNs, after a concat, leave a per-channel affine for their pool channels.
+    src = dict(model.named_modules())
+    identity = {n for n, m in fused.named_modules() if isinstance(m, nn.Identity)}
+    downsampler_bns = {f"{n}.bn" for n, m in src.items() if isinstance(m, DownsamplerBlock)}
+    replaced = {
+        n
+        for n, m in src.items()
+        if isinstance(m, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity))
+    }
+    assert identity == replaced - downsampler_bns
+    assert {n for n, m in fused.named_modules() if isinstance(m, ChannelAffine)} == downsampler_bns
     assert not fused.training
     assert all(not p.requires_grad for p in fused.parameters())
-    assert isinstance(fused, ERFNet) and isinstance(fused, FusedERFNet)
+    # The same class running model.py's forward, not a re-implementation.
+    assert type(fused) is ERFNet and type(fused.encoder[2]) is NonBottleneck1d
     assert fused.num_classes == model.num_classes and fused.config == model.config
     # The source is untouched (still trainable, same weights and statistics).
     assert model.training
@@ -113,15 +127,15 @@ def test_fold_bn_into_conv(transposed: bool, bias: bool) -> None:
 
 @pytest.mark.parametrize("size", [(16, 16), (15, 21)])
 def test_fused_downsampler_with_negative_pool_scale(size: tuple[int, int]) -> None:
-    from erfnet.deploy import FusedDownsampler
-
-    torch.manual_seed(0)
-    block = DownsamplerBlock(16, 64)
-    randomise_bn(block, negative=True).eval()
+    model = make_model()
+    block = model.encoder[1]  # DownsamplerBlock(16, 64): 48 conv channels, 16 pool channels
+    assert isinstance(block, DownsamplerBlock)
     with torch.no_grad():
-        block.bn.weight[16:] = -block.bn.weight[16:].abs()  # every pool channel negative
+        block.bn.weight[48:] = -block.bn.weight[48:].abs()  # every pool channel negative
+        fused_block = fuse_bn(model).encoder[1]
+        assert isinstance(fused_block.bn, ChannelAffine)
         x = torch.randn(2, 16, *size)
-        assert rel_err(FusedDownsampler(block)(x), block(x)) < 1e-5
+        assert rel_err(fused_block(x), block(x)) < 1e-5
 
 
 @pytest.mark.parametrize("size", [(64, 128), (75, 141)])
@@ -129,12 +143,19 @@ def test_optimize_for_inference_matches(size: tuple[int, int]) -> None:
     model = make_model()
     fast = optimize_for_inference(model)
     fast.head.rows = 8  # small strips so that the strip path runs (several strips, a short one)
-    assert fast.memory_format == torch.channels_last
     w = fast.encoder[2].conv3x1_1.weight
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    # The layers compute in channels_last, even for an NCHW input.
+    layouts = []
+    fast.encoder[2].register_forward_hook(
+        lambda m, a, out: layouts.append(
+            out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        )
+    )
     x = torch.randn(2, 3, *size)
     with torch.inference_mode():
         ref, out = model(x), fast(x)
+    assert layouts == [True]
     assert out.shape == ref.shape and out.is_contiguous()
     assert rel_err(out, ref) < 1e-4
     assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
@@ -146,9 +167,43 @@ def test_head_strips_equal_whole_head() -> None:
     feats = torch.randn(1, 16, 45, 30)
     with torch.no_grad():
         whole = fused.head(feats)
-        fused.head.rows = 7
-        strips = fused.head(feats)
+        strips = HeadInStrips(fused.head, rows=7)(feats)
+    assert strips.is_contiguous()
     assert torch.allclose(strips, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="FCNHead"):
+        HeadInStrips(make_model("deconv").head, rows=7)
+
+
+def head_from_blocks() -> nn.Module:
+    """A head model.py does not offer, built from its blocks and plain layers."""
+    return nn.Sequential(
+        NonBottleneck1d(16, dropout=0.2),
+        UpsamplerBlock(16, 32),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(32),  # after a ReLU: nothing to fold into, so it stays
+        nn.Conv2d(32, 19, 1),
+    )
+
+
+@pytest.mark.parametrize("size", [(64, 128), (37, 53)])
+def test_other_head_from_blocks_fuses(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = ERFNet()
+    model.head = head_from_blocks()
+    randomise_bn(model, negative=True).eval()
+    fused, fast = fuse_bn(model), optimize_for_inference(model)
+    bns = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns == ["head.5"]
+    assert fused.head[2].bias is not None and isinstance(fused.head[3], nn.Identity)
+    x = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        ref = model(x)
+        for out in (fused(x), fast(x)):
+            assert out.shape == ref.shape
+            assert rel_err(out, ref) < 1e-4
+            assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
 
 
 def test_load_model_fast(tmp_path) -> None:
@@ -157,7 +212,8 @@ def test_load_model_fast(tmp_path) -> None:
     save_checkpoint(path, model)
     plain = load_model(path)
     fast = load_model(path, fast=True)
-    assert isinstance(fast, FusedERFNet) and fast.meta == plain.meta
+    assert isinstance(fast, ERFNet) and fast.meta == plain.meta
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     x = torch.randn(1, 3, 48, 80)
     with torch.inference_mode():
         ref, out = plain(x), fast(x)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts_loader import load_script
 
+import eval as eval_script
 from erfnet import ERFNet, save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import CityscapesDataset, EvalTransform
@@ -30,9 +30,6 @@ SCALE = ["--scale", "64", "128"]  # the synthetic images' own size: no resize
 
 # The official evaluator's 19 evaluated label ids, in trainId order (cityscapesScripts labels.py).
 EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
-
-
-eval_script = load_script("eval.py")
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:

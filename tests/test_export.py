@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts_loader import load_script
 
 from erfnet.checkpoint import save_checkpoint
 from erfnet.model import ERFNet
+from scripts import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-export_onnx = load_script("scripts/export_onnx.py")
 
 
 def test_missing_package_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

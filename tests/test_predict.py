@@ -11,17 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts_loader import load_script
 
 from erfnet.checkpoint import save_checkpoint
 from erfnet.labels import TRAIN_ID_TO_COLOR
 from erfnet.model import ERFNet
+from scripts import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "predict.py"
-
-
-predict = load_script("scripts/predict.py")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scripts_loader import load_script
 
+import train as train_cli
 from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset
@@ -53,7 +53,6 @@ TINY = [
 ]
 
 
-train_cli = load_script("train.py")
 SYNTHETIC_PRESET = train_cli.SYNTHETIC_PRESET
 
 
