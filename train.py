@@ -44,7 +44,7 @@ from erfnet.distributed import (
     resolve_device,
 )
 from erfnet.engine import ConfigError, TrainingError
-from erfnet.inference import build_eval_loader, evaluate
+from erfnet.evaluation import build_eval_loader, evaluate
 from erfnet.logs import log
 from erfnet.model import ERFNet
 

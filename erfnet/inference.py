@@ -20,9 +20,7 @@ the ImageNet ones of ``erfnet.config``), so a checkpoint trained with another no
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -291,27 +289,6 @@ def predict(
     if scales is not None:
         raise ValueError("scales are the ms+flip ratios: pass ms_flip=True with them")
     return infer_logits(model, image, out_size, **kw).argmax(1)
-
-
-# Names that moved to erfnet.evaluation / erfnet.visualize, still importable from here until
-# every caller imports them from their new home (``denormalize`` is ``rgb_array``: the val items
-# it is called on are 0-255 images now). Resolved lazily: erfnet.evaluation imports this module.
-_MOVED = {
-    "evaluate": "erfnet.evaluation",
-    "build_eval_loader": "erfnet.evaluation",
-    "ShardSampler": "erfnet.evaluation",
-    "rank_and_world": "erfnet.evaluation",
-    "save_label_ids": "erfnet.data.cityscapes",
-    "save_color": "erfnet.visualize",
-    "denormalize": "erfnet.visualize",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module 'erfnet.inference' has no attribute {name!r}")
-    module = importlib.import_module(_MOVED[name])
-    return getattr(module, "rgb_array" if name == "denormalize" else name)
 
 
 __all__ = [

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
-from erfnet.inference import denormalize, predict
+from erfnet.inference import predict
+from erfnet.visualize import colorize, rgb_array
 
 log = logging.getLogger("erfnet.train")
 
@@ -155,16 +156,6 @@ def log_validation(
     return ious
 
 
-def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """An HxW class map as HxWx3 uint8 colours; values outside the palette (ignore) are black."""
-    colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    label = np.asarray(label).astype(np.int64)
-    out = np.zeros((*label.shape, 3), dtype=np.uint8)
-    valid = (label >= 0) & (label < len(colors))
-    out[valid] = colors[label[valid]]
-    return out
-
-
 @torch.no_grad()
 def log_predictions(
     writer: Any,
@@ -187,7 +178,7 @@ def log_predictions(
             image = sample["image"].unsqueeze(0).to(device)
             label = sample["label"].numpy()
             pred = predict(net, image, label.shape, test_scale=test_scale)[0].cpu().numpy()
-            rgb = denormalize(sample["image"])
+            rgb = rgb_array(sample["image"])
             if rgb.shape[:2] != label.shape:
                 rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
             strip = np.concatenate([rgb, colorize(label, palette), colorize(pred, palette)], axis=1)

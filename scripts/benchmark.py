@@ -365,8 +365,8 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     (h, w), n, rows = ((128, 256) if args.quick else (1024, 2048)), args.data_images, []
     with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
         root = Path(args.data) if args.data else make_synthetic_cityscapes(
-            Path(tmp) / "cityscapes", train=n, val=n, test=0, size=(w, h), seed=0, extras=False)  # fmt: skip  # noqa: E501
-        made = args.data or f"synthetic {n}+{n} images at {w}x{h} (WxH)"
+            Path(tmp) / "cityscapes", train=n, val=n, test=0, size=(h, w), seed=0, extras=False)  # fmt: skip  # noqa: E501
+        made = args.data or f"synthetic {n}+{n} images at {h}x{w} (HxW)"
         tfs = ({"train": TrainTransform(crop_size=(h // 2, w // 2), scale=(h, w)),
                 "val": EvalTransform(scale=(h, w))} if args.quick else
                {"train": TrainTransform(), "val": EvalTransform()})  # fmt: skip

@@ -13,14 +13,11 @@ real Cityscapes label ids (ignored ids included). The same seed gives the same f
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 # Runnable from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from erfnet.data.synthetic import make_synthetic_cityscapes  # noqa: E402
+from erfnet.data.synthetic import make_synthetic_cityscapes
 
 
 def image_side(text: str) -> int:

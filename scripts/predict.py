@@ -17,7 +17,6 @@ predictions as the plain model, faster.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,15 +25,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from erfnet.checkpoint import CheckpointError, load_model  # noqa: E402
-from erfnet.config import RECIPE  # noqa: E402
-from erfnet.data import CityscapesDataset  # noqa: E402
-from erfnet.deploy import tune_cpu_allocator  # noqa: E402
-from erfnet.distributed import resolve_device  # noqa: E402
-from erfnet.inference import predict  # noqa: E402
-from erfnet.visualize import blend, colorize  # noqa: E402
+from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.config import RECIPE
+from erfnet.data import CityscapesDataset
+from erfnet.deploy import tune_cpu_allocator
+from erfnet.distributed import resolve_device
+from erfnet.inference import predict
+from erfnet.visualize import blend, colorize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 

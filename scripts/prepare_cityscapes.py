@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 # Runnable from a checkout without `pip install -e .`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from erfnet.data.cityscapes import ENV_VAR, DatasetError, prepare_train_ids, resolve_data_root  # noqa: E402
+from erfnet.data.cityscapes import ENV_VAR, DatasetError, prepare_train_ids, resolve_data_root
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

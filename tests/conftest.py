@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from erfnet.data.synthetic import make_synthetic_cityscapes
+
+# Scripts run as subprocesses import erfnet from this checkout, installed (`-e .` in
+# requirements.txt) or not.
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
 
 # (H, W) of the synthetic images and how many per split; small so every test stays fast.
 SYNTHETIC_SIZE = (64, 128)

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts_loader import load_script
 from torch.utils.data import Dataset
 
+import train as train_cli
 from erfnet import load_model
 from erfnet.config import MEAN_RGB, STD_RGB
-from erfnet.inference import build_eval_loader, evaluate
-from erfnet.logs import colorize
-
-train_cli = load_script("train.py")
-predict_cli = load_script("scripts/predict.py")
+from erfnet.data import normalize
+from erfnet.evaluation import build_eval_loader, evaluate
+from erfnet.visualize import colorize
+from scripts import predict as predict_cli
 
 SIZE = (32, 48)  # (H, W) of every image
 
@@ -31,7 +30,8 @@ class Shapes(Dataset):
     palette = ((0, 0, 0), (220, 20, 60), (0, 160, 0), (30, 60, 200), (230, 200, 0))
     ignore_index = 255
 
-    def __init__(self, count: int, seed: int) -> None:
+    def __init__(self, count: int, seed: int, normalised: bool = True) -> None:
+        self.normalised = normalised  # train items are normalised, val items 0-255
         rng = np.random.default_rng(seed)
         h, w = SIZE
         self.rgb, self.labels = [], []
@@ -50,11 +50,9 @@ class Shapes(Dataset):
         return len(self.rgb)
 
     def __getitem__(self, i: int) -> dict:
-        x = torch.from_numpy(self.rgb[i]).permute(2, 0, 1).float()
-        mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
-        std = torch.tensor(STD_RGB).view(3, 1, 1)
+        x = torch.from_numpy(self.rgb[i]).permute(2, 0, 1)
         return {
-            "image": (x - mean) / std,
+            "image": normalize(x, MEAN_RGB, STD_RGB) if self.normalised else x,
             "label": torch.from_numpy(self.labels[i]),
             "name": f"shapes_{i:03d}",
             "city": "shapes",
@@ -64,7 +62,7 @@ class Shapes(Dataset):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Shapes]:
     work = tmp_path_factory.mktemp("shapes")
-    val_set = Shapes(2, seed=1)
+    val_set = Shapes(2, seed=1, normalised=False)
     mp = pytest.MonkeyPatch()
     mp.setattr(train_cli, "get_dataset", lambda args, dist_info: (Shapes(8, seed=0), val_set))
     old_threads = torch.get_num_threads()
@@ -102,6 +100,7 @@ def test_eval_predict_and_fast_path_on_the_result(trained, tmp_path: Path):
     work, val_set = trained
     model = load_model(work / "best.pth")
     images = torch.stack([val_set[i]["image"] for i in range(len(val_set))])
+    images = normalize(images, MEAN_RGB, STD_RGB)
     labels = torch.stack([val_set[i]["label"] for i in range(len(val_set))])
     with torch.no_grad():
         logits = model(images)

@@ -264,9 +264,8 @@ def ensure_synthetic_cityscapes(root: str | os.PathLike) -> Path:
     p = SYNTHETIC_DATA
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
-    h, w = p["size"]
     make_synthetic_cityscapes(
-        tmp, train=p["train"], val=p["val"], test=0, size=(w, h), seed=p["seed"], extras=False
+        tmp, train=p["train"], val=p["val"], test=0, size=p["size"], seed=p["seed"], extras=False
     )
     try:
         if root.exists():
