@@ -57,6 +57,7 @@ __all__ = [
     "format_report",
     "format_video_benchmark",
     "open_source",
+    "preprocess_frame",
     "run_video",
     "write_clip",
 ]
@@ -326,7 +327,7 @@ def _mean_std(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def _preprocess(
+def preprocess_frame(
     rgb: torch.Tensor, size: Size | None, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
     """uint8 [H, W, 3] -> [1, 3, h, w] float32: resized in 0-255 space and rounded (as mmseg
@@ -382,14 +383,14 @@ class TorchPredictor:
         frame = torch.from_numpy(np.ascontiguousarray(rgb))
         if self.cuda:  # pinned (cached by PyTorch's host allocator): an async copy in predict
             return frame.pin_memory()
-        return _preprocess(frame, self.network_size, self.mean, self.std).contiguous(
+        return preprocess_frame(frame, self.network_size, self.mean, self.std).contiguous(
             memory_format=torch.channels_last
         )
 
     @torch.inference_mode()
     def _frame_to_labels(self, x: torch.Tensor, frame_size: Size) -> torch.Tensor:
         if self.cuda:
-            x = _preprocess(x, self.network_size, self.mean, self.std)
+            x = preprocess_frame(x, self.network_size, self.mean, self.std)
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", torch.float16, enabled=self.amp, cache_enabled=False):
             logits = self.model(x)
@@ -460,7 +461,7 @@ class OnnxPredictor:
         self.notes: list[str] = []
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        x = _preprocess(torch.from_numpy(np.ascontiguousarray(rgb)), self.network_size,
+        x = preprocess_frame(torch.from_numpy(np.ascontiguousarray(rgb)), self.network_size,
                         self.mean, self.std)  # fmt: skip
         return x.numpy()
 
