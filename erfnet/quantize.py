@@ -46,6 +46,7 @@ __all__ = [
 
 Size = tuple[int, int]
 DEFAULT_MIN_AGREEMENT = 98.0  # percent of pixels whose int8 label equals the fp32 label
+META_KEYS = ("mean", "std", "class_names", "palette")  # JSON, written by the export
 INSTALL_HINT = "pip install onnx onnxruntime  (or: pip install -e .[export])"
 
 
@@ -79,7 +80,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The JSON metadata (mean, std, class_names, palette) of an exported graph."""
     onnx = _require("onnx")
     proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: json.loads(p.value) for p in proto.metadata_props}
+    return {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in META_KEYS}
 
 
 def calibration_samples(
@@ -321,7 +322,7 @@ def export_fp32(model: torch.nn.Module, path: str | Path, size: Size, meta: dict
         dynamic_axes={"input": axes, "logits": axes},
     )  # fmt: skip
     proto = onnx.load(str(path))
-    for key in ("mean", "std", "class_names", "palette"):
+    for key in META_KEYS:
         if key in meta:
             proto.metadata_props.add().CopyFrom(_prop(onnx, key, json.dumps(meta[key])))
     onnx.save(proto, str(path))

@@ -176,7 +176,7 @@ def _open_folder(path: Path) -> FrameSource:
         for file in files:
             try:
                 with Image.open(file) as img:
-                    yield np.asarray(img.convert("RGB"))
+                    yield np.array(img.convert("RGB"))
             except (UnidentifiedImageError, OSError) as e:
                 raise VideoError(f"{file}: cannot read frame: {e}") from None
 
