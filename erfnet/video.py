@@ -14,7 +14,8 @@ functions one after another, which is the baseline ``benchmark_video`` compares 
 Every stage is timed where it runs; the report gives each stage's mean ms per output frame and
 its share of the wall time (in the pipeline the shares add up to more than 100 %: that is the
 overlap). The network input is preprocessed exactly like ``(frame - mean) / std`` of the
-checkpoint, so a prediction equals ``model((frame - mean) / std).argmax(1)`` frame by frame.
+checkpoint, so a prediction equals ``model((frame - mean) / std).argmax(1)`` frame by frame
+(on CUDA the network runs under fp16 autocast by default, which may flip a near tie).
 
 Live sources (cameras, stream URLs) drop the oldest waiting frame when the network falls
 behind, so the output stays current instead of lagging further and further.
@@ -754,11 +755,17 @@ def format_video_benchmark(result: dict[str, Any]) -> str:
         [
             f"synthetic clip: {clip['frames']} frames of {clip['size'][0]}x{clip['size'][1]} "
             f"({clip['codec']}), network input {pipe['network_size'][0]}x"
-            f"{pipe['network_size'][1]}, output {pipe['codec']}",
+            f"{pipe['network_size'][1]}, output {pipe['codec']}; best of {clip['rounds']} "
+            "interleaved rounds per mode",
             format_report(seq),
             format_report(pipe),
             f"pipelined {pipe['fps']:.2f} FPS vs sequential {seq['fps']:.2f} FPS: "
-            f"x{result['speedup']:.2f}",
+            f"x{result['speedup']:.2f} (FPS per round: "
+            + ", ".join(
+                f"{mode} " + " ".join(f"{f:.2f}" for f in fps)
+                for mode, fps in result["fps_per_round"].items()
+            )
+            + ")",
         ]
     )
 
@@ -771,9 +778,11 @@ def benchmark_video(
     checkpoint: str | Path | None = None,
     onnx: str | Path | None = None,
     workdir: str | Path | None = None,
+    rounds: int = 2,
 ) -> dict[str, Any]:
-    """End-to-end FPS on a synthetic H.264 clip, sequential then pipelined (same stages, same
-    model, same output codec); returns ``{"clip", "sequential", "pipelined", "speedup"}``.
+    """End-to-end FPS on a synthetic H.264 clip, sequential and pipelined (same stages, same
+    model, same output codec) in ``rounds`` interleaved rounds; returns the best report of each
+    mode: ``{"clip", "sequential", "pipelined", "fps_per_round", "speedup"}``.
 
     The model is ``checkpoint`` (``load_model(..., fast=True)``), an ONNX file, or a random-weight
     ERFNet (19 classes, fast path): speed does not depend on the weights.
@@ -798,15 +807,20 @@ def benchmark_video(
         clip_codec = av.open(str(clip)).streams.video[0].codec_context.name
         warm = synthetic_clip(size, 1)[0]  # one untimed frame: allocator, oneDNN / cuDNN setup
         predictor.predict(predictor.preprocess(warm), warm.shape[:2])
-        results = {}
-        for mode in ("sequential", "pipelined"):
-            results[mode] = run_video(
-                open_source(clip), predictor, tmp / f"{mode}.mp4", pipelined=mode == "pipelined"
-            )
+        # Interleaved rounds, best of each mode: on a shared machine the load changes between
+        # runs, and the least disturbed run is the one that measures the code.
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "pipelined": []}
+        for _ in range(rounds):
+            for mode, reports in runs.items():
+                out = tmp / f"{mode}.mp4"
+                src = open_source(clip)
+                reports.append(run_video(src, predictor, out, pipelined=mode == "pipelined"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    best = {mode: max(reports, key=lambda r: r["fps"]) for mode, reports in runs.items()}
     return {
-        "clip": {"frames": frames, "size": list(size), "codec": clip_codec},
-        **results,
-        "speedup": results["pipelined"]["fps"] / results["sequential"]["fps"],
+        "clip": {"frames": frames, "size": list(size), "codec": clip_codec, "rounds": rounds},
+        **best,
+        "fps_per_round": {mode: [r["fps"] for r in reports] for mode, reports in runs.items()},
+        "speedup": best["pipelined"]["fps"] / best["sequential"]["fps"],
     }

@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, help="source frame rate if it does not say (frames: 30)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run the network eagerly")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of fp16 autocast")
     p.add_argument("--sequential", action="store_true", help="no pipelining (for comparison)")
     p.add_argument("--json", metavar="PATH", help="write the FPS report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, device, fast=True)
         predictor = TorchPredictor(
-            model, model.meta, args.resize, cuda_graph=not args.no_cuda_graph
+            model, model.meta, args.resize, amp=not args.no_amp, cuda_graph=not args.no_cuda_graph
         )
     source = open_source(args.input, camera=args.camera)
     if args.out is None and args.labels is None:
