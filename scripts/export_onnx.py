@@ -96,6 +96,25 @@ def check_onnxruntime(
     return rows
 
 
+def quantize(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--int8``: quantize, compare with fp32 on the calibration images, gate, print the table."""
+    from erfnet.data.cityscapes import DatasetError
+    from erfnet.quantize import QuantizationError, format_int8_report, quantize_and_check
+
+    out = path.with_name(path.stem + "_int8.onnx")
+    try:
+        report = quantize_and_check(
+            path, out, args.calib_data, split=args.calib_split, num_images=args.calib_images,
+            size=(args.height, args.width), min_agreement=args.min_agreement,
+            repeats=args.repeats,
+        )  # fmt: skip
+    except (QuantizationError, DatasetError) as e:
+        raise SystemExit(f"error: --int8: {e}") from None
+    print(format_int8_report(report))
+    print(f"wrote {out}")
+    return report
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="our checkpoint (.pth)")
@@ -105,7 +124,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024, help="dummy input width (default 1024)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per size for the check")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--int8", action="store_true", help="also write an int8 model (<out>_int8.onnx)")
+    p.add_argument("--calib-data", metavar="ROOT", help="--int8: Cityscapes-layout dataset root")
+    p.add_argument("--calib-split", default="val", help="--int8: split to calibrate on (val)")
+    p.add_argument("--calib-images", type=int, default=16, help="--int8: images (default 16)")
+    p.add_argument(
+        "--min-agreement", type=float, default=98.0,
+        help="--int8: refuse the int8 model if its labels agree with fp32 on fewer than this "
+        "percent of pixels of the calibration images (default 98)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.int8 and not args.calib_data:
+        p.error("--int8 needs --calib-data ROOT (a Cityscapes-layout dataset to calibrate on)")
+    if args.calib_images < 1:
+        p.error(f"--calib-images must be at least 1, got {args.calib_images}")
+    if not 0.0 <= args.min_agreement <= 100.0:
+        p.error(f"--min-agreement must be in [0, 100], got {args.min_agreement}")
     if args.opset < MIN_OPSET:
         p.error(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
     if args.height < 8 or args.width < 8:
@@ -128,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     took = time.perf_counter() - t
     print(f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}) in {took:.1f} s")
     result: dict[str, Any] = {"path": str(path), "opset": args.opset, "size_mb": size_mb}
+    if args.int8:
+        result["int8"] = quantize(path, args)
     if args.no_check:
         return result
     if importlib.util.find_spec("onnxruntime") is None:
