@@ -344,7 +344,7 @@ def benchmark_int8(
     """
     import shutil
 
-    from erfnet.checkpoint import default_meta, load_model
+    from erfnet.checkpoint import cityscapes_meta, load_model
     from erfnet.data.synthetic import make_synthetic_cityscapes
     from erfnet.model import ERFNet
 
@@ -355,11 +355,11 @@ def benchmark_int8(
         torch.manual_seed(0)
         model = ERFNet(num_classes=19).eval()
         _random_bn_stats(model)
-        meta = default_meta(19)
+        meta = cityscapes_meta(19)
     tmp = Path(tempfile.mkdtemp(prefix="erfnet_int8_bench_", dir=workdir))
     try:
         root = make_synthetic_cityscapes(
-            tmp / "data", train=0, val=calib_images, size=(size[1], size[0]), extras=False
+            tmp / "data", train=0, val=calib_images, size=size, extras=False
         )
         fp32 = export_fp32(model, tmp / "fp32.onnx", size, meta)
         report = quantize_and_check(

@@ -787,7 +787,7 @@ def benchmark_video(
     The model is ``checkpoint`` (``load_model(..., fast=True)``), an ONNX file, or a random-weight
     ERFNet (19 classes, fast path): speed does not depend on the weights.
     """
-    from erfnet.checkpoint import default_meta, load_model
+    from erfnet.checkpoint import cityscapes_meta, load_model
     from erfnet.deploy import optimize_for_inference
     from erfnet.model import ERFNet
 
@@ -800,7 +800,7 @@ def benchmark_video(
     else:
         torch.manual_seed(0)
         model = optimize_for_inference(ERFNet(num_classes=19).to(device).eval())
-        predictor = TorchPredictor(model, default_meta(19), network_size)
+        predictor = TorchPredictor(model, cityscapes_meta(19), network_size)
     tmp = Path(tempfile.mkdtemp(prefix="erfnet_video_", dir=workdir))
     try:
         clip = write_clip(tmp / "clip.mp4", synthetic_clip(size, frames), 30.0, "auto")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts_loader import load_script
 
 import erfnet
 from erfnet.quantize import (
@@ -22,11 +21,11 @@ from erfnet.quantize import (
     read_meta,
 )
 from erfnet.video import OnnxPredictor, open_source, run_video
+from scripts import export_onnx
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-export_onnx = load_script("scripts/export_onnx.py")
 SIZE = (64, 128)
 
 
@@ -43,7 +42,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> 
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
     tmp = tmp_path_factory.mktemp("int8")
-    erfnet.save_checkpoint(tmp / "ckpt.pth", model)
+    erfnet.save_checkpoint(tmp / "ckpt.pth", model, meta=erfnet.checkpoint.cityscapes_meta())
     result = export_onnx.main(
         ["--checkpoint", str(tmp / "ckpt.pth"), "--out", str(tmp / "m.onnx"), "--no-check",
          "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--repeats", "2",

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scripts_loader import load_script
 
 import erfnet
 from erfnet.data.synthetic import synthesize_sample
@@ -32,6 +31,7 @@ from erfnet.video import (
     open_source,
     run_video,
 )
+from scripts import video as video_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 128)  # (H, W) of the clip
@@ -44,8 +44,6 @@ META = {
     "palette": [[1, 2, 3], [250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 0]],
     "class_names": ["a", "b", "c", "d", "e"],
 }
-
-video_script = load_script("scripts/video.py")
 
 
 @pytest.fixture(scope="module")
