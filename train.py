@@ -3,6 +3,7 @@
     python train.py --data synthetic                              # quick start on the CPU
     python train.py --data cityscapes --data-root data/cityscapes # the full recipe
     torchrun --nproc_per_node=4 train.py --data cityscapes        # 4 GPUs x 4 images = 16
+    python train.py --data cityscapes --accum-steps 4             # 1 GPU: 4 x 4 accumulated
 
 Exit status: 0 when training finished, 130 / 143 when stopped by SIGINT / SIGTERM (after saving
 latest.pth; continue with --resume), 1 on an error, 2 for bad flags.
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -46,6 +46,7 @@ from erfnet.distributed import (
 from erfnet.engine import ConfigError, TrainingError
 from erfnet.evaluation import build_eval_loader, evaluate
 from erfnet.logs import log
+from erfnet.loss import LossConfigError, load_class_weights, make_criterion
 from erfnet.model import ERFNet
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
@@ -122,8 +123,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--poly-power", type=float, default=r.poly_power, help="poly schedule power")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of weights, data order, augmentation and dropout")
+    g.add_argument("--accum-steps", type=int, metavar="K", default=1,
+                   help="gradient accumulation: K micro-batches of --batch-size per optimizer"
+                   " step (each loss divided by K); --iters counts optimizer steps")
+    g.add_argument("--sync-bn", choices=engine.SYNC_BN_SCOPES, default="head",
+                   help="which BatchNorms become SyncBatchNorm under torchrun on CUDA: head (the"
+                   " FCN head's only, as mmseg's recipe ran), all, or none")
     g.add_argument("--head", choices=("fcn", "deconv"), default="fcn",
                    help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
+
+    g = p.add_argument_group("loss (mmseg's CrossEntropyLoss)")
+    g.add_argument("--avg-non-ignore", action="store_true",
+                   help="divide the summed pixel loss by the labelled pixels (mmseg 1.x's"
+                   " avg_non_ignore=True) instead of by all pixels N*H*W (default: all, as the"
+                   " recipe)")
+    g.add_argument("--class-weights", metavar="FILE", default=None,
+                   help='per-class loss weights: a JSON file {"names": [...], "weights": [...]}'
+                   " (scripts/class_weights.py writes one) (default: none)")
+    g.add_argument("--ohem", nargs=2, type=float, metavar=("THRESH", "MIN_KEPT"), default=None,
+                   help="mmseg's OHEMPixelSampler: train on the labelled pixels whose true-class"
+                   " probability is below max(THRESH, the (MIN_KEPT x images)-th lowest)"
+                   " (e.g. 0.7 100000) (default: off)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto",
@@ -176,8 +196,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     """What argparse cannot check; ``parser.error`` (exit status 2) names the flag."""
-    for flag in ("iters", "batch_size", "val_interval", "ckpt_interval", "log_interval",
-                 "max_nonfinite"):  # fmt: skip
+    for flag in ("iters", "batch_size", "accum_steps", "val_interval", "ckpt_interval",
+                 "log_interval", "max_nonfinite"):  # fmt: skip
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got"
                          f" {getattr(args, flag)}")  # fmt: skip
@@ -201,6 +221,12 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not (args.poly_power > 0):
         parser.error(f"--poly-power must be positive, got {args.poly_power}")
+    if args.ohem is not None:
+        thresh, min_kept = args.ohem
+        if not (0 < thresh <= 1) or min_kept != int(min_kept) or min_kept < 2:
+            parser.error(f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
+                         f" {thresh:g} {min_kept:g}")  # fmt: skip
+        args.ohem = (thresh, int(min_kept))
     if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
 
@@ -242,13 +268,19 @@ def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
         raise DatasetError(error[0])
 
 
-def get_criterion(ignore_index: int) -> engine.Criterion:
-    """mmseg's CrossEntropyLoss (no class weights): the mean over labelled pixels."""
-
-    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
-
-    return criterion
+def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> engine.Criterion:
+    """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
+    --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
+    class_weights = None
+    if args.class_weights is not None:
+        class_weights = load_class_weights(args.class_weights, class_names)
+        log.info("class weights from %s: %s", args.class_weights, class_weights)
+    return make_criterion(
+        ignore_index=ignore_index,
+        avg_non_ignore=args.avg_non_ignore,
+        class_weights=class_weights,
+        ohem=args.ohem,
+    )
 
 
 def main(args: Namespace) -> int:
@@ -278,14 +310,15 @@ def main(args: Namespace) -> int:
         resume_path = resume.resolve_resume(args.resume, work_dir)
         train_set, val_set = get_dataset(args, dist_info)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
+        criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
         ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
         if dist_info.distributed and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif dist_info.distributed:
+            model = engine.convert_sync_batchnorm(model, args.sync_bn)
+        elif dist_info.distributed and args.sync_bn != "none":
             log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
         # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths;
         # scripts/benchmark.py measures 1.2-1.5x per training iteration on a 2-core CPU).
@@ -319,15 +352,15 @@ def main(args: Namespace) -> int:
             )
         if args.compile:
             train_model = torch.compile(train_model)
-        criterion = get_criterion(meta["ignore_index"])
 
         if is_main:
             logs.write_run_settings(
                 args, work_dir, train_set, val_set, device, dist_info, autocast_dtype, resume_path
             )
+        step_batch = args.batch_size * args.accum_steps  # images per process and optimizer step
         loader, sampler = resume.build_train_loader(
             train_set,
-            batch_size=args.batch_size,
+            batch_size=step_batch,
             workers=args.workers,
             seed=args.seed,
             rank=dist_info.rank,
@@ -362,7 +395,8 @@ def main(args: Namespace) -> int:
             return 0
         log.info(
             f"training for {args.iters} iterations (from {start}), batch {args.batch_size}"
-            f" x {dist_info.world_size} process(es), lr {args.lr:g}, amp {autocast_dtype},"
+            f" x {args.accum_steps} accumulated x {dist_info.world_size} process(es)"
+            f" = {step_batch * dist_info.world_size}, lr {args.lr:g}, amp {autocast_dtype},"
             f" on {device}"
         )
         progress = None
@@ -399,9 +433,10 @@ def main(args: Namespace) -> int:
                 criterion=criterion,
                 autocast_dtype=autocast_dtype,
                 reduce=engine.mean_over_ranks if dist_info.distributed else None,
+                accum_steps=args.accum_steps,
             )
             scheduler.step()
-            consumed += args.batch_size
+            consumed += step_batch  # the sampler's position: micro-batches x their images
             done = iteration + 1  # iterations completed: what logs and checkpoints count
 
             if math.isfinite(loss):
@@ -515,7 +550,7 @@ def cli(argv: list[str] | None = None) -> int:
         return main(args)
     except ConfigError as e:
         parser.error(str(e))
-    except (CheckpointError, DatasetError, DeviceError, TrainingError) as e:
+    except (CheckpointError, DatasetError, DeviceError, LossConfigError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(

@@ -1,8 +1,8 @@
 """The parts of a training iteration that ``train.py``'s loop calls.
 
-``train_step`` (forward, ``criterion``, backward, optimizer step), the poly learning-rate schedule,
-the AMP settings, the stop flag that SIGINT/SIGTERM set, and the test hook that sends this process
-a signal at a chosen iteration.
+``train_step`` (forward, ``criterion``, backward, optimizer step, gradient accumulation), the poly
+learning-rate schedule, the scope of SyncBatchNorm, the AMP settings, the stop flag that
+SIGINT/SIGTERM set, and the test hook that sends this process a signal at a chosen iteration.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from erfnet.config import IGNORE_INDEX, RECIPE
+from erfnet.config import RECIPE
 from erfnet.distributed import all_reduce_sum
 from erfnet.logs import log
-
-Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from erfnet.loss import Criterion, segmentation_loss
 
 # Tests only: "sigterm@K", "sigint@K" or "sigkill@K" makes train.py send that signal to its own
 # process after iteration K (read once at start-up; see ``fault_signal_from_env``).
@@ -101,6 +99,31 @@ class PolyLR(LRScheduler):
 
 
 # --------------------------------------------------------------------------------------------
+# BatchNorm synchronisation under DDP
+# --------------------------------------------------------------------------------------------
+
+SYNC_BN_SCOPES = ("head", "all", "none")
+
+
+def convert_sync_batchnorm(model: nn.Module, scope: str) -> nn.Module:
+    """Turn the BatchNorms of ``scope`` into SyncBatchNorm (statistics over all processes).
+
+    ``"head"`` is the recipe as mmseg ran it: its ERFNet backbone never receives the config's
+    ``norm_cfg``, so the encoder and decoder BNs stayed per-GPU BN and only the FCN head's BN was
+    SyncBN. ``"all"`` converts every BN, ``"none"`` none. ``model`` is an ERFNet (``.head``), or
+    any module for ``"all"`` / ``"none"``; it is converted in place and returned. SyncBatchNorm
+    runs on CUDA only (train.py converts only there); the conversion itself works anywhere.
+    """
+    if scope not in SYNC_BN_SCOPES:
+        raise ValueError(f"scope must be one of {SYNC_BN_SCOPES}, got {scope!r}")
+    if scope == "all":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if scope == "head":
+        model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # Mixed precision
 # --------------------------------------------------------------------------------------------
 
@@ -130,12 +153,6 @@ def amp_settings(
 # --------------------------------------------------------------------------------------------
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise cross-entropy over labelled pixels (mmseg's CrossEntropyLoss, no weights),
-    with Cityscapes' ignore index; train.py builds its criterion from the dataset's."""
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-
-
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -143,37 +160,59 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None = None,
     *,
-    criterion: Criterion = cross_entropy,
+    criterion: Criterion = segmentation_loss,
     autocast_dtype: torch.dtype | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    accum_steps: int = 1,
 ) -> float:
-    """Forward, ``criterion(logits, labels)``, backward and (if the loss is finite) an optimizer
-    step; returns the loss.
+    """One optimizer step over ``images`` / ``labels``: forward, ``criterion(logits, labels)``,
+    backward and (if the loss is finite) ``optimizer.step()``; returns the loss.
+
+    ``accum_steps`` K > 1 accumulates gradients: the batch is split into K equal micro-batches
+    (in order), each one's loss is divided by K and backpropagated on its own, then one step is
+    taken. With mmseg's all-pixel mean and equal crops that is the gradient of the whole batch's
+    loss; BatchNorm, however, sees each micro-batch alone. Under DDP the gradient all-reduce runs
+    only in the last micro-batch's backward (``no_sync`` before it).
 
     The criterion gets float32 logits, outside autocast. ``reduce`` (DDP) averages the loss over
     processes before the finiteness test, so that every process takes the same decision. A
     non-finite loss skips the step (returned as nan/inf).
     """
+    if accum_steps < 1 or images.shape[0] % accum_steps:
+        raise ValueError(
+            f"accum_steps {accum_steps} must be >= 1 and divide the batch of {images.shape[0]}"
+        )
     device_type = images.device.type
-    ctx = (
-        torch.autocast(device_type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
-    with ctx:
-        logits = model(images)
-    loss = criterion(logits.float(), labels)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    ddp = _ddp_module(model)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-    else:
-        loss.backward()
-    value = loss.detach().float().reshape(1)
+    total = torch.zeros((), device=images.device)
+    micro = zip(images.chunk(accum_steps), labels.chunk(accum_steps), strict=True)
+    for k, (micro_images, micro_labels) in enumerate(micro):
+        last = k == accum_steps - 1
+        sync = nullcontext() if last or ddp is None else ddp.no_sync()
+        ctx = (
+            torch.autocast(device_type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else nullcontext()
+        )
+        with sync:
+            with ctx:
+                logits = model(micro_images)
+            loss = criterion(logits.float(), micro_labels)
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            if use_scaler:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        total += loss.detach().float()
+    value = total.reshape(1)
     if reduce is not None:
         value = reduce(value)
     loss_value = float(value.item())
     if math.isfinite(loss_value):
-        if scaler is not None and scaler.is_enabled():
+        if use_scaler:
             scaler.step(optimizer)  # itself skips steps whose fp16 gradients overflowed
             scaler.update()
         else:
@@ -181,6 +220,12 @@ def train_step(
     else:
         optimizer.zero_grad(set_to_none=True)
     return loss_value
+
+
+def _ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel wrapper of ``model`` (also under torch.compile), if any."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:

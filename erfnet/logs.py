@@ -204,7 +204,7 @@ def write_run_settings(
         data_root=str(data_root),
         device=str(device),
         world_size=dist_info.world_size,
-        total_batch_size=args.batch_size * dist_info.world_size,
+        total_batch_size=args.batch_size * getattr(args, "accum_steps", 1) * dist_info.world_size,
         amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         resumed_from=str(resume_path) if resume_path else None,
     )

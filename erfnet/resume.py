@@ -41,7 +41,20 @@ TRAINING_KEYS = ("optimizer", "scheduler", "iteration", "sampler")
 # Settings whose change on --resume alters the run. The first group continues from the
 # checkpoint (the optimizer's and scheduler's saved state win); the rest take the new values.
 RESUME_KEPT = ("lr", "min_lr", "poly_power", "momentum", "weight_decay")
-RESUME_NEW = ("data", "batch_size", "crop_size", "scale", "photometric", "seed", "head")
+RESUME_NEW = (
+    "data",
+    "batch_size",
+    "accum_steps",
+    "crop_size",
+    "scale",
+    "photometric",
+    "seed",
+    "head",
+    "sync_bn",
+    "avg_non_ignore",
+    "class_weights",
+    "ohem",
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -298,8 +298,8 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
 ):
     real_criterion = train_cli.get_criterion
 
-    def nan_from_the_second_iteration(ignore_index: int):
-        criterion, calls = real_criterion(ignore_index), []
+    def nan_from_the_second_iteration(args, class_names, ignore_index: int):
+        criterion, calls = real_criterion(args, class_names, ignore_index), []
 
         def nan_criterion(logits, labels):
             calls.append(1)

@@ -1,0 +1,189 @@
+"""The training loss, as mmsegmentation computes it: pixel-wise cross-entropy, its normalisation,
+class weights and online hard example mining (OHEM).
+
+mmseg's numbers, not PyTorch's defaults: ``F.cross_entropy(..., ignore_index=255)`` divides by the
+number of labelled pixels (or, with class weights, by the sum of their weights); mmseg divides by
+all pixels. ``erfnet.engine.train_step`` uses ``segmentation_loss`` as its default criterion and
+train.py builds one from its flags with ``make_criterion``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from erfnet.config import IGNORE_INDEX
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The two normalisations of the summed per-pixel loss (mmseg's ``avg_non_ignore`` False / True).
+AVERAGE_OVER = ("all", "labelled")
+
+
+class LossConfigError(ValueError):
+    """A loss setting or file that cannot be used; the message names the flag or the file."""
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    average_over: str = "all",
+    class_weight: torch.Tensor | None = None,
+    pixel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """mmseg's ``CrossEntropyLoss`` (softmax, no sigmoid): logits [N, C, H, W], labels [N, H, W].
+
+    What mmseg does (``mmseg/models/losses/cross_entropy_loss.py``, v0.20 and 1.x):
+
+    1. ``F.cross_entropy(logits, labels, weight=class_weight, reduction='none',
+       ignore_index=255)``: a loss map [N, H, W], ``class_weight[y] * CE`` at labelled pixels and
+       0 at ignored ones;
+    2. ``weight_reduce_loss``: the map times the per-pixel weight (the OHEM sampler's kept mask,
+       ``seg_weight``), when there is one;
+    3. the reduction: ``average_over="all"`` (mmseg's default, ``avg_non_ignore=False``, the only
+       behaviour of v0.20 and the one the recipe ran) is the plain mean of the map, so
+       ``sum / (N * H * W)``: ignored pixels count as zeros in the denominator.
+       ``average_over="labelled"`` (1.x's ``avg_non_ignore=True``) is ``sum / (number of
+       labelled pixels)``: the count of pixels whose label is not ``ignore_index``, *not* the sum
+       of their class weights (PyTorch's weighted mean), and not the number OHEM kept.
+
+    Why it matters: the share of ignored pixels changes from batch to batch, so the labelled-pixel
+    mean is a different objective, not an lr rescale (on a batch with 29.9 % ignored pixels it and
+    every gradient are 1 / 0.701 = 1.427x mmseg's).
+    """
+    if average_over not in AVERAGE_OVER:
+        raise ValueError(f"average_over must be one of {AVERAGE_OVER}, got {average_over!r}")
+    loss = F.cross_entropy(
+        logits, labels, weight=class_weight, reduction="none", ignore_index=ignore_index
+    )
+    if pixel_weight is not None:
+        loss = loss * pixel_weight
+    if average_over == "all":
+        return loss.mean()
+    # mmseg: avg_factor = label.numel() - (label == ignore_index).sum(); no guard for 0 there
+    # either (an all-ignored batch gives 0 / 0 = nan, which train_step skips as non-finite).
+    return loss.sum() / (labels != ignore_index).sum()
+
+
+@torch.no_grad()
+def ohem_keep_mask(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    thresh: float,
+    min_kept: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """mmseg's ``OHEMPixelSampler.sample`` with a ``thresh``: the float mask [N, H, W] of hard
+    labelled pixels (1 kept, 0 dropped), for ``segmentation_loss(pixel_weight=...)``.
+
+    As mmseg (``mmseg/core/seg/sampler/ohem_pixel_sampler.py`` v0.20, ``mmseg/structures/sampler``
+    1.x): ``p`` = the softmax probability of the true class at each labelled pixel; sort the
+    ``n`` values ascending; the threshold is ``max(thresh, sorted_p[min(min_kept * N, n - 1)])``
+    (``min_kept`` is per image: mmseg multiplies it by the batch size N, the images of this
+    process's batch); keep the labelled pixels with ``p < threshold``. Ignored pixels are never
+    kept. So at least ``min_kept * N`` pixels are kept when there are that many (ties at the
+    threshold aside), and every pixel predicted with less than ``thresh`` confidence.
+    """
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, torch.zeros_like(labels))
+    prob = F.softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+    valid_prob = prob[valid]
+    threshold = torch.as_tensor(float(thresh), device=prob.device, dtype=prob.dtype)
+    if valid_prob.numel() > 0:
+        sorted_prob = valid_prob.sort().values
+        kth = sorted_prob[min(min_kept * labels.shape[0], sorted_prob.numel() - 1)]
+        threshold = torch.maximum(threshold, kth)
+    return (valid & (prob < threshold)).to(logits.dtype)
+
+
+def make_criterion(
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    avg_non_ignore: bool = False,
+    class_weights: Sequence[float] | None = None,
+    ohem: tuple[float, int] | None = None,
+) -> Criterion:
+    """``criterion(logits, labels)`` for train_step, from train.py's loss flags.
+
+    ``avg_non_ignore``: divide by the labelled pixels instead of all pixels. ``class_weights``:
+    one weight per class (``load_class_weights``). ``ohem``: ``(thresh, min_kept)`` of mmseg's
+    OHEMPixelSampler; the kept mask multiplies the per-pixel loss, and the denominator stays the
+    one ``avg_non_ignore`` chooses, as in mmseg (``weight=seg_weight`` of its loss).
+    """
+    average_over = "labelled" if avg_non_ignore else "all"
+    weight_values = None if class_weights is None else [float(w) for w in class_weights]
+    weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one copy each
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        class_weight = None
+        if weight_values is not None:
+            key = (logits.device, logits.dtype)
+            if key not in weight_tensors:
+                weight_tensors[key] = torch.tensor(weight_values, dtype=key[1], device=key[0])
+            class_weight = weight_tensors[key]
+        pixel_weight = None
+        if ohem is not None:
+            pixel_weight = ohem_keep_mask(
+                logits, labels, thresh=ohem[0], min_kept=ohem[1], ignore_index=ignore_index
+            )
+        return segmentation_loss(
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            average_over=average_over,
+            class_weight=class_weight,
+            pixel_weight=pixel_weight,
+        )
+
+    return criterion
+
+
+def load_class_weights(path: str | Path, class_names: Sequence[str]) -> list[float]:
+    """The per-class loss weights of a JSON file ``{"names": [...], "weights": [...],
+    "method": "..."}`` (as ``scripts/class_weights.py`` writes it), checked against the dataset.
+
+    ``weights`` must hold one finite, non-negative number per class; ``names``, when present, must
+    equal the dataset's class names in order. Raises ``LossConfigError`` naming the file.
+    """
+    where = f"--class-weights {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LossConfigError(f"{where}: no such file") from None
+    except OSError as e:
+        raise LossConfigError(f"{where}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LossConfigError(f"{where}: not a JSON file ({e})") from None
+    if not isinstance(data, dict) or "weights" not in data:
+        raise LossConfigError(
+            f'{where}: expected a JSON object {{"names": [...], "weights": [w0, w1, ...],'
+            ' "method": "..."}'
+        )
+    weights = data["weights"]
+    valid_numbers = isinstance(weights, list) and all(
+        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        for w in weights
+    )
+    if not valid_numbers:
+        raise LossConfigError(f'{where}: "weights" must be a list of finite numbers >= 0')
+    if len(weights) != len(class_names):
+        raise LossConfigError(
+            f"{where}: {len(weights)} weights, but the dataset has {len(class_names)} classes"
+        )
+    names = data.get("names")
+    if names is not None and list(names) != list(class_names):
+        raise LossConfigError(
+            f'{where}: its "names" {list(names)} are not the dataset\'s classes'
+            f" {list(class_names)} (in this order)"
+        )
+    if not any(w > 0 for w in weights):
+        raise LossConfigError(f"{where}: all weights are 0")
+    return [float(w) for w in weights]
