@@ -148,7 +148,7 @@ def make_criterion(
 
 def load_class_weights(path: str | Path, class_names: Sequence[str]) -> list[float]:
     """The per-class loss weights of a JSON file ``{"names": [...], "weights": [...],
-    "method": "..."}`` (as ``scripts/class_weights.py`` writes it), checked against the dataset.
+    "method": "..."}``, checked against the dataset.
 
     ``weights`` must hold one finite, non-negative number per class; ``names``, when present, must
     equal the dataset's class names in order. Raises ``LossConfigError`` naming the file.

@@ -24,26 +24,36 @@ behind, so the output stays current instead of lagging further and further.
 from __future__ import annotations
 
 import queue
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.labels import TRAIN_ID_TO_COLOR
+from erfnet.video_io import (  # noqa: F401  (re-exported: the video path's public names)
+    AUTO_CODECS,
+    DEFAULT_FPS,
+    IMAGE_SUFFIXES,
+    STAGES,
+    STREAM_SCHEMES,
+    FrameSource,
+    Size,
+    VideoError,
+    VideoWriter,
+    check_output_path,
+    open_source,
+    synthetic_clip,
+    write_clip,
+)
 
 __all__ = [
     "STAGES",
@@ -52,250 +62,13 @@ __all__ = [
     "TorchPredictor",
     "VideoError",
     "VideoWriter",
-    "benchmark_video",
     "blend",
     "color_lut",
-    "format_report",
-    "format_video_benchmark",
     "open_source",
     "preprocess_frame",
     "run_video",
     "write_clip",
 ]
-
-Size = tuple[int, int]
-STAGES = ("decode", "preprocess", "network", "postprocess", "encode")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
-STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
-# Encoders tried for ``codec="auto"``, best first: H.264 (libx264, else any software H.264 this
-# FFmpeg build has), then MPEG-4 part 2, which every FFmpeg build can write.
-AUTO_CODECS = ("libx264", "libopenh264", "h264", "mpeg4")
-# Pixel formats for codecs that need one other than yuv420p; ffv1 / libx264rgb are lossless RGB.
-_PIX_FMT = {"ffv1": "bgr0", "libx264rgb": "rgb24", "png": "rgb24", "rawvideo": "rgb24"}
-_CODEC_OPTIONS = {
-    "libx264": {"preset": "veryfast"},
-    "libx264rgb": {"qp": "0", "preset": "veryfast"},
-}
-DEFAULT_FPS = 30.0  # for a folder of frames or a source that does not say
-
-
-class VideoError(ValueError):
-    """A source or output that cannot be used; the message names it and says what is wrong."""
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FrameSource:
-    """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order.
-
-    ``fps`` is the source's frame rate (``DEFAULT_FPS`` when it does not say), ``frames`` the
-    frame count when known (0 otherwise), ``live`` is True for cameras and streams.
-    """
-
-    name: str
-    fps: float
-    frames: int
-    live: bool
-    _frames: Callable[[], Iterator[np.ndarray]]
-    _close: Callable[[], None] = lambda: None
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self._frames()
-
-    def close(self) -> None:
-        self._close()
-
-    def __enter__(self) -> FrameSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def open_source(
-    source: str | Path | None = None, *, camera: int | None = None, timeout_s: float = 10.0
-) -> FrameSource:
-    """Open a video file, a folder of frames, a stream URL (rtsp://...) or camera ``N``
-    (``/dev/videoN`` through v4l2). Raises ``VideoError`` with one clear message otherwise."""
-    if camera is not None:
-        device = Path(f"/dev/video{int(camera)}")
-        if not device.exists():
-            raise VideoError(f"camera {camera}: {device} does not exist (no such camera)")
-        return _open_av(str(device), f"camera {camera} ({device})", live=True, format="v4l2")
-    if source is None:
-        raise VideoError("no input: give a video file, a folder of frames, a URL or a camera")
-    text = str(source)
-    scheme = urlparse(text).scheme.lower()
-    if "://" in text:
-        if scheme not in STREAM_SCHEMES:
-            raise VideoError(
-                f"{text}: unsupported stream URL scheme '{scheme}://' "
-                f"(expected one of {', '.join(s + '://' for s in STREAM_SCHEMES)})"
-            )
-        return _open_av(text, text, live=True, timeout=timeout_s)
-    path = Path(text)
-    if path.is_dir():
-        return _open_folder(path)
-    if not path.exists():
-        raise VideoError(f"{path}: no such video file or folder")
-    return _open_av(str(path), str(path), live=False)
-
-
-def _open_av(target: str, name: str, live: bool, **kwargs: Any) -> FrameSource:
-    try:
-        container = av.open(target, "r", **kwargs)
-    except av.error.FFmpegError as e:
-        raise VideoError(f"{name}: cannot open: {e.strerror or e}") from None
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"{name}: has no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame + slice threads inside FFmpeg, off the GIL
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else DEFAULT_FPS
-
-    def frames() -> Iterator[np.ndarray]:
-        try:
-            for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
-        except av.error.FFmpegError as e:
-            raise VideoError(f"{name}: cannot decode: {e.strerror or e}") from None
-
-    return FrameSource(name, fps, int(stream.frames or 0), live, frames, container.close)
-
-
-def _open_folder(path: Path) -> FrameSource:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise VideoError(f"{path}: no frames ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-
-    def frames() -> Iterator[np.ndarray]:
-        for file in files:
-            try:
-                with Image.open(file) as img:
-                    yield np.array(img.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
-                raise VideoError(f"{file}: cannot read frame: {e}") from None
-
-    return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
-def check_output_path(path: str | Path) -> Path:
-    """``path`` if a video can be written there (its folder is created); else ``VideoError``."""
-    path = Path(path)
-    if path.is_dir():
-        raise VideoError(f"--out {path} is a folder; expected a video file such as out.mp4")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise VideoError(f"--out {path}: {parent} is a file, not a folder")
-            break
-    try:
-        av.format.ContainerFormat(_format_name(path), "w")
-    except (ValueError, av.error.FFmpegError):
-        raise VideoError(
-            f"--out {path}: FFmpeg knows no video format for '{path.suffix or '(no suffix)'}'"
-            " (use .mp4, .mkv, .avi, .mov or .webm)"
-        ) from None
-    return path
-
-
-def _format_name(path: Path) -> str:
-    names = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi", ".mov": "mov", ".webm": "webm"}
-    return names.get(path.suffix.lower(), path.suffix.lower().lstrip(".") or "?")
-
-
-class VideoWriter:
-    """Encode HxWx3 uint8 RGB frames to ``path`` at ``fps``.
-
-    ``codec="auto"`` picks the first of ``AUTO_CODECS`` that opens (H.264 via libx264, preset
-    veryfast, yuv420p; MPEG-4 part 2 as the fallback); ``self.codec`` says which. ``ffv1`` (.mkv)
-    and ``libx264rgb`` (qp 0) are lossless RGB. Odd frame sizes use yuv444p for H.264.
-    """
-
-    def __init__(self, path: str | Path, fps: float, size: Size, codec: str = "auto") -> None:
-        self.path = check_output_path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.size = (int(size[0]), int(size[1]))
-        rate = Fraction(fps).limit_denominator(1001)
-        candidates = AUTO_CODECS if codec == "auto" else (codec,)
-        errors = []
-        self.container = av.open(str(self.path), "w", format=_format_name(self.path))
-        for name in candidates:
-            if name not in av.codecs_available:
-                errors.append(f"{name}: not in this FFmpeg build")
-                continue
-            try:
-                self.stream = self._add_stream(name, rate)
-                self.codec = name
-                break
-            except (ValueError, av.error.FFmpegError) as e:
-                errors.append(f"{name}: {e}")
-        else:
-            self.container.close()
-            self.path.unlink(missing_ok=True)
-            raise VideoError(f"--out {self.path}: no usable encoder ({'; '.join(errors)})")
-
-    def _add_stream(self, name: str, rate: Fraction) -> Any:
-        h, w = self.size
-        odd = h % 2 or w % 2
-        pix_fmt = _PIX_FMT.get(name, "yuv444p" if odd and "264" in name else "yuv420p")
-        if odd and pix_fmt == "yuv420p":
-            raise VideoError(f"{name} needs an even frame size, got {w}x{h} (WxH)")
-        stream = self.container.add_stream(name, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        stream.thread_type = "AUTO"
-        stream.options = dict(_CODEC_OPTIONS.get(name, {}))
-        if name == "mpeg4":
-            stream.bit_rate = max(2_000_000, 4 * w * h)  # the default 200 kb/s is a smear
-        stream.codec_context.open()  # fail here, not at the first frame, if the codec refuses
-        return stream
-
-    def write(self, rgb: np.ndarray) -> None:
-        if rgb.shape[:2] != self.size:
-            raise VideoError(f"frame of {rgb.shape[:2]} written to a {self.size} video")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
-
-    def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
-
-
-def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec: str) -> Path:
-    """Write ``frames`` to a clip (tests and the benchmark's synthetic input)."""
-    writer = VideoWriter(path, fps, frames[0].shape[:2], codec)
-    for f in frames:
-        writer.write(f)
-    writer.close()
-    return writer.path
-
-
-def synthetic_clip(size: Size, frames: int, seed: int = 0, step: int = 0) -> list[np.ndarray]:
-    """``frames`` street-like frames (the synthetic Cityscapes generator): a camera panning
-    ``step`` pixels per frame (default width / 64) across one wide scene."""
-    from erfnet.data.synthetic import synthesize_sample
-
-    h, w = size
-    step = step or max(1, w // 64)
-    scene = synthesize_sample(np.random.default_rng(seed), h, w + step * frames)[0]
-    return [np.ascontiguousarray(scene[:, i * step : i * step + w]) for i in range(frames)]
-
-
-# --------------------------------------------------------------------------------------------
-# Colours
-# --------------------------------------------------------------------------------------------
 
 
 def color_lut(meta: dict) -> np.ndarray:
@@ -726,101 +499,3 @@ def _run_pipelined(
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The per-stage table and the end-to-end FPS of one ``run_video`` report."""
-    size = report["frame_size"] or ["?", "?"]
-    net = report["network_size"] or size
-    lines = [
-        f"{report['mode']} {report['backend']} on {report['device']}: {report['frames']} frames "
-        f"of {size[0]}x{size[1]} (network {net[0]}x{net[1]})"
-        + (f", {report['dropped']} dropped to stay live" if report["dropped"] else ""),
-        f"{'stage':<12} {'mean ms':>9} {'share of wall':>14}",
-    ]
-    for name, s in report["stages"].items():
-        lines.append(f"{name:<12} {s['mean_ms']:>9.1f} {100 * s['share']:>13.1f}%")
-    lines.append(
-        f"{'end to end':<12} {1e3 * report['wall_s'] / max(report['frames'], 1):>9.1f} "
-        f"{100.0:>13.1f}%   {report['fps']:.2f} FPS"
-    )
-    return "\n".join(lines + report.get("notes", []))
-
-
-def format_video_benchmark(result: dict[str, Any]) -> str:
-    """What ``benchmark_video`` measured: both tables and the pipeline's speed-up."""
-    seq, pipe = result["sequential"], result["pipelined"]
-    clip = result["clip"]
-    return "\n".join(
-        [
-            f"synthetic clip: {clip['frames']} frames of {clip['size'][0]}x{clip['size'][1]} "
-            f"({clip['codec']}), network input {pipe['network_size'][0]}x"
-            f"{pipe['network_size'][1]}, output {pipe['codec']}; best of {clip['rounds']} "
-            "interleaved rounds per mode",
-            format_report(seq),
-            format_report(pipe),
-            f"pipelined {pipe['fps']:.2f} FPS vs sequential {seq['fps']:.2f} FPS: "
-            f"x{result['speedup']:.2f} (FPS per round: "
-            + ", ".join(
-                f"{mode} " + " ".join(f"{f:.2f}" for f in fps)
-                for mode, fps in result["fps_per_round"].items()
-            )
-            + ")",
-        ]
-    )
-
-
-def benchmark_video(
-    size: Size = (512, 1024),
-    frames: int = 16,
-    device: str | torch.device = "cpu",
-    network_size: Size | None = None,
-    checkpoint: str | Path | None = None,
-    onnx: str | Path | None = None,
-    workdir: str | Path | None = None,
-    rounds: int = 2,
-) -> dict[str, Any]:
-    """End-to-end FPS on a synthetic H.264 clip, sequential and pipelined (same stages, same
-    model, same output codec) in ``rounds`` interleaved rounds; returns the best report of each
-    mode: ``{"clip", "sequential", "pipelined", "fps_per_round", "speedup"}``.
-
-    The model is ``checkpoint`` (``load_model(..., fast=True)``), an ONNX file, or a random-weight
-    ERFNet (19 classes, fast path): speed does not depend on the weights.
-    """
-    from erfnet.checkpoint import cityscapes_meta, load_model
-    from erfnet.deploy import optimize_for_inference
-    from erfnet.model import ERFNet
-
-    device = torch.device(device)
-    if onnx is not None:
-        predictor: TorchPredictor | OnnxPredictor = OnnxPredictor(onnx, network_size)
-    elif checkpoint is not None:
-        model = load_model(checkpoint, device, fast=True)
-        predictor = TorchPredictor(model, model.meta, network_size)
-    else:
-        torch.manual_seed(0)
-        model = optimize_for_inference(ERFNet(num_classes=19).to(device).eval())
-        predictor = TorchPredictor(model, cityscapes_meta(19), network_size)
-    tmp = Path(tempfile.mkdtemp(prefix="erfnet_video_", dir=workdir))
-    try:
-        clip = write_clip(tmp / "clip.mp4", synthetic_clip(size, frames), 30.0, "auto")
-        clip_codec = av.open(str(clip)).streams.video[0].codec_context.name
-        warm = synthetic_clip(size, 1)[0]  # one untimed frame: allocator, oneDNN / cuDNN setup
-        predictor.predict(predictor.preprocess(warm), warm.shape[:2])
-        # Interleaved rounds, best of each mode: on a shared machine the load changes between
-        # runs, and the least disturbed run is the one that measures the code.
-        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "pipelined": []}
-        for _ in range(rounds):
-            for mode, reports in runs.items():
-                out = tmp / f"{mode}.mp4"
-                src = open_source(clip)
-                reports.append(run_video(src, predictor, out, pipelined=mode == "pipelined"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    best = {mode: max(reports, key=lambda r: r["fps"]) for mode, reports in runs.items()}
-    return {
-        "clip": {"frames": frames, "size": list(size), "codec": clip_codec, "rounds": rounds},
-        **best,
-        "fps_per_round": {mode: [r["fps"] for r in reports] for mode, reports in runs.items()},
-        "speedup": best["pipelined"]["fps"] / best["sequential"]["fps"],
-    }

@@ -26,6 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.deploy import tune_cpu_allocator
+from erfnet.distributed import resolve_device
+from erfnet.quantize import QuantizationError
+from erfnet.video import OnnxPredictor, TorchPredictor, VideoError, run_video
+from erfnet.video_io import check_output_path, open_source
+from erfnet.video_report import format_report
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -68,17 +76,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from erfnet.checkpoint import load_model
-    from erfnet.distributed import resolve_device
-    from erfnet.video import (
-        OnnxPredictor,
-        TorchPredictor,
-        check_output_path,
-        format_report,
-        open_source,
-        run_video,
-    )
-
     if args.out is not None:
         check_output_path(args.out)  # before loading anything
     if args.onnx is not None:
@@ -107,10 +104,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from erfnet.checkpoint import CheckpointError
-    from erfnet.quantize import QuantizationError
-    from erfnet.video import VideoError
-
     try:
         return run(args)
     except CheckpointError as e:
@@ -120,7 +113,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from erfnet.deploy import tune_cpu_allocator
-
     tune_cpu_allocator()  # the network's large buffers are reused instead of page-faulted
     main()

@@ -25,12 +25,10 @@ from erfnet.video import (
     OnnxPredictor,
     TorchPredictor,
     VideoError,
-    benchmark_video,
-    format_report,
-    format_video_benchmark,
     open_source,
     run_video,
 )
+from erfnet.video_report import benchmark_video, format_report, format_video_benchmark
 from scripts import video as video_script
 
 ROOT = Path(__file__).resolve().parents[1]
