@@ -380,13 +380,44 @@ def test_kill_and_resume_gives_identical_weights(
         assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
 
 
+def test_kill_and_resume_with_accumulation_gives_identical_weights(
+    synthetic_root: Path, tmp_path: Path
+):
+    """--accum-steps 2: killed (SIGKILL after optimizer step 3; latest.pth is from step 2) and
+    resumed, the run ends with the same weights as an uninterrupted one. Resume lands on an
+    optimizer-step boundary and the sampler's position counts the micro-batches' images."""
+    args = [*TINY, "--data-root", str(synthetic_root), "--workers", "0"]
+    args[args.index("--batch-size") + 1] = "1"
+    args += ["--accum-steps", "2"]
+    r = _run([*args, "--work-dir", str(tmp_path / "full")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = torch.load(tmp_path / "full" / "latest.pth", weights_only=True)
+    assert full["iteration"] == 4 and full["sampler"]["consumed"] == 8  # 4 steps x 2 x 1 image
+
+    killed = tmp_path / "killed"
+    r = _run([*args, "--work-dir", str(killed)], **{FAULT_ENV: "sigkill@3"})
+    assert r.returncode == -9
+    part = torch.load(killed / "latest.pth", weights_only=True)
+    assert part["iteration"] == 2 and part["sampler"]["consumed"] == 4
+    r = _run([*args, "--work-dir", str(killed), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _same_weights(killed / "latest.pth", tmp_path / "full" / "latest.pth")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu(synthetic_root: Path, tmp_path: Path):
+# A 2-iteration DDP run with one image per process: 2 processes, gloo, on the CPU.
+DDP_ARGS = [*TINY, "--iters", "2", "--batch-size", "1", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_single_node(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`torchrun --nproc_per_node=2` on one node: the reference for the multi-node test."""
+    work = tmp_path_factory.mktemp("ddp")
     cmd = [
         sys.executable,
         "-m",
@@ -394,27 +425,69 @@ def test_two_process_ddp_on_cpu(synthetic_root: Path, tmp_path: Path):
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
         TRAIN,
-        *TINY,
-        "--iters",
-        "2",
-        "--batch-size",
-        "1",
+        *DDP_ARGS,
         "--data-root",
         str(synthetic_root),
-        "--workers",
-        "0",
         "--work-dir",
-        str(tmp_path),
+        str(work),
     ]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "latest.pth", weights_only=True)
+    return work
+
+
+def test_two_process_ddp_on_cpu(ddp_single_node: Path):
+    ckpt = torch.load(ddp_single_node / "latest.pth", weights_only=True)
     assert ckpt["iteration"] == 2 and ckpt["sampler"]["world_size"] == 2
-    args = json.loads((tmp_path / "args.json").read_text())
+    args = json.loads((ddp_single_node / "args.json").read_text())
     assert args["world_size"] == 2 and args["total_batch_size"] == 2
-    load_model(tmp_path / "best.pth")
+    load_model(ddp_single_node / "best.pth")
     # Rank 0 alone logs: one line per logged iteration.
-    assert (tmp_path / "train.log").read_text().count("iter 2/2") == 1
+    assert (ddp_single_node / "train.log").read_text().count("iter 2/2") == 1
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_node(
+    ddp_single_node: Path, synthetic_root: Path, tmp_path: Path
+):
+    """`torchrun --nnodes 2 --nproc-per-node 1` twice, meeting through a c10d rendezvous on
+    127.0.0.1 (two local processes acting as two nodes, gloo): the same weights, bit for bit, as
+    the 2-process single-node run (same ranks, same data shards, same all-reduce)."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    node = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-id=erfnet-two-nodes",
+        TRAIN,
+        *DDP_ARGS,
+        "--data-root",
+        str(synthetic_root),
+        "--work-dir",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*node, str(tmp_path / f"node{i}")],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    # Rank 0 (whichever node the rendezvous made node 0) alone writes its work dir.
+    written = [d for d in (tmp_path / "node0", tmp_path / "node1") if (d / "latest.pth").is_file()]
+    assert len(written) == 1
+    ckpt = torch.load(written[0] / "latest.pth", weights_only=True)
+    assert ckpt["iteration"] == 2 and ckpt["sampler"]["world_size"] == 2
+    assert _same_weights(written[0] / "latest.pth", ddp_single_node / "latest.pth")
 
 
 def test_bad_device_work_dir_and_synthetic_root_are_clear_errors(tmp_path: Path, capsys):
