@@ -14,8 +14,10 @@ onnxruntime and onnx are optional extras, imported when a function needs them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,8 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erfnet.checkpoint import cityscapes_meta, load_model
+from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.synthetic import make_synthetic_cityscapes
+from erfnet.data.transforms import normalize, resize_image
+from erfnet.deploy import fuse_bn
 from erfnet.metrics import ConfusionMatrix
-from erfnet.video import preprocess_frame
+from erfnet.model import ERFNet
 
 __all__ = [
     "DEFAULT_MIN_AGREEMENT",
@@ -55,8 +63,6 @@ class QuantizationError(ValueError):
 
 
 def _require(module: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -93,19 +99,15 @@ def calibration_samples(
 ) -> list[tuple[np.ndarray, torch.Tensor | None]]:
     """``num_images`` images spread evenly over ``split`` of a Cityscapes-layout dataset:
     (normalised float32 [1, 3, *size] input, trainId label [H, W] at the image's size or None)."""
-    from erfnet.data.cityscapes import CityscapesDataset
-
     if num_images < 1:
         raise QuantizationError(f"need at least one calibration image, got {num_images}")
     dataset = CityscapesDataset(root, split)
     n = min(num_images, len(dataset))
     picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     samples = []
     for i in picks:
         image, label = dataset.load(int(i))
-        x = preprocess_frame(image.permute(1, 2, 0), size, mean_t, std_t)
+        x = normalize(resize_image(image[None], size), mean, std)
         samples.append((x.numpy(), label.long() if label is not None else None))
     return samples
 
@@ -271,8 +273,6 @@ def quantize_and_check(
 ) -> dict[str, Any]:
     """Quantize with ``num_images`` of ``split``, compare with fp32 on them, keep the int8 graph
     at ``out_path`` only if its agreement is at least ``min_agreement`` percent."""
-    from erfnet.config import MEAN_RGB, STD_RGB
-
     meta = read_meta(fp32_path)
     samples = calibration_samples(
         calib_root, split, num_images, size, meta.get("mean", MEAN_RGB), meta.get("std", STD_RGB)
@@ -311,8 +311,6 @@ def format_int8_report(r: dict[str, Any]) -> str:
 def export_fp32(model: torch.nn.Module, path: str | Path, size: Size, meta: dict) -> Path:
     """A minimal fp32 export (BN folded, dynamic N / H / W, the meta as JSON metadata), the same
     graph as scripts/export_onnx.py writes; used by ``benchmark_int8``."""
-    from erfnet.deploy import fuse_bn
-
     onnx = _require("onnx")
     fused = fuse_bn(model).cpu().float().eval()
     axes = {0: "batch", 2: "height", 3: "width"}
@@ -342,12 +340,6 @@ def benchmark_int8(
     statistics (latency does not depend on the weights; its agreement is a lower bound for a
     trained model, whose labels are rarely near a tie). No agreement gate is applied.
     """
-    import shutil
-
-    from erfnet.checkpoint import cityscapes_meta, load_model
-    from erfnet.data.synthetic import make_synthetic_cityscapes
-    from erfnet.model import ERFNet
-
     if checkpoint is not None:
         model = load_model(checkpoint)
         meta = model.meta

@@ -23,6 +23,7 @@ behind, so the output stays current instead of lagging further and further.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -36,9 +37,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from erfnet.config import MEAN_RGB, STD_RGB
+from erfnet.data.transforms import normalize, resize_image
 from erfnet.labels import TRAIN_ID_TO_COLOR
+from erfnet.quantize import make_session
 from erfnet.video_io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
     DEFAULT_FPS,
@@ -106,11 +110,10 @@ def preprocess_frame(
 ) -> torch.Tensor:
     """uint8 [H, W, 3] -> [1, 3, h, w] float32: resized in 0-255 space and rounded (as mmseg
     resizes the uint8 image), then ``(x - mean) / std``."""
-    x = rgb.permute(2, 0, 1)[None].float()
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = x.round_().clamp_(0, 255)
-    return (x - mean) / std
+    x = rgb.permute(2, 0, 1)[None]
+    if size is not None:
+        x = resize_image(x, size)
+    return normalize(x, mean, std)
 
 
 def _labels(logits: torch.Tensor, frame_size: Size) -> torch.Tensor:
@@ -215,10 +218,6 @@ class OnnxPredictor:
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, network_size: Size | None = None, threads: int = 0):
-        import json
-
-        from erfnet.quantize import make_session
-
         path = Path(path)
         if not path.is_file():
             raise VideoError(f"--onnx {path}: no such file")
@@ -318,8 +317,6 @@ def run_video(
         total = min(total, max_frames) if total else max_frames
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, unit="frame", desc="video", dynamic_ncols=True)
 
     def read() -> Iterator[tuple[int, np.ndarray, Any]]:

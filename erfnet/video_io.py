@@ -16,6 +16,8 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from erfnet.data.synthetic import synthesize_sample
+
 Size = tuple[int, int]
 STAGES = ("decode", "preprocess", "network", "postprocess", "encode")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -238,8 +240,6 @@ def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec
 def synthetic_clip(size: Size, frames: int, seed: int = 0, step: int = 0) -> list[np.ndarray]:
     """``frames`` street-like frames (the synthetic Cityscapes generator): a camera panning
     ``step`` pixels per frame (default width / 64) across one wide scene."""
-    from erfnet.data.synthetic import synthesize_sample
-
     h, w = size
     step = step or max(1, w // 64)
     scene = synthesize_sample(np.random.default_rng(seed), h, w + step * frames)[0]

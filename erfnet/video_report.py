@@ -11,6 +11,9 @@ from typing import Any
 import av
 import torch
 
+from erfnet.checkpoint import cityscapes_meta, load_model
+from erfnet.deploy import optimize_for_inference
+from erfnet.model import ERFNet
 from erfnet.video import OnnxPredictor, TorchPredictor, run_video
 from erfnet.video_io import Size, open_source, synthetic_clip, write_clip
 
@@ -74,10 +77,6 @@ def benchmark_video(
     The model is ``checkpoint`` (``load_model(..., fast=True)``), an ONNX file, or a random-weight
     ERFNet (19 classes, fast path): speed does not depend on the weights.
     """
-    from erfnet.checkpoint import cityscapes_meta, load_model
-    from erfnet.deploy import optimize_for_inference
-    from erfnet.model import ERFNet
-
     device = torch.device(device)
     if onnx is not None:
         predictor: TorchPredictor | OnnxPredictor = OnnxPredictor(onnx, network_size)

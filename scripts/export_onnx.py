@@ -25,7 +25,9 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.data.cityscapes import DatasetError
 from erfnet.deploy import ONNX_MIN_OPSET, export_onnx, optimize_for_inference
+from erfnet.quantize import QuantizationError, format_int8_report, quantize_and_check
 
 MIN_OPSET = ONNX_MIN_OPSET
 
@@ -98,9 +100,6 @@ def check_onnxruntime(
 
 def quantize(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``--int8``: quantize, compare with fp32 on the calibration images, gate, print the table."""
-    from erfnet.data.cityscapes import DatasetError
-    from erfnet.quantize import QuantizationError, format_int8_report, quantize_and_check
-
     out = path.with_name(path.stem + "_int8.onnx")
     try:
         report = quantize_and_check(
