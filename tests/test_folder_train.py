@@ -19,6 +19,8 @@ from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import load_image
 from erfnet.inference import predict
 from erfnet.model import ERFNet
+from erfnet.quantize import read_meta
+from scripts import export_onnx
 from scripts import predict as predict_cli
 
 SIZE = (32, 48)  # (H, W)
@@ -142,3 +144,17 @@ def test_predict_uses_the_checkpoint_palette(trained, tmp_path: Path):
     model = load_model(trained["work"] / "best.pth")
     pred = predict(model, load_image(image)[None], SIZE, test_scale=SIZE)[0].numpy()
     assert np.array_equal(color, np.asarray(PALETTE, dtype=np.uint8)[pred])
+
+
+def test_onnx_export_and_int8_calibration_on_the_folder_dataset(trained, tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    result = export_onnx.main(
+        ["--checkpoint", str(trained["work"] / "best.pth"), "--out", str(tmp_path / "m.onnx"),
+         "--no-check", "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--repeats", "1",
+         "--int8", "--calib-data", str(trained["root"]), "--calib-classes",
+         str(trained["classes"]), "--calib-images", "2", "--min-agreement", "0"]
+    )  # fmt: skip
+    meta = read_meta(tmp_path / "m.onnx")
+    assert meta["class_names"] == NAMES and meta["palette"] == PALETTE
+    report = result["int8"]
+    assert report["images"] == 2 and 0.0 <= report["fp32_miou"] <= 100.0
