@@ -149,7 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " recipe)")
     g.add_argument("--class-weights", metavar="FILE", default=None,
                    help='per-class loss weights: a JSON file {"names": [...], "weights": [...]}'
-                   ", one weight per class in class order (default: none)")
+                   ", one weight per class in class order, e.g. from scripts/class_weights.py"
+                   " (default: none)")
     g.add_argument("--ohem", nargs=2, type=float, metavar=("THRESH", "MIN_KEPT"), default=None,
                    help="mmseg's OHEMPixelSampler: train on the labelled pixels whose true-class"
                    " probability is below max(THRESH, the (MIN_KEPT x images)-th lowest)"
