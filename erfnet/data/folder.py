@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,10 @@ class FolderSpec:
             return self.splits[split]["images"], self.splits[split]["labels"]
         return f"images/{split}", f"labels/{split}"
 
+    @cached_property
     def lookup_table(self) -> np.ndarray | None:
-        """Stored value -> train id (uint8, 255 = ignore) for values up to the largest key."""
+        """Stored value -> train id (uint8, 255 = ignore) for values up to the largest key
+        (built once per spec: every label of the dataset goes through it)."""
         if self.label_map is None:
             return None
         lut = np.full(max(self.label_map) + 1, IGNORE_INDEX, dtype=np.uint8)
@@ -272,7 +275,7 @@ def read_label_values(path: str | os.PathLike) -> np.ndarray:
 
 def to_train_ids(values: np.ndarray, spec: FolderSpec, path: str | os.PathLike) -> torch.Tensor:
     """Stored values -> uint8 train ids with 255 for ignored pixels, checked against ``spec``."""
-    lut = spec.lookup_table()
+    lut = spec.lookup_table
     if lut is not None:
         wide = values.astype(np.int64, copy=False)
         inside = (wide >= 0) & (wide < len(lut))
