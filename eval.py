@@ -25,7 +25,7 @@ import torch
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
-from erfnet.data.folder import FolderDataset
+from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -125,13 +125,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --data folder needs --data-root DIR and --classes FILE")
     if args.classes is not None and args.data != "folder":
         raise SystemExit("error: --classes describes a folder dataset; add --data folder")
-    if args.data == "folder" and args.split == "test":
-        raise SystemExit(
-            "error: --split test writes the Cityscapes test server's label-id PNGs, which exist"
-            " for Cityscapes only; evaluate a labelled split of the folder dataset (--split val)"
-            " or write colour renderings with --save-color"
-        )
-    if args.split == "test" and args.out_dir is None:
+    if args.split == "test" and args.out_dir is None and args.data == "cityscapes":
         raise SystemExit(
             "error: --split test has no labels to score; add --out-dir DIR to write the"
             " submission PNGs"
@@ -169,6 +163,24 @@ def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: st
             f"error: --checkpoint {checkpoint} predicts {model.num_classes} classes; this"
             f" dataset's evaluation needs {n} (label values 0-{n - 1}), or {n + 1} with"
             f" meta['void_class'] = {n}"
+        )
+
+
+def check_folder_split(root: Path, classes: str, split: str) -> None:
+    """A folder dataset's splits are scored, so they need labels; an unlabelled test split is
+    the Cityscapes test-server case, which has no equivalent here: say so."""
+    spec = load_spec(classes)
+    try:
+        labels = root / spec.split_dirs(split)[1]
+    except DatasetError:
+        labels = None
+    if split == "test" and (labels is None or not labels.is_dir()):
+        where = f"'{labels}' does not exist" if labels is not None else "is not in its splits"
+        raise DatasetError(
+            f"split 'test' of classes file '{classes}' has no labels ({where}): the test-server"
+            " PNGs (--split test --out-dir, Cityscapes label ids) exist for Cityscapes only;"
+            " eval.py scores labelled splits of a folder dataset, and scripts/predict.py"
+            " predicts unlabelled images"
         )
 
 
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if cityscapes:
                 dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
             else:
+                check_folder_split(root, args.classes, args.split)
                 dataset = FolderDataset(root, args.classes, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")

@@ -17,6 +17,9 @@ from erfnet import load_model
 from erfnet.checkpoint import save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import load_image
+from erfnet.data.folder import FolderDataset
+from erfnet.data.transforms import EvalTransform
+from erfnet.evaluation import build_eval_loader, evaluate
 from erfnet.inference import predict
 from erfnet.model import ERFNet
 from erfnet.quantize import read_meta
@@ -127,7 +130,9 @@ def test_eval_refuses_the_test_server_writer_and_a_wrong_class_count(trained, tm
     with pytest.raises(SystemExit) as info:
         eval_script.main(["--checkpoint", str(trained["work"] / "best.pth"), *common,
                           "--split", "test", "--out-dir", str(tmp_path / "sub")])  # fmt: skip
-    assert "Cityscapes only" in str(info.value.code) and "\n" not in str(info.value.code)
+    msg = str(info.value.code)
+    assert msg.startswith("error: split 'test' of classes file") and "Cityscapes only" in msg
+    assert str(trained["classes"]) in msg and "\n" not in msg
     with pytest.raises(SystemExit) as info:
         eval_script.main(["--checkpoint", str(trained["tmp"] / "city19.pth"), *common])
     msg = str(info.value.code)
@@ -158,3 +163,12 @@ def test_onnx_export_and_int8_calibration_on_the_folder_dataset(trained, tmp_pat
     assert meta["class_names"] == NAMES and meta["palette"] == PALETTE
     report = result["int8"]
     assert report["images"] == 2 and 0.0 <= report["fp32_miou"] <= 100.0
+
+
+def test_the_test_server_writer_refuses_other_classes(trained, tmp_path: Path):
+    model = load_model(trained["work"] / "best.pth")
+    val = FolderDataset(trained["root"], trained["classes"], "val", EvalTransform(SIZE))
+    loader = build_eval_loader(val, workers=0, pin_memory=False)
+    with pytest.raises(ValueError, match="Cityscapes test server's label-id PNGs"):
+        evaluate(model, loader, "cpu", test_scale=SIZE, out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
