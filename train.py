@@ -337,13 +337,8 @@ def main(args: Namespace) -> int:
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
         if args.init_from is not None:  # same weights on every rank: each loads the file
-            report = init_from(model, args.init_from)
-            log.info("--init-from %s (%s): %d tensors loaded", args.init_from, report.source,
-                     len(report.loaded))  # fmt: skip
-            if report.reinitialised:
-                log.info("re-initialised for %d classes (the file has %s): %s",
-                         model.num_classes, report.source_classes,
-                         ", ".join(report.reinitialised))  # fmt: skip
+            for line in init_from(model, args.init_from).describe(args.init_from):
+                log.info("%s", line)
         ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])

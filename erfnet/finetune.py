@@ -45,6 +45,20 @@ class InitReport:
     loaded: list[str]
     reinitialised: list[str]
     source_classes: int | None
+    num_classes: int
+
+    def describe(self, path: str | os.PathLike) -> list[str]:
+        """The log lines: what was loaded, and what was not."""
+        lines = [f"--init-from {path} ({self.source}): {len(self.loaded)} tensors loaded"]
+        if self.source == IMAGENET_ENCODER:
+            lines.append("encoder-only start: the decoder and head are initialised as usual")
+        if self.reinitialised:
+            num = self.num_classes
+            lines.append(
+                f"re-initialised for {num} classes (the file has {self.source_classes}): "
+                + ", ".join(self.reinitialised)
+            )
+        return lines
 
 
 def _is_imagenet_encoder(obj: Any) -> bool:
@@ -143,4 +157,4 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     cls_weight = state.get(cls_prefix + "weight")
     if cls_weight is not None:
         src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
-    return InitReport(source, loaded, reinit, src_classes)
+    return InitReport(source, loaded, reinit, src_classes, model.num_classes)

@@ -91,7 +91,8 @@ def test_imagenet_encoder_maps_every_encoder_tensor(tmp_path):
                tmp_path / "erfnet_encoder_pretrained.pth.tar")  # fmt: skip
     model, before = fresh(7)
     report = init_from(model, tmp_path / "erfnet_encoder_pretrained.pth.tar")
-    assert report.source == IMAGENET_ENCODER
+    assert report.source == IMAGENET_ENCODER and report.reinitialised == []
+    assert "encoder-only start" in " ".join(report.describe("enc.pth.tar"))
     encoder_keys = [k for k in before if k.startswith("encoder.")]
     assert sorted(report.loaded) == sorted(encoder_keys)
     for key in encoder_keys:  # our encoder.0 = initial_block, encoder.i = layers.(i-1)
