@@ -4,6 +4,7 @@
     python eval.py --checkpoint erfnet.pth --ms-flip            # 6 scales x flip
     python eval.py --checkpoint erfnet.pth --split test --out-dir submission/
     torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
+    python eval.py --checkpoint best.pth --data folder --data-root DIR --classes FILE --out-dir r/
 
 Sizes are given as H W. The metric is mmseg's (and the official evaluator's) dataset-wide IoU.
 Images are resized on the 0-255 scale and normalised with the checkpoint's own mean / std
@@ -24,6 +25,7 @@ import torch
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
+from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -32,6 +34,7 @@ from erfnet.distributed import (
 )
 from erfnet.evaluation import build_eval_loader, evaluate
 from erfnet.metrics import format_table
+from erfnet.reports import write_reports
 
 _RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))
 
@@ -42,10 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="our checkpoint (.pth)")
     p.add_argument(
+        "--data",
+        choices=("cityscapes", "folder"),
+        default="cityscapes",
+        help="Cityscapes, or your own folders described by --classes FILE (default: cityscapes)",
+    )
+    p.add_argument(
         "--data-root",
         metavar="DIR",
         default=None,
-        help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes)",
+        help="dataset root (Cityscapes default: $CITYSCAPES_DATASET, else data/cityscapes)",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="FILE",
+        default=None,
+        help="--data folder: the dataset's JSON classes file (README: Train on your own data)",
     )
     p.add_argument(
         "--split",
@@ -85,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir",
         metavar="DIR",
         default=None,
-        help="write official submission PNGs (label ids, original size) in per-city folders",
+        help="write official submission PNGs (Cityscapes label ids, original size) in per-city"
+        " folders and, for a labelled split, the confusion matrix (.npy, .json, .png) and a"
+        " per-class IoU chart",
     )
     p.add_argument(
         "--save-color",
@@ -104,7 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, as SystemExit messages."""
-    if args.split == "test" and args.out_dir is None:
+    if args.data == "folder" and (args.classes is None or not args.data_root):
+        raise SystemExit("error: --data folder needs --data-root DIR and --classes FILE")
+    if args.classes is not None and args.data != "folder":
+        raise SystemExit("error: --classes describes a folder dataset; add --data folder")
+    if args.split == "test" and args.out_dir is None and args.data == "cityscapes":
         raise SystemExit(
             "error: --split test has no labels to score; add --out-dir DIR to write the"
             " submission PNGs"
@@ -142,6 +163,24 @@ def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: st
             f"error: --checkpoint {checkpoint} predicts {model.num_classes} classes; this"
             f" dataset's evaluation needs {n} (label values 0-{n - 1}), or {n + 1} with"
             f" meta['void_class'] = {n}"
+        )
+
+
+def check_folder_split(root: Path, classes: str, split: str) -> None:
+    """A folder dataset's splits are scored, so they need labels; an unlabelled test split is
+    the Cityscapes test-server case, which has no equivalent here: say so."""
+    spec = load_spec(classes)
+    try:
+        labels = root / spec.split_dirs(split)[1]
+    except DatasetError:
+        labels = None
+    if split == "test" and (labels is None or not labels.is_dir()):
+        where = f"'{labels}' does not exist" if labels is not None else "is not in its splits"
+        raise DatasetError(
+            f"split 'test' of classes file '{classes}' has no labels ({where}): the test-server"
+            " PNGs (--split test --out-dir, Cityscapes label ids) exist for Cityscapes only;"
+            " eval.py scores labelled splits of a folder dataset, and scripts/predict.py"
+            " predicts unlabelled images"
         )
 
 
@@ -201,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(args.checkpoint, device)
         except CheckpointError as e:
             raise SystemExit(f"error: --checkpoint: {e}") from None
-        root = resolve_data_root(args.data_root)
+        cityscapes = args.data == "cityscapes"
+        root = resolve_data_root(args.data_root) if cityscapes else Path(args.data_root)
         try:
             # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug
             # does; a first resize to --scale would blur the views above ratio 1.
             scale = None if args.ms_flip else tuple(args.scale)
-            dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
+            if cityscapes:
+                dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
+            else:
+                check_folder_split(root, args.classes, args.split)
+                dataset = FolderDataset(root, args.classes, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")
             check_classes(model, dataset.classes, args.checkpoint)
@@ -221,21 +265,26 @@ def main(argv: list[str] | None = None) -> int:
                 mode=args.mode,
                 test_scale=tuple(args.scale),
                 amp=args.amp,
-                out_dir=args.out_dir,
+                out_dir=args.out_dir if cityscapes else None,  # label-id PNGs: Cityscapes only
                 color_dir=args.save_color,
                 progress=info.is_main,
             )
         except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
             raise SystemExit(f"error: {_clean(e)}") from None
         if info.is_main:
-            report(args, dataset, results)
+            report(args, dataset, results, model.meta.get("class_names"))
     finally:
         cleanup_distributed()
     return 0
 
 
-def report(args: argparse.Namespace, dataset: CityscapesDataset, results: dict | None) -> None:
-    """The console table and the --json file (rank 0)."""
+def report(
+    args: argparse.Namespace,
+    dataset: CityscapesDataset | FolderDataset,
+    results: dict | None,
+    output_names: Sequence[str] | None = None,
+) -> None:
+    """The console table, the --out-dir reports and the --json file (rank 0)."""
     how = (
         "ms+flip " + str(list(args.scales or RECIPE.ms_flip_ratios))
         if args.ms_flip
@@ -244,8 +293,16 @@ def report(args: argparse.Namespace, dataset: CityscapesDataset, results: dict |
     print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}")
     if results is not None:
         print(format_table(results, dataset.classes))
-    if args.out_dir is not None:
+    if args.out_dir is not None and args.data == "cityscapes":
         print(f"submission PNGs (label ids) written to {args.out_dir}")
+    if args.out_dir is not None and results is not None:
+        matrix = results["confusion_matrix"].numpy()
+        written, note = write_reports(
+            args.out_dir, matrix, dataset.classes, results["IoU"], output_names=output_names
+        )
+        print(f"reports written to {args.out_dir}: {', '.join(p.name for p in written)}")
+        if note:
+            print(f"note: {note}")
     if args.save_color is not None:
         print(f"colour renderings written to {args.save_color}")
     if args.json is not None:

@@ -32,6 +32,7 @@ from erfnet import engine, logs, resume
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
+from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
 from erfnet.data.transforms import TrainTransform
 from erfnet.distributed import (
@@ -45,6 +46,7 @@ from erfnet.distributed import (
 )
 from erfnet.engine import ConfigError, TrainingError
 from erfnet.evaluation import build_eval_loader, evaluate
+from erfnet.finetune import init_from
 from erfnet.logs import log
 from erfnet.loss import LossConfigError, load_class_weights, make_criterion
 from erfnet.model import ERFNet
@@ -91,12 +93,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     # fmt: off
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("cityscapes", "synthetic"), default="cityscapes",
-                   help="dataset: Cityscapes (gtFine) or a synthetic Cityscapes made on demand")
+    g.add_argument("--data", choices=("cityscapes", "synthetic", "folder"), default="cityscapes",
+                   help="dataset: Cityscapes (gtFine), a synthetic Cityscapes made on demand, or"
+                   " your own folders described by --classes FILE")
     g.add_argument("--data-root", metavar="DIR", default=None,
                    help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes);"
                    " for --data synthetic the folder to create/use (default: a cache folder,"
-                   " ~/.cache/erfnet/synthetic-...)")
+                   " ~/.cache/erfnet/synthetic-...); for --data folder the dataset root")
+    g.add_argument("--classes", metavar="FILE", default=None,
+                   help="--data folder: the JSON file of names, palette, ignore_index,"
+                   " label_map, splits and suffixes (see README, Train on your own data)")
     g.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"), default=r.crop_size,
                    help=f"random crop {_preset('crop_size', r.crop_size)}")
     g.add_argument("--scale", nargs=2, type=int, metavar=("H", "W"), default=r.scale,
@@ -131,6 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " FCN head's only, as mmseg's recipe ran), all, or none")
     g.add_argument("--head", choices=("fcn", "deconv"), default="fcn",
                    help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
+    g.add_argument("--init-from", metavar="CKPT", default=None,
+                   help="start from these weights (ours, mmseg's, erfnet_pytorch's, or Eromera's"
+                   " ImageNet encoder as an encoder-only start) with a new optimizer and"
+                   " schedule; another class count re-initialises the classifier only")
 
     g = p.add_argument_group("loss (mmseg's CrossEntropyLoss)")
     g.add_argument("--avg-non-ignore", action="store_true",
@@ -139,7 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " recipe)")
     g.add_argument("--class-weights", metavar="FILE", default=None,
                    help='per-class loss weights: a JSON file {"names": [...], "weights": [...]}'
-                   ", one weight per class in class order (default: none)")
+                   ", one weight per class in class order, e.g. from scripts/class_weights.py"
+                   " (default: none)")
     g.add_argument("--ohem", nargs=2, type=float, metavar=("THRESH", "MIN_KEPT"), default=None,
                    help="mmseg's OHEMPixelSampler: train on the labelled pixels whose true-class"
                    " probability is below max(THRESH, the (MIN_KEPT x images)-th lowest)"
@@ -227,6 +238,14 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             parser.error(f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
                          f" {thresh:g} {min_kept:g}")  # fmt: skip
         args.ohem = (thresh, int(min_kept))
+    if args.data == "folder" and (args.classes is None or not args.data_root):
+        parser.error("--data folder needs --data-root DIR and --classes FILE")
+    if args.classes is not None and args.data != "folder":
+        parser.error(f"--classes describes a folder dataset; add --data folder (got --data"
+                     f" {args.data})")  # fmt: skip
+    if args.init_from is not None and args.resume is not None:
+        parser.error("--init-from starts a new run from other weights and --resume continues"
+                     " this one; give one of them")  # fmt: skip
     if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
 
@@ -239,14 +258,18 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     on other data, return your own datasets here (items: ``image`` float [3, H, W] normalised,
     ``label`` int64 [H, W]).
     """
+    transform = TrainTransform(
+        crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
+    )
+    if args.data == "folder":  # labels arrive with 255 = ignore, as Cityscapes' do
+        spec = load_spec(args.classes)
+        root = Path(args.data_root)
+        return FolderDataset(root, spec, "train", transform), FolderDataset(root, spec, "val")
     if args.data == "synthetic":
         root = Path(args.data_root) if args.data_root else synthetic_cache_root()
         make_synthetic_on_rank0(root, dist_info)
     else:
         root = resolve_data_root(args.data_root)
-    transform = TrainTransform(
-        crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
-    )
     return CityscapesDataset(root, "train", transform=transform), CityscapesDataset(root, "val")
 
 
@@ -313,6 +336,9 @@ def main(args: Namespace) -> int:
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
+        if args.init_from is not None:  # same weights on every rank: each loads the file
+            for line in init_from(model, args.init_from).describe(args.init_from):
+                log.info("%s", line)
         ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])

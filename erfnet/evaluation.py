@@ -23,6 +23,7 @@ from erfnet.data.cityscapes import save_label_ids
 from erfnet.data.transforms import resize_image
 from erfnet.distributed import all_reduce_sum
 from erfnet.inference import MODES, Size, Stats, model_stats, predict, prefers_channels_last
+from erfnet.labels import CLASS_NAMES
 from erfnet.metrics import ConfusionMatrix
 from erfnet.visualize import Palette, palette_lut, rgb_array, save_color
 
@@ -186,6 +187,14 @@ def evaluate(
         if palette is None or len(palette) == 0:
             raise ValueError("color_dir needs a palette: pass palette= (one RGB per class)")
         lut = palette_lut(palette)
+    if out_dir is not None:  # the test server's PNGs map Cityscapes' 19 train ids to label ids
+        classes = _dataset_attr(loader, "classes")
+        if classes is not None and tuple(classes) != tuple(CLASS_NAMES):
+            raise ValueError(
+                "out_dir writes the Cityscapes test server's label-id PNGs, but this dataset's"
+                f" classes are not Cityscapes' ({len(classes)} classes: {list(classes)[:3]} ...);"
+                " write colour renderings (color_dir / --save-color) instead"
+            )
     was_training = net.training
     net.eval()
     loader = _sharded(loader)
@@ -233,6 +242,8 @@ def evaluate(
                     " partly labelled split"
                 )
             results = cm.compute(num_classes) if has_labels else None
+            if results is not None:  # label rows x prediction columns, for the reports
+                results["confusion_matrix"] = cm.mat[:num_classes].cpu()
     finally:
         net.train(was_training)
     if results is not None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from erfnet.checkpoint import cityscapes_meta, load_model
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.folder import FolderDataset
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import normalize, resize_image
 from erfnet.deploy import fuse_bn
@@ -96,12 +97,17 @@ def calibration_samples(
     size: Size,
     mean: Sequence[float],
     std: Sequence[float],
+    classes: str | Path | None = None,
 ) -> list[tuple[np.ndarray, torch.Tensor | None]]:
-    """``num_images`` images spread evenly over ``split`` of a Cityscapes-layout dataset:
-    (normalised float32 [1, 3, *size] input, trainId label [H, W] at the image's size or None)."""
+    """``num_images`` images spread evenly over ``split`` of a Cityscapes-layout dataset (or of
+    the folder dataset ``classes`` describes): (normalised float32 [1, 3, *size] input, trainId
+    label [H, W] at the image's size or None)."""
     if num_images < 1:
         raise QuantizationError(f"need at least one calibration image, got {num_images}")
-    dataset = CityscapesDataset(root, split)
+    if classes is not None:
+        dataset = FolderDataset(root, classes, split)
+    else:
+        dataset = CityscapesDataset(root, split)
     n = min(num_images, len(dataset))
     picks = np.linspace(0, len(dataset) - 1, n).round().astype(int)
     samples = []
@@ -239,7 +245,7 @@ def compare_int8(
     }
     report["speedup"] = report["fp32_ms"] / report["int8_ms"]
     for name, cm in cms.items():
-        report[f"{name}_miou"] = 100.0 * cm.compute()["mIoU"] if labelled else None
+        report[f"{name}_miou"] = cm.compute()["mIoU"] if labelled else None  # percent
     return report
 
 
@@ -270,12 +276,20 @@ def quantize_and_check(
     size: Size = (512, 1024),
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     repeats: int = 5,
+    classes: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize with ``num_images`` of ``split``, compare with fp32 on them, keep the int8 graph
-    at ``out_path`` only if its agreement is at least ``min_agreement`` percent."""
+    at ``out_path`` only if its agreement is at least ``min_agreement`` percent. ``classes``:
+    the classes file of a folder dataset at ``calib_root`` (None: Cityscapes layout)."""
     meta = read_meta(fp32_path)
     samples = calibration_samples(
-        calib_root, split, num_images, size, meta.get("mean", MEAN_RGB), meta.get("std", STD_RGB)
+        calib_root,
+        split,
+        num_images,
+        size,
+        meta.get("mean", MEAN_RGB),
+        meta.get("std", STD_RGB),
+        classes=classes,
     )
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")

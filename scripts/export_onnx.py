@@ -105,7 +105,7 @@ def quantize(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         report = quantize_and_check(
             path, out, args.calib_data, split=args.calib_split, num_images=args.calib_images,
             size=(args.height, args.width), min_agreement=args.min_agreement,
-            repeats=args.repeats,
+            repeats=args.repeats, classes=args.calib_classes,
         )  # fmt: skip
     except (QuantizationError, DatasetError) as e:
         raise SystemExit(f"error: --int8: {e}") from None
@@ -126,6 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true", help="also write an int8 model (<out>_int8.onnx)")
     p.add_argument("--calib-data", metavar="ROOT", help="--int8: Cityscapes-layout dataset root")
     p.add_argument("--calib-split", default="val", help="--int8: split to calibrate on (val)")
+    p.add_argument("--calib-classes", metavar="FILE", default=None,
+                   help="--int8: --calib-data is a folder dataset described by this classes"
+                   " file (default: a Cityscapes-layout root)")  # fmt: skip
     p.add_argument("--calib-images", type=int, default=16, help="--int8: images (default 16)")
     p.add_argument(
         "--min-agreement", type=float, default=98.0,

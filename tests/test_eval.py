@@ -119,7 +119,7 @@ def test_matches_official_evaluator(single_run, val_root):
     valid = [b for b in official if not math.isnan(b)]
     assert data["mIoU"] == pytest.approx(100 * sum(valid) / len(valid), abs=1e-9)
     # Not a trivial case: several classes predicted, some right, ignored pixels present.
-    preds = [np.array(Image.open(p)) for p in (single_run / "sub").rglob("*.png")]
+    preds = [np.array(Image.open(p)) for p in (single_run / "sub").rglob("*_leftImg8bit.png")]
     assert len(np.unique(np.concatenate([p.ravel() for p in preds]))) >= 4
     assert sum(b > 0 for b in valid) >= 2
     assert data["split"] == "val" and data["num_images"] == 3 and data["ms_flip"] is False
@@ -143,6 +143,23 @@ def test_written_pngs_round_trip_to_the_same_metric(single_run, val_root):
     assert len(colors) == 6 and all(n.endswith(("_color.png", "_blend.png")) for n in colors)
 
 
+def test_out_dir_reports_count_every_labelled_pixel(single_run, val_root):
+    """The confusion matrix in --out-dir: label rows x prediction columns over the labelled
+    pixels, its diagonal the IoUs' intersections; the plots next to it."""
+    data = json.loads((single_run / "r.json").read_text())
+    matrix = np.load(single_run / "sub" / "confusion_matrix.npy")
+    ds = CityscapesDataset(val_root, "val", EvalTransform(None))
+    labelled = sum(int((ds[i]["label"] != 255).sum()) for i in range(len(ds)))
+    assert matrix.shape == (19, 19) and int(matrix.sum()) == labelled
+    iou = np.diag(matrix) / (matrix.sum(0) + matrix.sum(1) - np.diag(matrix))
+    for got, want in zip(data["IoU"].values(), iou * 100, strict=True):
+        assert (got is None and np.isnan(want)) or got == pytest.approx(want, abs=1e-9)
+    as_json = json.loads((single_run / "sub" / "confusion_matrix.json").read_text())
+    assert as_json["class_names"][0] == "road" and np.array_equal(as_json["matrix"], matrix)
+    assert (single_run / "sub" / "confusion_matrix.png").is_file()
+    assert (single_run / "sub" / "per_class_iou.png").is_file()
+
+
 def test_torchrun_two_processes_equal_single(tmp_path, single_run, val_root, checkpoint):
     r = _run(
         ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -155,8 +172,13 @@ def test_torchrun_two_processes_equal_single(tmp_path, single_run, val_root, che
     single = json.loads((single_run / "r.json").read_text())
     for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images"):
         assert dist_data[key] == single[key], key
-    a = sorted(p.relative_to(tmp_path / "sub") for p in (tmp_path / "sub").rglob("*.png"))
-    b = sorted(p.relative_to(single_run / "sub") for p in (single_run / "sub").rglob("*.png"))
+    # --out-dir also holds the report files (confusion matrix, IoU chart): compare the submission
+    a = sorted(
+        p.relative_to(tmp_path / "sub") for p in (tmp_path / "sub").rglob("*_leftImg8bit.png")
+    )
+    b = sorted(
+        p.relative_to(single_run / "sub") for p in (single_run / "sub").rglob("*_leftImg8bit.png")
+    )
     assert a == b and len(a) == 3
     for rel in a:
         assert np.array_equal(

@@ -58,6 +58,7 @@ def test_int8_export_reports_every_figure(exported: dict) -> None:
         assert isinstance(report[key], float) and math.isfinite(report[key]), key
     assert report["images"] == 2 and report["size"] == list(SIZE) and report["split"] == "val"
     assert 0.0 < report["agreement"] <= 100.0
+    assert 0.0 <= report["fp32_miou"] <= 100.0 and 0.0 <= report["int8_miou"] <= 100.0  # percent
     assert 0.0 <= report["fp32_miou"] <= 100.0 and 0.0 <= report["int8_miou"] <= 100.0
     int8_path = exported["dir"] / "m_int8.onnx"
     assert Path(report["int8_path"]) == int8_path and int8_path.is_file()

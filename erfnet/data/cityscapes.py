@@ -198,8 +198,16 @@ def _read_png(path: Path, mode: ImageReadMode) -> torch.Tensor:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as uint8 RGB [3, H, W]."""
-    return _read_png(Path(path), ImageReadMode.RGB)
+    """An image file as uint8 RGB [3, H, W]: PNG through libpng, JPEG and the rest through PIL."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return _read_png(path, ImageReadMode.RGB)
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
+        raise DatasetError(f"cannot read image '{path}': {e}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:

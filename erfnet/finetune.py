@@ -1,0 +1,160 @@
+"""``train.py --init-from CKPT``: start a new run from another ERFNet's weights.
+
+The file is one of ours, mmseg's or erfnet_pytorch's (detected as ``erfnet.convert`` detects
+them), or Eromera's ImageNet-pretrained encoder (``erfnet_encoder_pretrained.pth.tar``: keys under
+``module.features.encoder.``, the same block names as erfnet_pytorch's encoder) as an encoder-only
+start. Every tensor whose name and shape match is copied; when the class count differs the
+classifier (``head.classifier`` / ``head.output_conv``) keeps its fresh initialisation, and the
+re-initialised tensor names are reported. Anything else that does not fit (another head, other
+widths) is a ``CheckpointError`` naming the file: a silent partial load would train from scratch
+without saying so. Optimizer, schedule and iteration start fresh: this is not ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erfnet.checkpoint import CheckpointError
+from erfnet.convert import (
+    ERFNET_PYTORCH_TABLE,
+    ConversionError,
+    checkpoint_filter_fn,
+    detect_source,
+    load_foreign_checkpoint,
+)
+from erfnet.model import ERFNet
+
+IMAGENET_ENCODER = "imagenet_encoder"
+# Eromera's ImageNet classifier wraps the encoder as ``features.encoder`` (through DataParallel).
+_ENCODER_PREFIXES = ("module.features.encoder.", "features.encoder.")
+_IMAGENET_CLASSIFIER_PREFIXES = ("module.classifier.", "classifier.")
+# The tensors that depend on the class count, per head.
+CLASSIFIER_PREFIX = {"fcn": "head.classifier.", "deconv": "head.output_conv."}
+
+
+@dataclass
+class InitReport:
+    """What ``init_from`` did: the source format, tensors copied and tensors re-initialised."""
+
+    source: str
+    loaded: list[str]
+    reinitialised: list[str]
+    source_classes: int | None
+    num_classes: int
+
+    def describe(self, path: str | os.PathLike) -> list[str]:
+        """The log lines: what was loaded, and what was not."""
+        lines = [f"--init-from {path} ({self.source}): {len(self.loaded)} tensors loaded"]
+        if self.source == IMAGENET_ENCODER:
+            lines.append("encoder-only start: the decoder and head are initialised as usual")
+        if self.reinitialised:
+            num = self.num_classes
+            lines.append(
+                f"re-initialised for {num} classes (the file has {self.source_classes}): "
+                + ", ".join(self.reinitialised)
+            )
+        return lines
+
+
+def _is_imagenet_encoder(obj: Any) -> bool:
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        state = obj if isinstance(obj, dict) else {}
+    return any(isinstance(k, str) and k.startswith(_ENCODER_PREFIXES) for k in state)
+
+
+def imagenet_encoder_state(obj: Any) -> dict[str, torch.Tensor]:
+    """Our ``encoder.*`` tensors from Eromera's ImageNet file (its classifier dropped).
+
+    Its encoder keys are erfnet_pytorch's (``initial_block``, ``layers.{0..14}``) under
+    ``features.encoder.``; they go through the converter's erfnet_pytorch table.
+    """
+    state = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else obj
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        key = str(key)
+        if key.startswith(_IMAGENET_CLASSIFIER_PREFIXES):
+            continue  # the 1000-class ImageNet classifier
+        prefix = next((p for p in _ENCODER_PREFIXES if key.startswith(p)), None)
+        module, _, leaf = ("encoder." + key[len(prefix) :] if prefix else key).rpartition(".")
+        target = ERFNET_PYTORCH_TABLE.get(module) if prefix else None
+        if target is None or not target.startswith("encoder.") or not torch.is_tensor(value):
+            if not (prefix and module == "encoder.output_conv"):
+                unknown.append(key)
+            continue
+        out[f"{target}.{leaf}"] = value
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise ConversionError(f"unexpected key(s) in the ImageNet encoder file: {shown}")
+    return out
+
+
+def load_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], str | None]:
+    """(source format, state_dict in our names, the source's head or None for encoder-only)."""
+    path = Path(path)
+    try:
+        raw = load_foreign_checkpoint(path)  # torch.load(weights_only=True)
+        source = detect_source(raw)
+        if source == "erfnet":
+            if not isinstance(raw.get("model"), dict):
+                raise ConversionError("'model' is not a state_dict")
+            head = str((raw.get("model_args") or {}).get("head", "fcn"))
+            return source, dict(raw["model"]), head
+        if source in ("mmseg", "erfnet_pytorch"):
+            head = "fcn" if source == "mmseg" else "deconv"
+            return source, checkpoint_filter_fn(raw, source), head
+        if _is_imagenet_encoder(raw):
+            return IMAGENET_ENCODER, imagenet_encoder_state(raw), None
+    except ConversionError as e:
+        raise CheckpointError(f"--init-from {path}: {e}") from None
+    raise CheckpointError(
+        f"--init-from {path}: not an ERFNet checkpoint (ours, mmseg's, erfnet_pytorch's or"
+        " Eromera's ImageNet encoder file)"
+    )
+
+
+def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
+    """Load ``path``'s weights into ``model`` (in place) as described in the module docstring."""
+    source, state, src_head = load_init_state(path)
+    own = model.state_dict()
+    head = model.config.get("head", "fcn")
+    cls_prefix = CLASSIFIER_PREFIX[head]
+    where = f"--init-from {path} ({source})"
+    if src_head is not None and src_head != head:
+        raise CheckpointError(
+            f"{where} has a '{src_head}' head but the model is built with '{head}': add"
+            f" --head {src_head}"
+        )
+    wanted = [k for k in own if src_head is not None or k.startswith("encoder.")]
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in wanted
+        if k in state and state[k].shape != own[k].shape and not k.startswith(cls_prefix)
+    ]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(
+            f"{where}: the weights do not fit this ERFNet: missing {missing[:10]}, unexpected"
+            f" {unexpected[:10]}, mis-shaped {misshaped[:10]}"
+        )
+    loaded, reinit = [], []
+    new_state = dict(own)
+    for k in wanted:
+        if state[k].shape == own[k].shape:
+            new_state[k] = state[k].to(own[k].dtype)
+            loaded.append(k)
+        else:  # the classifier of another class count: keep the fresh initialisation
+            reinit.append(k)
+    model.load_state_dict(new_state)
+    src_classes = None
+    cls_weight = state.get(cls_prefix + "weight")
+    if cls_weight is not None:
+        src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
+    return InitReport(source, loaded, reinit, src_classes, model.num_classes)

@@ -1,0 +1,152 @@
+"""Per-class loss weights over a training split: the JSON file `train.py --class-weights` reads.
+
+    python scripts/class_weights.py data/cityscapes --out class_weights.json
+    python scripts/class_weights.py ROOT --data folder --classes camvid.json --method median
+
+Two methods, over the labelled pixels of the split (the ignore value never counts):
+
+- ``erfnet`` (default): ERFNet's (and ENet's) ``w = 1 / ln(c + p)``, ``p`` the class's share of
+  all labelled pixels, ``c`` = 1.10 (``--c``); a class that never occurs gets ``1 / ln(c)``.
+- ``median``: median-frequency balancing (Eigen & Fergus; SegNet): ``freq = pixels of the class /
+  labelled pixels of the images in which it occurs``, ``w = median(freq) / freq``, the median over
+  the classes that occur; a class that never occurs gets 0 (it has no pixel to weight).
+
+Output: ``{"names", "weights", "method", "split", "images", "pixel_counts", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from erfnet.config import IGNORE_INDEX
+from erfnet.data.cityscapes import CityscapesDataset, DatasetError, load_label
+from erfnet.data.folder import FolderDataset
+
+METHODS = ("erfnet", "median")
+ERFNET_C = 1.10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", help="dataset root (Cityscapes, or the folder dataset's root)")
+    p.add_argument("--data", choices=("cityscapes", "folder"), default="cityscapes",
+                   help="dataset kind (default: cityscapes)")  # fmt: skip
+    p.add_argument("--classes", metavar="FILE", default=None,
+                   help="--data folder: its JSON classes file")  # fmt: skip
+    p.add_argument("--split", default="train", help="split to count (default: train)")
+    p.add_argument("--method", choices=METHODS, default="erfnet",
+                   help="erfnet: 1 / ln(c + p); median: median-frequency balancing"
+                   " (default: erfnet)")  # fmt: skip
+    p.add_argument("--c", type=float, default=ERFNET_C,
+                   help=f"the erfnet method's c (default: {ERFNET_C})")  # fmt: skip
+    p.add_argument("--out", metavar="FILE", default="class_weights.json",
+                   help="output JSON (default: class_weights.json)")  # fmt: skip
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def count_pixels(
+    dataset: CityscapesDataset | FolderDataset, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels per class, labelled pixels of the images in which each class occurs), int64 [C]."""
+    num = len(dataset.classes)
+    counts = np.zeros(num, dtype=np.int64)
+    present_pixels = np.zeros(num, dtype=np.int64)
+    for i in tqdm(range(len(dataset)), desc="labels", unit="img", disable=not progress):
+        if isinstance(dataset, FolderDataset):
+            label = dataset.load_label(i)
+        else:
+            s = dataset.samples[i]
+            label = load_label(s.label, s.label_kind or "labelIds")
+        hist = np.bincount(label.numpy().ravel(), minlength=256)
+        hist[IGNORE_INDEX] = 0
+        if hist[num:].any():
+            raise DatasetError(f"label '{dataset.samples[i].label}' has values >= {num}")
+        hist = hist[:num]
+        counts += hist
+        present_pixels[hist > 0] += int(hist.sum())
+    return counts, present_pixels
+
+
+def erfnet_weights(counts: Sequence[int], c: float = ERFNET_C) -> list[float]:
+    """ERFNet's ``1 / ln(c + p)``, ``p`` each class's share of the labelled pixels."""
+    total = float(sum(counts))
+    if total <= 0:
+        raise ValueError("no labelled pixels")
+    return [1.0 / math.log(c + n / total) for n in counts]
+
+
+def median_frequency_weights(counts: Sequence[int], present_pixels: Sequence[int]) -> list[float]:
+    """``median(freq) / freq`` with ``freq = pixels / labelled pixels of the images with the
+    class``; 0 for a class that never occurs."""
+    freq = [n / p if p > 0 and n > 0 else 0.0 for n, p in zip(counts, present_pixels, strict=True)]
+    seen = [f for f in freq if f > 0]
+    if not seen:
+        raise ValueError("no labelled pixels")
+    median = statistics.median(seen)
+    return [median / f if f > 0 else 0.0 for f in freq]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.data == "folder" and args.classes is None:
+        raise SystemExit("error: --data folder needs --classes FILE")
+    if args.classes is not None and args.data != "folder":
+        raise SystemExit("error: --classes describes a folder dataset; add --data folder")
+    if args.method == "erfnet" and not args.c > 1.0:
+        raise SystemExit(f"error: --c must be > 1 (so that every weight is positive), got {args.c}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a folder; give a file path")
+    try:
+        if args.data == "folder":
+            dataset = FolderDataset(args.root, args.classes, args.split)
+        else:
+            dataset = CityscapesDataset(args.root, args.split, labels=True)
+        counts, present = count_pixels(dataset, progress=args.progress)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    if counts.sum() == 0:
+        raise SystemExit(f"error: split '{args.split}' under '{args.root}' has no labelled pixel")
+    if args.method == "erfnet":
+        weights = erfnet_weights(counts.tolist(), args.c)
+    else:
+        weights = median_frequency_weights(counts.tolist(), present.tolist())
+    data = {
+        "names": list(dataset.classes),
+        "weights": weights,
+        "method": args.method,
+        **({"c": args.c} if args.method == "erfnet" else {}),
+        "split": args.split,
+        "images": len(dataset),
+        "pixel_counts": counts.tolist(),
+    }
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --out {out}: {e.strerror}") from None
+    width = max(len(n) for n in dataset.classes)
+    for name, w, n in zip(dataset.classes, weights, counts.tolist(), strict=True):
+        print(f"{name:<{width}}  {w:8.4f}  ({n} px)")
+    print(f"{args.method} weights of {len(dataset)} images written to {out};"
+          f" train with --class-weights {out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
