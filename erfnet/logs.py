@@ -40,6 +40,14 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A failed write (a full disk) prints nothing per line: logging's default is a
+    traceback each time, and the run's own one-line error already says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]:
     """Console + ``train.log`` on rank 0; warnings only elsewhere. Returns the handlers added."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -47,7 +55,7 @@ def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [_TqdmHandler()]
     if work_dir is not None and is_main:
-        handlers.append(logging.FileHandler(work_dir / "train.log", encoding="utf-8"))
+        handlers.append(_LogFile(work_dir / "train.log", encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)

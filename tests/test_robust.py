@@ -27,7 +27,7 @@ from PIL import Image
 import erfnet.checkpoint as ckpt_module
 import train as train_cli
 from erfnet.checkpoint import CheckpointError, load_model, save_checkpoint
-from erfnet.data.check import check_datasets
+from erfnet.data.check import PROGRESS_FROM, check_datasets
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, load_image
 from erfnet.model import ERFNet
 from erfnet.runtime import cpu_plan
@@ -74,6 +74,21 @@ def _png16(path: Path, array: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------- 1. bad files, early or late
+
+
+def test_1_the_check_shows_progress_on_large_datasets_and_skips_others(
+    synthetic_root: Path, capsys
+):
+    ds = CityscapesDataset(synthetic_root, "train")
+    ds.samples = ds.samples * (PROGRESS_FROM // len(ds.samples) + 1)  # as many files as a big one
+    no_samples = torch.utils.data.TensorDataset(torch.zeros(2))
+    assert check_datasets({"train": ds, "other": no_samples}) == {
+        "train": 2 * len(ds.samples),
+        "other": None,
+    }
+    assert "checking data" in capsys.readouterr().err
+    assert check_datasets({"train": ds}, progress=False)
+    assert "checking data" not in capsys.readouterr().err
 
 
 def test_1_every_bad_file_is_listed_before_the_first_iteration(data: Path, tmp_path: Path):
@@ -426,3 +441,13 @@ def test_8_cpu_defaults_leave_a_core_free(cores: int, monkeypatch):
     assert workers == 2 and threads == max(1, cores - 3)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_plan("cpu", None, None, cores)[1] is None
+
+
+def test_8_the_shared_cpu_benchmark_reports_idle_and_busy(tmp_path: Path):
+    from scripts import benchmark
+
+    out = tmp_path / "b.json"
+    benchmark.main(["--sections", "shared_cpu", "--quick", "--device", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["shared_cpu"]
+    assert [r["load"] for r in rows] == ["idle", "1 busy process"]
+    assert all(r["s_per_it"] > 0 and "threads" in r["settings"] for r in rows)
