@@ -325,9 +325,11 @@ def main(args: Namespace) -> int:
             logs.close_logging, logs.setup_logging(work_dir if is_main else None, is_main)
         )
         cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
-        if is_main and (stale := remove_stale_tmp(work_dir))[0]:
-            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", *stale[:1],
-                     stale[1] / 1e6)  # fmt: skip
+        if is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
+            count, size = remove_stale_tmp(work_dir)
+            if count:
+                log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
+                         size / 1e6)  # fmt: skip
         # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
         stop = engine.StopFlag()
         stop.install()
