@@ -14,6 +14,7 @@ Label *values* are checked when a label is decoded (``load_label``), not here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,18 @@ def check_datasets(datasets: Mapping[str, Any], progress: bool = True) -> dict[s
         ]
         checked[name] = sum(1 + (s.label is not None) for s in samples)
     problems: list[str] = []
-    bar = tqdm(
-        pairs, desc="checking data", unit="img", disable=not progress or len(pairs) < PROGRESS_FROM
-    )
-    for name, image, label in bar:
-        problems += [f"{name}: {p}" for p in check_sample(image, label)]
+    # Threads overlap the reads (PIL's checksums release the GIL): a cold disk is the bottleneck.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = pool.map(lambda pair: check_sample(pair[1], pair[2]), pairs)
+        bar = tqdm(
+            zip(pairs, results, strict=True),
+            total=len(pairs),
+            desc="checking data",
+            unit="img",
+            disable=not progress or len(pairs) < PROGRESS_FROM,
+        )
+        for (name, _, _), found in bar:
+            problems += [f"{name}: {p}" for p in found]
     if problems:
         shown = "\n  ".join(problems[:_SHOWN])
         more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
