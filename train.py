@@ -6,7 +6,8 @@
     python train.py --data cityscapes --accum-steps 4             # 1 GPU: 4 x 4 accumulated
 
 Exit status: 0 when training finished, 130 / 143 when stopped by SIGINT / SIGTERM (after saving
-latest.pth; continue with --resume), 1 on an error, 2 for bad flags.
+latest.pth; continue with --resume), 1 on an error (bad data, full disk, a work dir in use by
+another run...), 2 for bad flags. README.md "What survives what" has the details.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet import engine, logs, resume
+from erfnet import engine, logs, resume, runtime
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
+from erfnet.data.check import check_datasets
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
 from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
@@ -50,6 +52,7 @@ from erfnet.finetune import init_from
 from erfnet.logs import log
 from erfnet.loss import LossConfigError, load_class_weights, make_criterion
 from erfnet.model import ERFNet
+from erfnet.workdir import WorkDirBusyError, WorkDirLock, remove_stale_tmp
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -110,9 +113,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"{r.ratio_range[1]}), also the validation resize {_preset('scale', r.scale)}")
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
-    g.add_argument("--workers", type=int, metavar="N", default=min(4, os.cpu_count() or 1),
-                   help="DataLoader worker processes per training process"
-                   " (default: min(4, CPU cores))")
+    g.add_argument("--workers", type=int, metavar="N", default=None,
+                   help="DataLoader worker processes per training process (default: on CUDA"
+                   " min(4, cores - 1); on the CPU 0 up to 4 cores, else min(4, cores / 4))")
+    g.add_argument("--skip-data-check", action="store_true",
+                   help="skip the check of every image and label header before the first"
+                   " iteration (bad files then stop the run when first read)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
@@ -165,6 +171,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, metavar="N", default=None,
+                   help="torch CPU threads (default on the CPU: cores - workers - 1, at least 1,"
+                   " so a busy neighbour cannot stall every step; $OMP_NUM_THREADS if set)")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
@@ -179,8 +188,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-interval", type=int, metavar="N", default=r.ckpt_interval,
                    help="write iter_<N>.pth every N iterations"
                    f" {_preset('ckpt_interval', r.ckpt_interval)}")
-    g.add_argument("--keep-ckpts", type=int, metavar="K", default=0,
-                   help="keep only the newest K iter_<N>.pth files (0 keeps all)")
+    g.add_argument("--keep-ckpts", type=int, metavar="K", default=3,
+                   help="keep only the newest K iter_<N>.pth files (0 keeps all); latest.pth and"
+                   " best.pth are always kept")
     g.add_argument("--log-interval", type=int, metavar="N", default=50,
                    help="log the mean loss to train.log and TensorBoard every N iterations")
     g.add_argument("--num-vis", type=int, metavar="N", default=4,
@@ -213,8 +223,10 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got"
                          f" {getattr(args, flag)}")  # fmt: skip
     for flag in ("workers", "keep_ckpts", "num_vis", "seed"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
     for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
         if min(size) < 8:
             parser.error(f"{flag} takes H W, each at least 8, got {list(size)}")
@@ -311,20 +323,36 @@ def main(args: Namespace) -> int:
     fault_signal = engine.fault_signal_from_env()  # tests only: (signal, iteration) or None
     device = resolve_device(args.device, local_rank_from_env())
     autocast_dtype, use_scaler = engine.amp_settings(device, args.amp, args.amp_dtype)
+    # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
+    args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    args.threads = torch.get_num_threads()  # as used, for args.json
     work_dir = Path(args.work_dir)
     dist_info = init_distributed(device)
     is_main = dist_info.is_main
     with ExitStack() as cleanup:
         cleanup.callback(cleanup_distributed)
+        # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
+        cleanup.enter_context(runtime.guarded_console())
         if is_main:
             try:
                 work_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 msg = f"--work-dir '{work_dir}': cannot create it ({e.strerror})"
                 raise ConfigError(msg) from None
+            lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
+            lock.acquire()
+            cleanup.callback(lock.release)
         cleanup.callback(
             logs.close_logging, logs.setup_logging(work_dir if is_main else None, is_main)
         )
+        cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
+        if is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
+            count, size = remove_stale_tmp(work_dir)
+            if count:
+                log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
+                         size / 1e6)  # fmt: skip
         # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
         stop = engine.StopFlag()
         stop.install()
@@ -332,6 +360,13 @@ def main(args: Namespace) -> int:
 
         resume_path = resume.resolve_resume(args.resume, work_dir)
         train_set, val_set = get_dataset(args, dist_info)
+        if not args.skip_data_check:  # every file now, not the first bad one hours from now
+            checked = check_datasets(
+                {"train": train_set, "val": val_set}, args.progress and is_main
+            )
+            log.info("data check: %s", ", ".join(
+                f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
+                for k, n in checked.items()))  # fmt: skip
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -414,6 +449,22 @@ def main(args: Namespace) -> int:
             out = make_checkpoint(model, ckpt_meta, iteration=done, best_miou=best_miou, **state)
             atomic_save(out, work_dir / name)
 
+        def save_then_explain(what: str, e: BaseException, do_ckpt: bool = False) -> str:
+            """Save the training state of ``done`` iterations (unless the loss is non-finite),
+            then the one-line error for a data failure met during ``what``."""
+            saved = "nothing saved (no iteration done yet)"
+            if nonfinite:
+                saved = "latest.pth not updated (non-finite loss)"
+            elif done > start:
+                if do_ckpt:
+                    save(f"iter_{done}.pth")
+                save("latest.pth")
+                saved = f"latest.pth of iteration {done} saved"
+            return (
+                f"{what} at iteration {done} failed: {runtime.one_line(e)}; {saved}. Fix the"
+                " file, then continue with --resume"
+            )
+
         if start >= args.iters:
             log.info(
                 "nothing to do: the checkpoint is at iteration %d of --iters %d", start, args.iters
@@ -423,7 +474,8 @@ def main(args: Namespace) -> int:
             f"training for {args.iters} iterations (from {start}), batch {args.batch_size}"
             f" x {args.accum_steps} accumulated x {dist_info.world_size} process(es)"
             f" = {step_batch * dist_info.world_size}, lr {args.lr:g}, amp {autocast_dtype},"
-            f" on {device}"
+            f" on {device} ({torch.get_num_threads()} threads, {args.workers} loader workers,"
+            f" {runtime.available_cores()} cores)"
         )
         progress = None
         if is_main and args.progress:
@@ -444,7 +496,11 @@ def main(args: Namespace) -> int:
         for iteration in range(start, args.iters):
             resume.seed_iteration(args.seed, dist_info.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
-            batch = next(data_iter)
+            done = iteration  # what a checkpoint written now holds
+            try:
+                batch = next(data_iter)
+            except (DatasetError, OSError) as e:  # a file changed since the check
+                raise TrainingError(save_then_explain("reading a training batch", e)) from None
             window.data_time += time.perf_counter() - t0
             images = batch["image"].to(device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
@@ -479,9 +535,8 @@ def main(args: Namespace) -> int:
                 if nonfinite >= args.max_nonfinite:
                     raise TrainingError(
                         f"the loss was non-finite for {nonfinite} consecutive iterations (last at"
-                        f" iteration {done}); stopping. The last good checkpoint is"
-                        f" {work_dir / 'latest.pth'} (if one was written). Try a lower --lr or"
-                        " --no-amp, and check the data."
+                        f" iteration {done}); stopping. {last_good(work_dir)} Try a lower --lr"
+                        " or --no-amp, and check the data."
                     )
             if progress is not None:
                 progress.update(1)
@@ -502,15 +557,19 @@ def main(args: Namespace) -> int:
             do_val = done % args.val_interval == 0 or last
             do_ckpt = done % args.ckpt_interval == 0
             if do_val:  # single scale, every rank takes part, rank 0 logs
-                metrics = evaluate(
-                    model,
-                    val_loader,
-                    device,
-                    num_classes=len(meta["class_names"]),
-                    test_scale=tuple(args.scale),
-                    progress=args.progress,
-                    amp=autocast_dtype == torch.float16 and device.type == "cuda",
-                )
+                try:
+                    metrics = evaluate(
+                        model,
+                        val_loader,
+                        device,
+                        num_classes=len(meta["class_names"]),
+                        test_scale=tuple(args.scale),
+                        progress=args.progress,
+                        amp=autocast_dtype == torch.float16 and device.type == "cuda",
+                    )
+                except (DatasetError, OSError) as e:  # a val file changed since the check
+                    model.train()
+                    raise TrainingError(save_then_explain("validation", e, do_ckpt)) from None
                 last_miou = float(metrics["mIoU"])
                 if is_main:
                     logs.log_validation(metrics, meta["class_names"], done, writer)
@@ -568,6 +627,13 @@ def main(args: Namespace) -> int:
     return 0
 
 
+def last_good(work_dir: Path) -> str:
+    """Where the run can continue from: a sentence that never names a file that is not there."""
+    if (work_dir / "latest.pth").is_file():
+        return f"The last good checkpoint, {work_dir / 'latest.pth'}, is intact (--resume)."
+    return f"No checkpoint was written in {work_dir} yet; --resume has nothing to continue."
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The command line: flags, the run, and its exit status (see the module docstring)."""
     parser = get_args_parser()
@@ -576,12 +642,19 @@ def cli(argv: list[str] | None = None) -> int:
         return main(args)
     except ConfigError as e:
         parser.error(str(e))
-    except (CheckpointError, DatasetError, DeviceError, LossConfigError, TrainingError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (
+        CheckpointError,
+        DatasetError,
+        DeviceError,
+        LossConfigError,
+        TrainingError,
+        WorkDirBusyError,
+    ) as e:  # one line, also for an error raised in a DataLoader worker
+        raise SystemExit(f"error: {runtime.one_line(e)}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(
-            "error: aborted by a second SIGINT/SIGTERM without saving; --resume continues from"
-            " the last latest.pth",
+            "error: aborted by a second SIGINT/SIGTERM without saving this iteration."
+            f" {last_good(Path(args.work_dir))}",
             file=sys.stderr,
         )
         return 130

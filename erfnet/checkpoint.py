@@ -14,7 +14,11 @@ Files are written atomically and read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,10 @@ FORMAT = "erfnet-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous file is intact."""
 
 
 def dataset_meta(dataset: Any) -> dict[str, Any]:
@@ -73,22 +81,49 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A kill at any moment leaves either the old file or the new one, never a partial file.
+    A kill at any moment leaves either the old file or the new one, never a partial file. The
+    object is serialised in memory first, so a failed write is a plain ``OSError`` (torch's
+    writer turns one into an opaque RuntimeError) and the message can say how much space the
+    file needs; a failed write removes its temporary file and raises ``CheckpointWriteError``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
     # Not tempfile.mkstemp: its files are mode 0600, and the rename would keep that mode; an
     # exclusive open honours the umask like a plain torch.save would.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "xb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_error(path, len(data), e)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, size: int, e: OSError) -> str:
+    """'cannot write X: <reason>; it needs N MB, M MB free ...; the previous X is intact'."""
+    previous = (
+        f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} existed"
+    )
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return (
+            f"no space left on the device of '{path.parent}': writing {path.name} needs"
+            f" {size / 1e6:.1f} MB ({free}); {previous}. Free some space (e.g. old"
+            " iter_<N>.pth, or a lower --keep-ckpts) and continue with --resume"
+        )
+    return f"cannot write checkpoint '{path}': {e.strerror or e}; {previous}"
 
 
 def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any) -> dict:
@@ -125,29 +160,70 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
-        # torch's own reason ("Unsupported global: ...", "Unsupported operand ...") follows a
-        # generic preamble whose first line suggests weights_only=False: never what we want.
-        text = str(e)
-        start = text.find("Unpickler error:")
-        reason = text[start + len("Unpickler error:") :] if start >= 0 else text
-        reason = " ".join(reason.split("Check the documentation")[0].split())[:300]
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(path, e)}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        hint = ""
-        foreign_prefixes = ("module.", "backbone.", "decode_head.", "encoder.", "decoder.")
-        if isinstance(ckpt, dict) and (
-            "state_dict" in ckpt
-            or any(isinstance(k, str) and k.startswith(foreign_prefixes) for k in ckpt)
-        ):
-            hint = (
-                " It looks like an mmsegmentation or erfnet_pytorch file: convert it first with"
-                " `python scripts/convert_checkpoint.py --from {mmseg,erfnet_pytorch} IN OUT`."
-            )
         raise CheckpointError(
             f"{path} is not an erfnet checkpoint (expected a dict with 'model' and"
-            f" 'model_args').{hint}"
+            f" 'model_args').{_foreign_hint(ckpt)}"
         )
     return ckpt
+
+
+def _load_error(path: Path, e: Exception) -> str:
+    """Why ``torch.load`` failed, in words: the blocked global's name for an unsafe pickle (never
+    torch's advice to load with weights_only=False), the file's kind for a non-checkpoint."""
+    text = str(e)
+    blocked = re.search(r"GLOBAL (\S+)", text)
+    if blocked or "Weights only load failed" in text:
+        name = blocked.group(1) if blocked else "an object that is not a tensor or container"
+        return (
+            f"Unsupported global: {name}: a safe load (weights_only=True) refuses to create it;"
+            " a checkpoint holds only tensors, numbers, strings and containers"
+        )
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as oe:
+        return f"{oe.strerror or oe}"
+    if size == 0:
+        return "the file is empty (0 bytes): an interrupted copy or download?"
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        return (
+            f"not a PyTorch file (it starts with {head!r}, {size} bytes; a checkpoint is a zip"
+            " archive written by torch.save)"
+        )
+    return (
+        f"the file ({size} bytes) is truncated or corrupt: {type(e).__name__}:"
+        f" {' '.join(text.split())[:200]}"
+    )
+
+
+def _foreign_hint(ckpt: Any) -> str:
+    """What a dict that is not our checkpoint probably is, and what to do with it."""
+    if not isinstance(ckpt, dict):
+        return ""
+    if ckpt and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()):
+        own = set(ERFNet().state_dict())
+        if set(ckpt) == own or (
+            set(ckpt) - {k for k in ckpt if k.startswith("head.")}
+            == own - {k for k in own if k.startswith("head.")}
+        ):
+            return (
+                " It is a bare ERFNet state_dict() of this project (weights without"
+                " 'model_args' and meta): save it with"
+                " erfnet.checkpoint.save_checkpoint(path, model, meta) instead of"
+                " torch.save(model.state_dict())."
+            )
+    foreign_prefixes = ("module.", "backbone.", "decode_head.", "encoder.", "decoder.")
+    if "state_dict" in ckpt or any(
+        isinstance(k, str) and k.startswith(foreign_prefixes) for k in ckpt
+    ):
+        return (
+            " It looks like an mmsegmentation or erfnet_pytorch file: convert it first with"
+            " `python scripts/convert_checkpoint.py --from {mmseg,erfnet_pytorch} IN OUT`."
+        )
+    return ""
 
 
 def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> ERFNet:

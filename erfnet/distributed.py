@@ -43,6 +43,8 @@ def resolve_device(name: str | None = None, local_rank: int = 0) -> torch.device
         raise DeviceError(
             f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
         ) from None
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...; this project not
+        raise DeviceError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: CUDA is not available on this machine")

@@ -9,7 +9,8 @@ import math
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
 from erfnet.inference import predict
+from erfnet.runtime import one_line
 from erfnet.visualize import colorize, rgb_array
 
 log = logging.getLogger("erfnet.train")
@@ -38,6 +40,14 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A failed write (a full disk) prints nothing per line: logging's default is a
+    traceback each time, and the run's own one-line error already says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]:
     """Console + ``train.log`` on rank 0; warnings only elsewhere. Returns the handlers added."""
     log.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -45,7 +55,7 @@ def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [_TqdmHandler()]
     if work_dir is not None and is_main:
-        handlers.append(logging.FileHandler(work_dir / "train.log", encoding="utf-8"))
+        handlers.append(_LogFile(work_dir / "train.log", encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -56,6 +66,23 @@ def close_logging(handlers: list[logging.Handler]) -> None:
     for h in handlers:
         log.removeHandler(h)
         h.close()
+
+
+@contextmanager
+def errors_in_log() -> Iterator[None]:
+    """An exception leaving the block is also written to train.log, as the one line the console
+    shows, so that the log says why a run stopped (the console may be gone)."""
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, SystemExit | GeneratorExit):
+            text = one_line(e)
+            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s",
+                                    (text or type(e).__name__,), None)  # fmt: skip
+            for h in log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.handle(record)
+        raise
 
 
 def open_tensorboard(work_dir: Path, purge_step: int | None) -> Any:

@@ -343,7 +343,11 @@ def restore_training_state(
             args.iters,
         )
         scheduler.set_max_iters(args.iters)
-    warn_changed_settings(ckpt.get("args") or {}, settings_json(args))
+    saved = ckpt.get("args") or {}
+    warn_changed_settings(saved, settings_json(args))
+    for key in RESUME_KEPT:  # what the restored optimizer and schedule really use: the log
+        if key in saved and hasattr(args, key):  # line and args.json must show the same
+            setattr(args, key, saved[key])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     consumed = resume_position(ckpt["sampler"], dataset_size, world_size)

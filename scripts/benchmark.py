@@ -382,6 +382,41 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     return {"data": rows}
 
 
+def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The quick start (``train.py --data synthetic``, its default threads and workers): s/it
+    on an idle machine and beside one busy process, which the CPU defaults must survive."""
+    iters, rows = (6 if args.quick else 30), []
+    with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
+        for load in ("idle", "1 busy process"):
+            busy = None if load == "idle" else subprocess.Popen(
+                [sys.executable, "-c", "while True: pass"])  # fmt: skip
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "train.py", "--data", "synthetic", "--iters", str(iters),
+                     "--log-interval", "3", "--val-interval", "1000", "--ckpt-interval", "1000",
+                     "--num-vis", "0", "--no-progress", "--work-dir", f"{tmp}/{len(rows)}"],
+                    cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+            if proc.returncode != 0:
+                raise SystemExit(f"error: quick-start run failed:\n{proc.stderr[-2000:]}")
+            # "iter N/M | ... | X s/it": the windows after the first (which holds the warm-up)
+            windows = [float(line.split(" s/it")[0].rsplit("| ", 1)[1])
+                       for line in proc.stderr.splitlines() if " s/it " in line][1:]  # fmt: skip
+            setup = next(line for line in proc.stderr.splitlines() if "training for" in line)
+            rows.append({"load": load, "s_per_it": statistics.median(windows), "iters": iters,
+                         "settings": setup.rsplit("(", 1)[1].rstrip(")")})  # fmt: skip
+    for r in rows:
+        r["vs_idle"] = r["s_per_it"] / rows[0]["s_per_it"]
+    show(f"Quick start on a shared CPU: train.py --data synthetic, {iters} iterations, median"
+         " s/it of the windows after the first", rows,
+         {"load": "load", "s/it": "s_per_it", "vs idle": lambda r: f"{r['vs_idle']:.2f}x",
+          "threads, workers, cores": "settings"})  # fmt: skip
+    return {"shared_cpu": rows}
+
+
 # --sections name -> section, run in this order. Adding a section: its function and a line here.
 SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] = {
     "flops": section_flops,
@@ -389,6 +424,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
     "malloc": section_malloc,  # CPU only: the CUDA caching allocator does not use malloc
     "train": section_train,
     "data": section_data,
+    "shared_cpu": section_shared_cpu,  # CPU only: train.py's CPU defaults beside a busy process
 }
 
 
@@ -483,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     started = time.perf_counter()
     for name, section in SECTIONS.items():
-        if ("all" in args.sections or name in args.sections) and not (name == "malloc" and cuda):
+        cpu_only = name in ("malloc", "shared_cpu")
+        if ("all" in args.sections or name in args.sections) and not (cpu_only and cuda):
             results |= section(args, model)
     results["total_s"] = time.perf_counter() - started
     print(f"\ntotal {results['total_s']:.0f} s")

@@ -17,6 +17,7 @@ predictions as the plain model, faster.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset
+from erfnet.data.cityscapes import pil_rgb8
 from erfnet.deploy import tune_cpu_allocator
 from erfnet.distributed import resolve_device
 from erfnet.inference import predict
@@ -37,22 +39,32 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 
 def find_images(path: Path) -> list[tuple[Path, Path]]:
-    """(image file, output stem relative to --out) for a file or every image under a folder."""
+    """(image file, output stem relative to --out) for a file or every image under a folder.
+
+    Files that differ only by extension (``x.png``, ``x.jpg``) keep it in their stem
+    (``x.png_color.png``, ``x.jpg_color.png``), so that no output overwrites another.
+    """
     if path.is_file():
         return [(path, Path(path.stem))]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         # Skip our own outputs if --out is inside the input folder.
         files = [p for p in files if not p.stem.endswith(("_color", "_blend"))]
-        return [(p, p.relative_to(path).with_suffix("")) for p in files]
+        stems = [p.relative_to(path).with_suffix("") for p in files]
+        clash = Counter(str(s).lower() for s in stems)  # lower: case-insensitive file systems
+        stems = [p.relative_to(path) if clash[str(s).lower()] > 1 else s
+                 for p, s in zip(files, stems, strict=True)]  # fmt: skip
+        if len({str(s).lower() for s in stems}) != len(stems):
+            raise SystemExit(f"error: {path}: image names clash even with their extensions")
+        return list(zip(files, stems, strict=True))
     raise SystemExit(f"error: {path}: no such file or folder")
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB; a clear error for files that are not images."""
+    """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8; a clear error for non-images."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
+            return pil_rgb8(img)
     except (UnidentifiedImageError, OSError) as e:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_png, read_file
 from tqdm import tqdm
@@ -180,7 +180,7 @@ def _torch_io_message(e: Exception) -> str:
     return re.sub(r"^[^,]*, \S+:\d+, ", "", text)
 
 
-def _read_png(path: Path, mode: ImageReadMode) -> torch.Tensor:
+def _read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
     # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, warning on every
     # call; they are still the fastest PNG path here (libpng straight into a tensor).
     with warnings.catch_warnings():
@@ -190,7 +190,7 @@ def _read_png(path: Path, mode: ImageReadMode) -> torch.Tensor:
         except (RuntimeError, OSError) as e:
             raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
         try:
-            return decode_png(data, mode=mode)
+            return decode_png(data, mode=mode, apply_exif_orientation=exif)
         except RuntimeError as e:
             raise DatasetError(
                 f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
@@ -198,16 +198,38 @@ def _read_png(path: Path, mode: ImageReadMode) -> torch.Tensor:
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as uint8 RGB [3, H, W]: PNG through libpng, JPEG and the rest through PIL."""
+    """An image file as uint8 RGB [3, H, W], upright (its EXIF orientation applied): PNG through
+    libpng, JPEG and the rest through PIL.
+
+    A 16-bit image keeps its high byte (``value >> 8``, as PIL and libpng's strip_16 read it),
+    so it is normalised on the same 0-255 scale as an 8-bit one.
+    """
     path = Path(path)
     if path.suffix.lower() == ".png":
-        return _read_png(path, ImageReadMode.RGB)
+        return to_uint8(_read_png(path, ImageReadMode.RGB, exif=True))
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = pil_rgb8(im)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
         raise DatasetError(f"cannot read image '{path}': {e}") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 as it is; uint16 (a 16-bit PNG) -> its high byte."""
+    if image.dtype == torch.uint16:
+        return (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def pil_rgb8(img: Image.Image) -> np.ndarray:
+    """A PIL image as HxWx3 uint8 RGB, upright, with ``load_image``'s 16-bit rule (high byte);
+    for formats beyond PNG. PIL itself would clip 16-bit grey (mode I;16 / I) to white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))
 
 
 def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:

@@ -315,6 +315,7 @@ class FolderDataset(Dataset):
     """
 
     ignore_index: int = IGNORE_INDEX
+    label_modes: tuple[str, ...] = _LABEL_MODES  # the label PNG modes the data check accepts
     mean: tuple[float, float, float] = MEAN_RGB
     std: tuple[float, float, float] = STD_RGB
 

@@ -1,0 +1,129 @@
+"""Check a dataset's files before training: a fast header pass over every image and label.
+
+Training reads a file only when a batch needs it, so without this pass a bad val image would
+stop a run at its first validation, hours in. ``check_datasets`` opens every file with PIL
+(headers only, plus PNG's chunk checksums: no pixel decoding) and checks that it is an image,
+that the label has the image's size (after EXIF orientation) and that the label is one 8-bit
+channel. All problems are reported at once, in one ``DatasetError`` with their count.
+
+It works on any dataset with ``samples[i].image`` / ``samples[i].label`` (Path or None), like
+``CityscapesDataset`` and ``FolderDataset``; datasets without ``samples`` are skipped.
+Label *values* are checked when a label is decoded (``load_label``), not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from erfnet.data.cityscapes import DatasetError
+
+# Modes of a label PNG: one 8-bit channel (grey ids, or palette indices).
+LABEL_MODES = frozenset({"L", "P"})
+# EXIF orientations that swap width and height (transposed / rotated by 90 or 270 degrees).
+_SWAPS_SIZE = frozenset({5, 6, 7, 8})
+_SHOWN = 20  # problems listed in the message; the count covers all of them
+PROGRESS_FROM = 500  # files; below this the pass takes well under a second
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """((height, width) as displayed, i.e. after EXIF orientation, PIL mode) of an image file;
+    ``DatasetError`` for a file that cannot be read or is not a complete image."""
+    try:
+        with Image.open(path) as im:
+            (width, height), mode, exif = im.size, im.mode, im.info.get("exif")
+            if im.format == "PNG":
+                im.verify()  # every chunk's CRC up to IEND: finds truncated or damaged files
+        orientation = 1
+        if exif:
+            tags = Image.Exif()
+            tags.load(exif)
+            orientation = tags.get(0x0112, 1)
+    except FileNotFoundError:
+        raise DatasetError(f"'{path}' does not exist") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"'{path}' is not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for damaged files
+        raise DatasetError(f"cannot decode '{path}' (corrupt or truncated?): {e}") from None
+    if orientation in _SWAPS_SIZE:
+        width, height = height, width
+    return (height, width), mode
+
+
+def check_sample(
+    image: Path, label: Path | None, label_modes: Collection[str] = LABEL_MODES
+) -> list[str]:
+    """The problems of one (image, label) pair, as messages naming the file; ``label_modes``:
+    the PIL modes the dataset reads labels from (a dataset's own ``label_modes``, if it has one)."""
+    problems = []
+    try:
+        image_size, _ = image_header(image)
+    except DatasetError as e:
+        problems.append(str(e))
+        image_size = None
+    if label is None:
+        return problems
+    try:
+        (_, label_mode), label_size = image_header(label), None
+        with Image.open(label) as im:  # the raw size: labels are never rotated
+            label_size = (im.size[1], im.size[0])
+        if label_mode not in label_modes:
+            problems.append(
+                f"label '{label}' must be a single-channel PNG of class values (PIL modes"
+                f" {', '.join(sorted(label_modes))}), got PIL mode {label_mode}"
+            )
+        elif image_size is not None and label_size != image_size:
+            problems.append(
+                f"label '{label}' is {label_size[0]}x{label_size[1]} (HxW) but its image"
+                f" '{image}' is {image_size[0]}x{image_size[1]}; they must be the same size"
+            )
+    except DatasetError as e:
+        problems.append(str(e))
+    return problems
+
+
+def check_datasets(datasets: Mapping[str, Any], progress: bool = True) -> dict[str, int | None]:
+    """Check every sample of each named dataset; {name: files checked, or None if skipped}.
+
+    Raises one ``DatasetError`` listing the problems (the first few) and their count.
+    """
+    checked: dict[str, int | None] = {}
+    pairs: list[tuple[str, Path, Path | None, Collection[str]]] = []
+    for name, ds in datasets.items():
+        samples = getattr(ds, "samples", None)
+        if samples is None:
+            checked[name] = None
+            continue
+        modes = getattr(ds, "label_modes", LABEL_MODES)
+        pairs += [
+            (name, Path(s.image), None if s.label is None else Path(s.label), modes)
+            for s in samples
+        ]
+        checked[name] = sum(1 + (s.label is not None) for s in samples)
+    problems: list[str] = []
+    # Threads overlap the reads (PIL's checksums release the GIL): a cold disk is the bottleneck.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = pool.map(lambda pair: check_sample(*pair[1:]), pairs)
+        bar = tqdm(
+            zip(pairs, results, strict=True),
+            total=len(pairs),
+            desc="checking data",
+            unit="img",
+            disable=not progress or len(pairs) < PROGRESS_FROM,
+        )
+        for (name, *_), found in bar:
+            problems += [f"{name}: {p}" for p in found]
+    if problems:
+        shown = "\n  ".join(problems[:_SHOWN])
+        more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+        total = sum(n or 0 for n in checked.values())
+        raise DatasetError(
+            f"the data check found {len(problems)} problem(s) in {total} files (fix or remove"
+            f" them; --skip-data-check skips this check):\n  {shown}{more}"
+        )
+    return checked

@@ -1,0 +1,118 @@
+"""The process around a training run: console streams that cannot kill a save, one-line errors
+from DataLoader workers, and CPU thread / worker counts that do not oversubscribe the cores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+# Environment variables that already fix the intra-op thread count; we then leave it alone.
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# --------------------------------------------------------------------------------------------
+# Console streams
+# --------------------------------------------------------------------------------------------
+
+
+class _GuardedStream:
+    """A text stream whose writes never raise: after the first failure (the reader of a pipe is
+    gone, e.g. ``train.py | tee log`` stopped by Ctrl-C) its file descriptor is pointed at
+    /dev/null, so later writes, the interpreter's final flush and child processes go nowhere
+    instead of killing the process between "saving latest.pth" and the save itself."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # BrokenPipeError, EIO, a closed file
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._silence()
+
+    def _silence(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # no descriptor (a test's StringIO): dropping the writes is enough
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ... as the stream's
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def guarded_console() -> Iterator[None]:
+    """``sys.stdout`` / ``sys.stderr`` replaced by streams whose write errors are ignored."""
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _GuardedStream(sys.stdout), _GuardedStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = old
+
+
+# --------------------------------------------------------------------------------------------
+# Errors from DataLoader workers
+# --------------------------------------------------------------------------------------------
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line, also for an error re-raised from a DataLoader worker
+    (whose text is "Caught X in DataLoader worker process N. Original Traceback ...")."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# CPU threads and loader workers
+# --------------------------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), shared by torchrun's local ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def cpu_plan(
+    device_type: str, workers: int | None, threads: int | None, cores: int | None = None
+) -> tuple[int, int | None]:
+    """(loader workers, torch intra-op threads or None to leave torch's) for a training process.
+
+    Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and for
+    whatever else runs on the machine. A compute thread that has to share its core stalls every
+    other one at each parallel op (2 threads + 2 workers on 2 cores with one busy neighbour ran
+    ~35x slower than idle), while one core's less compute costs at most 1/cores. Explicit
+    ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win.
+    """
+    cores = cores or available_cores()
+    if device_type != "cpu":  # the GPU computes; workers decode, the main process feeds
+        return (min(4, max(0, cores - 1)) if workers is None else workers), threads
+    if workers is None:
+        workers = 0 if cores <= 4 else min(4, cores // 4)
+    if threads is None and not any(os.environ.get(v) for v in _THREAD_ENV):
+        threads = max(1, cores - workers - 1)
+    return workers, threads
