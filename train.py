@@ -31,6 +31,8 @@ from tqdm import tqdm
 from erfnet import engine, logs, resume
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
+from erfnet.data import device_aug
+from erfnet.data.cache import CachedCityscapesDataset
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
 from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
 from erfnet.data.transforms import TrainTransform
@@ -107,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, metavar="N", default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes per training process"
                    " (default: min(4, CPU cores))")
+    g.add_argument("--data-cache", metavar="DIR", default=None,
+                   help="read the train split from this decoded uint8 cache (written by"
+                   " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
@@ -154,6 +159,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="resize, crop, flip, photometric and normalise the batch on the device;"
+                   " workers only decode and draw (same batches). Default: on for CUDA")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
@@ -247,7 +255,11 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     transform = TrainTransform(
         crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
     )
-    return CityscapesDataset(root, "train", transform=transform), CityscapesDataset(root, "val")
+    if args.data_cache:
+        train_set = CachedCityscapesDataset(root, "train", args.data_cache, transform=transform)
+    else:
+        train_set = CityscapesDataset(root, "train", transform=transform)
+    return train_set, CityscapesDataset(root, "val")
 
 
 def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
@@ -358,8 +370,11 @@ def main(args: Namespace) -> int:
                 args, work_dir, train_set, val_set, device, dist_info, autocast_dtype, resume_path
             )
         step_batch = args.batch_size * args.accum_steps  # images per process and optimizer step
+        # --gpu-aug: workers decode and draw; the device augments (the same batches).
+        gpu_aug = device_aug.resolve_gpu_aug(args.gpu_aug, device, train_set)
+        log.info("augmentation on %s", f"the device ({device})" if gpu_aug else "the workers")
         loader, sampler = resume.build_train_loader(
-            train_set,
+            device_aug.DeviceAugDataset(train_set) if gpu_aug else train_set,
             batch_size=step_batch,
             workers=args.workers,
             seed=args.seed,
@@ -368,6 +383,7 @@ def main(args: Namespace) -> int:
             start_samples=consumed,
             start_iter=start,
             pin_memory=device.type == "cuda",
+            collate_fn=device_aug.collate if gpu_aug else None,
         )
         val_loader = build_eval_loader(
             val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
@@ -419,10 +435,14 @@ def main(args: Namespace) -> int:
             resume.seed_iteration(args.seed, dist_info.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
             batch = next(data_iter)
-            window.data_time += time.perf_counter() - t0
-            images = batch["image"].to(device, non_blocking=True)
+            t1 = time.perf_counter()
+            window.data_time += t1 - t0
+            if gpu_aug is not None:
+                images, labels = gpu_aug(batch, device)
+            else:
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
             loss = engine.train_step(
                 train_model,
@@ -436,6 +456,7 @@ def main(args: Namespace) -> int:
                 accum_steps=args.accum_steps,
             )
             scheduler.step()
+            window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
             consumed += step_batch  # the sampler's position: micro-batches x their images
             done = iteration + 1  # iterations completed: what logs and checkpoints count
 
@@ -459,7 +480,8 @@ def main(args: Namespace) -> int:
                     )
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                stall = f"{window.stall_share():.0%}"  # of this log window so far
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
             last = done == args.iters
             if done % args.log_interval == 0 or last:
                 logs.log_training(

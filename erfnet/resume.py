@@ -186,8 +186,10 @@ def build_train_loader(
     start_samples: int = 0,
     start_iter: int = 0,
     pin_memory: bool = False,
+    collate_fn: Any = None,
 ) -> tuple[DataLoader, InfiniteSampler]:
-    """An endless loader of augmented batches, positioned after ``start_samples`` samples."""
+    """An endless loader of augmented batches, positioned after ``start_samples`` samples
+    (``collate_fn``: the DataLoader's, e.g. ``erfnet.data.device_aug.collate``)."""
     sampler = InfiniteSampler(
         len(dataset),  # type: ignore[arg-type]
         seed=seed,
@@ -208,6 +210,7 @@ def build_train_loader(
         worker_init_fn=_worker_init if workers > 0 else None,
         generator=generator,
         prefetch_factor=2 if workers > 0 else None,
+        collate_fn=collate_fn,
     )
     return loader, sampler
 

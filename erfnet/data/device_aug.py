@@ -177,6 +177,20 @@ def photometric_batch(img: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Te
     return conv(img, alpha=per_image(a["contrast_last"]))
 
 
+def resolve_gpu_aug(flag: bool | None, device: torch.device, dataset: Any) -> DeviceAugment | None:
+    """``--gpu-aug``: True on, False off, None (auto) on for CUDA when the dataset supports it
+    (``load`` and a ``TrainTransform``); on asked for an unsupported dataset is a DatasetError."""
+    if flag is False or (flag is None and device.type != "cuda"):
+        return None
+    try:
+        DeviceAugDataset(dataset)
+    except DatasetError:
+        if flag:
+            raise
+        return None
+    return DeviceAugment(dataset.transform)
+
+
 class DeviceAugment:
     """Turns a collated ``DeviceAugDataset`` batch into the training batch on ``device``:
     (float32 [N,3,h,w] normalised images, int64 [N,h,w] labels), equal to the worker path's."""
