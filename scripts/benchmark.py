@@ -424,7 +424,7 @@ def data_paths(args: argparse.Namespace, png: CityscapesDataset, cached: Citysca
             loader_rows.append({"path": path, "workers": workers, "images_per_s": rate,
                                 "per_worker": rate / workers,
                                 "efficiency": rate / workers / measured[path]})  # fmt: skip
-    show(f"Training loader (build_train_loader, batch {batch}, device aug in the main process)",
+    show(f"Training loader (build_train_loader, batch {batch}; without the device aug)",
          loader_rows, {"path": "path", "workers": "workers", "img/s": "images_per_s",
                        "img/s per worker": "per_worker",
                        "of 1-worker rate": lambda r: f"{100 * r['efficiency']:.0f}%"})  # fmt: skip
@@ -432,12 +432,13 @@ def data_paths(args: argparse.Namespace, png: CityscapesDataset, cached: Citysca
     size = (64, 128) if quick else RECIPE.crop_size
     step_s = throughput.time_step(device, step_batch, size, repeats=2 if quick or not cuda else 10)
     best = {p: max(r["images_per_s"] for r in loader_rows if r["path"] == p) for p in measured}
-    projection = throughput.project_recipe(step_s, step_batch, best)
+    projection = throughput.project_recipe(step_s, step_batch, best, stages["device aug"])
     for r in projection:
         r["workers_to_feed"] = throughput.workers_to_feed(step_s, step_batch, measured[r["path"]])
     show(f"Projected recipe ({RECIPE.iters} iterations x 16 images, {size[0]}x{size[1]}) on "
          f"{device}: step {step_s:.3f} s at batch {step_batch}"
-         f"{' (fp16 AMP)' if cuda else ''}, data at the best loader rate above", projection,
+         f"{' (fp16 AMP)' if cuda else ''} (+ device aug per image on the gpu-aug paths), data "
+         "at the best loader rate above", projection,
          {"path": "path", "data img/s": "data_images_per_s", "step s/it": "step_s",
           "data s/it": "data_s", "hours": "recipe_hours", "bound": "bound",
           "stall": lambda r: f"{100 * r['stall_share']:.0f}%",

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.cityscapes import DatasetError
@@ -110,8 +111,9 @@ class DeviceAugDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack the items; images and labels of different sizes are padded bottom / right (the
-    taps index the original pixels, so the padding is never read)."""
+    """Stack the items (``default_collate``: in a worker, straight into shared memory); images
+    and labels of different sizes are padded bottom / right first (the taps index the original
+    pixels, so the padding is never read)."""
     h = max(int(s["image"].shape[1]) for s in samples)
     w = max(int(s["image"].shape[2]) for s in samples)
 
@@ -119,9 +121,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dh, dw = h - t.shape[-2], w - t.shape[-1]
         return F.pad(t, (0, dw, 0, dh)) if dh or dw else t
 
-    batch = {k: torch.stack([pad(s[k]) for s in samples]) for k in ("image", "label")}
-    batch.update({k: torch.stack([s[k] for s in samples]) for k in PARAM_KEYS})
-    return batch
+    return default_collate([{**s, "image": pad(s["image"]), "label": pad(s["label"])}
+                            for s in samples])  # fmt: skip
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -155,8 +155,8 @@ def _path_dataset(path: str, png: CityscapesDataset, cached: CityscapesDataset |
 
 def time_paths(png: CityscapesDataset, cached: CityscapesDataset | None, *, rounds: int = 6,
                threads: int | None = 1) -> dict[str, float]:  # fmt: skip
-    """Images/s of one worker (one sample, seeded, as a worker loads it) per path, from the
-    median of ``rounds`` interleaved rounds (one sample of every path per round)."""
+    """Images/s of one worker (one sample, seeded and collated, as a worker loads it) per path,
+    from the median of ``rounds`` interleaved rounds (one sample of every path per round)."""
     sets = {p: SeededDataset(_path_dataset(p, png, cached)) for p in PATHS
             if cached is not None or not p.startswith("cache")}  # fmt: skip
     times: dict[str, list[float]] = {p: [] for p in sets}
@@ -165,8 +165,9 @@ def time_paths(png: CityscapesDataset, cached: CityscapesDataset | None, *, roun
         for r in range(rounds + 1):
             key = (r % len(png), mix_seed(1, r))
             for p, ds in sets.items():
+                collate = device_aug.collate if p.endswith("gpu-aug") else default_collate
                 t = time.perf_counter()
-                ds[key]
+                collate([ds[key]])  # the copy a worker makes of a mapped or decoded pair
                 if r:  # the first round warms up
                     times[p].append(time.perf_counter() - t)
 
@@ -176,20 +177,15 @@ def time_paths(png: CityscapesDataset, cached: CityscapesDataset | None, *, roun
 
 def time_loader(path: str, png: CityscapesDataset, cached: CityscapesDataset | None, *,
                 workers: int, batch: int, batches: int, device: torch.device) -> float:  # fmt: skip
-    """Images/s delivered by ``build_train_loader`` with ``workers`` workers (steady state),
-    including the device-side augmentation for the gpu-aug paths, as train.py runs."""
+    """Images/s that ``build_train_loader`` delivers with ``workers`` workers (steady state), up
+    to the device (pinned and uploaded on CUDA). The device-side augmentation of the gpu-aug
+    paths is not included: it belongs to the step (``time_stages``' "device aug")."""
     ds = _path_dataset(path, png, cached)
     gpu_aug = path.endswith("gpu-aug")
     loader, _ = build_train_loader(ds, batch_size=batch, workers=workers, seed=0,
                                    pin_memory=device.type == "cuda",
                                    collate_fn=device_aug.collate if gpu_aug else None)  # fmt: skip
-    augment = device_aug.DeviceAugment(png.transform) if gpu_aug else None
     it = iter(loader)
-    # On the CPU the main process augments on 1 thread: with more, its OpenMP threads fight the
-    # workers for the cores and a batch can take 100x longer on a busy machine.
-    old_threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     try:
         # Drain what the workers prefetched at the start (2 batches each), then time the
         # steady state: every batch timed was produced while timing.
@@ -199,14 +195,11 @@ def time_loader(path: str, png: CityscapesDataset, cached: CityscapesDataset | N
         t = time.perf_counter()
         for _ in range(batches):
             b = next(it)
-            if augment is not None:
-                augment(b, device)
-            else:
-                b["image"].to(device, non_blocking=True)
+            for key in ("image", "label"):
+                b[key].to(device, non_blocking=True)
             _sync(device)
         return batches * batch / (time.perf_counter() - t)
     finally:
-        torch.set_num_threads(old_threads)
         del it  # shuts the workers down
 
 
@@ -233,13 +226,17 @@ def time_step(device: torch.device, batch: int, size: tuple[int, int], repeats: 
 
 
 def project_recipe(step_s: float, step_batch: int, data_rates: dict[str, float],
-                   iters: int = RECIPE.iters, batch: int = 16) -> list[dict[str, Any]]:  # fmt: skip
+                   device_aug_s: float = 0.0, iters: int = RECIPE.iters, batch: int = 16
+                   ) -> list[dict[str, Any]]:  # fmt: skip
     """The recipe's wall time (``iters`` x ``batch`` images) per data path: each iteration
-    takes the slower of the step (``step_s`` at ``step_batch``, scaled linearly to ``batch``) and
-    the data (``batch`` / the path's images/s), as when loading overlaps the step perfectly."""
-    step = step_s * batch / step_batch
+    takes the slower of the step (``step_s`` at ``step_batch``, scaled linearly to ``batch``,
+    plus ``device_aug_s`` per image on the gpu-aug paths) and the data (``batch`` / the path's
+    images/s), as when loading overlaps the step perfectly."""
     rows = []
     for path, rate in data_rates.items():
+        step = step_s * batch / step_batch
+        if path.endswith("gpu-aug"):
+            step += device_aug_s * batch
         data = batch / rate
         it = max(step, data)
         rows.append({"path": path, "data_images_per_s": rate, "step_s": step, "data_s": data,
