@@ -199,3 +199,36 @@ def test_kill_and_resume_is_exact_with_gpu_aug_and_cache(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "differ from the checkpoint" not in r.stderr
     assert _same_weights(tmp_path / "latest.pth", plain_run / "latest.pth")
+
+
+def test_optional_pyspng_decoder_gives_libpngs_values(synthetic_root: Path, tmp_path: Path):
+    """With pyspng installed, the loader decodes plain 8-bit RGB / grey PNGs with it: the same
+    tensors as torchvision's libpng, and a truncated file is still a clear DatasetError."""
+    pytest.importorskip("pyspng")
+    import warnings
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    from erfnet.data import cityscapes
+
+    files = sorted(synthetic_root.rglob("*_leftImg8bit.png")) + sorted(
+        synthetic_root.rglob("*_labelIds.png")
+    )
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (8, 4), (1, 2, 3, 4)).save(rgba)  # not plain RGB: libpng decodes it
+    for path in [*files, rgba]:
+        mode = ImageReadMode.UNCHANGED if "gtFine" in path.name else ImageReadMode.RGB
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = read_file(str(path))
+            ref = decode_png(data, mode=mode)
+        fast = cityscapes._spng_decode(data, mode)
+        assert (fast is None) == (path == rgba)
+        assert torch.equal(cityscapes._read_png(path, mode), ref)
+        if fast is not None:
+            assert fast.dtype == ref.dtype and torch.equal(fast, ref)
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(files[0].read_bytes()[:5000])
+    with pytest.raises(DatasetError, match="cannot decode"):
+        cityscapes.load_image(bad)
