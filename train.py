@@ -111,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " (default: min(4, CPU cores))")
     g.add_argument("--data-cache", metavar="DIR", default=None,
                    help="read the train split from this decoded uint8 cache (written by"
-                   " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs")
+                   " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs"
+                   " (default: none)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
@@ -161,7 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="resize, crop, flip, photometric and normalise the batch on the device;"
-                   " workers only decode and draw (same batches). Default: on for CUDA")
+                   " workers only decode and draw (same batches) (default: on for CUDA, off"
+                   " on the CPU)")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
