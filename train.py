@@ -32,6 +32,8 @@ from tqdm import tqdm
 from erfnet import engine, logs, resume, runtime
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
+from erfnet.data import device_aug
+from erfnet.data.cache import CachedCityscapesDataset
 from erfnet.data.check import check_datasets
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
 from erfnet.data.folder import FolderDataset, load_spec
@@ -119,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-data-check", action="store_true",
                    help="skip the check of every image and label header before the first"
                    " iteration (bad files then stop the run when first read)")
+    g.add_argument("--data-cache", metavar="DIR", default=None,
+                   help="read the train split from this decoded uint8 cache (written by"
+                   " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs"
+                   " (default: none)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
@@ -174,6 +180,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, metavar="N", default=None,
                    help="torch CPU threads (default on the CPU: cores - workers - 1, at least 1,"
                    " so a busy neighbour cannot stall every step; $OMP_NUM_THREADS if set)")
+    g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="resize, crop, flip, photometric and normalise the batch on the device;"
+                   " workers only decode and draw (same batches) (default: on for CUDA, off"
+                   " on the CPU)")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
@@ -255,6 +265,9 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     if args.classes is not None and args.data != "folder":
         parser.error(f"--classes describes a folder dataset; add --data folder (got --data"
                      f" {args.data})")  # fmt: skip
+    if args.data_cache is not None and args.data == "folder":
+        parser.error("--data-cache holds a Cityscapes train split (scripts/prepare_cityscapes.py"
+                     " --cache); it does not apply to --data folder")  # fmt: skip
     if args.init_from is not None and args.resume is not None:
         parser.error("--init-from starts a new run from other weights and --resume continues"
                      " this one; give one of them")  # fmt: skip
@@ -282,7 +295,11 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
         make_synthetic_on_rank0(root, dist_info)
     else:
         root = resolve_data_root(args.data_root)
-    return CityscapesDataset(root, "train", transform=transform), CityscapesDataset(root, "val")
+    if args.data_cache:
+        train_set = CachedCityscapesDataset(root, "train", args.data_cache, transform=transform)
+    else:
+        train_set = CityscapesDataset(root, "train", transform=transform)
+    return train_set, CityscapesDataset(root, "val")
 
 
 def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
@@ -419,8 +436,11 @@ def main(args: Namespace) -> int:
                 args, work_dir, train_set, val_set, device, dist_info, autocast_dtype, resume_path
             )
         step_batch = args.batch_size * args.accum_steps  # images per process and optimizer step
+        # --gpu-aug: workers decode and draw; the device augments (the same batches).
+        gpu_aug = device_aug.resolve_gpu_aug(args.gpu_aug, device, train_set)
+        log.info("augmentation on %s", f"the device ({device})" if gpu_aug else "the workers")
         loader, sampler = resume.build_train_loader(
-            train_set,
+            device_aug.DeviceAugDataset(train_set) if gpu_aug else train_set,
             batch_size=step_batch,
             workers=args.workers,
             seed=args.seed,
@@ -429,6 +449,7 @@ def main(args: Namespace) -> int:
             start_samples=consumed,
             start_iter=start,
             pin_memory=device.type == "cuda",
+            collate_fn=device_aug.collate if gpu_aug else None,
         )
         val_loader = build_eval_loader(
             val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
@@ -501,10 +522,14 @@ def main(args: Namespace) -> int:
                 batch = next(data_iter)
             except (DatasetError, OSError) as e:  # a file changed since the check
                 raise TrainingError(save_then_explain("reading a training batch", e)) from None
-            window.data_time += time.perf_counter() - t0
-            images = batch["image"].to(device, non_blocking=True)
+            t1 = time.perf_counter()
+            window.data_time += t1 - t0
+            if gpu_aug is not None:
+                images, labels = gpu_aug(batch, device)
+            else:
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(device, non_blocking=True)
             lr = optimizer.param_groups[0]["lr"]
             loss = engine.train_step(
                 train_model,
@@ -518,6 +543,7 @@ def main(args: Namespace) -> int:
                 accum_steps=args.accum_steps,
             )
             scheduler.step()
+            window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
             consumed += step_batch  # the sampler's position: micro-batches x their images
             done = iteration + 1  # iterations completed: what logs and checkpoints count
 
@@ -540,7 +566,8 @@ def main(args: Namespace) -> int:
                     )
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                stall = f"{window.stall_share():.0%}"  # of this log window so far
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
             last = done == args.iters
             if done % args.log_interval == 0 or last:
                 logs.log_training(

@@ -110,7 +110,9 @@ def format_eta(seconds: float) -> str:
 
 
 class LossWindow:
-    """The losses and data-loading time since the last log line."""
+    """The losses since the last log line, and how the loop spent its time: ``data_time``
+    waiting for the next batch, ``compute_time`` on the step (upload, augmentation on the
+    device, forward, backward, update; validation and checkpoints count in neither)."""
 
     def __init__(self) -> None:
         self.run_start = time.perf_counter()
@@ -118,10 +120,17 @@ class LossWindow:
 
     def reset(self, now: float) -> None:
         self.start, self.loss_sum, self.loss_n, self.data_time = now, 0.0, 0, 0.0
+        self.compute_time = 0.0
 
     def add(self, loss: float) -> None:
         self.loss_sum += loss
         self.loss_n += 1
+
+    def stall_share(self) -> float:
+        """The share of the loop's time spent waiting for data (0..1): near 0 means the GPU is
+        fed; a large share means more ``--workers`` (or the decoded cache, ``--gpu-aug``) help."""
+        total = self.data_time + self.compute_time
+        return self.data_time / total if total > 0 else 0.0
 
 
 def log_training(
@@ -145,13 +154,14 @@ def log_training(
     if device.type == "cuda":
         mem = f" | mem {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
     log.info(
-        "iter %d/%d | loss %.4f | lr %.3e | %.3f s/it (data %.3f) | eta %s%s",
+        "iter %d/%d | loss %.4f | lr %.3e | %.3f s/it (data %.3f, stall %.0f%%) | eta %s%s",
         iteration,
         iters,
         avg,
         lr,
         sec_per_it,
         window.data_time / n,
+        100 * window.stall_share(),
         format_eta(eta),
         mem,
     )
@@ -159,6 +169,7 @@ def log_training(
         writer.add_scalar("train/loss", avg, iteration)
         writer.add_scalar("train/lr", lr, iteration)
         writer.add_scalar("train/sec_per_iter", sec_per_it, iteration)
+        writer.add_scalar("train/data_stall_percent", 100 * window.stall_share(), iteration)
     window.reset(now)
 
 

@@ -40,6 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE
+from erfnet.data import throughput
+from erfnet.data.cache import CachedCityscapesDataset, write_cache
 from erfnet.data.cityscapes import CityscapesDataset, time_pipeline
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
@@ -361,7 +363,10 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 
 def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """Images/s of one loader worker (decode + transform) for the train and val pipelines."""
+    """The data path: images/s of one loader worker (train and val), the train worker's time
+    per stage, images/s per path (PNG or decoded cache; augmentation in the worker or on the
+    device) for one worker and for the real loader with 1, 2, 4, ... workers, and the full
+    recipe's projected wall time from the measured step and data rates."""
     (h, w), n, rows = ((128, 256) if args.quick else (1024, 2048)), args.data_images, []
     with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
         root = Path(args.data) if args.data else make_synthetic_cityscapes(
@@ -376,10 +381,71 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
                                 num=3 if args.quick else 8, warmup=1, threads=1)  # fmt: skip
             rows.append({"split": split, "transform": repr(tf), "dataset": made, **res,
                          "transform_name": type(tf).__name__})  # fmt: skip
-    show(f"Data pipeline, one worker (1 torch thread): {made}", rows,
-         {"split": "split", "images/s": "images_per_s", "load s": "load_s",
-          "transform s": "transform_s", "transform": "transform_name"})  # fmt: skip
-    return {"data": rows}
+        show(f"Data pipeline, one worker (1 torch thread): {made}", rows,
+             {"split": "split", "images/s": "images_per_s", "load s": "load_s",
+              "transform s": "transform_s", "transform": "transform_name"})  # fmt: skip
+        png = CityscapesDataset(root, "train", transform=tfs["train"])
+        cache = write_cache(root, Path(tmp) / "cache", "train", progress=False)["folder"]
+        cached = CachedCityscapesDataset(root, "train", Path(cache).parent, png.transform)
+        out = {"data": rows, **data_paths(args, png, cached, made)}
+    return out
+
+
+def data_paths(args: argparse.Namespace, png: CityscapesDataset, cached: CityscapesDataset,
+               made: str) -> dict[str, Any]:  # fmt: skip
+    """section_data's stage table, per-path rates, loader scaling and recipe projection."""
+    device, cuda, quick = args.device, args.device.type == "cuda", args.quick
+    batch = args.data_batch or (16 if cuda else 2 if quick else 4)
+    stages = throughput.time_stages(png, cached, batch=batch, device=device,
+                                    num=2 * batch if quick else max(8, 2 * batch))  # fmt: skip
+    from_stages = throughput.path_rates(stages)
+    where = {"pin": "main", "host to device": "main", "device aug": str(device)}
+    stage_rows = [{"stage": k, "where": where.get(k, "worker"), "ms_per_image": v * 1e3,
+                   "paths": ", ".join(p for p, names in throughput.PATHS.items() if k in names)}
+                  for k, v in stages.items()]  # fmt: skip
+    show(f"Train data path per stage, median ms per image (1 torch thread; collate, pin, upload "
+         f"and device aug per image of batch {batch}): {made}", stage_rows,
+         {"stage": "stage", "where": "where", "ms/image": "ms_per_image",
+          "paths": "paths"})  # fmt: skip
+    measured = throughput.time_paths(png, cached, rounds=2 if quick else 6)
+    today = measured["PNG + worker aug"]
+    path_rows = [{"path": p, "worker_images_per_s": r, "from_stages": from_stages.get(p),
+                  "speedup": r / today} for p, r in measured.items()]  # fmt: skip
+    show("One worker per path (images/s, side by side; 'from stages' = 1 / sum of its stages)",
+         path_rows, {"path": "path", "img/s": "worker_images_per_s",
+                     "from stages": "from_stages",
+                     "vs today": lambda r: f"{r['speedup']:.2f}x"})  # fmt: skip
+    counts = args.data_workers or [k for k in (1, 2, 4, 8, 16, 32) if k <= (os.cpu_count() or 1)]
+    loader_rows = []
+    for workers in counts:
+        for path in throughput.PATHS:
+            rate = throughput.time_loader(path, png, cached, workers=workers, batch=batch,
+                                          batches=2 if quick else 4, device=device)  # fmt: skip
+            loader_rows.append({"path": path, "workers": workers, "images_per_s": rate,
+                                "per_worker": rate / workers,
+                                "efficiency": rate / workers / measured[path]})  # fmt: skip
+    show(f"Training loader (build_train_loader, batch {batch}; without the device aug)",
+         loader_rows, {"path": "path", "workers": "workers", "img/s": "images_per_s",
+                       "img/s per worker": "per_worker",
+                       "of 1-worker rate": lambda r: f"{100 * r['efficiency']:.0f}%"})  # fmt: skip
+    step_batch = args.data_step_batch or (16 if cuda else 1)
+    size = (64, 128) if quick else RECIPE.crop_size
+    step_s = throughput.time_step(device, step_batch, size, repeats=2 if quick or not cuda else 10)
+    best = {p: max(r["images_per_s"] for r in loader_rows if r["path"] == p) for p in measured}
+    projection = throughput.project_recipe(step_s, step_batch, best, stages["device aug"])
+    for r in projection:
+        r["workers_to_feed"] = throughput.workers_to_feed(step_s, step_batch, measured[r["path"]])
+    show(f"Projected recipe ({RECIPE.iters} iterations x 16 images, {size[0]}x{size[1]}) on "
+         f"{device}: step {step_s:.3f} s at batch {step_batch}"
+         f"{' (fp16 AMP)' if cuda else ''} (+ device aug per image on the gpu-aug paths), data "
+         "at the best loader rate above", projection,
+         {"path": "path", "data img/s": "data_images_per_s", "step s/it": "step_s",
+          "data s/it": "data_s", "hours": "recipe_hours", "bound": "bound",
+          "stall": lambda r: f"{100 * r['stall_share']:.0f}%",
+          "workers to feed": "workers_to_feed"})  # fmt: skip
+    return {"data_stages": stage_rows, "data_paths": path_rows, "data_loader": loader_rows,
+            "recipe_projection": {"step_s": step_s, "step_batch": step_batch,
+                                  "step_size": list(size), "rows": projection}}  # fmt: skip
 
 
 def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -446,12 +512,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--checkpoint", help="our checkpoint (default: random weights and BN statistics)")
     add("--data", metavar="ROOT", help="Cityscapes root (default: a synthetic one in a temp dir)")
     add("--data-images", type=int, default=4, help="synthetic images per split")
+    add("--data-batch", type=int, help="data section's loader batch (default: 16 CUDA, 4 CPU)")
+    add("--data-workers", type=int, nargs="+", help="loader workers to try (default: 1, 2, 4, "
+        "... up to the CPU count)")  # fmt: skip
+    add("--data-step-batch", type=int, help="batch of the data section's step for the recipe "
+        "projection (default: 16 CUDA, 1 CPU; scaled linearly to 16)")  # fmt: skip
     add("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
     add("--json", metavar="OUT.json", help="write all results here")
     args = p.parse_args(argv)
-    for name in ("batch", "train_batch", "repeats", "data_images", "threads"):
+    for name in ("batch", "train_batch", "repeats", "data_images", "threads", "data_batch",
+                 "data_step_batch"):  # fmt: skip
         if (value := getattr(args, name)) is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.data_workers and min(args.data_workers) < 0:
+        p.error(f"--data-workers must be >= 0, got {args.data_workers}")
     if args.data and not Path(args.data).is_dir():
         p.error(f"--data {args.data}: not a directory")
     return args

@@ -100,7 +100,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "scripts.benchmark", "--quick", "--device", "cpu",
         "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
-        "--sections", "flops", "infer", "malloc", "train", "data",
+        "--sections", "flops", "infer", "malloc", "train", "data", "--data-workers", "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -124,6 +124,21 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     assert all(r["median_s"] > 0 and r["peak_memory_mb"] > 0 for r in train.values())
     data = {r["split"]: r for r in res["data"]}
     assert set(data) == {"train", "val"} and all(r["images_per_s"] > 0 for r in data.values())
+    # The train data path: every stage timed, each path's worker and loader rates, projection.
+    stages = {r["stage"]: r for r in res["data_stages"]}
+    assert {"seeding", "decode image", "decode label", "read cache", "draw", "photometric",
+            "resize/crop image", "collate", "draw + taps", "device aug"} <= set(stages)  # fmt: skip
+    assert all(r["ms_per_image"] > 0 for r in stages.values())
+    paths = {"PNG + worker aug", "cache + worker aug", "PNG + gpu-aug", "cache + gpu-aug"}
+    assert {r["path"] for r in res["data_paths"]} == paths
+    assert {(r["path"], r["workers"]) for r in res["data_loader"]} == {(p, 1) for p in paths}
+    assert all(r["worker_images_per_s"] > 0 for r in res["data_paths"])
+    proj = res["recipe_projection"]
+    assert proj["step_s"] > 0 and {r["path"] for r in proj["rows"]} == paths
+    for r in proj["rows"]:
+        assert r["iteration_s"] == max(r["step_s"], r["data_s"])
+        assert r["bound"] == ("data" if r["data_s"] > r["step_s"] else "step")
+        assert abs(r["recipe_hours"] - 160_000 * r["iteration_s"] / 3600) < 1e-6
     # The allocator comparison: one child process per malloc setting, each timing every variant.
     malloc = {(r["allocator"], r["variant"]): r for r in res["malloc"]}
     for allocator in ("default", "tuned"):

@@ -75,3 +75,24 @@ def test_train_script_on_cuda_with_amp(tmp_path):
     model = load_model(work / "best.pth", device="cuda")
     assert next(model.parameters()).is_cuda
     assert (work / "latest.pth").is_file() and (work / "args.json").is_file()
+
+
+def test_device_augmentation_on_cuda_matches_the_worker_path(synthetic_root: Path):
+    """--gpu-aug on CUDA: the batch of the CPU worker path for the same seed; float rounding
+    (FMA) may move a pixel at a rounding tie (by a level, a few after the HSV steps), rarely."""
+    from erfnet.data.cityscapes import CityscapesDataset
+    from erfnet.data.device_aug import DeviceAugDataset, DeviceAugment, collate
+    from erfnet.data.transforms import TrainTransform
+    from erfnet.resume import build_train_loader
+
+    tf = TrainTransform(crop_size=(40, 96), scale=(48, 96))
+    ds = CityscapesDataset(synthetic_root, "train", transform=tf)
+    ref, _ = build_train_loader(ds, batch_size=4, workers=0, seed=3)
+    dev, _ = build_train_loader(DeviceAugDataset(ds), batch_size=4, workers=0, seed=3,
+                                pin_memory=True, collate_fn=collate)  # fmt: skip
+    for r, g, _ in zip(ref, dev, range(3), strict=False):
+        img, lab = DeviceAugment(tf)(g, torch.device("cuda"))
+        assert img.is_cuda and lab.is_cuda and torch.equal(lab.cpu(), r["label"])
+        step = 1.0 / min(tf.std)  # one intensity level after normalisation
+        diff = (img.cpu() - r["image"]).abs()
+        assert diff.max() <= 8 * step and (diff > 1e-5).float().mean() < 1e-3

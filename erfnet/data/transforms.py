@@ -27,6 +27,10 @@ from torchvision.transforms import InterpolationMode
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, RECIPE, STD_RGB
 
 Stats = Sequence[float] | torch.Tensor  # per-channel RGB mean or std on the 0-255 scale
+# (ry0, ry1, wy, cx0, cx1, wx, rows_first) of a crop window's bilinear resize, see bilinear_taps
+Taps = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool
+]
 
 
 def _per_channel(values: Stats, like: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,24 @@ def _take_cols(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, cols.view(*([1] * (x.dim() - 1)), -1).expand(shape))
 
 
+def bilinear_taps(
+    in_size: tuple[int, int], size: tuple[int, int], box: tuple[int, int, int, int], flip: bool
+) -> Taps:
+    """Where ``resize_crop_bilinear`` reads: source rows (ry0, ry1, wy) and columns (cx0, cx1, wx)
+    of every output pixel of ``box`` in an ``in_size`` image resized to ``size``, flipped if
+    ``flip``, and whether it interpolates rows first. The device path uses the same taps."""
+    y0, y1, x0, x1 = box
+    ry0, ry1, wy = _linear_index(size[0], in_size[0], y0, y1)
+    cx0, cx1, wx = _linear_index(size[1], in_size[1], x0, x1)
+    if flip:
+        cx0, cx1, wx = cx0.flip(0), cx1.flip(0), wx.flip(0)
+    # The source window the box reads from; rows first is cheaper when the window is wide.
+    win_h = int(ry1[-1]) + 1 - int(ry0[0])
+    win_w = int(max(cx1[0], cx1[-1])) + 1 - int(min(cx0[0], cx0[-1]))
+    rows_first = (y1 - y0) * win_w <= win_h * (x1 - x0)
+    return ry0, ry1, wy, cx0, cx1, wx, rows_first
+
+
 def resize_crop_bilinear(
     image: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int], flip: bool = False
 ) -> torch.Tensor:
@@ -124,11 +146,9 @@ def resize_crop_bilinear(
     Returns float32 rounded to integer values, like the uint8 image mmseg would hold. At a resize
     ratio of 2 this is ~10x cheaper than resizing the whole image and cropping.
     """
-    y0, y1, x0, x1 = box
-    ry0, ry1, wy = _linear_index(size[0], image.shape[1], y0, y1)
-    cx0, cx1, wx = _linear_index(size[1], image.shape[2], x0, x1)
-    if flip:
-        cx0, cx1, wx = cx0.flip(0), cx1.flip(0), wx.flip(0)
+    ry0, ry1, wy, cx0, cx1, wx, rows_first = bilinear_taps(
+        (image.shape[1], image.shape[2]), size, box, flip
+    )
     # Only the source window the box reads from (a view); gathers run on uint8, then float.
     ylo, yhi = int(ry0[0]), int(ry1[-1]) + 1
     xlo, xhi = int(min(cx0[0], cx0[-1])), int(max(cx1[0], cx1[-1])) + 1
@@ -136,7 +156,7 @@ def resize_crop_bilinear(
     ry0, ry1, cx0, cx1 = ry0 - ylo, ry1 - ylo, cx0 - xlo, cx1 - xlo
     wy, wx = wy.view(1, -1, 1), wx.view(1, 1, -1)
     f32 = torch.float32
-    if (y1 - y0) * src.shape[2] <= src.shape[1] * (x1 - x0):  # rows first is the cheaper order
+    if rows_first:
         rows = torch.lerp(src[:, ry0].to(f32), src[:, ry1].to(f32), wy)
         out = torch.lerp(_take_cols(rows, cx0), _take_cols(rows, cx1), wx)
     else:
@@ -162,10 +182,11 @@ def resize_crop_nearest(
 
 
 def _rgb_to_hsv8(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RGB 0-255 [3,H,W] -> OpenCV 8-bit HSV as floats: H in 0..179 (2 degrees), S, V 0..255."""
-    r, g, b = img[0], img[1], img[2]
-    v = img.amax(0)
-    diff = v - img.amin(0)
+    """RGB 0-255 [..., 3, H, W] -> OpenCV 8-bit HSV as floats: H in 0..179 (2 degrees), S, V
+    0..255, each [..., H, W]. Elementwise, so a batch gives each image's values exactly."""
+    r, g, b = img.unbind(-3)
+    v = img.amax(-3)
+    diff = v - img.amin(-3)
     # Hue sector numerators; with diff == 0 every numerator is 0, so the clamp below is safe.
     num = torch.where(v == r, g - b, torch.where(v == g, b - r + 2.0 * diff, r - g + 4.0 * diff))
     h = num.div_(diff.clamp(min=1e-6)).mul_(30.0).round_().remainder_(180.0)  # 60 deg / 2
@@ -181,7 +202,7 @@ def _hsv8_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Ten
     for n in (5.0, 3.0, 1.0):  # R, G, B
         k = (h6 + n).remainder_(6.0)
         out.append(v - sv * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out).round_().clamp_(0, 255)
+    return torch.stack(out, dim=-3).round_().clamp_(0, 255)
 
 
 def _coin() -> bool:
@@ -217,29 +238,42 @@ class PhotoMetricDistortion:
     def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
         return x.mul(alpha).add_(beta).clamp_(0, 255).trunc_()
 
-    def _contrast(self, img: torch.Tensor) -> torch.Tensor:
+    def draw(self) -> dict[str, float | None]:
+        """The random parameters, drawn in mmseg's order: brightness delta, mode, contrast
+        (mode 1), saturation factor, hue delta, contrast (mode 0); None for a skipped step."""
+        p: dict[str, float | None] = {"brightness": None, "contrast": None}
         if _coin():
-            return self._convert(img, alpha=_uniform(*self.contrast_range))
+            d = self.brightness_delta
+            p["brightness"] = _uniform(-d, d)
+        p["mode"] = int(torch.randint(2, ()).item())
+        if p["mode"] == 1 and _coin():
+            p["contrast"] = _uniform(*self.contrast_range)
+        p["saturation"] = _uniform(*self.saturation_range) if _coin() else None
+        p["hue"] = None
+        if _coin():
+            p["hue"] = int(torch.randint(-self.hue_delta, self.hue_delta, ()).item())
+        if p["mode"] == 0 and _coin():
+            p["contrast"] = _uniform(*self.contrast_range)
+        return p
+
+    def apply(self, img: torch.Tensor, p: dict[str, float | None]) -> torch.Tensor:
+        """The distortion with the parameters of ``draw``."""
+        if p["brightness"] is not None:
+            img = self._convert(img, beta=p["brightness"])
+        if p["mode"] == 1 and p["contrast"] is not None:
+            img = self._convert(img, alpha=p["contrast"])
+        if p["saturation"] is not None:
+            h, s, v = _rgb_to_hsv8(img)
+            img = _hsv8_to_rgb(h, self._convert(s, alpha=p["saturation"]), v)
+        if p["hue"] is not None:
+            h, s, v = _rgb_to_hsv8(img)
+            img = _hsv8_to_rgb((h + p["hue"]).remainder_(180.0), s, v)
+        if p["mode"] == 0 and p["contrast"] is not None:
+            img = self._convert(img, alpha=p["contrast"])
         return img
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        if _coin():
-            d = self.brightness_delta
-            img = self._convert(img, beta=_uniform(-d, d))
-        mode = int(torch.randint(2, ()).item())
-        if mode == 1:
-            img = self._contrast(img)
-        if _coin():
-            h, s, v = _rgb_to_hsv8(img)
-            s = self._convert(s, alpha=_uniform(*self.saturation_range))
-            img = _hsv8_to_rgb(h, s, v)
-        if _coin():
-            h, s, v = _rgb_to_hsv8(img)
-            delta = int(torch.randint(-self.hue_delta, self.hue_delta, ()).item())
-            img = _hsv8_to_rgb((h + delta).remainder_(180.0), s, v)
-        if mode == 0:
-            img = self._contrast(img)
-        return img
+        return self.apply(img, self.draw())
 
     def __repr__(self) -> str:
         return (
@@ -353,15 +387,22 @@ class TrainTransform:
             raise ValueError("TrainTransform needs a label (the crop looks at it)")
         if image.shape[1:] != label.shape:
             raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ")
-        size = self.sample_size((image.shape[1], image.shape[2]))
-        box = self.sample_crop(label, size)
-        flip = bool(torch.rand(()).item() < self.flip_prob)
-        img = resize_crop_bilinear(image, size, box, flip)
-        lab = resize_crop_nearest(label, size, box, flip)
+        p = self.draw(label)
+        img = resize_crop_bilinear(image, p["size"], p["box"], p["flip"])
+        lab = resize_crop_nearest(label, p["size"], p["box"], p["flip"])
         if self.photometric is not None:
-            img = self.photometric(img)
+            img = self.photometric.apply(img, p["photometric"])
         img, lab = pad_to(normalize(img, self.mean, self.std), lab, self.crop_size)
         return img, lab.long()
+
+    def draw(self, label: torch.Tensor) -> dict:
+        """The random choices for one [H, W] label (and its image), in this order: resized
+        size, crop box (the cat_max_ratio test needs only the label), flip, photometric."""
+        size = self.sample_size((label.shape[0], label.shape[1]))
+        box = self.sample_crop(label, size)
+        flip = bool(torch.rand(()).item() < self.flip_prob)
+        photo = self.photometric.draw() if self.photometric is not None else None
+        return {"size": size, "box": box, "flip": flip, "photometric": photo}
 
     def __repr__(self) -> str:
         return (

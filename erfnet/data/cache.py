@@ -1,0 +1,187 @@
+"""A decoded cache of a Cityscapes split: images and trainId labels as uncompressed uint8 arrays
+that the loader memory-maps instead of decoding PNGs (``prepare_cityscapes.py --cache DIR``,
+``train.py --data-cache DIR``).
+
+    DIR/<split>/images.u8      every image as uint8 [3, H, W] (C, H, W order), back to back
+    DIR/<split>/labels.u8      every label as uint8 trainIds [H, W]
+    DIR/<split>/manifest.json  per sample: source files (path relative to the root, size,
+                               mtime), shape and offsets; written last
+
+A cache is refused with a ``CacheError`` naming what is wrong when its manifest is missing (the
+writer did not finish), a data file is shorter than the manifest says (truncated), or a source
+file was added, removed or changed (size or mtime) since it was written. Cityscapes train takes
+2975 x 2048 x 1024 x 3 bytes = 18.7 GB of images and 6.2 GB of labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
+
+VERSION = 1
+MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
+REBUILD = "rebuild it with: python scripts/prepare_cityscapes.py --root ROOT --cache DIR"
+
+
+class CacheError(DatasetError):
+    """A decoded cache that does not match its dataset, or is incomplete."""
+
+
+def _source(root: Path, path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return {"path": path.relative_to(root).as_posix(), "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns}  # fmt: skip
+
+
+def _sources(dataset: CityscapesDataset, s: Sample) -> dict[str, Any]:
+    return {"name": s.name, "image": _source(dataset.root, s.image),
+            "label": _source(dataset.root, s.label)}  # fmt: skip
+
+
+class _Decode(Dataset):
+    """(index, image, label) of a dataset, decoded in loader workers."""
+
+    def __init__(self, dataset: CityscapesDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, Any]:
+        # Errors travel back as text: the writer raises them as one clean CacheError.
+        try:
+            image, label = self.dataset.load(i)
+        except DatasetError as e:
+            return i, None, str(e)
+        if label is None:
+            return i, None, f"'{self.dataset.samples[i].image}' has no label to cache"
+        return i, image, label
+
+
+def write_cache(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "train",
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Decode every pair of ``split`` under ``root`` (as the PNG loader does: trainIds, checked)
+    into ``out_dir/split``; returns ``{"images": n, "bytes": total}``. The manifest is removed
+    first and written last, so an interrupted run leaves a cache that is refused."""
+    dataset = CityscapesDataset(root, split)
+    folder = Path(out_dir) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    entries = [_sources(dataset, s) for s in dataset.samples]
+    loader = DataLoader(_Decode(dataset), batch_size=None, num_workers=workers)
+    img_off = lab_off = 0
+    with (
+        open(folder / IMAGES, "wb") as fi,
+        open(folder / LABELS, "wb") as fl,
+        tqdm(total=len(dataset), desc=f"cache {split}", unit="img", disable=not progress) as bar,
+    ):
+        for i, image, label in loader:  # in order: the files are written sequentially
+            if image is None:
+                raise CacheError(label)
+            h, w = int(image.shape[1]), int(image.shape[2])
+            entries[i].update(height=h, width=w, image_offset=img_off, label_offset=lab_off)
+            fi.write(image.contiguous().numpy().tobytes())
+            fl.write(label.contiguous().numpy().tobytes())
+            img_off, lab_off = img_off + 3 * h * w, lab_off + h * w
+            bar.update(1)
+    manifest = {"version": VERSION, "split": split, "root": str(dataset.root.resolve()),
+                "image_bytes": img_off, "label_bytes": lab_off, "samples": entries}  # fmt: skip
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / MANIFEST)
+    return {"images": len(entries), "bytes": img_off + lab_off, "folder": str(folder)}
+
+
+def check_cache(folder: Path, dataset: CityscapesDataset) -> list[dict[str, Any]]:
+    """The manifest's samples, in the dataset's order, after checking that the cache is complete
+    and that no source file changed since it was written; ``CacheError`` otherwise."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        detail = "it does not exist" if not folder.is_dir() else "it has no manifest.json"
+        raise CacheError(
+            f"decoded cache '{folder}': {detail} (not a cache, or its writer was interrupted); "
+            + REBUILD
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        samples, expected = manifest["samples"], (manifest["image_bytes"], manifest["label_bytes"])
+    except (ValueError, KeyError) as e:
+        raise CacheError(f"decoded cache '{path}' is unreadable ({e}); {REBUILD}") from None
+    if manifest.get("version") != VERSION:
+        raise CacheError(f"decoded cache '{folder}' has version {manifest.get('version')}, this "
+                         f"code reads {VERSION}; {REBUILD}")  # fmt: skip
+    for name, want in zip((IMAGES, LABELS), expected, strict=True):
+        have = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if have != want:
+            raise CacheError(f"decoded cache '{folder / name}' is {have} bytes, its manifest says "
+                             f"{want}: truncated or partial; {REBUILD}")  # fmt: skip
+    by_name = {e["name"]: e for e in samples}
+    names = [s.name for s in dataset.samples]
+    missing = [n for n in names if n not in by_name]
+    extra = sorted(set(by_name) - set(names))
+    if missing or extra:
+        what = f"{missing[0]} is not in it" if missing else f"{extra[0]} is no longer in the data"
+        raise CacheError(f"decoded cache '{folder}' is stale: it holds {len(samples)} images, "
+                         f"{dataset.root} has {len(names)} ({what}); {REBUILD}")  # fmt: skip
+    for s in dataset.samples:
+        now, then = _sources(dataset, s), by_name[s.name]
+        for key in ("image", "label"):
+            if now[key] != then[key]:
+                src = now[key]["path"] if now[key] else key
+                raise CacheError(f"decoded cache '{folder}' is stale: '{src}' changed since it was "
+                                 f"written (size or modification time); {REBUILD}")  # fmt: skip
+    return [by_name[n] for n in names]
+
+
+class CachedCityscapesDataset(CityscapesDataset):
+    """``CityscapesDataset`` whose ``load`` reads the decoded cache in ``cache_dir`` (checked
+    against the files under ``root`` on construction) instead of decoding PNGs. Items are the
+    same tensors."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        cache_dir: str | os.PathLike,
+        transform: Transform | None = None,
+    ) -> None:
+        super().__init__(root, split, transform=transform, labels=True)
+        self.cache_folder = Path(cache_dir) / split
+        self.entries = check_cache(self.cache_folder, self)
+        self._maps: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes map the files themselves (a mapping must not be pickled as data).
+        return {**self.__dict__, "_maps": None}
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._maps is None:
+            # Copy-on-write: writable tensors without copying, the file is never modified.
+            self._maps = (np.memmap(self.cache_folder / IMAGES, np.uint8, mode="c"),
+                          np.memmap(self.cache_folder / LABELS, np.uint8, mode="c"))  # fmt: skip
+        e, (images, labels) = self.entries[index], self._maps
+        h, w, i, j = e["height"], e["width"], e["image_offset"], e["label_offset"]
+        image = torch.from_numpy(images[i : i + 3 * h * w].reshape(3, h, w))
+        return image, torch.from_numpy(labels[j : j + h * w].reshape(h, w))
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedCityscapesDataset(root='{self.root}', split='{self.split}', n={len(self)}, "
+            f"cache='{self.cache_folder}', transform={self.transform!r})"
+        )
