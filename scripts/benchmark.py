@@ -48,6 +48,8 @@ from erfnet.data.transforms import EvalTransform, TrainTransform
 from erfnet.deploy import export_onnx, fuse_bn, optimize_for_inference
 from erfnet.engine import train_step
 from erfnet.model import ERFNet, count_parameters
+from erfnet.quantize import QuantizationError, benchmark_int8, format_int8_report
+from erfnet.video_report import benchmark_video, format_video_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "eager fp32 NCHW"
@@ -483,6 +485,29 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
     return {"shared_cpu": rows}
 
 
+def section_video(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The video path on a synthetic H.264 clip: end-to-end FPS with decode / network / encode
+    pipelined in threads against the same stages one after another (interleaved rounds, the
+    per-stage tables of each), then the int8 graph's latency and pixel agreement against fp32
+    onnxruntime (CPU; skipped with a note without onnx / onnxruntime)."""
+    size = args.sizes[0]  # default 512x1024 (--quick: 64x128)
+    frames, rounds = (4, 1) if args.quick else (12, 2)
+    video = benchmark_video(size, frames, args.device, rounds=rounds)
+    print("\nVideo path (random-weight ERFNet, fast path)\n" + format_video_benchmark(video))
+    out: dict[str, Any] = {"video": video}
+    if args.device.type == "cpu":
+        try:
+            int8 = benchmark_int8(size, calib_images=2 if args.quick else 4,
+                                  repeats=2 if args.quick else 5)  # fmt: skip
+        except QuantizationError as e:  # onnx / onnxruntime not installed
+            print(f"\nint8: skipped ({e})")
+        else:
+            print("\nint8 vs fp32 onnxruntime (random weights, random BN statistics)\n"
+                  + format_int8_report(int8))  # fmt: skip
+            out["int8"] = int8
+    return out
+
+
 # --sections name -> section, run in this order. Adding a section: its function and a line here.
 SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] = {
     "flops": section_flops,
@@ -491,6 +516,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
     "train": section_train,
     "data": section_data,
     "shared_cpu": section_shared_cpu,  # CPU only: train.py's CPU defaults beside a busy process
+    "video": section_video,  # pipelined vs sequential FPS; int8 vs fp32 onnxruntime on the CPU
 }
 
 

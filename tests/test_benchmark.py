@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "scripts.benchmark", "--quick", "--device", "cpu",
         "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
-        "--sections", "flops", "infer", "malloc", "train", "data", "--data-workers", "1",
+        "--sections", "flops", "infer", "malloc", "train", "data", "video", "--data-workers", "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -147,3 +148,16 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
             assert r["median_ms"] > 0 and r["runs"] == 2 and r["size"] == "32x64"
             assert r["max_abs_diff"] < 1e-3
     assert malloc[("default", "eager fp32 NCHW")]["speedup"] == 1.0
+    # The video path: both modes' per-stage tables and FPS; int8 against fp32 where onnxruntime is.
+    video = res["video"]
+    for mode in ("sequential", "pipelined"):
+        assert video[mode]["frames"] == video["clip"]["frames"] and video[mode]["fps"] > 0
+        assert set(video[mode]["stages"]) == {"decode", "preprocess", "network", "postprocess",
+                                              "encode"}  # fmt: skip
+    assert video["speedup"] == video["pipelined"]["fps"] / video["sequential"]["fps"]
+    assert "Video path" in proc.stdout
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        int8 = res["int8"]
+        assert int8["fp32_ms"] > 0 and int8["int8_ms"] > 0 and 0 < int8["agreement"] <= 100
+    else:
+        assert "int8: skipped" in proc.stdout
