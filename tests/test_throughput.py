@@ -210,7 +210,7 @@ def test_optional_pyspng_decoder_gives_libpngs_values(synthetic_root: Path, tmp_
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_png, read_file
 
-    from erfnet.data import cityscapes
+    from erfnet.data import decode
 
     files = sorted(synthetic_root.rglob("*_leftImg8bit.png")) + sorted(
         synthetic_root.rglob("*_labelIds.png")
@@ -223,12 +223,12 @@ def test_optional_pyspng_decoder_gives_libpngs_values(synthetic_root: Path, tmp_
             warnings.simplefilter("ignore", DeprecationWarning)
             data = read_file(str(path))
             ref = decode_png(data, mode=mode)
-        fast = cityscapes._spng_decode(data, mode)
+        fast = decode._spng_decode(data, mode)
         assert (fast is None) == (path == rgba)
-        assert torch.equal(cityscapes._read_png(path, mode), ref)
+        assert torch.equal(decode.read_png(path, mode), ref)
         if fast is not None:
             assert fast.dtype == ref.dtype and torch.equal(fast, ref)
     bad = tmp_path / "truncated.png"
     bad.write_bytes(files[0].read_bytes()[:5000])
     with pytest.raises(DatasetError, match="cannot decode"):
-        cityscapes.load_image(bad)
+        decode.load_image(bad)

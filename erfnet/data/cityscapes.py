@@ -1,4 +1,4 @@
-"""Cityscapes in its official layout: discovery, pairing, decoding, the 34 -> 19 label mapping.
+"""Cityscapes in its official layout: discovery, pairing, label loading, the 34 -> 19 mapping.
 
     <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import re
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_png, read_file
+from torchvision.io import ImageReadMode
 from tqdm import tqdm
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' public names)
+    DatasetError,
+    load_image,
+    pil_rgb8,
+    read_png,
+    to_uint8,
+)
 from erfnet.data.transforms import EvalTransform
 from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, TRAIN_ID_TO_ID, VALID_LABEL_IDS
 
@@ -59,10 +64,6 @@ LAYOUT = (
 _ID_TO_TRAIN_ID = torch.from_numpy(ID_TO_TRAIN_ID.copy())
 _MAX_LABEL_ID = max(VALID_LABEL_IDS)
 assert set(range(_MAX_LABEL_ID + 1)) == set(VALID_LABEL_IDS)  # contiguous: max() is enough
-
-
-class DatasetError(ValueError):
-    """Files on disk that are not a usable Cityscapes; the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -174,90 +175,6 @@ def find_samples(root: str | os.PathLike, split: str, labels: bool | None = None
     return samples
 
 
-def _torch_io_message(e: Exception) -> str:
-    """torchvision.io's message without its "function, file.cpp:line," prefix."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return re.sub(r"^[^,]*, \S+:\d+, ", "", text)
-
-
-_PYSPNG: list[Any] = []  # [module or None] once looked up
-
-
-def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None:
-    """pyspng's decode (optional extra: ``pip install pyspng``; libspng, ~1.1x libpng on a
-    Cityscapes image and ~5x on a label) of a plain 8-bit, non-interlaced RGB image or grey
-    label, the values libpng gives; None when pyspng is absent or the PNG is anything else."""
-    if not _PYSPNG:
-        try:
-            import pyspng  # optional: torchvision's libpng decodes every PNG without it
-        except ImportError:
-            pyspng = None
-        _PYSPNG.append(pyspng)
-    head = data[:29].tolist() if data.numel() >= 29 else []
-    # IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 0 grey), interlace at 28.
-    want = 2 if mode == ImageReadMode.RGB else 0
-    if _PYSPNG[0] is None or head[12:16] != list(b"IHDR") or head[24:26] != [8, want] or head[28]:
-        return None
-    array = torch.from_numpy(_PYSPNG[0].load(data.numpy().tobytes()))
-    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
-
-
-def _read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
-    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, warning on every
-    # call; they are still the fastest PNG path here (libpng straight into a tensor), unless
-    # pyspng is installed (see _spng_decode).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            data = read_file(str(path))
-        except (RuntimeError, OSError) as e:
-            raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
-        try:
-            fast = _spng_decode(data, mode)
-            if fast is not None:
-                return fast
-            return decode_png(data, mode=mode, apply_exif_orientation=exif)
-        except RuntimeError as e:
-            raise DatasetError(
-                f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
-            ) from None
-
-
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as uint8 RGB [3, H, W], upright (its EXIF orientation applied): PNG through
-    libpng, JPEG and the rest through PIL.
-
-    A 16-bit image keeps its high byte (``value >> 8``, as PIL and libpng's strip_16 read it),
-    so it is normalised on the same 0-255 scale as an 8-bit one.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".png":
-        return to_uint8(_read_png(path, ImageReadMode.RGB, exif=True))
-    try:
-        with Image.open(path) as im:
-            rgb = pil_rgb8(im)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
-        raise DatasetError(f"cannot read image '{path}': {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
-
-
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """uint8 as it is; uint16 (a 16-bit PNG) -> its high byte."""
-    if image.dtype == torch.uint16:
-        return (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
-
-
-def pil_rgb8(img: Image.Image) -> np.ndarray:
-    """A PIL image as HxWx3 uint8 RGB, upright, with ``load_image``'s 16-bit rule (high byte);
-    for formats beyond PNG. PIL itself would clip 16-bit grey (mode I;16 / I) to white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    return np.array(img.convert("RGB"))
-
-
 def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:
     """Cityscapes label ids (uint8, any shape) -> trainIds (uint8), 255 for ignored ids."""
     # index_select on a flat int32 view is ~10x faster than fancy indexing with a long tensor.
@@ -268,7 +185,7 @@ def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:
 def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
     """A label PNG as uint8 trainIds [H, W] (kind "labelIds" is mapped, "trainIds" is checked)."""
     path = Path(path)
-    lab = _read_png(path, ImageReadMode.UNCHANGED)
+    lab = read_png(path, ImageReadMode.UNCHANGED)
     if lab.dtype != torch.uint8 or lab.shape[0] != 1:
         raise DatasetError(
             f"label '{path}' must be a single-channel 8-bit PNG, got {lab.shape[0]} channel(s) "

@@ -1,0 +1,109 @@
+"""Decoding image and label files: the one image reader (``load_image``) and the PNG reader the
+label loaders share. Every problem is a ``DatasetError`` naming the file.
+
+PNGs go through libpng (torchvision), or pyspng when it is installed and the file is a plain
+8-bit RGB image or grey label (the same values, faster); other formats through PIL. Images come
+out upright (EXIF orientation applied) as uint8 RGB; a 16-bit image keeps its high byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+
+class DatasetError(ValueError):
+    """Files on disk that cannot be used (unreadable, undecodable, not in the expected layout);
+    the message names the path."""
+
+
+def _torch_io_message(e: Exception) -> str:
+    """torchvision.io's message without its "function, file.cpp:line," prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^[^,]*, \S+:\d+, ", "", text)
+
+
+_PYSPNG: list[Any] = []  # [module or None] once looked up
+
+
+def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None:
+    """pyspng's decode (optional extra: ``pip install pyspng``; libspng, ~1.1x libpng on a
+    Cityscapes image and ~5x on a label) of a plain 8-bit, non-interlaced RGB image or grey
+    label, the values libpng gives; None when pyspng is absent or the PNG is anything else."""
+    if not _PYSPNG:
+        try:
+            import pyspng  # optional: torchvision's libpng decodes every PNG without it
+        except ImportError:
+            pyspng = None
+        _PYSPNG.append(pyspng)
+    head = data[:29].tolist() if data.numel() >= 29 else []
+    # IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 0 grey), interlace at 28.
+    want = 2 if mode == ImageReadMode.RGB else 0
+    if _PYSPNG[0] is None or head[12:16] != list(b"IHDR") or head[24:26] != [8, want] or head[28]:
+        return None
+    array = torch.from_numpy(_PYSPNG[0].load(data.numpy().tobytes()))
+    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
+
+
+def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, warning on every
+    # call; they are still the fastest PNG path here (libpng straight into a tensor), unless
+    # pyspng is installed (see _spng_decode).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            data = read_file(str(path))
+        except (RuntimeError, OSError) as e:
+            raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
+        try:
+            fast = _spng_decode(data, mode)
+            if fast is not None:
+                return fast
+            return decode_png(data, mode=mode, apply_exif_orientation=exif)
+        except RuntimeError as e:
+            raise DatasetError(
+                f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
+            ) from None
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as uint8 RGB [3, H, W], upright (its EXIF orientation applied): PNG through
+    libpng, JPEG and the rest through PIL.
+
+    A 16-bit image keeps its high byte (``value >> 8``, as PIL and libpng's strip_16 read it),
+    so it is normalised on the same 0-255 scale as an 8-bit one.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return to_uint8(read_png(path, ImageReadMode.RGB, exif=True))
+    try:
+        with Image.open(path) as im:
+            rgb = pil_rgb8(im)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
+        raise DatasetError(f"cannot read image '{path}': {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 as it is; uint16 (a 16-bit PNG) -> its high byte."""
+    if image.dtype == torch.uint16:
+        return (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def pil_rgb8(img: Image.Image) -> np.ndarray:
+    """A PIL image as HxWx3 uint8 RGB, upright, with ``load_image``'s 16-bit rule (high byte);
+    for formats beyond PNG. PIL itself would clip 16-bit grey (mode I;16 / I) to white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))
