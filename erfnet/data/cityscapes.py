@@ -35,6 +35,7 @@ from tqdm import tqdm
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' public names)
     DatasetError,
+    check_same_size,
     load_image,
     pil_rgb8,
     read_png,
@@ -257,11 +258,7 @@ class CityscapesDataset(Dataset):
         if s.label is None:
             return image, None
         label = load_label(s.label, s.label_kind or "labelIds")
-        if tuple(label.shape) != tuple(image.shape[1:]):
-            raise DatasetError(
-                f"label '{s.label}' is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
-                f"'{s.image}' is {image.shape[1]}x{image.shape[2]}; they must be the same size"
-            )
+        check_same_size(image, label, s.image, s.label)
         return image, label
 
     def __getitem__(self, index: int) -> dict[str, Any]:

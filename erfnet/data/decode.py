@@ -107,3 +107,14 @@ def pil_rgb8(img: Image.Image) -> np.ndarray:
         grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     return np.array(img.convert("RGB"))
+
+
+def check_same_size(
+    image: torch.Tensor, label: torch.Tensor, image_path: os.PathLike, label_path: os.PathLike
+) -> None:
+    """A label [H, W] must match its image [3, H, W]; else a DatasetError naming both files."""
+    if tuple(label.shape) != tuple(image.shape[1:]):
+        raise DatasetError(
+            f"label '{label_path}' is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
+            f"'{image_path}' is {image.shape[1]}x{image.shape[2]}; they must be the same size"
+        )

@@ -37,7 +37,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
-from erfnet.data.cityscapes import DatasetError, Sample, Transform, load_image
+from erfnet.data.cityscapes import Sample, Transform
+from erfnet.data.decode import DatasetError, check_same_size, load_image
 from erfnet.data.transforms import EvalTransform
 
 SPEC_KEYS = (
@@ -348,11 +349,7 @@ class FolderDataset(Dataset):
         s = self.samples[index]
         image = load_image(s.image)
         label = self.load_label(index)
-        if tuple(label.shape) != tuple(image.shape[1:]):
-            raise DatasetError(
-                f"label '{s.label}' is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
-                f"'{s.image}' is {image.shape[1]}x{image.shape[2]}; they must be the same size"
-            )
+        check_same_size(image, label, s.image, s.label)
         return image, label
 
     def __getitem__(self, index: int) -> dict[str, Any]:
