@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from erfnet.reports import MATPLOTLIB_HINT, row_normalised, write_reports
@@ -25,6 +26,7 @@ def test_row_normalised_matrix():
 
 
 def test_reports_with_matplotlib(tmp_path: Path):
+    pytest.importorskip("matplotlib")  # an optional extra
     written, note = write_reports(tmp_path, MATRIX, NAMES, [100 * 8 / 11, 50.0, math.nan],
                                   output_names=[*NAMES, "void"])  # fmt: skip
     assert note is None
