@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from argparse import Namespace
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -306,15 +307,27 @@ def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
     """Rank 0 creates the synthetic dataset on first use; every rank stops on its error."""
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--data-root '{root}' exists and is not a folder")
-    error = [""]
-    if dist_info.is_main:
+
+    def create() -> None:
         try:
             if not (root.exists() and any(root.iterdir())):
                 log.info("creating the synthetic dataset in %s", root)
             ensure_synthetic_cityscapes(root)
         except OSError as e:
-            error[0] = f"cannot create the synthetic dataset in '{root}': {e}"
-    if dist_info.distributed:  # the others wait for rank 0, and stop with its error
+            raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
+
+    on_rank0(create, dist_info)
+
+
+def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
+    """Run ``work`` on rank 0 alone (the others wait); its DatasetError stops every rank."""
+    error = [""]
+    if dist_info.is_main:
+        try:
+            work()
+        except DatasetError as e:
+            error[0] = str(e)
+    if dist_info.distributed:
         dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise DatasetError(error[0])
@@ -378,12 +391,14 @@ def main(args: Namespace) -> int:
         resume_path = resume.resolve_resume(args.resume, work_dir)
         train_set, val_set = get_dataset(args, dist_info)
         if not args.skip_data_check:  # every file now, not the first bad one hours from now
-            checked = check_datasets(
-                {"train": train_set, "val": val_set}, args.progress and is_main
-            )
-            log.info("data check: %s", ", ".join(
-                f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-                for k, n in checked.items()))  # fmt: skip
+
+            def check_data() -> None:  # rank 0 reads every file once; the others wait
+                checked = check_datasets({"train": train_set, "val": val_set}, args.progress)
+                log.info("data check: %s", ", ".join(
+                    f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
+                    for k, n in checked.items()))  # fmt: skip
+
+            on_rank0(check_data, dist_info)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         torch.manual_seed(args.seed)  # the same initial weights on every rank
