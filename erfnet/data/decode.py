@@ -64,7 +64,8 @@ def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tenso
         except (RuntimeError, OSError) as e:
             raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
         try:
-            fast = _spng_decode(data, mode)
+            # pyspng does not apply the EXIF orientation: only where none is asked (labels).
+            fast = None if exif else _spng_decode(data, mode)
             if fast is not None:
                 return fast
             return decode_png(data, mode=mode, apply_exif_orientation=exif)
