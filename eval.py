@@ -25,7 +25,7 @@ import torch
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
-from erfnet.data.folder import FolderDataset, load_spec
+from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -35,6 +35,7 @@ from erfnet.distributed import (
 from erfnet.evaluation import build_eval_loader, evaluate
 from erfnet.metrics import format_table
 from erfnet.reports import write_reports
+from erfnet.runtime import one_line
 
 _RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))
 
@@ -166,15 +167,17 @@ def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: st
         )
 
 
-def check_folder_split(root: Path, classes: str, split: str) -> None:
+def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
     """A folder dataset's splits are scored, so they need labels; an unlabelled test split is
     the Cityscapes test-server case, which has no equivalent here: say so."""
-    spec = load_spec(classes)
+    if split != "test":
+        return
+    classes = spec.path
     try:
         labels = root / spec.split_dirs(split)[1]
     except DatasetError:
         labels = None
-    if split == "test" and (labels is None or not labels.is_dir()):
+    if labels is None or not labels.is_dir():
         where = f"'{labels}' does not exist" if labels is not None else "is not in its splits"
         raise DatasetError(
             f"split 'test' of classes file '{classes}' has no labels ({where}): the test-server"
@@ -182,15 +185,6 @@ def check_folder_split(root: Path, classes: str, split: str) -> None:
             " eval.py scores labelled splits of a folder dataset, and scripts/predict.py"
             " predicts unlabelled images"
         )
-
-
-def _clean(e: BaseException) -> str:
-    """One readable line, also for errors re-raised from DataLoader workers."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
 
 
 def results_json(
@@ -249,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             if cityscapes:
                 dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
             else:
-                check_folder_split(root, args.classes, args.split)
-                dataset = FolderDataset(root, args.classes, args.split, EvalTransform(scale))
+                spec = load_spec(args.classes)
+                check_folder_split(root, spec, args.split)
+                dataset = FolderDataset(root, spec, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")
             check_classes(model, dataset.classes, args.checkpoint)
@@ -270,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=info.is_main,
             )
         except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
-            raise SystemExit(f"error: {_clean(e)}") from None
+            raise SystemExit(f"error: {one_line(e)}") from None
         if info.is_main:
             report(args, dataset, results, model.meta.get("class_names"))
     finally:

@@ -393,7 +393,11 @@ def main(args: Namespace) -> int:
         if not args.skip_data_check:  # every file now, not the first bad one hours from now
 
             def check_data() -> None:  # rank 0 reads every file once; the others wait
-                checked = check_datasets({"train": train_set, "val": val_set}, args.progress)
+                # A --data-cache run never reads the train PNGs: the cache's own check covers it.
+                splits = {"train": train_set, "val": val_set}
+                if args.data_cache:
+                    del splits["train"]
+                checked = check_datasets(splits, args.progress)
                 log.info("data check: %s", ", ".join(
                     f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
                     for k, n in checked.items()))  # fmt: skip

@@ -78,6 +78,16 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
     }
 
 
+# atomic_save's temporary file: ".latest.pth.1234.0a1b2c3d.tmp" beside its target, and the
+# pattern that finds the ones a killed write left behind (erfnet.workdir.remove_stale_tmp).
+TMP_NAME_RE = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def tmp_name(name: str) -> str:
+    """A unique temporary name for a write of ``name`` (matched by ``TMP_NAME_RE``)."""
+    return f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -93,7 +103,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     data = buffer.getbuffer()
     # Not tempfile.mkstemp: its files are mode 0600, and the rename would keep that mode; an
     # exclusive open honours the umask like a plain torch.save would.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = path.parent / tmp_name(path.name)
     try:
         with open(tmp, "xb") as f:
             f.write(data)

@@ -132,6 +132,9 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
             f" --head {src_head}"
         )
     wanted = [k for k in own if src_head is not None or k.startswith("encoder.")]
+    for k in wanted:  # files saved before PyTorch 0.4.1 (2017) have no BN step counters
+        if k.endswith("num_batches_tracked"):
+            state.setdefault(k, own[k])
     missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [

@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import re
 import socket
 from pathlib import Path
+
+from erfnet.checkpoint import TMP_NAME_RE
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
@@ -22,8 +24,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = "train.lock"
-# atomic_save's temporary names: ".latest.pth.1234.0a1b2c3d.tmp"
-_TMP_RE = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")
+log = logging.getLogger("erfnet.train")
 
 
 class WorkDirBusyError(RuntimeError):
@@ -46,17 +47,24 @@ class WorkDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = _read_holder(fd)
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise WorkDirBusyError(
-                    f"--work-dir '{self.path.parent}' is in use by another training run"
-                    f" ({holder}); wait for it to finish or stop it, or choose another --work-dir"
-                ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
-        self._fd = fd
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise WorkDirBusyError(
+                        f"--work-dir '{self.path.parent}' is in use by another training run"
+                        f" ({holder}); wait for it to finish or stop it, or choose another"
+                        " --work-dir"
+                    ) from None
+                # A file system without flock (some network mounts): run unlocked, as the
+                # README says, rather than refuse to train.
+                log.warning("--work-dir '%s': no file lock here (%s); a second run into it"
+                            " would not be stopped", self.path.parent, e.strerror)  # fmt: skip
+        self._fd = fd  # from here on release() closes it, whatever fails below
+        try:  # the holder's name is only informational: a full disk must not stop the run
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         """Unlock (closing the file releases the flock); the file stays, harmless when unlocked."""
@@ -83,7 +91,7 @@ def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
     if not folder.is_dir():
         return 0, 0
     for p in folder.iterdir():
-        if _TMP_RE.match(p.name) and p.is_file():
+        if TMP_NAME_RE.match(p.name) and p.is_file():
             try:
                 n = p.stat().st_size
                 p.unlink()

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from erfnet.config import IGNORE_INDEX
-from erfnet.data.cityscapes import CityscapesDataset, DatasetError, load_label
+from erfnet.data.cityscapes import CityscapesDataset, DatasetError
 from erfnet.data.folder import FolderDataset
 
 METHODS = ("erfnet", "median")
@@ -67,11 +67,7 @@ def count_pixels(
     counts = np.zeros(num, dtype=np.int64)
     present_pixels = np.zeros(num, dtype=np.int64)
     for i in tqdm(range(len(dataset)), desc="labels", unit="img", disable=not progress):
-        if isinstance(dataset, FolderDataset):
-            label = dataset.load_label(i)
-        else:
-            s = dataset.samples[i]
-            label = load_label(s.label, s.label_kind or "labelIds")
+        label = dataset.load_label(i)
         hist = np.bincount(label.numpy().ravel(), minlength=256)
         hist[IGNORE_INDEX] = 0
         if hist[num:].any():

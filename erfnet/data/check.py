@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from erfnet.data.cityscapes import DatasetError
+from erfnet.data.decode import DatasetError, size_mismatch
 
 # Modes of a label PNG: one 8-bit channel (grey ids, or palette indices).
 LABEL_MODES = frozenset({"L", "P"})
@@ -31,9 +31,10 @@ _SHOWN = 20  # problems listed in the message; the count covers all of them
 PROGRESS_FROM = 500  # files; below this the pass takes well under a second
 
 
-def image_header(path: Path) -> tuple[tuple[int, int], str]:
-    """((height, width) as displayed, i.e. after EXIF orientation, PIL mode) of an image file;
-    ``DatasetError`` for a file that cannot be read or is not a complete image."""
+def image_header(path: Path, upright: bool = True) -> tuple[tuple[int, int], str]:
+    """((height, width), PIL mode) of an image file, the size as displayed (after the EXIF
+    orientation) when ``upright``, else as stored (labels are never rotated); ``DatasetError``
+    for a file that cannot be read or is not a complete image."""
     try:
         with Image.open(path) as im:
             (width, height), mode, exif = im.size, im.mode, im.info.get("exif")
@@ -50,7 +51,7 @@ def image_header(path: Path) -> tuple[tuple[int, int], str]:
         raise DatasetError(f"'{path}' is not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for damaged files
         raise DatasetError(f"cannot decode '{path}' (corrupt or truncated?): {e}") from None
-    if orientation in _SWAPS_SIZE:
+    if upright and orientation in _SWAPS_SIZE:
         width, height = height, width
     return (height, width), mode
 
@@ -69,19 +70,14 @@ def check_sample(
     if label is None:
         return problems
     try:
-        (_, label_mode), label_size = image_header(label), None
-        with Image.open(label) as im:  # the raw size: labels are never rotated
-            label_size = (im.size[1], im.size[0])
+        label_size, label_mode = image_header(label, upright=False)
         if label_mode not in label_modes:
             problems.append(
                 f"label '{label}' must be a single-channel PNG of class values (PIL modes"
                 f" {', '.join(sorted(label_modes))}), got PIL mode {label_mode}"
             )
         elif image_size is not None and label_size != image_size:
-            problems.append(
-                f"label '{label}' is {label_size[0]}x{label_size[1]} (HxW) but its image"
-                f" '{image}' is {image_size[0]}x{image_size[1]}; they must be the same size"
-            )
+            problems.append(size_mismatch(label, label_size, image, image_size))
     except DatasetError as e:
         problems.append(str(e))
     return problems

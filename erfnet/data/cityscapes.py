@@ -257,9 +257,14 @@ class CityscapesDataset(Dataset):
         image = load_image(s.image)
         if s.label is None:
             return image, None
-        label = load_label(s.label, s.label_kind or "labelIds")
+        label = self.load_label(index)
         check_same_size(image, label, s.image, s.label)
         return image, label
+
+    def load_label(self, index: int) -> torch.Tensor:
+        """The uint8 trainIds [H, W] of sample ``index`` (255 = ignore), checked."""
+        s = self.samples[index]
+        return load_label(s.label, s.label_kind or "labelIds")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None
     if _PYSPNG[0] is None or head[12:16] != list(b"IHDR") or head[24:26] != [8, want] or head[28]:
         return None
     array = torch.from_numpy(_PYSPNG[0].load(data.numpy().tobytes()))
-    return array.permute(2, 0, 1).contiguous() if array.dim() == 3 else array[None]
+    return array.permute(2, 0, 1) if array.dim() == 3 else array[None]  # a view, as libpng's
 
 
 def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
@@ -115,7 +116,15 @@ def check_same_size(
 ) -> None:
     """A label [H, W] must match its image [3, H, W]; else a DatasetError naming both files."""
     if tuple(label.shape) != tuple(image.shape[1:]):
-        raise DatasetError(
-            f"label '{label_path}' is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
-            f"'{image_path}' is {image.shape[1]}x{image.shape[2]}; they must be the same size"
-        )
+        raise DatasetError(size_mismatch(label_path, label.shape, image_path, image.shape[1:]))
+
+
+def size_mismatch(
+    label_path: os.PathLike, label_size: Sequence[int], image_path: os.PathLike,
+    image_size: Sequence[int],
+) -> str:  # fmt: skip
+    """The message for a label whose (H, W) differs from its image's."""
+    return (
+        f"label '{label_path}' is {label_size[0]}x{label_size[1]} (HxW) but its image "
+        f"'{image_path}' is {image_size[0]}x{image_size[1]}; they must be the same size"
+    )

@@ -77,7 +77,7 @@ def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, tor
         brightness=torch.tensor(pm["brightness"] or 0.0, dtype=f32),
         contrast_first=torch.tensor(contrast if pm["mode"] == 1 else 1.0, dtype=f32),
         contrast_last=torch.tensor(contrast if pm["mode"] == 0 else 1.0, dtype=f32),
-        saturation=torch.tensor(pm["saturation"] or 1.0, dtype=f32),
+        saturation=torch.tensor(1.0 if pm["saturation"] is None else pm["saturation"], dtype=f32),
         saturation_on=torch.tensor(pm["saturation"] is not None),
         hue=torch.tensor(float(pm["hue"] or 0), dtype=f32),
         hue_on=torch.tensor(pm["hue"] is not None),
@@ -198,6 +198,9 @@ class DeviceAugment:
 
     def __init__(self, transform: TrainTransform) -> None:
         self.transform = transform
+        # mean / std as tensors on each device, made once: a tuple would be uploaded (and the
+        # stream waited for) at every iteration.
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(
         self, batch: dict[str, torch.Tensor], device: torch.device | str
@@ -222,7 +225,11 @@ class DeviceAugment:
         lab = _gather_cols(_gather_rows(a["label"][:, None], a["lrows"]), a["lcols"])[:, 0]
         if tf.photometric is not None:
             img = photometric_batch(img, a)
-        img = normalize(img, tf.mean, tf.std)
+        if device not in self._stats:
+            self._stats[device] = tuple(  # type: ignore[assignment]
+                torch.tensor(v, dtype=torch.float32, device=device) for v in (tf.mean, tf.std)
+            )
+        img = normalize(img, *self._stats[device])
         valid = batch["valid"]
         if bool((valid[:, 0] < ch).any() or (valid[:, 1] < cw).any()):  # pad like pad_to
             rows = torch.arange(ch, device=device)[None] >= a["valid"][:, :1]  # [n, ch]

@@ -88,7 +88,8 @@ class FolderSpec:
         (built once per spec: every label of the dataset goes through it)."""
         if self.label_map is None:
             return None
-        lut = np.full(max(self.label_map) + 1, IGNORE_INDEX, dtype=np.uint8)
+        # At least every 8- and 16-bit value (64 KiB): such labels index it directly.
+        lut = np.full(max(max(self.label_map) + 1, 1 << 16), IGNORE_INDEX, dtype=np.uint8)
         for stored, train_id in self.label_map.items():
             lut[stored] = IGNORE_INDEX if train_id == self.ignore_index else train_id
         return lut
@@ -278,6 +279,8 @@ def to_train_ids(values: np.ndarray, spec: FolderSpec, path: str | os.PathLike) 
     """Stored values -> uint8 train ids with 255 for ignored pixels, checked against ``spec``."""
     lut = spec.lookup_table
     if lut is not None:
+        if values.dtype in (np.uint8, np.uint16):  # the per-sample path: one lookup, no copies
+            return torch.from_numpy(lut[values])
         wide = values.astype(np.int64, copy=False)
         inside = (wide >= 0) & (wide < len(lut))
         if bool(inside.all()):
