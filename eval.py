@@ -32,9 +32,9 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.evaluation import build_eval_loader, evaluate
-from erfnet.metrics import format_table
-from erfnet.reports import write_reports
+from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.metrics import format_table
+from erfnet.evaluation.reports import write_reports
 from erfnet.runtime import one_line
 
 _RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))

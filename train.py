@@ -30,13 +30,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet import engine, logs, resume, runtime
+from erfnet import runtime
 from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
 from erfnet.config import RECIPE
-from erfnet.data import device_aug
-from erfnet.data.cache import CachedCityscapesDataset
 from erfnet.data.check import check_datasets
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
+from erfnet.data.fast import device_aug
+from erfnet.data.fast.cache import CachedCityscapesDataset
 from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
 from erfnet.data.transforms import TrainTransform
@@ -49,13 +49,14 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.engine import ConfigError, TrainingError
-from erfnet.evaluation import build_eval_loader, evaluate
-from erfnet.finetune import init_from
-from erfnet.logs import log
-from erfnet.loss import LossConfigError, load_class_weights, make_criterion
+from erfnet.evaluation.evaluate import build_eval_loader, evaluate
 from erfnet.model import ERFNet
-from erfnet.workdir import WorkDirBusyError, WorkDirLock, remove_stale_tmp
+from erfnet.training import logs, resume, step
+from erfnet.training.finetune import init_from
+from erfnet.training.logs import log
+from erfnet.training.loss import LossConfigError, load_class_weights, make_criterion
+from erfnet.training.step import ConfigError, TrainingError
+from erfnet.training.workdir import WorkDirBusyError, WorkDirLock, remove_stale_tmp
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -145,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum-steps", type=int, metavar="K", default=1,
                    help="gradient accumulation: K micro-batches of --batch-size per optimizer"
                    " step (each loss divided by K); --iters counts optimizer steps")
-    g.add_argument("--sync-bn", choices=engine.SYNC_BN_SCOPES, default="head",
+    g.add_argument("--sync-bn", choices=step.SYNC_BN_SCOPES, default="head",
                    help="which BatchNorms become SyncBatchNorm under torchrun on CUDA: head (the"
                    " FCN head's only, as mmseg's recipe ran), all, or none")
     g.add_argument("--head", choices=("fcn", "deconv"), default="fcn",
@@ -333,7 +334,7 @@ def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
         raise DatasetError(error[0])
 
 
-def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> engine.Criterion:
+def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> step.Criterion:
     """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
     --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
     class_weights = None
@@ -350,9 +351,9 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
 
 def main(args: Namespace) -> int:
     """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
-    fault_signal = engine.fault_signal_from_env()  # tests only: (signal, iteration) or None
+    fault_signal = step.fault_signal_from_env()  # tests only: (signal, iteration) or None
     device = resolve_device(args.device, local_rank_from_env())
-    autocast_dtype, use_scaler = engine.amp_settings(device, args.amp, args.amp_dtype)
+    autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
     # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
     args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
     if threads is not None:
@@ -384,7 +385,7 @@ def main(args: Namespace) -> int:
                 log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
                          size / 1e6)  # fmt: skip
         # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
-        stop = engine.StopFlag()
+        stop = step.StopFlag()
         stop.install()
         cleanup.callback(stop.restore)
 
@@ -414,7 +415,7 @@ def main(args: Namespace) -> int:
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
         if dist_info.distributed and device.type == "cuda":
-            model = engine.convert_sync_batchnorm(model, args.sync_bn)
+            model = step.convert_sync_batchnorm(model, args.sync_bn)
         elif dist_info.distributed and args.sync_bn != "none":
             log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
         # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths;
@@ -426,7 +427,7 @@ def main(args: Namespace) -> int:
         optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
-        scheduler = engine.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
+        scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         start, best_miou, consumed = 0, -1.0, 0
         if ckpt is not None:
@@ -550,7 +551,7 @@ def main(args: Namespace) -> int:
                 labels = batch["label"].to(device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
             lr = optimizer.param_groups[0]["lr"]
-            loss = engine.train_step(
+            loss = step.train_step(
                 train_model,
                 images,
                 labels,
@@ -558,7 +559,7 @@ def main(args: Namespace) -> int:
                 scaler,
                 criterion=criterion,
                 autocast_dtype=autocast_dtype,
-                reduce=engine.mean_over_ranks if dist_info.distributed else None,
+                reduce=step.mean_over_ranks if dist_info.distributed else None,
                 accum_steps=args.accum_steps,
             )
             scheduler.step()

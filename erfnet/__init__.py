@@ -1,8 +1,16 @@
 """erfnet: a small, readable, fast PyTorch ERFNet for Cityscapes."""
 
 from erfnet.checkpoint import load_model, save_checkpoint
-from erfnet.deploy import fuse_bn, optimize_for_inference
+from erfnet.evaluation.inference import predict
+from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet
 
-__all__ = ["ERFNet", "fuse_bn", "load_model", "optimize_for_inference", "save_checkpoint"]
+__all__ = [
+    "ERFNet",
+    "fuse_bn",
+    "load_model",
+    "optimize_for_inference",
+    "predict",
+    "save_checkpoint",
+]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
-from erfnet.deploy import optimize_for_inference
+from erfnet.fuse import optimize_for_inference
 from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet, unwrap_model
 
@@ -79,7 +79,7 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
 
 
 # atomic_save's temporary file: ".latest.pth.1234.0a1b2c3d.tmp" beside its target, and the
-# pattern that finds the ones a killed write left behind (erfnet.workdir.remove_stale_tmp).
+# pattern that finds the ones a killed write left behind (erfnet.training.workdir.remove_stale_tmp).
 TMP_NAME_RE = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
@@ -274,7 +274,7 @@ def load_model(
     """Load a model for inference from one of our checkpoints, in eval mode.
 
     ``fast=True`` returns the fastest exact inference path for the device (BatchNorm folded into
-    the convolutions, channels_last memory format); see ``erfnet.deploy``.
+    the convolutions, channels_last memory format); see ``erfnet.fuse``.
     """
     ckpt = load_checkpoint(path)
     model = build_model_from_checkpoint(ckpt, path).to(device).eval()

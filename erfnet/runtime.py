@@ -1,8 +1,11 @@
-"""The process around a training run: console streams that cannot kill a save, one-line errors
-from DataLoader workers, and CPU thread / worker counts that do not oversubscribe the cores."""
+"""The process around every entry point: console streams that cannot kill a save, one-line errors
+from DataLoader workers, CPU thread / worker counts that do not oversubscribe the cores, and an
+opt-in malloc setting for large CPU tensors."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 from collections.abc import Iterator
@@ -116,3 +119,31 @@ def cpu_plan(
     if threads is None and not any(os.environ.get(v) for v in _THREAD_ENV):
         threads = max(1, cores - workers - 1)
     return workers, threads
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def tune_cpu_allocator() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied.
+
+    By default glibc serves large blocks (a feature map at 512x1024 is 8-40 MB) with fresh
+    ``mmap`` pages and returns them on free, so every forward pass page-faults hundreds of MB
+    back in: about 0.06 s of the fast path's 0.35 s and 0.1 s of the plain model's on a 2-core
+    CPU. With mmap off and trimming off, the pages are faulted once and reused. Results are
+    unchanged; the cost is that the process keeps its peak memory. The same as running with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op (False) off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    # The largest int: never give the top of the heap back to the OS.
+    return mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok

@@ -38,22 +38,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from erfnet.bench import data_throughput as throughput
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE
-from erfnet.data import throughput
-from erfnet.data.cache import CachedCityscapesDataset, write_cache
-from erfnet.data.cityscapes import CityscapesDataset, time_pipeline
+from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.fast.cache import CachedCityscapesDataset, write_cache
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
-from erfnet.deploy import export_onnx, fuse_bn, optimize_for_inference
-from erfnet.engine import train_step
+from erfnet.deploy.int8 import QuantizationError, benchmark_int8, format_int8_report
+from erfnet.deploy.onnx import export_onnx
+from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
-from erfnet.quantize import QuantizationError, benchmark_int8, format_int8_report
-from erfnet.video_report import benchmark_video, format_video_benchmark
+from erfnet.training.step import train_step
+from erfnet.video.report import benchmark_video, format_video_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "eager fp32 NCHW"
-# erfnet.deploy.tune_cpu_allocator()'s setting, as glibc's environment variables.
+# erfnet.fuse.tune_cpu_allocator()'s setting, as glibc's environment variables.
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
@@ -193,7 +194,7 @@ def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
 
 
 def onnxruntime_variant(model: nn.Module) -> Callable | None:
-    """erfnet.deploy.export_onnx's graph run by onnxruntime; None without onnx/onnxruntime."""
+    """erfnet.fuse.export_onnx's graph run by onnxruntime; None without onnx/onnxruntime."""
     try:
         import onnxruntime  # optional extra, as is onnx
     except ImportError:
@@ -283,7 +284,7 @@ def section_infer(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The infer section at the first size, batch 1, in one process per glibc malloc setting:
-    the default, and erfnet.deploy.tune_cpu_allocator()'s (set through glibc's environment)."""
+    the default, and erfnet.fuse.tune_cpu_allocator()'s (set through glibc's environment)."""
     (h, w), rows = args.sizes[0], []
     for allocator, env in (("default", {}), ("tuned", TUNED_MALLOC)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -334,7 +335,7 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         return plain
 
     variants = {BASELINE: (step(False), "as mmseg"),
-                "channels_last": (step(True), "erfnet.engine.train_step, same maths")}  # fmt: skip
+                "channels_last": (step(True), "erfnet.training.step.train_step, same maths")}  # fmt: skip
     if cuda:
         variants["channels_last + fp16 AMP"] = (step(True, torch.float16), "approximate")
     # Peak memory of one iteration per variant, before the timing. On the CPU only the process's
@@ -379,7 +380,7 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
                {"train": TrainTransform(), "val": EvalTransform()})  # fmt: skip
         for split, tf in tfs.items():
             torch.manual_seed(0)
-            res = time_pipeline(CityscapesDataset(root, split, transform=tf),
+            res = throughput.time_pipeline(CityscapesDataset(root, split, transform=tf),
                                 num=3 if args.quick else 8, warmup=1, threads=1)  # fmt: skip
             rows.append({"split": split, "transform": repr(tf), "dataset": made, **res,
                          "transform_name": type(tf).__name__})  # fmt: skip
@@ -605,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(0)
         model = randomise_bn(ERFNet()).to(args.device).eval()
     if cuda:
-        torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.engine) run
+        torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.training.step) run
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(args.device)}  # fmt: skip

@@ -26,8 +26,9 @@ import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.data.cityscapes import DatasetError
-from erfnet.deploy import ONNX_MIN_OPSET, export_onnx, optimize_for_inference
-from erfnet.quantize import QuantizationError, format_int8_report, quantize_and_check
+from erfnet.deploy.int8 import QuantizationError, format_int8_report, quantize_and_check
+from erfnet.deploy.onnx import ONNX_MIN_OPSET, export_onnx
+from erfnet.fuse import optimize_for_inference
 
 MIN_OPSET = ONNX_MIN_OPSET
 
@@ -51,7 +52,7 @@ def export(
     opset: int = MIN_OPSET,
     meta: dict | None = None,
 ) -> Path:
-    """``erfnet.deploy.export_onnx``, after checking that onnx is installed."""
+    """``erfnet.fuse.export_onnx``, after checking that onnx is installed."""
     require("onnx")
     return export_onnx(model, out, height, width, opset, meta)
 

@@ -30,10 +30,10 @@ from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset
 from erfnet.data.cityscapes import pil_rgb8
-from erfnet.deploy import tune_cpu_allocator
 from erfnet.distributed import resolve_device
-from erfnet.inference import predict
-from erfnet.visualize import blend, colorize
+from erfnet.evaluation.inference import predict
+from erfnet.evaluation.visualize import blend, colorize
+from erfnet.runtime import tune_cpu_allocator
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 

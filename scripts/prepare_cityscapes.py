@@ -20,8 +20,6 @@ import argparse
 import os
 import time
 
-# Runnable from a checkout without `pip install -e .`.
-from erfnet.data.cache import write_cache
 from erfnet.data.cityscapes import (
     ENV_VAR,
     SPLITS,
@@ -29,6 +27,9 @@ from erfnet.data.cityscapes import (
     prepare_train_ids,
     resolve_data_root,
 )
+
+# Runnable from a checkout without `pip install -e .`.
+from erfnet.data.fast.cache import write_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

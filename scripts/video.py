@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.deploy import tune_cpu_allocator
+from erfnet.deploy.int8 import QuantizationError
 from erfnet.distributed import resolve_device
-from erfnet.quantize import QuantizationError
-from erfnet.video import OnnxPredictor, TorchPredictor, VideoError, run_video
-from erfnet.video_io import check_output_path, open_source
-from erfnet.video_report import format_report
+from erfnet.runtime import tune_cpu_allocator
+from erfnet.video.io import check_output_path, open_source
+from erfnet.video.pipeline import OnnxPredictor, TorchPredictor, VideoError, run_video
+from erfnet.video.report import format_report
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

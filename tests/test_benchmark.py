@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from erfnet.deploy import fuse_bn
+from erfnet.fuse import fuse_bn
 from erfnet.model import ERFNet
 from scripts import benchmark
 

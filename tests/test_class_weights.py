@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from erfnet.labels import CLASS_NAMES
-from erfnet.loss import load_class_weights
+from erfnet.training.loss import load_class_weights
 from scripts import class_weights as script
 
 NAMES = ["road", "car", "sky", "boat"]  # "boat" never occurs

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from erfnet import ERFNet, load_model, save_checkpoint
-from erfnet.deploy import optimize_for_inference
-from erfnet.engine import train_step
+from erfnet.fuse import optimize_for_inference
+from erfnet.training.step import train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,9 +81,9 @@ def test_device_augmentation_on_cuda_matches_the_worker_path(synthetic_root: Pat
     """--gpu-aug on CUDA: the batch of the CPU worker path for the same seed; float rounding
     (FMA) may move a pixel at a rounding tie (by a level, a few after the HSV steps), rarely."""
     from erfnet.data.cityscapes import CityscapesDataset
-    from erfnet.data.device_aug import DeviceAugDataset, DeviceAugment, collate
+    from erfnet.data.fast.device_aug import DeviceAugDataset, DeviceAugment, collate
     from erfnet.data.transforms import TrainTransform
-    from erfnet.resume import build_train_loader
+    from erfnet.training.resume import build_train_loader
 
     tf = TrainTransform(crop_size=(40, 96), scale=(48, 96))
     ds = CityscapesDataset(synthetic_root, "train", transform=tf)

@@ -16,8 +16,8 @@ import train as train_cli
 from erfnet import load_model
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import normalize
-from erfnet.evaluation import build_eval_loader, evaluate
-from erfnet.visualize import colorize
+from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.visualize import colorize
 from scripts import predict as predict_cli
 
 SIZE = (32, 48)  # (H, W) of every image

@@ -1,4 +1,4 @@
-"""erfnet.deploy: BatchNorm folding and the fast inference path give the eval model's logits."""
+"""erfnet.fuse: BatchNorm folding and the fast inference path give the eval model's logits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from erfnet.checkpoint import load_model, save_checkpoint
-from erfnet.deploy import (
+from erfnet.fuse import (
     ChannelAffine,
     HeadInStrips,
     fold_bn_into_conv,
@@ -225,7 +225,7 @@ def test_tune_cpu_allocator_keeps_results() -> None:
     # In a child process: the allocator setting is process-wide.
     code = (
         "import platform, sys, torch\n"
-        "from erfnet.deploy import optimize_for_inference, tune_cpu_allocator\n"
+        "from erfnet.fuse import optimize_for_inference\nfrom erfnet.runtime import tune_cpu_allocator\n"
         "from erfnet.model import ERFNet\n"
         "torch.manual_seed(0)\n"
         "fast = optimize_for_inference(ERFNet().eval())\n"

@@ -23,7 +23,7 @@ from erfnet import ERFNet, save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import CityscapesDataset, EvalTransform
 from erfnet.data.transforms import normalize
-from erfnet.metrics import ConfusionMatrix
+from erfnet.evaluation.metrics import ConfusionMatrix
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "eval.py"
@@ -349,7 +349,7 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
     """mmseg's MultiScaleFlipAug resizes the original image to every ratio x --scale: a ratio-2
     view of a 32x64 --scale on 64x128 images is the original image, not an upsampled 32x64 copy."""
     from erfnet.checkpoint import load_model
-    from erfnet.inference import predict
+    from erfnet.evaluation.inference import predict
     from erfnet.labels import TRAIN_ID_TO_ID
 
     out = tmp_path / "sub"

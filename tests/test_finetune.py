@@ -13,8 +13,8 @@ from torch import nn
 import train as train_cli
 from erfnet.checkpoint import CheckpointError, save_checkpoint
 from erfnet.convert import checkpoint_filter_fn
-from erfnet.finetune import IMAGENET_ENCODER, init_from
 from erfnet.model import ERFNet
+from erfnet.training.finetune import IMAGENET_ENCODER, init_from
 
 
 def fresh(num_classes: int, head: str = "fcn", seed: int = 123) -> tuple[ERFNet, dict]:

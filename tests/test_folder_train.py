@@ -20,10 +20,10 @@ from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import load_image
 from erfnet.data.folder import FolderDataset
 from erfnet.data.transforms import EvalTransform
-from erfnet.evaluation import build_eval_loader, evaluate
-from erfnet.inference import predict
+from erfnet.deploy.int8 import read_meta
+from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.inference import predict
 from erfnet.model import ERFNet
-from erfnet.quantize import read_meta
 from scripts import export_onnx
 from scripts import predict as predict_cli
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.data.transforms import normalize
-from erfnet.evaluation import ShardSampler, evaluate
-from erfnet.inference import (
+from erfnet.evaluation.evaluate import ShardSampler, evaluate
+from erfnet.evaluation.inference import (
     infer_logits,
     infer_probs_ms_flip,
     model_normalization,
@@ -27,7 +27,7 @@ from erfnet.inference import (
     resize_image,
     slide_logits,
 )
-from erfnet.metrics import ConfusionMatrix
+from erfnet.evaluation.metrics import ConfusionMatrix
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # the network sees the 0-255 image
 

@@ -15,15 +15,15 @@ from torch import nn
 
 import train as train_cli
 from erfnet.data.cityscapes import CityscapesDataset
-from erfnet.engine import convert_sync_batchnorm, train_step
-from erfnet.loss import (
+from erfnet.model import ERFNet
+from erfnet.training.loss import (
     LossConfigError,
     load_class_weights,
     make_criterion,
     ohem_keep_mask,
     segmentation_loss,
 )
-from erfnet.model import ERFNet
+from erfnet.training.step import convert_sync_batchnorm, train_step
 
 
 def _batch_with_ignored_pixels(n=2, h=16, w=32, classes=19, ignored=0.3, seed=0):

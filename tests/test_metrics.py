@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.evaluation.metrics import ConfusionMatrix, format_table, metrics_from_confusion
 from erfnet.labels import CLASS_NAMES
-from erfnet.metrics import ConfusionMatrix, format_table, metrics_from_confusion
 
 # 4 classes. Class 2 is predicted once on a labelled pixel but never labelled (IoU 0, counts;
 # Acc NaN); class 3 is predicted only on an ignored pixel (zero union: NaN, skipped).

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import erfnet
-from erfnet.quantize import (
+from erfnet.deploy.int8 import (
     QuantizationError,
     check_agreement,
     format_int8_report,
     quantize_and_check,
     read_meta,
 )
-from erfnet.video import OnnxPredictor, open_source, run_video
+from erfnet.video.pipeline import OnnxPredictor, open_source, run_video
 from scripts import export_onnx
 
 onnx = pytest.importorskip("onnx")
@@ -108,7 +108,7 @@ def test_video_runs_the_int8_model(exported: dict, tmp_path: Path) -> None:
 
 
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from erfnet import quantize
+    from erfnet.deploy import int8 as quantize
 
     real = importlib.import_module
 

@@ -1,4 +1,4 @@
-"""erfnet.reports: the raw matrix always, the plots with matplotlib, one clear line without it."""
+"""erfnet.evaluation.reports: the raw matrix always, the plots with matplotlib, one clear line without it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erfnet.reports import MATPLOTLIB_HINT, row_normalised, write_reports
+from erfnet.evaluation.reports import MATPLOTLIB_HINT, row_normalised, write_reports
 
 MATRIX = np.array([[8, 2, 0, 0], [1, 3, 0, 0], [0, 0, 0, 5]])  # 3 classes + a "void" output
 NAMES = ["road", "car", "sky"]

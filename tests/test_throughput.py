@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import train as train_cli
-from erfnet.data.cache import CachedCityscapesDataset, CacheError, write_cache
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError
-from erfnet.data.device_aug import DeviceAugDataset, DeviceAugment, collate, resolve_gpu_aug
+from erfnet.data.fast.cache import CachedCityscapesDataset, CacheError, write_cache
+from erfnet.data.fast.device_aug import DeviceAugDataset, DeviceAugment, collate, resolve_gpu_aug
 from erfnet.data.transforms import EvalTransform, TrainTransform
-from erfnet.engine import FAULT_ENV
-from erfnet.resume import build_train_loader
+from erfnet.training.resume import build_train_loader
+from erfnet.training.step import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -21,9 +21,9 @@ from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.transforms import TrainTransform
-from erfnet.engine import FAULT_ENV, PolyLR, poly_lr, train_step
 from erfnet.model import ERFNet
-from erfnet.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
+from erfnet.training.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
+from erfnet.training.step import FAULT_ENV, PolyLR, poly_lr, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")

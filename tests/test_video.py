@@ -21,14 +21,14 @@ from PIL import Image
 
 import erfnet
 from erfnet.data.synthetic import synthesize_sample
-from erfnet.video import (
+from erfnet.video.pipeline import (
     OnnxPredictor,
     TorchPredictor,
     VideoError,
     open_source,
     run_video,
 )
-from erfnet.video_report import benchmark_video, format_report, format_video_benchmark
+from erfnet.video.report import benchmark_video, format_report, format_video_benchmark
 from scripts import video as video_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_script_end_to_end(checkpoint: Path, clip, tmp_path: Path) -> None:
 def test_onnx_predictor_matches_torch(model, checkpoint, clip, tmp_path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from erfnet.quantize import export_fp32
+    from erfnet.deploy.int8 import export_fp32
 
     path, frames = clip
     onnx_path = export_fp32(erfnet.load_model(checkpoint), tmp_path / "m.onnx", SIZE, META)

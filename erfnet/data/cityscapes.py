@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,43 +280,6 @@ class CityscapesDataset(Dataset):
             f"CityscapesDataset(root='{self.root}', split='{self.split}', n={len(self)}, "
             f"transform={self.transform!r})"
         )
-
-
-def time_pipeline(
-    dataset: CityscapesDataset, num: int = 20, warmup: int = 2, threads: int | None = 1
-) -> dict[str, float]:
-    """Time ``dataset[i]`` (decode + labels + transform) in this process, like one DataLoader
-    worker (``threads=1`` matches a worker's single torch thread).
-
-    Returns images/s from the median and from the mean time per image, and the median seconds of
-    the two stages: load (PNG decode + label mapping and checks) and transform. The median is the
-    better figure on a shared machine.
-    """
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        n = len(dataset)
-        for i in range(warmup):
-            dataset[i % n]
-        loads, tfs = [], []
-        for i in range(num):
-            t0 = time.perf_counter()
-            image, label = dataset.load(i % n)
-            t1 = time.perf_counter()
-            dataset.transform(image, label)
-            t2 = time.perf_counter()
-            loads.append(t1 - t0)
-            tfs.append(t2 - t1)
-    finally:
-        torch.set_num_threads(old_threads)
-    totals = [a + b for a, b in zip(loads, tfs, strict=True)]
-    return {
-        "images_per_s": 1.0 / statistics.median(totals),
-        "images_per_s_mean": num / sum(totals),
-        "load_s": statistics.median(loads),
-        "transform_s": statistics.median(tfs),
-    }
 
 
 # ---------------------------------------------------------------- _labelTrainIds.png preparation

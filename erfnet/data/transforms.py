@@ -2,7 +2,7 @@
 
 Inputs are uint8 RGB images [3, H, W] and uint8 trainId labels [H, W] (or None). The training
 pipeline outputs a float32 normalised image and an int64 label; the evaluation one a uint8 image
-(0-255, resized as mmseg resizes it) that ``erfnet.inference`` resizes per view and normalises
+(0-255, resized as mmseg resizes it) that ``erfnet.evaluation.inference`` resizes per view and normalises
 with the checkpoint's mean/std. Randomness comes from torch's global RNG, so DataLoader worker
 seeding and checkpoint resume cover it. ``normalize``, ``denormalize`` and ``resize_image`` here
 are the project's only image normalisation and resize.
@@ -41,7 +41,7 @@ def normalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     """0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) -> float32 ``(x - mean) / std``, a new tensor.
 
     The one place images are normalised: training (``TrainTransform``), evaluation and prediction
-    (``erfnet.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``). Multiplies by
+    (``erfnet.evaluation.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``). Multiplies by
     1/std like mmcv's ``imnormalize``; one allocation, then in place.
     """
     inv_std = 1.0 / _per_channel(std, image)

@@ -15,7 +15,7 @@ the ImageNet ones of ``erfnet.config``), so a checkpoint trained with another no
   without a horizontal flip; the softmax of each view's logits at the original size (flip
   undone) is summed in place; argmax.
 
-``erfnet.evaluation.evaluate`` runs a loader through ``predict`` and returns the metrics.
+``erfnet.evaluation.evaluate.evaluate`` runs a loader through ``predict`` and returns the metrics.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@
 copy that still runs model.py's own ``forward`` (the folded BatchNorms and the dropouts become
 ``nn.Identity``); ``optimize_for_inference(model)`` is the fastest exact path for the model's
 device (what ``erfnet.load_model(path, fast=True)`` and scripts/predict.py use);
-``tune_cpu_allocator()`` is an opt-in, process-wide malloc setting that saves the page faults of
-large CPU tensors.
 
 Folding BN into a conv: ``bn(conv(x)) = s * (W x + b - mean) + beta`` with
 ``s = gamma / sqrt(var + eps)``, i.e. a conv with weights ``s * W`` and bias
@@ -15,12 +13,6 @@ Folding BN into a conv: ``bn(conv(x)) = s * (W x + b - mean) + beta`` with
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import json
-import sys
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,11 +23,9 @@ __all__ = [
     "ChannelAffine",
     "HeadInStrips",
     "bn_scale_shift",
-    "export_onnx",
     "fold_bn_into_conv",
     "fuse_bn",
     "optimize_for_inference",
-    "tune_cpu_allocator",
 ]
 
 BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -201,77 +191,3 @@ def optimize_for_inference(model: nn.Module) -> ERFNet:
     # input's layout (converting the input as well measured no faster).
     fast.to(memory_format=torch.channels_last)
     return fast
-
-
-ONNX_MIN_OPSET = 17
-
-
-def export_onnx(
-    model: nn.Module,
-    out: str | Path,
-    height: int = 512,
-    width: int = 1024,
-    opset: int = ONNX_MIN_OPSET,
-    meta: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``fuse_bn(model)`` to ``out`` as ONNX with dynamic N, H and W axes.
-
-    The graph takes ``input`` [N, 3, H, W] and returns ``logits`` [N, C, H, W]; ``height`` and
-    ``width`` only size the dummy input used for tracing. ``meta``'s mean, std, class names and
-    palette go into the file's metadata. Needs the optional ``onnx`` package.
-    """
-    import onnx  # optional extra: pip install onnx onnxruntime
-
-    fused = fuse_bn(model).cpu().float()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    # The TorchScript exporter (dynamo=False) needs no onnxscript and keeps H and W dynamic
-    # through model.py's resizes, which are always recorded while exporting.
-    torch.onnx.export(
-        fused,
-        (torch.randn(1, 3, height, width),),
-        str(out),
-        dynamo=False,
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=opset,
-        dynamic_axes={"input": axes, "logits": axes},
-        do_constant_folding=True,
-    )
-    if meta:
-        proto = onnx.load(str(out))
-        for key in ("mean", "std", "class_names", "palette"):
-            if key in meta:
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(meta[key])
-        onnx.save(proto, str(out))
-    return out
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-
-
-def tune_cpu_allocator() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied.
-
-    By default glibc serves large blocks (a feature map at 512x1024 is 8-40 MB) with fresh
-    ``mmap`` pages and returns them on free, so every forward pass page-faults hundreds of MB
-    back in: about 0.06 s of the fast path's 0.35 s and 0.1 s of the plain model's on a 2-core
-    CPU. With mmap off and trimming off, the pages are faulted once and reused. Results are
-    unchanged; the cost is that the process keeps its peak memory. The same as running with
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op (False) off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    # The largest int: never give the top of the heap back to the OS.
-    return mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok

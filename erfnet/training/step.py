@@ -22,8 +22,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet.config import RECIPE
 from erfnet.distributed import all_reduce_sum
-from erfnet.logs import log
-from erfnet.loss import Criterion, segmentation_loss
+from erfnet.training.logs import log
+from erfnet.training.loss import Criterion, segmentation_loss
 
 # Tests only: "sigterm@K", "sigint@K" or "sigkill@K" makes train.py send that signal to its own
 # process after iteration K (read once at start-up; see ``fault_signal_from_env``).

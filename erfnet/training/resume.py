@@ -9,7 +9,7 @@ uninterrupted one (bit for bit on the CPU).
   prefetching;
 - the RNGs the model uses (dropout) are reseeded every iteration from ``(seed, rank, iteration)``
   (``seed_iteration``);
-- the poly schedule is a closed-form function of the iteration (``erfnet.engine.PolyLR``);
+- the poly schedule is a closed-form function of the iteration (``erfnet.training.step.PolyLR``);
 - ``training_state`` / ``restore_training_state`` save and restore the rest (optimizer, schedule,
   GradScaler, RNGs, sampler position, the run's settings) in a weights_only-safe checkpoint.
 """
@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from erfnet.checkpoint import CheckpointError, load_checkpoint
-from erfnet.engine import PolyLR
-from erfnet.logs import log, settings_json
 from erfnet.model import ERFNet
+from erfnet.training.logs import log, settings_json
+from erfnet.training.step import PolyLR
 
 _MASK64 = (1 << 64) - 1
 
@@ -191,7 +191,7 @@ def build_train_loader(
     collate_fn: Any = None,
 ) -> tuple[DataLoader, InfiniteSampler]:
     """An endless loader of augmented batches, positioned after ``start_samples`` samples
-    (``collate_fn``: the DataLoader's, e.g. ``erfnet.data.device_aug.collate``)."""
+    (``collate_fn``: the DataLoader's, e.g. ``erfnet.data.fast.device_aug.collate``)."""
     sampler = InfiniteSampler(
         len(dataset),  # type: ignore[arg-type]
         seed=seed,

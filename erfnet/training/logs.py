@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
-from erfnet.inference import predict
+from erfnet.evaluation.inference import predict
+from erfnet.evaluation.visualize import colorize, rgb_array
 from erfnet.runtime import one_line
-from erfnet.visualize import colorize, rgb_array
 
 log = logging.getLogger("erfnet.train")
 

@@ -12,10 +12,10 @@ import av
 import torch
 
 from erfnet.checkpoint import cityscapes_meta, load_model
-from erfnet.deploy import optimize_for_inference
+from erfnet.fuse import optimize_for_inference
 from erfnet.model import ERFNet
-from erfnet.video import OnnxPredictor, TorchPredictor, run_video
-from erfnet.video_io import Size, open_source, synthetic_clip, write_clip
+from erfnet.video.io import Size, open_source, synthetic_clip, write_clip
+from erfnet.video.pipeline import OnnxPredictor, TorchPredictor, run_video
 
 
 def format_report(report: dict[str, Any]) -> str:

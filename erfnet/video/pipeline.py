@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.transforms import normalize, resize_image
+from erfnet.deploy.int8 import make_session
 from erfnet.labels import TRAIN_ID_TO_COLOR
-from erfnet.quantize import make_session
-from erfnet.video_io import (  # noqa: F401  (re-exported: the video path's public names)
+from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
     DEFAULT_FPS,
     IMAGE_SUFFIXES,

@@ -35,8 +35,8 @@ from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.folder import FolderDataset
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import normalize, resize_image
-from erfnet.deploy import fuse_bn
-from erfnet.metrics import ConfusionMatrix
+from erfnet.evaluation.metrics import ConfusionMatrix
+from erfnet.fuse import fuse_bn
 from erfnet.model import ERFNet
 
 __all__ = [

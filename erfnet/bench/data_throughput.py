@@ -23,17 +23,17 @@ import torch
 from torch.utils.data import default_collate
 
 from erfnet.config import IGNORE_INDEX, RECIPE
-from erfnet.data import device_aug
 from erfnet.data.cityscapes import CityscapesDataset, load_image, load_label
+from erfnet.data.fast import device_aug
 from erfnet.data.transforms import (
     normalize,
     pad_to,
     resize_crop_bilinear,
     resize_crop_nearest,
 )
-from erfnet.engine import train_step
 from erfnet.model import ERFNet
-from erfnet.resume import SeededDataset, build_train_loader, mix_seed, seeded_rngs
+from erfnet.training.resume import SeededDataset, build_train_loader, mix_seed, seeded_rngs
+from erfnet.training.step import train_step
 
 # Stages of each path, for one worker; the main-process stages are listed separately.
 PATHS: dict[str, tuple[str, ...]] = {
@@ -250,3 +250,40 @@ def workers_to_feed(step_s: float, step_batch: int, per_worker: float) -> int:
     """Workers of ``per_worker`` images/s that keep a step of ``step_s`` per ``step_batch``
     images fed, if they scaled perfectly."""
     return math.ceil(step_batch / step_s / per_worker)
+
+
+def time_pipeline(
+    dataset: CityscapesDataset, num: int = 20, warmup: int = 2, threads: int | None = 1
+) -> dict[str, float]:
+    """Time ``dataset[i]`` (decode + labels + transform) in this process, like one DataLoader
+    worker (``threads=1`` matches a worker's single torch thread).
+
+    Returns images/s from the median and from the mean time per image, and the median seconds of
+    the two stages: load (PNG decode + label mapping and checks) and transform. The median is the
+    better figure on a shared machine.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        n = len(dataset)
+        for i in range(warmup):
+            dataset[i % n]
+        loads, tfs = [], []
+        for i in range(num):
+            t0 = time.perf_counter()
+            image, label = dataset.load(i % n)
+            t1 = time.perf_counter()
+            dataset.transform(image, label)
+            t2 = time.perf_counter()
+            loads.append(t1 - t0)
+            tfs.append(t2 - t1)
+    finally:
+        torch.set_num_threads(old_threads)
+    totals = [a + b for a, b in zip(loads, tfs, strict=True)]
+    return {
+        "images_per_s": 1.0 / statistics.median(totals),
+        "images_per_s_mean": num / sum(totals),
+        "load_s": statistics.median(loads),
+        "transform_s": statistics.median(tfs),
+    }

@@ -1,6 +1,6 @@
-"""``evaluate``: a loader through ``erfnet.inference.predict``, scored as mmseg scores it.
+"""``evaluate``: a loader through ``erfnet.evaluation.inference.predict``, scored as mmseg scores it.
 
-The metric is a dataset-wide confusion matrix (``erfnet.metrics``). Under torchrun each rank
+The metric is a dataset-wide confusion matrix (``erfnet.evaluation.metrics``). Under torchrun each rank
 takes a strided shard of the images (no padding duplicates) and the matrices are summed, so the
 result equals a single process's exactly. Predictions can be written as the Cityscapes
 test-server PNGs and as colour renderings.
@@ -22,10 +22,17 @@ from erfnet.config import RECIPE
 from erfnet.data.cityscapes import save_label_ids
 from erfnet.data.transforms import resize_image
 from erfnet.distributed import all_reduce_sum
-from erfnet.inference import MODES, Size, Stats, model_stats, predict, prefers_channels_last
+from erfnet.evaluation.inference import (
+    MODES,
+    Size,
+    Stats,
+    model_stats,
+    predict,
+    prefers_channels_last,
+)
+from erfnet.evaluation.metrics import ConfusionMatrix
+from erfnet.evaluation.visualize import Palette, palette_lut, rgb_array, save_color
 from erfnet.labels import CLASS_NAMES
-from erfnet.metrics import ConfusionMatrix
-from erfnet.visualize import Palette, palette_lut, rgb_array, save_color
 
 # --------------------------------------------------------------------------------------------
 # Sharding
@@ -84,7 +91,7 @@ def _sharded(loader: DataLoader) -> DataLoader:
     if loader.batch_size is None:
         raise ValueError(
             "evaluate under torchrun needs a DataLoader with batch_size set (or one built by"
-            " erfnet.inference.build_eval_loader)"
+            " erfnet.evaluation.inference.build_eval_loader)"
         )
     return DataLoader(
         loader.dataset,

@@ -1,0 +1,1 @@
+"""Measurement helpers behind scripts/benchmark.py (never imported by the core)."""

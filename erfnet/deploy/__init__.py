@@ -1,0 +1,1 @@
+"""Deployment (optional extras, imported lazily): ONNX export, onnxruntime sessions, int8."""

@@ -1,0 +1,1 @@
+"""Evaluation: test-time inference, the metric loop, mmseg's metrics, reports and palettes."""

@@ -1,0 +1,1 @@
+"""Video (optional): sources and writers, the pipelined reader / network / writer, FPS reports."""
