@@ -335,7 +335,7 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         return plain
 
     variants = {BASELINE: (step(False), "as mmseg"),
-                "channels_last": (step(True), "erfnet.training.step.train_step, same maths")}  # fmt: skip
+                "channels_last": (step(True), "training.step.train_step, same maths")}  # fmt: skip
     if cuda:
         variants["channels_last + fp16 AMP"] = (step(True, torch.float16), "approximate")
     # Peak memory of one iteration per variant, before the timing. On the CPU only the process's

@@ -225,7 +225,8 @@ def test_tune_cpu_allocator_keeps_results() -> None:
     # In a child process: the allocator setting is process-wide.
     code = (
         "import platform, sys, torch\n"
-        "from erfnet.fuse import optimize_for_inference\nfrom erfnet.runtime import tune_cpu_allocator\n"
+        "from erfnet.fuse import optimize_for_inference\n"
+        "from erfnet.runtime import tune_cpu_allocator\n"
         "from erfnet.model import ERFNet\n"
         "torch.manual_seed(0)\n"
         "fast = optimize_for_inference(ERFNet().eval())\n"

@@ -108,7 +108,7 @@ def test_video_runs_the_int8_model(exported: dict, tmp_path: Path) -> None:
 
 
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from erfnet.deploy import int8 as quantize
+    from erfnet.deploy import exported
 
     real = importlib.import_module
 
@@ -118,5 +118,5 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(QuantizationError, match="pip install onnx onnxruntime"):
-        quantize.make_session("m.onnx")
+    with pytest.raises(exported.ExportError, match="pip install onnx onnxruntime"):
+        exported.onnx_session("m.onnx")

@@ -1,4 +1,4 @@
-"""erfnet.evaluation.reports: the raw matrix always, the plots with matplotlib, one clear line without it."""
+"""erfnet.evaluation.reports: the raw matrix always; plots with matplotlib, else one clear line."""
 
 from __future__ import annotations
 

@@ -257,10 +257,10 @@ def test_script_end_to_end(checkpoint: Path, clip, tmp_path: Path) -> None:
 def test_onnx_predictor_matches_torch(model, checkpoint, clip, tmp_path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from erfnet.deploy.int8 import export_fp32
+    from erfnet.deploy.onnx import export_onnx
 
     path, frames = clip
-    onnx_path = export_fp32(erfnet.load_model(checkpoint), tmp_path / "m.onnx", SIZE, META)
+    onnx_path = export_onnx(erfnet.load_model(checkpoint), tmp_path / "m.onnx", *SIZE, meta=META)
     predictor = OnnxPredictor(onnx_path)
     assert predictor.meta["mean"] == META["mean"] and predictor.meta["palette"] == META["palette"]
     x = predictor.preprocess(frames[0])

@@ -2,10 +2,10 @@
 
 Inputs are uint8 RGB images [3, H, W] and uint8 trainId labels [H, W] (or None). The training
 pipeline outputs a float32 normalised image and an int64 label; the evaluation one a uint8 image
-(0-255, resized as mmseg resizes it) that ``erfnet.evaluation.inference`` resizes per view and normalises
-with the checkpoint's mean/std. Randomness comes from torch's global RNG, so DataLoader worker
-seeding and checkpoint resume cover it. ``normalize``, ``denormalize`` and ``resize_image`` here
-are the project's only image normalisation and resize.
+(0-255, resized as mmseg resizes it) that ``erfnet.evaluation.inference`` resizes per view and
+normalises with the checkpoint's mean/std. Randomness comes from torch's global RNG, so DataLoader
+worker seeding and checkpoint resume cover it. ``normalize``, ``denormalize`` and ``resize_image``
+here are the project's only image normalisation and resize.
 
 TrainTransform follows mmseg (v0.x ``Resize``/``RandomCrop``/``RandomFlip``/
 ``PhotoMetricDistortion``/``Normalize``/``Pad``) step by step, including its rounding: mmcv's
@@ -41,8 +41,8 @@ def normalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     """0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) -> float32 ``(x - mean) / std``, a new tensor.
 
     The one place images are normalised: training (``TrainTransform``), evaluation and prediction
-    (``erfnet.evaluation.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``). Multiplies by
-    1/std like mmcv's ``imnormalize``; one allocation, then in place.
+    (``erfnet.evaluation.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``).
+    Multiplies by 1/std like mmcv's ``imnormalize``; one allocation, then in place.
     """
     inv_std = 1.0 / _per_channel(std, image)
     return image.to(torch.float32, copy=True).sub_(_per_channel(mean, image)).mul_(inv_std)

@@ -15,7 +15,6 @@ onnxruntime and onnx are optional extras, imported when a function needs them.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
 import statistics
@@ -35,8 +34,9 @@ from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.folder import FolderDataset
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import normalize, resize_image
+from erfnet.deploy.exported import PRECISION_KEY, load_exported, onnx_session
+from erfnet.deploy.onnx import export_onnx
 from erfnet.evaluation.metrics import ConfusionMatrix
-from erfnet.fuse import fuse_bn
 from erfnet.model import ERFNet
 
 __all__ = [
@@ -46,16 +46,13 @@ __all__ = [
     "calibration_samples",
     "check_agreement",
     "compare_int8",
-    "export_fp32",
     "format_int8_report",
-    "make_session",
     "quantize_and_check",
     "quantize_int8",
 ]
 
 Size = tuple[int, int]
 DEFAULT_MIN_AGREEMENT = 98.0  # percent of pixels whose int8 label equals the fp32 label
-META_KEYS = ("mean", "std", "class_names", "palette")  # JSON, written by the export
 INSTALL_HINT = "pip install onnx onnxruntime  (or: pip install -e .[export])"
 
 
@@ -72,22 +69,9 @@ def _require(module: str) -> Any:
         ) from None
 
 
-def make_session(path: str | Path, threads: int = 0) -> Any:
-    """An onnxruntime CPU session with every graph optimisation on (``threads`` 0 = default)."""
-    ort = _require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # no warnings about unused initialisers on every load
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata (mean, std, class_names, palette) of an exported graph."""
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in META_KEYS}
+    """The checkpoint meta an exported graph carries (``erfnet.deploy.exported``'s reader)."""
+    return load_exported(path).meta
 
 
 def calibration_samples(
@@ -182,7 +166,7 @@ def _copy_meta(src: str | Path, dst: str | Path) -> None:
         if p.key not in have:
             entry = proto.metadata_props.add()
             entry.key, entry.value = p.key, p.value
-    proto.metadata_props.add().CopyFrom(_prop(onnx, "quantization", '"int8 static QDQ"'))
+    proto.metadata_props.add().CopyFrom(_prop(onnx, PRECISION_KEY, "int8"))
     onnx.save(proto, str(dst))
 
 
@@ -209,7 +193,7 @@ def compare_int8(
 ) -> dict[str, Any]:
     """fp32 vs int8 on ``samples``: latency (ms, median of interleaved runs on the first input),
     pixel agreement (%) and, where the samples have labels, mIoU (%) of each."""
-    fp32, int8 = make_session(fp32_path, threads), make_session(int8_path, threads)
+    fp32, int8 = onnx_session(fp32_path, threads), onnx_session(int8_path, threads)
     x0 = samples[0][0]
     for s in (fp32, int8):  # untimed: allocations and kernel selection
         s.run(None, {"input": x0})
@@ -322,25 +306,6 @@ def format_int8_report(r: dict[str, Any]) -> str:
     )
 
 
-def export_fp32(model: torch.nn.Module, path: str | Path, size: Size, meta: dict) -> Path:
-    """A minimal fp32 export (BN folded, dynamic N / H / W, the meta as JSON metadata), the same
-    graph as scripts/export_onnx.py writes; used by ``benchmark_int8``."""
-    onnx = _require("onnx")
-    fused = fuse_bn(model).cpu().float().eval()
-    axes = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(
-        fused, (torch.randn(1, 3, *size),), str(path), input_names=["input"],
-        output_names=["logits"], opset_version=17, do_constant_folding=True, dynamo=False,
-        dynamic_axes={"input": axes, "logits": axes},
-    )  # fmt: skip
-    proto = onnx.load(str(path))
-    for key in META_KEYS:
-        if key in meta:
-            proto.metadata_props.add().CopyFrom(_prop(onnx, key, json.dumps(meta[key])))
-    onnx.save(proto, str(path))
-    return Path(path)
-
-
 def benchmark_int8(
     size: Size = (512, 1024),
     calib_images: int = 4,
@@ -367,7 +332,7 @@ def benchmark_int8(
         root = make_synthetic_cityscapes(
             tmp / "data", train=0, val=calib_images, size=size, extras=False
         )
-        fp32 = export_fp32(model, tmp / "fp32.onnx", size, meta)
+        fp32 = export_onnx(model, tmp / "fp32.onnx", *size, meta=meta)
         report = quantize_and_check(
             fp32, tmp / "int8.onnx", root, num_images=calib_images, size=size,
             min_agreement=0.0, repeats=repeats,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from erfnet.deploy.exported import META_KEY
 from erfnet.fuse import fuse_bn
 
 ONNX_MIN_OPSET = 17
@@ -25,8 +26,8 @@ def export_onnx(
     """Write ``fuse_bn(model)`` to ``out`` as ONNX with dynamic N, H and W axes.
 
     The graph takes ``input`` [N, 3, H, W] and returns ``logits`` [N, C, H, W]; ``height`` and
-    ``width`` only size the dummy input used for tracing. ``meta``'s mean, std, class names and
-    palette go into the file's metadata. Needs the optional ``onnx`` package.
+    ``width`` only size the dummy input used for tracing. ``meta`` (the checkpoint's) goes into the
+    file's metadata as JSON under ``META_KEY``. Needs the optional ``onnx`` package.
     """
     import onnx  # optional extra: pip install onnx onnxruntime
 
@@ -49,9 +50,7 @@ def export_onnx(
     )
     if meta:
         proto = onnx.load(str(out))
-        for key in ("mean", "std", "class_names", "palette"):
-            if key in meta:
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, json.dumps(meta[key])
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
         onnx.save(proto, str(out))
     return out

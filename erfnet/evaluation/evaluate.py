@@ -1,7 +1,7 @@
-"""``evaluate``: a loader through ``erfnet.evaluation.inference.predict``, scored as mmseg scores it.
+"""``evaluate``: a loader through ``erfnet.evaluation.inference.predict``, scored as mmseg does.
 
-The metric is a dataset-wide confusion matrix (``erfnet.evaluation.metrics``). Under torchrun each rank
-takes a strided shard of the images (no padding duplicates) and the matrices are summed, so the
+The metric is a dataset-wide confusion matrix (``erfnet.evaluation.metrics``). Under torchrun each
+rank takes a strided shard of the images (no padding duplicates) and the matrices are summed, so the
 result equals a single process's exactly. Predictions can be written as the Cityscapes
 test-server PNGs and as colour renderings.
 """

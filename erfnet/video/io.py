@@ -1,7 +1,7 @@
 """Video input and output with PyAV (FFmpeg's libraries in a wheel): files, folders of frames,
 cameras and stream URLs as frame sources; an encoder that picks H.264 where this build has it,
-else MPEG-4; a synthetic street clip for tests and benchmarks. ``erfnet.video.pipeline`` runs the network
-over them."""
+else MPEG-4; a synthetic street clip for tests and benchmarks. ``erfnet.video.pipeline`` runs the
+network over them."""
 
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ behind, so the output stays current instead of lagging further and further.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.transforms import normalize, resize_image
-from erfnet.deploy.int8 import make_session
+from erfnet.deploy.exported import load_exported, onnx_session
 from erfnet.labels import TRAIN_ID_TO_COLOR
 from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
@@ -222,11 +221,10 @@ class OnnxPredictor:
         if not path.is_file():
             raise VideoError(f"--onnx {path}: no such file")
         try:
-            self.session = make_session(path, threads)
+            self.session = onnx_session(path, threads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise VideoError(f"--onnx {path}: cannot load: {str(e).splitlines()[0]}") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.meta = {k: json.loads(v) for k, v in props.items() if k in ("mean", "std", "palette")}
+        self.meta = load_exported(path, threads).meta
         self.network_size = tuple(network_size) if network_size else None
         self.mean, self.std = _mean_std(self.meta)
         self.input_name = self.session.get_inputs()[0].name

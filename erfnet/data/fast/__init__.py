@@ -1,1 +1,1 @@
-"""Opt-in fast data paths: device-side augmentation (--gpu-aug) and the decoded cache (--data-cache)."""
+"""Opt-in fast data paths: device augmentation (--gpu-aug) and the decoded cache (--data-cache)."""

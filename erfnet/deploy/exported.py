@@ -1,0 +1,179 @@
+"""Run an exported ERFNet (an ONNX file through onnxruntime, an OpenVINO ``.xml``) as a model.
+
+``load_exported(path)`` gives an ``ExportedModel``: called on a normalised float batch
+[N, 3, H, W] it returns float logits [N, C, H, W] (or, for a graph exported with ``--argmax``,
+int64 labels [N, H, W]), like ``ERFNet.forward`` in eval mode, so evaluation, prediction and
+video code treat it as one more model. Its ``meta`` is the checkpoint meta that the export wrote
+into the file (class names, palette, ignore index, mean/std, licence): the one reader of that
+metadata. ``onnx_session`` is the one onnxruntime session builder of the project.
+
+onnxruntime, onnx and openvino are optional extras, imported only here and only when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# One metadata key holds the whole checkpoint meta as JSON, in ONNX metadata_props and in
+# OpenVINO's rt_info alike; META_KEY's sibling keys describe the graph itself.
+META_KEY = "erfnet_meta"
+OUTPUT_KEY = "erfnet_output"  # "logits" or "labels"
+PRECISION_KEY = "erfnet_precision"  # "fp32", "bf16" or "int8"
+FORMATS = {".onnx": "onnx", ".xml": "openvino"}
+INSTALL_HINTS = {
+    "onnx": "pip install onnx onnxruntime",
+    "onnxruntime": "pip install onnx onnxruntime",
+    "openvino": "pip install openvino",
+    "nncf": "pip install nncf openvino",
+}
+
+
+class ExportError(ValueError):
+    """An exported model that cannot be written, read or run; the message is one line."""
+
+
+def require(module: str) -> Any:
+    """Import an optional extra, or raise ExportError naming the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        hint = INSTALL_HINTS.get(module.split(".")[0], f"pip install {module}")
+        raise ExportError(f"this needs the optional package '{module}': {hint}") from None
+
+
+def export_format(path: str | Path) -> str:
+    """'onnx' or 'openvino' from the file's suffix; ExportError for anything else."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ExportError(f"{path}: expected an exported model ending in .onnx or .xml")
+    return fmt
+
+
+def onnx_session(path: str | Path, threads: int = 0) -> Any:
+    """An onnxruntime CPU session with every graph optimisation on (``threads`` 0 = default)."""
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # no warnings about unused initialisers on every load
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def openvino_compiled(path: str | Path, threads: int = 0, hint: str | None = None) -> Any:
+    """An OpenVINO CPU compiled model (``hint``: None = OpenVINO's default, or "f32" / "bf16")."""
+    ov = require("openvino")
+    config: dict[str, Any] = {}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def _onnx_props(session: Any) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _openvino_props(compiled: Any) -> dict[str, str]:
+    model = compiled.get_runtime_model()
+    props = {}
+    for key in (META_KEY, OUTPUT_KEY, PRECISION_KEY):
+        # the exporter stores each under ["erfnet", key] of the IR's rt_info
+        if model.has_rt_info(["erfnet", key]):
+            props[key] = model.get_rt_info(["erfnet", key]).astype(str)
+    return props
+
+
+def _legacy_meta(props: dict[str, str]) -> dict[str, Any]:
+    """Files from before META_KEY kept mean / std / class_names / palette as separate keys."""
+    keys = ("mean", "std", "class_names", "palette")
+    return {k: json.loads(props[k]) for k in keys if k in props}
+
+
+@dataclass
+class ExportedModel:
+    """An exported graph behind the call signature of an eval-mode ERFNet (CPU tensors)."""
+
+    path: Path
+    format: str  # "onnx" or "openvino"
+    runner: Any  # onnxruntime.InferenceSession or openvino.CompiledModel
+    meta: dict[str, Any]
+    output: str = "logits"  # or "labels" (argmax in the graph)
+    precision: str = "fp32"
+    input_size: tuple[int, int] | None = None  # fixed (H, W), or None when H and W are dynamic
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["class_names"])
+
+    def eval(self) -> ExportedModel:  # so code written for nn.Module may call it
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            h, w = self.input_size
+            raise ExportError(
+                f"{self.path.name}: exported for {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}"
+                " (export with a dynamic size, or evaluate at that size)"
+            )
+        data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        if self.format == "onnx":
+            name = self.runner.get_inputs()[0].name
+            out = self.runner.run(None, {name: data})[0]
+        else:
+            out = self.runner(data)[0]
+        out = torch.from_numpy(np.asarray(out))
+        return out.long() if self.output == "labels" else out.float()
+
+
+def _fixed_size(shape: list[Any]) -> tuple[int, int] | None:
+    h, w = shape[-2], shape[-1]
+    return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) else None
+
+
+def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
+    """Load ``path`` (.onnx or OpenVINO .xml) for CPU inference; ExportError (one line) if it
+    is missing, unreadable, or was not written by this project's exporter."""
+    path = Path(path)
+    fmt = export_format(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        if fmt == "onnx":
+            runner = onnx_session(path, threads)
+            props = _onnx_props(runner)
+            size = _fixed_size(runner.get_inputs()[0].shape)
+        else:
+            runner = openvino_compiled(path, threads)
+            props = _openvino_props(runner)
+            pshape = runner.input(0).get_partial_shape()
+            size = None if pshape.is_dynamic else tuple(int(d) for d in pshape.to_shape()[-2:])
+    except ExportError:
+        raise
+    except Exception as e:  # the runtimes raise their own exception types
+        raise ExportError(f"{path}: cannot load: {str(e).splitlines()[0]}") from None
+    meta = json.loads(props[META_KEY]) if META_KEY in props else _legacy_meta(props)
+    if "class_names" not in meta or "mean" not in meta or "std" not in meta:
+        raise ExportError(
+            f"{path}: no erfnet metadata (class names, mean/std); export it with scripts/export.py"
+        )
+    return ExportedModel(
+        path=path,
+        format=fmt,
+        runner=runner,
+        meta=meta,
+        output=props.get(OUTPUT_KEY, "logits"),
+        precision=props.get(PRECISION_KEY, "fp32"),
+        input_size=size,
+    )
