@@ -1,5 +1,5 @@
 """Folder datasets (``--data folder --classes FILE``): the classes file, pairing, label values,
-the README's three public layouts on tiny look-alike trees, and each problem as one error line."""
+the three public layouts of docs/data.md on tiny look-alike trees, each problem as one line."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = (24, 32)  # (H, W) of the look-alike images
 
 
-def readme_json(title: str) -> dict:
-    """The ```json block after the README paragraph starting with **title**."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Train on your own data", 1)[1].split("\n## ", 1)[0]
+def docs_json(title: str) -> dict:
+    """The ```json block after the docs/data.md paragraph starting with **title**."""
+    text = (REPO / "docs" / "data.md").read_text()
+    section = text.split("## Folder datasets", 1)[1].split("\n## ", 1)[0]
     match = re.search(rf"\*\*{re.escape(title)}\*\*.*?```json\n(.*?)```", section, re.S)
-    assert match, f"no JSON example for {title} in the README"
+    assert match, f"no JSON example for {title} in docs/data.md"
     return json.loads(match.group(1))
 
 
@@ -58,11 +58,11 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- the README's three layouts
+# ---------------------------------------------------------------- the three layouts of docs/data.md
 
 
-def test_bdd100k_layout_loads_with_the_readme_json(tmp_path: Path):
-    spec = readme_json("BDD100K")
+def test_bdd100k_layout_loads_with_the_docs_json(tmp_path: Path):
+    spec = docs_json("BDD100K")
     rng = np.random.default_rng(0)
     stored = {}
     for split, n in (("train", 2), ("val", 1)):
@@ -82,8 +82,8 @@ def test_bdd100k_layout_loads_with_the_readme_json(tmp_path: Path):
             assert np.array_equal(label.numpy(), stored[(split, s.name)])  # ids kept, 255 kept
 
 
-def test_camvid_segnet_layout_loads_with_the_readme_json(tmp_path: Path):
-    spec = readme_json("CamVid")
+def test_camvid_segnet_layout_loads_with_the_docs_json(tmp_path: Path):
+    spec = docs_json("CamVid")
     assert len(spec["names"]) == 11
     rng = np.random.default_rng(1)
     stored = {}
@@ -107,7 +107,7 @@ def test_camvid_segnet_layout_loads_with_the_readme_json(tmp_path: Path):
 
 
 def test_mapillary_layout_reads_palette_indices_not_colours(tmp_path: Path):
-    spec = readme_json("Mapillary Vistas")
+    spec = docs_json("Mapillary Vistas")
     assert len(spec["names"]) == len(spec["palette"]) == 65
     rng = np.random.default_rng(2)
     stored = {}
