@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import signal
 import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,18 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from erfnet import runtime
-from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
+from erfnet.checkpoint import CheckpointError, dataset_meta
 from erfnet.config import RECIPE
 from erfnet.data.check import check_datasets
-from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
-from erfnet.data.fast import device_aug
-from erfnet.data.fast.cache import CachedCityscapesDataset
-from erfnet.data.folder import FolderDataset, load_spec
-from erfnet.data.synthetic import ensure_synthetic_cityscapes, synthetic_cache_root
+from erfnet.data.cityscapes import DatasetError
+from erfnet.data.from_args import (
+    DATA_KINDS,
+    DataFlagError,
+    check_data_flags,
+    data_root_from_args,
+    dataset_from_args,
+)
+from erfnet.data.synthetic import ensure_synthetic_cityscapes
 from erfnet.data.transforms import TrainTransform
 from erfnet.distributed import (
     DeviceError,
@@ -49,12 +52,24 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.evaluate import build_eval_loader
 from erfnet.model import ERFNet
 from erfnet.training import logs, resume, step
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
-from erfnet.training.loss import LossConfigError, load_class_weights, make_criterion
+from erfnet.training.loop import (
+    Loaders,
+    Process,
+    Run,
+    TrainState,
+    account,
+    fetch_batch,
+    resume_hint,
+    save_when_due,
+    stop_after,
+    validate,
+)
+from erfnet.training.loss import Criterion, LossConfigError, load_class_weights, make_criterion
 from erfnet.training.step import ConfigError, TrainingError
 from erfnet.training.workdir import WorkDirBusyError, WorkDirLock, remove_stale_tmp
 
@@ -81,13 +96,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _preset(key: str, recipe_value: Any) -> str:
-    """'(default: <recipe value>; synthetic: <quick-start value>)' for a help text."""
+def defaults_note(key: str, recipe_value: Any) -> str:
+    """'(default: <recipe value>; synthetic: <quick-start value>)' for a flag's help text."""
+    return f"(default: {_shown(recipe_value)}; synthetic: {_shown(SYNTHETIC_PRESET[key])})"
 
-    def show(v: Any) -> str:
-        return " ".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
 
-    return f"(default: {show(recipe_value)}; synthetic: {show(SYNTHETIC_PRESET[key])})"
+def _shown(value: Any) -> str:
+    return " ".join(str(x) for x in value) if isinstance(value, tuple) else str(value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     # fmt: off
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("cityscapes", "synthetic", "folder"), default="cityscapes",
+    g.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
                    help="dataset: Cityscapes (gtFine), a synthetic Cityscapes made on demand, or"
                    " your own folders described by --classes FILE")
     g.add_argument("--data-root", metavar="DIR", default=None,
@@ -111,10 +126,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--data folder: the JSON file of names, palette, ignore_index,"
                    " label_map, splits and suffixes (see README, Train on your own data)")
     g.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"), default=r.crop_size,
-                   help=f"random crop {_preset('crop_size', r.crop_size)}")
+                   help=f"random crop {defaults_note('crop_size', r.crop_size)}")
     g.add_argument("--scale", nargs=2, type=int, metavar=("H", "W"), default=r.scale,
                    help=f"base size of the random resize (ratio {r.ratio_range[0]}-"
-                   f"{r.ratio_range[1]}), also the validation resize {_preset('scale', r.scale)}")
+                   f"{r.ratio_range[1]}), also the validation resize"
+                   f" {defaults_note('scale', r.scale)}")
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
     g.add_argument("--workers", type=int, metavar="N", default=None,
@@ -130,13 +146,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
-                   help=f"training iterations {_preset('iters', r.iters)}")
+                   help=f"training iterations {defaults_note('iters', r.iters)}")
     g.add_argument("--batch-size", type=int, metavar="N", default=r.batch_size_per_gpu,
                    help="images per process and iteration; the recipe's total is"
                    f" {r.batch_size_per_gpu} x {r.reference_gpus} GPUs"
-                   f" {_preset('batch_size', r.batch_size_per_gpu)}")
+                   f" {defaults_note('batch_size', r.batch_size_per_gpu)}")
     g.add_argument("--lr", type=float, default=r.lr,
-                   help=f"SGD base learning rate {_preset('lr', r.lr)}")
+                   help=f"SGD base learning rate {defaults_note('lr', r.lr)}")
     g.add_argument("--momentum", type=float, default=r.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="SGD weight decay")
     g.add_argument("--min-lr", type=float, default=r.min_lr, help="the poly schedule's final lr")
@@ -196,10 +212,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " latest.pth (default: start a new run)")
     g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
                    help="validate (single scale) every N iterations and at the end"
-                   f" {_preset('val_interval', r.val_interval)}")
+                   f" {defaults_note('val_interval', r.val_interval)}")
     g.add_argument("--ckpt-interval", type=int, metavar="N", default=r.ckpt_interval,
                    help="write iter_<N>.pth every N iterations"
-                   f" {_preset('ckpt_interval', r.ckpt_interval)}")
+                   f" {defaults_note('ckpt_interval', r.ckpt_interval)}")
     g.add_argument("--keep-ckpts", type=int, metavar="K", default=3,
                    help="keep only the newest K iter_<N>.pth files (0 keeps all); latest.pth and"
                    " best.pth are always kept")
@@ -262,19 +278,89 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             parser.error(f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
                          f" {thresh:g} {min_kept:g}")  # fmt: skip
         args.ohem = (thresh, int(min_kept))
-    if args.data == "folder" and (args.classes is None or not args.data_root):
-        parser.error("--data folder needs --data-root DIR and --classes FILE")
-    if args.classes is not None and args.data != "folder":
-        parser.error(f"--classes describes a folder dataset; add --data folder (got --data"
-                     f" {args.data})")  # fmt: skip
-    if args.data_cache is not None and args.data == "folder":
-        parser.error("--data-cache holds a Cityscapes train split (scripts/prepare_cityscapes.py"
-                     " --cache); it does not apply to --data folder")  # fmt: skip
+    try:
+        check_data_flags(args)
+    except DataFlagError as e:
+        parser.error(str(e))
     if args.init_from is not None and args.resume is not None:
         parser.error("--init-from starts a new run from other weights and --resume continues"
                      " this one; give one of them")  # fmt: skip
     if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
+
+
+def main(args: Namespace) -> int:
+    """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
+    proc = setup_process(args)
+    work_dir = Path(args.work_dir)
+    with ExitStack() as cleanup:
+        stop = open_run(args, proc.dist, cleanup)
+        resume_path = resume.resolve_resume(args.resume, work_dir)
+        train_set, val_set = get_dataset(args, proc.dist)
+        check_data(args, train_set, val_set, proc.dist)
+        meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
+        criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
+        model, ckpt = build_model(args, meta, resume_path, proc)
+        optimizer, scheduler, scaler = build_optimizer(args, model, proc)
+        state = TrainState()
+        if ckpt is not None:
+            state = restore_state(args, ckpt, optimizer, scheduler, scaler, len(train_set), proc)
+            log.info("resumed from %s at iteration %d (best mIoU %.2f)", resume_path,
+                     state.iteration, state.best_miou)  # fmt: skip
+        train_model = wrap_for_training(args, model, proc)
+        if proc.dist.is_main:
+            logs.write_run_settings(args, work_dir, train_set, val_set, proc.device, proc.dist,
+                                    proc.autocast_dtype, resume_path)  # fmt: skip
+        loaders = build_loaders(args, train_set, val_set, proc, state)
+        writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
+        if writer is not None:
+            cleanup.callback(writer.close)
+        run = Run(args, work_dir, proc, model, train_model, optimizer, scheduler, scaler,
+                  criterion, loaders, val_set, meta, writer)  # fmt: skip
+        return train_loop(run, state, stop)
+
+
+def setup_process(args: Namespace) -> Process:
+    """The device, AMP, CPU threads and loader workers (written back to ``args``), and the
+    process group under torchrun."""
+    device = resolve_device(args.device, local_rank_from_env())
+    autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
+    # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
+    args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    args.threads = torch.get_num_threads()  # as used, for args.json
+    return Process(device, init_distributed(device), autocast_dtype, use_scaler)
+
+
+def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.StopFlag:
+    """The run's surroundings, each undone by ``cleanup``: the process group, a console that
+    cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
+    and the SIGINT / SIGTERM flag (returned) that stops the loop after saving."""
+    cleanup.callback(cleanup_distributed)
+    # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
+    cleanup.enter_context(runtime.guarded_console())
+    work_dir = Path(args.work_dir)
+    if dist_info.is_main:
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
+        lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
+        lock.acquire()
+        cleanup.callback(lock.release)
+    handlers = logs.setup_logging(work_dir if dist_info.is_main else None, dist_info.is_main)
+    cleanup.callback(logs.close_logging, handlers)
+    cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
+    if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
+        count, size = remove_stale_tmp(work_dir)
+        if count:
+            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
+                     size / 1e6)  # fmt: skip
+    stop = step.StopFlag()  # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
+    stop.install()
+    cleanup.callback(stop.restore)
+    return stop
 
 
 def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]:
@@ -288,36 +374,45 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     transform = TrainTransform(
         crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
     )
-    if args.data == "folder":  # labels arrive with 255 = ignore, as Cityscapes' do
-        spec = load_spec(args.classes)
-        root = Path(args.data_root)
-        return FolderDataset(root, spec, "train", transform), FolderDataset(root, spec, "val")
-    if args.data == "synthetic":
-        root = Path(args.data_root) if args.data_root else synthetic_cache_root()
-        make_synthetic_on_rank0(root, dist_info)
-    else:
-        root = resolve_data_root(args.data_root)
-    if args.data_cache:
+    if args.data == "synthetic":  # made on first use, by rank 0 alone
+        on_rank0(partial(make_synthetic, data_root_from_args(args)), dist_info)
+    if args.data_cache:  # the train split from the decoded cache instead of the PNGs
+        from erfnet.data.fast.cache import CachedCityscapesDataset
+
+        root = data_root_from_args(args)
         train_set = CachedCityscapesDataset(root, "train", args.data_cache, transform=transform)
-    else:
-        train_set = CityscapesDataset(root, "train", transform=transform)
-    return train_set, CityscapesDataset(root, "val")
+        return train_set, dataset_from_args(args, ["val"])[0]
+    train_set, val_set = dataset_from_args(args, ["train", "val"], {"train": transform})
+    return train_set, val_set
 
 
-def make_synthetic_on_rank0(root: Path, dist_info: DistInfo) -> None:
-    """Rank 0 creates the synthetic dataset on first use; every rank stops on its error."""
+def make_synthetic(root: Path) -> None:
+    """Create the synthetic dataset at ``root`` unless it is there; a DatasetError if it cannot."""
     if root.exists() and not root.is_dir():
         raise DatasetError(f"--data-root '{root}' exists and is not a folder")
+    try:
+        if not (root.exists() and any(root.iterdir())):
+            log.info("creating the synthetic dataset in %s", root)
+        ensure_synthetic_cityscapes(root)
+    except OSError as e:
+        raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
 
-    def create() -> None:
-        try:
-            if not (root.exists() and any(root.iterdir())):
-                log.info("creating the synthetic dataset in %s", root)
-            ensure_synthetic_cityscapes(root)
-        except OSError as e:
-            raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
 
-    on_rank0(create, dist_info)
+def check_data(args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo) -> None:
+    """Every image and label header now, not the first bad file hours from now (rank 0 reads,
+    the others wait). A --data-cache run never reads the train PNGs: the cache's own check
+    covers it."""
+    if args.skip_data_check:
+        return
+    splits = {"val": val_set} if args.data_cache else {"train": train_set, "val": val_set}
+    on_rank0(partial(check_and_log, splits, args.progress), dist_info)
+
+
+def check_and_log(splits: dict[str, Dataset], progress: bool) -> None:
+    checked = check_datasets(splits, progress)
+    log.info("data check: %s", ", ".join(
+        f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
+        for k, n in checked.items()))  # fmt: skip
 
 
 def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
@@ -334,7 +429,7 @@ def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
         raise DatasetError(error[0])
 
 
-def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> step.Criterion:
+def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> Criterion:
     """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
     --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
     class_weights = None
@@ -349,336 +444,191 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
     )
 
 
-def main(args: Namespace) -> int:
-    """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
-    fault_signal = step.fault_signal_from_env()  # tests only: (signal, iteration) or None
-    device = resolve_device(args.device, local_rank_from_env())
-    autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
-    # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
-    args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    args.threads = torch.get_num_threads()  # as used, for args.json
-    work_dir = Path(args.work_dir)
-    dist_info = init_distributed(device)
-    is_main = dist_info.is_main
-    with ExitStack() as cleanup:
-        cleanup.callback(cleanup_distributed)
-        # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
-        cleanup.enter_context(runtime.guarded_console())
-        if is_main:
-            try:
-                work_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                msg = f"--work-dir '{work_dir}': cannot create it ({e.strerror})"
-                raise ConfigError(msg) from None
-            lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
-            lock.acquire()
-            cleanup.callback(lock.release)
-        cleanup.callback(
-            logs.close_logging, logs.setup_logging(work_dir if is_main else None, is_main)
-        )
-        cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
-        if is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
-            count, size = remove_stale_tmp(work_dir)
-            if count:
-                log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
-                         size / 1e6)  # fmt: skip
-        # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
-        stop = step.StopFlag()
-        stop.install()
-        cleanup.callback(stop.restore)
+def build_model(
+    args: Namespace, meta: dict[str, Any], resume_path: Path | None, proc: Process
+) -> tuple[ERFNet, dict | None]:
+    """The model on the device, from --seed, --init-from or the --resume checkpoint (returned
+    too, for the training state); SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
+    if args.init_from is not None:  # same weights on every rank: each loads the file
+        for line in init_from(model, args.init_from).describe(args.init_from):
+            log.info("%s", line)
+    ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if proc.dist.distributed and proc.device.type == "cuda":
+        model = step.convert_sync_batchnorm(model, args.sync_bn)
+    elif proc.dist.distributed and args.sync_bn != "none":
+        log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
+    # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths).
+    model.to(proc.device, memory_format=torch.channels_last)
+    if proc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return model, ckpt
 
-        resume_path = resume.resolve_resume(args.resume, work_dir)
-        train_set, val_set = get_dataset(args, dist_info)
-        if not args.skip_data_check:  # every file now, not the first bad one hours from now
 
-            def check_data() -> None:  # rank 0 reads every file once; the others wait
-                # A --data-cache run never reads the train PNGs: the cache's own check covers it.
-                splits = {"train": train_set, "val": val_set}
-                if args.data_cache:
-                    del splits["train"]
-                checked = check_datasets(splits, args.progress)
-                log.info("data check: %s", ", ".join(
-                    f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-                    for k, n in checked.items()))  # fmt: skip
+def build_optimizer(
+    args: Namespace, model: nn.Module, proc: Process
+) -> tuple[torch.optim.SGD, step.PolyLR, torch.amp.GradScaler]:
+    """SGD with the poly schedule, and the GradScaler of fp16 autocast (disabled otherwise)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
+    return optimizer, scheduler, torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
 
-            on_rank0(check_data, dist_info)
-        meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
-        criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
-        if args.init_from is not None:  # same weights on every rank: each loads the file
-            for line in init_from(model, args.init_from).describe(args.init_from):
-                log.info("%s", line)
-        ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-        if dist_info.distributed and device.type == "cuda":
-            model = step.convert_sync_batchnorm(model, args.sync_bn)
-        elif dist_info.distributed and args.sync_bn != "none":
-            log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
-        # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths;
-        # scripts/benchmark.py measures 1.2-1.5x per training iteration on a 2-core CPU).
-        model.to(device, memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-        )
-        scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        start, best_miou, consumed = 0, -1.0, 0
-        if ckpt is not None:
-            start, best_miou, consumed = resume.restore_training_state(
-                ckpt,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                args=args,
-                dataset_size=len(train_set),
-                world_size=dist_info.world_size,
-            )
-            log.info(
-                "resumed from %s at iteration %d (best mIoU %.2f)", resume_path, start, best_miou
-            )
-        train_model: nn.Module = model
-        if dist_info.distributed:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        if args.compile:
-            train_model = torch.compile(train_model)
+def restore_state(
+    args: Namespace,
+    ckpt: dict,
+    optimizer: torch.optim.Optimizer,
+    scheduler: step.PolyLR,
+    scaler: torch.amp.GradScaler,
+    dataset_size: int,
+    proc: Process,
+) -> TrainState:
+    """The optimizer, schedule, scaler and RNGs of the --resume checkpoint; where it stood."""
+    iteration, best_miou, consumed = resume.restore_training_state(
+        ckpt,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        args=args,
+        dataset_size=dataset_size,
+        world_size=proc.dist.world_size,
+    )
+    return TrainState(iteration=iteration, consumed=consumed, best_miou=best_miou, start=iteration)
 
-        if is_main:
-            logs.write_run_settings(
-                args, work_dir, train_set, val_set, device, dist_info, autocast_dtype, resume_path
-            )
-        step_batch = args.batch_size * args.accum_steps  # images per process and optimizer step
-        # --gpu-aug: workers decode and draw; the device augments (the same batches).
-        gpu_aug = device_aug.resolve_gpu_aug(args.gpu_aug, device, train_set)
-        log.info("augmentation on %s", f"the device ({device})" if gpu_aug else "the workers")
-        loader, sampler = resume.build_train_loader(
-            device_aug.DeviceAugDataset(train_set) if gpu_aug else train_set,
-            batch_size=step_batch,
-            workers=args.workers,
-            seed=args.seed,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            start_samples=consumed,
-            start_iter=start,
-            pin_memory=device.type == "cuda",
-            collate_fn=device_aug.collate if gpu_aug else None,
-        )
-        val_loader = build_eval_loader(
-            val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
-        )
-        writer = logs.open_tensorboard(work_dir, start) if is_main else None
-        if writer is not None:
-            cleanup.callback(writer.close)
 
-        def save(name: str, full: bool = True, **extra_meta: Any) -> None:
-            """Rank 0 writes ``work_dir/name``: the weights and meta, and (``full``) all that
-            --resume needs."""
-            if not is_main:
-                return
-            state = {}
-            if full:
-                state = resume.training_state(optimizer, scheduler, scaler, sampler, consumed, args)
-            ckpt_meta = {**meta, "iteration": done, **extra_meta}
-            out = make_checkpoint(model, ckpt_meta, iteration=done, best_miou=best_miou, **state)
-            atomic_save(out, work_dir / name)
+def wrap_for_training(args: Namespace, model: nn.Module, proc: Process) -> nn.Module:
+    """The model as the step runs it: DistributedDataParallel under torchrun, then
+    torch.compile with --compile (checkpoints and validation keep using ``model``)."""
+    if proc.dist.distributed:
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if args.compile else model
 
-        def save_then_explain(what: str, e: BaseException, do_ckpt: bool = False) -> str:
-            """Save the training state of ``done`` iterations (unless the loss is non-finite),
-            then the one-line error for a data failure met during ``what``."""
-            saved = "nothing saved (no iteration done yet)"
-            if nonfinite:
-                saved = "latest.pth not updated (non-finite loss)"
-            elif done > start:
-                if do_ckpt:
-                    save(f"iter_{done}.pth")
-                save("latest.pth")
-                saved = f"latest.pth of iteration {done} saved"
-            return (
-                f"{what} at iteration {done} failed: {runtime.one_line(e)}; {saved}. Fix the"
-                " file, then continue with --resume"
-            )
 
-        if start >= args.iters:
-            log.info(
-                "nothing to do: the checkpoint is at iteration %d of --iters %d", start, args.iters
-            )
-            return 0
-        log.info(
-            f"training for {args.iters} iterations (from {start}), batch {args.batch_size}"
-            f" x {args.accum_steps} accumulated x {dist_info.world_size} process(es)"
-            f" = {step_batch * dist_info.world_size}, lr {args.lr:g}, amp {autocast_dtype},"
-            f" on {device} ({torch.get_num_threads()} threads, {args.workers} loader workers,"
-            f" {runtime.available_cores()} cores)"
-        )
-        progress = None
-        if is_main and args.progress:
-            progress = tqdm(
-                total=args.iters,
-                initial=start,
-                unit="it",
-                desc="train",
-                dynamic_ncols=True,
-                smoothing=0.05,
-            )
-            cleanup.callback(progress.close)
-        model.train()
-        data_iter = iter(loader)
-        window = logs.LossWindow()  # the losses since the last log line
-        last_miou: float | None = None
-        nonfinite = 0  # consecutive iterations with a non-finite loss
-        for iteration in range(start, args.iters):
-            resume.seed_iteration(args.seed, dist_info.rank, iteration)  # dropout's RNG
+def build_loaders(
+    args: Namespace, train_set: Dataset, val_set: Dataset, proc: Process, state: TrainState
+) -> Loaders:
+    """The endless training loader at the state's position, the validation loader, and how a
+    training batch reaches the device. --gpu-aug: the workers decode and draw the augmentation,
+    the device applies it (the same batches)."""
+    from erfnet.data.fast import device_aug  # --gpu-aug's switch
+
+    device = proc.device
+    augment = device_aug.resolve_gpu_aug(args.gpu_aug, device, train_set)
+    log.info("augmentation on %s", f"the device ({device})" if augment else "the workers")
+    loader, sampler = resume.build_train_loader(
+        device_aug.DeviceAugDataset(train_set) if augment else train_set,
+        batch_size=args.batch_size * args.accum_steps,  # per process and optimizer step
+        workers=args.workers,
+        seed=args.seed,
+        rank=proc.dist.rank,
+        world_size=proc.dist.world_size,
+        start_samples=state.consumed,
+        start_iter=state.iteration,
+        pin_memory=device.type == "cuda",
+        collate_fn=device_aug.collate if augment else None,
+    )
+    val_loader = build_eval_loader(
+        val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
+    )
+    if augment is not None:
+        to_device = partial(augment_on_device, augment=augment, device=device)
+    else:
+        to_device = partial(upload, device=device)
+    return Loaders(loader, sampler, val_loader, to_device)
+
+
+def upload(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch the workers augmented, on the device: (images channels_last, labels)."""
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last), labels
+
+
+def augment_on_device(
+    batch: dict, augment: Callable, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A --gpu-aug batch (decoded images and drawn parameters) augmented on the device."""
+    images, labels = augment(batch, device)
+    return images.contiguous(memory_format=torch.channels_last), labels
+
+
+def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
+    """The iterations from ``state.iteration`` to --iters: fetch, step, account, log, validate
+    when due, save when due, stop when asked. Returns the exit status."""
+    args, proc = run.args, run.proc
+    if state.iteration >= args.iters:
+        log.info("nothing to do: the checkpoint is at iteration %d of --iters %d",
+                 state.iteration, args.iters)  # fmt: skip
+        return 0
+    log_start(run, state)
+    reduce = step.mean_over_ranks if proc.dist.distributed else None
+    window = logs.LossWindow()  # the losses and times since the last log line
+    batches = iter(run.loaders.train)
+    run.model.train()
+    with progress_bar(run, state) as bar:
+        for iteration in range(state.iteration, args.iters):
+            resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
-            done = iteration  # what a checkpoint written now holds
-            try:
-                batch = next(data_iter)
-            except (DatasetError, OSError) as e:  # a file changed since the check
-                raise TrainingError(save_then_explain("reading a training batch", e)) from None
+            batch = fetch_batch(batches, run, state)
             t1 = time.perf_counter()
+            images, labels = run.loaders.to_device(batch)
+            lr = run.optimizer.param_groups[0]["lr"]
+            loss = step.train_step(run.train_model, images, labels, run.optimizer, run.scaler,
+                                   criterion=run.criterion, autocast_dtype=proc.autocast_dtype,
+                                   reduce=reduce, accum_steps=args.accum_steps)  # fmt: skip
+            run.scheduler.step()
             window.data_time += t1 - t0
-            if gpu_aug is not None:
-                images, labels = gpu_aug(batch, device)
-            else:
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-            images = images.contiguous(memory_format=torch.channels_last)
-            lr = optimizer.param_groups[0]["lr"]
-            loss = step.train_step(
-                train_model,
-                images,
-                labels,
-                optimizer,
-                scaler,
-                criterion=criterion,
-                autocast_dtype=autocast_dtype,
-                reduce=step.mean_over_ranks if dist_info.distributed else None,
-                accum_steps=args.accum_steps,
-            )
-            scheduler.step()
             window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
-            consumed += step_batch  # the sampler's position: micro-batches x their images
-            done = iteration + 1  # iterations completed: what logs and checkpoints count
-
-            if math.isfinite(loss):
-                nonfinite = 0
-                window.add(loss)
-            else:  # the step was skipped
-                nonfinite += 1
-                log.warning(
-                    "iteration %d: non-finite loss (%s), step skipped (%d in a row)",
-                    done,
-                    loss,
-                    nonfinite,
-                )
-                if nonfinite >= args.max_nonfinite:
-                    raise TrainingError(
-                        f"the loss was non-finite for {nonfinite} consecutive iterations (last at"
-                        f" iteration {done}); stopping. {last_good(work_dir)} Try a lower --lr"
-                        " or --no-amp, and check the data."
-                    )
-            if progress is not None:
-                progress.update(1)
-                stall = f"{window.stall_share():.0%}"  # of this log window so far
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
-            last = done == args.iters
+            account(state, loss, run, window)
+            done, last = state.iteration, state.iteration == args.iters
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                stall=f"{window.stall_share():.0%}", refresh=False)  # fmt: skip
             if done % args.log_interval == 0 or last:
-                logs.log_training(
-                    window,
-                    writer,
-                    iteration=done,
-                    first=start,
-                    iters=args.iters,
-                    log_interval=args.log_interval,
-                    lr=lr,
-                    device=device,
-                )
-
-            do_val = done % args.val_interval == 0 or last
-            do_ckpt = done % args.ckpt_interval == 0
-            if do_val:  # single scale, every rank takes part, rank 0 logs
-                try:
-                    metrics = evaluate(
-                        model,
-                        val_loader,
-                        device,
-                        num_classes=len(meta["class_names"]),
-                        test_scale=tuple(args.scale),
-                        progress=args.progress,
-                        amp=autocast_dtype == torch.float16 and device.type == "cuda",
-                    )
-                except (DatasetError, OSError) as e:  # a val file changed since the check
-                    model.train()
-                    raise TrainingError(save_then_explain("validation", e, do_ckpt)) from None
-                last_miou = float(metrics["mIoU"])
-                if is_main:
-                    logs.log_validation(metrics, meta["class_names"], done, writer)
-                if writer is not None:
-                    if args.num_vis:
-                        logs.log_predictions(
-                            writer,
-                            model,
-                            val_set,
-                            num=args.num_vis,
-                            palette=meta["palette"],
-                            test_scale=tuple(args.scale),
-                            device=device,
-                            step=done,
-                        )
-                    writer.flush()
-                if last_miou > best_miou:
-                    best_miou = last_miou
-                    save("best.pth", full=False, mIoU=last_miou)
-                    log.info("new best mIoU %.2f: best.pth", last_miou)
-            if nonfinite and (do_ckpt or do_val or last):
-                # BN statistics may hold NaNs now: keep the last good checkpoint.
-                log.warning("iteration %d: no checkpoint during non-finite losses", done)
-            elif do_ckpt or do_val or last:
-                if do_ckpt:
-                    save(f"iter_{done}.pth")
-                    if is_main:
-                        resume.prune_checkpoints(work_dir, args.keep_ckpts)
-                save("latest.pth")
-
-            if fault_signal is not None and done == fault_signal[1]:
-                os.kill(os.getpid(), fault_signal[0])
-            if stop.requested(device if dist_info.distributed else None) and not last:
-                if not nonfinite:
-                    save("latest.pth")
-                log.warning(
-                    "stopped by %s at iteration %d; latest.pth saved. Continue with --resume.",
-                    stop.name(),
-                    done,
-                )
-                if progress is not None:
-                    progress.close()
-                barrier()
-                return 128 + (stop.signum or signal.SIGTERM)  # SIGTERM: another rank's
-        if progress is not None:
-            progress.close()
-        barrier()
-        log.info(
-            "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
-            args.iters,
-            best_miou,
-            last_miou if last_miou is not None else float("nan"),
-            work_dir,
-        )
+                logs.log_training(window, run.writer, iteration=done, first=state.start,
+                                  iters=args.iters, log_interval=args.log_interval, lr=lr,
+                                  device=proc.device)  # fmt: skip
+            due_val = done % args.val_interval == 0 or last
+            due_ckpt = done % args.ckpt_interval == 0
+            if due_val:
+                validate(run, state, save_iter=due_ckpt)
+            if due_val or due_ckpt or last:
+                save_when_due(run, state, save_iter=due_ckpt)
+            if stop.requested(proc.device if proc.dist.distributed else None) and not last:
+                return stop_after(run, state, stop)
+    barrier()
+    last_miou = state.last_miou if state.last_miou is not None else float("nan")
+    log.info("done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+             args.iters, state.best_miou, last_miou, run.work_dir)  # fmt: skip
     return 0
 
 
-def last_good(work_dir: Path) -> str:
-    """Where the run can continue from: a sentence that never names a file that is not there."""
-    if (work_dir / "latest.pth").is_file():
-        return f"The last good checkpoint, {work_dir / 'latest.pth'}, is intact (--resume)."
-    return f"No checkpoint was written in {work_dir} yet; --resume has nothing to continue."
+def log_start(run: Run, state: TrainState) -> None:
+    """The 'training for N iterations' line: batch, lr, precision, device, threads, workers."""
+    args, proc = run.args, run.proc
+    step_batch = args.batch_size * args.accum_steps
+    log.info(
+        f"training for {args.iters} iterations (from {state.iteration}), batch {args.batch_size}"
+        f" x {args.accum_steps} accumulated x {proc.dist.world_size} process(es)"
+        f" = {step_batch * proc.dist.world_size}, lr {args.lr:g}, amp {proc.autocast_dtype},"
+        f" on {proc.device} ({torch.get_num_threads()} threads, {args.workers} loader workers,"
+        f" {runtime.available_cores()} cores)"
+    )
+
+
+def progress_bar(run: Run, state: TrainState) -> AbstractContextManager[tqdm | None]:
+    """tqdm's bar on rank 0 with --progress, else a context that yields None."""
+    if not (run.proc.dist.is_main and run.args.progress):
+        return nullcontext(None)
+    return tqdm(total=run.args.iters, initial=state.iteration, unit="it", desc="train",
+                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -701,7 +651,7 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(
             "error: aborted by a second SIGINT/SIGTERM without saving this iteration."
-            f" {last_good(Path(args.work_dir))}",
+            f" {resume_hint(Path(args.work_dir))}",
             file=sys.stderr,
         )
         return 130

@@ -162,7 +162,7 @@ def _fmt(items: list[str], limit: int = 20) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def checkpoint_filter_fn(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
     """Map a foreign state_dict (or an mmseg file dict) onto our ERFNet's keys, and check it.
 
     Returns a state_dict that ``ERFNet(**model_args_for(source, C))`` loads strictly, where C is
@@ -353,7 +353,7 @@ def convert_checkpoint(
             f"{in_path} looks like a {guess} checkpoint, not {source}: use --from {guess}"
         )
     try:
-        state = checkpoint_filter_fn(raw, source)
+        state = convert_state_dict(raw, source)
     except ConversionError as e:
         raise ConversionError(f"{in_path}: {e}") from e
     cls_key, cls_axis = _CLASSIFIER[source]

@@ -19,7 +19,6 @@ class DistInfo:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -68,12 +67,11 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistInfo(rank=rank, world_size=world_size)
 
 
 def local_rank_from_env() -> int:

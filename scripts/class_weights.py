@@ -30,6 +30,7 @@ from tqdm import tqdm
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError
 from erfnet.data.folder import FolderDataset
+from erfnet.data.from_args import DataFlagError, dataset_from_args
 
 METHODS = ("erfnet", "median")
 ERFNET_C = 1.10
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", help="dataset root (Cityscapes, or the folder dataset's root)")
+    p.add_argument("data_root", metavar="root",
+                   help="dataset root (Cityscapes, or the folder dataset's root)")  # fmt: skip
     p.add_argument("--data", choices=("cityscapes", "folder"), default="cityscapes",
                    help="dataset kind (default: cityscapes)")  # fmt: skip
     p.add_argument("--classes", metavar="FILE", default=None,
@@ -99,25 +101,20 @@ def median_frequency_weights(counts: Sequence[int], present_pixels: Sequence[int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.data == "folder" and args.classes is None:
-        raise SystemExit("error: --data folder needs --classes FILE")
-    if args.classes is not None and args.data != "folder":
-        raise SystemExit("error: --classes describes a folder dataset; add --data folder")
     if args.method == "erfnet" and not args.c > 1.0:
         raise SystemExit(f"error: --c must be > 1 (so that every weight is positive), got {args.c}")
     out = Path(args.out)
     if out.is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give a file path")
     try:
-        if args.data == "folder":
-            dataset = FolderDataset(args.root, args.classes, args.split)
-        else:
-            dataset = CityscapesDataset(args.root, args.split, labels=True)
+        (dataset,) = dataset_from_args(args, [args.split], labels=True)
         counts, present = count_pixels(dataset, progress=args.progress)
-    except DatasetError as e:
+    except (DataFlagError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from None
     if counts.sum() == 0:
-        raise SystemExit(f"error: split '{args.split}' under '{args.root}' has no labelled pixel")
+        raise SystemExit(
+            f"error: split '{args.split}' under '{args.data_root}' has no labelled pixel"
+        )
     if args.method == "erfnet":
         weights = erfnet_weights(counts.tolist(), args.c)
     else:

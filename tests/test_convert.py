@@ -1,5 +1,6 @@
-"""Converters: a reference network per source, built here from its documented module tree with
-random weights and BatchNorm statistics, must give the same logits as our converted model."""
+"""Converters: a reference network per source (conftest's ``reference_nets``, built from its
+documented module tree) with random weights and BatchNorm statistics must give the same logits as
+our converted model."""
 
 from __future__ import annotations
 
@@ -8,21 +9,19 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from erfnet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.convert import (
     ConversionError,
-    checkpoint_filter_fn,
     convert_checkpoint,
+    convert_state_dict,
     detect_source,
 )
-from erfnet.labels import CLASS_NAMES, PALETTE
+from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet, count_parameters
 from scripts import convert_checkpoint as convert_script
 
@@ -31,216 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, "-m", "scripts.convert_checkpoint"]
 
 
-# --- mmsegmentation's module tree (mmseg/models/backbones/erfnet.py + FCNHead) ---------------
-
-
-class MMDownsampler(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout - cin, 3, stride=2, padding=1)
-        self.pool = nn.MaxPool2d(2, stride=2)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        conv = self.conv(x)
-        # mmseg always resizes the pool output to the conv output's size.
-        pool = F.interpolate(self.pool(x), conv.shape[2:], mode="bilinear", align_corners=False)
-        return self.act(self.bn(torch.cat([conv, pool], 1)))
-
-
-class MMNonBottleneck1d(nn.Module):
-    def __init__(self, ch: int, drop: float = 0.0, dilation: int = 1) -> None:
-        super().__init__()
-        self.act = nn.ReLU()
-        self.convs_layers = nn.ModuleList()
-        for i in range(2):
-            d = 1 if i == 0 else dilation
-            self.convs_layers.append(nn.Conv2d(ch, ch, (3, 1), padding=(d, 0), dilation=(d, 1)))
-            self.convs_layers.append(nn.ReLU())
-            self.convs_layers.append(nn.Conv2d(ch, ch, (1, 3), padding=(0, d), dilation=(1, d)))
-            self.convs_layers.append(nn.BatchNorm2d(ch, eps=1e-3))
-            self.convs_layers.append(nn.ReLU() if i == 0 else nn.Dropout(drop))
-
-    def forward(self, x):
-        out = x
-        for layer in self.convs_layers:
-            out = layer(out)
-        return self.act(out + x)
-
-
-class MMUpsampler(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
-class MMBackbone(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.ModuleList([MMDownsampler(3, 16), MMDownsampler(16, 64)])
-        self.encoder.extend(MMNonBottleneck1d(64, 0.1) for _ in range(5))
-        self.encoder.append(MMDownsampler(64, 128))
-        for _ in range(2):
-            self.encoder.extend(MMNonBottleneck1d(128, 0.1, d) for d in (2, 4, 8, 16))
-        self.decoder = nn.ModuleList(
-            [MMUpsampler(128, 64), MMNonBottleneck1d(64), MMNonBottleneck1d(64)]
-            + [MMUpsampler(64, 16), MMNonBottleneck1d(16), MMNonBottleneck1d(16)]
-        )
-
-    def forward(self, x):
-        for m in [*self.encoder, *self.decoder]:
-            x = m(x)
-        return x
-
-
-class ConvModule(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.activate = nn.ReLU()
-
-    def forward(self, x):
-        return self.activate(self.bn(self.conv(x)))
-
-
-class MMFCNHead(nn.Module):
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.convs = nn.Sequential(ConvModule(16, 128))
-        self.dropout = nn.Dropout2d(0.1)
-        self.conv_seg = nn.Conv2d(128, num_classes, 1)
-
-    def forward(self, x):
-        return self.conv_seg(self.dropout(self.convs(x)))
-
-
-class MMSegERFNet(nn.Module):
-    def __init__(self, num_classes: int = 19) -> None:
-        super().__init__()
-        self.backbone = MMBackbone()
-        self.decode_head = MMFCNHead(num_classes)
-
-    def forward(self, x):
-        out = self.decode_head(self.backbone(x))
-        return F.interpolate(out, x.shape[2:], mode="bilinear", align_corners=False)
-
-
-# --- Eromera/erfnet_pytorch's module tree and forward (train/erfnet.py) ----------------------
-
-
-class EPDownsampler(nn.Module):
-    def __init__(self, ninput: int, noutput: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ninput, noutput - ninput, (3, 3), stride=2, padding=1, bias=True)
-        self.pool = nn.MaxPool2d(2, stride=2)
-        self.bn = nn.BatchNorm2d(noutput, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], 1)))
-
-
-class EPNonBottleneck1d(nn.Module):
-    def __init__(self, chann: int, dropprob: float, dilated: int) -> None:
-        super().__init__()
-        d = dilated
-        self.conv3x1_1 = nn.Conv2d(chann, chann, (3, 1), stride=1, padding=(1, 0), bias=True)
-        self.conv1x3_1 = nn.Conv2d(chann, chann, (1, 3), stride=1, padding=(0, 1), bias=True)
-        self.bn1 = nn.BatchNorm2d(chann, eps=1e-03)
-        self.conv3x1_2 = nn.Conv2d(chann, chann, (3, 1), padding=(d, 0), dilation=(d, 1))
-        self.conv1x3_2 = nn.Conv2d(chann, chann, (1, 3), padding=(0, d), dilation=(1, d))
-        self.bn2 = nn.BatchNorm2d(chann, eps=1e-03)
-        self.dropout = nn.Dropout2d(dropprob)
-
-    def forward(self, x):
-        out = F.relu(self.conv3x1_1(x))
-        out = F.relu(self.bn1(self.conv1x3_1(out)))
-        out = F.relu(self.conv3x1_2(out))
-        out = self.bn2(self.conv1x3_2(out))
-        if self.dropout.p != 0:
-            out = self.dropout(out)
-        return F.relu(out + x)
-
-
-class EPUpsampler(nn.Module):
-    def __init__(self, ninput: int, noutput: int) -> None:
-        super().__init__()
-        self.conv = nn.ConvTranspose2d(ninput, noutput, 3, stride=2, padding=1, output_padding=1)
-        self.bn = nn.BatchNorm2d(noutput, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-class EPEncoder(nn.Module):
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.initial_block = EPDownsampler(3, 16)
-        self.layers = nn.ModuleList([EPDownsampler(16, 64)])
-        self.layers.extend(EPNonBottleneck1d(64, 0.03, 1) for _ in range(5))
-        self.layers.append(EPDownsampler(64, 128))
-        for _ in range(2):
-            self.layers.extend(EPNonBottleneck1d(128, 0.3, d) for d in (2, 4, 8, 16))
-        self.output_conv = nn.Conv2d(128, num_classes, 1, stride=1, padding=0, bias=True)
-
-    def forward(self, x, predict=False):
-        out = self.initial_block(x)
-        for layer in self.layers:
-            out = layer(out)
-        return self.output_conv(out) if predict else out
-
-
-class EPDecoder(nn.Module):
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [EPUpsampler(128, 64), EPNonBottleneck1d(64, 0, 1), EPNonBottleneck1d(64, 0, 1)]
-            + [EPUpsampler(64, 16), EPNonBottleneck1d(16, 0, 1), EPNonBottleneck1d(16, 0, 1)]
-        )
-        self.output_conv = nn.ConvTranspose2d(
-            16, num_classes, 2, stride=2, padding=0, output_padding=0, bias=True
-        )
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return self.output_conv(x)
-
-
-class EPNet(nn.Module):
-    def __init__(self, num_classes: int = 20) -> None:
-        super().__init__()
-        self.encoder = EPEncoder(num_classes)
-        self.decoder = EPDecoder(num_classes)
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
-
-
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights (seeded default init, random biases) and random BatchNorm statistics."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            m.reset_parameters()
-            if m.bias is not None:
-                nn.init.normal_(m.bias, std=0.1)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.normal_(m.bias, std=0.2)
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.3, 2.0)
-            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
-    return model.eval()
 
 
 def assert_same_logits(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -250,39 +40,21 @@ def assert_same_logits(ours: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
 
 
-def mmseg_file_dict(ref: MMSegERFNet) -> dict:
-    """What mmcv's save_checkpoint writes for an mmseg 0.x model."""
-    return {
-        "meta": {
-            "mmseg_version": "0.20.2",
-            "mmcv_version": "1.4.0",
-            "iter": 160000,
-            "epoch": 1,
-            "time": "Fri Nov 26 08:20:56 2021",
-            "CLASSES": tuple(CLASS_NAMES),
-            "PALETTE": [list(c) for c in PALETTE],
-            "hook_msgs": {"last_ckpt": "work_dirs/iter_160000.pth", "best_score": np.float64(0.7)},
-        },
-        "state_dict": OrderedDict(ref.state_dict()),
-        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "momentum": 0.9, "params": [0]}]},
-    }
+@pytest.fixture(scope="module")
+def mmseg_ref(reference_nets) -> nn.Module:
+    return reference_nets.randomize(reference_nets.MMSegERFNet(), seed=1)
 
 
 @pytest.fixture(scope="module")
-def mmseg_ref() -> MMSegERFNet:
-    return randomize(MMSegERFNet(), seed=1)
-
-
-@pytest.fixture(scope="module")
-def mmseg_file(tmp_path_factory, mmseg_ref) -> Path:
+def mmseg_file(tmp_path_factory, mmseg_ref, reference_nets) -> Path:
     path = tmp_path_factory.mktemp("mmseg") / "erfnet_fcn_4x4_512x1024_160k_cityscapes.pth"
-    torch.save(mmseg_file_dict(mmseg_ref), path)
+    torch.save(reference_nets.mmseg_file_dict(mmseg_ref), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def ep_ref() -> EPNet:
-    return randomize(EPNet(20), seed=2)
+def ep_ref(reference_nets) -> nn.Module:
+    return reference_nets.randomize(reference_nets.EPNet(20), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -329,8 +101,8 @@ def test_mmseg_script_converts_to_identical_logits(tmp_path, mmseg_file, mmseg_r
             assert_same_logits(model(x), mmseg_ref(x))
 
 
-def test_mmseg_bare_state_dict_and_filter_fn(mmseg_ref):
-    state = checkpoint_filter_fn(OrderedDict(mmseg_ref.state_dict()), "mmseg")
+def test_mmseg_bare_state_dict_converts_too(mmseg_ref):
+    state = convert_state_dict(OrderedDict(mmseg_ref.state_dict()), "mmseg")
     model = ERFNet().eval()
     model.load_state_dict(state, strict=True)
     x = torch.randn(1, 3, 40, 56)
@@ -338,8 +110,8 @@ def test_mmseg_bare_state_dict_and_filter_fn(mmseg_ref):
         assert_same_logits(model(x), mmseg_ref(x))
 
 
-def test_mmseg_num_classes_from_classifier(tmp_path):
-    ref = randomize(MMSegERFNet(num_classes=7), seed=3)
+def test_mmseg_num_classes_from_classifier(tmp_path, reference_nets):
+    ref = reference_nets.randomize(reference_nets.MMSegERFNet(num_classes=7), seed=3)
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "in.pth")  # bare meta-less dict
     model = convert_checkpoint(tmp_path / "in.pth", tmp_path / "out.pth", "mmseg")
     assert model.num_classes == 7
@@ -374,7 +146,7 @@ def test_erfnet_pytorch_converts_to_identical_logits(tmp_path, ep_file, ep_ref):
 
 
 def test_erfnet_pytorch_without_prefix_with_counters(ep_ref):
-    state = checkpoint_filter_fn(ep_ref.state_dict(), "erfnet_pytorch")
+    state = convert_state_dict(ep_ref.state_dict(), "erfnet_pytorch")
     model = ERFNet(20, head="deconv").eval()
     model.load_state_dict(state, strict=True)
     bn = ep_ref.encoder.layers[3].bn2
@@ -392,7 +164,7 @@ def test_conversion_is_sensitive_to_the_mapping(mmseg_ref):
         )
         swapped[k2.replace("TMP.", "encoder.9.convs_layers.8.")] = v
     model = ERFNet().eval()
-    model.load_state_dict(checkpoint_filter_fn(swapped, "mmseg"))
+    model.load_state_dict(convert_state_dict(swapped, "mmseg"))
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad(), pytest.raises(AssertionError):
         assert_same_logits(model(x), mmseg_ref(x))
@@ -408,7 +180,7 @@ def test_unknown_missing_and_misshaped_keys_listed_together(mmseg_ref):
     del sd["decode_head.conv_seg.bias"]
     sd["backbone.decoder.0.bn.running_var"] = torch.ones(65)
     with pytest.raises(ConversionError) as e:
-        checkpoint_filter_fn(sd, "mmseg")
+        convert_state_dict(sd, "mmseg")
     msg = str(e.value)
     assert "2 unknown key(s)" in msg and "backbone.encoder.3.convs_layers.11.weight" in msg
     assert "auxiliary_head.conv_seg.weight" in msg
@@ -424,7 +196,7 @@ def test_misshaped_key_reported_with_shapes(mmseg_ref):
         match=r"mis-shaped.*backbone\.encoder\.7\.conv\.weight: "
         r"\(64, 32, 3, 3\), expected \(64, 64, 3, 3\)",
     ):
-        checkpoint_filter_fn(sd, "mmseg")
+        convert_state_dict(sd, "mmseg")
 
 
 def test_wrong_source_suggests_the_right_one(tmp_path, mmseg_file, ep_file, ep_ref):
@@ -433,9 +205,9 @@ def test_wrong_source_suggests_the_right_one(tmp_path, mmseg_file, ep_file, ep_r
     with pytest.raises(ConversionError, match="--from erfnet_pytorch"):
         convert_checkpoint(ep_file, tmp_path / "b.pth", "mmseg")
     with pytest.raises(ConversionError, match="look like a 'erfnet_pytorch' checkpoint"):
-        checkpoint_filter_fn(ep_ref.state_dict(), "mmseg")
+        convert_state_dict(ep_ref.state_dict(), "mmseg")
     with pytest.raises(ConversionError, match="unknown source 'caffe'"):
-        checkpoint_filter_fn(ep_ref.state_dict(), "caffe")
+        convert_state_dict(ep_ref.state_dict(), "caffe")
     assert not list(tmp_path.iterdir())
 
 

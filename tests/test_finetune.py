@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import EPEncoder, EPNet, MMSegERFNet, mmseg_file_dict, randomize
 from torch import nn
 
 import train as train_cli
 from erfnet.checkpoint import CheckpointError, save_checkpoint
-from erfnet.convert import checkpoint_filter_fn
+from erfnet.convert import convert_state_dict
 from erfnet.model import ERFNet
 from erfnet.training.finetune import IMAGENET_ENCODER, init_from
 
@@ -35,8 +34,10 @@ def assert_loaded(model: ERFNet, source: dict, before: dict, classifier: str) ->
 
 
 @pytest.mark.parametrize("head", ["fcn", "deconv"])
-def test_ours_with_another_class_count_reinitialises_only_the_classifier(tmp_path, head):
-    src = randomize(ERFNet(num_classes=19, head=head), seed=0)
+def test_ours_with_another_class_count_reinitialises_only_the_classifier(
+    tmp_path, head, reference_nets
+):
+    src = reference_nets.randomize(ERFNet(num_classes=19, head=head), seed=0)
     save_checkpoint(tmp_path / "src.pth", src)
     model, before = fresh(5, head)
     report = init_from(model, tmp_path / "src.pth")
@@ -47,42 +48,42 @@ def test_ours_with_another_class_count_reinitialises_only_the_classifier(tmp_pat
     assert_loaded(model, src.state_dict(), before, classifier)
 
 
-def test_mmseg_and_erfnet_pytorch_files_load_without_conversion(tmp_path):
-    ref = randomize(MMSegERFNet(19), seed=1)
-    torch.save(mmseg_file_dict(ref), tmp_path / "mmseg.pth")
+def test_mmseg_and_erfnet_pytorch_files_load_without_conversion(tmp_path, reference_nets):
+    nets = reference_nets
+    ref = nets.randomize(nets.MMSegERFNet(19), seed=1)
+    torch.save(nets.mmseg_file_dict(ref), tmp_path / "mmseg.pth")
     model, before = fresh(11)
     report = init_from(model, tmp_path / "mmseg.pth")
     assert report.source == "mmseg" and report.reinitialised[0] == "head.classifier.weight"
-    expected = checkpoint_filter_fn(mmseg_file_dict(ref), "mmseg")
+    expected = convert_state_dict(nets.mmseg_file_dict(ref), "mmseg")
     assert_loaded(model, expected, before, "head.classifier.")
 
-    ep = randomize(EPNet(20), seed=2)
+    ep = nets.randomize(nets.EPNet(20), seed=2)
     torch.save({f"module.{k}": v for k, v in ep.state_dict().items()}, tmp_path / "ep.pth")
     model, before = fresh(20, "deconv")
     report = init_from(model, tmp_path / "ep.pth")
     assert report.source == "erfnet_pytorch" and report.reinitialised == []  # same class count
-    expected = checkpoint_filter_fn(ep.state_dict(), "erfnet_pytorch")
+    expected = convert_state_dict(ep.state_dict(), "erfnet_pytorch")
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     with pytest.raises(CheckpointError, match=r"ep\.pth.*'deconv' head.*--head deconv"):
         init_from(ERFNet(num_classes=20), tmp_path / "ep.pth")
 
 
-class ImageNetERFNet(nn.Module):
-    """Eromera's imagenet/erfnet_imagenet.py tree: features.encoder (no output_conv) and
-    classifier.linear (1000 ImageNet classes)."""
+def imagenet_erfnet(encoder_class: type[nn.Module]) -> nn.Module:
+    """Eromera's imagenet/erfnet_imagenet.py tree: features.encoder (erfnet_pytorch's encoder,
+    no output_conv) and classifier.linear (1000 ImageNet classes)."""
+    net = nn.Module()
+    net.features = nn.Module()
+    net.features.encoder = encoder_class(1000)
+    del net.features.encoder.output_conv  # the ImageNet encoder has none
+    net.classifier = nn.Module()
+    net.classifier.linear = nn.Linear(128, 1000)
+    return net
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Module()
-        self.features.encoder = EPEncoder(1000)
-        del self.features.encoder.output_conv  # the ImageNet encoder has none
-        self.classifier = nn.Module()
-        self.classifier.linear = nn.Linear(128, 1000)
 
-
-def test_imagenet_encoder_maps_every_encoder_tensor(tmp_path):
-    ref = randomize(ImageNetERFNet(), seed=3)
+def test_imagenet_encoder_maps_every_encoder_tensor(tmp_path, reference_nets):
+    ref = reference_nets.randomize(imagenet_erfnet(reference_nets.EPEncoder), seed=3)
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}
     assert any(k.startswith("module.features.encoder.layers.14.") for k in state)
     # the file as Eromera's training script saved it (optimizer state as plain tensors)

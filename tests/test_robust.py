@@ -1,8 +1,6 @@
 """Nothing lost, ever: bad files found early or late, closed pipes, a second run in the same work
-dir, DataLoader worker errors, 16-bit / EXIF images, a full disk, clear messages, CPU defaults.
-
-Numbers in the test names refer to the points of the robustness issue (README "What survives
-what" describes each behaviour).
+dir, DataLoader worker errors, 16-bit / EXIF images, a full disk, clear messages, CPU defaults
+(README "What survives what" describes each behaviour).
 """
 
 from __future__ import annotations
@@ -15,8 +13,9 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,6 @@ from erfnet.data.cityscapes import CityscapesDataset, DatasetError, load_image
 from erfnet.model import ERFNet
 from erfnet.runtime import cpu_plan
 from scripts import predict
-from tests.test_train import TINY, _env, _run
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "train.py")
 
 
 @pytest.fixture
@@ -52,8 +47,15 @@ def _files(root: Path, split: str, kind: str = "leftImg8bit") -> list[Path]:
     return sorted((root / kind / split).rglob(pattern))
 
 
-def _args(root: Path, work: Path, *extra: str) -> list[str]:
-    return [*TINY, "--data-root", str(root), "--work-dir", str(work), "--workers", "0", *extra]
+def tiny_run_args(tiny: tuple[str, ...], root: Path, work: Path, *extra: str) -> list[str]:
+    """The tiny run's flags on the dataset ``root`` into ``work``, in the main process."""
+    return [*tiny, "--data-root", str(root), "--work-dir", str(work), "--workers", "0", *extra]
+
+
+@pytest.fixture
+def run_args(tiny_args) -> Callable[..., list[str]]:
+    """``run_args(root, work, *extra)``: ``tiny_run_args`` of the tiny run."""
+    return partial(tiny_run_args, tiny_args)
 
 
 def _png16(path: Path, array: np.ndarray) -> None:
@@ -76,9 +78,7 @@ def _png16(path: Path, array: np.ndarray) -> None:
 # ---------------------------------------------------------------- 1. bad files, early or late
 
 
-def test_1_the_check_shows_progress_on_large_datasets_and_skips_others(
-    synthetic_root: Path, capsys
-):
+def test_the_check_shows_progress_on_large_datasets_and_skips_others(synthetic_root: Path, capsys):
     ds = CityscapesDataset(synthetic_root, "train")
     ds.samples = ds.samples * (PROGRESS_FROM // len(ds.samples) + 1)  # as many files as a big one
     no_samples = torch.utils.data.TensorDataset(torch.zeros(2))
@@ -91,7 +91,7 @@ def test_1_the_check_shows_progress_on_large_datasets_and_skips_others(
     assert "checking data" not in capsys.readouterr().err
 
 
-def test_1_every_bad_file_is_listed_before_the_first_iteration(data: Path, tmp_path: Path):
+def test_every_bad_file_is_listed_before_the_first_iteration(data: Path, tmp_path: Path, run_args):
     bad_val = _files(data, "val")[0]
     bad_val.write_bytes(bad_val.read_bytes()[:200])  # truncated
     not_an_image = _files(data, "train")[0]
@@ -100,7 +100,7 @@ def test_1_every_bad_file_is_listed_before_the_first_iteration(data: Path, tmp_p
     Image.open(label).resize((32, 16)).save(label)  # the wrong size
     work = tmp_path / "w"
     with pytest.raises(SystemExit) as exc:
-        train_cli.cli(_args(data, work))
+        train_cli.cli(run_args(data, work))
     msg = str(exc.value.code)
     assert msg.startswith("error: the data check found 3 problem(s)")
     for path in (bad_val, not_an_image, label):
@@ -110,16 +110,18 @@ def test_1_every_bad_file_is_listed_before_the_first_iteration(data: Path, tmp_p
     assert "error: the data check found 3 problem(s)" in (work / "train.log").read_text()
 
 
-def test_1_4_a_val_file_broken_later_saves_first_then_one_line(data: Path, tmp_path: Path):
+def test_a_val_file_broken_later_saves_first_then_one_line(
+    data: Path, tmp_path: Path, run_args, run_train
+):
     """--skip-data-check stands for a file that changed after the check: validation at
     iteration 2 fails, the checkpoints of iteration 2 are written first, and the error is one
     line (from a DataLoader worker: --workers 1) that train.log holds too."""
     bad = _files(data, "val")[0]
     bad.write_bytes(bad.read_bytes()[:200])
     work = tmp_path / "w"
-    args = _args(data, work, "--skip-data-check")
+    args = run_args(data, work, "--skip-data-check")
     args[args.index("--workers") + 1] = "1"
-    r = _run(args)
+    r = run_train(args)
     assert r.returncode == 1, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -130,16 +132,18 @@ def test_1_4_a_val_file_broken_later_saves_first_then_one_line(data: Path, tmp_p
     assert errors[0] in (work / "train.log").read_text()
 
 
-def test_4_a_train_label_error_in_a_worker_is_one_line(data: Path, tmp_path: Path):
+def test_a_train_label_error_in_a_worker_is_one_line(
+    data: Path, tmp_path: Path, run_args, run_train
+):
     """Label values are checked on decoding (not by the header pass): the error comes from a
     DataLoader worker and reads as with --workers 0."""
     for label in _files(data, "train", "gtFine"):
         Image.fromarray(np.full((64, 128), 200, np.uint8)).save(label)  # not a label id
     outs = []
     for workers in ("0", "2"):
-        args = _args(data, tmp_path / f"w{workers}")
+        args = run_args(data, tmp_path / f"w{workers}")
         args[args.index("--workers") + 1] = workers
-        r = _run(args)
+        r = run_train(args)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
         outs.append([line for line in r.stderr.splitlines() if line.startswith("error:")])
     assert len(outs[0]) == 1 and len(outs[1]) == 1
@@ -153,16 +157,12 @@ def test_4_a_train_label_error_in_a_worker_is_one_line(data: Path, tmp_path: Pat
 # ---------------------------------------------------------------- 2. Ctrl-C with a closed pipe
 
 
-def test_2_ctrl_c_after_the_pipe_reader_died_still_saves(synthetic_root: Path, tmp_path: Path):
-    args = _args(synthetic_root, tmp_path, "--iters", "200", "--val-interval", "1000")
+def test_ctrl_c_after_the_pipe_reader_died_still_saves(
+    synthetic_root: Path, tmp_path: Path, run_args, start_train
+):
+    args = run_args(synthetic_root, tmp_path, "--iters", "200", "--val-interval", "1000")
     args.remove("--no-progress")  # the tqdm bar writes too
-    proc = subprocess.Popen(
-        [sys.executable, TRAIN, *args],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_train(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for line in proc.stdout:  # until the loop runs
             if b"iter 1/200" in line:
@@ -179,16 +179,16 @@ def test_2_ctrl_c_after_the_pipe_reader_died_still_saves(synthetic_root: Path, t
 # ---------------------------------------------------------------- 3. one run per work dir
 
 
-def test_3_a_second_run_in_the_same_work_dir_stops_at_once(synthetic_root: Path, tmp_path: Path):
-    args = _args(synthetic_root, tmp_path, "--iters", "1000", "--val-interval", "1000")
-    holder = subprocess.Popen(
-        [sys.executable, TRAIN, *args], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True
-    )
+def test_a_second_run_in_the_same_work_dir_stops_at_once(
+    synthetic_root: Path, tmp_path: Path, run_args, run_train, start_train
+):
+    args = run_args(synthetic_root, tmp_path, "--iters", "1000", "--val-interval", "1000")
+    holder = start_train(args, stderr=subprocess.PIPE, text=True)
     try:
         for line in holder.stderr:
             if "training for" in line:
                 break
-        r = _run(args)
+        r = run_train(args)
         assert r.returncode == 1
         assert r.stderr.strip() == (
             f"error: --work-dir '{tmp_path}' is in use by another training run (pid {holder.pid}"
@@ -201,14 +201,14 @@ def test_3_a_second_run_in_the_same_work_dir_stops_at_once(synthetic_root: Path,
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
-    r = _run([*args, "--iters", "1"])  # a crashed holder's lock is no obstacle
+    r = run_train([*args, "--iters", "1"])  # a crashed holder's lock is no obstacle
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- 5. images that are not 8-bit
 
 
-def test_5_16bit_images_read_as_their_high_byte(data: Path):
+def test_16bit_images_read_as_their_high_byte(data: Path):
     ds = CityscapesDataset(data, "val")
     path = ds.samples[0].image
     image8 = np.asarray(Image.open(path).convert("RGB"))
@@ -221,7 +221,7 @@ def test_5_16bit_images_read_as_their_high_byte(data: Path):
     assert predict.read_rgb(grey).tolist() == np.full((4, 6, 3), 40000 >> 8).tolist()
 
 
-def test_5_exif_orientation_is_applied_and_checked(data: Path):
+def test_exif_orientation_is_applied_and_checked(data: Path):
     ds = CityscapesDataset(data, "val")
     s = ds.samples[0]
     upright = np.asarray(Image.open(s.image).convert("RGB"))  # 64x128 as shown
@@ -237,7 +237,7 @@ def test_5_exif_orientation_is_applied_and_checked(data: Path):
         check_datasets({"val": ds}, progress=False)
 
 
-def test_5_predict_outputs_are_unique_per_input(synthetic_root: Path, tmp_path: Path):
+def test_predict_outputs_are_unique_per_input(synthetic_root: Path, tmp_path: Path):
     src = _files(synthetic_root, "val")[0]
     folder = tmp_path / "in"
     folder.mkdir()
@@ -279,8 +279,8 @@ class _FullDiskFile:
         self._f.close()
 
 
-def test_6_full_disk_is_one_line_and_the_previous_checkpoint_stays(
-    data: Path, tmp_path: Path, monkeypatch, capsys
+def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(
+    data: Path, tmp_path: Path, monkeypatch, capsys, run_args
 ):
     work = tmp_path / "w"
     work.mkdir()
@@ -297,7 +297,7 @@ def test_6_full_disk_is_one_line_and_the_previous_checkpoint_stays(
 
     monkeypatch.setattr(ckpt_module, "open", open_filling_up, raising=False)
     with pytest.raises(SystemExit) as exc:
-        train_cli.cli(_args(data, work, "--val-interval", "100", "--ckpt-interval", "1"))
+        train_cli.cli(run_args(data, work, "--val-interval", "100", "--ckpt-interval", "1"))
     msg = str(exc.value.code)
     assert msg.startswith("error: no space left on the device of")
     assert "writing latest.pth needs" in msg and " MB (" in msg and "MB free" in msg
@@ -308,14 +308,14 @@ def test_6_full_disk_is_one_line_and_the_previous_checkpoint_stays(
     assert "removed 1 stale .tmp file(s)" in log_text and "error: no space left" in log_text
 
 
-def test_6_a_really_full_tmpfs(synthetic_root: Path, tmp_path: Path):
+def test_a_really_full_tmpfs(synthetic_root: Path, tmp_path: Path, run_args, run_train):
     small = tmp_path / "small"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
                       capture_output=True).returncode:  # fmt: skip
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        r = _run(_args(synthetic_root, small / "w"))
+        r = run_train(run_args(synthetic_root, small / "w"))
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
         error = r.stderr.strip().splitlines()[-1]
         assert error.startswith("error: no space left on the device of"), error
@@ -325,9 +325,9 @@ def test_6_a_really_full_tmpfs(synthetic_root: Path, tmp_path: Path):
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_6_keep_ckpts_default_bounds_disk_use(synthetic_root: Path, tmp_path: Path):
+def test_keep_ckpts_default_bounds_disk_use(synthetic_root: Path, tmp_path: Path, run_args):
     assert train_cli.get_args_parser().get_default("keep_ckpts") == 3
-    args = _args(synthetic_root, tmp_path, "--iters", "5", "--val-interval", "100")
+    args = run_args(synthetic_root, tmp_path, "--iters", "5", "--val-interval", "100")
     args[args.index("--ckpt-interval") + 1] = "1"
     assert train_cli.cli(args) == 0
     names = sorted(p.name for p in tmp_path.glob("*.pth"))
@@ -345,7 +345,7 @@ def test_6_keep_ckpts_default_bounds_disk_use(synthetic_root: Path, tmp_path: Pa
     ],
     ids=["empty", "text"],
 )
-def test_7_files_that_are_not_checkpoints_say_so(tmp_path: Path, content, expected):
+def test_files_that_are_not_checkpoints_say_so(tmp_path: Path, content, expected):
     path = tmp_path / "x.pth"
     path.write_bytes(content)
     with pytest.raises(SystemExit) as exc:
@@ -361,7 +361,7 @@ class _Payload:
         return (os.getcwd, ())
 
 
-def test_7_a_blocked_pickle_names_the_global_not_torchs_advice(tmp_path: Path):
+def test_a_blocked_pickle_names_the_global_not_torchs_advice(tmp_path: Path):
     path = tmp_path / "evil.pth"
     meta = {"note": "x" * 500, "payload": _Payload()}  # a long preamble must not hide the name
     torch.save({"model": {}, "model_args": {}, "meta": meta}, path)
@@ -371,7 +371,7 @@ def test_7_a_blocked_pickle_names_the_global_not_torchs_advice(tmp_path: Path):
     assert "Unsupported global: posix.getcwd" in msg and "weights_only=False" not in msg
 
 
-def test_7_our_own_bare_state_dict_is_not_told_to_convert(tmp_path: Path):
+def test_our_own_bare_state_dict_is_not_told_to_convert(tmp_path: Path):
     path = tmp_path / "sd.pth"
     torch.save(ERFNet().state_dict(), path)
     with pytest.raises(CheckpointError) as exc:
@@ -382,7 +382,7 @@ def test_7_our_own_bare_state_dict_is_not_told_to_convert(tmp_path: Path):
 
 
 @pytest.mark.parametrize("device", ["mps", "meta", "cuda"])
-def test_7_devices_this_machine_lacks_are_one_error_line(device: str, tmp_path: Path):
+def test_devices_this_machine_lacks_are_one_error_line(device: str, tmp_path: Path):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit) as exc:
@@ -390,8 +390,10 @@ def test_7_devices_this_machine_lacks_are_one_error_line(device: str, tmp_path: 
     assert str(exc.value.code).startswith(f"error: --device {device}")
 
 
-def test_7_resume_with_a_new_lr_logs_and_records_the_kept_one(synthetic_root: Path, tmp_path: Path):
-    base = _args(synthetic_root, tmp_path, "--iters", "1", "--val-interval", "100")
+def test_resume_with_a_new_lr_logs_and_records_the_kept_one(
+    synthetic_root: Path, tmp_path: Path, run_args
+):
+    base = run_args(synthetic_root, tmp_path, "--iters", "1", "--val-interval", "100")
     assert train_cli.cli(base) == 0
     kept = json.loads((tmp_path / "args.json").read_text())["lr"]
     assert train_cli.cli([*base, "--iters", "2", "--resume", "--lr", str(kept * 5)]) == 0
@@ -402,8 +404,8 @@ def test_7_resume_with_a_new_lr_logs_and_records_the_kept_one(synthetic_root: Pa
     assert training_lines[-1].split("lr ")[1].startswith(f"{kept:g},")
 
 
-def test_7_nonfinite_and_second_sigint_never_point_at_a_missing_file(
-    synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+def test_nonfinite_and_second_sigint_never_point_at_a_missing_file(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, capsys, run_args
 ):
     def nan_criterion(args, class_names, ignore_index):
         return lambda logits, labels: logits.sum() * float("nan")
@@ -411,7 +413,7 @@ def test_7_nonfinite_and_second_sigint_never_point_at_a_missing_file(
     monkeypatch.setattr(train_cli, "get_criterion", nan_criterion)
     work = tmp_path / "w"
     with pytest.raises(SystemExit) as exc:
-        train_cli.cli(_args(synthetic_root, work, "--max-nonfinite", "1"))
+        train_cli.cli(run_args(synthetic_root, work, "--max-nonfinite", "1"))
     assert "No checkpoint was written" in str(exc.value.code)
     assert "latest.pth" not in str(exc.value.code)
 
@@ -430,7 +432,7 @@ def test_7_nonfinite_and_second_sigint_never_point_at_a_missing_file(
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
-def test_8_cpu_defaults_leave_a_core_free(cores: int, monkeypatch):
+def test_cpu_defaults_leave_a_core_free(cores: int, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     workers, threads = cpu_plan("cpu", None, None, cores)
@@ -443,7 +445,7 @@ def test_8_cpu_defaults_leave_a_core_free(cores: int, monkeypatch):
     assert cpu_plan("cpu", None, None, cores)[1] is None
 
 
-def test_8_the_shared_cpu_benchmark_reports_idle_and_busy(tmp_path: Path):
+def test_the_shared_cpu_benchmark_reports_idle_and_busy(tmp_path: Path):
     from scripts import benchmark
 
     out = tmp_path / "b.json"

@@ -20,7 +20,6 @@ from erfnet.data.fast.cache import CachedCityscapesDataset, CacheError, write_ca
 from erfnet.data.fast.device_aug import DeviceAugDataset, DeviceAugment, collate, resolve_gpu_aug
 from erfnet.data.transforms import EvalTransform, TrainTransform
 from erfnet.training.resume import build_train_loader
-from erfnet.training.step import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -28,13 +27,6 @@ TINY = [
     "--scale", "64", "128", "--val-interval", "2", "--ckpt-interval", "2", "--log-interval", "1",
     "--num-vis", "1", "--no-progress",
 ]  # fmt: skip
-
-
-def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
-                          env=full_env, capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -57,10 +49,12 @@ def cached(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 @pytest.fixture(scope="module")
-def plain_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def plain_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, run_train) -> Path:
     """A 4-iteration run on today's path (PNG decode, augmentation in the loader)."""
     work = tmp_path_factory.mktemp("plain")
-    r = _run([*TINY, "--data-root", str(synthetic_root), "--workers", "0", "--work-dir", str(work)])
+    r = run_train(
+        [*TINY, "--data-root", str(synthetic_root), "--workers", "0", "--work-dir", str(work)]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return work
 
@@ -183,19 +177,19 @@ def test_stall_share_is_logged(plain_run: Path):
 
 @pytest.mark.parametrize("extra, workers", [(["--gpu-aug"], "1"), (["--data-cache"], "0")])
 def test_kill_and_resume_is_exact_with_gpu_aug_and_cache(
-    extra, workers, cached: tuple[Path, Path], plain_run: Path, tmp_path: Path
+    extra, workers, cached: tuple[Path, Path], plain_run: Path, tmp_path: Path, run_train
 ):
     """SIGTERM at iteration 2, then --resume, with --gpu-aug (augmentation on CPU tensors in the
     main process) or the decoded cache: bit for bit the weights of the plain uninterrupted run."""
     root, cache = cached
     extra = [*extra, str(cache)] if extra == ["--data-cache"] else extra
     args = [*TINY, "--data-root", str(root), "--work-dir", str(tmp_path), *extra]
-    r = _run([*args, "--workers", workers], **{FAULT_ENV: "sigterm@2"})
+    r = run_train([*args, "--workers", workers], fault="sigterm@2")
     assert r.returncode == 143, r.stderr[-3000:]
     expected = "the device (cpu)" if "--gpu-aug" in extra else "the workers"
     assert f"augmentation on {expected}" in r.stderr
     assert not _same_weights(tmp_path / "latest.pth", plain_run / "latest.pth")
-    r = _run([*args, "--workers", "0", "--resume"])
+    r = run_train([*args, "--workers", "0", "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "differ from the checkpoint" not in r.stderr
     assert _same_weights(tmp_path / "latest.pth", plain_run / "latest.pth")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 import socket
 import subprocess
@@ -23,60 +22,15 @@ from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.transforms import TrainTransform
 from erfnet.model import ERFNet
 from erfnet.training.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
-from erfnet.training.step import FAULT_ENV, PolyLR, poly_lr, train_step
+from erfnet.training.step import PolyLR, poly_lr, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
-# Tiny run: 64x128 synthetic images, 32x64 crops, 2 images per step.
-TINY = [
-    "--data",
-    "synthetic",
-    "--iters",
-    "4",
-    "--batch-size",
-    "2",
-    "--crop-size",
-    "32",
-    "64",
-    "--scale",
-    "64",
-    "128",
-    "--val-interval",
-    "2",
-    "--ckpt-interval",
-    "2",
-    "--log-interval",
-    "1",
-    "--num-vis",
-    "1",
-    "--no-progress",
-]
-
-
 SYNTHETIC_PRESET = train_cli.SYNTHETIC_PRESET
 
 
 def _parse(argv: list[str]):
     return train_cli.parse_args(train_cli.get_args_parser(), argv)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop(FAULT_ENV, None)
-    # One thread per process: faster on a small shared CPU, and the same math in every run.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, TRAIN, *args],
-        cwd=REPO,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -97,10 +51,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def full_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_run(
+    synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_args, run_train
+) -> Path:
     """An uninterrupted 4-iteration run (the reference for the resume tests)."""
     work = tmp_path_factory.mktemp("full")
-    r = _run([*TINY, "--data-root", str(synthetic_root), "--workers", "0", "--work-dir", str(work)])
+    args = [
+        *tiny_args,
+        "--data-root",
+        str(synthetic_root),
+        "--workers",
+        "0",
+        "--work-dir",
+        str(work),
+    ]
+    r = run_train(args)
     assert r.returncode == 0, r.stderr[-3000:]
     return work
 
@@ -265,10 +230,10 @@ def test_bad_data_root_is_a_clear_error(tmp_path: Path):
 
 
 def test_incompatible_checkpoints_are_clear_errors(
-    synthetic_root: Path, tmp_path: Path, full_run: Path
+    synthetic_root: Path, tmp_path: Path, full_run: Path, tiny_args
 ):
     base = [
-        *TINY,
+        *tiny_args,
         "--data-root",
         str(synthetic_root),
         "--workers",
@@ -294,7 +259,7 @@ def test_incompatible_checkpoints_are_clear_errors(
 
 
 def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
-    synthetic_root: Path, tmp_path: Path, monkeypatch, one_thread
+    synthetic_root: Path, tmp_path: Path, monkeypatch, one_thread, tiny_args
 ):
     real_criterion = train_cli.get_criterion
 
@@ -312,7 +277,7 @@ def test_persistent_nonfinite_loss_stops_and_keeps_last_good(
     monkeypatch.setattr(train_cli, "get_criterion", nan_from_the_second_iteration)
     work = tmp_path / "w"
     args = [
-        *TINY,
+        *tiny_args,
         "--data-root",
         str(synthetic_root),
         "--workers",
@@ -354,12 +319,12 @@ def test_end_to_end_outputs(full_run: Path):
 
 @pytest.mark.parametrize("fault, workers", [("sigterm@2", "1"), ("sigkill@3", "0")])
 def test_kill_and_resume_gives_identical_weights(
-    fault, workers, synthetic_root: Path, tmp_path: Path, full_run: Path
+    fault, workers, synthetic_root: Path, tmp_path: Path, full_run: Path, tiny_args, run_train
 ):
     """Interrupted (SIGTERM: saves and exits 143; SIGKILL: dies, latest.pth is from iteration 2)
     then resumed to the end: the same weights, bit for bit, as the uninterrupted run."""
-    args = [*TINY, "--data-root", str(synthetic_root), "--work-dir", str(tmp_path)]
-    r = _run([*args, "--workers", workers], **{FAULT_ENV: fault})
+    args = [*tiny_args, "--data-root", str(synthetic_root), "--work-dir", str(tmp_path)]
+    r = run_train([*args, "--workers", workers], fault=fault)
     if fault.startswith("sigterm"):
         assert r.returncode == 143, r.stderr[-3000:]
         assert "stopped by SIGTERM at iteration 2" in r.stderr
@@ -367,7 +332,7 @@ def test_kill_and_resume_gives_identical_weights(
         assert r.returncode == -9
     assert torch.load(tmp_path / "latest.pth", weights_only=True)["iteration"] == 2
     assert not _same_weights(tmp_path / "latest.pth", full_run / "latest.pth")
-    r = _run([*args, "--workers", "0", "--resume"])
+    r = run_train([*args, "--workers", "0", "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     assert _same_weights(tmp_path / "latest.pth", full_run / "latest.pth")
@@ -381,25 +346,25 @@ def test_kill_and_resume_gives_identical_weights(
 
 
 def test_kill_and_resume_with_accumulation_gives_identical_weights(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root: Path, tmp_path: Path, tiny_args, run_train
 ):
     """--accum-steps 2: killed (SIGKILL after optimizer step 3; latest.pth is from step 2) and
     resumed, the run ends with the same weights as an uninterrupted one. Resume lands on an
     optimizer-step boundary and the sampler's position counts the micro-batches' images."""
-    args = [*TINY, "--data-root", str(synthetic_root), "--workers", "0"]
+    args = [*tiny_args, "--data-root", str(synthetic_root), "--workers", "0"]
     args[args.index("--batch-size") + 1] = "1"
     args += ["--accum-steps", "2"]
-    r = _run([*args, "--work-dir", str(tmp_path / "full")])
+    r = run_train([*args, "--work-dir", str(tmp_path / "full")])
     assert r.returncode == 0, r.stderr[-3000:]
     full = torch.load(tmp_path / "full" / "latest.pth", weights_only=True)
     assert full["iteration"] == 4 and full["sampler"]["consumed"] == 8  # 4 steps x 2 x 1 image
 
     killed = tmp_path / "killed"
-    r = _run([*args, "--work-dir", str(killed)], **{FAULT_ENV: "sigkill@3"})
+    r = run_train([*args, "--work-dir", str(killed)], fault="sigkill@3")
     assert r.returncode == -9
     part = torch.load(killed / "latest.pth", weights_only=True)
     assert part["iteration"] == 2 and part["sampler"]["consumed"] == 4
-    r = _run([*args, "--work-dir", str(killed), "--resume"])
+    r = run_train([*args, "--work-dir", str(killed), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _same_weights(killed / "latest.pth", tmp_path / "full" / "latest.pth")
 
@@ -410,12 +375,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# A 2-iteration DDP run with one image per process: 2 processes, gloo, on the CPU.
-DDP_ARGS = [*TINY, "--iters", "2", "--batch-size", "1", "--workers", "0"]
+@pytest.fixture(scope="module")
+def ddp_args(tiny_args) -> list[str]:
+    """A 2-iteration DDP run with one image per process: 2 processes, gloo, on the CPU."""
+    return [*tiny_args, "--iters", "2", "--batch-size", "1", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def ddp_single_node(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ddp_single_node(
+    synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, ddp_args, train_env_of
+) -> Path:
     """`torchrun --nproc_per_node=2` on one node: the reference for the multi-node test."""
     work = tmp_path_factory.mktemp("ddp")
     cmd = [
@@ -425,13 +394,15 @@ def ddp_single_node(synthetic_root: Path, tmp_path_factory: pytest.TempPathFacto
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
         TRAIN,
-        *DDP_ARGS,
+        *ddp_args,
         "--data-root",
         str(synthetic_root),
         "--work-dir",
         str(work),
     ]
-    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cmd, cwd=REPO, env=train_env_of(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return work
 
@@ -447,7 +418,7 @@ def test_two_process_ddp_on_cpu(ddp_single_node: Path):
 
 
 def test_two_nodes_with_c10d_rendezvous_equal_one_node(
-    ddp_single_node: Path, synthetic_root: Path, tmp_path: Path
+    ddp_single_node: Path, synthetic_root: Path, tmp_path: Path, ddp_args, train_env_of
 ):
     """`torchrun --nnodes 2 --nproc-per-node 1` twice, meeting through a c10d rendezvous on
     127.0.0.1 (two local processes acting as two nodes, gloo): the same weights, bit for bit, as
@@ -463,7 +434,7 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_node(
         f"--rdzv-endpoint={endpoint}",
         "--rdzv-id=erfnet-two-nodes",
         TRAIN,
-        *DDP_ARGS,
+        *ddp_args,
         "--data-root",
         str(synthetic_root),
         "--work-dir",
@@ -472,7 +443,7 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_node(
         subprocess.Popen(
             [*node, str(tmp_path / f"node{i}")],
             cwd=REPO,
-            env=_env(),
+            env=train_env_of(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -490,10 +461,10 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_node(
     assert _same_weights(written[0] / "latest.pth", ddp_single_node / "latest.pth")
 
 
-def test_bad_device_work_dir_and_synthetic_root_are_clear_errors(tmp_path: Path, capsys):
+def test_bad_device_work_dir_and_synthetic_root_are_clear_errors(tmp_path: Path, capsys, tiny_args):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    base = [*TINY, "--data", "synthetic", "--workers", "0"]
+    base = [*tiny_args, "--data", "synthetic", "--workers", "0"]
     with pytest.raises(SystemExit) as exc:
         train_cli.cli([*base, "--device", "foo", "--work-dir", str(tmp_path / "w")])
     assert "--device 'foo'" in str(exc.value.code)
@@ -516,15 +487,15 @@ def test_second_interrupt_is_one_message_not_a_traceback(monkeypatch, capsys):
 
 
 def test_resume_with_changed_settings_says_which_apply(
-    full_run: Path, synthetic_root: Path, tmp_path: Path
+    full_run: Path, synthetic_root: Path, tmp_path: Path, tiny_args, run_train
 ):
     import shutil
 
     work = tmp_path / "work"
     shutil.copytree(full_run, work)
-    args = [*TINY, "--data-root", str(synthetic_root), "--workers", "0"]
+    args = [*tiny_args, "--data-root", str(synthetic_root), "--workers", "0"]
     args[args.index("--iters") + 1] = "5"
-    r = _run([*args, "--work-dir", str(work), "--resume", "--lr", "0.5", "--seed", "3"])
+    r = run_train([*args, "--work-dir", str(work), "--resume", "--lr", "0.5", "--seed", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
     log_text = (work / "train.log").read_text()
     assert "--lr 0.1 -> 0.5" in log_text and "checkpoint's values are kept" in log_text

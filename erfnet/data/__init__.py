@@ -5,7 +5,6 @@ from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import (
     EvalTransform,
     TrainTransform,
-    denormalize,
     normalize,
     resize_image,
 )
@@ -15,7 +14,6 @@ __all__ = [
     "DatasetError",
     "EvalTransform",
     "TrainTransform",
-    "denormalize",
     "make_synthetic_cityscapes",
     "normalize",
     "resize_image",

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 
 from erfnet.config import IGNORE_INDEX
-from erfnet.distributed import all_reduce_sum
 
 
 class ConfusionMatrix:
@@ -39,9 +38,6 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.device = torch.device(device)
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=self.device)
-
-    def reset(self) -> None:
-        self.mat.zero_()
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -83,11 +79,6 @@ class ConfusionMatrix:
         if bad_p:
             parts.append(f"predictions contain {bad_p} (expected 0..{n - 1})")
         return "; ".join(parts) or "values out of range"
-
-    def all_reduce(self) -> ConfusionMatrix:
-        """Sum the matrix over distributed processes (a no-op when not distributed)."""
-        all_reduce_sum(self.mat)
-        return self
 
     def compute(self, num_scored: int | None = None) -> dict:
         """Metrics in percent, unrounded: IoU/Acc per class (lists, NaN where undefined), mIoU,

@@ -23,7 +23,7 @@ from erfnet.checkpoint import CheckpointError
 from erfnet.convert import (
     ERFNET_PYTORCH_TABLE,
     ConversionError,
-    checkpoint_filter_fn,
+    convert_state_dict,
     detect_source,
     load_foreign_checkpoint,
 )
@@ -108,7 +108,7 @@ def load_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tenso
             return source, dict(raw["model"]), head
         if source in ("mmseg", "erfnet_pytorch"):
             head = "fcn" if source == "mmseg" else "deconv"
-            return source, checkpoint_filter_fn(raw, source), head
+            return source, convert_state_dict(raw, source), head
         if _is_imagenet_encoder(raw):
             return IMAGENET_ENCODER, imagenet_encoder_state(raw), None
     except ConversionError as e:

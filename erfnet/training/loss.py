@@ -3,8 +3,8 @@ class weights and online hard example mining (OHEM).
 
 mmseg's numbers, not PyTorch's defaults: ``F.cross_entropy(..., ignore_index=255)`` divides by the
 number of labelled pixels (or, with class weights, by the sum of their weights); mmseg divides by
-all pixels. ``erfnet.training.step.train_step`` uses ``segmentation_loss`` as its default criterion
-and train.py builds one from its flags with ``make_criterion``.
+all pixels. ``erfnet.training.step.train_step`` uses ``segmentation_loss`` as its default
+criterion and train.py builds one from its flags with ``make_criterion``.
 """
 
 from __future__ import annotations

@@ -363,15 +363,7 @@ def restore_training_state(
 
 def warn_changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Say which settings differ from the checkpoint's run, and which of the two applies."""
-
-    def changed(keys: tuple[str, ...]) -> list[str]:
-        return [
-            f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}"
-            for k in keys
-            if k in saved and k in now and saved[k] != now[k]
-        ]
-
-    kept, new = changed(RESUME_KEPT), changed(RESUME_NEW)
+    kept, new = _changed(saved, now, RESUME_KEPT), _changed(saved, now, RESUME_NEW)
     if kept:
         log.warning(
             "resume: %s differ from the checkpoint's run; the checkpoint's values are kept"
@@ -384,6 +376,15 @@ def warn_changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
             " so the run is no longer the one that was interrupted",
             ", ".join(new),
         )
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """'--flag old -> new' for each of ``keys`` whose value differs."""
+    return [
+        f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}"
+        for k in keys
+        if k in saved and k in now and saved[k] != now[k]
+    ]
 
 
 def resume_position(state: dict, dataset_size: int, world_size: int) -> int:

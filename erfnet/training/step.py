@@ -1,14 +1,13 @@
 """The parts of a training iteration that ``train.py``'s loop calls.
 
 ``train_step`` (forward, ``criterion``, backward, optimizer step, gradient accumulation), the poly
-learning-rate schedule, the scope of SyncBatchNorm, the AMP settings, the stop flag that
-SIGINT/SIGTERM set, and the test hook that sends this process a signal at a chosen iteration.
+learning-rate schedule, the scope of SyncBatchNorm, the AMP settings and the stop flag that
+SIGINT/SIGTERM set.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -24,11 +23,6 @@ from erfnet.config import RECIPE
 from erfnet.distributed import all_reduce_sum
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion, segmentation_loss
-
-# Tests only: "sigterm@K", "sigint@K" or "sigkill@K" makes train.py send that signal to its own
-# process after iteration K (read once at start-up; see ``fault_signal_from_env``).
-FAULT_ENV = "ERFNET_TEST_FAULT"
-_FAULT_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
 
 
 class ConfigError(ValueError):
@@ -286,18 +280,3 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def fault_signal_from_env() -> tuple[signal.Signals, int] | None:
-    """Tests only: ``$ERFNET_TEST_FAULT`` = "sigterm@K" -> (SIGTERM, K), else None.
-
-    train.py reads it once at start-up and, when set, sends the signal to its own process after
-    iteration K, the way a user's Ctrl-C or a cluster's SIGTERM/SIGKILL would arrive.
-    """
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return None
-    kind, _, at = spec.partition("@")
-    if kind.strip().lower() not in _FAULT_SIGNALS or not at.strip().isdigit():
-        raise ConfigError(f"${FAULT_ENV} must be sigterm@K, sigint@K or sigkill@K, got {spec!r}")
-    return _FAULT_SIGNALS[kind.strip().lower()], int(at)

@@ -1,0 +1,214 @@
+"""What ``train.py``'s loop works with and the steps it calls.
+
+``TrainState`` is where the run stands (the counters a checkpoint, a log line or an error message
+reports); ``Run`` holds what the steps of ``train.py`` set up once. The loop's steps: ``account``
+for an iteration, ``validate``, ``save_checkpoint`` / ``save_when_due``, ``stop_after`` a signal,
+and ``data_failure``, which saves the completed iterations before a data error stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from erfnet import runtime
+from erfnet.checkpoint import atomic_save, make_checkpoint
+from erfnet.data.cityscapes import DatasetError
+from erfnet.distributed import DistInfo, barrier
+from erfnet.evaluation.evaluate import evaluate
+from erfnet.training import logs, resume
+from erfnet.training.logs import log
+from erfnet.training.loss import Criterion
+from erfnet.training.resume import InfiniteSampler
+from erfnet.training.step import PolyLR, StopFlag, TrainingError
+
+
+@dataclass
+class TrainState:
+    """Where the run stands; every count is of this process (rank)."""
+
+    iteration: int = 0  # optimizer steps completed: what logs and checkpoints count
+    consumed: int = 0  # samples drawn from the sampler: the data order's position
+    best_miou: float = -1.0
+    last_miou: float | None = None
+    nonfinite: int = 0  # consecutive iterations with a non-finite loss
+    start: int = 0  # the iteration this process started from (0, or the resumed one)
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where and how this process computes."""
+
+    device: torch.device
+    dist: DistInfo
+    autocast_dtype: torch.dtype | None  # None: full precision
+    use_scaler: bool  # fp16 autocast on CUDA needs a GradScaler
+
+
+@dataclass
+class Loaders:
+    """The endless training loader, its sampler (whose position checkpoints save), the
+    validation loader, and ``to_device(batch) -> (images, labels)`` for a training batch."""
+
+    train: DataLoader
+    sampler: InfiniteSampler
+    val: DataLoader
+    to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Run:
+    """What the loop works with, set up once by train.py's steps."""
+
+    args: Namespace
+    work_dir: Path
+    proc: Process
+    model: nn.Module  # the weights: what checkpoints and validation use
+    train_model: nn.Module  # the same model, wrapped for training (DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: PolyLR
+    scaler: torch.amp.GradScaler
+    criterion: Criterion
+    loaders: Loaders
+    val_set: Dataset
+    meta: dict[str, Any]  # class names, palette, ignore index, mean / std
+    writer: Any  # TensorBoard's SummaryWriter on rank 0, else None
+
+
+def fetch_batch(batches: Iterator[Any], run: Run, state: TrainState) -> Any:
+    """The next training batch; a file that fails now (changed since the data check) saves the
+    completed iterations, then stops the run with one line."""
+    try:
+        return next(batches)
+    except (DatasetError, OSError) as e:
+        raise data_failure(run, state, "reading a training batch", e) from None
+
+
+def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -> None:
+    """Count one optimizer step of ``run.args`` images; a non-finite loss (the step was skipped)
+    counts towards ``--max-nonfinite``, which stops the run."""
+    args = run.args
+    state.consumed += args.batch_size * args.accum_steps  # micro-batches x their images
+    state.iteration += 1
+    if math.isfinite(loss):
+        state.nonfinite = 0
+        window.add(loss)
+        return
+    state.nonfinite += 1
+    log.warning("iteration %d: non-finite loss (%s), step skipped (%d in a row)",
+                state.iteration, loss, state.nonfinite)  # fmt: skip
+    if state.nonfinite >= args.max_nonfinite:
+        raise TrainingError(
+            f"the loss was non-finite for {state.nonfinite} consecutive iterations (last at"
+            f" iteration {state.iteration}); stopping. {resume_hint(run.work_dir)} Try a lower"
+            " --lr or --no-amp, and check the data."
+        )
+
+
+def validate(run: Run, state: TrainState, save_iter: bool) -> None:
+    """Single-scale validation at ``--scale`` (every rank takes part, rank 0 logs); a new best
+    mIoU writes best.pth. A file that fails now saves the completed iterations (and
+    iter_<N>.pth when ``save_iter``), then stops the run with one line."""
+    args, proc = run.args, run.proc
+    try:
+        metrics = evaluate(
+            run.model,
+            run.loaders.val,
+            proc.device,
+            num_classes=len(run.meta["class_names"]),
+            test_scale=tuple(args.scale),
+            progress=args.progress,
+            amp=proc.autocast_dtype == torch.float16 and proc.device.type == "cuda",
+        )
+    except (DatasetError, OSError) as e:  # a val file changed since the check
+        run.model.train()
+        raise data_failure(run, state, "validation", e, save_iter) from None
+    state.last_miou = float(metrics["mIoU"])
+    if proc.dist.is_main:
+        logs.log_validation(metrics, run.meta["class_names"], state.iteration, run.writer)
+    if run.writer is not None:
+        if args.num_vis:
+            logs.log_predictions(run.writer, run.model, run.val_set, num=args.num_vis,
+                                 palette=run.meta["palette"], test_scale=tuple(args.scale),
+                                 device=proc.device, step=state.iteration)  # fmt: skip
+        run.writer.flush()
+    if state.last_miou > state.best_miou:
+        state.best_miou = state.last_miou
+        save_checkpoint(run, state, "best.pth", full=False, mIoU=state.last_miou)
+        log.info("new best mIoU %.2f: best.pth", state.last_miou)
+
+
+def save_checkpoint(
+    run: Run, state: TrainState, name: str, full: bool = True, **extra_meta: Any
+) -> None:
+    """Rank 0 writes ``work_dir/name`` atomically: the weights and meta, and (``full``) all that
+    --resume needs."""
+    if not run.proc.dist.is_main:
+        return
+    training = {}
+    if full:
+        training = resume.training_state(run.optimizer, run.scheduler, run.scaler,
+                                         run.loaders.sampler, state.consumed, run.args)  # fmt: skip
+    meta = {**run.meta, "iteration": state.iteration, **extra_meta}
+    ckpt = make_checkpoint(run.model, meta, iteration=state.iteration,
+                           best_miou=state.best_miou, **training)  # fmt: skip
+    atomic_save(ckpt, run.work_dir / name)
+
+
+def save_when_due(run: Run, state: TrainState, save_iter: bool) -> None:
+    """latest.pth (and iter_<N>.pth when ``save_iter``, pruned to ``--keep-ckpts``); nothing
+    while the loss is non-finite, whose BatchNorm statistics may hold NaNs."""
+    if state.nonfinite:
+        log.warning("iteration %d: no checkpoint during non-finite losses", state.iteration)
+        return
+    if save_iter:
+        save_checkpoint(run, state, f"iter_{state.iteration}.pth")
+        if run.proc.dist.is_main:
+            resume.prune_checkpoints(run.work_dir, run.args.keep_ckpts)
+    save_checkpoint(run, state, "latest.pth")
+
+
+def stop_after(run: Run, state: TrainState, stop: StopFlag) -> int:
+    """End the run that SIGINT / SIGTERM asked to stop: latest.pth (unless the loss is
+    non-finite), one warning, and the exit status 128 + the signal."""
+    if not state.nonfinite:
+        save_checkpoint(run, state, "latest.pth")
+    log.warning("stopped by %s at iteration %d; latest.pth saved. Continue with --resume.",
+                stop.name(), state.iteration)  # fmt: skip
+    barrier()
+    return 128 + (stop.signum or signal.SIGTERM)  # no signal here: another rank's SIGTERM
+
+
+def data_failure(
+    run: Run, state: TrainState, what: str, e: BaseException, save_iter: bool = False
+) -> TrainingError:
+    """The one-line error for a data failure met during ``what``, after saving the training
+    state of the completed iterations (unless the loss is non-finite or none was done)."""
+    saved = "nothing saved (no iteration done yet)"
+    if state.nonfinite:
+        saved = "latest.pth not updated (non-finite loss)"
+    elif state.iteration > state.start:
+        if save_iter:
+            save_checkpoint(run, state, f"iter_{state.iteration}.pth")
+        save_checkpoint(run, state, "latest.pth")
+        saved = f"latest.pth of iteration {state.iteration} saved"
+    return TrainingError(
+        f"{what} at iteration {state.iteration} failed: {runtime.one_line(e)}; {saved}. Fix the"
+        " file, then continue with --resume"
+    )
+
+
+def resume_hint(work_dir: Path) -> str:
+    """Where the run can continue from: a sentence that never names a file that is not there."""
+    if (work_dir / "latest.pth").is_file():
+        return f"The last good checkpoint, {work_dir / 'latest.pth'}, is intact (--resume)."
+    return f"No checkpoint was written in {work_dir} yet; --resume has nothing to continue."
