@@ -19,6 +19,7 @@ import train as train_cli
 from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.from_args import data_root_from_args
 from erfnet.data.transforms import TrainTransform
 from erfnet.model import ERFNet
 from erfnet.training.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
@@ -532,3 +533,10 @@ def test_a_failing_rank_ends_every_rank_with_one_line(
         " it, then continue with --resume"
     )
     assert torch.load(tmp_path / "w" / "latest.pth", weights_only=True)["iteration"] == 1
+
+
+def test_the_quick_start_set_is_made_in_the_cache_folder_not_home(cache_outside_home: Path):
+    """`--data synthetic` without --data-root uses $XDG_CACHE_HOME, which the tests point at a
+    temporary folder: no test writes into the user's ~/.cache/erfnet."""
+    root = data_root_from_args(_parse(["--data", "synthetic"]))
+    assert root.is_relative_to(cache_outside_home) and root.name.startswith("synthetic-")
