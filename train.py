@@ -12,10 +12,26 @@ another run...), 2 for bad flags. README.md "What survives what" has the details
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - the handler below must be in place before torch takes seconds to import.
 import argparse
 import math
+import signal
 import sys
 import time
+from types import FrameType
+
+
+def stopped_while_starting(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C (or SIGTERM) before the run has begun: one line, no traceback, 128 + signal."""
+    print(f"error: stopped by {signal.Signals(signum).name} while starting; no training was done",
+          file=sys.stderr)  # fmt: skip
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # until the run installs its own handlers (open_run)
+    signal.signal(signal.SIGINT, stopped_while_starting)
+    signal.signal(signal.SIGTERM, stopped_while_starting)
+
 from argparse import Namespace
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -32,7 +48,7 @@ from tqdm import tqdm
 from erfnet import runtime
 from erfnet.checkpoint import CheckpointError, dataset_meta
 from erfnet.config import RECIPE
-from erfnet.data.check import check_datasets
+from erfnet.data.check import check_datasets, image_header
 from erfnet.data.cityscapes import DatasetError
 from erfnet.data.from_args import (
     DATA_KINDS,
@@ -42,7 +58,7 @@ from erfnet.data.from_args import (
     dataset_from_args,
 )
 from erfnet.data.synthetic import ensure_synthetic_cityscapes
-from erfnet.data.transforms import TrainTransform
+from erfnet.data.transforms import TrainTransform, rescale_size
 from erfnet.distributed import (
     DeviceError,
     DistInfo,
@@ -58,20 +74,30 @@ from erfnet.training import logs, resume, step
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
 from erfnet.training.loop import (
+    PEER_FAILED,
     Loaders,
     Process,
     Run,
     TrainState,
     account,
     fetch_batch,
+    is_peer_failure,
     resume_hint,
     save_when_due,
     stop_after,
+    stop_wanted,
     validate,
 )
 from erfnet.training.loss import Criterion, LossConfigError, load_class_weights, make_criterion
 from erfnet.training.step import ConfigError, TrainingError
-from erfnet.training.workdir import WorkDirBusyError, WorkDirLock, remove_stale_tmp
+from erfnet.training.workdir import (
+    WorkDirError,
+    WorkDirLock,
+    check_new_run,
+    check_not_busy,
+    move_previous_run,
+    remove_stale_tmp,
+)
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -85,6 +111,10 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "val_interval": 200,
     "ckpt_interval": 400,
 }
+
+
+MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit; the sampler adds the epoch to it
+MIN_SIDE = 8  # pixels: the smallest image side the model takes (1 pixel at 1/8)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -210,6 +240,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue a run: from PATH, or without PATH from the work dir's"
                    " latest.pth (default: start a new run)")
+    g.add_argument("--restart", action="store_true",
+                   help="start a new run in a work dir that holds an earlier run's checkpoints,"
+                   " after moving that run's files into its sub-folder previous-<date>-<time>/"
+                   " (without it, such a work dir is refused)")
     g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
                    help="validate (single scale) every N iterations and at the end"
                    f" {defaults_note('val_interval', r.val_interval)}")
@@ -256,8 +290,8 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
-        if min(size) < 8:
-            parser.error(f"{flag} takes H W, each at least 8, got {list(size)}")
+        if min(size) < MIN_SIDE:
+            parser.error(f"{flag} takes H W, each at least {MIN_SIDE}, got {list(size)}")
     (ch, cw), (sh, sw) = args.crop_size, args.scale
     if ch > sh or cw > sw:
         parser.error(f"--crop-size {ch} {cw} is larger than --scale {sh} {sw}: the crop must fit"
@@ -272,9 +306,17 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not (args.poly_power > 0):
         parser.error(f"--poly-power must be positive, got {args.poly_power}")
+    if args.seed > MAX_SEED:
+        parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    (ch, cw), micro_batch = args.crop_size, args.batch_size  # --accum-steps splits nothing
+    if micro_batch * -(-ch // 8) * -(-cw // 8) < 2:
+        parser.error(f"--batch-size {micro_batch} with --crop-size {ch} {cw} leaves BatchNorm one"
+                     " value per channel at the 1/8 bottleneck (training needs two): use"
+                     " --batch-size 2 or a crop over 8 pixels on a side")  # fmt: skip
     if args.ohem is not None:
         thresh, min_kept = args.ohem
-        if not (0 < thresh <= 1) or min_kept != int(min_kept) or min_kept < 2:
+        finite = math.isfinite(thresh) and math.isfinite(min_kept)
+        if not finite or not (0 < thresh <= 1) or min_kept != int(min_kept) or min_kept < 2:
             parser.error(f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
                          f" {thresh:g} {min_kept:g}")  # fmt: skip
         args.ohem = (thresh, int(min_kept))
@@ -282,6 +324,8 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         check_data_flags(args)
     except DataFlagError as e:
         parser.error(str(e))
+    if args.restart and args.resume is not None:
+        parser.error("--restart starts a new run and --resume continues one; give one of them")
     if args.init_from is not None and args.resume is not None:
         parser.error("--init-from starts a new run from other weights and --resume continues"
                      " this one; give one of them")  # fmt: skip
@@ -293,14 +337,14 @@ def main(args: Namespace) -> int:
     """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
     proc = setup_process(args)
     work_dir = Path(args.work_dir)
+    resume_path, ckpt = check_start(args, proc.dist)  # before anything is written
     with ExitStack() as cleanup:
         stop = open_run(args, proc.dist, cleanup)
-        resume_path = resume.resolve_resume(args.resume, work_dir)
         train_set, val_set = get_dataset(args, proc.dist)
-        check_data(args, train_set, val_set, proc.dist)
+        check_data(args, train_set, val_set, proc.dist, stop)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
-        model, ckpt = build_model(args, meta, resume_path, proc)
+        model = build_model(args, meta, resume_path, ckpt, proc)
         optimizer, scheduler, scaler = build_optimizer(args, model, proc)
         state = TrainState()
         if ckpt is not None:
@@ -333,6 +377,20 @@ def setup_process(args: Namespace) -> Process:
     return Process(device, init_distributed(device), autocast_dtype, use_scaler)
 
 
+def check_start(args: Namespace, dist_info: DistInfo) -> tuple[Path | None, dict | None]:
+    """What the run starts from, checked before anything is written: the work dir is not in use
+    and holds no earlier run that a new one would overwrite (rank 0), and the --resume
+    checkpoint (returned with its path) is a readable training checkpoint."""
+    work_dir = Path(args.work_dir)
+    if dist_info.is_main:
+        check_not_busy(work_dir)
+        check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
+    resume_path = resume.resolve_resume(args.resume, work_dir)
+    if resume_path is None:
+        return None, None
+    return resume_path, resume.load_training_checkpoint(resume_path)
+
+
 def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.StopFlag:
     """The run's surroundings, each undone by ``cleanup``: the process group, a console that
     cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
@@ -340,7 +398,7 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.S
     cleanup.callback(cleanup_distributed)
     # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
     cleanup.enter_context(runtime.guarded_console())
-    work_dir = Path(args.work_dir)
+    work_dir, moved = Path(args.work_dir), None
     if dist_info.is_main:
         try:
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -349,15 +407,20 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.S
         lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
         lock.acquire()
         cleanup.callback(lock.release)
+        moved = move_previous_run(work_dir) if args.restart else None
     handlers = logs.setup_logging(work_dir if dist_info.is_main else None, dist_info.is_main)
     cleanup.callback(logs.close_logging, handlers)
     cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
+    if moved is not None:
+        log.info("--restart: the earlier run's files are now in %s", moved)
     if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
         count, size = remove_stale_tmp(work_dir)
         if count:
             log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
                      size / 1e6)  # fmt: skip
-    stop = step.StopFlag()  # SIGINT / SIGTERM: save latest.pth after this iteration, then exit
+    # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
+    # wait or validation), then exit.
+    stop = step.StopFlag(immediate=not dist_info.distributed)
     stop.install()
     cleanup.callback(stop.restore)
     return stop
@@ -398,21 +461,45 @@ def make_synthetic(root: Path) -> None:
         raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
 
 
-def check_data(args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo) -> None:
-    """Every image and label header now, not the first bad file hours from now (rank 0 reads,
-    the others wait). A --data-cache run never reads the train PNGs: the cache's own check
+def check_data(
+    args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo,
+    stop: step.StopFlag,
+) -> None:  # fmt: skip
+    """Every image and label header now, not the first bad file hours from now, and every val
+    image large enough for the model at --scale (rank 0 reads, the others wait; a stop signal
+    ends it at once). A --data-cache run never reads the train PNGs: the cache's own check
     covers it."""
     if args.skip_data_check:
         return
     splits = {"val": val_set} if args.data_cache else {"train": train_set, "val": val_set}
-    on_rank0(partial(check_and_log, splits, args.progress), dist_info)
+    with stop.interruptible():
+        on_rank0(partial(check_and_log, splits, tuple(args.scale), args.progress), dist_info)
 
 
-def check_and_log(splits: dict[str, Dataset], progress: bool) -> None:
+def check_and_log(splits: dict[str, Dataset], scale: tuple[int, int], progress: bool) -> None:
     checked = check_datasets(splits, progress)
+    check_val_sizes(splits["val"], scale)
     log.info("data check: %s", ", ".join(
         f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
         for k, n in checked.items()))  # fmt: skip
+
+
+def check_val_sizes(val_set: Dataset, scale: tuple[int, int]) -> None:
+    """DatasetError naming the val images that validation at ``scale`` would shrink below
+    ``MIN_SIDE`` pixels on a side (the model's 1/8 bottleneck needs at least one pixel)."""
+    small = []
+    for sample in getattr(val_set, "samples", []):
+        size, _ = image_header(Path(sample.image))
+        h, w = rescale_size(size, scale)
+        if min(h, w) < MIN_SIDE:
+            small.append(f"'{sample.image}' ({size[0]}x{size[1]} -> {h}x{w})")
+    if small:
+        shown = ", ".join(small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
+        raise DatasetError(
+            f"{len(small)} val image(s) would be smaller than {MIN_SIDE} pixels on a side when"
+            f" validation resizes them to fit --scale {scale[0]} {scale[1]}: {shown}; raise"
+            " --scale or remove them"
+        )
 
 
 def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
@@ -445,17 +532,18 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
 
 
 def build_model(
-    args: Namespace, meta: dict[str, Any], resume_path: Path | None, proc: Process
-) -> tuple[ERFNet, dict | None]:
-    """The model on the device, from --seed, --init-from or the --resume checkpoint (returned
-    too, for the training state); SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
+    args: Namespace, meta: dict[str, Any], resume_path: Path | None, ckpt: dict | None,
+    proc: Process,
+) -> ERFNet:  # fmt: skip
+    """The model on the device, from --seed, --init-from or the --resume checkpoint ``ckpt``;
+    SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
     if args.init_from is not None:  # same weights on every rank: each loads the file
         for line in init_from(model, args.init_from).describe(args.init_from):
             log.info("%s", line)
-    ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
     if ckpt is not None:
+        resume.check_model_fits(ckpt, model, resume_path)
         model.load_state_dict(ckpt["model"])
     if proc.dist.distributed and proc.device.type == "cuda":
         model = step.convert_sync_batchnorm(model, args.sync_bn)
@@ -465,7 +553,7 @@ def build_model(
     model.to(proc.device, memory_format=torch.channels_last)
     if proc.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return model, ckpt
+    return model
 
 
 def build_optimizer(
@@ -498,7 +586,8 @@ def restore_state(
         dataset_size=dataset_size,
         world_size=proc.dist.world_size,
     )
-    return TrainState(iteration=iteration, consumed=consumed, best_miou=best_miou, start=iteration)
+    pending = bool(ckpt.get("validation_pending", False))
+    return TrainState(iteration, consumed, best_miou, start=iteration, val_pending=pending)
 
 
 def wrap_for_training(args: Namespace, model: nn.Module, proc: Process) -> nn.Module:
@@ -559,13 +648,31 @@ def augment_on_device(
 
 
 def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
-    """The iterations from ``state.iteration`` to --iters: fetch, step, account, log, validate
-    when due, save when due, stop when asked. Returns the exit status."""
+    """The validation a stop signal interrupted (if any), then the iterations to --iters.
+    Returns the exit status."""
+    args = run.args
+    try:
+        if state.val_pending:  # as the uninterrupted run did it, before going on
+            validate(run, state, stop)
+        if state.iteration >= args.iters:
+            log.info("nothing to do: the checkpoint is at iteration %d of --iters %d",
+                     state.iteration, args.iters)  # fmt: skip
+            return 0
+        if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
+            return stop_after(run, state, stop)
+    except step.StopRequested:  # in the data wait or validation: the iteration is complete
+        return stop_after(run, state, stop)
+    barrier()
+    last_miou = state.last_miou if state.last_miou is not None else float("nan")
+    log.info("done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+             args.iters, state.best_miou, last_miou, run.work_dir)  # fmt: skip
+    return 0
+
+
+def iterate(run: Run, state: TrainState, stop: step.StopFlag) -> str:
+    """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
+    step, account, log, validate when due, save when due, stop when asked."""
     args, proc = run.args, run.proc
-    if state.iteration >= args.iters:
-        log.info("nothing to do: the checkpoint is at iteration %d of --iters %d",
-                 state.iteration, args.iters)  # fmt: skip
-        return 0
     log_start(run, state)
     reduce = step.mean_over_ranks if proc.dist.distributed else None
     window = logs.LossWindow()  # the losses and times since the last log line
@@ -575,7 +682,7 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
         for iteration in range(state.iteration, args.iters):
             resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
-            batch = fetch_batch(batches, run, state)
+            batch = fetch_batch(batches, run, state, stop)
             t1 = time.perf_counter()
             images, labels = run.loaders.to_device(batch)
             lr = run.optimizer.param_groups[0]["lr"]
@@ -598,16 +705,12 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
             due_val = done % args.val_interval == 0 or last
             due_ckpt = done % args.ckpt_interval == 0
             if due_val:
-                validate(run, state, save_iter=due_ckpt)
+                validate(run, state, stop, save_iter=due_ckpt)
             if due_val or due_ckpt or last:
                 save_when_due(run, state, save_iter=due_ckpt)
-            if stop.requested(proc.device if proc.dist.distributed else None) and not last:
-                return stop_after(run, state, stop)
-    barrier()
-    last_miou = state.last_miou if state.last_miou is not None else float("nan")
-    log.info("done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
-             args.iters, state.best_miou, last_miou, run.work_dir)  # fmt: skip
-    return 0
+            if stop_wanted(run, state, stop) and not last:
+                return "stopped"
+    return "done"
 
 
 def log_start(run: Run, state: TrainState) -> None:
@@ -645,9 +748,16 @@ def cli(argv: list[str] | None = None) -> int:
         DeviceError,
         LossConfigError,
         TrainingError,
-        WorkDirBusyError,
+        WorkDirError,
     ) as e:  # one line, also for an error raised in a DataLoader worker
         raise SystemExit(f"error: {runtime.one_line(e)}") from None
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        raise SystemExit(f"error: stopping: {PEER_FAILED}") from None
+    except step.StopRequested as e:  # before the first iteration (the data check)
+        print(f"stopped by {e} before training began; nothing saved", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(
             "error: aborted by a second SIGINT/SIGTERM without saving this iteration."
@@ -658,4 +768,8 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    try:
+        sys.exit(cli())
+    finally:  # the run is over: a signal now (torchrun ending the job) just ends the process
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -43,6 +43,15 @@ TINY_TRAIN_ARGS = (
 )  # fmt: skip
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_outside_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$XDG_CACHE_HOME for the whole session, train.py's subprocesses included: a
+    `--data synthetic` run without --data-root makes its dataset here, not in ~/.cache."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a synthetic Cityscapes (4 train / 2 val / 1 test images, 64x128 HxW, seed 0).

@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from functools import partial
@@ -201,7 +202,7 @@ def test_a_second_run_in_the_same_work_dir_stops_at_once(
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
-    r = run_train([*args, "--iters", "1"])  # a crashed holder's lock is no obstacle
+    r = run_train([*args, "--iters", "1", "--restart"])  # a crashed holder's lock is no obstacle
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -453,3 +454,180 @@ def test_the_shared_cpu_benchmark_reports_idle_and_busy(tmp_path: Path):
     rows = json.loads(out.read_text())["shared_cpu"]
     assert [r["load"] for r in rows] == ["idle", "1 busy process"]
     assert all(r["s_per_it"] > 0 and "threads" in r["settings"] for r in rows)
+
+
+# ---------------------------------------------------------------- earlier runs, stops, failures
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(
+    synthetic_root: Path, tmp_path: Path, run_args, run_train
+):
+    """Without --resume, a work dir holding checkpoints is refused before anything is written;
+    --restart moves the earlier run's files into a dated sub-folder, then starts over."""
+    work = tmp_path / "w"
+    args = run_args(synthetic_root, work, "--iters", "2", "--val-interval", "2")
+    assert train_cli.cli(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    r = run_train(args)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip() == (
+        f"error: --work-dir '{work}' holds the checkpoints of an earlier run (best.pth,"
+        " iter_2.pth, latest.pth): add --resume to continue it, choose another --work-dir, or"
+        " add --restart to start over (it moves that run's files into a dated sub-folder)"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == before  # nothing written
+    r = run_train([*args, "--restart"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (moved,) = work.glob("previous-*")
+    assert sorted(p.name for p in moved.iterdir()) == [
+        "args.json", "best.pth", "iter_2.pth", "latest.pth", "tensorboard", "train.log",
+    ]  # fmt: skip
+    assert f"--restart: the earlier run's files are now in {moved}" in r.stderr
+    assert torch.load(work / "latest.pth", weights_only=True)["iteration"] == 2
+
+
+def test_failing_commands_write_nothing(synthetic_root: Path, tmp_path: Path, run_args, run_train):
+    """--resume with nothing to resume, a --resume file that is not there and a bad flag: one
+    line each, and no work dir, lock or log."""
+    work = tmp_path / "new"
+    for extra, status, expected in (
+        (["--resume"], 1, "error: --resume: no latest.pth in the work dir"),
+        (["--resume", str(tmp_path / "nowhere.pth")], 1, "error: --resume"),
+        (["--ohem", "0.7", "inf"], 2, "train.py: error: --ohem takes THRESH"),
+    ):
+        r = run_train(run_args(synthetic_root, work, *extra))
+        assert r.returncode == status and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(expected), r.stderr[-3000:]
+        assert not work.exists()
+
+
+def test_ctrl_c_while_importing_is_one_line(tmp_path: Path, train_env_of):
+    """SIGINT while torch is still importing: exit 130 and one line, no KeyboardInterrupt
+    traceback, nothing written."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-X", "importtime", str(repo / "train.py"), "--data", "synthetic",
+           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=repo, env=train_env_of(), stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # -X importtime: one line per module imported
+            if "torch" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    lines = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert lines == ["error: stopped by SIGINT while starting; no training was done"], rest[-3000:]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "when, expected",
+    [
+        ("check", "stopped by SIGTERM before training began; nothing saved"),
+        ("batch", "stopped by SIGTERM at iteration 0; nothing saved (no iteration done)."),
+    ],
+)
+def test_sigterm_in_the_data_check_or_the_first_batch_stops_at_once(
+    when, expected, synthetic_root: Path, tmp_path: Path, run_args, run_train
+):
+    r = run_train(run_args(synthetic_root, tmp_path), fault=f"sigterm@{when}")
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].endswith(expected), r.stderr[-3000:]
+    assert "iter 1/" not in r.stderr and not (tmp_path / "latest.pth").exists()
+
+
+def test_sigterm_during_validation_abandons_it_and_resume_runs_it_first(
+    synthetic_root: Path, tmp_path: Path, run_args, run_train
+):
+    """A signal at the first validation image: no waiting for the rest of the validation;
+    latest.pth of the completed iteration is saved and --resume validates it first."""
+    args = run_args(synthetic_root, tmp_path)
+    r = run_train(args, fault="sigterm@val")
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "stopped by SIGTERM at iteration 2; latest.pth saved; its validation runs first" in (
+        r.stderr
+    )
+    assert "val at iteration 2" not in r.stderr and not (tmp_path / "best.pth").exists()
+    latest = torch.load(tmp_path / "latest.pth", weights_only=True)
+    assert latest["iteration"] == 2 and latest["validation_pending"]
+    r = run_train([*args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.index("val at iteration 2") < r.stderr.index("iter 3/4")
+    assert (tmp_path / "best.pth").is_file()
+
+
+def test_an_error_in_validation_saves_first_then_one_line(
+    data: Path, tmp_path: Path, run_args, run_train
+):
+    """A val image that validation at --scale shrinks to nothing: the data check names it
+    before training; without the check, validation fails inside the model, and the iterations
+    done are saved before the one-line error."""
+    image = _files(data, "val")[0]
+    label = (
+        image.parents[2].parent
+        / "gtFine"
+        / "val"
+        / image.parent.name
+        / image.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+    )
+    Image.fromarray(np.full((2, 600, 3), 90, np.uint8)).save(image)
+    Image.fromarray(np.full((2, 600), 7, np.uint8)).save(label)  # 7: road
+    r = run_train(run_args(data, tmp_path / "checked"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    error = r.stderr.strip().splitlines()[-1]
+    assert (
+        error.startswith("error: 1 val image(s) would be smaller than 8 pixels")
+        and str(image) in error
+        and "(2x600 -> 0x128)" in error
+    ), error
+    assert not (tmp_path / "checked" / "latest.pth").exists()
+    work = tmp_path / "unchecked"
+    r = run_train(run_args(data, work, "--skip-data-check"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: validation at iteration 2 failed:")
+    assert "latest.pth of iteration 2 saved" in errors[0] and "--resume" in errors[0]
+    assert torch.load(work / "latest.pth", weights_only=True)["iteration"] == 2
+
+
+def test_the_lock_does_not_outlive_a_killed_run_with_workers(
+    synthetic_root: Path, tmp_path: Path, run_args, run_train, start_train
+):
+    """kill -9 of the training process while its DataLoader workers live on: an immediate
+    --resume gets the work dir (the lock is the training process's alone)."""
+    args = run_args(synthetic_root, tmp_path, "--iters", "1000", "--val-interval", "1000")
+    args[args.index("--workers") + 1] = "2"
+    proc = start_train(args, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "iter 3/1000" in line:  # latest.pth of iteration 2 is written
+                break
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+    r = run_train([*args[: args.index("--workers")], "--iters", "3", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr or "nothing to do" in r.stderr
+
+
+def test_a_read_only_work_dir_is_one_line(
+    synthetic_root: Path, tmp_path: Path, run_args, run_train
+):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        save_checkpoint(ro / "latest.pth", ERFNet(), optimizer={}, scheduler={}, iteration=1,
+                        sampler={})  # fmt: skip
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        r = run_train(run_args(synthetic_root, ro, "--resume"))
+        assert r.returncode == 1 and r.stderr.strip() == (
+            f"error: --work-dir '{ro}': cannot write in it (Read-only file system)"
+        ), r.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

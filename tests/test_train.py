@@ -19,6 +19,7 @@ import train as train_cli
 from erfnet.checkpoint import load_model, save_checkpoint
 from erfnet.config import RECIPE
 from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.from_args import data_root_from_args
 from erfnet.data.transforms import TrainTransform
 from erfnet.model import ERFNet
 from erfnet.training.resume import InfiniteSampler, SeededDataset, get_rng_state, set_rng_state
@@ -212,6 +213,11 @@ def test_parser_defaults_come_from_the_recipe():
         (["--iters", "0"], "--iters"),
         (["--batch-size", "-1"], "--batch-size"),
         (["--lr", "0"], "--lr"),
+        (["--ohem", "0.7", "inf"], "--ohem"),
+        (["--ohem", "nan", "100000"], "--ohem"),
+        (["--seed", str(2**80)], "--seed"),
+        (["--batch-size", "1", "--crop-size", "8", "8"], "one value per channel"),
+        (["--resume", "--restart"], "give one of them"),
     ],
 )
 def test_bad_flag_values_are_rejected(argv, message, capsys, tmp_path):
@@ -501,3 +507,36 @@ def test_resume_with_changed_settings_says_which_apply(
     assert "--lr 0.1 -> 0.5" in log_text and "checkpoint's values are kept" in log_text
     assert "--seed 0 -> 3" in log_text and "new values apply" in log_text
     assert "--batch-size" not in log_text  # unchanged settings are not reported
+
+
+def test_a_failing_rank_ends_every_rank_with_one_line(
+    synthetic_root: Path, tmp_path: Path, ddp_args, train_env_of
+):
+    """torchrun, 2 processes: rank 1 is killed after iteration 1. Rank 0 saves latest.pth of
+    iteration 1 and stops with one line, no traceback, instead of waiting or a traceback."""
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "--log-dir", str(logs), "--redirects", "3",
+           str(REPO / "tests" / "fault_launcher.py"), "sigkill@1:rank1", *ddp_args,
+           "--iters", "4", "--data-root", str(synthetic_root),
+           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, env=train_env_of(), capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode != 0
+    (rank0,) = logs.glob("*/attempt_0/0/stderr.log")
+    text = rank0.read_text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert errors[0] == (
+        "error: training at iteration 1 failed: another process of this torchrun job failed or"
+        " was killed (its output says why); latest.pth of iteration 1 saved. Fix what stopped"
+        " it, then continue with --resume"
+    )
+    assert torch.load(tmp_path / "w" / "latest.pth", weights_only=True)["iteration"] == 1
+
+
+def test_the_quick_start_set_is_made_in_the_cache_folder_not_home(cache_outside_home: Path):
+    """`--data synthetic` without --data-root uses $XDG_CACHE_HOME, which the tests point at a
+    temporary folder: no test writes into the user's ~/.cache/erfnet."""
+    root = data_root_from_args(_parse(["--data", "synthetic"]))
+    assert root.is_relative_to(cache_outside_home) and root.name.startswith("synthetic-")

@@ -112,8 +112,12 @@ def check_datasets(datasets: Mapping[str, Any], progress: bool = True) -> dict[s
             unit="img",
             disable=not progress or len(pairs) < PROGRESS_FROM,
         )
-        for (name, *_), found in bar:
-            problems += [f"{name}: {p}" for p in found]
+        try:
+            for (name, *_), found in bar:
+                problems += [f"{name}: {p}" for p in found]
+        except BaseException:  # a stop request: skip the files not started (not wait for them)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if problems:
         shown = "\n  ".join(problems[:_SHOWN])
         more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from erfnet.distributed import DistInfo
 from erfnet.evaluation.inference import predict
 from erfnet.evaluation.visualize import colorize, rgb_array
 from erfnet.runtime import one_line
+from erfnet.training.workdir import WorkDirError
 
 log = logging.getLogger("erfnet.train")
 
@@ -47,6 +49,14 @@ class _LogFile(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         pass
 
+    def flush(self) -> None:
+        with suppress(OSError):
+            super().flush()
+
+    def close(self) -> None:  # the last buffered lines may not fit either
+        with suppress(OSError):
+            super().close()
+
 
 def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]:
     """Console + ``train.log`` on rank 0; warnings only elsewhere. Returns the handlers added."""
@@ -55,7 +65,10 @@ def setup_logging(work_dir: Path | None, is_main: bool) -> list[logging.Handler]
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [_TqdmHandler()]
     if work_dir is not None and is_main:
-        handlers.append(_LogFile(work_dir / "train.log", encoding="utf-8"))
+        try:
+            handlers.append(_LogFile(work_dir / "train.log", encoding="utf-8"))
+        except OSError as e:
+            raise WorkDirError(f"cannot write '{work_dir / 'train.log'}': {e.strerror}") from None
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -75,7 +88,7 @@ def errors_in_log() -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if not isinstance(e, SystemExit | GeneratorExit):
+        if isinstance(e, Exception | KeyboardInterrupt):  # not a stop request or an exit
             text = one_line(e)
             record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s",
                                     (text or type(e).__name__,), None)  # fmt: skip
@@ -99,6 +112,18 @@ def open_tensorboard(work_dir: Path, purge_step: int | None) -> Any:
 def settings_json(args: Any) -> dict[str, Any]:
     """The run's settings (an argparse Namespace) as JSON values: sizes become lists."""
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in vars(args).items()}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename; ``OSError`` becomes one line
+    naming the path (``WorkDirError``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
 
 
 def format_eta(seconds: float) -> str:
@@ -246,6 +271,6 @@ def write_run_settings(
         amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         resumed_from=str(resume_path) if resume_path else None,
     )
-    (work_dir / "args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(work_dir / "args.json", json.dumps(settings, indent=2) + "\n")
     log.info("run settings: %s", json.dumps(settings))
     log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)

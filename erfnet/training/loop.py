@@ -1,14 +1,16 @@
 """What ``train.py``'s loop works with and the steps it calls.
 
 ``TrainState`` is where the run stands (the counters a checkpoint, a log line or an error message
-reports); ``Run`` holds what the steps of ``train.py`` set up once. The loop's steps: ``account``
-for an iteration, ``validate``, ``save_checkpoint`` / ``save_when_due``, ``stop_after`` a signal,
-and ``data_failure``, which saves the completed iterations before a data error stops the run.
+reports); ``Run`` holds what the steps of ``train.py`` set up once. The loop's steps:
+``fetch_batch``, ``account`` for an iteration, ``validate``, ``save_checkpoint`` /
+``save_when_due``, ``stop_after`` a signal, and ``failure``, which saves the completed iterations
+before an error stops the run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 from argparse import Namespace
 from collections.abc import Callable, Iterator
@@ -42,6 +44,9 @@ class TrainState:
     last_miou: float | None = None
     nonfinite: int = 0  # consecutive iterations with a non-finite loss
     start: int = 0  # the iteration this process started from (0, or the resumed one)
+    # The validation of ``iteration`` is due and not done (a stop signal interrupted it): a
+    # resumed run does it first, so that best.pth ends as in an uninterrupted run.
+    val_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,14 @@ class Run:
     writer: Any  # TensorBoard's SummaryWriter on rank 0, else None
 
 
-def fetch_batch(batches: Iterator[Any], run: Run, state: TrainState) -> Any:
-    """The next training batch; a file that fails now (changed since the data check) saves the
-    completed iterations, then stops the run with one line."""
+def fetch_batch(batches: Iterator[Any], run: Run, state: TrainState, stop: StopFlag) -> Any:
+    """The next training batch (a stop signal ends the wait at once); a file that fails now
+    (changed since the data check) saves the completed iterations, then stops the run."""
     try:
-        return next(batches)
+        with stop.interruptible():
+            return next(batches)
     except (DatasetError, OSError) as e:
-        raise data_failure(run, state, "reading a training batch", e) from None
+        raise failure(run, state, "reading a training batch", e) from None
 
 
 def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -> None:
@@ -114,32 +120,36 @@ def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -
         )
 
 
-def validate(run: Run, state: TrainState, save_iter: bool) -> None:
+def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = False) -> None:
     """Single-scale validation at ``--scale`` (every rank takes part, rank 0 logs); a new best
-    mIoU writes best.pth. A file that fails now saves the completed iterations (and
-    iter_<N>.pth when ``save_iter``), then stops the run with one line."""
+    mIoU writes best.pth. A stop signal abandons it at once (``StopRequested``); any failure
+    (a file changed since the data check, an image the model cannot take, out of memory) saves
+    the completed iterations (and iter_<N>.pth when ``save_iter``), then stops the run."""
     args, proc = run.args, run.proc
+    state.val_pending = True
     try:
-        metrics = evaluate(
-            run.model,
-            run.loaders.val,
-            proc.device,
-            num_classes=len(run.meta["class_names"]),
-            test_scale=tuple(args.scale),
-            progress=args.progress,
-            amp=proc.autocast_dtype == torch.float16 and proc.device.type == "cuda",
-        )
-    except (DatasetError, OSError) as e:  # a val file changed since the check
+        with stop.interruptible():
+            metrics = evaluate(
+                run.model,
+                run.loaders.val,
+                proc.device,
+                num_classes=len(run.meta["class_names"]),
+                test_scale=tuple(args.scale),
+                progress=args.progress,
+                amp=proc.autocast_dtype == torch.float16 and proc.device.type == "cuda",
+            )
+            if run.writer is not None and args.num_vis:
+                logs.log_predictions(run.writer, run.model, run.val_set, num=args.num_vis,
+                                     palette=run.meta["palette"], test_scale=tuple(args.scale),
+                                     device=proc.device, step=state.iteration)  # fmt: skip
+    except Exception as e:
         run.model.train()
-        raise data_failure(run, state, "validation", e, save_iter) from None
+        raise failure(run, state, "validation", e, save_iter) from None
+    state.val_pending = False
     state.last_miou = float(metrics["mIoU"])
     if proc.dist.is_main:
         logs.log_validation(metrics, run.meta["class_names"], state.iteration, run.writer)
     if run.writer is not None:
-        if args.num_vis:
-            logs.log_predictions(run.writer, run.model, run.val_set, num=args.num_vis,
-                                 palette=run.meta["palette"], test_scale=tuple(args.scale),
-                                 device=proc.device, step=state.iteration)  # fmt: skip
         run.writer.flush()
     if state.last_miou > state.best_miou:
         state.best_miou = state.last_miou
@@ -158,6 +168,7 @@ def save_checkpoint(
     if full:
         training = resume.training_state(run.optimizer, run.scheduler, run.scaler,
                                          run.loaders.sampler, state.consumed, run.args)  # fmt: skip
+        training["validation_pending"] = state.val_pending
     meta = {**run.meta, "iteration": state.iteration, **extra_meta}
     ckpt = make_checkpoint(run.model, meta, iteration=state.iteration,
                            best_miou=state.best_miou, **training)  # fmt: skip
@@ -177,22 +188,39 @@ def save_when_due(run: Run, state: TrainState, save_iter: bool) -> None:
     save_checkpoint(run, state, "latest.pth")
 
 
+def stop_wanted(run: Run, state: TrainState, stop: StopFlag) -> bool:
+    """Whether to stop after this iteration: a signal to this process, or under torchrun to any
+    (an all-reduce). A process that is gone fails it: the completed iteration is saved first."""
+    try:
+        return stop.requested(run.proc.device if run.proc.dist.distributed else None)
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        raise failure(run, state, "training", e) from None
+
+
 def stop_after(run: Run, state: TrainState, stop: StopFlag) -> int:
-    """End the run that SIGINT / SIGTERM asked to stop: latest.pth (unless the loss is
-    non-finite), one warning, and the exit status 128 + the signal."""
-    if not state.nonfinite:
+    """End the run that SIGINT / SIGTERM asked to stop: latest.pth of the completed iterations
+    (none done, or a non-finite loss: nothing saved), one warning, and the exit status
+    128 + the signal."""
+    outcome = "nothing saved (no iteration done)"
+    if state.iteration > state.start and not state.nonfinite:
         save_checkpoint(run, state, "latest.pth")
-    log.warning("stopped by %s at iteration %d; latest.pth saved. Continue with --resume.",
-                stop.name(), state.iteration)  # fmt: skip
+        outcome = "latest.pth saved. Continue with --resume"
+        if state.val_pending:
+            outcome = "latest.pth saved; its validation runs first on --resume"
+    elif state.start:
+        outcome = "latest.pth unchanged. Continue with --resume"
+    log.warning("stopped by %s at iteration %d; %s.", stop.name(), state.iteration, outcome)
     barrier()
     return 128 + (stop.signum or signal.SIGTERM)  # no signal here: another rank's SIGTERM
 
 
-def data_failure(
+def failure(
     run: Run, state: TrainState, what: str, e: BaseException, save_iter: bool = False
 ) -> TrainingError:
-    """The one-line error for a data failure met during ``what``, after saving the training
-    state of the completed iterations (unless the loss is non-finite or none was done)."""
+    """The one-line error for a failure during ``what``, after saving the training state of
+    the completed iterations (unless the loss is non-finite or none was done)."""
     saved = "nothing saved (no iteration done yet)"
     if state.nonfinite:
         saved = "latest.pth not updated (non-finite loss)"
@@ -201,9 +229,29 @@ def data_failure(
             save_checkpoint(run, state, f"iter_{state.iteration}.pth")
         save_checkpoint(run, state, "latest.pth")
         saved = f"latest.pth of iteration {state.iteration} saved"
+    if isinstance(e, DatasetError | OSError):
+        cause, fix = runtime.one_line(e), "Fix the file"
+    elif is_peer_failure(e):
+        cause, fix = PEER_FAILED, "Fix what stopped it"
+    else:  # not the data: the model, the memory, ...
+        cause, fix = f"{type(e).__name__}: {runtime.one_line(e)}", "Fix the cause"
     return TrainingError(
-        f"{what} at iteration {state.iteration} failed: {runtime.one_line(e)}; {saved}. Fix the"
-        " file, then continue with --resume"
+        f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then continue"
+        " with --resume"
+    )
+
+
+PEER_FAILED = "another process of this torchrun job failed or was killed (its output says why)"
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank is gone (gloo says so at
+    once; NCCL after its timeout)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
     )
 
 

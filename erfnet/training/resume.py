@@ -301,11 +301,13 @@ def resolve_resume(resume: str | None, work_dir: str | Path) -> Path | None:
                 " drop --resume to start a new run, or pass a checkpoint path)"
             )
         return path
+    if not Path(resume).is_file():
+        raise CheckpointError(f"--resume {resume}: no such file")
     return Path(resume)
 
 
-def load_training_checkpoint(path: Path, model: ERFNet) -> dict:
-    """Read a training checkpoint and check it fits ``model``; clear errors otherwise."""
+def load_training_checkpoint(path: Path) -> dict:
+    """Read a checkpoint that --resume can continue from; a clear CheckpointError otherwise."""
     ckpt = load_checkpoint(path)
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
@@ -313,6 +315,12 @@ def load_training_checkpoint(path: Path, model: ERFNet) -> dict:
             f"--resume {path}: not a training checkpoint (it lacks {', '.join(missing)}); it holds"
             " weights only. Resume from latest.pth or an iter_<N>.pth of a work dir."
         )
+    return ckpt
+
+
+def check_model_fits(ckpt: dict, model: ERFNet, path: Path) -> None:
+    """CheckpointError naming each model setting where the --resume checkpoint and ``model``
+    differ."""
     if dict(ckpt["model_args"]) != dict(model.config):
         diff = {
             k: (ckpt["model_args"].get(k), model.config.get(k))
@@ -323,7 +331,6 @@ def load_training_checkpoint(path: Path, model: ERFNet) -> dict:
         raise CheckpointError(
             f"--resume {path}: the checkpoint's model does not match this run ({detail})"
         )
-    return ckpt
 
 
 def restore_training_state(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -234,11 +234,27 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts."""
+class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to catch
+    """A stop signal arrived inside ``StopFlag.interruptible()``: leave what was being done."""
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts.
+
+    Inside ``interruptible()`` (the data check, waiting for a batch, validation: the parts that
+    may take long and change no training state) a signal raises ``StopRequested`` at once
+    instead, so that a stop request is honoured within seconds at any point. Under torchrun
+    (``immediate=False``) the ranks must stop together: the flag only, all-reduced.
+    """
+
+    def __init__(self, immediate: bool = True) -> None:
         self.signum = 0
+        self.immediate = immediate
+        self._raise_now = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -261,6 +277,20 @@ class StopFlag:
         flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
         return all_reduce_sum(flag).item() > 0
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stop signal received before or inside the block raises ``StopRequested``."""
+        if not self.immediate:
+            yield
+            return
+        if self.signum:
+            raise StopRequested(self.signum)
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
+
     def name(self) -> str:
         return signal_name(self.signum)
 
@@ -268,6 +298,10 @@ class StopFlag:
         if self.signum:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
         self.signum = signum
+        if self._raise_now:
+            self._raise_now = False
+            log.warning("received %s: stopping now", signal.Signals(signum).name)
+            raise StopRequested(signum)
         log.warning(
             "received %s: saving latest.pth after this iteration, then exiting"
             " (send it again to abort without saving)",

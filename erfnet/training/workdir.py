@@ -1,9 +1,12 @@
-"""What keeps a work dir safe: one run at a time, no stale temporary files.
+"""What keeps a work dir safe: one run at a time, no run overwritten, no stale temporary files.
 
-- ``WorkDirLock``: an OS file lock (``flock``) on ``<work_dir>/train.lock``, held for the whole
-  run. The kernel releases it when the process ends in any way (kill -9 included), so a crashed
-  run never leaves a lock that blocks the next one; the file keeps the holder's PID and host so
-  a second run can say who holds it.
+- ``WorkDirLock``: a POSIX record lock (``fcntl`` ``F_SETLK``) on ``<work_dir>/train.lock``, held
+  for the whole run. It belongs to the training process alone: forked DataLoader workers do not
+  inherit it, and the kernel releases it the moment the process ends in any way (kill -9
+  included), even while orphaned workers still hold the open file. So a crashed run never blocks
+  the next one. The file keeps the holder's PID and host so a second run can say who holds it.
+- ``check_new_run`` / ``move_previous_run``: a new run never overwrites the checkpoints of an
+  earlier one; ``--restart`` moves them into a dated sub-folder first.
 - ``remove_stale_tmp``: the ``.<name>.pth.<pid>.<hex>.tmp`` files that ``atomic_save`` writes
   before its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
 """
@@ -14,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from erfnet.checkpoint import TMP_NAME_RE
@@ -24,17 +28,24 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = "train.lock"
+# What a run writes into its work dir (besides the lock): what --restart moves away.
+RUN_FILES = ("latest.pth", "best.pth", "train.log", "args.json", "tensorboard")
 log = logging.getLogger("erfnet.train")
 
 
-class WorkDirBusyError(RuntimeError):
+class WorkDirError(RuntimeError):
+    """The work dir cannot take this run; the message names it and says what to do."""
+
+
+class WorkDirBusyError(WorkDirError):
     """Another live process holds the work dir's lock; the message names its PID and host."""
 
 
 class WorkDirLock:
-    """``flock`` on ``<work_dir>/train.lock`` for as long as this object is held.
+    """The lock on ``<work_dir>/train.lock`` for as long as this object is held.
 
-    ``acquire`` raises ``WorkDirBusyError`` at once (no waiting) when another process holds it.
+    ``acquire`` raises ``WorkDirBusyError`` at once (no waiting) when another process holds it,
+    ``WorkDirError`` when the work dir is not writable.
     """
 
     def __init__(self, work_dir: str | os.PathLike) -> None:
@@ -42,23 +53,15 @@ class WorkDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise WorkDirBusyError(
-                        f"--work-dir '{self.path.parent}' is in use by another training run"
-                        f" ({holder}); wait for it to finish or stop it, or choose another"
-                        " --work-dir"
-                    ) from None
-                # A file system without flock (some network mounts): run unlocked, as the
-                # README says, rather than refuse to train.
-                log.warning("--work-dir '%s': no file lock here (%s); a second run into it"
-                            " would not be stopped", self.path.parent, e.strerror)  # fmt: skip
+        try:  # O_CLOEXEC: no program this process starts gets the descriptor
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WorkDirError(f"--work-dir '{self.path.parent}': cannot write in it"
+                               f" ({e.strerror})") from None  # fmt: skip
+        if not _try_lock(fd, self.path):
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkDirBusyError(busy_message(self.path.parent, holder))
         self._fd = fd  # from here on release() closes it, whatever fails below
         try:  # the holder's name is only informational: a full disk must not stop the run
             os.ftruncate(fd, 0)
@@ -67,10 +70,36 @@ class WorkDirLock:
             pass
 
     def release(self) -> None:
-        """Unlock (closing the file releases the flock); the file stays, harmless when unlocked."""
+        """Unlock (closing the file releases the lock); the file stays, harmless when unlocked."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _try_lock(fd: int, path: Path) -> bool:
+    """Take the POSIX write lock of ``fd`` without waiting; False when another process has it.
+
+    A POSIX lock (unlike ``flock``) is owned by this process, not by the open file, so the
+    DataLoader workers that fork() copies of the descriptor never hold it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        # A file system without locks (some network mounts): run unlocked, as the README
+        # says, rather than refuse to train.
+        log.warning("--work-dir '%s': no file lock here (%s); a second run into it would not be"
+                    " stopped", path.parent, e.strerror)  # fmt: skip
+    return True
+
+
+def busy_message(work_dir: Path, holder: str) -> str:
+    return (
+        f"--work-dir '{work_dir}' is in use by another training run ({holder}); wait for it to"
+        " finish or stop it, or choose another --work-dir"
+    )
 
 
 def _read_holder(fd: int) -> str:
@@ -79,6 +108,66 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "pid unknown"
+
+
+def check_not_busy(work_dir: str | os.PathLike) -> None:
+    """``WorkDirBusyError`` if a live run holds ``work_dir``'s lock; creates nothing."""
+    path = Path(work_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file (or not ours to open): nobody holds it, or acquire() will say
+    try:
+        if not _try_lock(fd, path):
+            raise WorkDirBusyError(busy_message(path.parent, _read_holder(fd)))
+    finally:
+        os.close(fd)  # also releases the test lock just taken
+
+
+def previous_run_files(work_dir: str | os.PathLike) -> list[Path]:
+    """The files (and TensorBoard folder) of an earlier run in ``work_dir``, sorted."""
+    folder = Path(work_dir)
+    if not folder.is_dir():
+        return []
+    found = [folder / name for name in RUN_FILES if (folder / name).exists()]
+    found += [p for p in folder.glob("iter_*.pth") if p.stem[len("iter_") :].isdigit()]
+    return sorted(found)
+
+
+def check_new_run(work_dir: str | os.PathLike, resume: bool, restart: bool) -> None:
+    """A new run (no ``resume``) must not overwrite the checkpoints an earlier run left in
+    ``work_dir``: ``WorkDirError`` naming the choices, unless ``restart`` (which moves them)."""
+    if resume or restart:
+        return
+    checkpoints = [p.name for p in previous_run_files(work_dir) if p.suffix == ".pth"]
+    if checkpoints:
+        shown = ", ".join(checkpoints[:4]) + (" ..." if len(checkpoints) > 4 else "")
+        raise WorkDirError(
+            f"--work-dir '{work_dir}' holds the checkpoints of an earlier run ({shown}): add"
+            " --resume to continue it, choose another --work-dir, or add --restart to start"
+            " over (it moves that run's files into a dated sub-folder)"
+        )
+
+
+def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
+    """Move an earlier run's files into ``work_dir/previous-<date>-<time>/``; that folder, or
+    None when there was nothing to move. Call it while holding the work dir's lock."""
+    files = previous_run_files(work_dir)
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = Path(work_dir) / f"previous-{stamp}"
+    n = 1
+    while target.exists():  # two restarts within a second
+        target, n = Path(work_dir) / f"previous-{stamp}-{n}", n + 1
+    try:
+        target.mkdir()
+        for p in files:
+            p.rename(target / p.name)  # the same file system: a rename, nothing copied
+    except OSError as e:
+        raise WorkDirError(f"--restart: cannot move the earlier run's files into '{target}'"
+                           f" ({e.strerror})") from None  # fmt: skip
+    return target
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
