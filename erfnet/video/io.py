@@ -32,6 +32,9 @@ _CODEC_OPTIONS = {
     "libx264rgb": {"qp": "0", "preset": "veryfast"},
 }
 DEFAULT_FPS = 30.0  # for a folder of frames or a source that does not say
+# Output frame rates every container here stores as given (mp4, mkv, avi, mov; checked with
+# PyAV 2025: avi caps rates near 600-1000, below 1/1000 the rate fraction degenerates).
+FPS_RANGE = (0.001, 1000.0)
 
 
 class VideoError(ValueError):
@@ -181,6 +184,7 @@ class VideoWriter:
         self.path = check_output_path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.size = (int(size[0]), int(size[1]))
+        check_fps(fps)
         rate = Fraction(fps).limit_denominator(1001)
         candidates = AUTO_CODECS if codec == "auto" else (codec,)
         errors = []
@@ -217,15 +221,37 @@ class VideoWriter:
 
     def write(self, rgb: np.ndarray) -> None:
         if rgb.shape[:2] != self.size:
-            raise VideoError(f"frame of {rgb.shape[:2]} written to a {self.size} video")
+            (h, w), (vh, vw) = rgb.shape[:2], self.size
+            raise VideoError(
+                f"--out {self.path}: a {h}x{w} (HxW) frame for a {vh}x{vw} video; every frame"
+                " must have one size"
+            )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
+        try:
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        except (av.error.FFmpegError, OSError) as e:  # e.g. the disk is full
+            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
 
     def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        except (av.error.FFmpegError, OSError) as e:
+            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
+        finally:
+            self.container.close()
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+
+
+def check_fps(fps: float) -> None:
+    """``VideoError`` unless ``fps`` is an output frame rate within ``FPS_RANGE``."""
+    low, high = FPS_RANGE
+    if not low <= fps <= high:  # also refuses nan and inf
+        raise VideoError(f"output frame rate {fps:g} fps is outside {low:g}..{high:g} fps")
 
 
 def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec: str) -> Path:
