@@ -6,7 +6,7 @@ network over them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ class FrameSource:
     live: bool
     _frames: Callable[[], Iterator[np.ndarray]]
     _close: Callable[[], None] = lambda: None
+    notes: list[str] = field(default_factory=list)  # e.g. a variable frame rate, once seen
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self._frames()
@@ -115,15 +116,46 @@ def _open_av(target: str, name: str, live: bool, **kwargs: Any) -> FrameSource:
     stream.thread_type = "AUTO"  # frame + slice threads inside FFmpeg, off the GIL
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else DEFAULT_FPS
+    source = FrameSource(name, fps, int(stream.frames or 0), live, lambda: iter(()))
 
     def frames() -> Iterator[np.ndarray]:
+        watch = _RateWatch()
         try:
             for frame in container.decode(stream):
+                if not live and watch.varies(frame.pts):
+                    source.notes.append(
+                        f"warning: {name} has a variable frame rate; the output is written at"
+                        f" one constant rate ({fps:g} fps / --every), so its timing differs"
+                    )
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as e:
             raise VideoError(f"{name}: cannot decode: {e.strerror or e}") from None
 
-    return FrameSource(name, fps, int(stream.frames or 0), live, frames, container.close)
+    source._frames, source._close = frames, container.close
+    return source
+
+
+@dataclass
+class _RateWatch:
+    """The time steps between a file's frames (in its time base): a second step that differs
+    by more than a tick of rounding means a variable frame rate."""
+
+    last_pts: int | None = None
+    step: int | None = None
+    variable: bool = False
+
+    def varies(self, pts: int | None) -> bool:
+        """True once: at the first frame whose step differs from the first step."""
+        if pts is None or self.variable:
+            return False
+        if self.last_pts is not None:
+            step = pts - self.last_pts
+            if self.step is None:
+                self.step = step
+            elif abs(step - self.step) > 1:
+                self.variable = True
+        self.last_pts = pts
+        return self.variable
 
 
 def _open_folder(path: Path) -> FrameSource:

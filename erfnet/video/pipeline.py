@@ -52,6 +52,7 @@ from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's publ
     Size,
     VideoError,
     VideoWriter,
+    check_fps,
     check_output_path,
     open_source,
     synthetic_clip,
@@ -382,6 +383,8 @@ def run_video(
         source, predictor, out, labels_dir, every, max_frames, alpha, codec,
         out_fps=(fps or source.fps) / every, lut=color_lut(predictor.meta), log=log,
     )  # fmt: skip
+    if out is not None:
+        check_fps(run.out_fps)
     if progress:
         total = source.frames // every if source.frames else None
         if max_frames:
@@ -440,7 +443,7 @@ def _report(run: _Stages, pipelined: bool, wall: float, interrupted: bool) -> di
             s: {"mean_ms": 1e3 * totals[s] / max(n, 1), "share": totals[s] / wall} for s in STAGES
         },
         "interrupted": interrupted,
-        "notes": list(predictor.notes),
+        "notes": list(predictor.notes) + list(run.source.notes),
     }
 
 
