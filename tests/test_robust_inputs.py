@@ -1,0 +1,163 @@
+"""Bad input files found early with one line naming them (issue 20): truncated JPEGs and other
+non-PNG images in the data check, images over the size bound, huge classes files, damaged or
+malformed decoded caches, and numbers the scripts must refuse at their flags."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erfnet.data.check import check_datasets, image_header
+from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image
+from erfnet.data.folder import FolderDataset
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (24, 32)  # (H, W) of the tiny images
+FIVE = {"names": ["a", "b", "c", "d", "e"], "palette": [[0, 0, 0]] * 5, "image_suffix": ".jpg"}
+
+
+def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    """The failed run's last stderr line, after checking that there is no traceback."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _folder_dataset(root: Path, fmt: str = "JPEG") -> Path:
+    """images/{train,val}/*.jpg (or another PIL format) with grey PNG labels; the classes file."""
+    rng = np.random.default_rng(0)
+    suffix = {"JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}[fmt]
+    for split, count in (("train", 2), ("val", 2)):
+        for kind in ("images", "labels"):
+            (root / kind / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rgb = rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(root / "images" / split / f"{i}{suffix}", fmt)
+            label = rng.integers(0, 5, SIZE, dtype=np.uint8)
+            Image.fromarray(label).save(root / "labels" / split / f"{i}.png")
+    classes = root / "classes.json"
+    classes.write_text(json.dumps({**FIVE, "image_suffix": suffix}))
+    return classes
+
+
+def _truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF", "WEBP"])
+def test_data_check_finds_truncated_non_png_images(tmp_path: Path, fmt: str) -> None:
+    """Issue 20.10: only PNG checksums were verified; a truncated JPEG passed the check."""
+    classes = _folder_dataset(tmp_path, fmt)
+    val = FolderDataset(tmp_path, classes, "val")
+    assert check_datasets({"val": val}, progress=False) == {"val": 4}
+    bad = val.samples[1].image
+    _truncate(bad)
+    with pytest.raises(DatasetError, match="found 1 problem") as e:
+        check_datasets({"val": val}, progress=False)
+    assert f"val: cannot decode '{bad}' (corrupt or truncated?)" in str(e.value)
+
+
+def test_train_stops_at_the_data_check_for_a_truncated_val_jpeg(tmp_path: Path) -> None:
+    classes = _folder_dataset(tmp_path / "data")
+    bad = tmp_path / "data" / "images" / "val" / "1.jpg"
+    _truncate(bad)
+    proc = _run(
+        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
+        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--batch-size", "1",
+        "--crop-size", "16", "16", "--workers", "0", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    line = _error_line(proc)
+    assert "data check found 1 problem" in proc.stderr and f"cannot decode '{bad}'" in line
+    assert not list((tmp_path / "work").rglob("*.pth"))  # stopped before training
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG with valid checksums whose header claims width x height (a few bytes of data)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + data + _chunk(b"IEND", b""))
+    return path
+
+
+def _jpeg_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny JPEG whose frame header (SOF0) claims width x height."""
+    data = bytearray(_jpeg(np.zeros((8, 8, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_images_over_pil_bomb_limit_work_or_are_refused_in_one_line(tmp_path: Path) -> None:
+    """PIL refuses over 179 M pixels with a DecompressionBombError traceback: a 20000 x 20000
+    header is now read (the project's bound is MAX_IMAGE_PIXELS); beyond the bound, one line."""
+    big = _png_header_only(tmp_path / "big.png", 20000, 20000)
+    assert image_header(big) == ((20000, 20000), "RGB")
+    assert 20000 * 20000 <= MAX_IMAGE_PIXELS < 30000 * 30000
+    for path in (_png_header_only(tmp_path / "huge.png", 30000, 30000),
+                 _jpeg_claiming(tmp_path / "huge.jpg", 30000, 30000)):  # fmt: skip
+        for read in (image_header, load_image):
+            with pytest.raises(DatasetError) as e:
+                read(path)
+            assert f"'{path}' is 30000x30000 (WxH) = 900,000,000 pixels, more than the" in str(
+                e.value
+            )
+    wider = _jpeg_claiming(tmp_path / "wider.jpg", 40000, 40000)  # over twice PIL's new limit
+    for read in (image_header, load_image):
+        with pytest.raises(DatasetError, match=r"has 1,600,000,000 pixels, more than the 715,82"):
+            read(wider)
+
+
+def test_data_check_names_an_oversized_image_in_train(tmp_path: Path) -> None:
+    classes = _folder_dataset(tmp_path / "data")
+    huge = _jpeg_claiming(tmp_path / "data" / "images" / "val" / "0.jpg", 30000, 30000)
+    proc = _run(
+        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
+        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--workers", "0",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"'{huge}' is 30000x30000 (WxH) = 900,000,000 pixels" in proc.stderr
+
+
+def test_huge_classes_file_is_refused_at_once(tmp_path: Path) -> None:
+    """Issue 20.7: 300,001 names with one repeat listed duplicates quadratically (minutes)."""
+    names = [f"class{i}" for i in range(300_000)] + ["class7"]
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"names": names, "palette": [[0, 0, 0]] * len(names)}))
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    start = time.perf_counter()
+    proc = _run(
+        "train.py", "--data", "folder", "--data-root", tmp_path, "--classes", classes,
+        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", timeout=60,
+    )  # fmt: skip
+    assert time.perf_counter() - start < 60
+    assert '300001 "names"; at most 255 classes' in _error_line(proc)
