@@ -130,6 +130,31 @@ def check_output_file(
     return path
 
 
+def check_output_dir(
+    path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Like ``check_output_file`` for a folder that files are written into: it is created if
+    missing and must take a new file, and it may be neither one of the input folders
+    ``inputs`` nor inside one (its files would mix with or replace the input's)."""
+    path = Path(path)
+    for given in inputs:
+        if given is not None and Path(given).is_dir():
+            inside = same_file(path, given) or Path(given).resolve() in path.resolve().parents
+            if inside:
+                raise OutputError(
+                    f"{flag} {path} is inside the input folder {given}; choose another folder"
+                )
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # CPU threads and loader workers
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,13 @@ import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.distributed import resolve_device
-from erfnet.runtime import OutputError, check_output_file, cpu_plan, tune_cpu_allocator
+from erfnet.runtime import (
+    OutputError,
+    check_output_dir,
+    check_output_file,
+    cpu_plan,
+    tune_cpu_allocator,
+)
 from erfnet.video.io import FPS_RANGE, check_output_path, open_source
 from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, VideoError, run_video
 from erfnet.video.report import format_report
@@ -105,12 +111,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     if args.json is not None:
         check_output_file(args.json, "--json", inputs + ([args.out] if args.out else []))
     if args.labels is not None:
-        labels = Path(args.labels)
-        for given in inputs:
-            if Path(given).is_dir() and labels.resolve() == Path(given).resolve():
-                raise OutputError(f"--labels {labels} is the input folder; choose another folder")
-        if labels.exists() and not labels.is_dir():
-            raise OutputError(f"--labels {labels} is a file, not a folder")
+        check_output_dir(args.labels, "--labels", inputs)
 
 
 def plan_threads(args: argparse.Namespace, device: torch.device) -> int:

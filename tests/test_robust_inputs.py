@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image
 from erfnet.data.folder import FolderDataset
+from scripts import benchmark, prepare_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (24, 32)  # (H, W) of the tiny images
@@ -161,3 +163,81 @@ def test_huge_classes_file_is_refused_at_once(tmp_path: Path) -> None:
     )  # fmt: skip
     assert time.perf_counter() - start < 60
     assert '300001 "names"; at most 255 classes' in _error_line(proc)
+
+
+# ---------------------------------------------------------- outputs: never an input, checked first
+
+
+class _Creates:
+    """Unpickling this creates ``marker``: a stand-in for a file that would run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_converter_never_suggests_an_unsafe_load(tmp_path: Path) -> None:
+    """A legacy-format pickle that would run code relayed torch's advice to use
+    weights_only=False, cut mid-sentence; now one line: not a plain weights file, will not be
+    unpickled."""
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Creates(marker)}, evil,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    proc = _run("scripts/convert_checkpoint.py", "--from", "erfnet_pytorch", evil,
+                tmp_path / "out.pth")  # fmt: skip
+    line = _error_line(proc)
+    assert line.startswith(f"error: refusing to load {evil}: it is not a plain weights file")
+    assert "will not be unpickled" in line and "weights_only" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out.pth").exists()
+
+
+def test_converter_output_is_checked_before_loading(tmp_path: Path) -> None:
+    """The output may not be the input under another name (a hard link) and must be writable
+    before the input is read."""
+    source = tmp_path / "in.pth"
+    source.write_bytes(b"not read: the output is refused first")
+    link = tmp_path / "link.pth"
+    link.hardlink_to(source)
+    proc = _run("scripts/convert_checkpoint.py", "--from", "mmseg", source, link)
+    assert "output path must differ from the input" in _error_line(proc)
+    proc = _run("scripts/convert_checkpoint.py", "--from", "mmseg", source, "/proc/out.pth")
+    assert _error_line(proc).startswith("error: output /proc/out.pth: cannot write there")
+    assert source.read_bytes() == b"not read: the output is refused first"
+
+
+def test_benchmark_json_is_checked_before_the_benchmark(tmp_path: Path) -> None:
+    """``benchmark.py --json`` on an unwritable location failed after the full benchmark."""
+    (tmp_path / "file").write_text("x")
+    where = tmp_path / "file" / "b.json"
+    proc = _run("scripts/benchmark.py", "--quick", "--json", where, timeout=60)
+    assert proc.returncode == 1 and f"error: --json {where}" in _error_line(proc)
+    assert "erfnet benchmark on" not in proc.stdout  # nothing was measured
+    with pytest.raises(SystemExit, match=f"error: --json {tmp_path} is a folder"):
+        benchmark.main(["--quick", "--json", str(tmp_path)])
+
+
+def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: Path) -> None:
+    """prepare_cityscapes.py --cache inside the dataset's folders, or unwritable, is refused
+    before the trainId pass; make_synthetic_cityscapes.py names an unusable --root."""
+    cases = (
+        (synthetic_root / "gtFine" / "cache", "is inside the input folder"),
+        (synthetic_root, "is the dataset root"),
+        (Path("/proc/cache"), ": cannot write there"),
+    )
+    for i, (cache, reason) in enumerate(cases):
+        sep = "" if reason.startswith(":") else " "
+        if i == 0:  # once through the real entry point, the others through its main()
+            proc = _run("scripts/prepare_cityscapes.py", "--root", synthetic_root, "--cache", cache)
+            assert _error_line(proc).startswith(f"error: --cache {cache}{sep}{reason}")
+            assert "wrote" not in proc.stdout
+            continue
+        with pytest.raises(SystemExit) as e:
+            prepare_cityscapes.main(["--root", str(synthetic_root), "--cache", str(cache)])
+        assert str(e.value).startswith(f"error: --cache {cache}{sep}{reason}")
+    assert not (synthetic_root / "gtFine" / "cache").exists()
+    proc = _run("scripts/make_synthetic_cityscapes.py", "--root", "/proc/synthetic", "--train",
+                "1", "--val", "0", "--size", "16", "32")  # fmt: skip
+    assert _error_line(proc).startswith("error: --root /proc/synthetic: cannot write there")
