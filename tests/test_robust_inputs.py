@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from PIL import Image
 
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image
+from erfnet.data.fast.cache import CachedCityscapesDataset, CacheError, write_cache
 from erfnet.data.folder import FolderDataset
 from scripts import benchmark, prepare_cityscapes
 
@@ -241,3 +245,64 @@ def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: 
     proc = _run("scripts/make_synthetic_cityscapes.py", "--root", "/proc/synthetic", "--train",
                 "1", "--val", "0", "--size", "16", "32")  # fmt: skip
     assert _error_line(proc).startswith("error: --root /proc/synthetic: cannot write there")
+
+
+# ---------------------------------------------------------------------- the decoded cache
+
+
+@pytest.fixture
+def cached(synthetic_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(a private copy of the synthetic root, its decoded train cache folder)."""
+    root = tmp_path / "cityscapes"
+    shutil.copytree(synthetic_root, root)
+    write_cache(root, tmp_path / "cache", "train", workers=0, progress=False)
+    return root, tmp_path / "cache"
+
+
+def _train_on_cache(root: Path, cache: Path, work: Path) -> subprocess.CompletedProcess:
+    return _run(
+        "train.py", "--data-root", root, "--data-cache", cache, "--device", "cpu", "--work-dir",
+        work, "--iters", "2", "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0",
+        "--val-interval", "100", "--no-progress",
+    )  # fmt: skip
+
+
+def test_cache_bytes_damaged_in_place_stop_with_one_line(cached, tmp_path: Path) -> None:
+    """A data file overwritten in place with the same size trained on damaged pixels unnoticed;
+    each sample's CRC-32 is now checked when it is read."""
+    root, cache = cached
+    images = cache / "train" / "images.u8"
+    size, mtime = images.stat().st_size, images.stat().st_mtime_ns
+    with open(images, "r+b") as f:  # one byte of the last sample, in place
+        f.seek(size - 10)
+        byte = f.read(1)
+        f.seek(size - 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(images, ns=(mtime, mtime))
+    ds = CachedCityscapesDataset(root, "train", cache)  # the layout is intact: accepted
+    with pytest.raises(CacheError, match=r"the bytes of .* do not match their checksum"):
+        ds.load(len(ds) - 1)
+    proc = _train_on_cache(root, cache, tmp_path / "work")
+    line = _error_line(proc)
+    assert f"decoded cache '{images}': the bytes of" in line and "checksum" in line
+
+
+def test_malformed_cache_manifests_are_one_line(cached, tmp_path: Path) -> None:
+    root, cache = cached
+    manifest = cache / "train" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    no_name = {**good, "samples": [{k: v for k, v in e.items() if k != "name"}
+                                   for e in good["samples"]]}  # fmt: skip
+    fewer = {**good, "samples": good["samples"][:-1]}
+    cases = [
+        (good["samples"], "is not a manifest"),
+        (no_name, "sample 0 lacks a name"),
+        (fewer, f"its manifest's {len(fewer['samples'])} samples need"),
+    ]
+    for content, message in cases:
+        manifest.write_text(json.dumps(content))
+        with pytest.raises(CacheError, match=re.escape(message)):
+            CachedCityscapesDataset(root, "train", cache)
+    manifest.write_text(json.dumps(cases[0][0]))  # once through train.py: a JSON list
+    proc = _train_on_cache(root, cache, tmp_path / "work")
+    assert f"decoded cache '{manifest}' is not a manifest" in _error_line(proc)
