@@ -25,7 +25,7 @@ from erfnet.data.check import check_datasets, image_header
 from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image
 from erfnet.data.fast.cache import CachedCityscapesDataset, CacheError, write_cache
 from erfnet.data.folder import FolderDataset
-from scripts import benchmark, prepare_cityscapes
+from scripts import benchmark, class_weights, prepare_cityscapes
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (24, 32)  # (H, W) of the tiny images
@@ -306,3 +306,19 @@ def test_malformed_cache_manifests_are_one_line(cached, tmp_path: Path) -> None:
     manifest.write_text(json.dumps(cases[0][0]))  # once through train.py: a JSON list
     proc = _train_on_cache(root, cache, tmp_path / "work")
     assert f"decoded cache '{manifest}' is not a manifest" in _error_line(proc)
+
+
+# ------------------------------------------------------------------------- numbers at the flags
+
+
+def test_class_weights_refuses_a_non_finite_c(synthetic_root: Path, tmp_path: Path) -> None:
+    """``--c inf`` wrote all-zero weights that train.py then refused."""
+    out = tmp_path / "w.json"
+    proc = _run("scripts/class_weights.py", synthetic_root, "--c", "inf", "--out", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --c: expected a finite number > 1, e.g. 1.10; got 'inf'" in proc.stderr
+    assert not out.exists()
+    for bad in ("nan", "-3", "1"):
+        with pytest.raises(SystemExit) as e:
+            class_weights.parse_args([str(synthetic_root), "--c", bad])
+        assert e.value.code == 2
