@@ -168,7 +168,7 @@ def _open_folder(path: Path) -> FrameSource:
             try:
                 with Image.open(file) as img:
                     yield np.array(img.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                 raise VideoError(f"{file}: cannot read frame: {e}") from None
 
     return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)
