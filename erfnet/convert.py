@@ -16,6 +16,7 @@ is exactly that.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -266,26 +267,31 @@ def load_foreign_checkpoint(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
-        # torch's own reason ("Unsupported global: ...") follows a long generic preamble.
-        text = str(e)
-        start = text.find("Unpickler error:")
-        reason = text[start + len("Unpickler error:") :] if start >= 0 else text
-        reason = " ".join(reason.split("Check the documentation")[0].split())[:300]
-        detail = f"{type(e).__name__}: {reason}"
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a torch file at all
-            unsafe = []
-        unsafe = [name for name in unsafe if name not in _global_names(allowed)]
-        if unsafe:
-            raise ConversionError(
-                f"refusing to load {path}: it contains pickled Python objects that"
-                f" torch.load(weights_only=True) does not allow ({', '.join(unsafe)}), and"
-                " unpickling them could run arbitrary code. If you trust the file, extract its"
-                " weights in the environment that wrote it, e.g. `torch.save({'state_dict':"
-                " torch.load(IN, weights_only=False)['state_dict']}, OUT)`, and convert OUT."
-            ) from e
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint ({detail})") from e
+        raise ConversionError(_load_failure(path, e, allowed)) from e
+
+
+def _load_failure(path: Path, e: Exception, allowed: list[Any]) -> str:
+    """One line on why a safe load failed; never torch's advice to load with weights_only=False
+    (its message carries it, so none of it is quoted for a refused pickle)."""
+    text = str(e)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (non-zip) file, or not a torch file at all
+        unsafe = []
+    unsafe = [name for name in unsafe if name not in _global_names(allowed)]
+    blocked = re.search(r"GLOBAL (\S+)", text)
+    if unsafe or blocked:
+        names = ", ".join(unsafe) or blocked.group(1)
+        return (
+            f"refusing to load {path}: it is not a plain weights file, it holds pickled Python"
+            f" objects ({names}) and will not be unpickled, since that could run code; convert"
+            " a file that holds only tensors, such as a state_dict"
+        )
+    reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    reason = " ".join(reason.split())[:300]
+    if "weights_only" in reason:  # torch's advice, whatever its wording: never relayed
+        reason = "damaged, or not a file of tensors"
+    return f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {reason})"
 
 
 def _plain_meta(meta: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The process around every entry point: console streams that cannot kill a save, one-line errors
-from DataLoader workers, CPU thread / worker counts that do not oversubscribe the cores, and an
-opt-in malloc setting for large CPU tensors."""
+from DataLoader workers, output files checked before the work, CPU thread / worker counts that do
+not oversubscribe the cores, and an opt-in malloc setting for large CPU tensors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 # Environment variables that already fix the intra-op thread count; we then leave it alone.
@@ -83,6 +85,74 @@ def one_line(e: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------------
+
+
+class OutputError(ValueError):
+    """An output location that cannot or must not be written; one line naming flag and path."""
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file (links, ``..`` and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output_file(
+    path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Check, before the work that ends in writing ``path``, that it can be written: not one of
+    ``inputs`` (writing would destroy an input), not a folder, and its folder (created here if
+    missing) takes a new file. Returns the path; ``OutputError`` naming ``flag`` otherwise."""
+    path = Path(path)
+    for given in inputs:
+        if given is not None and same_file(path, given):
+            raise OutputError(
+                f"{flag} {path} is the input {given}; writing it would destroy the input"
+            )
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A real file, not os.access: a read-only mount, a full inode table or an ACL show here.
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def check_output_dir(
+    path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Like ``check_output_file`` for a folder that files are written into: it is created if
+    missing and must take a new file, and it may be neither one of the input folders
+    ``inputs`` nor inside one (its files would mix with or replace the input's)."""
+    path = Path(path)
+    for given in inputs:
+        if given is not None and Path(given).is_dir():
+            inside = same_file(path, given) or Path(given).resolve() in path.resolve().parents
+            if inside:
+                raise OutputError(
+                    f"{flag} {path} is inside the input folder {given}; choose another folder"
+                )
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from erfnet.deploy.int8 import QuantizationError, benchmark_int8, format_int8_re
 from erfnet.deploy.onnx import export_onnx
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
+from erfnet.runtime import OutputError, check_output_file
 from erfnet.training.step import train_step
 from erfnet.video.report import benchmark_video, format_video_benchmark
 
@@ -592,6 +593,11 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.json:  # before the benchmark, which takes minutes
+        try:
+            check_output_file(args.json, "--json", [args.checkpoint])
+        except OutputError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)

@@ -36,6 +36,17 @@ METHODS = ("erfnet", "median")
 ERFNET_C = 1.10
 
 
+def erfnet_c(text: str) -> float:
+    """``--c``: a finite number above 1 (``1 / ln(c + p)`` is then positive and finite)."""
+    try:
+        c = float(text)
+    except ValueError:
+        c = math.nan
+    if not (math.isfinite(c) and c > 1.0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 1, e.g. 1.10; got '{text}'")
+    return c
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n", 1)[0],
@@ -52,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", choices=METHODS, default="erfnet",
                    help="erfnet: 1 / ln(c + p); median: median-frequency balancing"
                    " (default: erfnet)")  # fmt: skip
-    p.add_argument("--c", type=float, default=ERFNET_C,
+    p.add_argument("--c", type=erfnet_c, default=ERFNET_C,
                    help=f"the erfnet method's c (default: {ERFNET_C})")  # fmt: skip
     p.add_argument("--out", metavar="FILE", default="class_weights.json",
                    help="output JSON (default: class_weights.json)")  # fmt: skip

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from erfnet.convert import SOURCES, ConversionError, convert_checkpoint
 from erfnet.model import count_parameters
+from erfnet.runtime import OutputError, check_output_file, same_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if same_file(args.input, args.output):  # also a hard link or another spelling of it
+        raise SystemExit(
+            f"error: output path must differ from the input: {args.output} is {args.input}"
+        )
+    try:
+        check_output_file(args.output, "output")  # before the (possibly long) load
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         model = convert_checkpoint(args.input, args.output, args.source)
     except ConversionError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.synthetic import make_synthetic_cityscapes
+from erfnet.runtime import OutputError, check_output_dir
 
 
 def image_side(text: str) -> int:
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             f"error: --root '{args.root}' is not empty; the synthetic files use real Cityscapes"
             " names and would overwrite or mix with what is there. Use a new or empty folder."
         )
+    try:
+        check_output_dir(args.root, "--root")  # created here: a typo fails now, one line
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
     try:
         root = make_synthetic_cityscapes(

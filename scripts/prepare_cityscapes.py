@@ -30,6 +30,7 @@ from erfnet.data.cityscapes import (
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.fast.cache import write_cache
+from erfnet.runtime import OutputError, check_output_dir, same_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = resolve_data_root(args.root)
+    if args.cache:  # before the trainId pass, which takes minutes on the real dataset
+        inputs = [root / "leftImg8bit", root / "gtFine"]
+        try:
+            if same_file(args.cache, root):
+                raise OutputError(f"--cache {args.cache} is the dataset root; choose a folder")
+            check_output_dir(args.cache, "--cache", inputs)
+        except OutputError as e:
+            raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
     try:
         res = prepare_train_ids(

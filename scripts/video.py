@@ -3,7 +3,8 @@
     python scripts/video.py drive.mp4 --checkpoint ckpt.pth --out drive_seg.mp4
     python scripts/video.py --camera 0 --checkpoint ckpt.pth --out cam.mp4 --resize 512 1024
     python scripts/video.py rtsp://192.168.1.10/stream --checkpoint ckpt.pth --out live.mkv
-    python scripts/video.py frames/ --onnx erfnet_int8.onnx --labels labels/ --json fps.json
+    python scripts/video.py frames/ --model erfnet_int8.onnx --labels labels/ --json fps.json
+    python scripts/video.py drive.mp4 --model erfnet_openvino/erfnet.xml --out drive_seg.mp4
 
 Writes the checkpoint's palette blended over each frame to ``--out`` (H.264 via libx264 where
 this PyAV build has it, else MPEG-4; the choice is printed) at the source's frame rate divided
@@ -14,7 +15,12 @@ the checkpoint's mean / std; logits are resized back to the frame before the arg
 Decoding, the network and encoding run in three threads with bounded queues, so the end-to-end
 FPS approaches the slowest stage's; ``--sequential`` runs the same stages one after another.
 At the end a per-stage table (mean ms per frame, share of the wall time) and the end-to-end FPS
-are printed, and with ``--json`` written to a file. Ctrl-C stops a camera cleanly.
+are printed, and with ``--json`` written to a file. Ctrl-C stops a camera cleanly. A failure
+of any stage (a frame of another size, a full disk, a broken stream) stops the others and is
+printed as one line. Outputs are checked before any work: ``--out``, ``--labels`` and ``--json``
+may not be the input, nor unwritable. CPU threads follow the project's thread plan
+(``erfnet.runtime.cpu_plan``: the network's threads plus the reader and writer threads leave a
+core free); ``--threads N`` overrides it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.deploy.int8 import QuantizationError
 from erfnet.distributed import resolve_device
-from erfnet.runtime import tune_cpu_allocator
-from erfnet.video.io import check_output_path, open_source
-from erfnet.video.pipeline import OnnxPredictor, TorchPredictor, VideoError, run_video
+from erfnet.runtime import (
+    OutputError,
+    check_output_dir,
+    check_output_file,
+    cpu_plan,
+    tune_cpu_allocator,
+)
+from erfnet.video.io import FPS_RANGE, check_output_path, open_source
+from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, VideoError, run_video
 from erfnet.video.report import format_report
 
 
@@ -41,7 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--camera", type=int, metavar="N", help="camera /dev/videoN instead of input")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="our checkpoint (.pth), run with PyTorch")
-    model.add_argument("--onnx", metavar="MODEL", help="an exported .onnx (fp32 or int8), CPU")
+    model.add_argument(
+        "--model", "--onnx", dest="model", metavar="PATH",
+        help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or OpenVINO .xml"
+        " (--onnx is the old name)",
+    )  # fmt: skip
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")
     p.add_argument("--labels", metavar="DIR", help="also write one class-index PNG per frame")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
@@ -52,7 +69,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument("--codec", default="auto", help="encoder: auto (H.264, else mpeg4) or a name")
-    p.add_argument("--fps", type=float, help="source frame rate if it does not say (frames: 30)")
+    p.add_argument(
+        "--fps", type=float,
+        help="frame rate of the input (overrides what the source says; a folder of frames: 30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, metavar="N",
+        help="CPU threads of the network (default: the thread plan, see above)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run the network eagerly")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of fp16 autocast")
@@ -70,18 +94,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--resize must be at least 8 8, got {args.resize[0]} {args.resize[1]}")
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.fps is not None and not args.fps > 0:
-        p.error(f"--fps must be positive, got {args.fps}")
+    low, high = FPS_RANGE
+    if args.fps is not None and not low <= args.fps <= high:  # also refuses nan and inf
+        p.error(f"--fps must be a frame rate between {low:g} and {high:g}, got {args.fps}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output location, before any work: not the input, a writable place."""
+    inputs = [args.input] if args.input and "://" not in args.input else []
     if args.out is not None:
-        check_output_path(args.out)  # before loading anything
-    if args.onnx is not None:
-        predictor: Any = OnnxPredictor(args.onnx, args.resize)
+        check_output_path(args.out)  # a folder, a missing folder, a suffix FFmpeg cannot write
+        check_output_file(args.out, "--out", inputs)
+    if args.json is not None:
+        check_output_file(args.json, "--json", inputs + ([args.out] if args.out else []))
+    if args.labels is not None:
+        check_output_dir(args.labels, "--labels", inputs)
+
+
+def plan_threads(args: argparse.Namespace, device: torch.device) -> int:
+    """The network's CPU threads (0: the runtime's default) from the one thread plan; the reader
+    and writer threads count as busy workers when pipelined."""
+    busy = 0 if args.sequential else 2
+    _, threads = cpu_plan(device.type, busy, args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+    return threads or 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_outputs(args)  # before loading anything
+    device = torch.device("cpu") if args.model is not None else resolve_device(args.device)
+    threads = plan_threads(args, device)
+    if args.model is not None:
+        predictor: Any = ExportedPredictor(args.model, args.resize, threads)
     else:
-        device = resolve_device(args.device)
         model = load_model(args.checkpoint, device, fast=True)
         predictor = TorchPredictor(
             model, model.meta, args.resize, amp=not args.no_amp, cuda_graph=not args.no_cuda_graph
@@ -95,9 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipelined=not args.sequential, progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
+    report["threads"] = threads or torch.get_num_threads()
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -108,8 +157,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run(args)
     except CheckpointError as e:
         raise SystemExit(f"error: --checkpoint: {e}") from None
-    except (VideoError, QuantizationError, OSError) as e:
+    except (VideoError, OutputError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # e.g. the disk filled while writing
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ the checkpoint's palette of ``model((frame - mean) / std).argmax(1)`` computed f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -21,7 +24,9 @@ from PIL import Image
 
 import erfnet
 from erfnet.data.synthetic import synthesize_sample
+from erfnet.runtime import cpu_plan
 from erfnet.video.pipeline import (
+    FrameSource,
     OnnxPredictor,
     TorchPredictor,
     VideoError,
@@ -278,3 +283,234 @@ def test_benchmark_video_smoke(tmp_path: Path) -> None:
     text = format_video_benchmark(result)
     assert "sequential" in text and "pipelined" in text and "FPS" in text
     assert list(tmp_path.iterdir()) == []  # its temporary clip is gone
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single 'error: ...' line of a failed run (no traceback)."""
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("writing")]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def _feed_then_stall(fifo: Path, data: bytes, release: threading.Event) -> None:
+    """A live stream that stalls: ``data``, then nothing (the pipe stays open until release)."""
+    fd = os.open(fifo, os.O_WRONLY)  # waits until the reader opens it
+    try:
+        os.write(fd, data)
+        release.wait(120)
+    finally:
+        os.close(fd)
+
+
+def test_writer_failure_with_a_stalled_source_ends_in_seconds(checkpoint, tmp_path) -> None:
+    """Issue 20.6: the writer fails (an odd frame size mpeg4 cannot encode) while the reader
+    waits on a stream that sends nothing more; the run used to hang at 0 % CPU for ever."""
+    fifo = tmp_path / "stream.y4m"
+    os.mkfifo(fifo)
+    h, w = 63, 128  # odd height: mpeg4 refuses it when the writer opens
+    data = f"YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C444\n".encode() + b"FRAME\n" + bytes(3 * h * w)
+    release = threading.Event()
+    feeder = threading.Thread(target=_feed_then_stall, args=(fifo, data, release), daemon=True)
+    feeder.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "video.py"), str(fifo), "--checkpoint",
+             str(checkpoint), "--out", str(tmp_path / "out.mp4"), "--codec", "mpeg4",
+             "--no-progress"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        release.set()
+        if feeder.is_alive():  # the script never opened the pipe: let the feeder's open return
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(10)
+    assert proc.returncode == 1
+    assert "needs an even frame size" in _one_error_line(proc)
+
+
+class _Stalls:
+    """Frames, then a wait that only the test ends: a live source that stopped sending."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames, self.release = frames, threading.Event()
+
+    def __call__(self):
+        yield from self.frames
+        self.release.wait(60)
+
+
+class _FailsAt:
+    """A predictor whose ``n``-th prediction raises (an error inside the network)."""
+
+    def __init__(self, predictor: TorchPredictor, n: int) -> None:
+        self.inner, self.n, self.calls = predictor, n, 0
+        self.meta, self.backend, self.device = predictor.meta, "torch", predictor.device
+        self.network_size, self.notes, self.preprocess = None, [], predictor.preprocess
+
+    def predict(self, x, size):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("boom")
+        return self.inner.predict(x, size)
+
+
+def _broken(frames: list[np.ndarray]):
+    yield from frames
+    raise VideoError("broken: cannot decode: damaged packet")
+
+
+def _run_in_thread(result: dict, *args, **kwargs) -> None:
+    try:
+        result["report"] = run_video(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - examined by the test
+        result["error"] = e
+
+
+@pytest.mark.parametrize("failing", ["writer", "network", "reader"])
+def test_any_stage_failure_stops_the_pipeline(model, clip, tmp_path, failing) -> None:
+    """Issue 20.6: whichever stage fails, run_video raises its error within seconds (run in a
+    thread here, so a hang fails the test instead of stalling it); frames computed before a
+    reader or network failure are still written."""
+    _, frames = clip
+    stalls = _Stalls([np.zeros((63, 128, 3), np.uint8)] if failing == "writer" else frames[:2])
+    source = FrameSource("stalls", 25.0, 0, False, stalls)
+    predictor = TorchPredictor(model)
+    if failing == "network":
+        source = FrameSource("clip", 25.0, 0, False, lambda: iter(frames))
+        predictor = _FailsAt(predictor, 3)
+    if failing == "reader":
+        source = FrameSource("broken", 25.0, 0, False, lambda: _broken(frames[:2]))
+    out, result = tmp_path / "out.mkv", {}
+    codec = "mpeg4" if failing == "writer" else "ffv1"  # mpeg4 refuses an odd frame size
+    worker = threading.Thread(
+        target=_run_in_thread, args=(result, source, predictor, out), kwargs={"codec": codec}
+    )
+    worker.start()
+    worker.join(30)
+    stalls.release.set()
+    assert not worker.is_alive(), f"run_video hung after a {failing} failure"
+    expected = {"writer": "even frame size", "network": "boom", "reader": "damaged"}[failing]
+    assert expected in str(result.get("error"))
+    if failing != "writer":
+        assert len(decode(out)[0]) == 2  # what was computed before the failure
+
+
+def test_frames_of_another_size_are_one_line(checkpoint, clip, tmp_path) -> None:
+    """A folder whose frames change size mid-stream: one line naming the frame."""
+    _, frames = clip
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames[:3]):
+        Image.fromarray(frame if i != 1 else frame[:-2]).save(folder / f"{i:03d}.png")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "video.py"), str(folder), "--checkpoint",
+         str(checkpoint), "--out", str(tmp_path / "out.mp4"), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "frame 1 is 62x128 (HxW)" in _one_error_line(proc)
+
+
+def _video(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "video.py"), *args, "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_outputs_that_are_the_input_are_refused(checkpoint, clip, tmp_path) -> None:
+    """Issue 20.9: ``--out IN`` used to overwrite its own input (rc 0)."""
+    path, _ = clip
+    before = path.read_bytes()
+    same = path.parent / "." / path.name  # another spelling of the same file
+    proc = _video(str(path), "--checkpoint", str(checkpoint), "--out", str(same))
+    assert proc.returncode == 1
+    assert f"--out {same} is the input" in _one_error_line(proc)
+    assert path.read_bytes() == before
+    for flag, value in (("--json", str(path)), ("--labels", str(tmp_path))):
+        with pytest.raises(SystemExit) as e:  # --labels: the input folder of frames
+            source = str(tmp_path) if flag == "--labels" else str(path)
+            video_script.main([source, "--checkpoint", str(checkpoint), flag, value])
+        assert "input" in str(e.value) and path.read_bytes() == before
+    with pytest.raises(SystemExit) as e:  # an unwritable --json, found before the run
+        video_script.main([str(path), "--checkpoint", str(checkpoint), "--json", "/proc/x.json"])
+    assert "--json /proc/x.json: cannot write there" in str(e.value)
+
+
+@pytest.mark.parametrize("fps", ["inf", "nan", "1e-9", "0", "5000"])
+def test_fps_out_of_range_is_refused(checkpoint, clip, fps) -> None:
+    """``--fps inf`` gave a traceback, ``--fps 1e-9`` silently wrote 24 fps."""
+    path, _ = clip
+    if fps == "inf":  # once through the real entry point
+        proc = _video(str(path), "--checkpoint", str(checkpoint), "--fps", fps)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "--fps must be a frame rate between 0.001 and 1000, got inf" in proc.stderr
+        return
+    with pytest.raises(SystemExit) as e:
+        video_script.parse_args([str(path), "--checkpoint", str(checkpoint), "--fps", fps])
+    assert e.value.code == 2
+
+
+def _variable_rate_clip(path: Path, frames: list[np.ndarray]) -> Path:
+    """An ffv1 clip whose frames are 40 ms apart, then 120 ms: a variable frame rate."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=RATE)
+        stream.width, stream.height, stream.pix_fmt = SIZE[1], SIZE[0], "bgr0"
+        for pts, f in zip((0, 40, 80, 200), frames, strict=False):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_variable_frame_rate_and_threads(checkpoint, clip, tmp_path) -> None:
+    """A variable-frame-rate input is flattened to one rate: a one-line warning says so;
+    ``--threads`` sets the network's threads (the thread plan otherwise)."""
+    vfr = _variable_rate_clip(tmp_path / "vfr.mkv", clip[1])
+    report = tmp_path / "r.json"
+    proc = _video(str(vfr), "--checkpoint", str(checkpoint), "--threads", "1", "--json",
+                  str(report))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {vfr} has a variable frame rate" in proc.stdout
+    assert json.loads(report.read_text())["threads"] == 1
+    steady = video_script.main([str(clip[0]), "--checkpoint", str(checkpoint), "--no-progress"])
+    assert not any("variable frame rate" in n for n in steady["notes"])
+    assert steady["threads"] == (cpu_plan("cpu", 2, None)[1] or torch.get_num_threads())
+
+
+def _openvino_model(onnx_path: Path, out: Path) -> Path:
+    """An OpenVINO IR of ``onnx_path`` with its erfnet metadata, as the exporter writes it."""
+    ov = pytest.importorskip("openvino")
+    from erfnet.deploy.exported import META_KEY
+
+    model = ov.convert_model(str(onnx_path))
+    model.set_rt_info(json.dumps(META), ["erfnet", META_KEY])
+    ov.save_model(model, str(out))
+    return out
+
+
+def test_exported_models_through_the_script(model, checkpoint, clip, tmp_path) -> None:
+    """``--model`` runs an .onnx or an OpenVINO .xml (through load_exported); ``--onnx`` is
+    the old name of the flag."""
+    pytest.importorskip("onnxruntime")
+    from erfnet.deploy.onnx import export_onnx
+
+    path, frames = clip
+    onnx_path = export_onnx(erfnet.load_model(checkpoint), tmp_path / "m.onnx", *SIZE, meta=META)
+    xml = _openvino_model(onnx_path, tmp_path / "m.xml")
+    for flag, exported, backend in (("--onnx", onnx_path, "onnxruntime"),
+                                    ("--model", xml, "openvino")):  # fmt: skip
+        labels, report = tmp_path / f"labels_{backend}", tmp_path / f"{backend}.json"
+        proc = _video(str(path), flag, str(exported), "--labels", str(labels), "--json",
+                      str(report), "--max-frames", "2")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(report.read_text())["backend"] == backend
+        got = np.array(Image.open(labels / "000000.png"))
+        # OpenVINO computes in bf16 by default on CPUs that have it (AMX, AVX512-BF16)
+        agree = 0.999 if backend == "onnxruntime" else 0.95
+        assert (got == reference_labels(model, frames[0])).mean() > agree
+    proc = _video(str(path), "--model", str(tmp_path / "none.xml"))
+    assert proc.returncode == 1
+    assert _one_error_line(proc) == f"error: --model {tmp_path / 'none.xml'}: no such file"

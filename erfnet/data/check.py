@@ -1,10 +1,12 @@
 """Check a dataset's files before training: a fast header pass over every image and label.
 
 Training reads a file only when a batch needs it, so without this pass a bad val image would
-stop a run at its first validation, hours in. ``check_datasets`` opens every file with PIL
-(headers only, plus PNG's chunk checksums: no pixel decoding) and checks that it is an image,
-that the label has the image's size (after EXIF orientation) and that the label is one 8-bit
-channel. All problems are reported at once, in one ``DatasetError`` with their count.
+stop a run at its first validation, hours in. ``check_datasets`` opens every file with PIL and
+checks that it is a complete image (a PNG: every chunk's checksum, no pixel decoding; any other
+format the loader reads - JPEG, BMP, TIFF, WebP - has no such checksums and is fully decoded,
+which finds a truncated or damaged file), that it is within the loader's size bound, that the
+label has the image's size (after EXIF orientation) and that the label is one 8-bit channel.
+All problems are reported at once, in one ``DatasetError`` with their count.
 
 It works on any dataset with ``samples[i].image`` / ``samples[i].label`` (Path or None), like
 ``CityscapesDataset`` and ``FolderDataset``; datasets without ``samples`` are skipped.
@@ -21,7 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from erfnet.data.decode import DatasetError, size_mismatch
+from erfnet.data.decode import DatasetError, open_image, size_mismatch
 
 # Modes of a label PNG: one 8-bit channel (grey ids, or palette indices).
 LABEL_MODES = frozenset({"L", "P"})
@@ -34,17 +36,22 @@ PROGRESS_FROM = 500  # files; below this the pass takes well under a second
 def image_header(path: Path, upright: bool = True) -> tuple[tuple[int, int], str]:
     """((height, width), PIL mode) of an image file, the size as displayed (after the EXIF
     orientation) when ``upright``, else as stored (labels are never rotated); ``DatasetError``
-    for a file that cannot be read or is not a complete image."""
+    for a file that cannot be read, is not a complete image (PNG checksums; other formats are
+    decoded) or is over the loader's size bound."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             (width, height), mode, exif = im.size, im.mode, im.info.get("exif")
             if im.format == "PNG":
                 im.verify()  # every chunk's CRC up to IEND: finds truncated or damaged files
+            else:
+                im.load()  # no checksums to verify: decode it all (PIL raises when truncated)
         orientation = 1
         if exif:
             tags = Image.Exif()
             tags.load(exif)
             orientation = tags.get(0x0112, 1)
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(f"'{path}' does not exist") from None
     except UnidentifiedImageError:

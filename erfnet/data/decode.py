@@ -4,6 +4,13 @@ label loaders share. Every problem is a ``DatasetError`` naming the file.
 PNGs go through libpng (torchvision), or pyspng when it is installed and the file is a plain
 8-bit RGB image or grey label (the same values, faster); other formats through PIL. Images come
 out upright (EXIF orientation applied) as uint8 RGB; a 16-bit image keeps its high byte.
+
+Image size: the project's bound is ``MAX_IMAGE_PIXELS`` (2**31 / 3, about 715 million pixels,
+e.g. 26,000 x 27,000: the uint8 RGB copy then stays under 2 GiB, the largest buffer that every
+decoder and int32-indexed kernel on the path takes). It replaces PIL's decompression-bomb limit
+(179 million pixels), which would refuse real aerial images and panoramas with a traceback;
+a larger file is refused from its header, before any pixel is decoded, with one DatasetError line
+giving its size. Importing this module raises PIL's own limit to this bound (never lowers it).
 """
 
 from __future__ import annotations
@@ -24,6 +31,42 @@ from torchvision.io import ImageReadMode, decode_png, read_file
 class DatasetError(ValueError):
     """Files on disk that cannot be used (unreadable, undecodable, not in the expected layout);
     the message names the path."""
+
+
+MAX_IMAGE_PIXELS = 2**31 // 3
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    # PIL warns above its limit and refuses above twice it; ours is checked by check_pixels.
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def check_pixels(path: os.PathLike, width: int, height: int) -> None:
+    """``DatasetError`` for an image over ``MAX_IMAGE_PIXELS`` (from its header)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DatasetError(
+            f"'{path}' is {width}x{height} (WxH) = {width * height:,} pixels, more than the"
+            f" {MAX_IMAGE_PIXELS:,} an image may have here; downscale or tile it"
+        )
+
+
+def open_image(path: os.PathLike) -> Image.Image:
+    """``PIL.Image.open`` (header only) with the size bound of this module; the caller closes
+    it. PIL's errors pass through, except its decompression-bomb refusal (a DatasetError)."""
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL gives the count
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise DatasetError(
+            f"'{path}' has {count}, more than the {MAX_IMAGE_PIXELS:,} an image may have here;"
+            " downscale or tile it"
+        ) from None
+    try:
+        check_pixels(path, *im.size)
+    except DatasetError:
+        im.close()
+        raise
+    return im
 
 
 def _torch_io_message(e: Exception) -> str:
@@ -64,6 +107,10 @@ def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tenso
             data = read_file(str(path))
         except (RuntimeError, OSError) as e:
             raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
+        head = data[:24].tolist() if data.numel() >= 24 else []
+        if head[12:16] == list(b"IHDR"):  # refuse a huge image before allocating for it
+            size = [int.from_bytes(bytes(head[i : i + 4]), "big") for i in (16, 20)]
+            check_pixels(path, *size)
         try:
             # pyspng does not apply the EXIF orientation: only where none is asked (labels).
             fast = None if exif else _spng_decode(data, mode)
@@ -87,8 +134,10 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     if path.suffix.lower() == ".png":
         return to_uint8(read_png(path, ImageReadMode.RGB, exif=True))
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             rgb = pil_rgb8(im)
+    except DatasetError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files
         raise DatasetError(f"cannot read image '{path}': {e}") from None
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()

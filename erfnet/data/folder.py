@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,12 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import Sample, Transform
-from erfnet.data.decode import DatasetError, check_same_size, load_image
+from erfnet.data.decode import DatasetError, check_same_size, load_image, open_image
 from erfnet.data.transforms import EvalTransform
 
 SPEC_KEYS = (
@@ -122,11 +122,12 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
     names = data.get("names")
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
         raise DatasetError(f'{where}: "names" must be a non-empty list of class names')
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise DatasetError(f'{where}: "names" repeats {dup}')
-    if len(names) > MAX_TRAIN_ID:
+    if len(names) > MAX_TRAIN_ID:  # first: the duplicate listing below is pointless past it
         raise DatasetError(f'{where}: {len(names)} "names"; at most {MAX_TRAIN_ID} classes')
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        shown = repeated[:10] + (["..."] if len(repeated) > 10 else [])
+        raise DatasetError(f'{where}: "names" repeats {shown}')
     palette = data.get("palette")
     ok = isinstance(palette, list) and all(
         isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
@@ -258,7 +259,7 @@ def read_label_values(path: str | os.PathLike) -> np.ndarray:
     """A label image's stored values [H, W] (a palette PNG's indices, never its colours)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             mode = im.mode
             if mode not in _LABEL_MODES:

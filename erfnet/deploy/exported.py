@@ -84,8 +84,9 @@ def _onnx_props(session: Any) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def _openvino_props(compiled: Any) -> dict[str, str]:
-    model = compiled.get_runtime_model()
+def _openvino_props(path: Path) -> dict[str, str]:
+    # Read from the IR itself: a compiled model's runtime model does not keep the rt_info.
+    model = require("openvino").Core().read_model(str(path))
     props = {}
     for key in (META_KEY, OUTPUT_KEY, PRECISION_KEY):
         # the exporter stores each under ["erfnet", key] of the IR's rt_info
@@ -156,7 +157,7 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
             size = _fixed_size(runner.get_inputs()[0].shape)
         else:
             runner = openvino_compiled(path, threads)
-            props = _openvino_props(runner)
+            props = _openvino_props(path)
             pshape = runner.input(0).get_partial_shape()
             size = None if pshape.is_dynamic else tuple(int(d) for d in pshape.to_shape()[-2:])
     except ExportError:

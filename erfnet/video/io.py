@@ -6,7 +6,7 @@ network over them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ _CODEC_OPTIONS = {
     "libx264rgb": {"qp": "0", "preset": "veryfast"},
 }
 DEFAULT_FPS = 30.0  # for a folder of frames or a source that does not say
+# Output frame rates every container here stores as given (mp4, mkv, avi, mov; checked with
+# PyAV 2025: avi caps rates near 600-1000, below 1/1000 the rate fraction degenerates).
+FPS_RANGE = (0.001, 1000.0)
 
 
 class VideoError(ValueError):
@@ -57,6 +60,7 @@ class FrameSource:
     live: bool
     _frames: Callable[[], Iterator[np.ndarray]]
     _close: Callable[[], None] = lambda: None
+    notes: list[str] = field(default_factory=list)  # e.g. a variable frame rate, once seen
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self._frames()
@@ -112,15 +116,46 @@ def _open_av(target: str, name: str, live: bool, **kwargs: Any) -> FrameSource:
     stream.thread_type = "AUTO"  # frame + slice threads inside FFmpeg, off the GIL
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else DEFAULT_FPS
+    source = FrameSource(name, fps, int(stream.frames or 0), live, lambda: iter(()))
 
     def frames() -> Iterator[np.ndarray]:
+        watch = _RateWatch()
         try:
             for frame in container.decode(stream):
+                if not live and watch.varies(frame.pts):
+                    source.notes.append(
+                        f"warning: {name} has a variable frame rate; the output is written at"
+                        f" one constant rate ({fps:g} fps / --every), so its timing differs"
+                    )
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as e:
             raise VideoError(f"{name}: cannot decode: {e.strerror or e}") from None
 
-    return FrameSource(name, fps, int(stream.frames or 0), live, frames, container.close)
+    source._frames, source._close = frames, container.close
+    return source
+
+
+@dataclass
+class _RateWatch:
+    """The time steps between a file's frames (in its time base): a second step that differs
+    by more than a tick of rounding means a variable frame rate."""
+
+    last_pts: int | None = None
+    step: int | None = None
+    variable: bool = False
+
+    def varies(self, pts: int | None) -> bool:
+        """True once: at the first frame whose step differs from the first step."""
+        if pts is None or self.variable:
+            return False
+        if self.last_pts is not None:
+            step = pts - self.last_pts
+            if self.step is None:
+                self.step = step
+            elif abs(step - self.step) > 1:
+                self.variable = True
+        self.last_pts = pts
+        return self.variable
 
 
 def _open_folder(path: Path) -> FrameSource:
@@ -133,7 +168,7 @@ def _open_folder(path: Path) -> FrameSource:
             try:
                 with Image.open(file) as img:
                     yield np.array(img.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                 raise VideoError(f"{file}: cannot read frame: {e}") from None
 
     return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)
@@ -181,6 +216,7 @@ class VideoWriter:
         self.path = check_output_path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.size = (int(size[0]), int(size[1]))
+        check_fps(fps)
         rate = Fraction(fps).limit_denominator(1001)
         candidates = AUTO_CODECS if codec == "auto" else (codec,)
         errors = []
@@ -217,15 +253,37 @@ class VideoWriter:
 
     def write(self, rgb: np.ndarray) -> None:
         if rgb.shape[:2] != self.size:
-            raise VideoError(f"frame of {rgb.shape[:2]} written to a {self.size} video")
+            (h, w), (vh, vw) = rgb.shape[:2], self.size
+            raise VideoError(
+                f"--out {self.path}: a {h}x{w} (HxW) frame for a {vh}x{vw} video; every frame"
+                " must have one size"
+            )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
+        try:
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        except (av.error.FFmpegError, OSError) as e:  # e.g. the disk is full
+            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
 
     def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        except (av.error.FFmpegError, OSError) as e:
+            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
+        finally:
+            self.container.close()
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+
+
+def check_fps(fps: float) -> None:
+    """``VideoError`` unless ``fps`` is an output frame rate within ``FPS_RANGE``."""
+    low, high = FPS_RANGE
+    if not low <= fps <= high:  # also refuses nan and inf
+        raise VideoError(f"output frame rate {fps:g} fps is outside {low:g}..{high:g} fps")
 
 
 def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec: str) -> Path:

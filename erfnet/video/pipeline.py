@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.transforms import normalize, resize_image
-from erfnet.deploy.exported import load_exported, onnx_session
+from erfnet.deploy.exported import ExportError, load_exported
 from erfnet.labels import TRAIN_ID_TO_COLOR
 from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
@@ -52,6 +52,7 @@ from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's publ
     Size,
     VideoError,
     VideoWriter,
+    check_fps,
     check_output_path,
     open_source,
     synthetic_clip,
@@ -60,6 +61,7 @@ from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's publ
 
 __all__ = [
     "STAGES",
+    "ExportedPredictor",
     "FrameSource",
     "OnnxPredictor",
     "TorchPredictor",
@@ -207,38 +209,43 @@ class TorchPredictor:
             self.notes.append(f"CUDA graph not used ({str(e).splitlines()[0]}); eager mode")
 
 
-class OnnxPredictor:
-    """An exported ONNX model (fp32 or int8) on onnxruntime's CPU provider.
-
-    The normalisation and palette come from the model's metadata (written by
-    scripts/export_onnx.py); the graph must take a normalised ``input`` [N, 3, H, W].
-    """
-
-    backend = "onnxruntime"
+class ExportedPredictor:
+    """An exported model (.onnx through onnxruntime, OpenVINO .xml) on the CPU, run through
+    ``erfnet.deploy.exported.load_exported``: normalisation and palette come from the meta the
+    exporter wrote into the file; a graph exported for a fixed size sets the network size."""
 
     def __init__(self, path: str | Path, network_size: Size | None = None, threads: int = 0):
-        path = Path(path)
-        if not path.is_file():
-            raise VideoError(f"--onnx {path}: no such file")
         try:
-            self.session = onnx_session(path, threads)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise VideoError(f"--onnx {path}: cannot load: {str(e).splitlines()[0]}") from None
-        self.meta = load_exported(path, threads).meta
-        self.network_size = tuple(network_size) if network_size else None
+            self.model = load_exported(path, threads)
+        except ExportError as e:
+            raise VideoError(f"--model {e}") from None
+        self.meta = self.model.meta
+        self.backend = "onnxruntime" if self.model.format == "onnx" else "openvino"
+        fixed = self.model.input_size
+        if network_size and fixed and tuple(network_size) != fixed:
+            raise VideoError(
+                f"--model {path} was exported for {fixed[0]}x{fixed[1]} inputs; --resize"
+                f" {network_size[0]} {network_size[1]} cannot be used with it"
+            )
+        self.network_size = tuple(network_size) if network_size else fixed
         self.mean, self.std = _mean_std(self.meta)
-        self.input_name = self.session.get_inputs()[0].name
         self.device = torch.device("cpu")
         self.notes: list[str] = []
 
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        x = preprocess_frame(torch.from_numpy(np.ascontiguousarray(rgb)), self.network_size,
-                        self.mean, self.std)  # fmt: skip
-        return x.numpy()
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        frame = torch.from_numpy(np.ascontiguousarray(rgb))
+        return preprocess_frame(frame, self.network_size, self.mean, self.std)
 
-    def predict(self, x: np.ndarray, frame_size: Size) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: x})[0]
-        return _labels(torch.from_numpy(logits), frame_size).numpy()
+    def predict(self, x: torch.Tensor, frame_size: Size) -> np.ndarray:
+        out = self.model(x)
+        if self.model.output == "labels":  # argmax inside the graph: resize the labels
+            if tuple(out.shape[-2:]) != tuple(frame_size):
+                out = F.interpolate(out[:, None].float(), size=frame_size, mode="nearest")[:, 0]
+            return out[0].to(torch.uint8).numpy()
+        return _labels(out, frame_size).numpy()
+
+
+OnnxPredictor = ExportedPredictor  # the name before OpenVINO files were accepted
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,28 +263,92 @@ class _Timer:
         return now
 
 
-_END = object()
+@dataclass
+class _Stages:
+    """The stage functions of one run and what they share: the reader side (decode,
+    preprocess), the network, and the writer side (colour, encode); each is timed."""
 
+    source: FrameSource
+    predictor: Any
+    out: Path | None
+    labels_dir: Path | None
+    every: int
+    max_frames: int | None
+    alpha: float
+    codec: str
+    out_fps: float
+    lut: np.ndarray
+    log: Callable[[str], None] | None = None
+    bar: Any = None
+    timer: _Timer = field(default_factory=_Timer)
+    writer: VideoWriter | None = None
+    frames: int = 0
+    dropped: int = 0
+    size: Size | None = None
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+    def read(self) -> Iterator[tuple[int, np.ndarray, Any]]:
+        """Decode and preprocess; yields (frame index, frame, network input)."""
+        kept = index = 0
+        frames = iter(self.source)
+        while self.max_frames is None or kept < self.max_frames:
+            t = time.perf_counter()
+            try:
+                rgb = next(frames)
+            except StopIteration:
+                return
+            t = self.timer.add("decode", t)
+            if index % self.every == 0:
+                x = self.predictor.preprocess(rgb)
+                self.timer.add("preprocess", t)
+                kept += 1
+                yield index, rgb, x
+            index += 1
 
+    def network(self, rgb: np.ndarray, x: Any) -> np.ndarray:
+        t = time.perf_counter()
+        labels = self.predictor.predict(x, rgb.shape[:2])
+        self.timer.add("network", t)
+        self.size = rgb.shape[:2]
+        return labels
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Put without blocking forever: False once the run is being stopped."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
+    def write(self, index: int, rgb: np.ndarray, labels: np.ndarray) -> None:
+        """Colour and encode."""
+        t = time.perf_counter()
+        image = blend(rgb, self.lut[labels], self.alpha)
+        t = self.timer.add("postprocess", t)
+        if self.out is not None:
+            if self.writer is None:
+                self.writer = VideoWriter(self.out, self.out_fps, rgb.shape[:2], self.codec)
+                self._log_writer()
+            if rgb.shape[:2] != self.writer.size:
+                (h, w), (vh, vw) = rgb.shape[:2], self.writer.size
+                raise VideoError(
+                    f"{self.source.name}: frame {index} is {h}x{w} (HxW) but the video being"
+                    f" written ({self.out}) is {vh}x{vw}; every frame must have one size"
+                )
+            self.writer.write(image)
+        if self.labels_dir is not None:
+            path = self.labels_dir / f"{index:06d}.png"
+            try:
+                Image.fromarray(labels).save(path, compress_level=1)
+            except OSError as e:
+                raise VideoError(f"--labels: cannot write {path}: {e.strerror or e}") from None
+        self.timer.add("encode", t)
+        self.frames += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _log_writer(self) -> None:
+        if self.log and self.writer is not None:
+            name = self.writer.codec
+            kind = "H.264" if "264" in name else "fallback: no H.264 encoder here"
+            kind = kind if self.codec == "auto" else "as asked"
+            self.log(f"writing {self.out} with {name} ({kind}) at {self.out_fps:g} fps")
 
 
 def run_video(
     source: FrameSource,
-    predictor: TorchPredictor | OnnxPredictor,
+    predictor: TorchPredictor | ExportedPredictor,
     out: str | Path | None = None,
     *,
     every: int = 1,
@@ -294,201 +365,206 @@ def run_video(
     """Segment every ``every``-th frame of ``source`` (at most ``max_frames`` of them), write the
     palette blended over the frame to ``out`` at the source's rate / ``every`` and, with
     ``labels_dir``, one class-index PNG per frame (``<frame index>.png``). Returns the report
-    (``format_report`` prints it). Ctrl-C stops cleanly with what was written so far."""
+    (``format_report`` prints it). Ctrl-C stops cleanly with what was written so far; a failure
+    of any stage stops the others and is raised here (one ``VideoError`` line where it is ours).
+    """
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if out is not None:
-        check_output_path(out)
+        out = check_output_path(out)
     labels_dir = Path(labels_dir) if labels_dir is not None else None
     if labels_dir is not None:
         if labels_dir.exists() and not labels_dir.is_dir():
             raise VideoError(f"--labels {labels_dir} is a file, not a folder")
         labels_dir.mkdir(parents=True, exist_ok=True)
-    lut = color_lut(predictor.meta)
-    out_fps = (fps or source.fps) / every
-    timer = _Timer()
-    state: dict[str, Any] = {"writer": None, "frames": 0, "dropped": 0, "size": None}
-    total = source.frames // every if source.frames else None
-    if max_frames:
-        total = min(total, max_frames) if total else max_frames
-    bar = None
+    run = _Stages(
+        source, predictor, out, labels_dir, every, max_frames, alpha, codec,
+        out_fps=(fps or source.fps) / every, lut=color_lut(predictor.meta), log=log,
+    )  # fmt: skip
+    if out is not None:
+        check_fps(run.out_fps)
     if progress:
-        bar = tqdm(total=total, unit="frame", desc="video", dynamic_ncols=True)
-
-    def read() -> Iterator[tuple[int, np.ndarray, Any]]:
-        """Decode and preprocess (reader side); yields (frame index, frame, network input)."""
-        kept = 0
-        frames = iter(source)
-        index = 0
-        while max_frames is None or kept < max_frames:
-            t = time.perf_counter()
-            try:
-                rgb = next(frames)
-            except StopIteration:
-                return
-            t = timer.add("decode", t)
-            if index % every == 0:
-                x = predictor.preprocess(rgb)
-                timer.add("preprocess", t)
-                kept += 1
-                yield index, rgb, x
-            index += 1
-
-    def write(index: int, rgb: np.ndarray, labels: np.ndarray) -> None:
-        """Colour and encode (writer side)."""
-        t = time.perf_counter()
-        image = blend(rgb, lut[labels], alpha)
-        t = timer.add("postprocess", t)
-        if out is not None:
-            if state["writer"] is None:
-                state["writer"] = VideoWriter(out, out_fps, rgb.shape[:2], codec)
-                if log:
-                    name = state["writer"].codec
-                    kind = "H.264" if "264" in name else "fallback: no H.264 encoder here"
-                    kind = kind if codec == "auto" else "as asked"
-                    log(f"writing {out} with {name} ({kind}) at {out_fps:g} fps")
-            state["writer"].write(image)
-        if labels_dir is not None:
-            Image.fromarray(labels).save(labels_dir / f"{index:06d}.png", compress_level=1)
-        timer.add("encode", t)
-        state["frames"] += 1
-        if bar is not None:
-            bar.update(1)
-
-    def network(rgb: np.ndarray, x: Any) -> np.ndarray:
-        t = time.perf_counter()
-        labels = predictor.predict(x, rgb.shape[:2])
-        timer.add("network", t)
-        state["size"] = rgb.shape[:2]
-        return labels
-
+        total = source.frames // every if source.frames else None
+        if max_frames:
+            total = min(total, max_frames) if total else max_frames
+        run.bar = tqdm(total=total, unit="frame", desc="video", dynamic_ncols=True)
     start = time.perf_counter()
-    interrupted = False
+    interrupted, reader_done = False, True
     try:
         if pipelined:
-            interrupted = _run_pipelined(read, network, write, source.live, queue_size, state)
+            interrupted, reader_done = _run_pipelined(run, queue_size)
         else:
             try:
-                for index, rgb, x in read():
-                    write(index, rgb, network(rgb, x))
+                for index, rgb, x in run.read():
+                    run.write(index, rgb, run.network(rgb, x))
             except KeyboardInterrupt:
                 interrupted = True
     finally:
-        if state["writer"] is not None:
-            state["writer"].close()
-        if bar is not None:
-            bar.close()
-        source.close()
+        _close(run, reader_done)
     wall = time.perf_counter() - start
-    n = state["frames"]
-    if n == 0 and not interrupted:
+    if run.frames == 0 and not interrupted:
         raise VideoError(f"{source.name}: no frames were decoded")
-    report: dict[str, Any] = {
-        "source": source.name,
+    return _report(run, pipelined, wall, interrupted)
+
+
+def _close(run: _Stages, reader_done: bool) -> None:
+    """Finish the output and close the source (not while a stalled reader is still inside it:
+    closing a container under a blocked read is unsafe; the process exit ends that thread)."""
+    try:
+        if run.writer is not None:
+            run.writer.close()
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+        if reader_done:
+            run.source.close()
+
+
+def _report(run: _Stages, pipelined: bool, wall: float, interrupted: bool) -> dict[str, Any]:
+    n, totals, predictor = run.frames, run.timer.totals, run.predictor
+    return {
+        "source": run.source.name,
         "mode": "pipelined" if pipelined else "sequential",
         "backend": predictor.backend,
         "device": str(predictor.device),
         "frames": n,
-        "dropped": state["dropped"],
-        "frame_size": list(state["size"]) if state["size"] else None,
-        "network_size": list(predictor.network_size or state["size"] or ()),
-        "every": every,
-        "out": str(out) if out is not None else None,
-        "codec": state["writer"].codec if state["writer"] is not None else None,
-        "out_fps": out_fps,
+        "dropped": run.dropped,
+        "frame_size": list(run.size) if run.size else None,
+        "network_size": list(predictor.network_size or run.size or ()),
+        "every": run.every,
+        "out": str(run.out) if run.out is not None else None,
+        "codec": run.writer.codec if run.writer is not None else None,
+        "out_fps": run.out_fps,
         "wall_s": wall,
         "fps": n / wall if wall > 0 else 0.0,
         "stages": {
-            s: {"mean_ms": 1e3 * timer.totals[s] / max(n, 1), "share": timer.totals[s] / wall}
-            for s in STAGES
+            s: {"mean_ms": 1e3 * totals[s] / max(n, 1), "share": totals[s] / wall} for s in STAGES
         },
         "interrupted": interrupted,
-        "notes": list(predictor.notes),
+        "notes": list(predictor.notes) + list(run.source.notes),
     }
-    return report
 
 
-def _run_pipelined(
-    read: Callable[[], Iterator[tuple[int, np.ndarray, Any]]],
-    network: Callable[[np.ndarray, Any], np.ndarray],
-    write: Callable[[int, np.ndarray, np.ndarray], None],
-    live: bool,
-    queue_size: int,
-    state: dict[str, Any],
-) -> bool:
-    """Reader thread -> network on this thread -> writer thread; errors re-raised here."""
+# The pipeline's threads share one ``_Channel``: its ``stop`` event ends every stage within a
+# queue timeout, and the first failure of any stage is the one raised. A reader or network
+# failure ends the stream in order (the writer still encodes what was computed before it); a
+# writer failure stops everything at once. No stage waits on a queue without a timeout.
+_END = object()  # the end of the stream, in order behind the last frame
+_STOPPED = object()  # what a get returns once the run is being stopped
+_POLL_S = 0.1  # how often a waiting stage looks at the stop event
+_READER_JOIN_S = 2.0  # a reader blocked in a stalled stream is left behind after this
+
+
+@dataclass
+class _Channel:
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def fail(self, error: BaseException, stop: bool = True) -> None:
+        if not self.errors:
+            self.errors.append(error)
+        if stop:
+            self.stop.set()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put without blocking forever: False once the run is being stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    """Get without blocking forever: ``_STOPPED`` once the run is being stopped."""
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            if stop.is_set():
+                return _STOPPED
+
+
+def _put_latest(q: queue.Queue, item: Any, run: _Stages) -> None:
+    """Live sources: never fall behind a camera, replace the oldest waiting frame."""
+    while True:
+        try:
+            q.put_nowait(item)
+            return
+        except queue.Full:
+            try:
+                q.get_nowait()
+                run.dropped += 1
+            except queue.Empty:
+                pass
+
+
+def _reader(run: _Stages, inputs: queue.Queue, channel: _Channel) -> None:
+    try:
+        for item in run.read():
+            if channel.stop.is_set():
+                return
+            if run.source.live:
+                _put_latest(inputs, item, run)
+            elif not _put(inputs, item, channel.stop):
+                return
+    except BaseException as e:  # noqa: BLE001 - raised by the main thread
+        channel.fail(e, stop=False)  # what was decoded before it still flows through
+    _put(inputs, _END, channel.stop)
+
+
+def _writer(run: _Stages, outputs: queue.Queue, channel: _Channel) -> None:
+    while True:
+        item = _get(outputs, channel.stop)
+        if item is _END or item is _STOPPED:
+            return
+        try:
+            run.write(*item)
+        except BaseException as e:  # noqa: BLE001 - raised by the main thread
+            channel.fail(e)  # nothing downstream to finish: stop every stage now
+            return
+
+
+def _run_pipelined(run: _Stages, queue_size: int) -> tuple[bool, bool]:
+    """Reader thread -> network on this thread -> writer thread; the first failure of any of
+    them is raised here once all have stopped. Returns (interrupted, reader finished)."""
     inputs: queue.Queue = queue.Queue(maxsize=queue_size)
     outputs: queue.Queue = queue.Queue(maxsize=queue_size)
-    stop = threading.Event()
-
-    def reader() -> None:
-        try:
-            for item in read():
-                if live:  # never fall behind a camera: replace the oldest waiting frame
-                    while True:
-                        try:
-                            inputs.put_nowait(item)
-                            break
-                        except queue.Full:
-                            try:
-                                inputs.get_nowait()
-                                state["dropped"] += 1
-                            except queue.Empty:
-                                pass
-                        if stop.is_set():
-                            return
-                elif not _put(inputs, item, stop):
-                    return
-            _put(inputs, _END, stop)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            _put(inputs, _Failed(e), stop)
-
-    def writer() -> None:
-        while True:
-            item = outputs.get()
-            if item is _END:
-                return
-            try:
-                write(*item)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                state["write_error"] = e
-                stop.set()
-                return
-
-    threads = [threading.Thread(target=reader, daemon=True, name="video-reader"),
-               threading.Thread(target=writer, daemon=True, name="video-writer")]  # fmt: skip
-    for t in threads:
-        t.start()
+    channel = _Channel()
+    reader = threading.Thread(
+        target=_reader, args=(run, inputs, channel), daemon=True, name="video-reader"
+    )
+    writer = threading.Thread(
+        target=_writer, args=(run, outputs, channel), daemon=True, name="video-writer"
+    )
+    reader.start()
+    writer.start()
     interrupted = False
     try:
-        while not stop.is_set():
-            item = inputs.get()
-            if item is _END:
+        while True:
+            item = _get(inputs, channel.stop)
+            if item is _END or item is _STOPPED:
                 break
-            if isinstance(item, _Failed):
-                raise item.error
             index, rgb, x = item
-            labels = network(rgb, x)
-            if not _put(outputs, (index, rgb, labels), stop):
+            if not _put(outputs, (index, rgb, run.network(rgb, x)), channel.stop):
                 break
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException as e:  # noqa: BLE001 - the network failed: finish what was computed
+        channel.fail(e, stop=False)
     finally:
-        if not stop.is_set():  # the writer drains what the network finished, then ends
-            outputs.put(_END)
-        threads[1].join()
-        stop.set()  # tell the reader to stop, and unblock it if it waits on a full queue
-        while True:
-            try:
-                inputs.get_nowait()
-            except queue.Empty:
-                break
-        threads[0].join(timeout=5)
-    if "write_error" in state:
-        raise state.pop("write_error")
-    return interrupted
+        _put(outputs, _END, channel.stop)  # the writer encodes what is queued, then ends
+        writer.join()
+        channel.stop.set()  # the reader stops at its next frame or queue wait
+        reader.join(timeout=_READER_JOIN_S)
+    if channel.errors:
+        raise channel.errors[0]
+    return interrupted, not reader.is_alive()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from erfnet.checkpoint import cityscapes_meta, load_model
 from erfnet.fuse import optimize_for_inference
 from erfnet.model import ERFNet
 from erfnet.video.io import Size, open_source, synthetic_clip, write_clip
-from erfnet.video.pipeline import OnnxPredictor, TorchPredictor, run_video
+from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, run_video
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -79,7 +79,7 @@ def benchmark_video(
     """
     device = torch.device(device)
     if onnx is not None:
-        predictor: TorchPredictor | OnnxPredictor = OnnxPredictor(onnx, network_size)
+        predictor: TorchPredictor | ExportedPredictor = ExportedPredictor(onnx, network_size)
     elif checkpoint is not None:
         model = load_model(checkpoint, device, fast=True)
         predictor = TorchPredictor(model, model.meta, network_size)

@@ -5,18 +5,24 @@ that the loader memory-maps instead of decoding PNGs (``prepare_cityscapes.py --
     DIR/<split>/images.u8      every image as uint8 [3, H, W] (C, H, W order), back to back
     DIR/<split>/labels.u8      every label as uint8 trainIds [H, W]
     DIR/<split>/manifest.json  per sample: source files (path relative to the root, size,
-                               mtime), shape and offsets; written last
+                               mtime), shape, offsets and a CRC-32 of the image's and of the
+                               label's bytes; written last
 
 A cache is refused with a ``CacheError`` naming what is wrong when its manifest is missing (the
-writer did not finish), a data file is shorter than the manifest says (truncated), or a source
-file was added, removed or changed (size or mtime) since it was written. Cityscapes train takes
-2975 x 2048 x 1024 x 3 bytes = 18.7 GB of images and 6.2 GB of labels.
+writer did not finish) or malformed (not the layout above, samples that do not tile the data
+files), a data file's size differs from what the manifest says (truncated), or a source file was
+added, removed or changed (size or mtime) since it was written. Each sample's bytes are checked
+against their CRC-32 whenever the sample is read (zlib.crc32, a few ms per full-size Cityscapes
+pair: see docs/data.md), so a data file damaged or overwritten in place with the same size stops
+the run with one line naming the sample instead of training on damaged pixels. Cityscapes train
+takes 2975 x 2048 x 1024 x 3 bytes = 18.7 GB of images and 6.2 GB of labels.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ from tqdm import tqdm
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
 
-VERSION = 1
+VERSION = 2  # 2: per-sample CRC-32s
 MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
 REBUILD = "rebuild it with: python scripts/prepare_cityscapes.py --root ROOT --cache DIR"
 
@@ -95,9 +101,13 @@ def write_cache(
             if image is None:
                 raise CacheError(label)
             h, w = int(image.shape[1]), int(image.shape[2])
-            entries[i].update(height=h, width=w, image_offset=img_off, label_offset=lab_off)
-            fi.write(image.contiguous().numpy().tobytes())
-            fl.write(label.contiguous().numpy().tobytes())
+            image_bytes = image.contiguous().numpy().tobytes()
+            label_bytes = label.contiguous().numpy().tobytes()
+            entries[i].update(height=h, width=w, image_offset=img_off, label_offset=lab_off,
+                              image_crc32=zlib.crc32(image_bytes),
+                              label_crc32=zlib.crc32(label_bytes))  # fmt: skip
+            fi.write(image_bytes)
+            fl.write(label_bytes)
             img_off, lab_off = img_off + 3 * h * w, lab_off + h * w
             bar.update(1)
     manifest = {"version": VERSION, "split": split, "root": str(dataset.root.resolve()),
@@ -106,6 +116,43 @@ def write_cache(
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, folder / MANIFEST)
     return {"images": len(entries), "bytes": img_off + lab_off, "folder": str(folder)}
+
+
+_ENTRY_INTS = ("height", "width", "image_offset", "label_offset", "image_crc32", "label_crc32")
+
+
+def _read_manifest(folder: Path) -> list[dict[str, Any]]:
+    """The manifest's samples after checking its layout: a JSON object of this version, samples
+    with a name, a shape and CRCs that tile the data files back to back, whose sizes match."""
+    path = folder / MANIFEST
+    where = f"decoded cache '{path}'"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{where} is unreadable ({e}); {REBUILD}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("samples"), list):
+        raise CacheError(f'{where} is not a manifest (a JSON object with "samples"); {REBUILD}')
+    if manifest.get("version") != VERSION:
+        raise CacheError(f"decoded cache '{folder}' has version {manifest.get('version')}, this "
+                         f"code reads {VERSION}; {REBUILD}")  # fmt: skip
+    img_end = lab_end = 0
+    for n, e in enumerate(manifest["samples"]):
+        ok = isinstance(e, dict) and isinstance(e.get("name"), str)
+        ok = ok and all(isinstance(e.get(k), int) and e[k] >= 0 for k in _ENTRY_INTS)
+        if not ok:
+            raise CacheError(f"{where}: sample {n} lacks a name, shape, offsets or CRCs; {REBUILD}")
+        if (e["image_offset"], e["label_offset"]) != (img_end, lab_end):
+            raise CacheError(f"{where}: sample {n} ({e['name']}) does not start where the one "
+                             f"before it ends; {REBUILD}")  # fmt: skip
+        img_end += 3 * e["height"] * e["width"]
+        lab_end += e["height"] * e["width"]
+    for name, want in ((IMAGES, img_end), (LABELS, lab_end)):
+        have = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if have != want:
+            raise CacheError(f"decoded cache '{folder / name}' is {have} bytes, its manifest's "
+                             f"{len(manifest['samples'])} samples need {want}: truncated or "
+                             f"partial; {REBUILD}")  # fmt: skip
+    return manifest["samples"]
 
 
 def check_cache(folder: Path, dataset: CityscapesDataset) -> list[dict[str, Any]]:
@@ -118,19 +165,7 @@ def check_cache(folder: Path, dataset: CityscapesDataset) -> list[dict[str, Any]
             f"decoded cache '{folder}': {detail} (not a cache, or its writer was interrupted); "
             + REBUILD
         )
-    try:
-        manifest = json.loads(path.read_text())
-        samples, expected = manifest["samples"], (manifest["image_bytes"], manifest["label_bytes"])
-    except (ValueError, KeyError) as e:
-        raise CacheError(f"decoded cache '{path}' is unreadable ({e}); {REBUILD}") from None
-    if manifest.get("version") != VERSION:
-        raise CacheError(f"decoded cache '{folder}' has version {manifest.get('version')}, this "
-                         f"code reads {VERSION}; {REBUILD}")  # fmt: skip
-    for name, want in zip((IMAGES, LABELS), expected, strict=True):
-        have = (folder / name).stat().st_size if (folder / name).is_file() else 0
-        if have != want:
-            raise CacheError(f"decoded cache '{folder / name}' is {have} bytes, its manifest says "
-                             f"{want}: truncated or partial; {REBUILD}")  # fmt: skip
+    samples = _read_manifest(folder)
     by_name = {e["name"]: e for e in samples}
     names = [s.name for s in dataset.samples]
     missing = [n for n in names if n not in by_name]
@@ -142,7 +177,7 @@ def check_cache(folder: Path, dataset: CityscapesDataset) -> list[dict[str, Any]
     for s in dataset.samples:
         now, then = _sources(dataset, s), by_name[s.name]
         for key in ("image", "label"):
-            if now[key] != then[key]:
+            if now[key] != then.get(key):
                 src = now[key]["path"] if now[key] else key
                 raise CacheError(f"decoded cache '{folder}' is stale: '{src}' changed since it was "
                                  f"written (size or modification time); {REBUILD}")  # fmt: skip
@@ -177,8 +212,16 @@ class CachedCityscapesDataset(CityscapesDataset):
                           np.memmap(self.cache_folder / LABELS, np.uint8, mode="c"))  # fmt: skip
         e, (images, labels) = self.entries[index], self._maps
         h, w, i, j = e["height"], e["width"], e["image_offset"], e["label_offset"]
-        image = torch.from_numpy(images[i : i + 3 * h * w].reshape(3, h, w))
-        return image, torch.from_numpy(labels[j : j + h * w].reshape(h, w))
+        image, label = images[i : i + 3 * h * w], labels[j : j + h * w]
+        # zlib releases the GIL; one pass over bytes the transform reads next anyway
+        checks = ((IMAGES, image, e["image_crc32"]), (LABELS, label, e["label_crc32"]))
+        for name, data, want in checks:
+            if zlib.crc32(data) != want:
+                raise CacheError(
+                    f"decoded cache '{self.cache_folder / name}': the bytes of {e['name']} do not"
+                    f" match their checksum (the file was damaged or overwritten); {REBUILD}"
+                )
+        return torch.from_numpy(image.reshape(3, h, w)), torch.from_numpy(label.reshape(h, w))
 
     def __repr__(self) -> str:
         return (
