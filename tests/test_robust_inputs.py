@@ -113,6 +113,27 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def _png_blank(path: Path, width: int, height: int) -> Path:
+    """A complete 1-bit grey PNG of width x height zeros (small to write at any size)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    squeeze = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
+                     + _chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def _png_short_data(path: Path, width: int = 32, height: int = 24) -> Path:
+    """An RGB PNG whose chunks and checksums are valid but whose image data holds half the rows
+    (torchvision's libpng decoder kills the process on it: "Not enough image data")."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\0" + bytes(3 * width) for _ in range(height // 2))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+                     + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
 def _jpeg_claiming(path: Path, width: int, height: int) -> Path:
     """A tiny JPEG whose frame header (SOF0) claims width x height."""
     data = bytearray(_jpeg(np.zeros((8, 8, 3), np.uint8)))
@@ -125,8 +146,8 @@ def _jpeg_claiming(path: Path, width: int, height: int) -> Path:
 def test_images_over_pil_bomb_limit_work_or_are_refused_in_one_line(tmp_path: Path) -> None:
     """PIL refuses over 179 M pixels with a DecompressionBombError traceback: a 20000 x 20000
     header is now read (the project's bound is MAX_IMAGE_PIXELS); beyond the bound, one line."""
-    big = _png_header_only(tmp_path / "big.png", 20000, 20000)
-    assert image_header(big) == ((20000, 20000), "RGB")
+    big = _png_blank(tmp_path / "big.png", 20000, 20000)
+    assert image_header(big) == ((20000, 20000), "1")
     assert 20000 * 20000 <= MAX_IMAGE_PIXELS < 30000 * 30000
     for path in (_png_header_only(tmp_path / "huge.png", 30000, 30000),
                  _jpeg_claiming(tmp_path / "huge.jpg", 30000, 30000)):  # fmt: skip
@@ -140,6 +161,39 @@ def test_images_over_pil_bomb_limit_work_or_are_refused_in_one_line(tmp_path: Pa
     for read in (image_header, load_image):
         with pytest.raises(DatasetError, match=r"has 1,600,000,000 pixels, more than the 715,82"):
             read(wider)
+
+
+def test_data_check_finds_png_data_shorter_than_its_size(tmp_path: Path) -> None:
+    """Valid chunks and checksums, half the pixel data: the data check names the file, before a
+    loader's libpng would abort the whole process on it; complete PNGs of every kind pass."""
+    rng = np.random.default_rng(0)
+    for mode, shape in (("RGB", (*SIZE, 3)), ("L", SIZE), ("RGBA", (*SIZE, 4))):
+        for interlace in (0, 1):
+            good = tmp_path / f"{mode}{interlace}.png"
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+                good, interlace=interlace
+            )
+            assert image_header(good)[0] == SIZE
+    palette = tmp_path / "P.png"
+    Image.fromarray(rng.integers(0, 5, SIZE, dtype=np.uint8)).convert("P").save(palette)
+    sixteen = tmp_path / "I16.png"
+    Image.fromarray(rng.integers(0, 60000, SIZE).astype(np.uint16)).save(sixteen)
+    assert image_header(palette)[0] == image_header(sixteen)[0] == SIZE
+    short = _png_short_data(tmp_path / "short.png")  # 12 of 24 rows of 1 + 3 * 32 bytes
+    with pytest.raises(DatasetError, match=r"holds 1164 of the 2328 bytes a 32x24 PNG needs"):
+        image_header(short)
+
+
+def test_train_stops_at_the_data_check_for_short_png_data(tmp_path: Path) -> None:
+    classes = _folder_dataset(tmp_path / "data")
+    bad = _png_short_data(tmp_path / "data" / "labels" / "val" / "1.png")
+    proc = _run(
+        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
+        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--workers", "0",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 1  # not -11: the file never reached libpng
+    assert f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
 
 
 def test_data_check_names_an_oversized_image_in_train(tmp_path: Path) -> None:

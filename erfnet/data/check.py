@@ -2,10 +2,11 @@
 
 Training reads a file only when a batch needs it, so without this pass a bad val image would
 stop a run at its first validation, hours in. ``check_datasets`` opens every file with PIL and
-checks that it is a complete image (a PNG: every chunk's checksum, no pixel decoding; any other
-format the loader reads - JPEG, BMP, TIFF, WebP - has no such checksums and is fully decoded,
-which finds a truncated or damaged file), that it is within the loader's size bound, that the
-label has the image's size (after EXIF orientation) and that the label is one 8-bit channel.
+checks that it is a complete image (a PNG: every chunk's checksum and the inflated size of its
+image data, no unfiltering; any other format the loader reads - JPEG, BMP, TIFF, WebP - has no
+such checksums and is fully decoded, which finds a truncated or damaged file), that it is within
+the loader's size bound, that the label has the image's size (after EXIF orientation) and that
+the label is one 8-bit channel.
 All problems are reported at once, in one ``DatasetError`` with their count.
 
 It works on any dataset with ``samples[i].image`` / ``samples[i].label`` (Path or None), like
@@ -15,6 +16,8 @@ Label *values* are checked when a label is decoded (``load_label``), not here.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +46,7 @@ def image_header(path: Path, upright: bool = True) -> tuple[tuple[int, int], str
             (width, height), mode, exif = im.size, im.mode, im.info.get("exif")
             if im.format == "PNG":
                 im.verify()  # every chunk's CRC up to IEND: finds truncated or damaged files
+                check_png_data(path)  # valid chunks can still hold too little pixel data
             else:
                 im.load()  # no checksums to verify: decode it all (PIL raises when truncated)
         orientation = 1
@@ -61,6 +65,64 @@ def image_header(path: Path, upright: bool = True) -> tuple[tuple[int, int], str
     if upright and orientation in _SWAPS_SIZE:
         width, height = height, width
     return (height, width), mode
+
+
+# Samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's passes: (x start, y start, x step, y step).
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+_INFLATE_STEP = 1 << 20  # bytes inflated at a time: memory stays small for any image size
+
+
+def png_data_size(width: int, height: int, bit_depth: int, color_type: int, interlace: int) -> int:
+    """Bytes of filtered scanlines (one filter byte per row) a complete PNG's IDAT inflates to."""
+    bits = _PNG_CHANNELS.get(color_type, 4) * bit_depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if w > 0 and h > 0:
+            total += h * (1 + (w * bits + 7) // 8)
+    return total
+
+
+def check_png_data(path: Path) -> None:
+    """``DatasetError`` when a PNG's image data inflates to fewer bytes than its size needs.
+
+    Chunk checksums cannot see it (the chunks are whole, they just hold too little), PIL's
+    ``verify`` does not inflate, and torchvision's libpng decoder aborts the whole process on
+    such a file ("Not enough image data"), so it must be found here, before a loader reads it.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    need = png_data_size(width, height, bit_depth, color_type, interlace)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    try:
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            if kind == b"IDAT":
+                chunk = data[pos + 8 : pos + 8 + length]
+                while chunk and got < need:
+                    got += len(inflate.decompress(chunk, _INFLATE_STEP))
+                    chunk = inflate.unconsumed_tail
+            pos += 12 + length
+        got += len(inflate.flush())
+    except zlib.error as e:
+        raise DatasetError(f"cannot decode '{path}' (corrupt image data): {e}") from None
+    if got < need:
+        raise DatasetError(
+            f"cannot decode '{path}' (truncated?): its image data holds {got} of the {need}"
+            f" bytes a {width}x{height} PNG needs"
+        )
 
 
 def check_sample(
