@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +105,44 @@ def ohem_keep_mask(
     return (valid & (prob < threshold)).to(logits.dtype)
 
 
+@dataclass
+class SegmentationCriterion:
+    """mmseg's CrossEntropyLoss as configured by train.py's loss flags (see ``make_criterion``)."""
+
+    ignore_index: int = IGNORE_INDEX
+    average_over: str = "all"
+    class_weights: tuple[float, ...] | None = None
+    ohem: tuple[float, int] | None = None
+    # the class weights as a tensor, one copy per (device, dtype) the logits come in
+    _weight_tensors: dict = field(default_factory=dict, repr=False)
+
+    def class_weight(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.class_weights is None:
+            return None
+        key = (logits.device, logits.dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(
+                self.class_weights, dtype=key[1], device=key[0]
+            )
+        return self._weight_tensors[key]
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pixel_weight = None
+        if self.ohem is not None:
+            thresh, min_kept = self.ohem
+            pixel_weight = ohem_keep_mask(
+                logits, labels, thresh=thresh, min_kept=min_kept, ignore_index=self.ignore_index
+            )
+        return segmentation_loss(
+            logits,
+            labels,
+            ignore_index=self.ignore_index,
+            average_over=self.average_over,
+            class_weight=self.class_weight(logits),
+            pixel_weight=pixel_weight,
+        )
+
+
 def make_criterion(
     *,
     ignore_index: int = IGNORE_INDEX,
@@ -118,32 +157,12 @@ def make_criterion(
     OHEMPixelSampler; the kept mask multiplies the per-pixel loss, and the denominator stays the
     one ``avg_non_ignore`` chooses, as in mmseg (``weight=seg_weight`` of its loss).
     """
-    average_over = "labelled" if avg_non_ignore else "all"
-    weight_values = None if class_weights is None else [float(w) for w in class_weights]
-    weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one copy each
-
-    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        class_weight = None
-        if weight_values is not None:
-            key = (logits.device, logits.dtype)
-            if key not in weight_tensors:
-                weight_tensors[key] = torch.tensor(weight_values, dtype=key[1], device=key[0])
-            class_weight = weight_tensors[key]
-        pixel_weight = None
-        if ohem is not None:
-            pixel_weight = ohem_keep_mask(
-                logits, labels, thresh=ohem[0], min_kept=ohem[1], ignore_index=ignore_index
-            )
-        return segmentation_loss(
-            logits,
-            labels,
-            ignore_index=ignore_index,
-            average_over=average_over,
-            class_weight=class_weight,
-            pixel_weight=pixel_weight,
-        )
-
-    return criterion
+    return SegmentationCriterion(
+        ignore_index=ignore_index,
+        average_over="labelled" if avg_non_ignore else "all",
+        class_weights=None if class_weights is None else tuple(float(w) for w in class_weights),
+        ohem=ohem,
+    )
 
 
 def load_class_weights(path: str | Path, class_names: Sequence[str]) -> list[float]:
