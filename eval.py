@@ -14,16 +14,16 @@ Images are resized on the 0-255 scale and normalised with the checkpoint's own m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.config import RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.distributed import (
@@ -32,12 +32,15 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.cityscapes_submission import SubmissionWriter
+from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, MODES, TestSettings
 from erfnet.evaluation.metrics import format_table
 from erfnet.evaluation.reports import write_reports
+from erfnet.evaluation.visualize import ColorWriter
 from erfnet.runtime import one_line
 
-_RATIOS = " ".join(map(str, RECIPE.ms_flip_ratios))
+_RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,17 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--mode",
-        choices=("whole", "slide"),
-        default="whole",
-        help=f"whole image (default), or sliding {RECIPE.slide_crop} crops, stride"
-        f" {RECIPE.slide_stride}",
+        choices=MODES,
+        default=DEFAULT_SETTINGS.mode,
+        help=f"whole image (default), or sliding {DEFAULT_SETTINGS.slide_crop} crops, stride"
+        f" {DEFAULT_SETTINGS.slide_stride}",
     )
     p.add_argument(
         "--scale",
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        default=list(RECIPE.test_scale),
+        default=list(DEFAULT_SETTINGS.scale),
         help="test resize, keeping the image's ratio (default: %(default)s)",
     )
     p.add_argument(
@@ -154,17 +157,40 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
+def test_settings(args: argparse.Namespace) -> TestSettings:
+    """The flags as ``TestSettings`` (defaults: mmseg's protocol)."""
+    ratios = {"ratios": tuple(args.scales)} if args.scales is not None else {}
+    return TestSettings(
+        scale=tuple(args.scale), mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios
+    )
+
+
 def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: str) -> None:
-    """The checkpoint must predict the dataset's classes; erfnet_pytorch's model may add a
-    trailing "void" output (``meta["void_class"]`` = its index), predicted but never scored."""
-    n = len(classes)
-    has_void = model.num_classes == n + 1 and model.meta.get("void_class") == n
-    if model.num_classes != n and not has_void:
-        raise SystemExit(
-            f"error: --checkpoint {checkpoint} predicts {model.num_classes} classes; this"
-            f" dataset's evaluation needs {n} (label values 0-{n - 1}), or {n + 1} with"
-            f" meta['void_class'] = {n}"
-        )
+    """The checkpoint must predict the dataset's classes (``scored_classes``' rule)."""
+    try:
+        scored_classes(model, len(classes))
+    except ValueError as e:
+        raise SystemExit(f"error: --checkpoint {checkpoint}: {e}") from None
+
+
+def prediction_writers(
+    args: argparse.Namespace, model: torch.nn.Module, dataset: CityscapesDataset | FolderDataset
+) -> Callable[[torch.Tensor, dict], None] | None:
+    """``evaluate``'s ``on_prediction``: the test-server PNGs (--out-dir, Cityscapes) and the
+    colour renderings (--save-color, in the model's palette), or None."""
+    writers: list[Callable[[torch.Tensor, dict], None]] = []
+    if args.out_dir is not None and args.data == "cityscapes":
+        writers.append(SubmissionWriter(Path(args.out_dir), dataset.classes))
+    if args.save_color is not None:
+        writers.append(ColorWriter(Path(args.save_color), model.meta["palette"]))
+    return functools.partial(call_each, writers) if writers else None
+
+
+def call_each(
+    writers: Sequence[Callable[[torch.Tensor, dict], None]], preds: torch.Tensor, batch: dict
+) -> None:
+    for write in writers:
+        write(preds, batch)
 
 
 def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
@@ -187,13 +213,15 @@ def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
         )
 
 
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
 def results_json(
     results: dict | None, args: argparse.Namespace, num_images: int, class_names: Sequence[str]
 ) -> dict:
-    def num(v: float) -> float | None:
-        return None if v is None or math.isnan(v) else v
-
-    ratios = list(args.scales or RECIPE.ms_flip_ratios) if args.ms_flip else [1.0]
+    settings = test_settings(args)
+    num = _num
     out: dict = {}
     if results is not None:
         out = {
@@ -205,13 +233,13 @@ def results_json(
         }
     out.update(
         checkpoint=str(args.checkpoint),
-        ms_flip=args.ms_flip,
-        scales=ratios,
-        mode=args.mode,
-        scale=list(args.scale),
+        ms_flip=settings.ms_flip,
+        scales=list(settings.view_ratios),
+        mode=settings.mode,
+        scale=list(settings.scale),
         split=args.split,
         num_images=num_images,
-        amp=args.amp,
+        amp=settings.amp,
     )
     return out
 
@@ -254,20 +282,15 @@ def main(argv: list[str] | None = None) -> int:
                 model,
                 loader,
                 device,
+                test_settings(args),
                 num_classes=len(dataset.classes),
-                ms_flip=args.ms_flip,
-                scales=args.scales,
-                mode=args.mode,
-                test_scale=tuple(args.scale),
-                amp=args.amp,
-                out_dir=args.out_dir if cityscapes else None,  # label-id PNGs: Cityscapes only
-                color_dir=args.save_color,
+                on_prediction=prediction_writers(args, model, dataset),
                 progress=info.is_main,
             )
         except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
             raise SystemExit(f"error: {one_line(e)}") from None
         if info.is_main:
-            report(args, dataset, results, model.meta.get("class_names"))
+            report(args, dataset, results, model.meta["class_names"])
     finally:
         cleanup_distributed()
     return 0
@@ -280,11 +303,7 @@ def report(
     output_names: Sequence[str] | None = None,
 ) -> None:
     """The console table, the --out-dir reports and the --json file (rank 0)."""
-    how = (
-        "ms+flip " + str(list(args.scales or RECIPE.ms_flip_ratios))
-        if args.ms_flip
-        else "single scale"
-    )
+    how = f"ms+flip {list(test_settings(args).ratios)}" if args.ms_flip else "single scale"
     print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}")
     if results is not None:
         print(format_table(results, dataset.classes))

@@ -50,6 +50,7 @@ from erfnet.distributed import (
     resolve_device,
 )
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.inference import TestSettings
 from erfnet.model import ERFNet
 from erfnet.training import logs, resume, step
 from erfnet.training.finetune import init_from
@@ -609,10 +610,12 @@ def main(args: Namespace) -> int:
                         model,
                         val_loader,
                         device,
+                        TestSettings(
+                            scale=tuple(args.scale),
+                            amp=autocast_dtype == torch.float16 and device.type == "cuda",
+                        ),
                         num_classes=len(meta["class_names"]),
-                        test_scale=tuple(args.scale),
                         progress=args.progress,
-                        amp=autocast_dtype == torch.float16 and device.type == "cuda",
                     )
                 except (DatasetError, OSError) as e:  # a val file changed since the check
                     model.train()

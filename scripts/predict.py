@@ -27,11 +27,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.config import RECIPE
-from erfnet.data import CityscapesDataset
 from erfnet.data.cityscapes import pil_rgb8
 from erfnet.distributed import resolve_device
-from erfnet.evaluation.inference import predict
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, TestSettings, predict
 from erfnet.evaluation.visualize import blend, colorize
 from erfnet.runtime import tune_cpu_allocator
 
@@ -69,12 +67,6 @@ def read_rgb(path: Path) -> np.ndarray:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
 
 
-def checkpoint_palette(meta: dict) -> list:
-    """The checkpoint's class colours (``meta["palette"]``); a meta without one gets the default
-    dataset's (Cityscapes)."""
-    return meta.get("palette") or [list(c) for c in CityscapesDataset.palette]
-
-
 def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     """HxWx3 uint8 -> [1, 3, H, W] uint8 on ``device``: ``predict`` resizes and normalises it."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
@@ -88,9 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
-        "--scale", nargs=2, type=int, default=list(RECIPE.test_scale), metavar=("H", "W"),
+        "--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale), metavar=("H", "W"),
         help="test scale; the image is resized keeping its ratio to fit it "
-        f"(default {RECIPE.test_scale[0]} {RECIPE.test_scale[1]})",
+        f"(default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
     )  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument(
@@ -122,13 +114,13 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     except CheckpointError as e:
         raise SystemExit(f"error: --checkpoint: {e}") from None
     # predict() normalises each resized view with the checkpoint's meta mean / std.
-    palette = checkpoint_palette(getattr(model, "meta", {}) or {})
+    settings = TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
+    palette, num_classes = model.meta["palette"], len(model.meta["class_names"])
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
         rgb = read_rgb(path)
-        pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], ms_flip=args.ms_flip,
-                       test_scale=args.scale)  # fmt: skip
-        color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette)
+        pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], settings)
+        color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, num_classes)
         target = out_dir / stem
         target.parent.mkdir(parents=True, exist_ok=True)
         for suffix, array in (("_color", color), ("_blend", blend(rgb, color, args.alpha))):

@@ -349,7 +349,7 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
     """mmseg's MultiScaleFlipAug resizes the original image to every ratio x --scale: a ratio-2
     view of a 32x64 --scale on 64x128 images is the original image, not an upsampled 32x64 copy."""
     from erfnet.checkpoint import load_model
-    from erfnet.evaluation.inference import predict
+    from erfnet.evaluation.inference import TestSettings, predict
     from erfnet.labels import TRAIN_ID_TO_ID
 
     out = tmp_path / "sub"
@@ -360,6 +360,7 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
     )  # fmt: skip
     model = load_model(checkpoint)
     for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
-        ref = predict(model, item["image"][None], ms_flip=True, scales=[2.0], test_scale=(32, 64))
+        settings = TestSettings(scale=(32, 64), ms_flip=True, ratios=(2.0,))
+        ref = predict(model, item["image"][None], None, settings)
         got = np.array(Image.open(out / item["city"] / f"{item['name']}_leftImg8bit.png"))
         np.testing.assert_array_equal(got, TRAIN_ID_TO_ID[ref[0].numpy().astype(np.uint8)])
