@@ -5,6 +5,7 @@
     python eval.py --checkpoint erfnet.pth --split test --out-dir submission/
     torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
     python eval.py --checkpoint best.pth --data folder --data-root DIR --classes FILE --out-dir r/
+    python eval.py --model erfnet.onnx                          # an export (.onnx / OpenVINO .xml)
 
 Sizes are given as H W. The metric is mmseg's (and the official evaluator's) dataset-wide IoU.
 Images are resized on the 0-255 scale and normalised with the checkpoint's own mean / std
@@ -20,6 +21,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,13 +43,21 @@ from erfnet.evaluation.visualize import ColorWriter
 from erfnet.runtime import one_line
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
+_SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate an ERFNet checkpoint on Cityscapes (mmseg protocol)."
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="our checkpoint (.pth)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="PATH", help="our checkpoint (.pth)")
+    what.add_argument(
+        "--model",
+        metavar="PATH",
+        help="an exported model (.onnx through onnxruntime, OpenVINO .xml), on the CPU; needs"
+        " the optional onnxruntime / openvino package",
+    )
     p.add_argument(
         "--data",
         choices=("cityscapes", "folder"),
@@ -97,8 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        default=list(DEFAULT_SETTINGS.scale),
-        help="test resize, keeping the image's ratio (default: %(default)s)",
+        default=None,
+        help=f"test resize, keeping the image's ratio (default: {_SCALE}; a fixed-size export:"
+        " its input size)",
     )
     p.add_argument(
         "--out-dir",
@@ -138,7 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --scales sets the --ms-flip ratios; add --ms-flip")
     if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
         raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
-    if min(args.scale) < 1:
+    if args.scale is not None and min(args.scale) < 1:
         raise SystemExit(f"error: --scale H W must be positive, got {args.scale}")
     if args.workers < 0:
         raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
@@ -157,24 +168,75 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def test_settings(args: argparse.Namespace) -> TestSettings:
+def settings_from_args(args: argparse.Namespace) -> TestSettings:
     """The flags as ``TestSettings`` (defaults: mmseg's protocol)."""
     ratios = {"ratios": tuple(args.scales)} if args.scales is not None else {}
-    return TestSettings(
-        scale=tuple(args.scale), mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios
-    )
+    scale = tuple(args.scale) if args.scale is not None else DEFAULT_SETTINGS.scale
+    return TestSettings(scale=scale, mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios)
 
 
-def check_classes(model: torch.nn.Module, classes: Sequence[str], checkpoint: str) -> None:
-    """The checkpoint must predict the dataset's classes (``scored_classes``' rule)."""
+def load_for_eval(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
+    """The model to score: our checkpoint's plain weights (no BN folding: folding changes float
+    rounding, so not bit-exact), or with --model an exported graph."""
+    if args.model is not None:
+        return load_export(args, threads)
+    try:
+        return load_model(args.checkpoint, device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --checkpoint: {e}") from None
+
+
+def load_export(args: argparse.Namespace, threads: int) -> Any:
+    """--model: an .onnx or OpenVINO .xml (deploy is an opt-in layer: imported here only), with
+    the views the protocol asks for checked against what the graph accepts."""
+    from erfnet.deploy.exported import ExportError, load_exported
+
+    try:
+        model = load_exported(args.model, threads)
+    except ExportError as e:
+        raise SystemExit(f"error: --model {e}") from None
+    if model.output == "labels" and (args.ms_flip or args.mode != "whole"):
+        raise SystemExit(
+            f"error: --model {args.model} ends in an argmax (it outputs labels): only the"
+            " whole-image single-scale test applies; drop --ms-flip / --mode slide"
+        )
+    if model.input_size is not None:
+        args.scale = check_fixed_size(args, model.input_size)
+    return model
+
+
+def check_fixed_size(args: argparse.Namespace, size: tuple[int, int]) -> list[int]:
+    """--scale for an export fixed to ``size`` inputs (default: that size); views of any other
+    size are refused in one line before the evaluation."""
+    h, w = size
+    scale = list(size) if args.scale is None else list(args.scale)
+    settings = settings_from_args(argparse.Namespace(**{**vars(args), "scale": scale}))
+    why = None
+    if settings.mode == "whole" and tuple(scale) != size:
+        why = f"--scale {scale[0]} {scale[1]}"
+    elif settings.mode == "slide" and settings.slide_crop != size:
+        why = f"slide crops of {settings.slide_crop[0]}x{settings.slide_crop[1]}"
+    elif any(r != 1.0 for r in settings.view_ratios):
+        why = f"--ms-flip ratios {list(settings.view_ratios)} (views of other sizes)"
+    if why:
+        raise SystemExit(
+            f"error: --model {args.model} takes only {h}x{w} inputs (a fixed-size export), not"
+            f" {why}; export with a dynamic size, or evaluate at {h}x{w}"
+        )
+    return scale
+
+
+def check_classes(model: Any, classes: Sequence[str], args: argparse.Namespace) -> None:
+    """The model must predict the dataset's classes (``scored_classes``' rule)."""
     try:
         scored_classes(model, len(classes))
     except ValueError as e:
-        raise SystemExit(f"error: --checkpoint {checkpoint}: {e}") from None
+        flag = f"--model {args.model}" if args.model else f"--checkpoint {args.checkpoint}"
+        raise SystemExit(f"error: {flag}: {e}") from None
 
 
 def prediction_writers(
-    args: argparse.Namespace, model: torch.nn.Module, dataset: CityscapesDataset | FolderDataset
+    args: argparse.Namespace, model: Any, dataset: CityscapesDataset | FolderDataset
 ) -> Callable[[torch.Tensor, dict], None] | None:
     """``evaluate``'s ``on_prediction``: the test-server PNGs (--out-dir, Cityscapes) and the
     colour renderings (--save-color, in the model's palette), or None."""
@@ -220,7 +282,7 @@ def _num(v: float | None) -> float | None:
 def results_json(
     results: dict | None, args: argparse.Namespace, num_images: int, class_names: Sequence[str]
 ) -> dict:
-    settings = test_settings(args)
+    settings = settings_from_args(args)
     num = _num
     out: dict = {}
     if results is not None:
@@ -232,7 +294,8 @@ def results_json(
             "Acc": {n: num(v) for n, v in zip(class_names, results["Acc"], strict=True)},
         }
     out.update(
-        checkpoint=str(args.checkpoint),
+        checkpoint=args.checkpoint and str(args.checkpoint),
+        model=args.model and str(args.model),
         ms_flip=settings.ms_flip,
         scales=list(settings.view_ratios),
         mode=settings.mode,
@@ -247,8 +310,11 @@ def results_json(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
+    if args.model is not None and args.device not in (None, "cpu", "auto"):
+        raise SystemExit(f"error: --model runs on the CPU (onnxruntime / OpenVINO), not on"
+                         f" --device {args.device}")  # fmt: skip
     try:
-        device = resolve_device(args.device, local_rank_from_env())
+        device = resolve_device("cpu" if args.model else args.device, local_rank_from_env())
     except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
     info = init_distributed(device)
@@ -257,17 +323,13 @@ def main(argv: list[str] | None = None) -> int:
             print("note: --amp only applies on CUDA; evaluating in float32", file=sys.stderr)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes
-        try:
-            # Plain weights (no BN folding): folding changes float rounding, so not bit-exact.
-            model = load_model(args.checkpoint, device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: --checkpoint: {e}") from None
+        model = load_for_eval(args, device, torch.get_num_threads())
         cityscapes = args.data == "cityscapes"
         root = resolve_data_root(args.data_root) if cityscapes else Path(args.data_root)
         try:
             # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug
             # does; a first resize to --scale would blur the views above ratio 1.
-            scale = None if args.ms_flip else tuple(args.scale)
+            scale = None if args.ms_flip else settings_from_args(args).scale
             if cityscapes:
                 dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
             else:
@@ -276,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                 dataset = FolderDataset(root, spec, args.split, EvalTransform(scale))
             if len(dataset) == 0:
                 raise DatasetError(f"split '{args.split}' under '{root}' has no images")
-            check_classes(model, dataset.classes, args.checkpoint)
+            check_classes(model, dataset.classes, args)
             loader = build_eval_loader(dataset, workers=args.workers)
             results = evaluate(
                 model,
                 loader,
                 device,
-                test_settings(args),
+                settings_from_args(args),
                 num_classes=len(dataset.classes),
                 on_prediction=prediction_writers(args, model, dataset),
                 progress=info.is_main,
@@ -303,8 +365,9 @@ def report(
     output_names: Sequence[str] | None = None,
 ) -> None:
     """The console table, the --out-dir reports and the --json file (rank 0)."""
-    how = f"ms+flip {list(test_settings(args).ratios)}" if args.ms_flip else "single scale"
-    print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {args.scale}")
+    how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
+    scale = list(settings_from_args(args).scale)
+    print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {scale}")
     if results is not None:
         print(format_table(results, dataset.classes))
     if args.out_dir is not None and args.data == "cityscapes":

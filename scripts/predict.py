@@ -2,6 +2,7 @@
 
     python scripts/predict.py street.png --checkpoint work_dirs/run/best.pth --out pred/
     python scripts/predict.py photos/ --checkpoint ckpt.pth --out pred/ --ms-flip --device cuda
+    python scripts/predict.py photos/ --model erfnet.onnx --out pred/    # an export, on the CPU
 
 For each image ``<name>.<ext>`` (a folder is searched recursively; sub-folders are kept) this
 writes ``<out>/<name>_color.png`` (the checkpoint's class colours, ``meta["palette"]``) and
@@ -11,7 +12,8 @@ mmseg's test protocol: the image is resized on the 0-255 scale keeping its ratio
 resized back to the image's size; ``--ms-flip`` averages the softmax over the recipe's scales
 and flips, each view resized from the original image.
 The model is ``erfnet.load_model(..., fast=True)`` (BatchNorm folded, channels_last): the same
-predictions as the plain model, faster.
+predictions as the plain model, faster; or with ``--model`` an exported graph (``.onnx`` through
+onnxruntime, OpenVINO ``.xml``, the optional extras), on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +78,9 @@ def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint (.pth)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="our checkpoint (.pth)")
+    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -97,29 +102,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_predictor(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
+    """The checkpoint's model (fast path unless --no-fast), or with --model an exported graph
+    (deploy is an opt-in layer: imported here only)."""
+    if args.model is not None:
+        from erfnet.deploy.exported import ExportError, load_exported
+
+        try:
+            return load_exported(args.model, threads)
+        except ExportError as e:
+            raise SystemExit(f"error: --model {e}") from None
+    try:
+        return load_model(args.checkpoint, device, fast=not args.no_fast)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --checkpoint: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
+    if args.model is not None and args.device not in ("cpu", "auto"):
+        raise SystemExit(f"error: --model runs on the CPU, not on --device {args.device}")
     try:
-        device = resolve_device(args.device)
+        device = resolve_device("cpu" if args.model else args.device)
     except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise SystemExit(f"error: --out {out_dir} is a file, not a folder")
-    try:
-        model = load_model(args.checkpoint, device, fast=not args.no_fast)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --checkpoint: {e}") from None
+    model = load_predictor(args, device, torch.get_num_threads())
     # predict() normalises each resized view with the checkpoint's meta mean / std.
     settings = TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
     palette, num_classes = model.meta["palette"], len(model.meta["class_names"])
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
         rgb = read_rgb(path)
-        pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], settings)
+        try:
+            pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], settings)
+        except ValueError as e:  # too small a view, an export's fixed size or argmax output
+            raise SystemExit(f"error: {path}: {e}") from None
         color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, num_classes)
         target = out_dir / stem
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -364,3 +364,126 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
         ref = predict(model, item["image"][None], None, settings)
         got = np.array(Image.open(out / item["city"] / f"{item['name']}_leftImg8bit.png"))
         np.testing.assert_array_equal(got, TRAIN_ID_TO_ID[ref[0].numpy().astype(np.uint8)])
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py --model: exported graphs scored with the same protocol and metric
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoint) -> dict:
+    """The checkpoint exported to fp32 ONNX (dynamic size) by the project's exporter, and its
+    meta; skipped without the optional onnx / onnxruntime packages."""
+    pytest.importorskip("onnx", reason="the optional onnx package is not installed")
+    pytest.importorskip("onnxruntime", reason="the optional onnxruntime package is not installed")
+    from erfnet.checkpoint import load_model
+    from erfnet.deploy.onnx import export_onnx
+
+    model = load_model(checkpoint)
+    folder = tmp_path_factory.mktemp("exported")
+    path = export_onnx(model, folder / "m.onnx", 64, 128, meta=model.meta)
+    return {"onnx": path, "meta": model.meta, "model": model, "dir": folder}
+
+
+def _openvino_ir(onnx_path: Path, xml: Path, meta: dict, input_shape=None) -> Path:
+    """An OpenVINO IR of the ONNX file at full precision, the meta in rt_info where the exporter
+    writes it (["erfnet", "erfnet_meta"])."""
+    ov = pytest.importorskip("openvino", reason="the optional openvino package is not installed")
+    kwargs = {"input": [input_shape]} if input_shape else {}
+    model = ov.convert_model(str(onnx_path), **kwargs)
+    model.set_rt_info(json.dumps(meta), ["erfnet", "erfnet_meta"])
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def _miou(path: Path) -> float:
+    return json.loads(path.read_text())["mIoU"]
+
+
+def test_an_onnx_export_scores_the_checkpoints_miou(tmp_path, single_run, val_root, exported):
+    r = _run(
+        [str(EVAL), "--model", str(exported["onnx"]), "--data-root", str(val_root), *SCALE,
+         "--workers", "0", "--json", str(tmp_path / "onnx.json"), "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "onnx.json").read_text())
+    reference = json.loads((single_run / "r.json").read_text())
+    assert data["model"] == str(exported["onnx"]) and data["checkpoint"] is None
+    assert data["num_images"] == 3 and "| road" in r.stdout
+    assert abs(data["mIoU"] - reference["mIoU"]) <= 0.05
+    assert abs(data["aAcc"] - reference["aAcc"]) <= 0.05
+    # Random weights give a small mIoU: the predictions themselves must agree as well.
+    same = total = 0
+    for ref in (single_run / "sub").rglob("*_leftImg8bit.png"):
+        ours = np.array(Image.open(tmp_path / ref.relative_to(single_run / "sub")))
+        same += int((ours == np.array(Image.open(ref))).sum())
+        total += ours.size
+    assert total == 3 * 64 * 128 and same / total >= 0.999
+
+
+def test_an_openvino_export_scores_the_checkpoints_miou(tmp_path, single_run, val_root, exported):
+    xml = _openvino_ir(exported["onnx"], tmp_path / "m.xml", exported["meta"])
+    eval_script.main(
+        ["--model", str(xml), "--data-root", str(val_root), *SCALE, "--workers", "0",
+         "--json", str(tmp_path / "ov.json")]
+    )  # fmt: skip
+    assert abs(_miou(tmp_path / "ov.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_a_fixed_size_export_takes_only_views_of_its_size(tmp_path, single_run, val_root, exported):
+    xml = _openvino_ir(exported["onnx"], tmp_path / "f.xml", exported["meta"], [1, 3, 64, 128])
+    base = ["--model", str(xml), "--data-root", str(val_root), "--workers", "0"]
+    for extra, refused in (
+        (["--scale", "32", "64"], "--scale 32 64"),
+        (["--ms-flip"], "--ms-flip ratios"),
+        (["--mode", "slide"], "slide crops of 512x1024"),
+    ):
+        msg = _error([*base, *extra])
+        assert f"takes only 64x128 inputs (a fixed-size export), not {refused}" in msg, msg
+        assert "\n" not in msg
+    # Without --scale the export's own size is the test scale.
+    eval_script.main([*base, "--json", str(tmp_path / "fixed.json")])
+    assert abs(_miou(tmp_path / "fixed.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_an_argmax_export_is_scored_whole_image_only(tmp_path, single_run, val_root, exported):
+    import onnx
+
+    from erfnet.deploy.exported import META_KEY, OUTPUT_KEY
+
+    class Argmax(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).argmax(1)
+
+    path = tmp_path / "labels.onnx"
+    axes = {0: "n", 2: "h", 3: "w"}
+    torch.onnx.export(Argmax(exported["model"]).eval(), (torch.randn(1, 3, 64, 128),), str(path),
+                      dynamo=False, input_names=["input"], output_names=["labels"],
+                      dynamic_axes={"input": axes, "labels": {0: "n", 1: "h", 2: "w"}},
+                      opset_version=17)  # fmt: skip
+    proto = onnx.load(str(path))
+    for key, value in ((META_KEY, json.dumps(exported["meta"])), (OUTPUT_KEY, "labels")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    base = ["--model", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0"]
+    assert "only the whole-image single-scale test" in _error([*base, "--ms-flip"])
+    eval_script.main([*base, "--json", str(tmp_path / "labels.json")])
+    assert abs(_miou(tmp_path / "labels.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_model_flag_errors(tmp_path, val_root, exported):
+    base = ["--data-root", str(val_root), *SCALE, "--workers", "0"]
+    msg = _error(["--model", str(tmp_path / "none.onnx"), *base])
+    assert msg.startswith("error: --model") and "no such file" in msg
+    msg = _error(["--model", str(tmp_path / "m.pt"), *base])
+    assert "expected an exported model ending in .onnx or .xml" in msg
+    msg = _error(["--model", str(exported["onnx"]), *base, "--device", "cuda"])
+    assert "--model runs on the CPU" in msg
+    with pytest.raises(SystemExit):  # argparse: one of --checkpoint / --model, not both
+        eval_script.main(["--model", str(exported["onnx"]), "--checkpoint", "c.pth", *base])

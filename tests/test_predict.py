@@ -150,3 +150,28 @@ def test_colours_come_from_the_checkpoint_palette(images: Path, tmp_path: Path) 
     color = np.asarray(Image.open(tmp_path / "o" / "a_color.png"))
     used = {tuple(c) for c in color.reshape(-1, 3).tolist()}
     assert used <= {tuple(c) for c in palette} and len(used) >= 2
+
+
+def test_an_onnx_export_predicts_what_its_checkpoint_predicts(images: Path, checkpoint: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    pytest.importorskip("onnx", reason="the optional onnx package is not installed")
+    pytest.importorskip("onnxruntime", reason="the optional onnxruntime package is not installed")
+    from erfnet.checkpoint import load_model
+    from erfnet.deploy.onnx import export_onnx
+
+    model = load_model(checkpoint)
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", 48, 96, meta=model.meta)
+    cmd = [sys.executable, str(SCRIPT), str(images / "a.png"), "--model", str(onnx_path),
+           "--out", str(tmp_path / "onnx"), "--scale", "48", "96"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run(images / "a.png", "--checkpoint", checkpoint, "--out", tmp_path / "pth", "--scale", "48",
+        "96", "--no-fast")  # fmt: skip
+    ours = np.asarray(Image.open(tmp_path / "onnx" / "a_color.png"))
+    ref = np.asarray(Image.open(tmp_path / "pth" / "a_color.png"))
+    assert ours.shape == ref.shape == (64, 128, 3)
+    assert (ours == ref).all(axis=-1).mean() > 0.999
+    proc = subprocess.run([*cmd[:-3], "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "--model runs on the CPU" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -86,8 +86,9 @@ def _onnx_props(session: Any) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def _openvino_props(compiled: Any) -> dict[str, str]:
-    model = compiled.get_runtime_model()
+def _openvino_props(path: Path) -> dict[str, str]:
+    # The IR as read, not compiled.get_runtime_model(): compiling drops the rt_info.
+    model = require("openvino").Core().read_model(str(path))
     props = {}
     for key in (META_KEY, OUTPUT_KEY, PRECISION_KEY):
         # the exporter stores each under ["erfnet", key] of the IR's rt_info
@@ -158,7 +159,7 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
             size = _fixed_size(runner.get_inputs()[0].shape)
         else:
             runner = openvino_compiled(path, threads)
-            props = _openvino_props(runner)
+            props = _openvino_props(path)
             pshape = runner.input(0).get_partial_shape()
             size = None if pshape.is_dynamic else tuple(int(d) for d in pshape.to_shape()[-2:])
     except ExportError:
