@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,11 +37,17 @@ from erfnet.distributed import (
 )
 from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
-from erfnet.evaluation.inference import DEFAULT_SETTINGS, MODES, TestSettings
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, MODES, TestSettings, ratio_scale
 from erfnet.evaluation.metrics import format_table
 from erfnet.evaluation.reports import write_reports
 from erfnet.evaluation.visualize import ColorWriter
-from erfnet.runtime import one_line
+from erfnet.runtime import (
+    OutputPathError,
+    apply_cpu_plan,
+    check_not_an_input,
+    check_output_path,
+    one_line,
+)
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
@@ -128,7 +135,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", default=None, help="write the metrics as JSON")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
-        "--workers", type=int, default=4, metavar="N", help="DataLoader workers (default: 4)"
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="DataLoader workers (default: what the machine's free cores allow)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: the free cores less one, as train.py plans them)",
     )
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
     return p.parse_args(argv)
@@ -149,16 +167,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --scales sets the --ms-flip ratios; add --ms-flip")
     if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
         raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
-    if args.scale is not None and min(args.scale) < 1:
-        raise SystemExit(f"error: --scale H W must be positive, got {args.scale}")
-    if args.workers < 0:
+    check_sizes(args)
+    if args.workers is not None and args.workers < 0:
         raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
-    # Output paths are checked before the (possibly hours-long) evaluation, not after it.
-    for flag, value in (("--out-dir", args.out_dir), ("--save-color", args.save_color)):
-        if value is not None and Path(value).exists() and not Path(value).is_dir():
-            raise SystemExit(f"error: {flag} {value} is a file, not a folder")
-    if args.json is not None and Path(args.json).is_dir():
-        raise SystemExit(f"error: --json {args.json} is a folder; give a file path")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
+    check_outputs(args)
     if args.out_dir is not None and args.save_color is not None:
         out, color = Path(args.out_dir).resolve(), Path(args.save_color).resolve()
         if out == color or out in color.parents or color in out.parents:
@@ -166,6 +180,38 @@ def check_args(args: argparse.Namespace) -> None:
                 f"error: --save-color {args.save_color} must be outside --out-dir {args.out_dir}:"
                 " the official evaluator rejects a second PNG per image under its folder"
             )
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """--scale and the --ms-flip views it gives must reach the network's minimum size."""
+    scale = args.scale if args.scale is not None else DEFAULT_SETTINGS.scale
+    if min(scale) < MIN_VIEW:
+        raise SystemExit(
+            f"error: --scale H W must be at least {MIN_VIEW} {MIN_VIEW} (the network's"
+            f" minimum input), got {scale[0]} {scale[1]}"
+        )
+    for r in args.scales or ():
+        if min(ratio_scale(scale, r)) < MIN_VIEW:
+            h, w = ratio_scale(scale, r)
+            raise SystemExit(
+                f"error: --scales {r:g} makes {h}x{w} views of --scale {scale[0]} {scale[1]},"
+                f" under the network's minimum {MIN_VIEW}x{MIN_VIEW}"
+            )
+
+
+def check_outputs(args: argparse.Namespace, data_root: Path | None = None) -> None:
+    """Every output location, before the (possibly hours-long) evaluation: writable, of the
+    right kind, and none of the inputs (nor inside the dataset, with ``data_root``)."""
+    try:
+        for flag, value in (("--out-dir", args.out_dir), ("--save-color", args.save_color)):
+            if value is not None:
+                check_output_path(value, flag, folder=True)
+                check_not_an_input(value, flag, [data_root], inside=True)
+        if args.json is not None:
+            check_output_path(args.json, "--json", folder=False)
+            check_not_an_input(args.json, "--json", [args.checkpoint, args.model, args.classes])
+    except OutputPathError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> TestSettings:
@@ -307,52 +353,65 @@ def results_json(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
+def get_device(args: argparse.Namespace) -> torch.device:
+    """--device as a torch.device; an export (--model) runs on the CPU."""
     if args.model is not None and args.device not in (None, "cpu", "auto"):
         raise SystemExit(f"error: --model runs on the CPU (onnxruntime / OpenVINO), not on"
                          f" --device {args.device}")  # fmt: skip
     try:
-        device = resolve_device("cpu" if args.model else args.device, local_rank_from_env())
+        return resolve_device("cpu" if args.model else args.device, local_rank_from_env())
     except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
+
+
+def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
+    """The split to score (checked: images, classes the model predicts, outputs outside it)."""
+    cityscapes = args.data == "cityscapes"
+    root = resolve_data_root(args.data_root) if cityscapes else Path(args.data_root)
+    check_outputs(args, root)
+    # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
+    # first resize to --scale would blur the views above ratio 1.
+    transform = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
+    if cityscapes:
+        dataset = CityscapesDataset(root, args.split, transform)
+    else:
+        spec = load_spec(args.classes)
+        check_folder_split(root, spec, args.split)
+        dataset = FolderDataset(root, spec, args.split, transform)
+    if len(dataset) == 0:
+        raise DatasetError(f"split '{args.split}' under '{root}' has no images")
+    check_classes(model, dataset.classes, args)
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    device = get_device(args)
     info = init_distributed(device)
     try:
+        # One thread plan with train.py: threads + workers leave a core free on the CPU.
+        workers, threads = apply_cpu_plan(device.type, args.workers, args.threads)
         if args.amp and device.type != "cuda" and info.is_main:
             print("note: --amp only applies on CUDA; evaluating in float32", file=sys.stderr)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes
-        model = load_for_eval(args, device, torch.get_num_threads())
-        cityscapes = args.data == "cityscapes"
-        root = resolve_data_root(args.data_root) if cityscapes else Path(args.data_root)
+        model = load_for_eval(args, device, threads)
         try:
-            # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug
-            # does; a first resize to --scale would blur the views above ratio 1.
-            scale = None if args.ms_flip else settings_from_args(args).scale
-            if cityscapes:
-                dataset = CityscapesDataset(root, args.split, EvalTransform(scale))
-            else:
-                spec = load_spec(args.classes)
-                check_folder_split(root, spec, args.split)
-                dataset = FolderDataset(root, spec, args.split, EvalTransform(scale))
-            if len(dataset) == 0:
-                raise DatasetError(f"split '{args.split}' under '{root}' has no images")
-            check_classes(model, dataset.classes, args)
-            loader = build_eval_loader(dataset, workers=args.workers)
+            dataset = get_dataset(args, model)
             results = evaluate(
                 model,
-                loader,
+                build_eval_loader(dataset, workers=workers),
                 device,
                 settings_from_args(args),
                 num_classes=len(dataset.classes),
                 on_prediction=prediction_writers(args, model, dataset),
                 progress=info.is_main,
             )
+            if info.is_main:
+                report(args, dataset, results, model.meta["class_names"])
         except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
             raise SystemExit(f"error: {one_line(e)}") from None
-        if info.is_main:
-            report(args, dataset, results, model.meta["class_names"])
     finally:
         cleanup_distributed()
     return 0
@@ -383,13 +442,23 @@ def report(
     if args.save_color is not None:
         print(f"colour renderings written to {args.save_color}")
     if args.json is not None:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # The images actually scored (summed over ranks), not just the split's size.
         count = results["num_images"] if results is not None else len(dataset)
         data = results_json(results, args, count, dataset.classes)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"metrics written to {path}")
+        write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
+        print(f"metrics written to {args.json}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file renamed over it; OSError naming the path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The process around every entry point: console streams that cannot kill a save, one-line errors
-from DataLoader workers, CPU thread / worker counts that do not oversubscribe the cores, and an
-opt-in malloc setting for large CPU tensors."""
+from DataLoader workers, output paths checked before the work, CPU thread / worker counts that do
+not oversubscribe the cores, and an opt-in malloc setting for large CPU tensors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 # Environment variables that already fix the intra-op thread count; we then leave it alone.
@@ -86,6 +88,66 @@ def one_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Output paths, checked before the work
+# --------------------------------------------------------------------------------------------
+
+
+class OutputPathError(ValueError):
+    """An output location that cannot be written; the message is one line naming the flag, the
+    path and why."""
+
+
+def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool) -> Path:
+    """Refuse, before any work, an output ``path`` (a folder, or a file when ``folder`` is False)
+    that cannot be written: an existing file where a folder is expected or the reverse, a parent
+    that is a file, a read-only or otherwise unwritable location. Nothing is created: the deepest
+    existing folder on the way gets a probe file, written and removed at once (``os.access``
+    says yes to root on a read-only mount). Returns the path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {path}: is a file, not a folder")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{flag} {path}: is a folder; give a file path")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{flag} {path}: '{existing}' is a file, not a folder")
+    probe = existing / f".erfnet-write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+        if not folder and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise OutputPathError(
+            f"{flag} {path}: cannot write in '{existing}': {e.strerror or e}"
+        ) from None
+    return path
+
+
+def check_not_an_input(
+    output: str | os.PathLike,
+    flag: str,
+    inputs: Iterable[str | os.PathLike | None],
+    *,
+    inside: bool = False,
+) -> None:
+    """Refuse an output that is one of the inputs (with ``inside``, also one within an input
+    folder): writing there could overwrite or mix with what the command reads."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if out == source or (inside and source.is_dir() and source in out.parents):
+            raise OutputPathError(
+                f"{flag} {output}: is {'inside ' if out != source else ''}the input {given};"
+                " write the outputs somewhere else"
+            )
+
+
+# --------------------------------------------------------------------------------------------
 # CPU threads and loader workers
 # --------------------------------------------------------------------------------------------
 
@@ -103,7 +165,8 @@ def available_cores() -> int:
 def cpu_plan(
     device_type: str, workers: int | None, threads: int | None, cores: int | None = None
 ) -> tuple[int, int | None]:
-    """(loader workers, torch intra-op threads or None to leave torch's) for a training process.
+    """(loader workers, torch intra-op threads or None to leave torch's) for a training, an
+    evaluation or a prediction process (``apply_cpu_plan`` sets the threads).
 
     Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and for
     whatever else runs on the machine. A compute thread that has to share its core stalls every
@@ -119,6 +182,16 @@ def cpu_plan(
     if threads is None and not any(os.environ.get(v) for v in _THREAD_ENV):
         threads = max(1, cores - workers - 1)
     return workers, threads
+
+
+def apply_cpu_plan(device_type: str, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """``cpu_plan``, with its thread count given to torch; (workers, the threads torch now uses)."""
+    import torch  # not at the top: the console and path helpers above need no torch
+
+    workers, planned = cpu_plan(device_type, workers, threads)
+    if planned is not None:
+        torch.set_num_threads(planned)
+    return workers, torch.get_num_threads()
 
 
 # glibc mallopt parameters (malloc.h).

@@ -26,15 +26,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.data.cityscapes import pil_rgb8
+from erfnet.data.decode import DatasetError, load_image
 from erfnet.distributed import resolve_device
-from erfnet.evaluation.inference import DEFAULT_SETTINGS, TestSettings, predict
-from erfnet.evaluation.visualize import blend, colorize
-from erfnet.runtime import tune_cpu_allocator
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, TestSettings, predict
+from erfnet.evaluation.visualize import blend, colorize, save_png
+from erfnet.runtime import (
+    OutputPathError,
+    apply_cpu_plan,
+    check_not_an_input,
+    check_output_path,
+    tune_cpu_allocator,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -62,17 +68,14 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8; a clear error for non-images."""
+    """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8 (``load_image``); one line for a
+    file that is not an image, or one too large to decode."""
     try:
-        with Image.open(path) as img:
-            return pil_rgb8(img)
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"error: cannot read image {path}: {e}") from None
-
-
-def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 -> [1, 3, H, W] uint8 on ``device``: ``predict`` resizes and normalises it."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
+        return load_image(path).permute(1, 2, 0).numpy()
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL's pixel limit, where the decoder relays it
+        raise SystemExit(f"error: image '{path}' is too large to decode: {e}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,17 +97,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-fast", action="store_true",
         help="use the plain model instead of the fused inference path (same predictions)",
     )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads (default: the free cores less one, as train.py plans them)",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    if min(args.scale) < 8:
-        p.error(f"--scale must be at least 8 8, got {args.scale[0]} {args.scale[1]}")
+    if min(args.scale) < MIN_VIEW:
+        p.error(
+            f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
+        )
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 
 def load_predictor(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
     """The checkpoint's model (fast path unless --no-fast), or with --model an exported graph
-    (deploy is an opt-in layer: imported here only)."""
+    (deploy is an opt-in layer: imported here only). Weights holding NaN are refused."""
     if args.model is not None:
         from erfnet.deploy.exported import ExportError, load_exported
 
@@ -118,38 +129,54 @@ def load_predictor(args: argparse.Namespace, device: torch.device, threads: int)
         raise SystemExit(f"error: --checkpoint: {e}") from None
 
 
+def check_out(args: argparse.Namespace) -> Path:
+    """--out, refused in one line before any work: not writable, a file, or the input itself."""
+    try:
+        check_not_an_input(args.out, "--out", [args.input])
+        return check_output_path(args.out, "--out", folder=True)
+    except OutputPathError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def predict_image(
+    model: Any, path: Path, device: torch.device, settings: TestSettings, palette: list
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the image HxWx3, its colour map HxWx3) for one file; one line for what cannot work."""
+    rgb = read_rgb(path)
+    image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device)  # predict() normalises it
+    try:
+        pred = predict(model, image, rgb.shape[:2], settings)
+    except ValueError as e:  # too small a view, an export's fixed size or argmax output
+        raise SystemExit(f"error: {path}: {e}") from None
+    return rgb, colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, len(palette))
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
+    out_dir = check_out(args)
     if args.model is not None and args.device not in ("cpu", "auto"):
         raise SystemExit(f"error: --model runs on the CPU, not on --device {args.device}")
     try:
         device = resolve_device("cpu" if args.model else args.device)
     except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"error: --out {out_dir} is a file, not a folder")
-    model = load_predictor(args, device, torch.get_num_threads())
+    _, threads = apply_cpu_plan(device.type, 0, args.threads)
+    model = load_predictor(args, device, threads)
     # predict() normalises each resized view with the checkpoint's meta mean / std.
     settings = TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
-    palette, num_classes = model.meta["palette"], len(model.meta["class_names"])
+    palette = model.meta["palette"]  # one colour per class: the checkpoint's meta is complete
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
-        rgb = read_rgb(path)
-        try:
-            pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], settings)
-        except ValueError as e:  # too small a view, an export's fixed size or argmax output
-            raise SystemExit(f"error: {path}: {e}") from None
-        color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, num_classes)
+        rgb, color = predict_image(model, path, device, settings, palette)
         target = out_dir / stem
-        target.parent.mkdir(parents=True, exist_ok=True)
         for suffix, array in (("_color", color), ("_blend", blend(rgb, color, args.alpha))):
-            file = target.with_name(target.name + suffix + ".png")
-            Image.fromarray(array).save(file)
-            written.append(file)
+            try:
+                written.append(save_png(array, target.with_name(target.name + suffix + ".png")))
+            except OSError as e:  # already one line naming the file
+                raise SystemExit(f"error: {e}") from None
     print(f"wrote {len(written)} files for {len(images)} image(s) to {out_dir}")
     return written
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,25 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
     return make_synthetic_cityscapes(root, size=SYNTHETIC_SIZE, seed=0, **SYNTHETIC_COUNTS)
+
+
+@pytest.fixture()
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nothing can be written into: a read-only tmpfs as root (root ignores file
+    modes), else mode 0555; skipped where neither can be made."""
+    path = tmp_path / "readonly"
+    path.mkdir()
+    if os.geteuid() == 0:
+        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", str(path)], check=False)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
