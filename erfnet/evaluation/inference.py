@@ -35,14 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
-from erfnet.data.transforms import normalize, rescale_size, resize_image
+from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
 
 MODES = ("whole", "slide")
 # The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
 # smaller in either side would reach the bottleneck as an empty map.
 MIN_VIEW = 8
 Size = tuple[int, int]
-Stats = Sequence[float]
 LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
     " single-scale prediction applies (no slide, no ms+flip)"
