@@ -4,17 +4,20 @@
         "format": "erfnet-v1",
         "model": state_dict,
         "model_args": ERFNet constructor arguments,
-        "meta": {"class_names", "palette", "ignore_index", "mean", "std", ...},
+        "meta": {"class_names", "palette", "ignore_index", "mean", "std", "head", ...},
         # training checkpoints add: "optimizer", "scaler", "scheduler", "iteration",
         # "best_miou", "rng", "sampler", "args"
     }
 
-Files are written atomically and read with ``torch.load(weights_only=True)``.
+Files are written atomically and read with ``torch.load(weights_only=True)``. The meta is complete
+when written and when read (``complete_meta``, the one place that fills what a file lacks), so
+every reader uses ``meta["mean"]`` and friends directly.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import io
 import os
 import re
@@ -26,11 +29,14 @@ from typing import Any
 import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
+from erfnet.evaluation.visualize import class_colors
 from erfnet.fuse import optimize_for_inference
 from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet, unwrap_model
 
 FORMAT = "erfnet-v1"
+# Class ids live in uint8 label maps where IGNORE_INDEX (255) means "not labelled": 0..254.
+MAX_CLASSES = IGNORE_INDEX
 
 
 class CheckpointError(ValueError):
@@ -45,19 +51,19 @@ def dataset_meta(dataset: Any) -> dict[str, Any]:
     """The meta a model trained on ``dataset`` carries: its classes, palette and ignore index.
 
     ``dataset`` exposes ``classes`` (names), ``palette`` (one RGB triple per class) and
-    ``ignore_index``; ``mean`` / ``std`` (0-255 scale, RGB) where it has them, else the
-    ImageNet statistics every built-in pipeline normalises with.
+    ``ignore_index``; ``mean`` / ``std`` (0-255 scale, RGB) where it has them, else
+    ``complete_meta``'s.
     """
     classes, palette = list(dataset.classes), [list(c) for c in dataset.palette]
     if len(palette) != len(classes):
         raise ValueError(f"the dataset has {len(classes)} classes but {len(palette)} colours")
-    return {
+    meta: dict[str, Any] = {
         "class_names": [str(n) for n in classes],
         "palette": [[int(v) for v in c] for c in palette],
         "ignore_index": int(dataset.ignore_index),
-        "mean": list(getattr(dataset, "mean", MEAN_RGB)),
-        "std": list(getattr(dataset, "std", STD_RGB)),
     }
+    meta.update({k: list(getattr(dataset, k)) for k in ("mean", "std") if hasattr(dataset, k)})
+    return complete_meta(meta, len(classes))
 
 
 def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
@@ -69,13 +75,7 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
     names += [f"class_{i}" for i in range(len(names), num_classes)]
     palette = [list(c) for c in PALETTE][:num_classes]
     palette += [[0, 0, 0]] * (num_classes - len(palette))
-    return {
-        "class_names": names,
-        "palette": palette,
-        "ignore_index": IGNORE_INDEX,
-        "mean": list(MEAN_RGB),
-        "std": list(STD_RGB),
-    }
+    return complete_meta({"class_names": names, "palette": palette}, num_classes)
 
 
 # atomic_save's temporary file: ".latest.pth.1234.0a1b2c3d.tmp" beside its target, and the
@@ -136,19 +136,49 @@ def _write_error(path: Path, size: int, e: OSError) -> str:
     return f"cannot write checkpoint '{path}': {e.strerror or e}; {previous}"
 
 
+def model_args(ckpt_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` of a checkpoint with ERFNet's own defaults for the arguments it omits."""
+    params = inspect.signature(ERFNet.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **ckpt_args}
+
+
+def complete_meta(
+    meta: dict[str, Any] | None, num_classes: int, head: str | None = None
+) -> dict[str, Any]:
+    """The meta with every key a reader uses: the one place that fills what a file lacks.
+
+    ``mean`` / ``std``: ImageNet's (what every built-in pipeline trains with); ``ignore_index``:
+    255; ``head``: the model's (when given); ``class_names``: ``class_<i>`` for a model saved
+    without them (a checkpoint never claims a dataset's classes it was not given); ``palette``:
+    one colour per class, completed by ``erfnet.evaluation.visualize.class_colors``' rule.
+    """
+    full = dict(meta or {})
+    full.setdefault("mean", list(MEAN_RGB))
+    full.setdefault("std", list(STD_RGB))
+    full.setdefault("ignore_index", IGNORE_INDEX)
+    if head is not None:
+        full.setdefault("head", head)
+    names = list(full.get("class_names") or [])
+    full["class_names"] = names + [f"class_{i}" for i in range(len(names), num_classes)]
+    palette = full.get("palette") or []
+    if len(palette) < num_classes:
+        colors = class_colors(palette, num_classes, "the checkpoint's palette")
+        full["palette"] = [[int(v) for v in c] for c in colors]
+    return full
+
+
 def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any) -> dict:
-    """The checkpoint dict for ``model`` (unwrapped from DDP / torch.compile if needed)."""
+    """The checkpoint dict for ``model`` (unwrapped from DDP / torch.compile if needed), with
+    its meta completed (``complete_meta``)."""
     model = unwrap_model(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    # The normalisation always; class names and colours only where the caller knows them
-    # (``dataset_meta``): a checkpoint never claims classes it was not trained on.
-    full_meta: dict[str, Any] = {"mean": list(MEAN_RGB), "std": list(STD_RGB)}
-    full_meta.update(meta or {})
+    config = dict(model.config)
     return {
         "format": FORMAT,
         "model": state,
-        "model_args": dict(model.config),
-        "meta": full_meta,
+        "model_args": config,
+        "meta": complete_meta(meta, config["num_classes"], config["head"]),
         **extra,
     }
 
@@ -176,7 +206,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} is not an erfnet checkpoint (expected a dict with 'model' and"
             f" 'model_args').{_foreign_hint(ckpt)}"
         )
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt.get("meta") or {}, dict):
+        raise CheckpointError(f"{path}: 'model_args' and 'meta' must be dicts")
+    args = model_args(ckpt["model_args"])
+    num_classes = _checked_num_classes(ckpt, args, path)
+    # Files written before the meta was complete get the missing keys here, once.
+    ckpt["meta"] = complete_meta(ckpt.get("meta"), num_classes, str(args.get("head")))
     return ckpt
+
+
+def _checked_num_classes(ckpt: dict, args: dict[str, Any], path: Path) -> int:
+    """``model_args["num_classes"]``, refused in one line before anything is allocated when it
+    is not an int in 1..MAX_CLASSES or disagrees with the class names (a head whose weights
+    disagree is reported with the other mis-shaped tensors when the model is built)."""
+    n = args.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES:
+        raise CheckpointError(
+            f"{path}: model_args num_classes {n!r} is not a class count (1..{MAX_CLASSES})"
+        )
+    names = (ckpt.get("meta") or {}).get("class_names")
+    if names and len(names) != n:
+        raise CheckpointError(f"{path}: model_args num_classes {n} but {len(names)} class names")
+    return n
 
 
 def _load_error(path: Path, e: Exception) -> str:
@@ -237,7 +288,9 @@ def _foreign_hint(ckpt: Any) -> str:
 
 
 def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> ERFNet:
-    """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly."""
+    """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly;
+    a class count that is absurd or disagrees with the weights is refused before building."""
+    _checked_num_classes(ckpt, model_args(ckpt["model_args"]), Path(path))
     try:
         model = ERFNet(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
@@ -268,15 +321,30 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
     return model
 
 
+def check_finite(model: torch.nn.Module, path: str | os.PathLike = "<checkpoint>") -> None:
+    """CheckpointError (one line) when a weight or buffer holds NaN or infinity: such a model
+    predicts garbage, which would be scored or drawn without a word."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]});"
+            " the run that saved it had diverged: use an earlier checkpoint"
+        )
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False
 ) -> ERFNet:
     """Load a model for inference from one of our checkpoints, in eval mode.
 
     ``fast=True`` returns the fastest exact inference path for the device (BatchNorm folded into
-    the convolutions, channels_last memory format); see ``erfnet.fuse``.
+    the convolutions, channels_last memory format); see ``erfnet.fuse``. ``model.meta`` is the
+    checkpoint's complete meta. Weights holding NaN or infinity are refused (``check_finite``).
     """
     ckpt = load_checkpoint(path)
-    model = build_model_from_checkpoint(ckpt, path).to(device).eval()
-    model.meta = {"mean": list(MEAN_RGB), "std": list(STD_RGB), **(ckpt.get("meta") or {})}
+    model = build_model_from_checkpoint(ckpt, path)
+    check_finite(model, path)
+    model = model.to(device).eval()
+    model.meta = ckpt["meta"]
     return optimize_for_inference(model) if fast else model  # the copy keeps .meta

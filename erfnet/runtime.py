@@ -1,5 +1,5 @@
 """The process around every entry point: console streams that cannot kill a save, one-line errors
-from DataLoader workers, output files checked before the work, CPU thread / worker counts that do
+from DataLoader workers, output paths checked before the work, CPU thread / worker counts that do
 not oversubscribe the cores, and an opt-in malloc setting for large CPU tensors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,7 +88,7 @@ def one_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Output files
+# Output paths, checked before the work
 # --------------------------------------------------------------------------------------------
 
 
@@ -104,12 +104,31 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
+def _check_writable(path: Path, flag: str, folder: bool) -> None:
+    """Refuse a location that cannot be written, creating nothing: the deepest existing folder
+    on the way gets a probe file, written and removed at once (``os.access`` says yes to root on
+    a read-only mount; a real file also shows a full inode table or an ACL)."""
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path}: '{existing}' is a file, not a folder")
+    probe = existing / f".erfnet-write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+        if not folder and path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def check_output_file(
     path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> Path:
-    """Check, before the work that ends in writing ``path``, that it can be written: not one of
-    ``inputs`` (writing would destroy an input), not a folder, and its folder (created here if
-    missing) takes a new file. Returns the path; ``OutputError`` naming ``flag`` otherwise."""
+    """Check, before the work that ends in writing the file ``path``, that it can be written:
+    not one of ``inputs`` (writing would destroy an input), not a folder, and a location that
+    takes a new file. Returns the path; ``OutputError`` naming ``flag`` otherwise."""
     path = Path(path)
     for given in inputs:
         if given is not None and same_file(path, given):
@@ -118,40 +137,29 @@ def check_output_file(
             )
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder; expected a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A real file, not os.access: a read-only mount, a full inode table or an ACL show here.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    _check_writable(path, flag, folder=False)
     return path
 
 
 def check_output_dir(
     path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
 ) -> Path:
-    """Like ``check_output_file`` for a folder that files are written into: it is created if
-    missing and must take a new file, and it may be neither one of the input folders
-    ``inputs`` nor inside one (its files would mix with or replace the input's)."""
+    """Like ``check_output_file`` for a folder that files are written into: it must take a new
+    file, and may be neither one of ``inputs`` (files or folders) nor inside an input folder
+    (its files would mix with or replace the input's)."""
     path = Path(path)
     for given in inputs:
-        if given is not None and Path(given).is_dir():
-            inside = same_file(path, given) or Path(given).resolve() in path.resolve().parents
-            if inside:
-                raise OutputError(
-                    f"{flag} {path} is inside the input folder {given}; choose another folder"
-                )
+        if given is None:
+            continue
+        if same_file(path, given):
+            raise OutputError(f"{flag} {path} is the input {given}; choose another folder")
+        if Path(given).is_dir() and Path(given).resolve() in path.resolve().parents:
+            raise OutputError(
+                f"{flag} {path} is inside the input folder {given}; choose another folder"
+            )
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe.", suffix=".tmp"):
-            pass
-    except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    _check_writable(path, flag, folder=True)
     return path
 
 
@@ -173,7 +181,8 @@ def available_cores() -> int:
 def cpu_plan(
     device_type: str, workers: int | None, threads: int | None, cores: int | None = None
 ) -> tuple[int, int | None]:
-    """(loader workers, torch intra-op threads or None to leave torch's) for a training process.
+    """(loader workers, torch intra-op threads or None to leave torch's) for a training, an
+    evaluation or a prediction process (``apply_cpu_plan`` sets the threads).
 
     Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and for
     whatever else runs on the machine. A compute thread that has to share its core stalls every
@@ -189,6 +198,16 @@ def cpu_plan(
     if threads is None and not any(os.environ.get(v) for v in _THREAD_ENV):
         threads = max(1, cores - workers - 1)
     return workers, threads
+
+
+def apply_cpu_plan(device_type: str, workers: int | None, threads: int | None) -> tuple[int, int]:
+    """``cpu_plan``, with its thread count given to torch; (workers, the threads torch now uses)."""
+    import torch  # not at the top: the console and path helpers above need no torch
+
+    workers, planned = cpu_plan(device_type, workers, threads)
+    if planned is not None:
+        torch.set_num_threads(planned)
+    return workers, torch.get_num_threads()
 
 
 # glibc mallopt parameters (malloc.h).

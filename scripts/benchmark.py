@@ -47,6 +47,7 @@ from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
 from erfnet.deploy.int8 import QuantizationError, benchmark_int8, format_int8_report
 from erfnet.deploy.onnx import export_onnx
+from erfnet.distributed import DeviceError, resolve_device
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
 from erfnet.runtime import OutputError, check_output_file
@@ -559,20 +560,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SystemExit(f"error: --device {name!r}: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name}: expected cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
-    return device
-
-
 def resolve_defaults(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on the device and on --quick."""
     cuda, quick = args.device.type == "cuda", args.quick
@@ -600,7 +587,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = resolve_device(args.device)
+    try:
+        args.device = resolve_device(args.device)
+    except DeviceError as e:  # a --device this machine does not have
+        raise SystemExit(f"error: {e}") from None
     resolve_defaults(args)
     cuda = args.device.type == "cuda"
     if args.checkpoint:

@@ -2,6 +2,7 @@
 
     python scripts/predict.py street.png --checkpoint work_dirs/run/best.pth --out pred/
     python scripts/predict.py photos/ --checkpoint ckpt.pth --out pred/ --ms-flip --device cuda
+    python scripts/predict.py photos/ --model erfnet.onnx --out pred/    # an export, on the CPU
 
 For each image ``<name>.<ext>`` (a folder is searched recursively; sub-folders are kept) this
 writes ``<out>/<name>_color.png`` (the checkpoint's class colours, ``meta["palette"]``) and
@@ -11,7 +12,8 @@ mmseg's test protocol: the image is resized on the 0-255 scale keeping its ratio
 resized back to the image's size; ``--ms-flip`` averages the softmax over the recipe's scales
 and flips, each view resized from the original image.
 The model is ``erfnet.load_model(..., fast=True)`` (BatchNorm folded, channels_last): the same
-predictions as the plain model, faster.
+predictions as the plain model, faster; or with ``--model`` an exported graph (``.onnx`` through
+onnxruntime, OpenVINO ``.xml``, the optional extras), on the CPU.
 """
 
 from __future__ import annotations
@@ -20,20 +22,24 @@ import argparse
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.config import RECIPE
-from erfnet.data import CityscapesDataset
-from erfnet.data.cityscapes import pil_rgb8
+from erfnet.data.decode import DatasetError, load_image
 from erfnet.distributed import resolve_device
-from erfnet.evaluation.inference import predict
-from erfnet.evaluation.visualize import blend, colorize
-from erfnet.runtime import tune_cpu_allocator
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, TestSettings, predict
+from erfnet.evaluation.visualize import blend, colorize, save_png
+from erfnet.runtime import (
+    OutputError,
+    apply_cpu_plan,
+    check_output_dir,
+    tune_cpu_allocator,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -61,48 +67,86 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8; a clear error for non-images."""
+    """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8 (``load_image``); one line for a
+    file that is not an image, or one too large to decode."""
     try:
-        with Image.open(path) as img:
-            return pil_rgb8(img)
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"error: cannot read image {path}: {e}") from None
-
-
-def checkpoint_palette(meta: dict) -> list:
-    """The checkpoint's class colours (``meta["palette"]``); a meta without one gets the default
-    dataset's (Cityscapes)."""
-    return meta.get("palette") or [list(c) for c in CityscapesDataset.palette]
-
-
-def to_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HxWx3 uint8 -> [1, 3, H, W] uint8 on ``device``: ``predict`` resizes and normalises it."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device)
+        return load_image(path).permute(1, 2, 0).numpy()
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL's pixel limit, where the decoder relays it
+        raise SystemExit(f"error: image '{path}' is too large to decode: {e}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint (.pth)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="our checkpoint (.pth)")
+    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
-        "--scale", nargs=2, type=int, default=list(RECIPE.test_scale), metavar=("H", "W"),
+        "--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale), metavar=("H", "W"),
         help="test scale; the image is resized keeping its ratio to fit it "
-        f"(default {RECIPE.test_scale[0]} {RECIPE.test_scale[1]})",
+        f"(default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
     )  # fmt: skip
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument(
         "--no-fast", action="store_true",
         help="use the plain model instead of the fused inference path (same predictions)",
     )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads (default: the free cores less one, as train.py plans them)",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    if min(args.scale) < 8:
-        p.error(f"--scale must be at least 8 8, got {args.scale[0]} {args.scale[1]}")
+    if min(args.scale) < MIN_VIEW:
+        p.error(
+            f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
+        )
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
+
+
+def load_predictor(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
+    """The checkpoint's model (fast path unless --no-fast), or with --model an exported graph
+    (deploy is an opt-in layer: imported here only). Weights holding NaN are refused."""
+    if args.model is not None:
+        from erfnet.deploy.exported import ExportError, load_exported
+
+        try:
+            return load_exported(args.model, threads)
+        except ExportError as e:
+            raise SystemExit(f"error: --model {e}") from None
+    try:
+        return load_model(args.checkpoint, device, fast=not args.no_fast)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --checkpoint: {e}") from None
+
+
+def check_out(args: argparse.Namespace) -> Path:
+    """--out, refused in one line before any work: not writable, a file, or the input itself."""
+    try:
+        return check_output_dir(args.out, "--out", [args.input])
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def predict_image(
+    model: Any, path: Path, device: torch.device, settings: TestSettings, palette: list
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the image HxWx3, its colour map HxWx3) for one file; one line for what cannot work."""
+    rgb = read_rgb(path)
+    image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device)  # predict() normalises it
+    try:
+        pred = predict(model, image, rgb.shape[:2], settings)
+    except ValueError as e:  # too small a view, an export's fixed size or argmax output
+        raise SystemExit(f"error: {path}: {e}") from None
+    return rgb, colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, len(palette))
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -110,31 +154,27 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     images = find_images(Path(args.input))
     if not images:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
+    out_dir = check_out(args)
+    if args.model is not None and args.device not in ("cpu", "auto"):
+        raise SystemExit(f"error: --model runs on the CPU, not on --device {args.device}")
     try:
-        device = resolve_device(args.device)
+        device = resolve_device("cpu" if args.model else args.device)
     except ValueError as e:  # a --device this machine does not have
         raise SystemExit(f"error: {e}") from None
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"error: --out {out_dir} is a file, not a folder")
-    try:
-        model = load_model(args.checkpoint, device, fast=not args.no_fast)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --checkpoint: {e}") from None
+    _, threads = apply_cpu_plan(device.type, 0, args.threads)
+    model = load_predictor(args, device, threads)
     # predict() normalises each resized view with the checkpoint's meta mean / std.
-    palette = checkpoint_palette(getattr(model, "meta", {}) or {})
+    settings = TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
+    palette = model.meta["palette"]  # one colour per class: the checkpoint's meta is complete
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):
-        rgb = read_rgb(path)
-        pred = predict(model, to_tensor(rgb, device), rgb.shape[:2], ms_flip=args.ms_flip,
-                       test_scale=args.scale)  # fmt: skip
-        color = colorize(pred[0].to("cpu", torch.uint8).numpy(), palette)
+        rgb, color = predict_image(model, path, device, settings, palette)
         target = out_dir / stem
-        target.parent.mkdir(parents=True, exist_ok=True)
         for suffix, array in (("_color", color), ("_blend", blend(rgb, color, args.alpha))):
-            file = target.with_name(target.name + suffix + ".png")
-            Image.fromarray(array).save(file)
-            written.append(file)
+            try:
+                written.append(save_png(array, target.with_name(target.name + suffix + ".png")))
+            except OSError as e:  # already one line naming the file
+                raise SystemExit(f"error: {e}") from None
     print(f"wrote {len(written)} files for {len(images)} image(s) to {out_dir}")
     return written
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -360,3 +360,25 @@ def reference_nets() -> SimpleNamespace:
     seed)`` and ``mmseg_file_dict(model)`` for the converter and fine-tuning tests."""
     return SimpleNamespace(MMSegERFNet=MMSegERFNet, EPNet=EPNet, EPEncoder=EPEncoder,
                            randomize=randomize, mmseg_file_dict=mmseg_file_dict)  # fmt: skip
+
+
+@pytest.fixture()
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nothing can be written into: a read-only tmpfs as root (root ignores file
+    modes), else mode 0555; skipped where neither can be made."""
+    path = tmp_path / "readonly"
+    path.mkdir()
+    if os.geteuid() == 0:
+        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", str(path)], check=False)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)

@@ -80,11 +80,11 @@ def test_parse_size_and_bad_flags() -> None:
         benchmark.parse_args(["--sizes", "512"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--repeats", "0"])
-    with pytest.raises(SystemExit, match="expected cpu or cuda"):
-        benchmark.resolve_device("meta")
+    with pytest.raises(SystemExit, match="--device meta: expected auto, cpu, cuda"):
+        benchmark.main(["--device", "meta"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            benchmark.resolve_device("cuda")
+            benchmark.main(["--device", "cuda"])
 
 
 def test_interleaved_runs_every_function_each_round() -> None:

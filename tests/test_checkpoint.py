@@ -68,7 +68,10 @@ def test_round_trip_identical_outputs(tmp_path, kwargs):
 def test_meta_comes_from_the_dataset_never_invented(tmp_path, synthetic_root):
     save_checkpoint(tmp_path / "m.pth", ERFNet(num_classes=5))
     meta = erfnet.load_model(tmp_path / "m.pth").meta
-    assert "class_names" not in meta and "palette" not in meta
+    # Complete (every key a reader uses), yet claiming no dataset's classes: generic names.
+    assert meta["class_names"] == [f"class_{i}" for i in range(5)]
+    assert not set(meta["class_names"]) & set(CLASS_NAMES) and len(meta["palette"]) == 5
+    assert meta["ignore_index"] == 255 and meta["head"] == "fcn"
     assert meta["mean"] == list(MEAN_RGB) and meta["std"] == list(STD_RGB)
     city = dataset_meta(CityscapesDataset(synthetic_root, "val"))
     assert city["class_names"] == list(CLASS_NAMES) and len(city["palette"]) == 19
@@ -194,3 +197,19 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
 def test_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
         load_model(tmp_path)
+
+
+def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_path, capsys):
+    keys = {"class_names", "palette", "ignore_index", "mean", "std", "head"}
+    written = make_checkpoint(ERFNet(num_classes=3, head="deconv"))["meta"]
+    assert set(written) == keys and written["head"] == "deconv" and len(written["palette"]) == 3
+    # A file from before: model_args without num_classes, a meta with one colour only.
+    ckpt = make_checkpoint(ERFNet())
+    ckpt["model_args"] = {"head": "fcn"}
+    ckpt["meta"] = {"palette": [[1, 2, 3]], "note": "old"}
+    torch.save(ckpt, tmp_path / "old.pth")
+    meta = load_checkpoint(tmp_path / "old.pth")["meta"]
+    assert set(meta) == keys | {"note"} and len(meta["class_names"]) == 19
+    assert meta["palette"][0] == [1, 2, 3] and all(any(c) for c in meta["palette"])
+    assert "the checkpoint's palette has 1 colours for 19 classes" in capsys.readouterr().err
+    assert load_model(tmp_path / "old.pth").meta == meta

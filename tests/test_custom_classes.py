@@ -17,6 +17,7 @@ from erfnet import load_model
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import normalize
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate
+from erfnet.evaluation.inference import TestSettings
 from erfnet.evaluation.visualize import colorize
 from scripts import predict as predict_cli
 
@@ -109,7 +110,9 @@ def test_eval_predict_and_fast_path_on_the_result(trained, tmp_path: Path):
     # evaluate(): the images are already at the test scale, so its predictions are the plain
     # model's argmax, and its pixel accuracy is that of these predictions.
     loader = build_eval_loader(val_set, workers=0, pin_memory=False)
-    metrics = evaluate(model, loader, "cpu", num_classes=5, test_scale=SIZE, progress=False)
+    metrics = evaluate(
+        model, loader, "cpu", TestSettings(scale=SIZE), num_classes=5, progress=False
+    )
     assert metrics["num_images"] == 2 and len(metrics["IoU"]) == 5
     labelled = labels != Shapes.ignore_index
     expected_acc = 100.0 * (pred[labelled] == labels[labelled]).double().mean().item()

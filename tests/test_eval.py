@@ -349,7 +349,7 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
     """mmseg's MultiScaleFlipAug resizes the original image to every ratio x --scale: a ratio-2
     view of a 32x64 --scale on 64x128 images is the original image, not an upsampled 32x64 copy."""
     from erfnet.checkpoint import load_model
-    from erfnet.evaluation.inference import predict
+    from erfnet.evaluation.inference import TestSettings, predict
     from erfnet.labels import TRAIN_ID_TO_ID
 
     out = tmp_path / "sub"
@@ -360,6 +360,281 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
     )  # fmt: skip
     model = load_model(checkpoint)
     for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
-        ref = predict(model, item["image"][None], ms_flip=True, scales=[2.0], test_scale=(32, 64))
+        settings = TestSettings(scale=(32, 64), ms_flip=True, ratios=(2.0,))
+        ref = predict(model, item["image"][None], None, settings)
         got = np.array(Image.open(out / item["city"] / f"{item['name']}_leftImg8bit.png"))
         np.testing.assert_array_equal(got, TRAIN_ID_TO_ID[ref[0].numpy().astype(np.uint8)])
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py --model: exported graphs scored with the same protocol and metric
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoint) -> dict:
+    """The checkpoint exported to fp32 ONNX (dynamic size) by the project's exporter, and its
+    meta; skipped without the optional onnx / onnxruntime packages."""
+    pytest.importorskip("onnx", reason="the optional onnx package is not installed")
+    pytest.importorskip("onnxruntime", reason="the optional onnxruntime package is not installed")
+    from erfnet.checkpoint import load_model
+    from erfnet.deploy.onnx import export_onnx
+
+    model = load_model(checkpoint)
+    folder = tmp_path_factory.mktemp("exported")
+    path = export_onnx(model, folder / "m.onnx", 64, 128, meta=model.meta)
+    return {"onnx": path, "meta": model.meta, "model": model, "dir": folder}
+
+
+# OpenVINO IRs are made and run in subprocesses: loaded in the pytest process beside the
+# DataLoader's SIGCHLD handler of an earlier test, a later subprocess's exit crashed pytest.
+_MAKE_IR = """
+import json, sys
+import openvino as ov
+onnx_path, meta, *outs = sys.argv[1:]
+for spec in outs:
+    xml, _, shape = spec.partition("@")
+    kwargs = {"input": [[int(d) for d in shape.split(",")]]} if shape else {}
+    model = ov.convert_model(onnx_path, **kwargs)
+    model.set_rt_info(open(meta).read(), ["erfnet", "erfnet_meta"])
+    ov.save_model(model, xml, compress_to_fp16=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def openvino_irs(exported) -> dict[str, Path]:
+    """The ONNX export converted to OpenVINO IRs at full precision, the meta in rt_info where the
+    exporter writes it (["erfnet", "erfnet_meta"]): ``dynamic`` and ``fixed`` (1x3x64x128)."""
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("the optional openvino package is not installed")
+    folder = exported["dir"]
+    (folder / "meta.json").write_text(json.dumps(exported["meta"]))
+    irs = {"dynamic": folder / "m.xml", "fixed": folder / "f.xml"}
+    r = _run(["-c", _MAKE_IR, str(exported["onnx"]), str(folder / "meta.json"),
+              str(irs["dynamic"]), f"{irs['fixed']}@1,3,64,128"])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return irs
+
+
+def _miou(path: Path) -> float:
+    return json.loads(path.read_text())["mIoU"]
+
+
+def test_an_onnx_export_scores_the_checkpoints_miou(tmp_path, single_run, val_root, exported):
+    r = _run(
+        [str(EVAL), "--model", str(exported["onnx"]), "--data-root", str(val_root), *SCALE,
+         "--workers", "0", "--json", str(tmp_path / "onnx.json"), "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "onnx.json").read_text())
+    reference = json.loads((single_run / "r.json").read_text())
+    assert data["model"] == str(exported["onnx"]) and data["checkpoint"] is None
+    assert data["num_images"] == 3 and "| road" in r.stdout
+    assert abs(data["mIoU"] - reference["mIoU"]) <= 0.05
+    assert abs(data["aAcc"] - reference["aAcc"]) <= 0.05
+    # Random weights give a small mIoU: the predictions themselves must agree as well.
+    same = total = 0
+    for ref in (single_run / "sub").rglob("*_leftImg8bit.png"):
+        ours = np.array(Image.open(tmp_path / ref.relative_to(single_run / "sub")))
+        same += int((ours == np.array(Image.open(ref))).sum())
+        total += ours.size
+    assert total == 3 * 64 * 128 and same / total >= 0.999
+
+
+def test_an_openvino_export_scores_the_checkpoints_miou(
+    tmp_path, single_run, val_root, openvino_irs
+):
+    r = _run(
+        [str(EVAL), "--model", str(openvino_irs["dynamic"]), "--data-root", str(val_root), *SCALE,
+         "--workers", "0", "--json", str(tmp_path / "ov.json")]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(_miou(tmp_path / "ov.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_a_fixed_size_export_takes_only_views_of_its_size(
+    tmp_path, single_run, val_root, openvino_irs
+):
+    base = [str(EVAL), "--model", str(openvino_irs["fixed"]), "--data-root", str(val_root),
+            "--workers", "0"]  # fmt: skip
+    r = _run([*base, "--scale", "32", "64"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"error: --model {openvino_irs['fixed']} takes only 64x128 inputs (a fixed-size export),"
+        " not --scale 32 64; export with a dynamic size, or evaluate at 64x128"
+    ]
+    # The other views the protocol could ask for, refused by the same check.
+    for extra, refused in ((["--ms-flip"], "--ms-flip ratios"),
+                           (["--mode", "slide"], "slide crops of 512x1024")):  # fmt: skip
+        args = eval_script.parse_args(["--model", "f.xml", *extra])
+        with pytest.raises(SystemExit, match=f"not {refused}"):
+            eval_script.check_fixed_size(args, (64, 128))
+    # Without --scale the export's own size is the test scale.
+    r = _run([*base, "--json", str(tmp_path / "fixed.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(_miou(tmp_path / "fixed.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_an_argmax_export_is_scored_whole_image_only(tmp_path, single_run, val_root, exported):
+    import onnx
+
+    from erfnet.deploy.exported import META_KEY, OUTPUT_KEY
+
+    class Argmax(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).argmax(1)
+
+    path = tmp_path / "labels.onnx"
+    axes = {0: "n", 2: "h", 3: "w"}
+    torch.onnx.export(Argmax(exported["model"]).eval(), (torch.randn(1, 3, 64, 128),), str(path),
+                      dynamo=False, input_names=["input"], output_names=["labels"],
+                      dynamic_axes={"input": axes, "labels": {0: "n", 1: "h", 2: "w"}},
+                      opset_version=17)  # fmt: skip
+    proto = onnx.load(str(path))
+    for key, value in ((META_KEY, json.dumps(exported["meta"])), (OUTPUT_KEY, "labels")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    base = ["--model", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0"]
+    assert "only the whole-image single-scale test" in _error([*base, "--ms-flip"])
+    eval_script.main([*base, "--json", str(tmp_path / "labels.json")])
+    assert abs(_miou(tmp_path / "labels.json") - _miou(single_run / "r.json")) <= 0.05
+
+
+def test_model_flag_errors(tmp_path, val_root, exported):
+    base = ["--data-root", str(val_root), *SCALE, "--workers", "0"]
+    msg = _error(["--model", str(tmp_path / "none.onnx"), *base])
+    assert msg.startswith("error: --model") and "no such file" in msg
+    msg = _error(["--model", str(tmp_path / "m.pt"), *base])
+    assert "expected an exported model ending in .onnx or .xml" in msg
+    msg = _error(["--model", str(exported["onnx"]), *base, "--device", "cuda"])
+    assert "--model runs on the CPU" in msg
+    with pytest.raises(SystemExit):  # argparse: one of --checkpoint / --model, not both
+        eval_script.main(["--model", str(exported["onnx"]), "--checkpoint", "c.pth", *base])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing lost, no traceback: outputs checked first, sizes, absurd or broken checkpoints, CPUs
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_line_failure(r: subprocess.CompletedProcess, before_work: bool = True) -> str:
+    """The error line of a failed run (rc 1 or 2, no traceback); ``before_work``: the only line,
+    nothing evaluated (no progress bar)."""
+    assert r.returncode in (1, 2), (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:"), r.stderr[-2000:]
+    if before_work:
+        assert len(lines) == 1 and "eval:" not in r.stderr, r.stderr[-2000:]
+    return lines[-1]
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(
+    tmp_path, val_root, checkpoint, readonly_dir
+):
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
+            "--device", "cpu"]  # fmt: skip
+    msg = _one_line_failure(_run([str(EVAL), *args, "--json", str(readonly_dir / "r.json")]))
+    assert msg.startswith(f"error: --json {readonly_dir / 'r.json'}: cannot write in"), msg
+    if os.geteuid() == 0:  # a read-only mount: the reason is the file system's
+        assert msg.endswith("Read-only file system"), msg
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for extra, expected in (
+        (["--out-dir", str(readonly_dir / "sub")], f"--out-dir {readonly_dir / 'sub'}: cannot"),
+        (["--json", str(a_file / "r.json")], f"'{a_file}' is a file, not a folder"),
+        (["--save-color", str(a_file / "c")], f"'{a_file}' is a file, not a folder"),
+        (["--json", str(checkpoint)], "is the input"),
+        (["--out-dir", str(val_root / "leftImg8bit" / "val")], "is inside the input"),
+    ):
+        msg = _error([*args, *extra])
+        assert expected in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "readonly"]  # nothing made
+
+
+def test_a_write_that_fails_later_is_one_line_naming_the_file(tmp_path, val_root, checkpoint):
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:  # room for one page: the check's empty probe passes, the second PNG does not fit
+        args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
+                "--device", "cpu", "--workers", "0", "--out-dir", str(small)]  # fmt: skip
+        r = _run([str(EVAL), *args])
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    msg = _one_line_failure(r, before_work=False)
+    assert f"cannot write '{small}/" in msg and msg.endswith("No space left on device"), msg
+
+
+def test_views_that_reach_under_8_pixels_are_one_line(val_root, checkpoint):
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), "--device", "cpu",
+            "--workers", "0"]  # fmt: skip
+    msg = _one_line_failure(_run([str(EVAL), *args, "--scale", "1", "1"]))
+    assert "--scale H W must be at least 8 8" in msg
+    for extra, expected in (
+        (["--ms-flip", "--scales", "1e-6"], "--scales 1e-06 makes 0x0 views"),
+        (["--ms-flip", "--scales", "inf"], "--scales must be positive ratios"),
+        (["--ms-flip", "--scales", "nan"], "--scales must be positive ratios"),
+        # An image too elongated for the scale: found at that image, still one line.
+        (["--scale", "8", "8"], "a 64x128 image resized to the test scale 8x8 is 4x8 pixels"),
+    ):
+        msg = _error([*args, *extra])
+        assert expected in msg and "\n" not in msg, msg
+
+
+def test_absurd_or_broken_checkpoints_are_refused_in_one_line(tmp_path, val_root):
+    from erfnet.checkpoint import make_checkpoint
+
+    huge = make_checkpoint(ERFNet())
+    huge["model_args"]["num_classes"] = 10**9  # a 512 GB classifier if it were built
+    torch.save(huge, tmp_path / "huge.pth")
+    model = ERFNet()
+    with torch.no_grad():
+        model.head.classifier.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pth", model)
+    base = ["--data-root", str(val_root), *SCALE, "--device", "cpu", "--workers", "0"]
+    msg = _one_line_failure(_run([str(EVAL), "--checkpoint", str(tmp_path / "huge.pth"), *base]))
+    assert "num_classes 1000000000 is not a class count (1..255)" in msg
+    msg = _error(["--checkpoint", str(tmp_path / "nan.pth"), *base])
+    assert "hold NaN or infinite values (first: head.classifier.weight)" in msg
+
+
+def test_cpu_threads_and_workers_follow_the_one_plan(val_root, checkpoint, monkeypatch):
+    """On 2 free cores: no loader workers and one thread (a core left free), as train.py plans;
+    --threads and --workers override. PyTorch's too-many-workers warning never shows."""
+    import eval as module
+    from erfnet import runtime
+
+    seen: list[int] = []
+    real = module.build_eval_loader
+
+    def spy(dataset, workers):
+        seen.append(workers)
+        return real(dataset, workers=workers)
+
+    monkeypatch.setattr(module, "build_eval_loader", spy)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    base = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
+            "--device", "cpu"]  # fmt: skip
+    try:
+        module.main(base)
+        assert seen == [0] and torch.get_num_threads() == 1
+        module.main([*base, "--threads", "2", "--workers", "1"])
+        assert seen == [0, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    r = subprocess.run([sys.executable, str(EVAL), *base], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "worker processes in total" not in r.stderr

@@ -21,8 +21,8 @@ from erfnet.data.cityscapes import load_image
 from erfnet.data.folder import FolderDataset
 from erfnet.data.transforms import EvalTransform
 from erfnet.deploy.int8 import read_meta
-from erfnet.evaluation.evaluate import build_eval_loader, evaluate
-from erfnet.evaluation.inference import predict
+from erfnet.evaluation.cityscapes_submission import SubmissionWriter
+from erfnet.evaluation.inference import TestSettings, predict
 from erfnet.model import ERFNet
 from scripts import export_onnx
 from scripts import predict as predict_cli
@@ -151,7 +151,7 @@ def test_predict_uses_the_checkpoint_palette(trained, tmp_path: Path):
     )  # fmt: skip
     color = np.asarray(Image.open(tmp_path / f"{image.stem}_color.png").convert("RGB"))
     model = load_model(trained["work"] / "best.pth")
-    pred = predict(model, load_image(image)[None], SIZE, test_scale=SIZE)[0].numpy()
+    pred = predict(model, load_image(image)[None], SIZE, TestSettings(scale=SIZE))[0].numpy()
     assert np.array_equal(color, np.asarray(PALETTE, dtype=np.uint8)[pred])
 
 
@@ -170,9 +170,7 @@ def test_onnx_export_and_int8_calibration_on_the_folder_dataset(trained, tmp_pat
 
 
 def test_the_test_server_writer_refuses_other_classes(trained, tmp_path: Path):
-    model = load_model(trained["work"] / "best.pth")
     val = FolderDataset(trained["root"], trained["classes"], "val", EvalTransform(SIZE))
-    loader = build_eval_loader(val, workers=0, pin_memory=False)
     with pytest.raises(ValueError, match="Cityscapes test server's label-id PNGs"):
-        evaluate(model, loader, "cpu", test_scale=SIZE, out_dir=tmp_path, progress=False)
+        SubmissionWriter(tmp_path, val.classes)
     assert not list(tmp_path.iterdir())

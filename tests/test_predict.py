@@ -96,7 +96,7 @@ def test_clear_errors(images: Path, checkpoint: Path, tmp_path: Path) -> None:
         run(images, "--checkpoint", tmp_path / "nope.pth", "--out", tmp_path / "o")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(SystemExit, match="cannot read image"):
+    with pytest.raises(SystemExit, match=r"cannot (read|decode) .*bad\.png"):
         run(bad, "--checkpoint", checkpoint, "--out", tmp_path / "o")
     with pytest.raises(SystemExit, match="--out .* is a file"):
         run(images, "--checkpoint", checkpoint, "--out", checkpoint)
@@ -150,3 +150,107 @@ def test_colours_come_from_the_checkpoint_palette(images: Path, tmp_path: Path) 
     color = np.asarray(Image.open(tmp_path / "o" / "a_color.png"))
     used = {tuple(c) for c in color.reshape(-1, 3).tolist()}
     assert used <= {tuple(c) for c in palette} and len(used) >= 2
+
+
+def test_an_onnx_export_predicts_what_its_checkpoint_predicts(images: Path, checkpoint: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    pytest.importorskip("onnx", reason="the optional onnx package is not installed")
+    pytest.importorskip("onnxruntime", reason="the optional onnxruntime package is not installed")
+    from erfnet.checkpoint import load_model
+    from erfnet.deploy.onnx import export_onnx
+
+    model = load_model(checkpoint)
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", 48, 96, meta=model.meta)
+    cmd = [sys.executable, str(SCRIPT), str(images / "a.png"), "--model", str(onnx_path),
+           "--out", str(tmp_path / "onnx"), "--scale", "48", "96"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run(images / "a.png", "--checkpoint", checkpoint, "--out", tmp_path / "pth", "--scale", "48",
+        "96", "--no-fast")  # fmt: skip
+    ours = np.asarray(Image.open(tmp_path / "onnx" / "a_color.png"))
+    ref = np.asarray(Image.open(tmp_path / "pth" / "a_color.png"))
+    assert ours.shape == ref.shape == (64, 128, 3)
+    assert (ours == ref).all(axis=-1).mean() > 0.999
+    proc = subprocess.run([*cmd[:-3], "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "--model runs on the CPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _failure(*args: str, cwd: Path) -> str:
+    """predict.py run as a user runs it, expected to stop with one error line (rc 1 or 2)."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)  # fmt: skip
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("predict:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]  # + progress
+    return lines[0]
+
+
+def test_outputs_are_checked_before_the_work_and_never_an_input(
+    images: Path, checkpoint: Path, tmp_path: Path, readonly_dir: Path
+) -> None:
+    msg = _failure(images, "--checkpoint", checkpoint, "--out", readonly_dir / "o", cwd=tmp_path)
+    assert msg.startswith(f"error: --out {readonly_dir / 'o'}: cannot write in"), msg
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit, match=f"--out {a_file}/o: '{a_file}' is a file, not a folder"):
+        run(images, "--checkpoint", checkpoint, "--out", a_file / "o")
+    with pytest.raises(SystemExit, match=f"--out {images}: is the input {images}"):
+        run(images, "--checkpoint", checkpoint, "--out", images)
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    with pytest.raises(SystemExit, match="is the input"):
+        run(images / "a.png", "--checkpoint", checkpoint, "--out", images / "a.png")
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
+
+
+def test_images_too_thin_or_too_large_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (5000, 1)).save(tmp_path / "thin.png")
+    msg = _failure(tmp_path / "thin.png", "--checkpoint", checkpoint, "--out", tmp_path / "o",
+                   cwd=tmp_path)  # fmt: skip
+    assert "thin.png: a 1x5000 image resized to the test scale 1024x2048 is 0x2048" in msg
+    # A JPEG whose header claims 20000x20000 pixels: over PIL's decompression-bomb limit.
+    Image.new("RGB", (16, 16)).save(tmp_path / "bomb.jpg", quality=50)
+    data = bytearray((tmp_path / "bomb.jpg").read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2  # height, width
+    (tmp_path / "bomb.jpg").write_bytes(bytes(data))
+    msg = _failure(tmp_path / "bomb.jpg", "--checkpoint", checkpoint, "--out", tmp_path / "o",
+                   cwd=tmp_path)  # fmt: skip
+    assert "bomb.jpg" in msg and ("400000000" in msg or "20000x20000" in msg), msg
+
+
+def test_absurd_or_broken_checkpoints_are_refused(images: Path, tmp_path: Path) -> None:
+    from erfnet.checkpoint import make_checkpoint
+
+    huge = make_checkpoint(ERFNet())
+    huge["model_args"]["num_classes"] = 10**9
+    torch.save(huge, tmp_path / "huge.pth")
+    msg = _failure(images, "--checkpoint", tmp_path / "huge.pth", "--out", tmp_path / "o",
+                   cwd=tmp_path)  # fmt: skip
+    assert "num_classes 1000000000 is not a class count (1..255)" in msg
+    model = ERFNet()
+    with torch.no_grad():
+        model.encoder[0].conv.bias[0] = float("inf")
+    save_checkpoint(tmp_path / "inf.pth", model)
+    with pytest.raises(SystemExit, match=r"hold NaN or infinite values \(first: encoder.0.conv"):
+        run(images, "--checkpoint", tmp_path / "inf.pth", "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_threads_follow_the_one_cpu_plan(images: Path, checkpoint: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from erfnet import runtime
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    common = [images / "a.png", "--checkpoint", checkpoint, "--scale", "32", "64"]
+    try:
+        run(*common, "--out", tmp_path / "a")
+        assert torch.get_num_threads() == 2  # 3 cores, one left free
+        run(*common, "--out", tmp_path / "b", "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -9,9 +9,9 @@ Labels are read from ``_labelTrainIds.png`` when present, else ``_labelIds.png``
 ``DatasetError`` naming the path and what was expected.
 
 Cityscapes-specific by nature, and only here: the labelIds -> trainIds mapping, the label-value
-checks, the official submission writer (trainIds -> label ids, ``save_label_ids``) and the
-``_labelTrainIds.png`` preparation. The rest of the project takes the classes from a dataset's
-``classes`` / ``palette`` / ``ignore_index`` or from a checkpoint's meta.
+checks and the ``_labelTrainIds.png`` preparation (the test server's writer is
+``erfnet.evaluation.cityscapes_submission``). The rest of the project takes the classes from a
+dataset's ``classes`` / ``palette`` / ``ignore_index`` or from a checkpoint's meta.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' publi
     to_uint8,
 )
 from erfnet.data.transforms import EvalTransform
-from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, TRAIN_ID_TO_ID, VALID_LABEL_IDS
+from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, VALID_LABEL_IDS
 
 ENV_VAR = "CITYSCAPES_DATASET"
 DEFAULT_ROOT = "data/cityscapes"
@@ -389,15 +389,3 @@ def prepare_train_ids(
                 pool.join()
     result["errors"].sort()
     return result
-
-
-# ---------------------------------------------------------------- the official submission format
-
-
-def save_label_ids(pred: np.ndarray, out_dir: str | os.PathLike, city: str, name: str) -> Path:
-    """The Cityscapes test server's PNG for a trainId map [H,W] (uint8): trainIds -> label ids
-    (255 -> 0 "unlabeled"), written as ``<out>/<city>/<name>_leftImg8bit.png``."""
-    path = Path(out_dir) / city / f"{name}_leftImg8bit.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(TRAIN_ID_TO_ID[pred]).save(path)
-    return path

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from erfnet.checkpoint import complete_meta
+
 # One metadata key holds the whole checkpoint meta as JSON, in ONNX metadata_props and in
 # OpenVINO's rt_info alike; META_KEY's sibling keys describe the graph itself.
 META_KEY = "erfnet_meta"
@@ -173,7 +175,7 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
         path=path,
         format=fmt,
         runner=runner,
-        meta=meta,
+        meta=complete_meta(meta, len(meta["class_names"])),  # what an older export lacks
         output=props.get(OUTPUT_KEY, "logits"),
         precision=props.get(PRECISION_KEY, "fp32"),
         input_size=size,

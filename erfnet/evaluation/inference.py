@@ -1,37 +1,101 @@
-"""Inference and evaluation as mmsegmentation tests this recipe; shared by eval.py and training.
+"""Inference as mmsegmentation tests this recipe; shared by eval.py, training and the scripts.
+
+``predict(model, image, out_size, settings)``: the test-time settings are one frozen
+``TestSettings`` whose defaults are mmseg's protocol for this recipe.
 
 Images come in on the 0-255 scale ([N, 3, H, W], uint8 or float): each network input ("view") is
 resized there (``resize_image``: bilinear, rounded, as mmseg resizes the uint8 image) and then
-normalised once with the model's own statistics (``model.meta["mean"]`` / ``["std"]``, default
-the ImageNet ones of ``erfnet.config``), so a checkpoint trained with another normalisation
-(erfnet_pytorch's mean 0 / std 255) needs nothing extra.
+normalised once with the model's own statistics (``model.meta["mean"]`` / ``["std"]``), so a
+checkpoint trained with another normalisation (erfnet_pytorch's mean 0 / std 255) needs nothing
+extra.
 
 - Whole image (the recipe's test mode): the image is resized keeping its ratio to the test scale
   (mmcv's rescale rule), the logits are resized bilinearly (align_corners=False) to the original
   label size, argmax.
-- Slide: overlapping crops (``RECIPE.slide_crop`` / ``RECIPE.slide_stride``) of the resized image,
-  logits summed and divided by the number of crops covering each pixel (mmseg's slide_inference).
+- Slide: overlapping crops (``slide_crop`` / ``slide_stride``) of the resized image, logits
+  summed and divided by the number of crops covering each pixel (mmseg's slide_inference).
 - ms+flip: every ratio of the test scale, each view resized from the original image, with and
   without a horizontal flip; the softmax of each view's logits at the original size (flip
   undone) is summed in place; argmax.
+
+A model may also return class labels [N, H, W] instead of logits (an exported graph that ends in
+an argmax): those are resized nearest to the label size, in whole-image single-scale mode only.
 
 ``erfnet.evaluation.evaluate.evaluate`` runs a loader through ``predict`` and returns the metrics.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
-from erfnet.data.transforms import normalize, rescale_size, resize_image
+from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
 
 MODES = ("whole", "slide")
+# The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
+# smaller in either side would reach the bottleneck as an empty map.
+MIN_VIEW = 8
 Size = tuple[int, int]
-Stats = Sequence[float]
+LABELS_ONLY_WHOLE = (
+    "this model outputs class labels (a graph exported with --argmax): only whole-image"
+    " single-scale prediction applies (no slide, no ms+flip)"
+)
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    """How images are predicted; the defaults are mmseg's test protocol for this recipe.
+
+    ``scale``: the test size (H, W) an image is resized to, keeping its ratio. ``mode``: one of
+    ``MODES``. ``ms_flip``: average the softmax over ``ratios`` x ``scale`` views, each also
+    flipped when ``flip``. ``slide_crop`` / ``slide_stride``: the crops of slide mode. ``amp``:
+    fp16 autocast (CUDA only). Invalid values raise ValueError naming the field.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    scale: Size = RECIPE.test_scale
+    mode: str = "whole"
+    ms_flip: bool = False
+    ratios: tuple[float, ...] = RECIPE.ms_flip_ratios
+    flip: bool = True
+    slide_crop: Size = RECIPE.slide_crop
+    slide_stride: Size = RECIPE.slide_stride
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "slide_crop", "slide_stride"):
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
+                raise ValueError(f"{name} must be two positive integers (H, W), got {value}")
+            object.__setattr__(self, name, (int(value[0]), int(value[1])))
+        ratios = tuple(float(r) for r in self.ratios)
+        if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
+            raise ValueError(f"ratios must be positive finite numbers, got {list(self.ratios)}")
+        object.__setattr__(self, "ratios", ratios)
+        if ratios != RECIPE.ms_flip_ratios and not self.ms_flip:
+            raise ValueError("ratios are the ms+flip ratios: set ms_flip=True with them")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        crop, stride = self.slide_crop, self.slide_stride
+        if stride[0] > crop[0] or stride[1] > crop[1]:
+            raise ValueError(
+                f"slide_stride {stride} larger than slide_crop {crop} would leave pixels uncovered"
+            )
+
+    @property
+    def view_ratios(self) -> tuple[float, ...]:
+        """The ratios of ``scale`` that views are made at: ``ratios`` for ms+flip, else 1."""
+        return self.ratios if self.ms_flip else (1.0,)
+
+
+DEFAULT_SETTINGS = TestSettings()
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,6 +108,20 @@ def ratio_scale(scale: Sequence[int], ratio: float) -> Size:
     return int(scale[0] * ratio), int(scale[1] * ratio)
 
 
+def view_size(out_size: Sequence[int], scale: Sequence[int], ratio: float = 1.0) -> Size:
+    """The network input size for an image of ``out_size`` at ``scale`` x ``ratio``; ValueError
+    (one line) when a side falls under ``MIN_VIEW`` pixels."""
+    size = rescale_size(tuple(out_size), ratio_scale(scale, ratio))
+    if min(size) < MIN_VIEW:
+        at = f"{scale[0]}x{scale[1]}" + (f" x {ratio:g}" if ratio != 1.0 else "")
+        raise ValueError(
+            f"a {out_size[0]}x{out_size[1]} image resized to the test scale {at} is"
+            f" {size[0]}x{size[1]} pixels, under the {MIN_VIEW}x{MIN_VIEW} the network needs:"
+            " use a larger scale, or an image less elongated"
+        )
+    return size
+
+
 def resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of NCHW logits (align_corners=False); identity if already that size."""
     size = (int(size[0]), int(size[1]))
@@ -52,11 +130,27 @@ def resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest resize of an [N, H, W] integer label map; identity if already that size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(labels.shape[-2:]) == size:
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def is_label_map(out: torch.Tensor) -> bool:
+    """True for a model output of class labels [N, H, W] rather than logits [N, C, H, W]."""
+    return out.dim() == 3 and not out.is_floating_point()
+
+
 def model_normalization(model: nn.Module) -> tuple[Stats, Stats]:
-    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s, else ImageNet's
-    (what ``TrainTransform`` uses by default)."""
-    meta = getattr(model, "meta", None) or {}
-    return tuple(meta.get("mean", MEAN_RGB)), tuple(meta.get("std", STD_RGB))
+    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (complete in
+    every loaded checkpoint and export); a network built in code, without a ``meta`` (as during
+    training), is normalised as every built-in transform normalises: ImageNet's."""
+    meta = getattr(model, "meta", None)
+    if meta is None:
+        return MEAN_RGB, STD_RGB
+    return tuple(meta["mean"]), tuple(meta["std"])
 
 
 def network_input(
@@ -82,8 +176,9 @@ def _check_image(image: torch.Tensor) -> None:
 
 
 def prefers_channels_last(model: nn.Module) -> bool:
-    """True if the model's spatial conv weights are stored channels_last."""
-    for p in model.parameters():
+    """True if the model's spatial conv weights are stored channels_last (False for a model
+    without parameters, e.g. an exported graph)."""
+    for p in getattr(model, "parameters", list)():
         if p.dim() == 4 and p.shape[-1] > 1:
             return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False
@@ -92,11 +187,14 @@ def prefers_channels_last(model: nn.Module) -> bool:
 def forward_logits(
     model: nn.Module, x: torch.Tensor, *, amp: bool = False, channels_last: bool = False
 ) -> torch.Tensor:
-    """``model(x)`` as float32 logits at x's size; fp16 autocast on CUDA when ``amp``."""
+    """``model(x)`` as float32 logits at x's size; fp16 autocast on CUDA when ``amp``. A model
+    that outputs labels [N, H, W] has them returned as they are."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp and x.device.type == "cuda"):
         out = model(x)
+    if is_label_map(out):
+        return out
     return resize_logits(out.float(), x.shape[-2:])
 
 
@@ -133,6 +231,8 @@ def slide_logits(
             logits = forward_logits(
                 model, x[:, :, y1:y2, x1:x2], amp=amp, channels_last=channels_last
             )
+            if is_label_map(logits):
+                raise ValueError(LABELS_ONLY_WHOLE)
             if out is None:
                 out = logits.new_zeros((x.shape[0], logits.shape[1], h, w))
             out[:, :, y1:y2, x1:x2] += logits
@@ -142,28 +242,18 @@ def slide_logits(
 
 
 def _view_logits(
-    model: nn.Module,
-    x: torch.Tensor,
-    mode: str,
-    amp: bool,
-    channels_last: bool,
-    crop: Sequence[int],
-    stride: Sequence[int],
+    model: nn.Module, x: torch.Tensor, settings: TestSettings, channels_last: bool
 ) -> torch.Tensor:
-    if mode == "whole":
-        return forward_logits(model, x, amp=amp, channels_last=channels_last)
-    return slide_logits(model, x, crop=crop, stride=stride, amp=amp, channels_last=channels_last)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def model_stats(model: nn.Module, mean: Stats | None, std: Stats | None) -> tuple[Stats, Stats]:
-    """``mean`` / ``std`` where given, else the model's (``model_normalization``)."""
-    model_mean, model_std = model_normalization(model)
-    return (model_mean if mean is None else mean), (model_std if std is None else std)
+    if settings.mode == "whole":
+        return forward_logits(model, x, amp=settings.amp, channels_last=channels_last)
+    return slide_logits(
+        model,
+        x,
+        crop=settings.slide_crop,
+        stride=settings.slide_stride,
+        amp=settings.amp,
+        channels_last=channels_last,
+    )
 
 
 @torch.inference_mode()
@@ -171,30 +261,24 @@ def infer_logits(
     model: nn.Module,
     image: torch.Tensor,
     out_size: Sequence[int] | None = None,
-    *,
-    test_scale: Sequence[int] = RECIPE.test_scale,
-    mode: str = "whole",
-    amp: bool = False,
-    channels_last: bool | None = None,
-    slide_crop: Sequence[int] = RECIPE.slide_crop,
-    slide_stride: Sequence[int] = RECIPE.slide_stride,
-    mean: Stats | None = None,
-    std: Stats | None = None,
+    settings: TestSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
-    """Single-scale logits [N, C, *out_size] for a 0-255 RGB image batch [N, 3, h, w].
+    """Single-scale logits [N, C, *out_size] for a 0-255 RGB image batch [N, 3, h, w] (or, for
+    a model that outputs labels, those labels [N, *out_size] resized nearest).
 
     ``out_size`` is the original (label) size, default the image's own; the network input is that
-    size rescaled to ``test_scale`` keeping the ratio, normalised with ``mean`` / ``std``
-    (default ``model_normalization(model)``).
+    size rescaled to ``settings.scale`` keeping the ratio, normalised with the model's
+    ``model_normalization``. ``settings.ms_flip`` is not looked at (see ``predict``).
     """
-    _check_mode(mode)
     _check_image(image)
-    mean, std = model_stats(model, mean, std)
+    mean, std = model_normalization(model)
     out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    if channels_last is None:
-        channels_last = prefers_channels_last(model)
-    x = network_input(image, rescale_size(out_size, test_scale), mean, std)
-    logits = _view_logits(model, x, mode, amp, channels_last, slide_crop, slide_stride)
+    x = network_input(image, view_size(out_size, settings.scale), mean, std)
+    logits = _view_logits(model, x, settings, prefers_channels_last(model))
+    if is_label_map(logits):
+        if settings.mode != "whole":  # pragma: no cover - slide_logits raises first
+            raise ValueError(LABELS_ONLY_WHOLE)
+        return resize_labels(logits, out_size)
     return resize_logits(logits, out_size)
 
 
@@ -203,42 +287,27 @@ def infer_probs_ms_flip(
     model: nn.Module,
     image: torch.Tensor,
     out_size: Sequence[int] | None = None,
-    *,
-    ratios: Sequence[float] = RECIPE.ms_flip_ratios,
-    flip: bool = True,
-    test_scale: Sequence[int] = RECIPE.test_scale,
-    mode: str = "whole",
-    amp: bool = False,
-    channels_last: bool | None = None,
-    slide_crop: Sequence[int] = RECIPE.slide_crop,
-    slide_stride: Sequence[int] = RECIPE.slide_stride,
-    mean: Stats | None = None,
-    std: Stats | None = None,
+    settings: TestSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
-    """Mean softmax [N, C, *out_size] over ``ratios`` x (no flip, flip) views (mmseg aug_test)
-    of a 0-255 RGB image batch [N, 3, h, w].
+    """Mean softmax [N, C, *out_size] over ``settings.ratios`` x (no flip, flip) views (mmseg
+    aug_test; no flip unless ``settings.flip``) of a 0-255 RGB image batch [N, 3, h, w].
 
     Every view is resized from ``image`` (pass the original image, as MultiScaleFlipAug resizes
-    the original) and normalised with ``mean`` / ``std`` (default the model's). Each view's
-    logits are resized to the original size, softmaxed and un-flipped, then added in place to
-    one accumulator, so peak memory is a few full-size maps whatever the view count.
+    the original) and normalised with the model's statistics. Each view's logits are resized to
+    the original size, softmaxed and un-flipped, then added in place to one accumulator, so peak
+    memory is a few full-size maps whatever the view count.
     """
-    _check_mode(mode)
     _check_image(image)
-    mean, std = model_stats(model, mean, std)
-    if not ratios:
-        raise ValueError("ms+flip needs at least one ratio")
+    mean, std = model_normalization(model)
     out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    if channels_last is None:
-        channels_last = prefers_channels_last(model)
+    channels_last = prefers_channels_last(model)
     acc: torch.Tensor | None = None
-    for r in ratios:
-        if not r > 0:
-            raise ValueError(f"scale ratios must be positive, got {r}")
-        x = network_input(image, rescale_size(out_size, ratio_scale(test_scale, r)), mean, std)
-        for flipped in (False, True) if flip else (False,):
-            xi = x.flip(-1) if flipped else x
-            logits = _view_logits(model, xi, mode, amp, channels_last, slide_crop, slide_stride)
+    for r in settings.ratios:
+        x = network_input(image, view_size(out_size, settings.scale, r), mean, std)
+        for flipped in (False, True) if settings.flip else (False,):
+            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
+            if is_label_map(logits):
+                raise ValueError(LABELS_ONLY_WHOLE)
             logits = resize_logits(logits, out_size)
             if flipped:
                 logits = logits.flip(-1)
@@ -250,7 +319,7 @@ def infer_probs_ms_flip(
                 acc.add_(probs)
             del probs
     assert acc is not None
-    return acc.div_(len(ratios) * (2 if flip else 1))
+    return acc.div_(len(settings.ratios) * (2 if settings.flip else 1))
 
 
 @torch.inference_mode()
@@ -258,52 +327,34 @@ def predict(
     model: nn.Module,
     image: torch.Tensor,
     out_size: Sequence[int] | None = None,
-    *,
-    ms_flip: bool = False,
-    scales: Sequence[float] | None = None,
-    mode: str = "whole",
-    test_scale: Sequence[int] = RECIPE.test_scale,
-    amp: bool = False,
-    channels_last: bool | None = None,
-    slide_crop: Sequence[int] = RECIPE.slide_crop,
-    slide_stride: Sequence[int] = RECIPE.slide_stride,
-    mean: Stats | None = None,
-    std: Stats | None = None,
+    settings: TestSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Class map [N, *out_size] (int64) for a 0-255 RGB image batch [N, 3, h, w] (uint8 or
-    float), normalised per view with ``mean`` / ``std`` (default ``model.meta``'s, else
-    ImageNet's)."""
-    kw = dict(
-        test_scale=test_scale,
-        mode=mode,
-        amp=amp,
-        channels_last=channels_last,
-        slide_crop=slide_crop,
-        slide_stride=slide_stride,
-        mean=mean,
-        std=std,
-    )
-    if ms_flip:
-        ratios = RECIPE.ms_flip_ratios if scales is None else scales
-        return infer_probs_ms_flip(model, image, out_size, ratios=ratios, **kw).argmax(1)
-    if scales is not None:
-        raise ValueError("scales are the ms+flip ratios: pass ms_flip=True with them")
-    return infer_logits(model, image, out_size, **kw).argmax(1)
+    float), at ``out_size`` (default the image's size), as ``settings`` say (default: mmseg's
+    whole-image single-scale test); each view normalised with ``model.meta``'s mean / std."""
+    if settings.ms_flip:
+        return infer_probs_ms_flip(model, image, out_size, settings).argmax(1)
+    out = infer_logits(model, image, out_size, settings)
+    return out if is_label_map(out) else out.argmax(1)
 
 
 __all__ = [
+    "DEFAULT_SETTINGS",
+    "MIN_VIEW",
     "MODES",
+    "TestSettings",
     "forward_logits",
     "infer_logits",
     "infer_probs_ms_flip",
     "model_normalization",
-    "model_stats",
     "network_input",
     "predict",
     "prefers_channels_last",
     "ratio_scale",
     "rescale_size",
     "resize_image",
+    "resize_labels",
     "resize_logits",
     "slide_logits",
+    "view_size",
 ]

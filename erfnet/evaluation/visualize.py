@@ -1,33 +1,74 @@
-"""Colouring class maps: a palette's lookup table, colour maps, blends over the image.
+"""Colouring class maps: the one palette table, the one blend, and PNG writing.
 
-Palettes come from the data (a dataset's ``palette``) or from a checkpoint (``meta["palette"]``),
-one RGB triple per class; pixels of any other value (the ignore index) are black.
+Palettes come from a checkpoint (``meta["palette"]``) or the data (a dataset's ``palette``), one
+RGB triple per class. ``class_colors`` holds the one rule for a palette shorter than its classes:
+the missing classes get Cityscapes' colour for their index where it has one, else a colour
+generated from the index (PASCAL VOC's bit pattern), and a warning line names them, so no class
+is painted black silently. Pixels of any value that is not a class (the ignore index) are black.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from erfnet.data.transforms import resize_image
+from erfnet.labels import PALETTE as CITYSCAPES_PALETTE
+
 Palette = Sequence[Sequence[int]] | np.ndarray
 
 
-def palette_lut(palette: Palette) -> np.ndarray:
-    """256x3 uint8 class -> colour table: the palette's colours, then black."""
-    colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+def generated_color(index: int) -> tuple[int, int, int]:
+    """A fixed colour per class index: PASCAL VOC's colormap (the index's bits spread over the
+    high bits of R, G and B), distinct for every index up to 255."""
+    rgb = [0, 0, 0]
+    for shift in range(8):
+        for channel in range(3):
+            rgb[channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+    return rgb[0], rgb[1], rgb[2]
+
+
+def class_colors(
+    palette: Palette | None, num_classes: int, what: str = "the palette"
+) -> np.ndarray:
+    """``num_classes`` x 3 uint8: ``palette``'s colours, and for the classes beyond it the one
+    fallback rule (Cityscapes' colour for that index, else ``generated_color``), with a warning
+    line on stderr naming ``what`` and the classes when a non-empty palette was too short."""
+    given = np.asarray(palette if palette is not None else [], dtype=np.uint8).reshape(-1, 3)
+    colors = np.zeros((num_classes, 3), dtype=np.uint8)
+    colors[: min(len(given), num_classes)] = given[:num_classes]
+    for i in range(len(given), num_classes):
+        colors[i] = CITYSCAPES_PALETTE[i] if i < len(CITYSCAPES_PALETTE) else generated_color(i)
+    if 0 < len(given) < num_classes:
+        print(
+            f"warning: {what} has {len(given)} colours for {num_classes} classes; classes"
+            f" {len(given)}-{num_classes - 1} get default colours",
+            file=sys.stderr,
+        )
+    return colors
+
+
+def palette_lut(palette: Palette, num_classes: int | None = None) -> np.ndarray:
+    """The one 256x3 uint8 class -> colour table: the palette's colours (completed to
+    ``num_classes`` by ``class_colors``' rule when it is shorter), then black."""
+    n = min(max(len(palette), num_classes or 0), 256)
     lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(colors)] = colors
+    lut[:n] = class_colors(palette, n)
     return lut
 
 
-def colorize(pred: np.ndarray, palette: Palette) -> np.ndarray:
-    """An HxW class map (any integer dtype) as HxWx3 uint8 colours."""
+def colorize(pred: np.ndarray, palette: Palette, num_classes: int | None = None) -> np.ndarray:
+    """An HxW class map (any integer dtype) as HxWx3 uint8 colours (``palette_lut``)."""
     pred = np.asarray(pred)
-    lut = palette_lut(palette)
+    lut = palette_lut(palette, num_classes)
     if pred.dtype != np.uint8:  # values outside 0..255 are not classes: black
         pred = np.where((pred >= 0) & (pred < 256), pred, 255).astype(np.uint8)
     return lut[pred]
@@ -40,9 +81,28 @@ def rgb_array(image: torch.Tensor) -> np.ndarray:
 
 
 def blend(rgb: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``alpha`` of the colours over ``1 - alpha`` of the image (HxWx3 uint8 both)."""
-    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * color.astype(np.float32)
+    """The one blend: ``round((1 - alpha) * rgb + alpha * color)`` as uint8 (HxWx3 both)."""
+    if alpha >= 1.0:
+        return color
+    out = rgb.astype(np.float32)
+    out *= 1.0 - alpha
+    out += alpha * color.astype(np.float32)
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``array`` as a PNG atomically (a temporary file renamed over ``path``), creating
+    the folder; an OSError is re-raised as one line naming the path and the reason."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write '{path}': {e.strerror or e}") from None
+    return path
 
 
 def save_color(
@@ -57,9 +117,28 @@ def save_color(
     """Colours as ``<out>/<city>/<name>_color.png`` and, given the RGB image, a half-and-half
     ``<name>_blend.png``."""
     folder = Path(out_dir) / city
-    folder.mkdir(parents=True, exist_ok=True)
     color = colorize(pred, palette)
-    Image.fromarray(color).save(folder / f"{name}_color.png")
+    save_png(color, folder / f"{name}_color.png")
     if image is not None:
-        Image.fromarray(blend(image, color, 0.5)).save(folder / f"{name}_blend.png")
+        save_png(blend(image, color, 0.5), folder / f"{name}_blend.png")
     return folder / f"{name}_color.png"
+
+
+@dataclass
+class ColorWriter:
+    """``evaluate``'s ``on_prediction`` for colour renderings: ``<dir>/<city>/<name>_color.png``
+    and ``_blend.png`` per image, in ``palette`` (one colour per predicted class)."""
+
+    out_dir: Path
+    palette: Palette
+
+    def __post_init__(self) -> None:
+        self.lut = palette_lut(self.palette, len(self.palette))
+
+    def __call__(self, preds: torch.Tensor, batch: dict) -> None:
+        labels = preds.to("cpu", torch.uint8).numpy()
+        for i in range(labels.shape[0]):
+            rgb = rgb_array(resize_image(batch["image"][i], labels.shape[-2:]))
+            save_color(
+                labels[i], rgb, self.out_dir, batch["city"][i], batch["name"][i], palette=self.lut
+            )

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
-from erfnet.evaluation.inference import predict
+from erfnet.evaluation.inference import TestSettings, predict
 from erfnet.evaluation.visualize import colorize, rgb_array
 from erfnet.runtime import one_line
 from erfnet.training.workdir import WorkDirError
@@ -240,7 +240,8 @@ def log_predictions(
             sample = val_set[i]
             image = sample["image"].unsqueeze(0).to(device)
             label = sample["label"].numpy()
-            pred = predict(net, image, label.shape, test_scale=test_scale)[0].cpu().numpy()
+            settings = TestSettings(scale=tuple(test_scale))
+            pred = predict(net, image, label.shape, settings)[0].cpu().numpy()
             rgb = rgb_array(sample["image"])
             if rgb.shape[:2] != label.shape:
                 rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))

@@ -27,6 +27,7 @@ from erfnet.checkpoint import atomic_save, make_checkpoint
 from erfnet.data.cityscapes import DatasetError
 from erfnet.distributed import DistInfo, barrier
 from erfnet.evaluation.evaluate import evaluate
+from erfnet.evaluation.inference import TestSettings
 from erfnet.training import logs, resume
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion
@@ -129,14 +130,14 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
     state.val_pending = True
     try:
         with stop.interruptible():
+            amp = proc.autocast_dtype == torch.float16 and proc.device.type == "cuda"
             metrics = evaluate(
                 run.model,
                 run.loaders.val,
                 proc.device,
+                TestSettings(scale=tuple(args.scale), amp=amp),
                 num_classes=len(run.meta["class_names"]),
-                test_scale=tuple(args.scale),
                 progress=args.progress,
-                amp=proc.autocast_dtype == torch.float16 and proc.device.type == "cuda",
             )
             if run.writer is not None and args.num_vis:
                 logs.log_predictions(run.writer, run.model, run.val_set, num=args.num_vis,

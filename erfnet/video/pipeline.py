@@ -38,10 +38,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.transforms import normalize, resize_image
 from erfnet.deploy.exported import ExportError, load_exported
-from erfnet.labels import TRAIN_ID_TO_COLOR
+from erfnet.evaluation.visualize import blend, palette_lut
 from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
     DEFAULT_FPS,
@@ -68,31 +67,11 @@ __all__ = [
     "VideoError",
     "VideoWriter",
     "blend",
-    "color_lut",
     "open_source",
     "preprocess_frame",
     "run_video",
     "write_clip",
 ]
-
-
-def color_lut(meta: dict) -> np.ndarray:
-    """256x3 uint8 class -> colour: the checkpoint's palette over Cityscapes' colours."""
-    lut = np.array(TRAIN_ID_TO_COLOR, dtype=np.uint8, copy=True)
-    palette = meta.get("palette")
-    if palette:
-        lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
-    return lut
-
-
-def blend(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
-    """``round((1 - alpha) * rgb + alpha * color)`` as uint8 (scripts/predict.py's blend)."""
-    if alpha >= 1.0:
-        return color
-    out = rgb.astype(np.float32)
-    out *= 1.0 - alpha
-    out += alpha * color.astype(np.float32)
-    return out.round().clip(0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,8 +80,8 @@ def blend(rgb: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _mean_std(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(meta.get("mean", MEAN_RGB), dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(meta.get("std", STD_RGB), dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
     return mean, std
 
 
@@ -381,7 +360,8 @@ def run_video(
         labels_dir.mkdir(parents=True, exist_ok=True)
     run = _Stages(
         source, predictor, out, labels_dir, every, max_frames, alpha, codec,
-        out_fps=(fps or source.fps) / every, lut=color_lut(predictor.meta), log=log,
+        out_fps=(fps or source.fps) / every, log=log,
+        lut=palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"])),
     )  # fmt: skip
     if out is not None:
         check_fps(run.out_fps)
