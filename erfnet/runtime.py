@@ -120,7 +120,8 @@ def _check_writable(path: Path, flag: str, folder: bool) -> None:
         if not folder and path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+        reason = e.strerror or e
+        raise OutputError(f"{flag} {path}: cannot write in '{existing}': {reason}") from None
 
 
 def check_output_file(

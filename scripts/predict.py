@@ -38,6 +38,7 @@ from erfnet.runtime import (
     OutputError,
     apply_cpu_plan,
     check_output_dir,
+    one_line,
     tune_cpu_allocator,
 )
 
@@ -146,6 +147,9 @@ def predict_image(
         pred = predict(model, image, rgb.shape[:2], settings)
     except ValueError as e:  # too small a view, an export's fixed size or argmax output
         raise SystemExit(f"error: {path}: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # out of memory, above all for a huge image
+        h, w = rgb.shape[:2]
+        raise SystemExit(f"error: {path} ({w}x{h} WxH): {one_line(e)}") from None
     return rgb, colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, len(palette))
 
 

@@ -196,7 +196,7 @@ def test_outputs_are_checked_before_the_work_and_never_an_input(
     a_file.write_text("x")
     with pytest.raises(SystemExit, match=f"--out {a_file}/o: '{a_file}' is a file, not a folder"):
         run(images, "--checkpoint", checkpoint, "--out", a_file / "o")
-    with pytest.raises(SystemExit, match=f"--out {images}: is the input {images}"):
+    with pytest.raises(SystemExit, match=f"--out {images} is the input {images}"):
         run(images, "--checkpoint", checkpoint, "--out", images)
     before = sorted(p.relative_to(images) for p in images.rglob("*"))
     with pytest.raises(SystemExit, match="is the input"):

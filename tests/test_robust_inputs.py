@@ -262,7 +262,7 @@ def test_converter_output_is_checked_before_loading(tmp_path: Path) -> None:
     proc = _run("scripts/convert_checkpoint.py", "--from", "mmseg", source, link)
     assert "output path must differ from the input" in _error_line(proc)
     proc = _run("scripts/convert_checkpoint.py", "--from", "mmseg", source, "/proc/out.pth")
-    assert _error_line(proc).startswith("error: output /proc/out.pth: cannot write there")
+    assert _error_line(proc).startswith("error: output /proc/out.pth: cannot write in")
     assert source.read_bytes() == b"not read: the output is refused first"
 
 
@@ -283,7 +283,7 @@ def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: 
     cases = (
         (synthetic_root / "gtFine" / "cache", "is inside the input folder"),
         (synthetic_root, "is the dataset root"),
-        (Path("/proc/cache"), ": cannot write there"),
+        (Path("/proc/cache"), ": cannot write in"),
     )
     for i, (cache, reason) in enumerate(cases):
         sep = "" if reason.startswith(":") else " "
@@ -298,7 +298,7 @@ def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: 
     assert not (synthetic_root / "gtFine" / "cache").exists()
     proc = _run("scripts/make_synthetic_cityscapes.py", "--root", "/proc/synthetic", "--train",
                 "1", "--val", "0", "--size", "16", "32")  # fmt: skip
-    assert _error_line(proc).startswith("error: --root /proc/synthetic: cannot write there")
+    assert _error_line(proc).startswith("error: --root /proc/synthetic: cannot write in")
 
 
 # ---------------------------------------------------------------------- the decoded cache

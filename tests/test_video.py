@@ -435,7 +435,7 @@ def test_outputs_that_are_the_input_are_refused(checkpoint, clip, tmp_path) -> N
         assert "input" in str(e.value) and path.read_bytes() == before
     with pytest.raises(SystemExit) as e:  # an unwritable --json, found before the run
         video_script.main([str(path), "--checkpoint", str(checkpoint), "--json", "/proc/x.json"])
-    assert "--json /proc/x.json: cannot write there" in str(e.value)
+    assert "--json /proc/x.json: cannot write in" in str(e.value)
 
 
 @pytest.mark.parametrize("fps", ["inf", "nan", "1e-9", "0", "5000"])
