@@ -45,7 +45,6 @@ from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.fast.cache import CachedCityscapesDataset, write_cache
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
-from erfnet.deploy.int8 import QuantizationError, benchmark_int8, format_int8_report
 from erfnet.deploy.onnx import export_onnx
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
@@ -489,24 +488,12 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
 def section_video(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The video path on a synthetic H.264 clip: end-to-end FPS with decode / network / encode
     pipelined in threads against the same stages one after another (interleaved rounds, the
-    per-stage tables of each), then the int8 graph's latency and pixel agreement against fp32
-    onnxruntime (CPU; skipped with a note without onnx / onnxruntime)."""
+    per-stage tables of each). The int8 graphs are measured in the deploy section."""
     size = args.sizes[0]  # default 512x1024 (--quick: 64x128)
     frames, rounds = (4, 1) if args.quick else (12, 2)
     video = benchmark_video(size, frames, args.device, rounds=rounds)
     print("\nVideo path (random-weight ERFNet, fast path)\n" + format_video_benchmark(video))
-    out: dict[str, Any] = {"video": video}
-    if args.device.type == "cpu":
-        try:
-            int8 = benchmark_int8(size, calib_images=2 if args.quick else 4,
-                                  repeats=2 if args.quick else 5)  # fmt: skip
-        except QuantizationError as e:  # onnx / onnxruntime not installed
-            print(f"\nint8: skipped ({e})")
-        else:
-            print("\nint8 vs fp32 onnxruntime (random weights, random BN statistics)\n"
-                  + format_int8_report(int8))  # fmt: skip
-            out["int8"] = int8
-    return out
+    return {"video": video}
 
 
 # --sections name -> section, run in this order. Adding a section: its function and a line here.
@@ -517,7 +504,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
     "train": section_train,
     "data": section_data,
     "shared_cpu": section_shared_cpu,  # CPU only: train.py's CPU defaults beside a busy process
-    "video": section_video,  # pipelined vs sequential FPS; int8 vs fp32 onnxruntime on the CPU
+    "video": section_video,  # pipelined vs sequential FPS
 }
 
 
