@@ -31,7 +31,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from erfnet import runtime
-from erfnet.checkpoint import CheckpointError, atomic_save, dataset_meta, make_checkpoint
+from erfnet.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    dataset_meta,
+    lineage_meta,
+    make_checkpoint,
+)
 from erfnet.config import RECIPE
 from erfnet.data.check import check_datasets
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
@@ -409,11 +415,14 @@ def main(args: Namespace) -> int:
         torch.manual_seed(args.seed)  # the same initial weights on every rank
         model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
         if args.init_from is not None:  # same weights on every rank: each loads the file
-            for line in init_from(model, args.init_from).describe(args.init_from):
+            report = init_from(model, args.init_from)
+            meta.update(report.lineage_meta())  # the weights keep their source's licence
+            for line in report.describe(args.init_from):
                 log.info("%s", line)
         ckpt = resume.load_training_checkpoint(resume_path, model) if resume_path else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
+            meta.update(lineage_meta(ckpt.get("meta")))
         if dist_info.distributed and device.type == "cuda":
             model = step.convert_sync_batchnorm(model, args.sync_bn)
         elif dist_info.distributed and args.sync_bn != "none":

@@ -31,6 +31,12 @@ from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet, unwrap_model
 
 FORMAT = "erfnet-v1"
+# The terms of weights this project's code trained from scratch (the code's own licence). Weights
+# from elsewhere keep their source's terms: ``meta["licence"]`` holds the terms that apply and
+# ``meta["lineage"]`` where the weights came from, oldest first (erfnet.convert,
+# erfnet.training.finetune); an export copies both into its metadata.
+PROJECT_LICENCE = "Apache-2.0"
+LINEAGE_KEYS = ("licence", "lineage")
 
 
 class CheckpointError(ValueError):
@@ -142,7 +148,9 @@ def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The normalisation always; class names and colours only where the caller knows them
     # (``dataset_meta``): a checkpoint never claims classes it was not trained on.
-    full_meta: dict[str, Any] = {"mean": list(MEAN_RGB), "std": list(STD_RGB)}
+    # Weights without a recorded origin were made here: the project's licence.
+    full_meta: dict[str, Any] = {"mean": list(MEAN_RGB), "std": list(STD_RGB),
+                                 "licence": PROJECT_LICENCE, "lineage": []}  # fmt: skip
     full_meta.update(meta or {})
     return {
         "format": FORMAT,
@@ -151,6 +159,25 @@ def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: 
         "meta": full_meta,
         **extra,
     }
+
+
+def combine_licences(a: str, b: str) -> str:
+    """The terms of weights derived from weights under ``a`` and ``b``: the project's licence
+    adds no restriction, any other terms carry over (both, when they differ)."""
+    if a == b or b == PROJECT_LICENCE:
+        return a
+    if a == PROJECT_LICENCE:
+        return b
+    return f"{a} and {b}"
+
+
+def lineage_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``licence`` and ``lineage`` entries of a checkpoint meta, for a checkpoint that
+    continues its weights (``train.py --resume``); a file without them is taken as the
+    project's own."""
+    meta = meta or {}
+    return {"licence": meta.get("licence", PROJECT_LICENCE),
+            "lineage": list(meta.get("lineage", []))}  # fmt: skip
 
 
 def save_checkpoint(
