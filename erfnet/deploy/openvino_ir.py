@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from erfnet.deploy.exported import OUTPUT_KEY, ExportError, require
+from erfnet.deploy.exported import OUTPUT_KEY, ExportError, openvino_compiled, require
 
 # The first convolution (the input downsampler) and the classifier of either head, by the node
 # names the ONNX export gives them: the layers NNCF's ignored scope keeps in float when asked.
@@ -38,6 +38,11 @@ class NNCFOptions:
     preset: str = "performance"  # "performance" (symmetric) or "mixed" (asymmetric activations)
     fast_bias_correction: bool = True
     ignore_edge_layers: bool = False  # keep the first and last convolutions in float
+    # nncf.quantize_with_accuracy_control: layers go back to float, most harmful first, until the
+    # labels of the calibration images agree with fp32 on at least 1 - max_agreement_drop of
+    # their pixels (the gate then scores other images).
+    accuracy_control: bool = False
+    max_agreement_drop: float = 0.0075
 
 
 def cpu_supports_bf16() -> bool:
@@ -84,6 +89,29 @@ def ir_files(xml_path: str | Path) -> list[Path]:
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
+def _item_input(item: tuple[Sequence[np.ndarray], int, np.ndarray]) -> np.ndarray:
+    """The network input of an accuracy-control item (inputs, index, fp32 labels)."""
+    inputs, index, _ = item
+    return inputs[index]
+
+
+def _agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
+    """nncf's validation_fn: the share of pixels whose argmax equals the fp32 labels (mean,
+    and per item)."""
+    per_item = []
+    for inputs, index, labels in items:
+        pred = np.asarray(compiled(inputs[index])[0]).argmax(1).astype(np.uint8)
+        per_item.append(float((pred == labels).mean()))
+    return float(np.mean(per_item)), per_item
+
+
+def _accuracy_items(model: Any, inputs: Sequence[np.ndarray]) -> list[tuple[Any, int, Any]]:
+    """(inputs, index, fp32 labels as uint8) per calibration image; inputs load on access."""
+    fp32 = openvino_compiled(model, hint="f32")
+    return [(inputs, i, np.asarray(fp32(inputs[i])[0]).argmax(1).astype(np.uint8))
+            for i in range(len(inputs))]  # fmt: skip
+
+
 def quantize_int8(
     model: Any, inputs: Sequence[np.ndarray], options: NNCFOptions = NNCFOptions()
 ) -> Any:
@@ -93,14 +121,18 @@ def quantize_int8(
         raise ExportError("int8 calibration needs at least one image")
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE,
                "mixed": nncf.QuantizationPreset.MIXED}  # fmt: skip
-    ignored = None
+    common: dict[str, Any] = {
+        "preset": presets[options.preset],
+        "subset_size": len(inputs),
+        "fast_bias_correction": options.fast_bias_correction,
+    }
     if options.ignore_edge_layers:
-        ignored = nncf.IgnoredScope(patterns=list(EDGE_LAYER_PATTERNS), validate=False)
-    return nncf.quantize(
-        model,
-        nncf.Dataset(list(inputs)),
-        preset=presets[options.preset],
-        subset_size=len(inputs),
-        fast_bias_correction=options.fast_bias_correction,
-        ignored_scope=ignored,
-    )
+        patterns = list(EDGE_LAYER_PATTERNS)
+        common["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+    if not options.accuracy_control:
+        return nncf.quantize(model, nncf.Dataset(inputs), **common)
+    items = nncf.Dataset(_accuracy_items(model, inputs), _item_input)
+    return nncf.quantize_with_accuracy_control(
+        model, items, items, validation_fn=_agreement, max_drop=options.max_agreement_drop,
+        drop_type=nncf.DropType.ABSOLUTE, **common,
+    )  # fmt: skip
