@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from erfnet import runtime
-from erfnet.checkpoint import CheckpointError, dataset_meta
+from erfnet.checkpoint import CheckpointError, dataset_meta, lineage_meta
 from erfnet.config import RECIPE
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.cityscapes import DatasetError
@@ -536,15 +536,19 @@ def build_model(
     proc: Process,
 ) -> ERFNet:  # fmt: skip
     """The model on the device, from --seed, --init-from or the --resume checkpoint ``ckpt``;
-    SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
+    SyncBatchNorm as --sync-bn says under torchrun on CUDA. ``meta`` gains the licence and
+    lineage of the weights it starts from."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
     if args.init_from is not None:  # same weights on every rank: each loads the file
-        for line in init_from(model, args.init_from).describe(args.init_from):
+        report = init_from(model, args.init_from)
+        meta.update(report.lineage_meta())  # the weights keep their source's licence
+        for line in report.describe(args.init_from):
             log.info("%s", line)
     if ckpt is not None:
         resume.check_model_fits(ckpt, model, resume_path)
         model.load_state_dict(ckpt["model"])
+        meta.update(lineage_meta(ckpt.get("meta")))  # a resumed run keeps its weights' terms
     if proc.dist.distributed and proc.device.type == "cuda":
         model = step.convert_sync_batchnorm(model, args.sync_bn)
     elif proc.dist.distributed and args.sync_bn != "none":

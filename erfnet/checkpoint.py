@@ -37,6 +37,12 @@ from erfnet.model import ERFNet, unwrap_model
 FORMAT = "erfnet-v1"
 # Class ids live in uint8 label maps where IGNORE_INDEX (255) means "not labelled": 0..254.
 MAX_CLASSES = IGNORE_INDEX
+# The terms of weights this project's code trained from scratch (the code's own licence). Weights
+# from elsewhere keep their source's terms: ``meta["licence"]`` holds the terms that apply and
+# ``meta["lineage"]`` where the weights came from, oldest first (erfnet.convert,
+# erfnet.training.finetune); an export copies both into its metadata.
+PROJECT_LICENCE = "Apache-2.0"
+LINEAGE_KEYS = ("licence", "lineage")
 
 
 class CheckpointError(ValueError):
@@ -174,13 +180,35 @@ def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: 
     model = unwrap_model(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     config = dict(model.config)
+    # Weights without a recorded origin were made here: the project's licence. (Only when
+    # writing: an old file read without these keys is not known to be ours.)
+    origin = {"licence": PROJECT_LICENCE, "lineage": [], **(meta or {})}
     return {
         "format": FORMAT,
         "model": state,
         "model_args": config,
-        "meta": complete_meta(meta, config["num_classes"], config["head"]),
+        "meta": complete_meta(origin, config["num_classes"], config["head"]),
         **extra,
     }
+
+
+def combine_licences(a: str, b: str) -> str:
+    """The terms of weights derived from weights under ``a`` and ``b``: the project's licence
+    adds no restriction, any other terms carry over (both, when they differ)."""
+    if a == b or b == PROJECT_LICENCE:
+        return a
+    if a == PROJECT_LICENCE:
+        return b
+    return f"{a} and {b}"
+
+
+def lineage_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``licence`` and ``lineage`` entries of a checkpoint meta, for a checkpoint that
+    continues its weights (``train.py --resume``); a file without them is taken as the
+    project's own."""
+    meta = meta or {}
+    return {"licence": meta.get("licence", PROJECT_LICENCE),
+            "lineage": list(meta.get("lineage", []))}  # fmt: skip
 
 
 def save_checkpoint(

@@ -33,6 +33,14 @@ from erfnet.config import NUM_CLASSES
 from erfnet.model import ERFNet
 
 SOURCES = ("mmseg", "erfnet_pytorch")
+# Where each source's weights come from and the terms they are published under; a converted
+# checkpoint records them in its meta ("licence", "lineage") and everything made from it carries
+# them on (erfnet.training.finetune, the exports).
+SOURCE_LICENCES = {"mmseg": "Apache-2.0", "erfnet_pytorch": "CC BY-NC 4.0"}
+SOURCE_URLS = {
+    "mmseg": "https://github.com/open-mmlab/mmsegmentation",
+    "erfnet_pytorch": "https://github.com/Eromera/erfnet_pytorch",
+}
 
 # Block kinds in our (= mmseg's) index order: D downsampler, N non-bottleneck-1d, U upsampler.
 _ENCODER_KINDS = "DD" + "N" * 5 + "D" + "N" * 8
@@ -308,9 +316,18 @@ def _plain_meta(meta: Any) -> dict[str, Any]:
     return out
 
 
+def source_lineage(source: str, file_name: str, how: str) -> dict[str, Any]:
+    """``licence`` and a one-step ``lineage`` for weights taken from a ``source`` file."""
+    terms = SOURCE_LICENCES[source]
+    step = {"from": source, "file": file_name, "licence": terms, "url": SOURCE_URLS[source],
+            "how": how}  # fmt: skip
+    return {"licence": terms, "lineage": [step]}
+
+
 def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[str, Any]:
     meta = cityscapes_meta(num_classes)
     meta.update({"source": source, "source_file": in_path.name})
+    meta.update(source_lineage(source, in_path.name, "converted"))
     if source == "mmseg":
         foreign_meta = raw.get("meta") if isinstance(raw, dict) else None
         if isinstance(foreign_meta, dict):

@@ -40,12 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from erfnet.bench import data_throughput as throughput
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE
+from erfnet.config import IGNORE_INDEX, MEAN_RGB, NUM_CLASSES, RECIPE, STD_RGB
 from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.fast.cache import CachedCityscapesDataset, write_cache
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
-from erfnet.deploy.int8 import QuantizationError, benchmark_int8, format_int8_report
 from erfnet.deploy.onnx import export_onnx
 from erfnet.distributed import DeviceError, resolve_device
 from erfnet.fuse import fuse_bn, optimize_for_inference
@@ -491,24 +490,75 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
 def section_video(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The video path on a synthetic H.264 clip: end-to-end FPS with decode / network / encode
     pipelined in threads against the same stages one after another (interleaved rounds, the
-    per-stage tables of each), then the int8 graph's latency and pixel agreement against fp32
-    onnxruntime (CPU; skipped with a note without onnx / onnxruntime)."""
+    per-stage tables of each). The int8 graphs are measured in the deploy section."""
     size = args.sizes[0]  # default 512x1024 (--quick: 64x128)
     frames, rounds = (4, 1) if args.quick else (12, 2)
     video = benchmark_video(size, frames, args.device, rounds=rounds)
     print("\nVideo path (random-weight ERFNet, fast path)\n" + format_video_benchmark(video))
-    out: dict[str, Any] = {"video": video}
-    if args.device.type == "cpu":
-        try:
-            int8 = benchmark_int8(size, calib_images=2 if args.quick else 4,
-                                  repeats=2 if args.quick else 5)  # fmt: skip
-        except QuantizationError as e:  # onnx / onnxruntime not installed
-            print(f"\nint8: skipped ({e})")
-        else:
-            print("\nint8 vs fp32 onnxruntime (random weights, random BN statistics)\n"
-                  + format_int8_report(int8))  # fmt: skip
-            out["int8"] = int8
-    return out
+    return {"video": video}
+
+
+def deploy_inputs(args: argparse.Namespace, model: nn.Module, size: tuple[int, int], tmp: Path
+                  ) -> tuple[Any, list[torch.Tensor]]:  # fmt: skip
+    """int8 calibration inputs (train) and agreement inputs (val) at ``size``, from --data or a
+    synthetic Cityscapes made at that size; disjoint, as the export gate's."""
+    from erfnet.deploy.gate import NetworkInputs, held_out_images
+
+    calib_n, score_n = (2, 2) if args.quick else (16, 8)
+    root = args.data or make_synthetic_cityscapes(tmp / "data", train=calib_n, val=score_n,
+                                                  test=0, size=size, extras=False)  # fmt: skip
+    held = held_out_images(root, None, calib_n, score_n)
+    mean, std = model.meta["mean"], model.meta["std"]
+    calib = NetworkInputs(held.calibration, mean, std, size)
+    scored = NetworkInputs(held.scored, mean, std, size)
+    return calib, [torch.from_numpy(scored[i]) for i in range(len(scored))]
+
+
+def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """Every CPU deployment path at the first size, batch 1, in one interleaved run: latency,
+    speed against the plain eager model and argmax agreement with it on held-out images."""
+    from erfnet.deploy.bench import PLAIN, deploy_paths
+
+    size, threads = args.sizes[0], args.threads or 2
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = model.cpu().eval()
+    if not hasattr(model, "meta"):
+        model.meta = {"mean": list(MEAN_RGB), "std": list(STD_RGB)}
+    try:
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            calib, images = deploy_inputs(args, model, size, Path(tmp))
+            built = deploy_paths(model, size, calib, threads, Path(tmp), args.compile != "off")
+            refs = [model(x).argmax(1) for x in images]
+            rows = []
+            for name, (fn, note) in built.paths.items():
+                t = time.perf_counter()
+                labels = [fn(x).argmax(1) for x in images]  # the first call compiles, if any
+                first_s = time.perf_counter() - t
+                equal = sum(int((a == b).sum()) for a, b in zip(labels, refs, strict=True))
+                total = sum(r.numel() for r in refs)
+                rows.append({"path": name, "agreement": 100.0 * equal / total,
+                             "first_call_s": first_s, "note": note})  # fmt: skip
+            fns = {name: functools.partial(fn, images[0]) for name, (fn, _) in built.paths.items()}
+            times = interleaved(fns, torch.device("cpu"), args.repeats, args.warmup, args.budget)
+    finally:
+        torch.set_num_threads(old_threads)
+    base = statistics.median(times[PLAIN])
+    for r in rows:
+        r |= {"size": f"{size[0]}x{size[1]}", "batch": 1, "threads": threads,
+              "median_ms": 1e3 * statistics.median(times[r["path"]]),
+              "runs": len(times[r["path"]])}  # fmt: skip
+        r["speedup"] = base * 1e3 / r["median_ms"]
+    isa = cpu_isa()
+    show(f"Deploy paths, CPU, {size[0]}x{size[1]}, batch 1, {threads} threads (median of"
+         f" {len(times[PLAIN])} interleaved runs; agreement on {len(images)} held-out"
+         f" image(s)); ISA: {format_isa(isa)}", rows,
+         {"path": "path", "ms": "median_ms", "x plain": lambda r: f"{r['speedup']:.2f}",
+          "argmax agreement %": lambda r: f"{r['agreement']:.2f}",
+          "first call s": "first_call_s", "note": "note"})  # fmt: skip
+    for name, why in built.skipped.items():
+        print(f"  {name}: skipped ({why})")
+    return {"deploy": rows, "deploy_skipped": built.skipped, "isa": isa}
 
 
 # --sections name -> section, run in this order. Adding a section: its function and a line here.
@@ -519,7 +569,8 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
     "train": section_train,
     "data": section_data,
     "shared_cpu": section_shared_cpu,  # CPU only: train.py's CPU defaults beside a busy process
-    "video": section_video,  # pipelined vs sequential FPS; int8 vs fp32 onnxruntime on the CPU
+    "video": section_video,  # pipelined vs sequential FPS
+    "deploy": section_deploy,  # CPU only: every export path and torch.compile, with agreement
 }
 
 
@@ -605,7 +656,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.training.step) run
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(args.device)}  # fmt: skip
+            "torch_threads": torch.get_num_threads(), "device": str(args.device),
+            "isa": cpu_isa()}  # fmt: skip
     if cuda:
         info |= {"gpu": torch.cuda.get_device_name(args.device),
                  "cudnn": torch.backends.cudnn.version()}  # fmt: skip
@@ -613,10 +665,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": info, "weights": weights, "args": vars(args)}
     print(f"erfnet benchmark on {args.device}: {info['processor']}"
           f"{' / ' + info['gpu'] if cuda else ''}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads; ISA: {format_isa(info['isa'])}")  # fmt: skip
     started = time.perf_counter()
     for name, section in SECTIONS.items():
-        cpu_only = name in ("malloc", "shared_cpu")
+        cpu_only = name in ("malloc", "shared_cpu", "deploy")
         if ("all" in args.sections or name in args.sections) and not (cpu_only and cuda):
             results |= section(args, model)
     results["total_s"] = time.perf_counter() - started
@@ -640,6 +692,29 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return model
+
+
+ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+             "AVX512-BF16": ("avx512_bf16",), "AMX-BF16": ("amx_bf16",),
+             "AMX-INT8": ("amx_int8",)}  # fmt: skip
+
+
+def cpu_isa() -> dict[str, bool]:
+    """Which vector / matrix extensions the CPU has (Linux /proc/cpuinfo flags): what decides
+    whether bf16 and int8 paths are fast on this machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {name: any(f in flags for f in options) for name, options in ISA_FLAGS.items()}
+
+
+def format_isa(isa: dict[str, bool]) -> str:
+    have = [k for k, v in isa.items() if v]
+    return ", ".join(have) if have else "none of " + ", ".join(isa)
 
 
 def cpu_name() -> str:

@@ -382,3 +382,26 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
             yield path
         finally:
             path.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def random_bn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 19-class ERFNet checkpoint (Cityscapes meta) with random weights and random BatchNorm
+    statistics, so that BN folding and int8 ranges see real scales. Read-only."""
+    import torch
+
+    from erfnet.checkpoint import cityscapes_meta, save_checkpoint
+    from erfnet.model import ERFNet
+
+    torch.manual_seed(0)
+    model = ERFNet(num_classes=19)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    path = tmp_path_factory.mktemp("random_bn") / "erfnet19.pth"
+    save_checkpoint(path, model.eval(), meta=cityscapes_meta())
+    return path

@@ -87,6 +87,13 @@ def test_parse_size_and_bad_flags() -> None:
             benchmark.main(["--device", "cuda"])
 
 
+def test_cpu_isa_reads_the_flags() -> None:
+    isa = benchmark.cpu_isa()
+    assert set(isa) == set(benchmark.ISA_FLAGS) and all(isinstance(v, bool) for v in isa.values())
+    assert benchmark.format_isa({"AVX2": True, "AMX-INT8": False}) == "AVX2"
+    assert benchmark.format_isa({"AVX2": False}) == "none of AVX2"
+
+
 def test_interleaved_runs_every_function_each_round() -> None:
     calls: list[str] = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
@@ -101,7 +108,8 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "scripts.benchmark", "--quick", "--device", "cpu",
         "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
-        "--sections", "flops", "infer", "malloc", "train", "data", "video", "--data-workers", "1",
+        "--sections", "flops", "infer", "malloc", "train", "data", "video", "deploy",
+        "--data-workers", "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -148,7 +156,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
             assert r["median_ms"] > 0 and r["runs"] == 2 and r["size"] == "32x64"
             assert r["max_abs_diff"] < 1e-3
     assert malloc[("default", "eager fp32 NCHW")]["speedup"] == 1.0
-    # The video path: both modes' per-stage tables and FPS; int8 against fp32 where onnxruntime is.
+    # The video path: both modes' per-stage tables and FPS.
     video = res["video"]
     for mode in ("sequential", "pipelined"):
         assert video[mode]["frames"] == video["clip"]["frames"] and video[mode]["fps"] > 0
@@ -156,8 +164,21 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
                                               "encode"}  # fmt: skip
     assert video["speedup"] == video["pipelined"]["fps"] / video["sequential"]["fps"]
     assert "Video path" in proc.stdout
+    # The deploy paths in one interleaved run, with the CPU's ISA features beside them.
+    assert set(res["isa"]) == {"AVX2", "AVX-512", "VNNI", "AVX512-BF16", "AMX-BF16", "AMX-INT8"}
+    assert res["machine"]["isa"] == res["isa"] and "ISA: " in proc.stdout
+    deploy = {r["path"]: r for r in res["deploy"]}
+    expected = {"plain eager fp32", "ours fast=True", "torch bf16 autocast(fast)"}
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-        int8 = res["int8"]
-        assert int8["fp32_ms"] > 0 and int8["int8_ms"] > 0 and 0 < int8["agreement"] <= 100
-    else:
-        assert "int8: skipped" in proc.stdout
+        expected |= {"onnxruntime fp32", "onnxruntime int8"}
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("onnx"):
+        expected |= {"OpenVINO f32 hint", "OpenVINO default hint"}
+        if importlib.util.find_spec("nncf"):
+            expected.add("OpenVINO int8")
+    assert expected <= set(deploy), sorted(deploy)
+    assert deploy["plain eager fp32"]["speedup"] == 1.0
+    for name, r in deploy.items():
+        assert r["median_ms"] > 0 and r["size"] == "32x64" and r["threads"] == 2, name
+        assert 0 < r["agreement"] <= 100, name
+    for exact in {"ours fast=True", "onnxruntime fp32", "OpenVINO f32 hint"} & set(deploy):
+        assert deploy[exact]["agreement"] > 99.9, exact

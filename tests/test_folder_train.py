@@ -20,11 +20,11 @@ from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import load_image
 from erfnet.data.folder import FolderDataset
 from erfnet.data.transforms import EvalTransform
-from erfnet.deploy.int8 import read_meta
+from erfnet.deploy.exported import load_exported
 from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.inference import TestSettings, predict
 from erfnet.model import ERFNet
-from scripts import export_onnx
+from scripts import export
 from scripts import predict as predict_cli
 
 SIZE = (32, 48)  # (H, W)
@@ -156,17 +156,35 @@ def test_predict_uses_the_checkpoint_palette(trained, tmp_path: Path):
 
 
 def test_onnx_export_and_int8_calibration_on_the_folder_dataset(trained, tmp_path: Path):
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    result = export_onnx.main(
-        ["--checkpoint", str(trained["work"] / "best.pth"), "--out", str(tmp_path / "m.onnx"),
-         "--no-check", "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--repeats", "1",
-         "--int8", "--calib-data", str(trained["root"]), "--calib-classes",
-         str(trained["classes"]), "--calib-images", "2", "--min-agreement", "0"]
+    report = export.main(
+        [str(trained["work"] / "best.pth"), "--out", str(tmp_path / "m.onnx"),
+         "--size", *map(str, SIZE), "--precision", "int8", "--calib-data", str(trained["root"]),
+         "--calib-classes", str(trained["classes"]), "--calib-images", "2",
+         "--min-agreement", "0", "--max-miou-drop", "100"]
     )  # fmt: skip
-    meta = read_meta(tmp_path / "m.onnx")
+    meta = load_exported(tmp_path / "m.onnx").meta
     assert meta["class_names"] == NAMES and meta["palette"] == PALETTE
-    report = result["int8"]
-    assert report["images"] == 2 and 0.0 <= report["fp32_miou"] <= 100.0
+    assert report["gate"]["scored_images"] == 2 and 0.0 <= report["gate"]["fp32_miou"] <= 100.0
+    assert len(report["calibration_files"]) == 2
+    assert not set(report["calibration_files"]) & set(report["scored_files"])
+
+
+def test_int8_calibration_on_other_classes_is_refused(
+    trained, tmp_path: Path, random_bn_checkpoint: Path
+):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(SystemExit) as info:
+        export.main(
+            [str(random_bn_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "int8",
+             "--calib-data", str(trained["root"]),
+             "--calib-classes", str(trained["classes"])]
+        )  # fmt: skip
+    msg = str(info.value.code)
+    assert msg.startswith("error: --calib-data") and "5 classes" in msg and "19" in msg
+    assert "\n" not in msg and list(tmp_path.iterdir()) == []
 
 
 def test_the_test_server_writer_refuses_other_classes(trained, tmp_path: Path):

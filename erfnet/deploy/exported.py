@@ -28,6 +28,11 @@ from erfnet.checkpoint import complete_meta
 META_KEY = "erfnet_meta"
 OUTPUT_KEY = "erfnet_output"  # "logits" or "labels"
 PRECISION_KEY = "erfnet_precision"  # "fp32", "bf16" or "int8"
+# OpenVINO only: the INFERENCE_PRECISION_HINT the accuracy gate ran the IR with ("f32" or "bf16"),
+# applied again on every load (OpenVINO's own default is bf16 on a CPU with AMX, even for an
+# fp32 IR).
+HINT_KEY = "erfnet_inference_precision"
+PROP_KEYS = (META_KEY, OUTPUT_KEY, PRECISION_KEY, HINT_KEY)
 FORMATS = {".onnx": "onnx", ".xml": "openvino"}
 INSTALL_HINTS = {
     "onnx": "pip install onnx onnxruntime",
@@ -70,8 +75,20 @@ def onnx_session(path: str | Path, threads: int = 0) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def openvino_compiled(path: str | Path, threads: int = 0, hint: str | None = None) -> Any:
-    """An OpenVINO CPU compiled model (``hint``: None = OpenVINO's default, or "f32" / "bf16")."""
+def openvino_model(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """An IR read from ``path`` and its erfnet metadata (rt_info ``["erfnet", key]``)."""
+    ov = require("openvino")
+    model = ov.Core().read_model(str(path))
+    props = {}
+    for key in PROP_KEYS:
+        if model.has_rt_info(["erfnet", key]):
+            props[key] = model.get_rt_info(["erfnet", key]).astype(str)
+    return model, props
+
+
+def openvino_compiled(path: str | Path | Any, threads: int = 0, hint: str | None = None) -> Any:
+    """An OpenVINO CPU compiled model of an IR file or ``openvino.Model`` (``hint``: None =
+    OpenVINO's default precision, or "f32" / "bf16")."""
     ov = require("openvino")
     config: dict[str, Any] = {}
     if threads:
@@ -79,22 +96,12 @@ def openvino_compiled(path: str | Path, threads: int = 0, hint: str | None = Non
     if hint:
         config["INFERENCE_PRECISION_HINT"] = hint
     core = ov.Core()
-    return core.compile_model(core.read_model(str(path)), "CPU", config)
+    model = core.read_model(str(path)) if isinstance(path, str | Path) else path
+    return core.compile_model(model, "CPU", config)
 
 
 def _onnx_props(session: Any) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
-
-
-def _openvino_props(path: Path) -> dict[str, str]:
-    # Read from the IR itself: a compiled model's runtime model does not keep the rt_info.
-    model = require("openvino").Core().read_model(str(path))
-    props = {}
-    for key in (META_KEY, OUTPUT_KEY, PRECISION_KEY):
-        # the exporter stores each under ["erfnet", key] of the IR's rt_info
-        if model.has_rt_info(["erfnet", key]):
-            props[key] = model.get_rt_info(["erfnet", key]).astype(str)
-    return props
 
 
 def _legacy_meta(props: dict[str, str]) -> dict[str, Any]:
@@ -158,10 +165,10 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
             props = _onnx_props(runner)
             size = _fixed_size(runner.get_inputs()[0].shape)
         else:
-            runner = openvino_compiled(path, threads)
-            props = _openvino_props(path)
-            pshape = runner.input(0).get_partial_shape()
-            size = None if pshape.is_dynamic else tuple(int(d) for d in pshape.to_shape()[-2:])
+            model, props = openvino_model(path)
+            runner = openvino_compiled(model, threads, props.get(HINT_KEY))
+            h, w = runner.input(0).get_partial_shape()[-2:]
+            size = None if h.is_dynamic or w.is_dynamic else (h.get_length(), w.get_length())
     except ExportError:
         raise
     except Exception as e:  # the runtimes raise their own exception types

@@ -8,24 +8,30 @@ classifier (``head.classifier`` / ``head.output_conv``) keeps its fresh initiali
 re-initialised tensor names are reported. Anything else that does not fit (another head, other
 widths) is a ``CheckpointError`` naming the file: a silent partial load would train from scratch
 without saying so. Optimizer, schedule and iteration start fresh: this is not ``--resume``.
+
+Licence lineage: the new weights derive from the file's, so they keep its terms. ``InitReport``
+carries ``licence`` and ``lineage`` (the file's own lineage plus this step) for the new
+checkpoint's meta, and ``describe`` says under which terms the run's weights are.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from erfnet.checkpoint import CheckpointError
+from erfnet.checkpoint import PROJECT_LICENCE, CheckpointError, combine_licences
 from erfnet.convert import (
     ERFNET_PYTORCH_TABLE,
+    SOURCE_LICENCES,
     ConversionError,
     convert_state_dict,
     detect_source,
     load_foreign_checkpoint,
+    source_lineage,
 )
 from erfnet.model import ERFNet
 
@@ -46,9 +52,15 @@ class InitReport:
     reinitialised: list[str]
     source_classes: int | None
     num_classes: int
+    licence: str = PROJECT_LICENCE  # the terms the new weights are under
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # oldest first, this step last
+
+    def lineage_meta(self) -> dict[str, Any]:
+        """The ``licence`` and ``lineage`` entries of the new checkpoint's meta."""
+        return {"licence": self.licence, "lineage": self.lineage}
 
     def describe(self, path: str | os.PathLike) -> list[str]:
-        """The log lines: what was loaded, and what was not."""
+        """The log lines: what was loaded, what was not, and the weights' licence."""
         lines = [f"--init-from {path} ({self.source}): {len(self.loaded)} tensors loaded"]
         if self.source == IMAGENET_ENCODER:
             lines.append("encoder-only start: the decoder and head are initialised as usual")
@@ -58,6 +70,12 @@ class InitReport:
                 f"re-initialised for {num} classes (the file has {self.source_classes}): "
                 + ", ".join(self.reinitialised)
             )
+        origin = ", ".join(f"{s['from']} ({s['licence']})" for s in self.lineage[:-1])
+        lines.append(
+            f"licence: this run's weights derive from {path}"
+            + (f" (from {origin})" if origin else "")
+            + f" and are under {self.licence}; the checkpoints and exports record it"
+        )
         return lines
 
 
@@ -95,8 +113,29 @@ def imagenet_encoder_state(obj: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], str | None]:
-    """(source format, state_dict in our names, the source's head or None for encoder-only)."""
+def init_lineage(path: Path, source: str, raw: Any) -> dict[str, Any]:
+    """``licence`` and ``lineage`` of weights started from ``path``: the file's own lineage
+    (ours) or its source's terms (mmseg, erfnet_pytorch and its ImageNet encoder), plus this
+    --init-from step."""
+    if source == "erfnet":
+        meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+        # A file converted before lineage was recorded still names its source.
+        terms = str(meta.get("licence") or SOURCE_LICENCES.get(meta.get("source"), PROJECT_LICENCE))
+        lineage = list(meta.get("lineage", []))
+        lineage.append({"from": "erfnet", "file": path.name, "licence": terms,
+                        "how": "--init-from"})  # fmt: skip
+        return {"licence": terms, "lineage": lineage}
+    theirs = "erfnet_pytorch" if source == IMAGENET_ENCODER else source
+    out = source_lineage(theirs, path.name, "--init-from")
+    out["licence"] = combine_licences(PROJECT_LICENCE, out["licence"])
+    return out
+
+
+def load_init_state(
+    path: str | os.PathLike,
+) -> tuple[str, dict[str, torch.Tensor], str | None, dict[str, Any]]:
+    """(source format, state_dict in our names, the source's head or None for encoder-only,
+    the ``init_lineage`` of the weights)."""
     path = Path(path)
     try:
         raw = load_foreign_checkpoint(path)  # torch.load(weights_only=True)
@@ -105,12 +144,14 @@ def load_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tenso
             if not isinstance(raw.get("model"), dict):
                 raise ConversionError("'model' is not a state_dict")
             head = str((raw.get("model_args") or {}).get("head", "fcn"))
-            return source, dict(raw["model"]), head
+            return source, dict(raw["model"]), head, init_lineage(path, source, raw)
         if source in ("mmseg", "erfnet_pytorch"):
             head = "fcn" if source == "mmseg" else "deconv"
-            return source, convert_state_dict(raw, source), head
+            state = convert_state_dict(raw, source)
+            return source, state, head, init_lineage(path, source, raw)
         if _is_imagenet_encoder(raw):
-            return IMAGENET_ENCODER, imagenet_encoder_state(raw), None
+            state = imagenet_encoder_state(raw)
+            return IMAGENET_ENCODER, state, None, init_lineage(path, IMAGENET_ENCODER, raw)
     except ConversionError as e:
         raise CheckpointError(f"--init-from {path}: {e}") from None
     raise CheckpointError(
@@ -121,7 +162,7 @@ def load_init_state(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tenso
 
 def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     """Load ``path``'s weights into ``model`` (in place) as described in the module docstring."""
-    source, state, src_head = load_init_state(path)
+    source, state, src_head, lineage = load_init_state(path)
     own = model.state_dict()
     head = model.config.get("head", "fcn")
     cls_prefix = CLASSIFIER_PREFIX[head]
@@ -160,4 +201,4 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     cls_weight = state.get(cls_prefix + "weight")
     if cls_weight is not None:
         src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
-    return InitReport(source, loaded, reinit, src_classes, model.num_classes)
+    return InitReport(source, loaded, reinit, src_classes, model.num_classes, **lineage)

@@ -1,0 +1,240 @@
+"""scripts/export.py's work: one checkpoint to one checked export file.
+
+``check_output`` refuses an output path that cannot be written before anything runs;
+``build_export`` writes the export into a temporary folder beside ``--out``, runs the accuracy
+gate (``erfnet.deploy.gate``) on it where it applies, and moves it into place only when the gate
+passes, so a refused or interrupted export leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erfnet.checkpoint import load_model
+from erfnet.deploy import gate
+from erfnet.deploy.exported import (
+    HINT_KEY,
+    META_KEY,
+    OUTPUT_KEY,
+    PRECISION_KEY,
+    ExportError,
+    load_exported,
+    require,
+)
+from erfnet.deploy.onnx import ONNX_MIN_OPSET, append_argmax, export_onnx, set_props
+from erfnet.fuse import optimize_for_inference
+
+FORMATS = ("onnx", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
+# The INFERENCE_PRECISION_HINT each OpenVINO precision is gated and deployed with. int8 keeps
+# its non-quantized layers in f32, so the gate's figures hold on CPUs with and without bf16.
+OPENVINO_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What scripts/export.py was asked for (its flags)."""
+
+    checkpoint: Path
+    out: Path
+    format: str = "onnx"
+    precision: str = "fp32"
+    argmax: bool = False
+    size: Size | None = None  # fixed (H, W) input, None = dynamic H and W
+    calib_data: Path | None = None
+    calib_classes: Path | None = None
+    calib_images: int = 64
+    score_images: int = 100
+    max_miou_drop: float = gate.DEFAULT_MAX_MIOU_DROP
+    min_agreement: float = gate.DEFAULT_MIN_AGREEMENT
+    threads: int = 0
+    opset: int = ONNX_MIN_OPSET
+    nncf_options: Any = None  # erfnet.deploy.openvino_ir.NNCFOptions, None = its defaults
+    report: Path | None = None
+
+
+@dataclass
+class Workspace:
+    """The temporary folder beside the output, and the artifact's path inside it."""
+
+    folder: Path
+    artifact: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _artifact_files(path: Path) -> list[Path]:
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def check_output(path: Path, checkpoint: Path, fmt: str, flag: str = "--out") -> None:
+    """ExportError (one line) unless ``path`` can be written: a file (not a folder) in an
+    existing, writable folder, ending as ``fmt`` needs, and not the input checkpoint."""
+    if fmt in SUFFIX and path.suffix.lower() != SUFFIX[fmt]:
+        raise ExportError(f"{flag} {path}: a --format {fmt} file must end in {SUFFIX[fmt]}")
+    if path.is_dir():
+        raise ExportError(f"{flag} {path} is a folder; give a file path")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"{flag} {path}: the folder {parent} does not exist")
+    targets = _artifact_files(path) if fmt == "openvino" else [path]
+    if checkpoint.exists() and any(p.resolve() == checkpoint.resolve() for p in targets):
+        raise ExportError(f"{flag} {path} would overwrite the input checkpoint {checkpoint}")
+    probe = parent / f".erfnet_write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _fp32_onnx(model: torch.nn.Module, path: Path, req: ExportRequest, argmax: bool) -> Path:
+    h, w = req.size or (512, 1024)  # a dynamic export only traces at this size
+    return export_onnx(model, path, h, w, req.opset, model.meta, dynamic=req.size is None,
+                       argmax=argmax)  # fmt: skip
+
+
+def _onnx_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace,
+                   held: gate.HeldOut | None) -> None:  # fmt: skip
+    """The .onnx export in ``ws``: the fp32 graph, or its onnxruntime int8 quantization."""
+    if req.precision == "fp32":
+        _fp32_onnx(model, ws.artifact, req, req.argmax)
+        return
+    from erfnet.deploy.int8 import quantize_int8
+
+    onnx = require("onnx")
+    fp32 = _fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False)
+    inputs = gate.NetworkInputs(held.calibration, model.meta["mean"], model.meta["std"], req.size)
+    quantize_int8(fp32, ws.artifact, inputs)
+    if req.argmax:  # after quantization: the argmax itself is never quantized
+        proto = onnx.load(str(ws.artifact))
+        append_argmax(proto)
+        set_props(proto, {OUTPUT_KEY: "labels"})
+        onnx.save(proto, str(ws.artifact))
+
+
+def _openvino_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace,
+                       held: gate.HeldOut | None) -> None:  # fmt: skip
+    """The OpenVINO IR in ``ws``, converted from the fp32 ONNX export; int8 through NNCF."""
+    from erfnet.deploy import openvino_ir
+
+    require("openvino")
+    ir = openvino_ir.convert_onnx(_fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False))
+    if req.precision == "int8":
+        require("nncf")
+        options = req.nncf_options or openvino_ir.NNCFOptions()
+        inputs = gate.NetworkInputs(held.calibration, model.meta["mean"], model.meta["std"],
+                                    req.size)  # fmt: skip
+        ir = openvino_ir.quantize_int8(ir, inputs, options)
+        ws.notes.append(f"NNCF {asdict(options)}")
+    if req.argmax:
+        ir = openvino_ir.append_argmax(ir)
+    props = {
+        META_KEY: json.dumps(model.meta),
+        OUTPUT_KEY: "labels" if req.argmax else "logits",
+        PRECISION_KEY: req.precision,
+        HINT_KEY: OPENVINO_HINT[req.precision],
+    }
+    openvino_ir.save_ir(ir, ws.artifact, props)
+
+
+def _gate(req: ExportRequest, model: torch.nn.Module, ws: Workspace,
+          held: gate.HeldOut) -> dict[str, Any]:  # fmt: skip
+    """Score the artifact in ``ws`` against the fp32 model on the held-out images."""
+    exported = load_exported(ws.artifact, req.threads)
+    reference = optimize_for_inference(model)
+    figures = gate.score_export(reference, exported, held.scored, model.meta, req.size,
+                                labels_out=req.argmax)  # fmt: skip
+    figures["scored_images"] = len(held.scored)
+    figures["max_miou_drop"] = req.max_miou_drop
+    figures["min_agreement"] = req.min_agreement
+    return figures
+
+
+def _move_into_place(ws: Workspace, out: Path) -> None:
+    # The IR's .bin first: an .xml is never visible without its weights.
+    for src, dst in reversed(list(zip(_artifact_files(ws.artifact), _artifact_files(out),
+                                      strict=True))):  # fmt: skip
+        os.replace(src, dst)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The JSON report, written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def needs_gate(req: ExportRequest) -> bool:
+    """Every reduced-precision export is gated; an fp32 one when --calib-data is given."""
+    return req.precision != "fp32" or req.calib_data is not None
+
+
+def build_export(req: ExportRequest) -> dict[str, Any]:
+    """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict.
+
+    Raises ExportError (one line) for anything the user can fix, including a gate refusal
+    (``gate.GateError``), after which no output file exists; the report, when asked for, is
+    written either way.
+    """
+    started = time.perf_counter()
+    if req.threads:
+        torch.set_num_threads(req.threads)
+    model = load_model(req.checkpoint)
+    if not model.meta.get("class_names"):
+        raise ExportError(
+            f"{req.checkpoint} has no class names in its meta, which an export carries: save"
+            " it with erfnet.save_checkpoint(path, model, meta=...), e.g. cityscapes_meta()"
+        )
+    held = None
+    report: dict[str, Any] = {"checkpoint": str(req.checkpoint), "out": str(req.out),
+                              "format": req.format, "precision": req.precision,
+                              "argmax": req.argmax, "size": req.size,
+                              "licence": model.meta.get("licence")}  # fmt: skip
+    if needs_gate(req):
+        held = gate.held_out_images(req.calib_data, req.calib_classes, req.calib_images,
+                                    req.score_images)  # fmt: skip
+        gate.check_classes(held.scored.dataset, model.meta, req.calib_data)
+        report.update(held_out=held.how, calibration_files=held.calibration.files(),
+                      scored_files=held.scored.files())  # fmt: skip
+        if req.precision != "int8":
+            report["calibration_files"] = []  # only int8 is calibrated
+    folder = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
+    ws = Workspace(folder, folder / f"model{SUFFIX[req.format]}")
+    try:
+        build = _onnx_artifact if req.format == "onnx" else _openvino_artifact
+        build(model, req, ws, held)
+        if held is not None:
+            report["gate"] = _gate(req, model, ws, held)
+            report["notes"] = ws.notes
+            try:
+                gate.check_gate(report["gate"], req.max_miou_drop, req.min_agreement)
+            except gate.GateError:
+                report["accepted"] = False
+                if req.report is not None:
+                    write_report(req.report, report)
+                raise
+        _move_into_place(ws, req.out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    report["accepted"] = True
+    report["files"] = [str(p) for p in _artifact_files(req.out)]
+    report["size_mb"] = sum(p.stat().st_size for p in _artifact_files(req.out)) / 2**20
+    report["seconds"] = time.perf_counter() - started
+    if req.report is not None:
+        write_report(req.report, report)
+    return report

@@ -1,0 +1,215 @@
+"""Export a checkpoint for deployment: ONNX or OpenVINO, fp32 / bf16 / int8, gated on held-out
+images.
+
+    python scripts/export.py ckpt.pth --out erfnet.onnx
+    python scripts/export.py ckpt.pth --out erfnet.xml --format openvino --precision bf16 \\
+        --size 512 1024 --calib-data data/cityscapes
+    python scripts/export.py ckpt.pth --out erfnet_int8.xml --precision int8 --argmax \\
+        --size 512 1024 --calib-data data/cityscapes --report int8.json
+
+The graph takes a normalised float32 image ``input`` [N, 3, H, W] (mean / std are in the file's
+metadata with the rest of the checkpoint's meta: class names, palette, ignore index, licence) and
+returns ``logits`` [N, C, H, W], or with --argmax the class map ``labels`` [N, H, W] (integers).
+--size H W fixes the input size (default: dynamic H and W). bf16 and int8 exports, and any export
+given --calib-data, pass an accuracy gate first: calibrated on the train split of --calib-data,
+scored on its val split (one split: two disjoint halves) against the fp32 PyTorch model; refused
+(exit 1, no file written) when the mIoU drops by more than --max-miou-drop points or the labels
+agree with fp32 on fewer than --min-agreement percent of pixels. See docs/deploy.md.
+
+Extras: onnx + onnxruntime (ONNX), openvino (+ onnx, for the conversion), nncf (OpenVINO int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from erfnet.checkpoint import CheckpointError
+from erfnet.data.decode import DatasetError
+from erfnet.deploy.build import FORMATS, PRECISIONS, ExportRequest, build_export, check_output
+from erfnet.deploy.exported import ExportError, export_format, require
+from erfnet.deploy.gate import DEFAULT_MAX_MIOU_DROP, DEFAULT_MIN_AGREEMENT
+from erfnet.deploy.onnx import ONNX_MIN_OPSET
+from erfnet.runtime import one_line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="our checkpoint (.pth)")
+    p.add_argument("--out", type=Path, required=True, help="the file to write (.onnx or .xml)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="onnx or openvino (default: from --out's suffix)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (exact), bf16 (OpenVINO on a CPU with bf16) or int8 (default fp32)",
+    )
+    p.add_argument(
+        "--argmax",
+        action="store_true",
+        help="end the graph in an argmax: integer labels at the input size",
+    )
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        default=None,
+        help="fixed input size (default: dynamic H and W)",
+    )
+    p.add_argument("--calib-data", type=Path, metavar="ROOT", default=None,
+                   help="dataset for calibration (train) and the gate (val); a Cityscapes layout"
+                   " or, with --calib-classes, a folder dataset")  # fmt: skip
+    p.add_argument(
+        "--calib-classes",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="the classes file of a folder dataset at --calib-data",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=int,
+        metavar="N",
+        default=64,
+        help="calibration images, spread over the split (default 64; 0 = all)",
+    )
+    p.add_argument(
+        "--score-images",
+        type=int,
+        metavar="N",
+        default=100,
+        help="images the gate scores, spread over the split (default 100; 0 = all)",
+    )
+    p.add_argument("--max-miou-drop", type=float, metavar="X", default=DEFAULT_MAX_MIOU_DROP,
+                   help=f"refuse if mIoU drops by more than X points (default"
+                   f" {DEFAULT_MAX_MIOU_DROP})")  # fmt: skip
+    p.add_argument("--min-agreement", type=float, metavar="P", default=DEFAULT_MIN_AGREEMENT,
+                   help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
+                   f" {DEFAULT_MIN_AGREEMENT})")  # fmt: skip
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        default=None,
+        help="write the figures, calibration_files and scored_files here",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        default=0,
+        help="CPU threads for the gate (default: the runtimes' own)",
+    )
+    p.add_argument(
+        "--opset", type=int, default=ONNX_MIN_OPSET, help=f"ONNX opset (>= {ONNX_MIN_OPSET})"
+    )
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values and combinations that cannot work, as SystemExit messages (before any work)."""
+    if args.format is None:
+        try:
+            args.format = export_format(args.out)
+        except ExportError:
+            raise SystemExit(f"error: --out {args.out}: end it in .onnx or .xml, or give"
+                             " --format") from None  # fmt: skip
+    if args.precision == "bf16" and args.format != "openvino":
+        raise SystemExit("error: --precision bf16 is an OpenVINO export: add --format openvino")
+    if args.precision != "fp32" and args.calib_data is None:
+        raise SystemExit(f"error: --precision {args.precision} needs --calib-data ROOT: the"
+                         " accuracy gate scores it on held-out images")  # fmt: skip
+    if args.calib_classes is not None and args.calib_data is None:
+        raise SystemExit("error: --calib-classes describes the dataset at --calib-data; add it")
+    if args.size is not None and min(args.size) < 8:
+        raise SystemExit(f"error: --size H W must be at least 8 each, got {args.size}")
+    if args.calib_images < 0 or args.score_images < 0 or args.threads < 0:
+        raise SystemExit("error: --calib-images, --score-images and --threads must be >= 0")
+    if not 0.0 <= args.min_agreement <= 100.0:
+        raise SystemExit(f"error: --min-agreement is a percentage in [0, 100], got"
+                         f" {args.min_agreement}")  # fmt: skip
+    if args.opset < ONNX_MIN_OPSET:
+        raise SystemExit(f"error: --opset must be at least {ONNX_MIN_OPSET}, got {args.opset}")
+    if args.calib_data is not None and not args.calib_data.is_dir():
+        raise SystemExit(f"error: --calib-data {args.calib_data} is not a folder")
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"error: checkpoint {args.checkpoint} is not a file")
+    try:
+        check_output(args.out, args.checkpoint, args.format)
+        if args.report is not None:
+            check_output(args.report, args.checkpoint, "json", flag="--report")
+    except ExportError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """The optional packages this export needs, and a bf16-capable CPU for bf16."""
+    needed = {"onnx": ["onnx", "onnxruntime"], "openvino": ["onnx", "openvino"]}[args.format]
+    if args.precision == "int8" and args.format == "openvino":
+        needed.append("nncf")
+    for module in needed:
+        require(module)
+    if args.precision == "bf16":
+        from erfnet.deploy.openvino_ir import cpu_supports_bf16
+
+        if not cpu_supports_bf16():
+            raise ExportError(
+                "--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), OpenVINO"
+                " would run it in f32; export fp32 or int8 instead"
+            )
+
+
+def request(args: argparse.Namespace) -> ExportRequest:
+    return ExportRequest(
+        checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision,
+        argmax=args.argmax, size=tuple(args.size) if args.size else None,
+        calib_data=args.calib_data, calib_classes=args.calib_classes,
+        calib_images=args.calib_images, score_images=args.score_images,
+        max_miou_drop=args.max_miou_drop, min_agreement=args.min_agreement,
+        threads=args.threads, opset=args.opset, report=args.report,
+    )  # fmt: skip
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The lines printed after an export."""
+    lines = [
+        f"wrote {', '.join(report['files'])} ({report['size_mb']:.1f} MiB,"
+        f" {report['format']} {report['precision']}, output"
+        f" {'labels' if report['argmax'] else 'logits'}) in {report['seconds']:.1f} s"
+    ]
+    if "gate" in report:
+        g = report["gate"]
+        lines.append(
+            f"gate passed on {g['scored_images']} held-out image(s) ({report['held_out']}):"
+            f" mIoU fp32 {g['fp32_miou']:.2f} / export {g['export_miou']:.2f} (drop"
+            f" {g['miou_drop']:.2f} <= {g['max_miou_drop']:g}), pixel agreement"
+            f" {g['agreement']:.2f}% >= {g['min_agreement']:g}%"
+        )
+    if report.get("licence"):
+        lines.append(f"licence of the weights (in the file's metadata): {report['licence']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    try:
+        check_extras(args)
+        report = build_export(request(args))
+    except (ExportError, CheckpointError, DatasetError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename or args.out}: {e.strerror or e}") from None
+    print(summary(report))
+    if args.report is not None:
+        print(f"report: {args.report}")
+    return json.loads(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()
