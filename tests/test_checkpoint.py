@@ -202,7 +202,8 @@ def test_folder_is_not_a_checkpoint(tmp_path):
 def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_path, capsys):
     keys = {"class_names", "palette", "ignore_index", "mean", "std", "head"}
     written = make_checkpoint(ERFNet(num_classes=3, head="deconv"))["meta"]
-    assert set(written) == keys and written["head"] == "deconv" and len(written["palette"]) == 3
+    assert set(written) == keys | {"licence", "lineage"} and written["head"] == "deconv"
+    assert len(written["palette"]) == 3 and written["licence"] == "Apache-2.0"
     # A file from before: model_args without num_classes, a meta with one colour only.
     ckpt = make_checkpoint(ERFNet())
     ckpt["model_args"] = {"head": "fcn"}

@@ -68,11 +68,16 @@ def test_bad_flags_are_one_line(random_bn_checkpoint: Path, tmp_path: Path, flag
     assert list(tmp_path.iterdir()) == []
 
 
-def test_checkpoint_without_class_names_is_refused(tmp_path: Path) -> None:
+def test_checkpoint_saved_without_class_names_exports_its_completed_meta(tmp_path: Path) -> None:
+    """A checkpoint's meta is complete when written (class_<i> names, never Cityscapes' for a
+    model that was not given them): the export carries exactly that meta."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
     save_checkpoint(tmp_path / "m.pth", ERFNet(num_classes=3).eval())
-    with pytest.raises(SystemExit, match="no class names in its meta"):
-        export.main([str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.onnx")])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+    export.main([str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.onnx")])
+    meta = load_exported(tmp_path / "m.onnx").meta
+    assert meta["class_names"] == ["class_0", "class_1", "class_2"]
+    assert meta == load_model(tmp_path / "m.pth").meta
 
 
 def test_refused_output_paths_before_any_work(tmp_path: Path, random_bn_checkpoint: Path):

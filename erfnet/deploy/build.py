@@ -194,12 +194,7 @@ def build_export(req: ExportRequest) -> dict[str, Any]:
     started = time.perf_counter()
     if req.threads:
         torch.set_num_threads(req.threads)
-    model = load_model(req.checkpoint)
-    if not model.meta.get("class_names"):
-        raise ExportError(
-            f"{req.checkpoint} has no class names in its meta, which an export carries: save"
-            " it with erfnet.save_checkpoint(path, model, meta=...), e.g. cityscapes_meta()"
-        )
+    model = load_model(req.checkpoint)  # its meta is complete (erfnet.checkpoint.complete_meta)
     held = None
     report: dict[str, Any] = {"checkpoint": str(req.checkpoint), "out": str(req.out),
                               "format": req.format, "precision": req.precision,
