@@ -187,8 +187,8 @@ def cpu_plan(
 
     Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and for
     whatever else runs on the machine. A compute thread that has to share its core stalls every
-    other one at each parallel op (2 threads + 2 workers on 2 cores with one busy neighbour ran
-    ~35x slower than idle), while one core's less compute costs at most 1/cores. Explicit
+    other one at each parallel op (many times slower than idle: docs/robustness.md), while one
+    core's less compute costs at most 1/cores. Explicit
     ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win.
     """
     cores = cores or available_cores()
@@ -221,9 +221,9 @@ def tune_cpu_allocator() -> bool:
 
     By default glibc serves large blocks (a feature map at 512x1024 is 8-40 MB) with fresh
     ``mmap`` pages and returns them on free, so every forward pass page-faults hundreds of MB
-    back in: about 0.06 s of the fast path's 0.35 s and 0.1 s of the plain model's on a 2-core
-    CPU. With mmap off and trimming off, the pages are faulted once and reused. Results are
-    unchanged; the cost is that the process keeps its peak memory. The same as running with
+    back in (a sizeable share of a forward pass on a small CPU: docs/speed.md). With mmap off and
+    trimming off, the pages are faulted once and reused. Results are unchanged; the cost is that
+    the process keeps its peak memory. The same as running with
     ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op (False) off glibc.
     """
     if not sys.platform.startswith("linux"):

@@ -79,8 +79,8 @@ _PYSPNG: list[Any] = []  # [module or None] once looked up
 
 
 def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None:
-    """pyspng's decode (optional extra: ``pip install pyspng``; libspng, ~1.1x libpng on a
-    Cityscapes image and ~5x on a label) of a plain 8-bit, non-interlaced RGB image or grey
+    """pyspng's decode (optional extra: ``pip install pyspng``; libspng, faster than libpng,
+    above all on labels: docs/throughput.md) of a plain 8-bit, non-interlaced RGB image or grey
     label, the values libpng gives; None when pyspng is absent or the PNG is anything else."""
     if not _PYSPNG:
         try:

@@ -103,6 +103,35 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
     """Read and check a classes file; a ``DatasetError`` names the file and the bad key."""
     path = Path(path)
     where = f"classes file '{path}'"
+    data = _read_spec_json(path, where)
+    names, palette = _names_and_palette(data, where)
+    num = len(names)
+    ignore = data.get("ignore_index", IGNORE_INDEX)
+    if not (_is_int(ignore) and num <= ignore <= MAX_TRAIN_ID):
+        raise DatasetError(
+            f'{where}: "ignore_index" must be an integer in {num}..{MAX_TRAIN_ID} (not a class'
+            f" id 0..{num - 1}), got {ignore!r}"
+        )
+    label_map, splits = _label_map(data, where, num, ignore), _splits(data, where)
+    suffixes = {}
+    for key in ("image_suffix", "label_suffix"):
+        value = data.get(key, ".png")
+        if not (isinstance(value, str) and value):
+            raise DatasetError(f'{where}: "{key}" must be a non-empty string such as ".png"')
+        suffixes[key] = value
+    return FolderSpec(
+        path=path,
+        names=tuple(names),
+        palette=tuple((c[0], c[1], c[2]) for c in palette),
+        ignore_index=ignore,
+        label_map=label_map,
+        splits=splits,
+        **suffixes,
+    )
+
+
+def _read_spec_json(path: Path, where: str) -> dict[str, Any]:
+    """The classes file as a JSON object with only known keys."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -118,7 +147,11 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
     unknown = sorted(set(data) - set(SPEC_KEYS))
     if unknown:
         raise DatasetError(f"{where}: unknown key(s) {unknown}; allowed: {list(SPEC_KEYS)}")
+    return data
 
+
+def _names_and_palette(data: dict[str, Any], where: str) -> tuple[list[str], list[list[int]]]:
+    """ "names" (unique, at most MAX_TRAIN_ID) and one [R, G, B] "palette" colour per name."""
     names = data.get("names")
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
         raise DatasetError(f'{where}: "names" must be a non-empty list of class names')
@@ -139,65 +172,53 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
         raise DatasetError(
             f'{where}: {len(names)} "names" but {len(palette)} "palette" colours; one per class'
         )
-    num = len(names)
-    ignore = data.get("ignore_index", IGNORE_INDEX)
-    if not (_is_int(ignore) and num <= ignore <= MAX_TRAIN_ID):
-        raise DatasetError(
-            f'{where}: "ignore_index" must be an integer in {num}..{MAX_TRAIN_ID} (not a class'
-            f" id 0..{num - 1}), got {ignore!r}"
-        )
-    label_map = None
-    if "label_map" in data:
-        raw = data["label_map"]
-        if not isinstance(raw, dict) or not raw:
-            raise DatasetError(f'{where}: "label_map" must be an object {{"stored": train_id}}')
-        label_map = {}
-        for key, value in raw.items():
-            if not (key.isascii() and key.isdigit() and int(key) <= MAX_STORED_VALUE):
-                raise DatasetError(
-                    f'{where}: "label_map" key {key!r} is not a stored label value'
-                    f" 0..{MAX_STORED_VALUE} (a decimal string)"
-                )
-            if not (_is_int(value) and (0 <= value < num or value == ignore)):
-                raise DatasetError(
-                    f'{where}: "label_map" maps {key} to {value!r}; expected a train id'
-                    f' 0..{num - 1} or "ignore_index" {ignore}'
-                )
-            label_map[int(key)] = value
-    splits: dict[str, dict[str, str]] = {}
-    if "splits" in data:
-        raw = data["splits"]
-        ok = (
-            isinstance(raw, dict)
-            and raw
-            and all(
-                isinstance(v, dict)
-                and set(v) == {"images", "labels"}
-                and all(isinstance(p, str) and p for p in v.values())
-                for v in raw.values()
-            )
-        )
-        if not ok:
+    return names, palette
+
+
+def _label_map(data: dict[str, Any], where: str, num: int, ignore: int) -> dict[int, int] | None:
+    """The optional "label_map" {stored value: train id or ignore_index}, keys as integers."""
+    if "label_map" not in data:
+        return None
+    raw = data["label_map"]
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f'{where}: "label_map" must be an object {{"stored": train_id}}')
+    label_map = {}
+    for key, value in raw.items():
+        if not (key.isascii() and key.isdigit() and int(key) <= MAX_STORED_VALUE):
             raise DatasetError(
-                f'{where}: "splits" must map each split to {{"images": DIR, "labels": DIR}}'
-                " (folders relative to the data root)"
+                f'{where}: "label_map" key {key!r} is not a stored label value'
+                f" 0..{MAX_STORED_VALUE} (a decimal string)"
             )
-        splits = {str(k): dict(v) for k, v in raw.items()}
-    suffixes = {}
-    for key in ("image_suffix", "label_suffix"):
-        value = data.get(key, ".png")
-        if not (isinstance(value, str) and value):
-            raise DatasetError(f'{where}: "{key}" must be a non-empty string such as ".png"')
-        suffixes[key] = value
-    return FolderSpec(
-        path=path,
-        names=tuple(names),
-        palette=tuple((c[0], c[1], c[2]) for c in palette),
-        ignore_index=ignore,
-        label_map=label_map,
-        splits=splits,
-        **suffixes,
+        if not (_is_int(value) and (0 <= value < num or value == ignore)):
+            raise DatasetError(
+                f'{where}: "label_map" maps {key} to {value!r}; expected a train id'
+                f' 0..{num - 1} or "ignore_index" {ignore}'
+            )
+        label_map[int(key)] = value
+    return label_map
+
+
+def _splits(data: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
+    """The optional "splits" {split: {"images": DIR, "labels": DIR}}; empty when absent."""
+    if "splits" not in data:
+        return {}
+    raw = data["splits"]
+    ok = (
+        isinstance(raw, dict)
+        and raw
+        and all(
+            isinstance(v, dict)
+            and set(v) == {"images", "labels"}
+            and all(isinstance(p, str) and p for p in v.values())
+            for v in raw.values()
+        )
     )
+    if not ok:
+        raise DatasetError(
+            f'{where}: "splits" must map each split to {{"images": DIR, "labels": DIR}}'
+            " (folders relative to the data root)"
+        )
+    return {str(k): dict(v) for k, v in raw.items()}
 
 
 def _scan(folder: Path, suffix: str, skip_suffix: str | None) -> dict[str, Path]:

@@ -144,7 +144,7 @@ def resize_crop_bilinear(
     computed only inside the box: separable bilinear with the full resize's coordinates.
 
     Returns float32 rounded to integer values, like the uint8 image mmseg would hold. At a resize
-    ratio of 2 this is ~10x cheaper than resizing the whole image and cropping.
+    ratio of 2 this is far cheaper than resizing the whole image and cropping (docs/data.md).
     """
     ry0, ry1, wy, cx0, cx1, wx, rows_first = bilinear_taps(
         (image.shape[1], image.shape[2]), size, box, flip

@@ -75,7 +75,7 @@ def quantize_int8(
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
         # One image at a time, its ranges merged into the running min / max: memory stays flat
-        # (all at once costs about 1 GB per 512x1024 image).
+        # (all at once holds every image's activations: docs/deploy.md).
         extra_options={"CalibStridedMinMax": 1},
     )
     # The fp32 graph's metadata (checkpoint meta, output kind), and the new precision.

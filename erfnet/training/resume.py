@@ -140,7 +140,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     np_state = np.random.get_state()
     py_state = random.getstate()
     # The CPU generator only (what the transforms draw from): torch.manual_seed also seeds
-    # every accelerator's generators, which cost ~0.5 ms per sample and are not restored here.
+    # every accelerator's generators, which cost time per sample and are not restored here.
     torch.default_generator.manual_seed(seed)
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
