@@ -27,8 +27,15 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
-from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, resolve_data_root
+from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
+from erfnet.data.from_args import (
+    DATA_KINDS,
+    DataFlagError,
+    check_data_flags,
+    data_root_from_args,
+    dataset_from_args,
+)
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -67,9 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data",
-        choices=("cityscapes", "folder"),
+        choices=DATA_KINDS,
         default="cityscapes",
-        help="Cityscapes, or your own folders described by --classes FILE (default: cityscapes)",
+        help="Cityscapes, the quick start's synthetic set, or your own folders described by"
+        " --classes FILE (default: cityscapes)",
     )
     p.add_argument(
         "--data-root",
@@ -154,11 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, as SystemExit messages."""
-    if args.data == "folder" and (args.classes is None or not args.data_root):
-        raise SystemExit("error: --data folder needs --data-root DIR and --classes FILE")
-    if args.classes is not None and args.data != "folder":
-        raise SystemExit("error: --classes describes a folder dataset; add --data folder")
-    if args.split == "test" and args.out_dir is None and args.data == "cityscapes":
+    try:
+        check_data_flags(args)
+    except DataFlagError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.split == "test" and args.out_dir is None and args.data != "folder":
         raise SystemExit(
             "error: --split test has no labels to score; add --out-dir DIR to write the"
             " submission PNGs"
@@ -364,18 +372,14 @@ def get_device(args: argparse.Namespace) -> torch.device:
 
 def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
     """The split to score (checked: images, classes the model predicts, outputs outside it)."""
-    cityscapes = args.data == "cityscapes"
-    root = resolve_data_root(args.data_root) if cityscapes else Path(args.data_root)
+    root = data_root_from_args(args)
     check_outputs(args, root)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
     transform = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
-    if cityscapes:
-        dataset = CityscapesDataset(root, args.split, transform)
-    else:
-        spec = load_spec(args.classes)
-        check_folder_split(root, spec, args.split)
-        dataset = FolderDataset(root, spec, args.split, transform)
+    if args.data == "folder":
+        check_folder_split(root, load_spec(args.classes), args.split)
+    (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
     if len(dataset) == 0:
         raise DatasetError(f"split '{args.split}' under '{root}' has no images")
     check_classes(model, dataset.classes, args)

@@ -15,7 +15,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from erfnet.data.cityscapes import CityscapesDataset, resolve_data_root
-from erfnet.data.folder import FolderDataset, load_spec
+from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.data.synthetic import synthetic_cache_root
 
 DATA_KINDS = ("cityscapes", "synthetic", "folder")
@@ -67,14 +67,15 @@ def dataset_from_args(
     *,
     labels: bool | None = None,
 ) -> list[Dataset]:
-    """One dataset per split of ``splits``, as ``args`` (``data``, ``data_root``, ``classes``)
-    describe them; ``transforms[split]`` is that split's transform (absent: the image as on disk,
-    for the evaluator). ``labels`` True makes a Cityscapes split without labels an error (None:
-    labels for every split but test). Raises ``DataFlagError`` or ``DatasetError``."""
+    """One dataset per split of ``splits``, as ``args`` describe them (``data``, ``data_root``,
+    ``classes``: a classes file or an already loaded ``FolderSpec``); ``transforms[split]`` is
+    that split's transform (absent: the image as on disk, for the evaluator). ``labels`` True
+    makes a Cityscapes split without labels an error (None: labels for every split but test).
+    Raises ``DataFlagError`` or ``DatasetError``."""
     check_data_flags(args)
     transforms = transforms or {}
     root = data_root_from_args(args)
     if args.data == "folder":  # labels arrive with 255 = ignore, as Cityscapes' do
-        spec = load_spec(args.classes)
+        spec = args.classes if isinstance(args.classes, FolderSpec) else load_spec(args.classes)
         return [FolderDataset(root, spec, split, transforms.get(split)) for split in splits]
     return [CityscapesDataset(root, split, transforms.get(split), labels) for split in splits]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from erfnet.config import RECIPE
-from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.decode import DatasetError
-from erfnet.data.folder import FolderDataset, load_spec
+from erfnet.data.folder import load_spec
+from erfnet.data.from_args import dataset_from_args
 from erfnet.data.transforms import rescale_size
 from erfnet.deploy.exported import ExportError
 from erfnet.evaluation.inference import network_input, resize_logits
@@ -67,10 +68,12 @@ class HeldOut:
 
 
 def _open_split(root: Path, spec: Any, split: str) -> Any | None:
+    """``split`` of the dataset at ``root`` (Cityscapes layout, or the folder dataset ``spec``
+    describes) with labels, as the --data flags would open it; None where it cannot be read."""
+    data = SimpleNamespace(data="cityscapes" if spec is None else "folder", data_root=str(root),
+                           classes=spec)  # fmt: skip
     try:
-        if spec is None:
-            return CityscapesDataset(root, split, labels=True)
-        return FolderDataset(root, spec, split)
+        return dataset_from_args(data, [split], labels=True)[0]
     except DatasetError:
         return None
 
