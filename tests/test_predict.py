@@ -254,3 +254,24 @@ def test_threads_follow_the_one_cpu_plan(images: Path, checkpoint: Path, tmp_pat
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_readme_notebook_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+    """The README's notebook block, executed verbatim on a random 19-class checkpoint and a
+    small image under the file names it uses."""
+    import re
+
+    from erfnet.checkpoint import cityscapes_meta
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    save_checkpoint(tmp_path / "checkpoints" / "erfnet_mmseg_cityscapes.pth", ERFNet().eval(),
+                    meta=cityscapes_meta())  # fmt: skip
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "frankfurt_000000_000294_leftImg8bit.png")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Use a checkpoint from Python.*?```python\n(.*?)```", readme, re.S)
+    assert block, "no notebook example in the README"
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    assert scope["pred"].shape == (48, 96) and scope["color"].shape == (48, 96, 3)
