@@ -28,6 +28,7 @@ import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
+from erfnet.data.check import check_datasets
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.data.from_args import (
     DATA_KINDS,
@@ -383,6 +384,9 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
     if len(dataset) == 0:
         raise DatasetError(f"split '{args.split}' under '{root}' has no images")
     check_classes(model, dataset.classes, args)
+    # Every file before the first image is scored: a damaged PNG would otherwise stop the run
+    # late, or kill it (torchvision's libpng aborts on PNG data shorter than its size).
+    check_datasets({args.split: dataset}, progress=False)
     return dataset
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.data.check import check_png_data
 from erfnet.data.decode import DatasetError, load_image
 from erfnet.distributed import resolve_device
 from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, TestSettings, predict
@@ -71,6 +72,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """HxWx3 uint8 RGB, upright (EXIF), 16-bit scaled to 8 (``load_image``); one line for a
     file that is not an image, or one too large to decode."""
     try:
+        check_png_data(path)  # libpng would abort the process on PNG data too short for its size
         return load_image(path).permute(1, 2, 0).numpy()
     except DatasetError as e:
         raise SystemExit(f"error: {e}") from None

@@ -196,6 +196,27 @@ def test_train_stops_at_the_data_check_for_short_png_data(tmp_path: Path) -> Non
     assert f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
 
 
+def test_eval_and_predict_name_short_png_data_instead_of_dying(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """eval.py checks its split's files and predict.py each PNG before decoding: a PNG whose
+    data is too short is one line (rc 1), not a process killed inside libpng (rc -11)."""
+    from erfnet.checkpoint import cityscapes_meta, save_checkpoint
+    from erfnet.model import ERFNet
+
+    ckpt = tmp_path / "m.pth"
+    save_checkpoint(ckpt, ERFNet().eval(), meta=cityscapes_meta())
+    root = tmp_path / "cityscapes"
+    shutil.copytree(synthetic_root, root)
+    bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    _png_short_data(bad, width=128, height=64)
+    proc = _run("eval.py", "--checkpoint", ckpt, "--data-root", root, "--scale", "64", "128",
+                "--workers", "0")  # fmt: skip
+    assert proc.returncode == 1 and f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
+    proc = _run("scripts/predict.py", bad, "--checkpoint", ckpt, "--out", tmp_path / "pred")
+    assert proc.returncode == 1 and f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
+
+
 def test_data_check_names_an_oversized_image_in_train(tmp_path: Path) -> None:
     classes = _folder_dataset(tmp_path / "data")
     huge = _jpeg_claiming(tmp_path / "data" / "images" / "val" / "0.jpg", 30000, 30000)

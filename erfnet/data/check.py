@@ -67,6 +67,7 @@ def image_header(path: Path, upright: bool = True) -> tuple[tuple[int, int], str
     return (height, width), mode
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 # Adam7's passes: (x start, y start, x step, y step).
@@ -103,6 +104,8 @@ def check_png_data(path: Path) -> None:
     """
     with open(path, "rb") as f:
         data = f.read()
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return  # not a PNG: its decoder reports it
     width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     need = png_data_size(width, height, bit_depth, color_type, interlace)
     inflate, got, pos = zlib.decompressobj(), 0, 8
