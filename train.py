@@ -69,7 +69,7 @@ from erfnet.distributed import (
     resolve_device,
 )
 from erfnet.evaluation.evaluate import build_eval_loader
-from erfnet.model import ERFNet
+from erfnet.model import HEADS, ERFNet
 from erfnet.training import logs, resume, step
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
@@ -195,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", choices=step.SYNC_BN_SCOPES, default="head",
                    help="which BatchNorms become SyncBatchNorm under torchrun on CUDA: head (the"
                    " FCN head's only, as mmseg's recipe ran), all, or none")
-    g.add_argument("--head", choices=("fcn", "deconv"), default="fcn",
+    g.add_argument("--head", choices=HEADS, default="fcn",
                    help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
     g.add_argument("--init-from", metavar="CKPT", default=None,
                    help="start from these weights (ours, mmseg's, erfnet_pytorch's, or Eromera's"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError
 from erfnet.data.folder import FolderDataset
-from erfnet.data.from_args import DataFlagError, dataset_from_args
+from erfnet.data.from_args import DATA_KINDS, DataFlagError, dataset_from_args
 
 METHODS = ("erfnet", "median")
 ERFNET_C = 1.10
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("data_root", metavar="root",
                    help="dataset root (Cityscapes, or the folder dataset's root)")  # fmt: skip
-    p.add_argument("--data", choices=("cityscapes", "folder"), default="cityscapes",
+    p.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
                    help="dataset kind (default: cityscapes)")  # fmt: skip
     p.add_argument("--classes", metavar="FILE", default=None,
                    help="--data folder: its JSON classes file")  # fmt: skip
