@@ -61,7 +61,8 @@ _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
+    """eval.py's flags: what to score, on which data, with which protocol, and the outputs."""
     p = argparse.ArgumentParser(
         description="Evaluate an ERFNet checkpoint on Cityscapes (mmseg protocol)."
     )
@@ -158,7 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU threads (default: the free cores less one, as train.py plans them)",
     )
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
