@@ -78,14 +78,21 @@ def torch_paths(model: nn.Module, paths: DeployPaths, compile_fast: bool = True)
     )
 
 
+def _skipped(paths: DeployPaths, backend: str, *modules: str) -> bool:
+    """True (and the reason noted) when an optional package that ``backend`` needs is absent."""
+    try:
+        for module in modules:
+            require(module)
+    except ExportError as e:
+        paths.skipped[backend] = str(e)
+        return True
+    return False
+
+
 def onnxruntime_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.ndarray],
                       threads: int, workdir: Path, paths: DeployPaths) -> None:  # fmt: skip
     """onnxruntime fp32 and static int8 (QDQ, MinMax over ``calib``) of the fixed-size graph."""
-    try:
-        require("onnx")
-        require("onnxruntime")
-    except ExportError as e:
-        paths.skipped["onnxruntime"] = str(e)
+    if _skipped(paths, "onnxruntime", "onnx", "onnxruntime"):
         return
     from erfnet.deploy.int8 import quantize_int8
 
@@ -101,11 +108,7 @@ def openvino_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.n
                    nncf_options: Any = None) -> None:  # fmt: skip
     """OpenVINO with an f32 hint, with its default hint, and NNCF int8 (as scripts/export.py
     deploys it: the hint it records)."""
-    try:
-        require("onnx")
-        require("openvino")
-    except ExportError as e:
-        paths.skipped["openvino"] = str(e)
+    if _skipped(paths, "openvino", "onnx", "openvino"):
         return
     from erfnet.deploy import openvino_ir
     from erfnet.deploy.build import OPENVINO_HINT
