@@ -61,6 +61,7 @@ _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
 
 
+# fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     """eval.py's flags: what to score, on which data, with which protocol, and the outputs."""
     p = argparse.ArgumentParser(
@@ -160,6 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
     return p
+# fmt: on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -368,8 +370,10 @@ def results_json(
 def get_device(args: argparse.Namespace) -> torch.device:
     """--device as a torch.device; an export (--model) runs on the CPU."""
     if args.model is not None and args.device not in (None, "cpu", "auto"):
-        raise SystemExit(f"error: --model runs on the CPU (onnxruntime / OpenVINO), not on"
-                         f" --device {args.device}")  # fmt: skip
+        raise SystemExit(
+            f"error: --model runs on the CPU (onnxruntime / OpenVINO), not on"
+            f" --device {args.device}"
+        )
     try:
         return resolve_device("cpu" if args.model else args.device, local_rank_from_env())
     except ValueError as e:  # a --device this machine does not have

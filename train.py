@@ -23,8 +23,10 @@ from types import FrameType
 
 def stopped_while_starting(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C (or SIGTERM) before the run has begun: one line, no traceback, 128 + signal."""
-    print(f"error: stopped by {signal.Signals(signum).name} while starting; no training was done",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"error: stopped by {signal.Signals(signum).name} while starting; no training was done",
+        file=sys.stderr,
+    )
     raise SystemExit(128 + signum)
 
 
@@ -135,6 +137,7 @@ def _shown(value: Any) -> str:
     return " ".join(str(x) for x in value) if isinstance(value, tuple) else str(value)
 
 
+# fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     r = RECIPE
     p = argparse.ArgumentParser(
@@ -263,6 +266,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="tqdm progress bars on rank 0 (the log reports progress either way)")
     # fmt: on
     return p
+# fmt: on
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Namespace:
@@ -279,11 +283,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     """What argparse cannot check; ``parser.error`` (exit status 2) names the flag."""
-    for flag in ("iters", "batch_size", "accum_steps", "val_interval", "ckpt_interval",
-                 "log_interval", "max_nonfinite"):  # fmt: skip
+    for flag in (
+        "iters",
+        "batch_size",
+        "accum_steps",
+        "val_interval",
+        "ckpt_interval",
+        "log_interval",
+        "max_nonfinite",
+    ):
         if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got"
-                         f" {getattr(args, flag)}")  # fmt: skip
+            parser.error(
+                f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}"
+            )
     for flag in ("workers", "keep_ckpts", "num_vis", "seed"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -294,8 +306,10 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             parser.error(f"{flag} takes H W, each at least {MIN_SIDE}, got {list(size)}")
     (ch, cw), (sh, sw) = args.crop_size, args.scale
     if ch > sh or cw > sw:
-        parser.error(f"--crop-size {ch} {cw} is larger than --scale {sh} {sw}: the crop must fit"
-                     " in the resize base size (H W)")  # fmt: skip
+        parser.error(
+            f"--crop-size {ch} {cw} is larger than --scale {sh} {sw}: the crop must fit"
+            " in the resize base size (H W)"
+        )
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not (0 <= args.min_lr <= args.lr):
@@ -310,15 +324,19 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     (ch, cw), micro_batch = args.crop_size, args.batch_size  # --accum-steps splits nothing
     if micro_batch * -(-ch // 8) * -(-cw // 8) < 2:
-        parser.error(f"--batch-size {micro_batch} with --crop-size {ch} {cw} leaves BatchNorm one"
-                     " value per channel at the 1/8 bottleneck (training needs two): use"
-                     " --batch-size 2 or a crop over 8 pixels on a side")  # fmt: skip
+        parser.error(
+            f"--batch-size {micro_batch} with --crop-size {ch} {cw} leaves BatchNorm one"
+            " value per channel at the 1/8 bottleneck (training needs two): use"
+            " --batch-size 2 or a crop over 8 pixels on a side"
+        )
     if args.ohem is not None:
         thresh, min_kept = args.ohem
         finite = math.isfinite(thresh) and math.isfinite(min_kept)
         if not finite or not (0 < thresh <= 1) or min_kept != int(min_kept) or min_kept < 2:
-            parser.error(f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
-                         f" {thresh:g} {min_kept:g}")  # fmt: skip
+            parser.error(
+                f"--ohem takes THRESH in (0, 1] and an integer MIN_KEPT >= 2, got"
+                f" {thresh:g} {min_kept:g}"
+            )
         args.ohem = (thresh, int(min_kept))
     try:
         check_data_flags(args)
@@ -327,8 +345,10 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     if args.restart and args.resume is not None:
         parser.error("--restart starts a new run and --resume continues one; give one of them")
     if args.init_from is not None and args.resume is not None:
-        parser.error("--init-from starts a new run from other weights and --resume continues"
-                     " this one; give one of them")  # fmt: skip
+        parser.error(
+            "--init-from starts a new run from other weights and --resume continues"
+            " this one; give one of them"
+        )
     if Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
 
@@ -349,18 +369,43 @@ def main(args: Namespace) -> int:
         state = TrainState()
         if ckpt is not None:
             state = restore_state(args, ckpt, optimizer, scheduler, scaler, len(train_set), proc)
-            log.info("resumed from %s at iteration %d (best mIoU %.2f)", resume_path,
-                     state.iteration, state.best_miou)  # fmt: skip
+            log.info(
+                "resumed from %s at iteration %d (best mIoU %.2f)",
+                resume_path,
+                state.iteration,
+                state.best_miou,
+            )
         train_model = wrap_for_training(args, model, proc)
         if proc.dist.is_main:
-            logs.write_run_settings(args, work_dir, train_set, val_set, proc.device, proc.dist,
-                                    proc.autocast_dtype, resume_path)  # fmt: skip
+            logs.write_run_settings(
+                args,
+                work_dir,
+                train_set,
+                val_set,
+                proc.device,
+                proc.dist,
+                proc.autocast_dtype,
+                resume_path,
+            )
         loaders = build_loaders(args, train_set, val_set, proc, state)
         writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
         if writer is not None:
             cleanup.callback(writer.close)
-        run = Run(args, work_dir, proc, model, train_model, optimizer, scheduler, scaler,
-                  criterion, loaders, val_set, meta, writer)  # fmt: skip
+        run = Run(
+            args,
+            work_dir,
+            proc,
+            model,
+            train_model,
+            optimizer,
+            scheduler,
+            scaler,
+            criterion,
+            loaders,
+            val_set,
+            meta,
+            writer,
+        )
         return train_loop(run, state, stop)
 
 
@@ -416,8 +461,9 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.S
     if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
         count, size = remove_stale_tmp(work_dir)
         if count:
-            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count,
-                     size / 1e6)  # fmt: skip
+            log.info(
+                "removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count, size / 1e6
+            )
     # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
     # wait or validation), then exit.
     stop = step.StopFlag(immediate=not dist_info.distributed)
@@ -462,9 +508,8 @@ def make_synthetic(root: Path) -> None:
 
 
 def check_data(
-    args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo,
-    stop: step.StopFlag,
-) -> None:  # fmt: skip
+    args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo, stop: step.StopFlag
+) -> None:
     """Every image and label header now, not the first bad file hours from now, and every val
     image large enough for the model at --scale (rank 0 reads, the others wait; a stop signal
     ends it at once). A --data-cache run never reads the train PNGs: the cache's own check
@@ -479,9 +524,13 @@ def check_data(
 def check_and_log(splits: dict[str, Dataset], scale: tuple[int, int], progress: bool) -> None:
     checked = check_datasets(splits, progress)
     check_val_sizes(splits["val"], scale)
-    log.info("data check: %s", ", ".join(
-        f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-        for k, n in checked.items()))  # fmt: skip
+    log.info(
+        "data check: %s",
+        ", ".join(
+            f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
+            for k, n in checked.items()
+        ),
+    )
 
 
 def check_val_sizes(val_set: Dataset, scale: tuple[int, int]) -> None:
@@ -532,9 +581,12 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
 
 
 def build_model(
-    args: Namespace, meta: dict[str, Any], resume_path: Path | None, ckpt: dict | None,
+    args: Namespace,
+    meta: dict[str, Any],
+    resume_path: Path | None,
+    ckpt: dict | None,
     proc: Process,
-) -> ERFNet:  # fmt: skip
+) -> ERFNet:
     """The model on the device, from --seed, --init-from or the --resume checkpoint ``ckpt``;
     SyncBatchNorm as --sync-bn says under torchrun on CUDA. ``meta`` gains the licence and
     lineage of the weights it starts from."""
@@ -659,8 +711,11 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
         if state.val_pending:  # as the uninterrupted run did it, before going on
             validate(run, state, stop)
         if state.iteration >= args.iters:
-            log.info("nothing to do: the checkpoint is at iteration %d of --iters %d",
-                     state.iteration, args.iters)  # fmt: skip
+            log.info(
+                "nothing to do: the checkpoint is at iteration %d of --iters %d",
+                state.iteration,
+                args.iters,
+            )
             return 0
         if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
             return stop_after(run, state, stop)
@@ -668,8 +723,13 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
         return stop_after(run, state, stop)
     barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
-    log.info("done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
-             args.iters, state.best_miou, last_miou, run.work_dir)  # fmt: skip
+    log.info(
+        "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+        args.iters,
+        state.best_miou,
+        last_miou,
+        run.work_dir,
+    )
     return 0
 
 
@@ -690,9 +750,17 @@ def iterate(run: Run, state: TrainState, stop: step.StopFlag) -> str:
             t1 = time.perf_counter()
             images, labels = run.loaders.to_device(batch)
             lr = run.optimizer.param_groups[0]["lr"]
-            loss = step.train_step(run.train_model, images, labels, run.optimizer, run.scaler,
-                                   criterion=run.criterion, autocast_dtype=proc.autocast_dtype,
-                                   reduce=reduce, accum_steps=args.accum_steps)  # fmt: skip
+            loss = step.train_step(
+                run.train_model,
+                images,
+                labels,
+                run.optimizer,
+                run.scaler,
+                criterion=run.criterion,
+                autocast_dtype=proc.autocast_dtype,
+                reduce=reduce,
+                accum_steps=args.accum_steps,
+            )
             run.scheduler.step()
             window.data_time += t1 - t0
             window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
@@ -700,12 +768,23 @@ def iterate(run: Run, state: TrainState, stop: step.StopFlag) -> str:
             done, last = state.iteration, state.iteration == args.iters
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                                stall=f"{window.stall_share():.0%}", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    stall=f"{window.stall_share():.0%}",
+                    refresh=False,
+                )
             if done % args.log_interval == 0 or last:
-                logs.log_training(window, run.writer, iteration=done, first=state.start,
-                                  iters=args.iters, log_interval=args.log_interval, lr=lr,
-                                  device=proc.device)  # fmt: skip
+                logs.log_training(
+                    window,
+                    run.writer,
+                    iteration=done,
+                    first=state.start,
+                    iters=args.iters,
+                    log_interval=args.log_interval,
+                    lr=lr,
+                    device=proc.device,
+                )
             due_val = done % args.val_interval == 0 or last
             due_ckpt = done % args.ckpt_interval == 0
             if due_val:
@@ -734,8 +813,14 @@ def progress_bar(run: Run, state: TrainState) -> AbstractContextManager[tqdm | N
     """tqdm's bar on rank 0 with --progress, else a context that yields None."""
     if not (run.proc.dist.is_main and run.args.progress):
         return nullcontext(None)
-    return tqdm(total=run.args.iters, initial=state.iteration, unit="it", desc="train",
-                dynamic_ncols=True, smoothing=0.05)  # fmt: skip
+    return tqdm(
+        total=run.args.iters,
+        initial=state.iteration,
+        unit="it",
+        desc="train",
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -207,8 +207,10 @@ def lineage_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
     continues its weights (``train.py --resume``); a file without them is taken as the
     project's own."""
     meta = meta or {}
-    return {"licence": meta.get("licence", PROJECT_LICENCE),
-            "lineage": list(meta.get("lineage", []))}  # fmt: skip
+    return {
+        "licence": meta.get("licence", PROJECT_LICENCE),
+        "lineage": list(meta.get("lineage", [])),
+    }
 
 
 def save_checkpoint(
@@ -352,8 +354,11 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
 def check_finite(model: torch.nn.Module, path: str | os.PathLike = "<checkpoint>") -> None:
     """CheckpointError (one line) when a weight or buffer holds NaN or infinity: such a model
     predicts garbage, which would be scored or drawn without a word."""
-    bad = [name for name, t in model.state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         raise CheckpointError(
             f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]});"

@@ -319,8 +319,13 @@ def _plain_meta(meta: Any) -> dict[str, Any]:
 def source_lineage(source: str, file_name: str, how: str) -> dict[str, Any]:
     """``licence`` and a one-step ``lineage`` for weights taken from a ``source`` file."""
     terms = SOURCE_LICENCES[source]
-    step = {"from": source, "file": file_name, "licence": terms, "url": SOURCE_URLS[source],
-            "how": how}  # fmt: skip
+    step = {
+        "from": source,
+        "file": file_name,
+        "licence": terms,
+        "url": SOURCE_URLS[source],
+        "how": how,
+    }
     return {"licence": terms, "lineage": [step]}
 
 

@@ -83,8 +83,13 @@ def count_flops(model: nn.Module, size: tuple[int, int], batch: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
-def interleaved(fns: dict[str, Callable], device: torch.device, repeats: int, warmup: int = 1,
-                budget_s: float = float("inf")) -> dict[str, list[float]]:  # fmt: skip
+def interleaved(
+    fns: dict[str, Callable],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    budget_s: float = float("inf"),
+) -> dict[str, list[float]]:
     """Seconds per call of every function, in rounds of one call each, after ``warmup`` untimed
     rounds; fewer rounds (at least 3) when ``repeats`` would take longer than ``budget_s``."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -152,12 +157,15 @@ def section_flops(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """Parameters and per-image FLOPs at each size."""
     backbone = sum(count_parameters(m) for m in (model.encoder, model.decoder))
     out = {"params": count_parameters(model), "params_backbone": backbone, "flops": {}}
-    rows = [{"": "parameters (backbone + head)", "value": f"{out['params']:,}", "GMAC": ""},
-            {"": "parameters (backbone)", "value": f"{backbone:,}", "GMAC": ""}]  # fmt: skip
+    rows = [
+        {"": "parameters (backbone + head)", "value": f"{out['params']:,}", "GMAC": ""},
+        {"": "parameters (backbone)", "value": f"{backbone:,}", "GMAC": ""},
+    ]
     for h, w in args.sizes:
         flops = out["flops"][f"{h}x{w}"] = count_flops(model, (h, w))
-        rows.append({"": f"FLOPs at {h}x{w}", "value": f"{flops / 1e9:.2f} G",
-                     "GMAC": f"{flops / 2e9:.2f}"})  # fmt: skip
+        rows.append(
+            {"": f"FLOPs at {h}x{w}", "value": f"{flops / 1e9:.2f} G", "GMAC": f"{flops / 2e9:.2f}"}
+        )
     show("Model size (FLOPs: multiply-add = 2)", rows)
     return {"model": out}
 
@@ -206,16 +214,19 @@ def onnxruntime_variant(model: nn.Module) -> Callable | None:
     return lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
 
 
-def infer_variants(args: argparse.Namespace, model: nn.Module, x: torch.Tensor, compile_now: bool
-                   ) -> dict[str, tuple[Callable, str]]:  # fmt: skip
+def infer_variants(
+    args: argparse.Namespace, model: nn.Module, x: torch.Tensor, compile_now: bool
+) -> dict[str, tuple[Callable, str]]:
     """name -> (callable on the NCHW fp32 batch ``x``, note). The first is the baseline."""
     device, cuda = args.device, args.device.type == "cuda"
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fast = optimize_for_inference(model)
-    v = {BASELINE: (model, "baseline (mmseg / erfnet_pytorch)"),
-         "channels_last": (lambda x: cl(x.contiguous(memory_format=torch.channels_last)), ""),
-         "fused BN": (fuse_bn(model), "fuse_bn, NCHW"),
-         "fast": (fast, "optimize_for_inference (load_model fast=True)")}  # fmt: skip
+    v = {
+        BASELINE: (model, "baseline (mmseg / erfnet_pytorch)"),
+        "channels_last": (lambda x: cl(x.contiguous(memory_format=torch.channels_last)), ""),
+        "fused BN": (fuse_bn(model), "fuse_bn, NCHW"),
+        "fast": (fast, "optimize_for_inference (load_model fast=True)"),
+    }
     if compile_now:
         compiled = torch.compile(optimize_for_inference(model))
         if not cuda:  # inductor's freezing: weights as constants, oneDNN prepacking
@@ -259,26 +270,43 @@ def section_infer(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
         for name, (_, note) in variants.items():
             med, out = statistics.median(times[name]), outs[name]
             dtype = next((k for k in ("fp16", "bf16") if k in name), fp32)
-            table.append({"size": f"{size[0]}x{size[1]}", "batch": batch, "variant": name,
-                          "median_ms": med * 1e3, "min_ms": min(times[name]) * 1e3,
-                          "runs": len(times[name]), "images_per_s": batch / med,
-                          "gflops_per_s": flops / med / 1e9, "peak_dtype": dtype,
-                          "fraction_of_peak": flops / med / 1e9 / peak.get(dtype, float("nan")),
-                          "speedup": base / med, "max_abs_diff": float((out - ref).abs().max()),
-                          "argmax_agreement": agreement(out, ref),
-                          "note": note})  # fmt: skip
+            table.append(
+                {
+                    "size": f"{size[0]}x{size[1]}",
+                    "batch": batch,
+                    "variant": name,
+                    "median_ms": med * 1e3,
+                    "min_ms": min(times[name]) * 1e3,
+                    "runs": len(times[name]),
+                    "images_per_s": batch / med,
+                    "gflops_per_s": flops / med / 1e9,
+                    "peak_dtype": dtype,
+                    "fraction_of_peak": flops / med / 1e9 / peak.get(dtype, float("nan")),
+                    "speedup": base / med,
+                    "max_abs_diff": float((out - ref).abs().max()),
+                    "argmax_agreement": agreement(out, ref),
+                    "note": note,
+                }
+            )
             if name.startswith("torch.compile"):
                 table[-1]["compile_s"] = first_s[name]
-        show(f"Inference {size[0]}x{size[1]}, batch {batch}, {device.type} (median of "
-             f"{len(times[BASELINE])} interleaved runs; {fp32} peak "
-             f"{peak.get(fp32, float('nan')):.0f} GFLOP/s)", table,
-             {"variant": "variant", "ms": "median_ms", "img/s": "images_per_s",
-              "GFLOP/s": "gflops_per_s",
-              "of peak": lambda r: f"{100 * r['fraction_of_peak']:.0f}% {r['peak_dtype']}",
-              "speedup": lambda r: f"{r['speedup']:.2f}x",
-              "max|diff|": lambda r: f"{r['max_abs_diff']:.1e}",
-              "argmax%": lambda r: f"{100 * r['argmax_agreement']:.3f}",
-              "note": "note"})  # fmt: skip
+        show(
+            f"Inference {size[0]}x{size[1]}, batch {batch}, {device.type} (median of "
+            f"{len(times[BASELINE])} interleaved runs; {fp32} peak "
+            f"{peak.get(fp32, float('nan')):.0f} GFLOP/s)",
+            table,
+            {
+                "variant": "variant",
+                "ms": "median_ms",
+                "img/s": "images_per_s",
+                "GFLOP/s": "gflops_per_s",
+                "of peak": lambda r: f"{100 * r['fraction_of_peak']:.0f}% {r['peak_dtype']}",
+                "speedup": lambda r: f"{r['speedup']:.2f}x",
+                "max|diff|": lambda r: f"{r['max_abs_diff']:.1e}",
+                "argmax%": lambda r: f"{100 * r['argmax_agreement']:.3f}",
+                "note": "note",
+            },
+        )
         rows += table
     return {"peak_gflops": peak, "infer": rows}
 
@@ -289,22 +317,48 @@ def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
     (h, w), rows = args.sizes[0], []
     for allocator, env in (("default", {}), ("tuned", TUNED_MALLOC)):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "scripts.benchmark", "--sections", "infer", "--device",
-                   "cpu", "--sizes", f"{h}x{w}", "--batch", "1", "--compile", "off", "--no-approx",
-                   "--repeats", str(args.repeats), "--json", f"{tmp}/out.json",
-                   *(["--threads", str(args.threads)] if args.threads else []),
-                   *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
-                   *(["--quick"] if args.quick else [])]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "scripts.benchmark",
+                "--sections",
+                "infer",
+                "--device",
+                "cpu",
+                "--sizes",
+                f"{h}x{w}",
+                "--batch",
+                "1",
+                "--compile",
+                "off",
+                "--no-approx",
+                "--repeats",
+                str(args.repeats),
+                "--json",
+                f"{tmp}/out.json",
+                *(["--threads", str(args.threads)] if args.threads else []),
+                *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                *(["--quick"] if args.quick else []),
+            ]
             proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True)
             if proc.returncode != 0:
                 raise SystemExit(f"error: malloc run failed:\n{proc.stderr.decode()[-2000:]}")
-            rows += [{**r, "allocator": allocator, "speedup": None}
-                     for r in json.loads(Path(f"{tmp}/out.json").read_text())["infer"]]  # fmt: skip
+            rows += [
+                {**r, "allocator": allocator, "speedup": None}
+                for r in json.loads(Path(f"{tmp}/out.json").read_text())["infer"]
+            ]
     for r in rows:  # against the baseline with the default allocator
         r["speedup"] = rows[0]["median_ms"] / r["median_ms"]
-    show(f"Allocator (process-wide): {h}x{w}, batch 1, one process each", rows,
-         {"variant": "variant", "allocator": "allocator", "ms": "median_ms",
-          "speedup": lambda r: f"{r['speedup']:.2f}x"})  # fmt: skip
+    show(
+        f"Allocator (process-wide): {h}x{w}, batch 1, one process each",
+        rows,
+        {
+            "variant": "variant",
+            "allocator": "allocator",
+            "ms": "median_ms",
+            "speedup": lambda r: f"{r['speedup']:.2f}x",
+        },
+    )
     return {"malloc": rows}
 
 
@@ -320,8 +374,9 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     def step(ours: bool, amp: torch.dtype | None = None) -> Callable[[], Any]:
         layout = torch.channels_last if ours else torch.contiguous_format
         m = copy.deepcopy(net).to(device, memory_format=layout).train()
-        opt = torch.optim.SGD(m.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum,
-                              weight_decay=RECIPE.weight_decay)  # fmt: skip
+        opt = torch.optim.SGD(
+            m.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay
+        )
         if ours:
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
             xcl = x.contiguous(memory_format=layout)
@@ -335,8 +390,10 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
         return plain
 
-    variants = {BASELINE: (step(False), "as mmseg"),
-                "channels_last": (step(True), "training.step.train_step, same maths")}  # fmt: skip
+    variants = {
+        BASELINE: (step(False), "as mmseg"),
+        "channels_last": (step(True), "training.step.train_step, same maths"),
+    }
     if cuda:
         variants["channels_last + fp16 AMP"] = (step(True, torch.float16), "approximate")
     # Peak memory of one iteration per variant, before the timing. On the CPU only the process's
@@ -347,22 +404,45 @@ def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         fn()
         sync(device)
-        memory[name] = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)  # fmt: skip
+        memory[name] = (
+            torch.cuda.max_memory_allocated(device) / 2**20
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        )
     fns = {name: fn for name, (fn, _) in variants.items()}
-    times = interleaved(fns, device, max(3, args.repeats // 2), max(0, args.warmup - 1),
-                        args.budget * 2)  # fmt: skip
+    times = interleaved(
+        fns, device, max(3, args.repeats // 2), max(0, args.warmup - 1), args.budget * 2
+    )
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    rows = [{"size": f"{h}x{w}", "batch": batch, "variant": name, "median_s": med[name],
-             "min_s": min(times[name]), "runs": len(times[name]),
-             "images_per_s": batch / med[name], "speedup": med[BASELINE] / med[name],
-             "peak_memory_mb": memory[name], "memory_kind": kind, "note": note}
-            for name, (_, note) in variants.items()]  # fmt: skip
-    show(f"Training iteration (fwd + bwd + SGD), {h}x{w}, batch {batch}, {device.type} "
-         f"(median of {len(times[BASELINE])} interleaved runs)", rows,
-         {"variant": "variant", "s/iter": "median_s", "img/s": "images_per_s",
-          "speedup": lambda r: f"{r['speedup']:.2f}x", f"{kind} MiB": "peak_memory_mb",
-          "note": "note"})  # fmt: skip
+    rows = [
+        {
+            "size": f"{h}x{w}",
+            "batch": batch,
+            "variant": name,
+            "median_s": med[name],
+            "min_s": min(times[name]),
+            "runs": len(times[name]),
+            "images_per_s": batch / med[name],
+            "speedup": med[BASELINE] / med[name],
+            "peak_memory_mb": memory[name],
+            "memory_kind": kind,
+            "note": note,
+        }
+        for name, (_, note) in variants.items()
+    ]
+    show(
+        f"Training iteration (fwd + bwd + SGD), {h}x{w}, batch {batch}, {device.type} "
+        f"(median of {len(times[BASELINE])} interleaved runs)",
+        rows,
+        {
+            "variant": "variant",
+            "s/iter": "median_s",
+            "img/s": "images_per_s",
+            "speedup": lambda r: f"{r['speedup']:.2f}x",
+            f"{kind} MiB": "peak_memory_mb",
+            "note": "note",
+        },
+    )
     return {"train": rows}
 
 
@@ -373,21 +453,50 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     recipe's projected wall time from the measured step and data rates."""
     (h, w), n, rows = ((128, 256) if args.quick else (1024, 2048)), args.data_images, []
     with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
-        root = Path(args.data) if args.data else make_synthetic_cityscapes(
-            Path(tmp) / "cityscapes", train=n, val=n, test=0, size=(h, w), seed=0, extras=False)  # fmt: skip  # noqa: E501
+        root = (
+            Path(args.data)
+            if args.data
+            else make_synthetic_cityscapes(
+                Path(tmp) / "cityscapes", train=n, val=n, test=0, size=(h, w), seed=0, extras=False
+            )
+        )
         made = args.data or f"synthetic {n}+{n} images at {h}x{w} (HxW)"
-        tfs = ({"train": TrainTransform(crop_size=(h // 2, w // 2), scale=(h, w)),
-                "val": EvalTransform(scale=(h, w))} if args.quick else
-               {"train": TrainTransform(), "val": EvalTransform()})  # fmt: skip
+        tfs = (
+            {
+                "train": TrainTransform(crop_size=(h // 2, w // 2), scale=(h, w)),
+                "val": EvalTransform(scale=(h, w)),
+            }
+            if args.quick
+            else {"train": TrainTransform(), "val": EvalTransform()}
+        )
         for split, tf in tfs.items():
             torch.manual_seed(0)
-            res = throughput.time_pipeline(CityscapesDataset(root, split, transform=tf),
-                                num=3 if args.quick else 8, warmup=1, threads=1)  # fmt: skip
-            rows.append({"split": split, "transform": repr(tf), "dataset": made, **res,
-                         "transform_name": type(tf).__name__})  # fmt: skip
-        show(f"Data pipeline, one worker (1 torch thread): {made}", rows,
-             {"split": "split", "images/s": "images_per_s", "load s": "load_s",
-              "transform s": "transform_s", "transform": "transform_name"})  # fmt: skip
+            res = throughput.time_pipeline(
+                CityscapesDataset(root, split, transform=tf),
+                num=3 if args.quick else 8,
+                warmup=1,
+                threads=1,
+            )
+            rows.append(
+                {
+                    "split": split,
+                    "transform": repr(tf),
+                    "dataset": made,
+                    **res,
+                    "transform_name": type(tf).__name__,
+                }
+            )
+        show(
+            f"Data pipeline, one worker (1 torch thread): {made}",
+            rows,
+            {
+                "split": "split",
+                "images/s": "images_per_s",
+                "load s": "load_s",
+                "transform s": "transform_s",
+                "transform": "transform_name",
+            },
+        )
         png = CityscapesDataset(root, "train", transform=tfs["train"])
         cache = write_cache(root, Path(tmp) / "cache", "train", progress=False)["folder"]
         cached = CachedCityscapesDataset(root, "train", Path(cache).parent, png.transform)
@@ -395,43 +504,86 @@ def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def data_paths(args: argparse.Namespace, png: CityscapesDataset, cached: CityscapesDataset,
-               made: str) -> dict[str, Any]:  # fmt: skip
+def data_paths(
+    args: argparse.Namespace, png: CityscapesDataset, cached: CityscapesDataset, made: str
+) -> dict[str, Any]:
     """section_data's stage table, per-path rates, loader scaling and recipe projection."""
     device, cuda, quick = args.device, args.device.type == "cuda", args.quick
     batch = args.data_batch or (16 if cuda else 2 if quick else 4)
-    stages = throughput.time_stages(png, cached, batch=batch, device=device,
-                                    num=2 * batch if quick else max(8, 2 * batch))  # fmt: skip
+    stages = throughput.time_stages(
+        png, cached, batch=batch, device=device, num=2 * batch if quick else max(8, 2 * batch)
+    )
     from_stages = throughput.path_rates(stages)
     where = {"pin": "main", "host to device": "main", "device aug": str(device)}
-    stage_rows = [{"stage": k, "where": where.get(k, "worker"), "ms_per_image": v * 1e3,
-                   "paths": ", ".join(p for p, names in throughput.PATHS.items() if k in names)}
-                  for k, v in stages.items()]  # fmt: skip
-    show(f"Train data path per stage, median ms per image (1 torch thread; collate, pin, upload "
-         f"and device aug per image of batch {batch}): {made}", stage_rows,
-         {"stage": "stage", "where": "where", "ms/image": "ms_per_image",
-          "paths": "paths"})  # fmt: skip
+    stage_rows = [
+        {
+            "stage": k,
+            "where": where.get(k, "worker"),
+            "ms_per_image": v * 1e3,
+            "paths": ", ".join(p for p, names in throughput.PATHS.items() if k in names),
+        }
+        for k, v in stages.items()
+    ]
+    show(
+        f"Train data path per stage, median ms per image (1 torch thread; collate, pin, upload "
+        f"and device aug per image of batch {batch}): {made}",
+        stage_rows,
+        {"stage": "stage", "where": "where", "ms/image": "ms_per_image", "paths": "paths"},
+    )
     measured = throughput.time_paths(png, cached, rounds=2 if quick else 6)
     today = measured["PNG + worker aug"]
-    path_rows = [{"path": p, "worker_images_per_s": r, "from_stages": from_stages.get(p),
-                  "speedup": r / today} for p, r in measured.items()]  # fmt: skip
-    show("One worker per path (images/s, side by side; 'from stages' = 1 / sum of its stages)",
-         path_rows, {"path": "path", "img/s": "worker_images_per_s",
-                     "from stages": "from_stages",
-                     "vs today": lambda r: f"{r['speedup']:.2f}x"})  # fmt: skip
+    path_rows = [
+        {
+            "path": p,
+            "worker_images_per_s": r,
+            "from_stages": from_stages.get(p),
+            "speedup": r / today,
+        }
+        for p, r in measured.items()
+    ]
+    show(
+        "One worker per path (images/s, side by side; 'from stages' = 1 / sum of its stages)",
+        path_rows,
+        {
+            "path": "path",
+            "img/s": "worker_images_per_s",
+            "from stages": "from_stages",
+            "vs today": lambda r: f"{r['speedup']:.2f}x",
+        },
+    )
     counts = args.data_workers or [k for k in (1, 2, 4, 8, 16, 32) if k <= (os.cpu_count() or 1)]
     loader_rows = []
     for workers in counts:
         for path in throughput.PATHS:
-            rate = throughput.time_loader(path, png, cached, workers=workers, batch=batch,
-                                          batches=2 if quick else 4, device=device)  # fmt: skip
-            loader_rows.append({"path": path, "workers": workers, "images_per_s": rate,
-                                "per_worker": rate / workers,
-                                "efficiency": rate / workers / measured[path]})  # fmt: skip
-    show(f"Training loader (build_train_loader, batch {batch}; without the device aug)",
-         loader_rows, {"path": "path", "workers": "workers", "img/s": "images_per_s",
-                       "img/s per worker": "per_worker",
-                       "of 1-worker rate": lambda r: f"{100 * r['efficiency']:.0f}%"})  # fmt: skip
+            rate = throughput.time_loader(
+                path,
+                png,
+                cached,
+                workers=workers,
+                batch=batch,
+                batches=2 if quick else 4,
+                device=device,
+            )
+            loader_rows.append(
+                {
+                    "path": path,
+                    "workers": workers,
+                    "images_per_s": rate,
+                    "per_worker": rate / workers,
+                    "efficiency": rate / workers / measured[path],
+                }
+            )
+    show(
+        f"Training loader (build_train_loader, batch {batch}; without the device aug)",
+        loader_rows,
+        {
+            "path": "path",
+            "workers": "workers",
+            "img/s": "images_per_s",
+            "img/s per worker": "per_worker",
+            "of 1-worker rate": lambda r: f"{100 * r['efficiency']:.0f}%",
+        },
+    )
     step_batch = args.data_step_batch or (16 if cuda else 1)
     size = (64, 128) if quick else RECIPE.crop_size
     step_s = throughput.time_step(device, step_batch, size, repeats=2 if quick or not cuda else 10)
@@ -439,17 +591,34 @@ def data_paths(args: argparse.Namespace, png: CityscapesDataset, cached: Citysca
     projection = throughput.project_recipe(step_s, step_batch, best, stages["device aug"])
     for r in projection:
         r["workers_to_feed"] = throughput.workers_to_feed(step_s, step_batch, measured[r["path"]])
-    show(f"Projected recipe ({RECIPE.iters} iterations x 16 images, {size[0]}x{size[1]}) on "
-         f"{device}: step {step_s:.3f} s at batch {step_batch}"
-         f"{' (fp16 AMP)' if cuda else ''} (+ device aug per image on the gpu-aug paths), data "
-         "at the best loader rate above", projection,
-         {"path": "path", "data img/s": "data_images_per_s", "step s/it": "step_s",
-          "data s/it": "data_s", "hours": "recipe_hours", "bound": "bound",
-          "stall": lambda r: f"{100 * r['stall_share']:.0f}%",
-          "workers to feed": "workers_to_feed"})  # fmt: skip
-    return {"data_stages": stage_rows, "data_paths": path_rows, "data_loader": loader_rows,
-            "recipe_projection": {"step_s": step_s, "step_batch": step_batch,
-                                  "step_size": list(size), "rows": projection}}  # fmt: skip
+    show(
+        f"Projected recipe ({RECIPE.iters} iterations x 16 images, {size[0]}x{size[1]}) on "
+        f"{device}: step {step_s:.3f} s at batch {step_batch}"
+        f"{' (fp16 AMP)' if cuda else ''} (+ device aug per image on the gpu-aug paths), data "
+        "at the best loader rate above",
+        projection,
+        {
+            "path": "path",
+            "data img/s": "data_images_per_s",
+            "step s/it": "step_s",
+            "data s/it": "data_s",
+            "hours": "recipe_hours",
+            "bound": "bound",
+            "stall": lambda r: f"{100 * r['stall_share']:.0f}%",
+            "workers to feed": "workers_to_feed",
+        },
+    )
+    return {
+        "data_stages": stage_rows,
+        "data_paths": path_rows,
+        "data_loader": loader_rows,
+        "recipe_projection": {
+            "step_s": step_s,
+            "step_batch": step_batch,
+            "step_size": list(size),
+            "rows": projection,
+        },
+    }
 
 
 def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
@@ -458,14 +627,36 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
     iters, rows = (6 if args.quick else 30), []
     with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
         for load in ("idle", "1 busy process"):
-            busy = None if load == "idle" else subprocess.Popen(
-                [sys.executable, "-c", "while True: pass"])  # fmt: skip
+            busy = (
+                None
+                if load == "idle"
+                else subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            )
             try:
                 proc = subprocess.run(
-                    [sys.executable, "train.py", "--data", "synthetic", "--iters", str(iters),
-                     "--log-interval", "3", "--val-interval", "1000", "--ckpt-interval", "1000",
-                     "--num-vis", "0", "--no-progress", "--work-dir", f"{tmp}/{len(rows)}"],
-                    cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                    [
+                        sys.executable,
+                        "train.py",
+                        "--data",
+                        "synthetic",
+                        "--iters",
+                        str(iters),
+                        "--log-interval",
+                        "3",
+                        "--val-interval",
+                        "1000",
+                        "--ckpt-interval",
+                        "1000",
+                        "--num-vis",
+                        "0",
+                        "--no-progress",
+                        "--work-dir",
+                        f"{tmp}/{len(rows)}",
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
             finally:
                 if busy is not None:
                     busy.kill()
@@ -473,17 +664,33 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
             if proc.returncode != 0:
                 raise SystemExit(f"error: quick-start run failed:\n{proc.stderr[-2000:]}")
             # "iter N/M | ... | X s/it": the windows after the first (which holds the warm-up)
-            windows = [float(line.split(" s/it")[0].rsplit("| ", 1)[1])
-                       for line in proc.stderr.splitlines() if " s/it " in line][1:]  # fmt: skip
+            windows = [
+                float(line.split(" s/it")[0].rsplit("| ", 1)[1])
+                for line in proc.stderr.splitlines()
+                if " s/it " in line
+            ][1:]
             setup = next(line for line in proc.stderr.splitlines() if "training for" in line)
-            rows.append({"load": load, "s_per_it": statistics.median(windows), "iters": iters,
-                         "settings": setup.rsplit("(", 1)[1].rstrip(")")})  # fmt: skip
+            rows.append(
+                {
+                    "load": load,
+                    "s_per_it": statistics.median(windows),
+                    "iters": iters,
+                    "settings": setup.rsplit("(", 1)[1].rstrip(")"),
+                }
+            )
     for r in rows:
         r["vs_idle"] = r["s_per_it"] / rows[0]["s_per_it"]
-    show(f"Quick start on a shared CPU: train.py --data synthetic, {iters} iterations, median"
-         " s/it of the windows after the first", rows,
-         {"load": "load", "s/it": "s_per_it", "vs idle": lambda r: f"{r['vs_idle']:.2f}x",
-          "threads, workers, cores": "settings"})  # fmt: skip
+    show(
+        f"Quick start on a shared CPU: train.py --data synthetic, {iters} iterations, median"
+        " s/it of the windows after the first",
+        rows,
+        {
+            "load": "load",
+            "s/it": "s_per_it",
+            "vs idle": lambda r: f"{r['vs_idle']:.2f}x",
+            "threads, workers, cores": "settings",
+        },
+    )
     return {"shared_cpu": rows}
 
 
@@ -498,15 +705,17 @@ def section_video(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     return {"video": video}
 
 
-def deploy_inputs(args: argparse.Namespace, model: nn.Module, size: tuple[int, int], tmp: Path
-                  ) -> tuple[Any, list[torch.Tensor]]:  # fmt: skip
+def deploy_inputs(
+    args: argparse.Namespace, model: nn.Module, size: tuple[int, int], tmp: Path
+) -> tuple[Any, list[torch.Tensor]]:
     """int8 calibration inputs (train) and agreement inputs (val) at ``size``, from --data or a
     synthetic Cityscapes made at that size; disjoint, as the export gate's."""
     from erfnet.deploy.gate import NetworkInputs, held_out_images
 
     calib_n, score_n = (2, 2) if args.quick else (16, 8)
-    root = args.data or make_synthetic_cityscapes(tmp / "data", train=calib_n, val=score_n,
-                                                  test=0, size=size, extras=False)  # fmt: skip
+    root = args.data or make_synthetic_cityscapes(
+        tmp / "data", train=calib_n, val=score_n, test=0, size=size, extras=False
+    )
     held = held_out_images(root, None, calib_n, score_n)
     mean, std = model.meta["mean"], model.meta["std"]
     calib = NetworkInputs(held.calibration, mean, std, size)
@@ -537,25 +746,43 @@ def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
                 first_s = time.perf_counter() - t
                 equal = sum(int((a == b).sum()) for a, b in zip(labels, refs, strict=True))
                 total = sum(r.numel() for r in refs)
-                rows.append({"path": name, "agreement": 100.0 * equal / total,
-                             "first_call_s": first_s, "note": note})  # fmt: skip
+                rows.append(
+                    {
+                        "path": name,
+                        "agreement": 100.0 * equal / total,
+                        "first_call_s": first_s,
+                        "note": note,
+                    }
+                )
             fns = {name: functools.partial(fn, images[0]) for name, (fn, _) in built.paths.items()}
             times = interleaved(fns, torch.device("cpu"), args.repeats, args.warmup, args.budget)
     finally:
         torch.set_num_threads(old_threads)
     base = statistics.median(times[PLAIN])
     for r in rows:
-        r |= {"size": f"{size[0]}x{size[1]}", "batch": 1, "threads": threads,
-              "median_ms": 1e3 * statistics.median(times[r["path"]]),
-              "runs": len(times[r["path"]])}  # fmt: skip
+        r |= {
+            "size": f"{size[0]}x{size[1]}",
+            "batch": 1,
+            "threads": threads,
+            "median_ms": 1e3 * statistics.median(times[r["path"]]),
+            "runs": len(times[r["path"]]),
+        }
         r["speedup"] = base * 1e3 / r["median_ms"]
     isa = cpu_isa()
-    show(f"Deploy paths, CPU, {size[0]}x{size[1]}, batch 1, {threads} threads (median of"
-         f" {len(times[PLAIN])} interleaved runs; agreement on {len(images)} held-out"
-         f" image(s)); ISA: {format_isa(isa)}", rows,
-         {"path": "path", "ms": "median_ms", "x plain": lambda r: f"{r['speedup']:.2f}",
-          "argmax agreement %": lambda r: f"{r['agreement']:.2f}",
-          "first call s": "first_call_s", "note": "note"})  # fmt: skip
+    show(
+        f"Deploy paths, CPU, {size[0]}x{size[1]}, batch 1, {threads} threads (median of"
+        f" {len(times[PLAIN])} interleaved runs; agreement on {len(images)} held-out"
+        f" image(s)); ISA: {format_isa(isa)}",
+        rows,
+        {
+            "path": "path",
+            "ms": "median_ms",
+            "x plain": lambda r: f"{r['speedup']:.2f}",
+            "argmax agreement %": lambda r: f"{r['agreement']:.2f}",
+            "first call s": "first_call_s",
+            "note": "note",
+        },
+    )
     for name, why in built.skipped.items():
         print(f"  {name}: skipped ({why})")
     return {"deploy": rows, "deploy_skipped": built.skipped, "isa": isa}
@@ -574,6 +801,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
 }
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
@@ -585,7 +813,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=int, help="untimed rounds (default 1 CPU, 5 CUDA)")
     add("--budget", type=float, help="seconds per comparison before fewer rounds (default 25)")
     add("--compile", choices=("off", "first", "all"), help="torch.compile at the first size and"
-        " batch, all, or off (default first CPU, all CUDA; compiles per input shape)")  # fmt: skip
+        " batch, all, or off (default first CPU, all CUDA; compiles per input shape)")
     add("--no-approx", dest="approx", action="store_false", help="skip bf16 / fp16 variants")
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -594,14 +822,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--data-images", type=int, default=4, help="synthetic images per split")
     add("--data-batch", type=int, help="data section's loader batch (default: 16 CUDA, 4 CPU)")
     add("--data-workers", type=int, nargs="+", help="loader workers to try (default: 1, 2, 4, "
-        "... up to the CPU count)")  # fmt: skip
+        "... up to the CPU count)")
     add("--data-step-batch", type=int, help="batch of the data section's step for the recipe "
-        "projection (default: 16 CUDA, 1 CPU; scaled linearly to 16)")  # fmt: skip
+        "projection (default: 16 CUDA, 1 CPU; scaled linearly to 16)")
     add("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
     add("--json", metavar="OUT.json", help="write all results here")
     args = p.parse_args(argv)
     for name in ("batch", "train_batch", "repeats", "data_images", "threads", "data_batch",
-                 "data_step_batch"):  # fmt: skip
+                 "data_step_batch"):
         if (value := getattr(args, name)) is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.data_workers and min(args.data_workers) < 0:
@@ -609,6 +837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data and not Path(args.data).is_dir():
         p.error(f"--data {args.data}: not a directory")
     return args
+# fmt: on
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -625,8 +854,12 @@ def resolve_defaults(args: argparse.Namespace) -> None:
     if big and args.train_batch is None:
         args.train_shape = args.train_shape[0], 8
     # Batch N at every size, except on the CPU by default: only at the first size there.
-    args.infer_configs = [(s, b) for s in args.sizes for b in sorted({1, args.batch})
-                          if cuda or batch_given or b == 1 or s == args.sizes[0]]  # fmt: skip
+    args.infer_configs = [
+        (s, b)
+        for s in args.sizes
+        for b in sorted({1, args.batch})
+        if cuda or batch_given or b == 1 or s == args.sizes[0]
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -654,18 +887,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = randomise_bn(ERFNet()).to(args.device).eval()
     if cuda:
         torch.backends.cudnn.benchmark = True  # as the recipe (and erfnet.training.step) run
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(args.device),
-            "isa": cpu_isa()}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(args.device),
+        "isa": cpu_isa(),
+    }
     if cuda:
-        info |= {"gpu": torch.cuda.get_device_name(args.device),
-                 "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+        info |= {
+            "gpu": torch.cuda.get_device_name(args.device),
+            "cudnn": torch.backends.cudnn.version(),
+        }
     weights = args.checkpoint or "random (seed 0) with random BatchNorm statistics"
     results: dict[str, Any] = {"machine": info, "weights": weights, "args": vars(args)}
-    print(f"erfnet benchmark on {args.device}: {info['processor']}"
-          f"{' / ' + info['gpu'] if cuda else ''}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; ISA: {format_isa(info['isa'])}")  # fmt: skip
+    print(
+        f"erfnet benchmark on {args.device}: {info['processor']}"
+        f"{' / ' + info['gpu'] if cuda else ''}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; ISA: {format_isa(info['isa'])}"
+    )
     started = time.perf_counter()
     for name, section in SECTIONS.items():
         cpu_only = name in ("malloc", "shared_cpu", "deploy")
@@ -694,9 +937,14 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
-             "AVX512-BF16": ("avx512_bf16",), "AMX-BF16": ("amx_bf16",),
-             "AMX-INT8": ("amx_int8",)}  # fmt: skip
+ISA_FLAGS = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+    "AVX512-BF16": ("avx512_bf16",),
+    "AMX-BF16": ("amx_bf16",),
+    "AMX-INT8": ("amx_int8",),
+}
 
 
 def cpu_isa() -> dict[str, bool]:

@@ -47,6 +47,7 @@ def erfnet_c(text: str) -> float:
     return c
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n", 1)[0],
@@ -54,22 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data_root", metavar="root",
-                   help="dataset root (Cityscapes, or the folder dataset's root)")  # fmt: skip
+                   help="dataset root (Cityscapes, or the folder dataset's root)")
     p.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
-                   help="dataset kind (default: cityscapes)")  # fmt: skip
+                   help="dataset kind (default: cityscapes)")
     p.add_argument("--classes", metavar="FILE", default=None,
-                   help="--data folder: its JSON classes file")  # fmt: skip
+                   help="--data folder: its JSON classes file")
     p.add_argument("--split", default="train", help="split to count (default: train)")
     p.add_argument("--method", choices=METHODS, default="erfnet",
                    help="erfnet: 1 / ln(c + p); median: median-frequency balancing"
-                   " (default: erfnet)")  # fmt: skip
+                   " (default: erfnet)")
     p.add_argument("--c", type=erfnet_c, default=ERFNET_C,
-                   help=f"the erfnet method's c (default: {ERFNET_C})")  # fmt: skip
+                   help=f"the erfnet method's c (default: {ERFNET_C})")
     p.add_argument("--out", metavar="FILE", default="class_weights.json",
-                   help="output JSON (default: class_weights.json)")  # fmt: skip
+                   help="output JSON (default: class_weights.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")  # fmt: skip
+                   help="no progress bar")
     return p.parse_args(argv)
+# fmt: on
 
 
 def count_pixels(
@@ -147,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in dataset.classes)
     for name, w, n in zip(dataset.classes, weights, counts.tolist(), strict=True):
         print(f"{name:<{width}}  {w:8.4f}  ({n} px)")
-    print(f"{args.method} weights of {len(dataset)} images written to {out};"
-          f" train with --class-weights {out}")  # fmt: skip
+    print(
+        f"{args.method} weights of {len(dataset)} images written to {out};"
+        f" train with --class-weights {out}"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ from erfnet.model import count_parameters
 from erfnet.runtime import OutputError, check_output_file, same_file
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("input", type=Path, help="foreign checkpoint (.pth)")
     p.add_argument("output", type=Path, help="where to write our checkpoint (.pth)")
     return p.parse_args(argv)
+# fmt: on
 
 
 def main(argv: list[str] | None = None) -> None:

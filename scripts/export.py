@@ -36,12 +36,13 @@ from erfnet.deploy.onnx import ONNX_MIN_OPSET
 from erfnet.runtime import one_line
 
 
+# fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="our checkpoint (.pth)")
     p.add_argument("--out", type=Path, required=True, help="the file to write (.onnx or .xml)")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="onnx or openvino (default: from --out's suffix)")  # fmt: skip
+                   help="onnx or openvino (default: from --out's suffix)")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -63,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calib-data", type=Path, metavar="ROOT", default=None,
                    help="dataset for calibration (train) and the gate (val); a Cityscapes layout"
-                   " or, with --calib-classes, a folder dataset")  # fmt: skip
+                   " or, with --calib-classes, a folder dataset")
     p.add_argument(
         "--calib-classes",
         type=Path,
@@ -87,10 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-miou-drop", type=float, metavar="X", default=DEFAULT_MAX_MIOU_DROP,
                    help=f"refuse if mIoU drops by more than X points (default"
-                   f" {DEFAULT_MAX_MIOU_DROP})")  # fmt: skip
+                   f" {DEFAULT_MAX_MIOU_DROP})")
     p.add_argument("--min-agreement", type=float, metavar="P", default=DEFAULT_MIN_AGREEMENT,
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
-                   f" {DEFAULT_MIN_AGREEMENT})")  # fmt: skip
+                   f" {DEFAULT_MIN_AGREEMENT})")
     p.add_argument(
         "--report",
         type=Path,
@@ -109,6 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--opset", type=int, default=ONNX_MIN_OPSET, help=f"ONNX opset (>= {ONNX_MIN_OPSET})"
     )
     return p
+# fmt: on
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -117,13 +119,16 @@ def check_args(args: argparse.Namespace) -> None:
         try:
             args.format = export_format(args.out)
         except ExportError:
-            raise SystemExit(f"error: --out {args.out}: end it in .onnx or .xml, or give"
-                             " --format") from None  # fmt: skip
+            raise SystemExit(
+                f"error: --out {args.out}: end it in .onnx or .xml, or give --format"
+            ) from None
     if args.precision == "bf16" and args.format != "openvino":
         raise SystemExit("error: --precision bf16 is an OpenVINO export: add --format openvino")
     if args.precision != "fp32" and args.calib_data is None:
-        raise SystemExit(f"error: --precision {args.precision} needs --calib-data ROOT: the"
-                         " accuracy gate scores it on held-out images")  # fmt: skip
+        raise SystemExit(
+            f"error: --precision {args.precision} needs --calib-data ROOT: the"
+            " accuracy gate scores it on held-out images"
+        )
     if args.calib_classes is not None and args.calib_data is None:
         raise SystemExit("error: --calib-classes describes the dataset at --calib-data; add it")
     if args.size is not None and min(args.size) < 8:
@@ -131,8 +136,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.calib_images < 0 or args.score_images < 0 or args.threads < 0:
         raise SystemExit("error: --calib-images, --score-images and --threads must be >= 0")
     if not 0.0 <= args.min_agreement <= 100.0:
-        raise SystemExit(f"error: --min-agreement is a percentage in [0, 100], got"
-                         f" {args.min_agreement}")  # fmt: skip
+        raise SystemExit(
+            f"error: --min-agreement is a percentage in [0, 100], got {args.min_agreement}"
+        )
     if args.opset < ONNX_MIN_OPSET:
         raise SystemExit(f"error: --opset must be at least {ONNX_MIN_OPSET}, got {args.opset}")
     if args.calib_data is not None and not args.calib_data.is_dir():
@@ -166,13 +172,22 @@ def check_extras(args: argparse.Namespace) -> None:
 
 def request(args: argparse.Namespace) -> ExportRequest:
     return ExportRequest(
-        checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision,
-        argmax=args.argmax, size=tuple(args.size) if args.size else None,
-        calib_data=args.calib_data, calib_classes=args.calib_classes,
-        calib_images=args.calib_images, score_images=args.score_images,
-        max_miou_drop=args.max_miou_drop, min_agreement=args.min_agreement,
-        threads=args.threads, opset=args.opset, report=args.report,
-    )  # fmt: skip
+        checkpoint=args.checkpoint,
+        out=args.out,
+        format=args.format,
+        precision=args.precision,
+        argmax=args.argmax,
+        size=tuple(args.size) if args.size else None,
+        calib_data=args.calib_data,
+        calib_classes=args.calib_classes,
+        calib_images=args.calib_images,
+        score_images=args.score_images,
+        max_miou_drop=args.max_miou_drop,
+        min_agreement=args.min_agreement,
+        threads=args.threads,
+        opset=args.opset,
+        report=args.report,
+    )
 
 
 def summary(report: dict[str, Any]) -> str:

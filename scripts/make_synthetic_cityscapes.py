@@ -45,6 +45,7 @@ def non_negative(text: str) -> int:
     return n
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--root", required=True, type=Path, help="output dataset root (created)")
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write only images and _labelIds.png (skip _color, _instanceIds, _polygons.json)",
     )
     return p.parse_args(argv)
+# fmt: on
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,8 +60,10 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
         files = [p for p in files if not p.stem.endswith(("_color", "_blend"))]
         stems = [p.relative_to(path).with_suffix("") for p in files]
         clash = Counter(str(s).lower() for s in stems)  # lower: case-insensitive file systems
-        stems = [p.relative_to(path) if clash[str(s).lower()] > 1 else s
-                 for p, s in zip(files, stems, strict=True)]  # fmt: skip
+        stems = [
+            p.relative_to(path) if clash[str(s).lower()] > 1 else s
+            for p, s in zip(files, stems, strict=True)
+        ]
         if len({str(s).lower() for s in stems}) != len(stems):
             raise SystemExit(f"error: {path}: image names clash even with their extensions")
         return list(zip(files, stems, strict=True))
@@ -80,6 +82,7 @@ def read_rgb(path: Path) -> np.ndarray:
         raise SystemExit(f"error: image '{path}' is too large to decode: {e}") from None
 
 
+# fmt: off
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
@@ -93,16 +96,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale), metavar=("H", "W"),
         help="test scale; the image is resized keeping its ratio to fit it "
         f"(default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
-    )  # fmt: skip
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument(
         "--no-fast", action="store_true",
         help="use the plain model instead of the fused inference path (same predictions)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--threads", type=int, default=None, metavar="N",
         help="CPU threads (default: the free cores less one, as train.py plans them)",
-    )  # fmt: skip
+    )
     args = p.parse_args(argv)
     if min(args.scale) < MIN_VIEW:
         p.error(
@@ -113,6 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     return args
+# fmt: on
 
 
 def load_predictor(args: argparse.Namespace, device: torch.device, threads: int) -> Any:

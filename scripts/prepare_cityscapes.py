@@ -33,6 +33,7 @@ from erfnet.data.fast.cache import write_cache
 from erfnet.runtime import OutputError, check_output_dir, same_file
 
 
+# fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -49,13 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rewrite files that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cache", metavar="DIR", default=None,
-                   help="also write a decoded uint8 cache of --cache-splits here")  # fmt: skip
+                   help="also write a decoded uint8 cache of --cache-splits here")
     p.add_argument("--cache-splits", nargs="+", choices=SPLITS[:2], default=["train"],
-                   help="splits to cache (default: train)")  # fmt: skip
+                   help="splits to cache (default: train)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     return args
+# fmt: on
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,12 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     for split in args.cache_splits if args.cache else ():
         t0 = time.perf_counter()
         try:
-            out = write_cache(root, args.cache, split, workers=args.workers,
-                              progress=not args.quiet)  # fmt: skip
+            out = write_cache(
+                root, args.cache, split, workers=args.workers, progress=not args.quiet
+            )
         except (DatasetError, OSError) as e:
             raise SystemExit(f"error: --cache {args.cache}: {e}") from None
-        print(f"{out['folder']}: {out['images']} images, {out['bytes'] / 1e9:.2f} GB "
-              f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+        print(
+            f"{out['folder']}: {out['images']} images, {out['bytes'] / 1e9:.2f} GB "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, VideoError,
 from erfnet.video.report import format_report
 
 
+# fmt: off
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", nargs="?", help="video file, folder of frames or stream URL")
@@ -58,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model", "--onnx", dest="model", metavar="PATH",
         help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or OpenVINO .xml"
         " (--onnx is the old name)",
-    )  # fmt: skip
+    )
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")
     p.add_argument("--labels", metavar="DIR", help="also write one class-index PNG per frame")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
@@ -66,17 +67,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resize", nargs=2, type=int, metavar=("H", "W"),
         help="network input size (default: the frame's size), e.g. 512 1024",
-    )  # fmt: skip
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument("--codec", default="auto", help="encoder: auto (H.264, else mpeg4) or a name")
     p.add_argument(
         "--fps", type=float,
         help="frame rate of the input (overrides what the source says; a folder of frames: 30)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--threads", type=int, metavar="N",
         help="CPU threads of the network (default: the thread plan, see above)",
-    )  # fmt: skip
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run the network eagerly")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of fp16 autocast")
@@ -100,6 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     return args
+# fmt: on
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -139,11 +141,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.out is None and args.labels is None:
         print("no --out or --labels: measuring only", file=sys.stderr)
     report = run_video(
-        source, predictor, args.out, every=args.every, max_frames=args.max_frames,
-        alpha=args.alpha, labels_dir=args.labels, codec=args.codec, fps=args.fps,
-        pipelined=not args.sequential, progress=not args.no_progress,
+        source,
+        predictor,
+        args.out,
+        every=args.every,
+        max_frames=args.max_frames,
+        alpha=args.alpha,
+        labels_dir=args.labels,
+        codec=args.codec,
+        fps=args.fps,
+        pipelined=not args.sequential,
+        progress=not args.no_progress,
         log=lambda line: print(line, file=sys.stderr),
-    )  # fmt: skip
+    )
     report["threads"] = threads or torch.get_num_threads()
     print(format_report(report))
     if args.json:

@@ -37,10 +37,28 @@ SYNTHETIC_COUNTS = {"train": 4, "val": 2, "test": 1}
 # A tiny train.py run: 64x128 synthetic images, 32x64 crops, 2 images per step, 4 iterations,
 # validation and checkpoints every 2.
 TINY_TRAIN_ARGS = (
-    "--data", "synthetic", "--iters", "4", "--batch-size", "2", "--crop-size", "32", "64",
-    "--scale", "64", "128", "--val-interval", "2", "--ckpt-interval", "2", "--log-interval", "1",
-    "--num-vis", "1", "--no-progress",
-)  # fmt: skip
+    "--data",
+    "synthetic",
+    "--iters",
+    "4",
+    "--batch-size",
+    "2",
+    "--crop-size",
+    "32",
+    "64",
+    "--scale",
+    "64",
+    "128",
+    "--val-interval",
+    "2",
+    "--ckpt-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--num-vis",
+    "1",
+    "--no-progress",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,8 +109,14 @@ def run_train_process(
     args: list[str], fault: str | None = None, **env: str
 ) -> subprocess.CompletedProcess:
     """Run train.py to its end in a subprocess (see ``train_command``); output captured."""
-    return subprocess.run(train_command(args, fault), cwd=REPO, env=train_env(**env),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        train_command(args, fault),
+        cwd=REPO,
+        env=train_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def start_train_process(
@@ -358,8 +382,13 @@ def mmseg_file_dict(ref: MMSegERFNet) -> dict:
 def reference_nets() -> SimpleNamespace:
     """The reference networks (``MMSegERFNet``, ``EPNet``, ``EPEncoder``), ``randomize(model,
     seed)`` and ``mmseg_file_dict(model)`` for the converter and fine-tuning tests."""
-    return SimpleNamespace(MMSegERFNet=MMSegERFNet, EPNet=EPNet, EPEncoder=EPEncoder,
-                           randomize=randomize, mmseg_file_dict=mmseg_file_dict)  # fmt: skip
+    return SimpleNamespace(
+        MMSegERFNet=MMSegERFNet,
+        EPNet=EPNet,
+        EPEncoder=EPEncoder,
+        randomize=randomize,
+        mmseg_file_dict=mmseg_file_dict,
+    )
 
 
 @pytest.fixture()

@@ -36,9 +36,13 @@ class SignalOnCall:
     ``signum`` to the training process, after the call (``after``) or before it."""
 
     def __init__(
-        self, function: Callable, signum: int, at: int = 1, after: bool = False,
+        self,
+        function: Callable,
+        signum: int,
+        at: int = 1,
+        after: bool = False,
         counts: Callable[..., bool] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.function, self.signum, self.at, self.after = function, signum, at, after
         self.counts, self.calls = counts, 0
 

@@ -106,11 +106,31 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     # As a module from the root: works with or without `pip install -e .`.
     cmd = [
-        sys.executable, "-m", "scripts.benchmark", "--quick", "--device", "cpu",
-        "--sizes", "32x64", "--batch", "2", "--repeats", "2", "--json", str(out),
-        "--sections", "flops", "infer", "malloc", "train", "data", "video", "deploy",
-        "--data-workers", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "scripts.benchmark",
+        "--quick",
+        "--device",
+        "cpu",
+        "--sizes",
+        "32x64",
+        "--batch",
+        "2",
+        "--repeats",
+        "2",
+        "--json",
+        str(out),
+        "--sections",
+        "flops",
+        "infer",
+        "malloc",
+        "train",
+        "data",
+        "video",
+        "deploy",
+        "--data-workers",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Inference 32x64, batch 2" in proc.stdout
@@ -135,8 +155,18 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     assert set(data) == {"train", "val"} and all(r["images_per_s"] > 0 for r in data.values())
     # The train data path: every stage timed, each path's worker and loader rates, projection.
     stages = {r["stage"]: r for r in res["data_stages"]}
-    assert {"seeding", "decode image", "decode label", "read cache", "draw", "photometric",
-            "resize/crop image", "collate", "draw + taps", "device aug"} <= set(stages)  # fmt: skip
+    assert {
+        "seeding",
+        "decode image",
+        "decode label",
+        "read cache",
+        "draw",
+        "photometric",
+        "resize/crop image",
+        "collate",
+        "draw + taps",
+        "device aug",
+    } <= set(stages)
     assert all(r["ms_per_image"] > 0 for r in stages.values())
     paths = {"PNG + worker aug", "cache + worker aug", "PNG + gpu-aug", "cache + gpu-aug"}
     assert {r["path"] for r in res["data_paths"]} == paths
@@ -160,8 +190,13 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     video = res["video"]
     for mode in ("sequential", "pipelined"):
         assert video[mode]["frames"] == video["clip"]["frames"] and video[mode]["fps"] > 0
-        assert set(video[mode]["stages"]) == {"decode", "preprocess", "network", "postprocess",
-                                              "encode"}  # fmt: skip
+        assert set(video[mode]["stages"]) == {
+            "decode",
+            "preprocess",
+            "network",
+            "postprocess",
+            "encode",
+        }
     assert video["speedup"] == video["pipelined"]["fps"] / video["sequential"]["fps"]
     assert "Video path" in proc.stdout
     # The deploy paths in one interleaved run, with the CPU's ISA features beside them.

@@ -43,8 +43,12 @@ def test_erfnet_weights_by_hand(root: Path):
     data = run(root)
     # 14 labelled pixels: road 6, car 3, sky 5, boat 0
     assert data["pixel_counts"] == [6, 3, 5, 0] and data["images"] == 2
-    expected = [1 / math.log(1.10 + 6 / 14), 1 / math.log(1.10 + 3 / 14),
-                1 / math.log(1.10 + 5 / 14), 1 / math.log(1.10)]  # fmt: skip
+    expected = [
+        1 / math.log(1.10 + 6 / 14),
+        1 / math.log(1.10 + 3 / 14),
+        1 / math.log(1.10 + 5 / 14),
+        1 / math.log(1.10),
+    ]
     assert data["weights"] == pytest.approx(expected, rel=1e-12)
     assert data["names"] == NAMES and data["method"] == "erfnet" and data["c"] == 1.10
     assert load_class_weights(root / "w.json", NAMES) == pytest.approx(expected, rel=1e-12)

@@ -15,12 +15,7 @@ from torch import nn
 
 from erfnet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
-from erfnet.convert import (
-    ConversionError,
-    convert_checkpoint,
-    convert_state_dict,
-    detect_source,
-)
+from erfnet.convert import ConversionError, convert_checkpoint, convert_state_dict, detect_source
 from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet, count_parameters
 from scripts import convert_checkpoint as convert_script

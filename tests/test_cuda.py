@@ -66,10 +66,30 @@ def test_fast_path_matches_eager_on_cuda(tmp_path):
 
 def test_train_script_on_cuda_with_amp(tmp_path):
     work = tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", "synthetic",
-           "--data-root", str(tmp_path / "syn"), "--iters", "6", "--batch-size", "2",
-           "--val-interval", "3", "--ckpt-interval", "3", "--workers", "2", "--device", "cuda",
-           "--amp", "--work-dir", str(work), "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--data",
+        "synthetic",
+        "--data-root",
+        str(tmp_path / "syn"),
+        "--iters",
+        "6",
+        "--batch-size",
+        "2",
+        "--val-interval",
+        "3",
+        "--ckpt-interval",
+        "3",
+        "--workers",
+        "2",
+        "--device",
+        "cuda",
+        "--amp",
+        "--work-dir",
+        str(work),
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     model = load_model(work / "best.pth", device="cuda")
@@ -88,8 +108,9 @@ def test_device_augmentation_on_cuda_matches_the_worker_path(synthetic_root: Pat
     tf = TrainTransform(crop_size=(40, 96), scale=(48, 96))
     ds = CityscapesDataset(synthetic_root, "train", transform=tf)
     ref, _ = build_train_loader(ds, batch_size=4, workers=0, seed=3)
-    dev, _ = build_train_loader(DeviceAugDataset(ds), batch_size=4, workers=0, seed=3,
-                                pin_memory=True, collate_fn=collate)  # fmt: skip
+    dev, _ = build_train_loader(
+        DeviceAugDataset(ds), batch_size=4, workers=0, seed=3, pin_memory=True, collate_fn=collate
+    )
     for r, g, _ in zip(ref, dev, range(3), strict=False):
         img, lab = DeviceAugment(tf)(g, torch.device("cuda"))
         assert img.is_cuda and lab.is_cuda and torch.equal(lab.cpu(), r["label"])

@@ -71,11 +71,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Shapes]:
     try:
         args = train_cli.parse_args(
             train_cli.get_args_parser(),
-            ["--iters", "2", "--batch-size", "2", "--crop-size", *map(str, SIZE),
-             "--scale", *map(str, SIZE), "--val-interval", "2", "--ckpt-interval", "2",
-             "--num-vis", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-             "--work-dir", str(work)],
-        )  # fmt: skip
+            [
+                "--iters",
+                "2",
+                "--batch-size",
+                "2",
+                "--crop-size",
+                *map(str, SIZE),
+                "--scale",
+                *map(str, SIZE),
+                "--val-interval",
+                "2",
+                "--ckpt-interval",
+                "2",
+                "--num-vis",
+                "1",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--work-dir",
+                str(work),
+            ],
+        )
         assert train_cli.main(args) == 0
     finally:
         torch.set_num_threads(old_threads)
@@ -127,9 +146,19 @@ def test_eval_predict_and_fast_path_on_the_result(trained, tmp_path: Path):
 
     # scripts/predict.py (the fast path by default) writes the same colours.
     Image.fromarray(val_set.rgb[0]).save(tmp_path / "img.png")
-    predict_cli.main([str(tmp_path / "img.png"), "--checkpoint", str(work / "best.pth"),
-                      "--out", str(tmp_path / "out"), "--scale", *map(str, SIZE),
-                      "--device", "cpu"])  # fmt: skip
+    predict_cli.main(
+        [
+            str(tmp_path / "img.png"),
+            "--checkpoint",
+            str(work / "best.pth"),
+            "--out",
+            str(tmp_path / "out"),
+            "--scale",
+            *map(str, SIZE),
+            "--device",
+            "cpu",
+        ]
+    )
     written = np.asarray(Image.open(tmp_path / "out" / "img_color.png").convert("RGB"))
     assert np.array_equal(written, colorize(pred[0].numpy(), palette))
 

@@ -26,8 +26,27 @@ from erfnet.data.synthetic import CITIES, make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform
 
 # Independent copy of the official 34 -> 19 table (cityscapesScripts labels.py, REFERENCE.md).
-OFFICIAL_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+OFFICIAL_TRAIN_ID = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 def official(label_id: int) -> int:
@@ -299,8 +318,9 @@ def test_train_id_values_outside_the_table(tiny_root: Path):
 def test_corrupt_png(tiny_root: Path, damage: str):
     img = image_file(tiny_root)
     data = img.read_bytes()
-    img.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a png" * 20,
-                     "empty": b""}[damage])  # fmt: skip
+    img.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"not a png" * 20, "empty": b""}[damage]
+    )
     with pytest.raises(DatasetError, match=f"'{img}'"):
         CityscapesDataset(tiny_root, "train")[0]
 

@@ -23,8 +23,22 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_make_synthetic_then_prepare(tmp_path: Path):
     root = tmp_path / "syn"
-    r = run("make_synthetic_cityscapes.py", "--root", str(root), "--train", "3", "--val", "1",
-            "--test", "1", "--size", "24", "40", "--seed", "7")  # fmt: skip
+    r = run(
+        "make_synthetic_cityscapes.py",
+        "--root",
+        str(root),
+        "--train",
+        "3",
+        "--val",
+        "1",
+        "--test",
+        "1",
+        "--size",
+        "24",
+        "40",
+        "--seed",
+        "7",
+    )
     assert r.returncode == 0, r.stderr
     assert "3 train / 1 val / 1 test images of 24x40 (HxW)" in r.stdout
     images = sorted(root.glob("leftImg8bit/*/*/*_leftImg8bit.png"))
@@ -67,7 +81,17 @@ def test_make_synthetic_refuses_a_non_empty_root(tmp_path: Path):
     real = tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
     real.parent.mkdir(parents=True)
     real.write_bytes(b"a real Cityscapes image")
-    r = run("make_synthetic_cityscapes.py", "--root", str(tmp_path), "--train", "1", "--val", "0",
-            "--size", "8", "16")  # fmt: skip
+    r = run(
+        "make_synthetic_cityscapes.py",
+        "--root",
+        str(tmp_path),
+        "--train",
+        "1",
+        "--val",
+        "0",
+        "--size",
+        "8",
+        "16",
+    )
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "not empty" in r.stderr
     assert real.read_bytes() == b"a real Cityscapes image"

@@ -136,8 +136,13 @@ def test_random_resize_ratio_range():
     # 64x128 image, scale (64, 128): the resized size is the ratio times the scale, so a
     # crop as large as the image at ratio 0.5 shows padding and at ratio 2 none.
     image, label = random_pair(64, 128)
-    tf = TrainTransform(crop_size=(64, 128), scale=(64, 128), ratio_range=(0.5, 0.5),
-                        cat_max_ratio=1.0, photometric=False)  # fmt: skip
+    tf = TrainTransform(
+        crop_size=(64, 128),
+        scale=(64, 128),
+        ratio_range=(0.5, 0.5),
+        cat_max_ratio=1.0,
+        photometric=False,
+    )
     img, lab = tf(image, label)
     assert (lab[32:] == 255).all() and (lab[:, 64:] == 255).all() and (lab[:32, :64] != 255).any()
     sizes = set()
@@ -150,8 +155,9 @@ def test_random_resize_ratio_range():
 
 def test_pad_values():
     image, label = random_pair(16, 32)
-    tf = TrainTransform(crop_size=(24, 40), scale=(16, 32), ratio_range=(1.0, 1.0),
-                        flip_prob=0.0, photometric=False)  # fmt: skip
+    tf = TrainTransform(
+        crop_size=(24, 40), scale=(16, 32), ratio_range=(1.0, 1.0), flip_prob=0.0, photometric=False
+    )
     img, lab = tf(image, label)
     assert img.shape == (3, 24, 40) and lab.shape == (24, 40)
     assert (img[:, 16:] == 0).all() and (img[:, :, 32:] == 0).all()
@@ -171,8 +177,9 @@ def test_flip_is_applied_to_image_and_label_together():
     img, lab = TrainTransform(flip_prob=0.0, cat_max_ratio=1.0, **kw)(image, label)
     assert torch.equal(lab, label.long())
     flips = 0
-    tf = TrainTransform(flip_prob=0.5, crop_size=(16, 24), scale=(32, 64),
-                        ratio_range=(1.0, 1.0), photometric=False)  # fmt: skip
+    tf = TrainTransform(
+        flip_prob=0.5, crop_size=(16, 24), scale=(32, 64), ratio_range=(1.0, 1.0), photometric=False
+    )
     for seed in range(20):
         torch.manual_seed(seed)
         img, lab = tf(image, label)
@@ -241,8 +248,14 @@ def test_cat_max_ratio_is_honoured_statistically():
     image = torch.zeros(3, 32, 256, dtype=torch.uint8)
 
     def ok_fraction(ratio: float) -> float:
-        tf = TrainTransform(crop_size=(16, 16), scale=(32, 256), ratio_range=(1.0, 1.0),
-                            cat_max_ratio=ratio, photometric=False, flip_prob=0.0)  # fmt: skip
+        tf = TrainTransform(
+            crop_size=(16, 16),
+            scale=(32, 256),
+            ratio_range=(1.0, 1.0),
+            cat_max_ratio=ratio,
+            photometric=False,
+            flip_prob=0.0,
+        )
         torch.manual_seed(0)
         return sum(crop_ok(tf(image, label)[1], 0.75) for _ in range(60)) / 60
 
@@ -336,8 +349,7 @@ def test_normalize_uses_the_given_statistics():
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 2, 2)
     std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
     assert torch.allclose(normalize(mean, MEAN_RGB, STD_RGB), torch.zeros(3, 2, 2), atol=1e-6)
-    assert torch.allclose(normalize(mean + std, MEAN_RGB, STD_RGB), torch.ones(3, 2, 2),
-                          atol=1e-6)  # fmt: skip
+    assert torch.allclose(normalize(mean + std, MEAN_RGB, STD_RGB), torch.ones(3, 2, 2), atol=1e-6)
     # Batches too; denormalize is the inverse; erfnet_pytorch's statistics are x / 255.
     image, _ = random_pair(8, 8)
     batch = image[None].expand(2, 3, 8, 8)
@@ -349,8 +361,14 @@ def test_normalize_uses_the_given_statistics():
 
 def test_train_transform_normalises_with_its_mean_and_std():
     image, label = random_pair(16, 32)
-    kw = dict(crop_size=(16, 32), scale=(16, 32), ratio_range=(1.0, 1.0), flip_prob=0.0,
-              photometric=False, cat_max_ratio=1.0)  # fmt: skip
+    kw = dict(
+        crop_size=(16, 32),
+        scale=(16, 32),
+        ratio_range=(1.0, 1.0),
+        flip_prob=0.0,
+        photometric=False,
+        cat_max_ratio=1.0,
+    )
     assert TrainTransform(**kw).mean == MEAN_RGB and TrainTransform(**kw).std == STD_RGB
     img, _ = TrainTransform(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0), **kw)(image, label)
     torch.testing.assert_close(img, image.float() / 255)

@@ -36,9 +36,14 @@ EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=240, **kw,
-    )  # fmt: skip
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        **kw,
+    )
 
 
 def _free_port() -> int:
@@ -72,10 +77,25 @@ def single_run(tmp_path_factory, val_root, checkpoint) -> Path:
     """One single-process subprocess run with every output; the folder holding them."""
     out = tmp_path_factory.mktemp("single")
     r = _run(
-        [str(EVAL), "--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
-         "--workers", "0", "--device", "cpu", "--json", str(out / "r.json"),
-         "--out-dir", str(out / "sub"), "--save-color", str(out / "color")]
-    )  # fmt: skip
+        [
+            str(EVAL),
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(out / "r.json"),
+            "--out-dir",
+            str(out / "sub"),
+            "--save-color",
+            str(out / "color"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mIoU" in r.stdout and "| road" in r.stdout
     return out
@@ -165,11 +185,28 @@ def test_out_dir_reports_count_every_labelled_pixel(single_run, val_root):
 
 def test_torchrun_two_processes_equal_single(tmp_path, single_run, val_root, checkpoint):
     r = _run(
-        ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", str(EVAL), "--checkpoint", str(checkpoint),
-         "--data-root", str(val_root), *SCALE, "--workers", "0", "--device", "cpu",
-         "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "sub")]
-    )  # fmt: skip
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            str(EVAL),
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--out-dir",
+            str(tmp_path / "sub"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     dist_data = json.loads((tmp_path / "r.json").read_text())
     single = json.loads((single_run / "r.json").read_text())
@@ -191,12 +228,30 @@ def test_torchrun_two_processes_equal_single(tmp_path, single_run, val_root, che
 
 
 def test_ms_flip_and_slide_in_process(tmp_path, synthetic_root, checkpoint, capsys):
-    common = ["--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--workers",
-              "0", "--device", "cpu"]  # fmt: skip
+    common = [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(synthetic_root),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     eval_script.main(
-        [*common, "--scale", "32", "64", "--ms-flip", "--scales", "1.0", "2.0",
-         "--json", str(tmp_path / "ms.json")]
-    )  # fmt: skip
+        [
+            *common,
+            "--scale",
+            "32",
+            "64",
+            "--ms-flip",
+            "--scales",
+            "1.0",
+            "2.0",
+            "--json",
+            str(tmp_path / "ms.json"),
+        ]
+    )
     ms = json.loads((tmp_path / "ms.json").read_text())
     assert ms["ms_flip"] is True and ms["scales"] == [1.0, 2.0] and ms["scale"] == [32, 64]
     assert 0 <= ms["mIoU"] <= 100
@@ -209,10 +264,24 @@ def test_ms_flip_and_slide_in_process(tmp_path, synthetic_root, checkpoint, caps
 def test_split_test_writes_submission_only(tmp_path, synthetic_root, checkpoint, capsys):
     out = tmp_path / "submission"
     eval_script.main(
-        ["--checkpoint", str(checkpoint), "--data-root", str(synthetic_root), "--split", "test",
-         "--scale", "32", "64", "--workers", "0", "--out-dir", str(out),
-         "--json", str(tmp_path / "t.json")]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(synthetic_root),
+            "--split",
+            "test",
+            "--scale",
+            "32",
+            "64",
+            "--workers",
+            "0",
+            "--out-dir",
+            str(out),
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
     files = list(out.rglob("*.png"))
     assert len(files) == 1 and files[0].name.endswith("_leftImg8bit.png")
     assert files[0].parent.name == files[0].name.split("_")[0]  # per-city folder
@@ -241,8 +310,16 @@ def test_clear_errors(tmp_path, synthetic_root, checkpoint):
     msg = _error(["--checkpoint", str(twenty), *base])
     assert "predicts 20 classes" in msg and "19" in msg
     assert "--out-dir" in _error([*ck, *base, "--split", "test"])
-    msg = _error([*ck, *base, "--out-dir", str(tmp_path / "a"), "--save-color",
-                  str(tmp_path / "a" / "color")])  # fmt: skip
+    msg = _error(
+        [
+            *ck,
+            *base,
+            "--out-dir",
+            str(tmp_path / "a"),
+            "--save-color",
+            str(tmp_path / "a" / "color"),
+        ]
+    )
     assert "--save-color" in msg and "outside --out-dir" in msg
     assert "outside" in _error(
         [*ck, *base, "--out-dir", str(tmp_path / "a"), "--save-color", str(tmp_path / "a")]
@@ -276,8 +353,19 @@ def test_unreadable_image_is_a_clear_error(tmp_path, synthetic_root, checkpoint)
     bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     # One worker: the error crosses the DataLoader's process boundary and is still one line.
-    msg = _error(["--checkpoint", str(checkpoint), "--data-root", str(root), *SCALE,
-                  "--workers", "1", "--device", "cpu"])  # fmt: skip
+    msg = _error(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(root),
+            *SCALE,
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert bad.name in msg and "cannot decode" in msg and "Traceback" not in msg
 
 
@@ -293,9 +381,20 @@ def test_checkpoint_normalisation_is_respected(tmp_path, val_root):
     save_checkpoint(path, model, meta={"mean": [0.0] * 3, "std": [255.0] * 3})
     out = tmp_path / "sub"
     eval_script.main(
-        ["--checkpoint", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0",
-         "--device", "cpu", "--out-dir", str(out)]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(path),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ]
+    )
     changed = 0
     with torch.no_grad():
         for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
@@ -319,9 +418,20 @@ def test_void_class_checkpoint_scores_void_as_a_miss(tmp_path, val_root):
     path = tmp_path / "void.pth"
     save_checkpoint(path, model, meta={"void_class": 19})
     eval_script.main(
-        ["--checkpoint", str(path), "--data-root", str(val_root), *SCALE, "--workers", "0",
-         "--device", "cpu", "--json", str(tmp_path / "r.json")]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(path),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     data = json.loads((tmp_path / "r.json").read_text())
     # Independent count: a void prediction on a labelled pixel is a false negative only.
     inter, label, predicted, void_hits = np.zeros(19), np.zeros(19), np.zeros(19), 0
@@ -354,10 +464,25 @@ def test_ms_flip_views_are_resized_from_the_original_image(tmp_path, val_root, c
 
     out = tmp_path / "sub"
     eval_script.main(
-        ["--checkpoint", str(checkpoint), "--data-root", str(val_root), "--scale", "32", "64",
-         "--ms-flip", "--scales", "2.0", "--workers", "0", "--device", "cpu",
-         "--out-dir", str(out)]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(val_root),
+            "--scale",
+            "32",
+            "64",
+            "--ms-flip",
+            "--scales",
+            "2.0",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ]
+    )
     model = load_model(checkpoint)
     for item in CityscapesDataset(val_root, "val", EvalTransform(None)):
         settings = TestSettings(scale=(32, 64), ms_flip=True, ratios=(2.0,))
@@ -410,8 +535,16 @@ def openvino_irs(exported) -> dict[str, Path]:
     folder = exported["dir"]
     (folder / "meta.json").write_text(json.dumps(exported["meta"]))
     irs = {"dynamic": folder / "m.xml", "fixed": folder / "f.xml"}
-    r = _run(["-c", _MAKE_IR, str(exported["onnx"]), str(folder / "meta.json"),
-              str(irs["dynamic"]), f"{irs['fixed']}@1,3,64,128"])  # fmt: skip
+    r = _run(
+        [
+            "-c",
+            _MAKE_IR,
+            str(exported["onnx"]),
+            str(folder / "meta.json"),
+            str(irs["dynamic"]),
+            f"{irs['fixed']}@1,3,64,128",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return irs
 
@@ -422,9 +555,21 @@ def _miou(path: Path) -> float:
 
 def test_an_onnx_export_scores_the_checkpoints_miou(tmp_path, single_run, val_root, exported):
     r = _run(
-        [str(EVAL), "--model", str(exported["onnx"]), "--data-root", str(val_root), *SCALE,
-         "--workers", "0", "--json", str(tmp_path / "onnx.json"), "--out-dir", str(tmp_path)]
-    )  # fmt: skip
+        [
+            str(EVAL),
+            "--model",
+            str(exported["onnx"]),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--json",
+            str(tmp_path / "onnx.json"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "onnx.json").read_text())
     reference = json.loads((single_run / "r.json").read_text())
@@ -445,9 +590,19 @@ def test_an_openvino_export_scores_the_checkpoints_miou(
     tmp_path, single_run, val_root, openvino_irs
 ):
     r = _run(
-        [str(EVAL), "--model", str(openvino_irs["dynamic"]), "--data-root", str(val_root), *SCALE,
-         "--workers", "0", "--json", str(tmp_path / "ov.json")]
-    )  # fmt: skip
+        [
+            str(EVAL),
+            "--model",
+            str(openvino_irs["dynamic"]),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--workers",
+            "0",
+            "--json",
+            str(tmp_path / "ov.json"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert abs(_miou(tmp_path / "ov.json") - _miou(single_run / "r.json")) <= 0.05
 
@@ -455,8 +610,15 @@ def test_an_openvino_export_scores_the_checkpoints_miou(
 def test_a_fixed_size_export_takes_only_views_of_its_size(
     tmp_path, single_run, val_root, openvino_irs
 ):
-    base = [str(EVAL), "--model", str(openvino_irs["fixed"]), "--data-root", str(val_root),
-            "--workers", "0"]  # fmt: skip
+    base = [
+        str(EVAL),
+        "--model",
+        str(openvino_irs["fixed"]),
+        "--data-root",
+        str(val_root),
+        "--workers",
+        "0",
+    ]
     r = _run([*base, "--scale", "32", "64"])
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines() == [
@@ -464,8 +626,10 @@ def test_a_fixed_size_export_takes_only_views_of_its_size(
         " not --scale 32 64; export with a dynamic size, or evaluate at 64x128"
     ]
     # The other views the protocol could ask for, refused by the same check.
-    for extra, refused in ((["--ms-flip"], "--ms-flip ratios"),
-                           (["--mode", "slide"], "slide crops of 512x1024")):  # fmt: skip
+    for extra, refused in (
+        (["--ms-flip"], "--ms-flip ratios"),
+        (["--mode", "slide"], "slide crops of 512x1024"),
+    ):
         args = eval_script.parse_args(["--model", "f.xml", *extra])
         with pytest.raises(SystemExit, match=f"not {refused}"):
             eval_script.check_fixed_size(args, (64, 128))
@@ -490,10 +654,16 @@ def test_an_argmax_export_is_scored_whole_image_only(tmp_path, single_run, val_r
 
     path = tmp_path / "labels.onnx"
     axes = {0: "n", 2: "h", 3: "w"}
-    torch.onnx.export(Argmax(exported["model"]).eval(), (torch.randn(1, 3, 64, 128),), str(path),
-                      dynamo=False, input_names=["input"], output_names=["labels"],
-                      dynamic_axes={"input": axes, "labels": {0: "n", 1: "h", 2: "w"}},
-                      opset_version=17)  # fmt: skip
+    torch.onnx.export(
+        Argmax(exported["model"]).eval(),
+        (torch.randn(1, 3, 64, 128),),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["labels"],
+        dynamic_axes={"input": axes, "labels": {0: "n", 1: "h", 2: "w"}},
+        opset_version=17,
+    )
     proto = onnx.load(str(path))
     for key, value in ((META_KEY, json.dumps(exported["meta"])), (OUTPUT_KEY, "labels")):
         entry = proto.metadata_props.add()
@@ -537,8 +707,15 @@ def _one_line_failure(r: subprocess.CompletedProcess, before_work: bool = True) 
 def test_outputs_that_cannot_be_written_are_refused_before_the_work(
     tmp_path, val_root, checkpoint, readonly_dir
 ):
-    args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(val_root),
+        *SCALE,
+        "--device",
+        "cpu",
+    ]
     msg = _one_line_failure(_run([str(EVAL), *args, "--json", str(readonly_dir / "r.json")]))
     assert msg.startswith(f"error: --json {readonly_dir / 'r.json'}: cannot write in"), msg
     if os.geteuid() == 0:  # a read-only mount: the reason is the file system's
@@ -564,8 +741,19 @@ def test_a_write_that_fails_later_is_one_line_naming_the_file(tmp_path, val_root
     if subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:  # room for one page: the check's empty probe passes, the second PNG does not fit
-        args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
-                "--device", "cpu", "--workers", "0", "--out-dir", str(small)]  # fmt: skip
+        args = [
+            "--checkpoint",
+            str(checkpoint),
+            "--data-root",
+            str(val_root),
+            *SCALE,
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out-dir",
+            str(small),
+        ]
         r = _run([str(EVAL), *args])
     finally:
         subprocess.run(["umount", str(small)], check=False)
@@ -574,8 +762,16 @@ def test_a_write_that_fails_later_is_one_line_naming_the_file(tmp_path, val_root
 
 
 def test_views_that_reach_under_8_pixels_are_one_line(val_root, checkpoint):
-    args = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), "--device", "cpu",
-            "--workers", "0"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(val_root),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     msg = _one_line_failure(_run([str(EVAL), *args, "--scale", "1", "1"]))
     assert "--scale H W must be at least 8 8" in msg
     for extra, expected in (
@@ -624,8 +820,15 @@ def test_cpu_threads_and_workers_follow_the_one_plan(val_root, checkpoint, monke
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
-    base = ["--checkpoint", str(checkpoint), "--data-root", str(val_root), *SCALE,
-            "--device", "cpu"]  # fmt: skip
+    base = [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-root",
+        str(val_root),
+        *SCALE,
+        "--device",
+        "cpu",
+    ]
     try:
         module.main(base)
         assert seen == [0] and torch.get_num_threads() == 1
@@ -634,7 +837,13 @@ def test_cpu_threads_and_workers_follow_the_one_plan(val_root, checkpoint, monke
     finally:
         torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    r = subprocess.run([sys.executable, str(EVAL), *base], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(EVAL), *base],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "worker processes in total" not in r.stderr

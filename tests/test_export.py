@@ -27,8 +27,13 @@ SIZE = ("64", "128")  # the synthetic dataset's image size
 
 
 def run_export(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def labels_of(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +138,9 @@ def test_dynamic_onnx_matches_pytorch(tmp_path: Path, head: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_argmax_graph_equals_argmax_of_fp32_logits(tmp_path: Path, random_bn_checkpoint: Path,
-                                                   fmt: str) -> None:  # fmt: skip
+def test_argmax_graph_equals_argmax_of_fp32_logits(
+    tmp_path: Path, random_bn_checkpoint: Path, fmt: str
+) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime" if fmt == "onnx" else "openvino")
     suffix = ".onnx" if fmt == "onnx" else ".xml"
@@ -157,16 +163,33 @@ def test_argmax_graph_equals_argmax_of_fp32_logits(tmp_path: Path, random_bn_che
 
 
 @pytest.fixture(scope="module")
-def gated_int8(tmp_path_factory: pytest.TempPathFactory, random_bn_checkpoint: Path,
-               synthetic_root: Path) -> dict:  # fmt: skip
+def gated_int8(
+    tmp_path_factory: pytest.TempPathFactory, random_bn_checkpoint: Path, synthetic_root: Path
+) -> dict:
     """An onnxruntime int8 export that passes a permissive gate, with its report."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     tmp = tmp_path_factory.mktemp("gated")
     out, report = tmp / "int8.onnx", tmp / "int8.json"
-    export.main([str(random_bn_checkpoint), "--out", str(out), "--precision", "int8",
-                 "--size", *SIZE, "--calib-data", str(synthetic_root), "--min-agreement", "0",
-                 "--max-miou-drop", "100", "--report", str(report)])  # fmt: skip
+    export.main(
+        [
+            str(random_bn_checkpoint),
+            "--out",
+            str(out),
+            "--precision",
+            "int8",
+            "--size",
+            *SIZE,
+            "--calib-data",
+            str(synthetic_root),
+            "--min-agreement",
+            "0",
+            "--max-miou-drop",
+            "100",
+            "--report",
+            str(report),
+        ]
+    )
     return {"out": out, "report": json.loads(report.read_text())}
 
 
@@ -189,8 +212,11 @@ def test_one_split_is_halved(tmp_path: Path) -> None:
             (root / kind / "all").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images/all" / f"{i}.png")
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "labels/all" / f"{i}.png")
-    spec = {"names": ["a", "b"], "palette": [[0, 0, 0], [9, 9, 9]],
-            "splits": {"all": {"images": "images/all", "labels": "labels/all"}}}  # fmt: skip
+    spec = {
+        "names": ["a", "b"],
+        "palette": [[0, 0, 0], [9, 9, 9]],
+        "splits": {"all": {"images": "images/all", "labels": "labels/all"}},
+    }
     (tmp_path / "c.json").write_text(json.dumps(spec))
     held = held_out_images(root, tmp_path / "c.json", 0, 0)
     calib, scored = held.calibration.files(), held.scored.files()
@@ -206,9 +232,21 @@ def test_gate_refuses_a_degraded_export_and_leaves_nothing(
     pytest.importorskip("onnxruntime" if fmt == "onnx" else "nncf")
     suffix = ".onnx" if fmt == "onnx" else ".xml"
     out, report = tmp_path / f"m{suffix}", tmp_path / "r.json"
-    proc = run_export(str(random_bn_checkpoint), "--out", str(out), "--precision", "int8",
-                      "--size", *SIZE, "--calib-data", str(synthetic_root),
-                      "--min-agreement", "100", "--report", str(report))  # fmt: skip
+    proc = run_export(
+        str(random_bn_checkpoint),
+        "--out",
+        str(out),
+        "--precision",
+        "int8",
+        "--size",
+        *SIZE,
+        "--calib-data",
+        str(synthetic_root),
+        "--min-agreement",
+        "100",
+        "--report",
+        str(report),
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Traceback" not in proc.stderr
@@ -219,8 +257,9 @@ def test_gate_refuses_a_degraded_export_and_leaves_nothing(
     assert r["accepted"] is False and r["gate"]["agreement"] < 100
 
 
-def test_openvino_bf16_records_its_hint(tmp_path: Path, random_bn_checkpoint: Path,
-                                        synthetic_root: Path) -> None:  # fmt: skip
+def test_openvino_bf16_records_its_hint(
+    tmp_path: Path, random_bn_checkpoint: Path, synthetic_root: Path
+) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("openvino")
     from erfnet.deploy.openvino_ir import cpu_supports_bf16
@@ -228,9 +267,23 @@ def test_openvino_bf16_records_its_hint(tmp_path: Path, random_bn_checkpoint: Pa
     if not cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
     out = tmp_path / "m.xml"
-    report = export.main([str(random_bn_checkpoint), "--out", str(out), "--precision", "bf16",
-                          "--calib-data", str(synthetic_root), "--size", *SIZE,
-                          "--min-agreement", "90", "--max-miou-drop", "100"])  # fmt: skip
+    report = export.main(
+        [
+            str(random_bn_checkpoint),
+            "--out",
+            str(out),
+            "--precision",
+            "bf16",
+            "--calib-data",
+            str(synthetic_root),
+            "--size",
+            *SIZE,
+            "--min-agreement",
+            "90",
+            "--max-miou-drop",
+            "100",
+        ]
+    )
     assert report["accepted"] and report["calibration_files"] == []  # nothing calibrated
     model = load_exported(out)
     assert model.precision == "bf16"
@@ -250,6 +303,15 @@ def test_bf16_refused_without_cpu_support(
 
     monkeypatch.setattr(openvino_ir, "cpu_supports_bf16", lambda: False)
     with pytest.raises(SystemExit, match="no native bf16"):
-        export.main([str(random_bn_checkpoint), "--out", str(tmp_path / "m.xml"),
-                     "--precision", "bf16", "--calib-data", str(synthetic_root)])  # fmt: skip
+        export.main(
+            [
+                str(random_bn_checkpoint),
+                "--out",
+                str(tmp_path / "m.xml"),
+                "--precision",
+                "bf16",
+                "--calib-data",
+                str(synthetic_root),
+            ]
+        )
     assert list(tmp_path.iterdir()) == []

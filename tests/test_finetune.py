@@ -87,9 +87,16 @@ def test_imagenet_encoder_maps_every_encoder_tensor(tmp_path, reference_nets):
     state = {f"module.{k}": v for k, v in ref.state_dict().items()}
     assert any(k.startswith("module.features.encoder.layers.14.") for k in state)
     # the file as Eromera's training script saved it (optimizer state as plain tensors)
-    torch.save({"epoch": 90, "arch": "erfnet", "state_dict": state, "best_prec1": 60.0,
-                "optimizer": {"state": {}, "param_groups": []}},
-               tmp_path / "erfnet_encoder_pretrained.pth.tar")  # fmt: skip
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "erfnet",
+            "state_dict": state,
+            "best_prec1": 60.0,
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        tmp_path / "erfnet_encoder_pretrained.pth.tar",
+    )
     model, before = fresh(7)
     report = init_from(model, tmp_path / "erfnet_encoder_pretrained.pth.tar")
     assert report.source == IMAGENET_ENCODER and report.reinitialised == []
@@ -111,8 +118,19 @@ def test_imagenet_encoder_maps_every_encoder_tensor(tmp_path, reference_nets):
 
 
 def test_files_that_do_not_fit_are_one_error_line(tmp_path, synthetic_root: Path, capsys):
-    argv = ["--data", "synthetic", "--data-root", str(synthetic_root), "--iters", "1",
-            "--device", "cpu", "--workers", "0", "--no-progress"]  # fmt: skip
+    argv = [
+        "--data",
+        "synthetic",
+        "--data-root",
+        str(synthetic_root),
+        "--iters",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
     narrow = ERFNet(num_classes=19, head_channels=64)
     save_checkpoint(tmp_path / "narrow.pth", narrow)

@@ -197,15 +197,32 @@ def test_each_problem_is_one_error_naming_the_file(tmp_path: Path):
     with pytest.raises(DatasetError, match="broken.json' is not valid JSON"):
         load_spec(tmp_path / "broken.json")
     with pytest.raises(DatasetError, match="no split 'val'"):
-        FolderDataset(tmp_path, write_spec(tmp_path / "s.json", {**FIVE, "splits": {
-            "train": {"images": "images/train", "labels": "labels/train"}}}), "val")  # fmt: skip
+        FolderDataset(
+            tmp_path,
+            write_spec(
+                tmp_path / "s.json",
+                {**FIVE, "splits": {"train": {"images": "images/train", "labels": "labels/train"}}},
+            ),
+            "val",
+        )
 
 
 def test_train_cli_prints_one_error_line(tmp_path: Path, capsys):
     values = np.zeros(SIZE, dtype=np.uint8)
     spec = _tiny_tree(tmp_path, values, {**FIVE, "palette": [[0, 0, 0]] * 4})
-    argv = ["--data", "folder", "--data-root", str(tmp_path), "--classes", str(spec),
-            "--device", "cpu", "--work-dir", str(tmp_path / "w"), "--no-progress"]  # fmt: skip
+    argv = [
+        "--data",
+        "folder",
+        "--data-root",
+        str(tmp_path),
+        "--classes",
+        str(spec),
+        "--device",
+        "cpu",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as info:
         train_cli.cli(argv)
     msg = str(info.value.code)

@@ -75,12 +75,38 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.set_num_threads(1)
     try:
         code = train_cli.cli(
-            ["--data", "folder", "--data-root", str(root), "--classes", str(classes),
-             "--init-from", str(tmp / "city19.pth"), "--iters", "2", "--batch-size", "2",
-             "--crop-size", *map(str, SIZE), "--scale", *map(str, SIZE), "--val-interval", "2",
-             "--ckpt-interval", "2", "--num-vis", "1", "--workers", "0", "--device", "cpu",
-             "--no-progress", "--work-dir", str(work)]
-        )  # fmt: skip
+            [
+                "--data",
+                "folder",
+                "--data-root",
+                str(root),
+                "--classes",
+                str(classes),
+                "--init-from",
+                str(tmp / "city19.pth"),
+                "--iters",
+                "2",
+                "--batch-size",
+                "2",
+                "--crop-size",
+                *map(str, SIZE),
+                "--scale",
+                *map(str, SIZE),
+                "--val-interval",
+                "2",
+                "--ckpt-interval",
+                "2",
+                "--num-vis",
+                "1",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--work-dir",
+                str(work),
+            ]
+        )
     finally:
         torch.set_num_threads(old_threads)
     assert code == 0
@@ -102,11 +128,27 @@ def test_checkpoint_is_self_describing(trained):
 def test_eval_uses_the_names_and_writes_the_reports(trained, tmp_path: Path, capsys):
     out = tmp_path / "report"
     eval_script.main(
-        ["--checkpoint", str(trained["work"] / "best.pth"), "--data", "folder",
-         "--data-root", str(trained["root"]), "--classes", str(trained["classes"]),
-         "--scale", *map(str, SIZE), "--workers", "0", "--device", "cpu",
-         "--json", str(tmp_path / "r.json"), "--out-dir", str(out)]
-    )  # fmt: skip
+        [
+            "--checkpoint",
+            str(trained["work"] / "best.pth"),
+            "--data",
+            "folder",
+            "--data-root",
+            str(trained["root"]),
+            "--classes",
+            str(trained["classes"]),
+            "--scale",
+            *map(str, SIZE),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--out-dir",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| yellow box" in printed and "| road" not in printed
     data = json.loads((tmp_path / "r.json").read_text())
@@ -129,11 +171,30 @@ def test_eval_uses_the_names_and_writes_the_reports(trained, tmp_path: Path, cap
 
 
 def test_eval_refuses_the_test_server_writer_and_a_wrong_class_count(trained, tmp_path: Path):
-    common = ["--data", "folder", "--data-root", str(trained["root"]), "--classes",
-              str(trained["classes"]), "--workers", "0", "--device", "cpu"]  # fmt: skip
+    common = [
+        "--data",
+        "folder",
+        "--data-root",
+        str(trained["root"]),
+        "--classes",
+        str(trained["classes"]),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit) as info:
-        eval_script.main(["--checkpoint", str(trained["work"] / "best.pth"), *common,
-                          "--split", "test", "--out-dir", str(tmp_path / "sub")])  # fmt: skip
+        eval_script.main(
+            [
+                "--checkpoint",
+                str(trained["work"] / "best.pth"),
+                *common,
+                "--split",
+                "test",
+                "--out-dir",
+                str(tmp_path / "sub"),
+            ]
+        )
     msg = str(info.value.code)
     assert msg.startswith("error: split 'test' of classes file") and "Cityscapes only" in msg
     assert str(trained["classes"]) in msg and "\n" not in msg
@@ -146,9 +207,18 @@ def test_eval_refuses_the_test_server_writer_and_a_wrong_class_count(trained, tm
 def test_predict_uses_the_checkpoint_palette(trained, tmp_path: Path):
     image = next((trained["root"] / "img" / "val").glob("*.jpg"))
     predict_cli.main(
-        [str(image), "--checkpoint", str(trained["work"] / "best.pth"), "--out", str(tmp_path),
-         "--scale", *map(str, SIZE), "--device", "cpu"]
-    )  # fmt: skip
+        [
+            str(image),
+            "--checkpoint",
+            str(trained["work"] / "best.pth"),
+            "--out",
+            str(tmp_path),
+            "--scale",
+            *map(str, SIZE),
+            "--device",
+            "cpu",
+        ]
+    )
     color = np.asarray(Image.open(tmp_path / f"{image.stem}_color.png").convert("RGB"))
     model = load_model(trained["work"] / "best.pth")
     pred = predict(model, load_image(image)[None], SIZE, TestSettings(scale=SIZE))[0].numpy()
@@ -159,11 +229,26 @@ def test_onnx_export_and_int8_calibration_on_the_folder_dataset(trained, tmp_pat
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     report = export.main(
-        [str(trained["work"] / "best.pth"), "--out", str(tmp_path / "m.onnx"),
-         "--size", *map(str, SIZE), "--precision", "int8", "--calib-data", str(trained["root"]),
-         "--calib-classes", str(trained["classes"]), "--calib-images", "2",
-         "--min-agreement", "0", "--max-miou-drop", "100"]
-    )  # fmt: skip
+        [
+            str(trained["work"] / "best.pth"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--size",
+            *map(str, SIZE),
+            "--precision",
+            "int8",
+            "--calib-data",
+            str(trained["root"]),
+            "--calib-classes",
+            str(trained["classes"]),
+            "--calib-images",
+            "2",
+            "--min-agreement",
+            "0",
+            "--max-miou-drop",
+            "100",
+        ]
+    )
     meta = load_exported(tmp_path / "m.onnx").meta
     assert meta["class_names"] == NAMES and meta["palette"] == PALETTE
     assert report["gate"]["scored_images"] == 2 and 0.0 <= report["gate"]["fp32_miou"] <= 100.0
@@ -178,10 +263,18 @@ def test_int8_calibration_on_other_classes_is_refused(
     pytest.importorskip("onnxruntime")
     with pytest.raises(SystemExit) as info:
         export.main(
-            [str(random_bn_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "int8",
-             "--calib-data", str(trained["root"]),
-             "--calib-classes", str(trained["classes"])]
-        )  # fmt: skip
+            [
+                str(random_bn_checkpoint),
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--precision",
+                "int8",
+                "--calib-data",
+                str(trained["root"]),
+                "--calib-classes",
+                str(trained["classes"]),
+            ]
+        )
     msg = str(info.value.code)
     assert msg.startswith("error: --calib-data") and "5 classes" in msg and "19" in msg
     assert "\n" not in msg and list(tmp_path.iterdir()) == []

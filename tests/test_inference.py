@@ -388,8 +388,11 @@ def test_evaluate_takes_classes_palette_and_statistics_from_the_data(tmp_path):
     writer = ColorWriter(tmp_path, _Listed.palette)
     r = evaluate(net, loader, "cpu", at((12, 20)), progress=False, on_prediction=writer)
     assert len(r["IoU"]) == 4  # num_classes = len(dataset.classes)
-    colors = {tuple(c) for p in tmp_path.rglob("*_color.png")
-              for c in np.asarray(Image.open(p)).reshape(-1, 3).tolist()}  # fmt: skip
+    colors = {
+        tuple(c)
+        for p in tmp_path.rglob("*_color.png")
+        for c in np.asarray(Image.open(p)).reshape(-1, 3).tolist()
+    }
     assert colors <= set(_Listed.palette) and len(colors) >= 2
     assert len(list(tmp_path.rglob("*_blend.png"))) == 3
     # The model's own statistics are used: here the network sees the 0-255 image.

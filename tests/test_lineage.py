@@ -54,9 +54,14 @@ def test_converted_checkpoints_record_source_and_terms(converted: dict[str, Path
     mm = load_checkpoint(converted["mmseg"])["meta"]
     assert mm["licence"] == "Apache-2.0"
     assert mm["lineage"] == [
-        {"from": "mmseg", "file": "mmseg_erfnet.pth", "licence": "Apache-2.0",
-         "url": "https://github.com/open-mmlab/mmsegmentation", "how": "converted"}
-    ]  # fmt: skip
+        {
+            "from": "mmseg",
+            "file": "mmseg_erfnet.pth",
+            "licence": "Apache-2.0",
+            "url": "https://github.com/open-mmlab/mmsegmentation",
+            "how": "converted",
+        }
+    ]
     ep = load_checkpoint(converted["erfnet_pytorch"])["meta"]
     assert ep["licence"] == NC
     assert [(s["from"], s["licence"]) for s in ep["lineage"]] == [("erfnet_pytorch", NC)]
@@ -68,7 +73,9 @@ def test_weights_made_here_carry_the_project_licence(tmp_path: Path) -> None:
     assert meta["licence"] == PROJECT_LICENCE == "Apache-2.0" and meta["lineage"] == []
     # --resume keeps what the checkpoint says; an old file without the keys is our own.
     assert lineage_meta({"licence": NC, "lineage": [{"from": "x"}]}) == {
-        "licence": NC, "lineage": [{"from": "x"}]}  # fmt: skip
+        "licence": NC,
+        "lineage": [{"from": "x"}],
+    }
     assert lineage_meta({}) == {"licence": PROJECT_LICENCE, "lineage": []}
     assert combine_licences(PROJECT_LICENCE, NC) == NC == combine_licences(NC, PROJECT_LICENCE)
 
@@ -81,12 +88,40 @@ def test_init_from_carries_the_licence_and_logs_it_once(
     torch.set_num_threads(1)
     try:
         code = train_cli.cli(
-            ["--data", "cityscapes", "--data-root", str(synthetic_root), "--head", "deconv",
-             "--init-from", str(converted["erfnet_pytorch"]), "--iters", "1", "--batch-size",
-             "1", "--crop-size", "32", "64", "--scale", "32", "64", "--val-interval", "1",
-             "--ckpt-interval", "1", "--num-vis", "0", "--workers", "0", "--device", "cpu",
-             "--no-progress", "--work-dir", str(work)]
-        )  # fmt: skip
+            [
+                "--data",
+                "cityscapes",
+                "--data-root",
+                str(synthetic_root),
+                "--head",
+                "deconv",
+                "--init-from",
+                str(converted["erfnet_pytorch"]),
+                "--iters",
+                "1",
+                "--batch-size",
+                "1",
+                "--crop-size",
+                "32",
+                "64",
+                "--scale",
+                "32",
+                "64",
+                "--val-interval",
+                "1",
+                "--ckpt-interval",
+                "1",
+                "--num-vis",
+                "0",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--work-dir",
+                str(work),
+            ]
+        )
     finally:
         torch.set_num_threads(old_threads)
     assert code == 0
@@ -108,8 +143,9 @@ def test_exports_copy_the_lineage(converted: dict[str, Path], tmp_path: Path) ->
     from scripts import export
 
     out = tmp_path / "ep.onnx"
-    report = export.main([str(converted["erfnet_pytorch"]), "--out", str(out), "--size", "32",
-                          "64"])  # fmt: skip
+    report = export.main(
+        [str(converted["erfnet_pytorch"]), "--out", str(out), "--size", "32", "64"]
+    )
     assert report["licence"] == NC
     meta = load_exported(out).meta
     assert meta["licence"] == NC and meta["lineage"][0]["from"] == "erfnet_pytorch"

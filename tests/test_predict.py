@@ -53,8 +53,12 @@ def run(*args: str) -> list[Path]:
 def test_predict_folder_writes_colour_and_blend(images: Path, checkpoint: Path, tmp_path: Path):
     out = tmp_path / "out"
     written = run(images, "--checkpoint", checkpoint, "--out", out, "--scale", "64", "128")
-    expected = {out / "a_color.png", out / "a_blend.png", out / "sub/b_color.png",
-                out / "sub/b_blend.png"}  # fmt: skip
+    expected = {
+        out / "a_color.png",
+        out / "a_blend.png",
+        out / "sub/b_color.png",
+        out / "sub/b_blend.png",
+    }
     assert set(written) == expected and all(p.is_file() for p in expected)
     rgb = np.asarray(Image.open(images / "a.png").convert("RGB"))
     color = np.asarray(Image.open(out / "a_color.png"))
@@ -78,8 +82,21 @@ def test_fast_path_predicts_the_same_classes(images: Path, checkpoint: Path, tmp
 
 def test_ms_flip_and_cli(images: Path, checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ms"
-    cmd = [sys.executable, str(SCRIPT), str(images / "a.png"), "--checkpoint", str(checkpoint),
-           "--out", str(out), "--ms-flip", "--scale", "32", "64", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        str(images / "a.png"),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--ms-flip",
+        "--scale",
+        "32",
+        "64",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "a_color.png").is_file() and (out / "a_blend.png").is_file()
@@ -126,8 +143,17 @@ def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> 
         return model
 
     monkeypatch.setattr(predict, "load_model", load_and_spy)
-    run(tmp_path / "img.png", "--checkpoint", path, "--out", tmp_path / "o", "--scale", "32", "64",
-        "--no-fast")  # fmt: skip
+    run(
+        tmp_path / "img.png",
+        "--checkpoint",
+        path,
+        "--out",
+        tmp_path / "o",
+        "--scale",
+        "32",
+        "64",
+        "--no-fast",
+    )
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     ref = F.interpolate(x, size=(32, 56), mode="bilinear", align_corners=False).round() / 255
     assert len(seen) == 1
@@ -152,8 +178,9 @@ def test_colours_come_from_the_checkpoint_palette(images: Path, tmp_path: Path) 
     assert used <= {tuple(c) for c in palette} and len(used) >= 2
 
 
-def test_an_onnx_export_predicts_what_its_checkpoint_predicts(images: Path, checkpoint: Path,
-                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_an_onnx_export_predicts_what_its_checkpoint_predicts(
+    images: Path, checkpoint: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("onnx", reason="the optional onnx package is not installed")
     pytest.importorskip("onnxruntime", reason="the optional onnxruntime package is not installed")
     from erfnet.checkpoint import load_model
@@ -161,26 +188,51 @@ def test_an_onnx_export_predicts_what_its_checkpoint_predicts(images: Path, chec
 
     model = load_model(checkpoint)
     onnx_path = export_onnx(model, tmp_path / "m.onnx", 48, 96, meta=model.meta)
-    cmd = [sys.executable, str(SCRIPT), str(images / "a.png"), "--model", str(onnx_path),
-           "--out", str(tmp_path / "onnx"), "--scale", "48", "96"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        str(images / "a.png"),
+        "--model",
+        str(onnx_path),
+        "--out",
+        str(tmp_path / "onnx"),
+        "--scale",
+        "48",
+        "96",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run(images / "a.png", "--checkpoint", checkpoint, "--out", tmp_path / "pth", "--scale", "48",
-        "96", "--no-fast")  # fmt: skip
+    run(
+        images / "a.png",
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "pth",
+        "--scale",
+        "48",
+        "96",
+        "--no-fast",
+    )
     ours = np.asarray(Image.open(tmp_path / "onnx" / "a_color.png"))
     ref = np.asarray(Image.open(tmp_path / "pth" / "a_color.png"))
     assert ours.shape == ref.shape == (64, 128, 3)
     assert (ours == ref).all(axis=-1).mean() > 0.999
-    proc = subprocess.run([*cmd[:-3], "--device", "cuda"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [*cmd[:-3], "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert proc.returncode != 0 and "--model runs on the CPU" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def _failure(*args: str, cwd: Path) -> str:
     """predict.py run as a user runs it, expected to stop with one error line (rc 1 or 2)."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
     assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("predict:")]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]  # + progress
@@ -206,8 +258,9 @@ def test_outputs_are_checked_before_the_work_and_never_an_input(
 
 def test_images_too_thin_or_too_large_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
     Image.new("RGB", (5000, 1)).save(tmp_path / "thin.png")
-    msg = _failure(tmp_path / "thin.png", "--checkpoint", checkpoint, "--out", tmp_path / "o",
-                   cwd=tmp_path)  # fmt: skip
+    msg = _failure(
+        tmp_path / "thin.png", "--checkpoint", checkpoint, "--out", tmp_path / "o", cwd=tmp_path
+    )
     assert "thin.png: a 1x5000 image resized to the test scale 1024x2048 is 0x2048" in msg
     # A JPEG whose header claims 20000x20000 pixels: over PIL's decompression-bomb limit.
     Image.new("RGB", (16, 16)).save(tmp_path / "bomb.jpg", quality=50)
@@ -215,8 +268,9 @@ def test_images_too_thin_or_too_large_are_one_line(checkpoint: Path, tmp_path: P
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2  # height, width
     (tmp_path / "bomb.jpg").write_bytes(bytes(data))
-    msg = _failure(tmp_path / "bomb.jpg", "--checkpoint", checkpoint, "--out", tmp_path / "o",
-                   cwd=tmp_path)  # fmt: skip
+    msg = _failure(
+        tmp_path / "bomb.jpg", "--checkpoint", checkpoint, "--out", tmp_path / "o", cwd=tmp_path
+    )
     assert "bomb.jpg" in msg and ("400000000" in msg or "20000x20000" in msg), msg
 
 
@@ -226,8 +280,9 @@ def test_absurd_or_broken_checkpoints_are_refused(images: Path, tmp_path: Path) 
     huge = make_checkpoint(ERFNet())
     huge["model_args"]["num_classes"] = 10**9
     torch.save(huge, tmp_path / "huge.pth")
-    msg = _failure(images, "--checkpoint", tmp_path / "huge.pth", "--out", tmp_path / "o",
-                   cwd=tmp_path)  # fmt: skip
+    msg = _failure(
+        images, "--checkpoint", tmp_path / "huge.pth", "--out", tmp_path / "o", cwd=tmp_path
+    )
     assert "num_classes 1000000000 is not a class count (1..255)" in msg
     model = ERFNet()
     with torch.no_grad():
@@ -238,8 +293,9 @@ def test_absurd_or_broken_checkpoints_are_refused(images: Path, tmp_path: Path) 
     assert not (tmp_path / "o").exists()
 
 
-def test_threads_follow_the_one_cpu_plan(images: Path, checkpoint: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_threads_follow_the_one_cpu_plan(
+    images: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from erfnet import runtime
 
     monkeypatch.setattr(runtime, "available_cores", lambda: 3)
@@ -265,8 +321,11 @@ def test_readme_notebook_example_runs_as_written(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    save_checkpoint(tmp_path / "checkpoints" / "erfnet_mmseg_cityscapes.pth", ERFNet().eval(),
-                    meta=cityscapes_meta())  # fmt: skip
+    save_checkpoint(
+        tmp_path / "checkpoints" / "erfnet_mmseg_cityscapes.pth",
+        ERFNet().eval(),
+        meta=cityscapes_meta(),
+    )
     rgb = np.random.default_rng(0).integers(0, 256, (48, 96, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "frankfurt_000000_000294_leftImg8bit.png")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -24,17 +24,32 @@ SIZE = (64, 128)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, random_bn_checkpoint: Path,
-             synthetic_root: Path) -> dict:  # fmt: skip
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, random_bn_checkpoint: Path, synthetic_root: Path
+) -> dict:
     """A random-BN ERFNet exported as onnxruntime int8 through the script (a permissive gate)."""
     tmp = tmp_path_factory.mktemp("int8")
     fp32, int8 = tmp / "m.onnx", tmp / "m_int8.onnx"
     export.main([str(random_bn_checkpoint), "--out", str(fp32), "--size", *map(str, SIZE)])
     report = export.main(
-        [str(random_bn_checkpoint), "--out", str(int8), "--precision", "int8",
-         "--size", *map(str, SIZE), "--calib-data", str(synthetic_root), "--calib-images", "2",
-         "--min-agreement", "0", "--max-miou-drop", "100"]
-    )  # fmt: skip
+        [
+            str(random_bn_checkpoint),
+            "--out",
+            str(int8),
+            "--precision",
+            "int8",
+            "--size",
+            *map(str, SIZE),
+            "--calib-data",
+            str(synthetic_root),
+            "--calib-images",
+            "2",
+            "--min-agreement",
+            "0",
+            "--max-miou-drop",
+            "100",
+        ]
+    )
     return {"dir": tmp, "fp32": fp32, "int8": int8, "report": report, "root": synthetic_root}
 
 
@@ -63,8 +78,9 @@ def test_quantize_needs_calibration_images(exported: dict, tmp_path: Path) -> No
 
 def test_video_runs_the_int8_model(exported: dict, tmp_path: Path) -> None:
     folder = exported["root"] / "leftImg8bit" / "val" / "frankfurt"
-    report = run_video(open_source(folder), OnnxPredictor(exported["int8"]),
-                       tmp_path / "o.mkv", codec="ffv1")  # fmt: skip
+    report = run_video(
+        open_source(folder), OnnxPredictor(exported["int8"]), tmp_path / "o.mkv", codec="ffv1"
+    )
     assert report["backend"] == "onnxruntime" and report["frames"] == 1
 
 

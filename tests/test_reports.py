@@ -27,11 +27,16 @@ def test_row_normalised_matrix():
 
 def test_reports_with_matplotlib(tmp_path: Path):
     pytest.importorskip("matplotlib")  # an optional extra
-    written, note = write_reports(tmp_path, MATRIX, NAMES, [100 * 8 / 11, 50.0, math.nan],
-                                  output_names=[*NAMES, "void"])  # fmt: skip
+    written, note = write_reports(
+        tmp_path, MATRIX, NAMES, [100 * 8 / 11, 50.0, math.nan], output_names=[*NAMES, "void"]
+    )
     assert note is None
-    assert {p.name for p in written} == {"confusion_matrix.npy", "confusion_matrix.json",
-                                         "confusion_matrix.png", "per_class_iou.png"}  # fmt: skip
+    assert {p.name for p in written} == {
+        "confusion_matrix.npy",
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+        "per_class_iou.png",
+    }
     assert np.array_equal(np.load(tmp_path / "confusion_matrix.npy"), MATRIX)
     data = json.loads((tmp_path / "confusion_matrix.json").read_text())
     assert data["prediction_names"] == [*NAMES, "void"] and data["IoU"]["sky"] is None

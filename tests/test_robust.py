@@ -71,9 +71,11 @@ def _png16(path: Path, array: np.ndarray) -> None:
 
     header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
         + chunk(b"IEND", b"")
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- 1. bad files, early or late
@@ -249,15 +251,29 @@ def test_predict_outputs_are_unique_per_input(synthetic_root: Path, tmp_path: Pa
     save_checkpoint(ckpt, ERFNet().eval())
     out = tmp_path / "out"
     written = predict.main(
-        [str(folder), "--checkpoint", str(ckpt), "--out", str(out), "--scale", "32", "64",
-         "--device", "cpu"]
-    )  # fmt: skip
+        [
+            str(folder),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--scale",
+            "32",
+            "64",
+            "--device",
+            "cpu",
+        ]
+    )
     names = sorted(p.name for p in written)
     assert names == sorted(p.name for p in out.iterdir())  # nothing overwritten
     assert names == [
-        "x.jpg_blend.png", "x.jpg_color.png", "x.png_blend.png", "x.png_color.png",
-        "y_blend.png", "y_color.png",
-    ]  # fmt: skip
+        "x.jpg_blend.png",
+        "x.jpg_color.png",
+        "x.png_blend.png",
+        "x.png_color.png",
+        "y_blend.png",
+        "y_color.png",
+    ]
 
 
 # ---------------------------------------------------------------- 6. full disk, .tmp, keep-ckpts
@@ -312,8 +328,9 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(
 def test_a_really_full_tmpfs(synthetic_root: Path, tmp_path: Path, run_args, run_train):
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-                      capture_output=True).returncode:  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         r = run_train(run_args(synthetic_root, small / "w"))
@@ -350,8 +367,9 @@ def test_files_that_are_not_checkpoints_say_so(tmp_path: Path, content, expected
     path = tmp_path / "x.pth"
     path.write_bytes(content)
     with pytest.raises(SystemExit) as exc:
-        train_cli.cli(["--data", "synthetic", "--work-dir", str(tmp_path / "w"), "--resume",
-                       str(path)])  # fmt: skip
+        train_cli.cli(
+            ["--data", "synthetic", "--work-dir", str(tmp_path / "w"), "--resume", str(path)]
+        )
     msg = str(exc.value.code)
     assert msg.startswith(f"error: cannot read checkpoint {path}: {expected}"), msg
     assert "IndexError" not in msg and "EOFError" not in msg
@@ -480,8 +498,13 @@ def test_a_new_run_never_overwrites_an_earlier_one(
     assert r.returncode == 0, r.stderr[-3000:]
     (moved,) = work.glob("previous-*")
     assert sorted(p.name for p in moved.iterdir()) == [
-        "args.json", "best.pth", "iter_2.pth", "latest.pth", "tensorboard", "train.log",
-    ]  # fmt: skip
+        "args.json",
+        "best.pth",
+        "iter_2.pth",
+        "latest.pth",
+        "tensorboard",
+        "train.log",
+    ]
     assert f"--restart: the earlier run's files are now in {moved}" in r.stderr
     assert torch.load(work / "latest.pth", weights_only=True)["iteration"] == 2
 
@@ -505,8 +528,16 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path: Path, train_env_of):
     """SIGINT while torch is still importing: exit 130 and one line, no KeyboardInterrupt
     traceback, nothing written."""
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-X", "importtime", str(repo / "train.py"), "--data", "synthetic",
-           "--work-dir", str(tmp_path / "w")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        str(repo / "train.py"),
+        "--data",
+        "synthetic",
+        "--work-dir",
+        str(tmp_path / "w"),
+    ]
     proc = subprocess.Popen(cmd, cwd=repo, env=train_env_of(), stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # -X importtime: one line per module imported
@@ -618,12 +649,14 @@ def test_a_read_only_work_dir_is_one_line(
 ):
     ro = tmp_path / "ro"
     ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
-                      capture_output=True).returncode:  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        save_checkpoint(ro / "latest.pth", ERFNet(), optimizer={}, scheduler={}, iteration=1,
-                        sampler={})  # fmt: skip
+        save_checkpoint(
+            ro / "latest.pth", ERFNet(), optimizer={}, scheduler={}, iteration=1, sampler={}
+        )
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
         r = run_train(run_args(synthetic_root, ro, "--resume"))
         assert r.returncode == 1 and r.stderr.strip() == (

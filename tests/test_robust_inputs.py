@@ -35,8 +35,10 @@ FIVE = {"names": ["a", "b", "c", "d", "e"], "palette": [[0, 0, 0]] * 5, "image_s
 def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -91,10 +93,28 @@ def test_train_stops_at_the_data_check_for_a_truncated_val_jpeg(tmp_path: Path) 
     bad = tmp_path / "data" / "images" / "val" / "1.jpg"
     _truncate(bad)
     proc = _run(
-        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
-        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--batch-size", "1",
-        "--crop-size", "16", "16", "--workers", "0", "--no-progress",
-    )  # fmt: skip
+        "train.py",
+        "--data",
+        "folder",
+        "--data-root",
+        tmp_path / "data",
+        "--classes",
+        classes,
+        "--device",
+        "cpu",
+        "--work-dir",
+        tmp_path / "work",
+        "--iters",
+        "2",
+        "--batch-size",
+        "1",
+        "--crop-size",
+        "16",
+        "16",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert proc.returncode == 1
     line = _error_line(proc)
     assert "data check found 1 problem" in proc.stderr and f"cannot decode '{bad}'" in line
@@ -119,8 +139,9 @@ def _png_blank(path: Path, width: int, height: int) -> Path:
     squeeze = zlib.compressobj(9)
     row = b"\0" * (1 + (width + 7) // 8)
     idat = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
-                     + _chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -129,8 +150,12 @@ def _png_short_data(path: Path, width: int = 32, height: int = 24) -> Path:
     (torchvision's libpng decoder kills the process on it: "Not enough image data")."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = b"".join(b"\0" + bytes(3 * width) for _ in range(height // 2))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-                     + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -149,8 +174,10 @@ def test_images_over_pil_bomb_limit_work_or_are_refused_in_one_line(tmp_path: Pa
     big = _png_blank(tmp_path / "big.png", 20000, 20000)
     assert image_header(big) == ((20000, 20000), "1")
     assert 20000 * 20000 <= MAX_IMAGE_PIXELS < 30000 * 30000
-    for path in (_png_header_only(tmp_path / "huge.png", 30000, 30000),
-                 _jpeg_claiming(tmp_path / "huge.jpg", 30000, 30000)):  # fmt: skip
+    for path in (
+        _png_header_only(tmp_path / "huge.png", 30000, 30000),
+        _jpeg_claiming(tmp_path / "huge.jpg", 30000, 30000),
+    ):
         for read in (image_header, load_image):
             with pytest.raises(DatasetError) as e:
                 read(path)
@@ -188,10 +215,23 @@ def test_train_stops_at_the_data_check_for_short_png_data(tmp_path: Path) -> Non
     classes = _folder_dataset(tmp_path / "data")
     bad = _png_short_data(tmp_path / "data" / "labels" / "val" / "1.png")
     proc = _run(
-        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
-        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--workers", "0",
+        "train.py",
+        "--data",
+        "folder",
+        "--data-root",
+        tmp_path / "data",
+        "--classes",
+        classes,
+        "--device",
+        "cpu",
+        "--work-dir",
+        tmp_path / "work",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
         "--no-progress",
-    )  # fmt: skip
+    )
     assert proc.returncode == 1  # not -11: the file never reached libpng
     assert f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
 
@@ -210,8 +250,18 @@ def test_eval_and_predict_name_short_png_data_instead_of_dying(
     shutil.copytree(synthetic_root, root)
     bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
     _png_short_data(bad, width=128, height=64)
-    proc = _run("eval.py", "--checkpoint", ckpt, "--data-root", root, "--scale", "64", "128",
-                "--workers", "0")  # fmt: skip
+    proc = _run(
+        "eval.py",
+        "--checkpoint",
+        ckpt,
+        "--data-root",
+        root,
+        "--scale",
+        "64",
+        "128",
+        "--workers",
+        "0",
+    )
     assert proc.returncode == 1 and f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
     proc = _run("scripts/predict.py", bad, "--checkpoint", ckpt, "--out", tmp_path / "pred")
     assert proc.returncode == 1 and f"cannot decode '{bad}' (truncated?)" in _error_line(proc)
@@ -221,10 +271,23 @@ def test_data_check_names_an_oversized_image_in_train(tmp_path: Path) -> None:
     classes = _folder_dataset(tmp_path / "data")
     huge = _jpeg_claiming(tmp_path / "data" / "images" / "val" / "0.jpg", 30000, 30000)
     proc = _run(
-        "train.py", "--data", "folder", "--data-root", tmp_path / "data", "--classes", classes,
-        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", "--workers", "0",
+        "train.py",
+        "--data",
+        "folder",
+        "--data-root",
+        tmp_path / "data",
+        "--classes",
+        classes,
+        "--device",
+        "cpu",
+        "--work-dir",
+        tmp_path / "work",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
         "--no-progress",
-    )  # fmt: skip
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"'{huge}' is 30000x30000 (WxH) = 900,000,000 pixels" in proc.stderr
 
@@ -237,9 +300,21 @@ def test_huge_classes_file_is_refused_at_once(tmp_path: Path) -> None:
     (tmp_path / "images" / "train").mkdir(parents=True)
     start = time.perf_counter()
     proc = _run(
-        "train.py", "--data", "folder", "--data-root", tmp_path, "--classes", classes,
-        "--device", "cpu", "--work-dir", tmp_path / "work", "--iters", "2", timeout=60,
-    )  # fmt: skip
+        "train.py",
+        "--data",
+        "folder",
+        "--data-root",
+        tmp_path,
+        "--classes",
+        classes,
+        "--device",
+        "cpu",
+        "--work-dir",
+        tmp_path / "work",
+        "--iters",
+        "2",
+        timeout=60,
+    )
     assert time.perf_counter() - start < 60
     assert '300001 "names"; at most 255 classes' in _error_line(proc)
 
@@ -262,10 +337,14 @@ def test_converter_never_suggests_an_unsafe_load(tmp_path: Path) -> None:
     weights_only=False, cut mid-sentence; now one line: not a plain weights file, will not be
     unpickled."""
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Creates(marker)}, evil,
-               _use_new_zipfile_serialization=False)  # fmt: skip
-    proc = _run("scripts/convert_checkpoint.py", "--from", "erfnet_pytorch", evil,
-                tmp_path / "out.pth")  # fmt: skip
+    torch.save(
+        {"state_dict": {"w": torch.zeros(1)}, "x": _Creates(marker)},
+        evil,
+        _use_new_zipfile_serialization=False,
+    )
+    proc = _run(
+        "scripts/convert_checkpoint.py", "--from", "erfnet_pytorch", evil, tmp_path / "out.pth"
+    )
     line = _error_line(proc)
     assert line.startswith(f"error: refusing to load {evil}: it is not a plain weights file")
     assert "will not be unpickled" in line and "weights_only" not in proc.stderr
@@ -317,8 +396,18 @@ def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: 
             prepare_cityscapes.main(["--root", str(synthetic_root), "--cache", str(cache)])
         assert str(e.value).startswith(f"error: --cache {cache}{sep}{reason}")
     assert not (synthetic_root / "gtFine" / "cache").exists()
-    proc = _run("scripts/make_synthetic_cityscapes.py", "--root", "/proc/synthetic", "--train",
-                "1", "--val", "0", "--size", "16", "32")  # fmt: skip
+    proc = _run(
+        "scripts/make_synthetic_cityscapes.py",
+        "--root",
+        "/proc/synthetic",
+        "--train",
+        "1",
+        "--val",
+        "0",
+        "--size",
+        "16",
+        "32",
+    )
     assert _error_line(proc).startswith("error: --root /proc/synthetic: cannot write in")
 
 
@@ -336,10 +425,28 @@ def cached(synthetic_root: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def _train_on_cache(root: Path, cache: Path, work: Path) -> subprocess.CompletedProcess:
     return _run(
-        "train.py", "--data-root", root, "--data-cache", cache, "--device", "cpu", "--work-dir",
-        work, "--iters", "2", "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0",
-        "--val-interval", "100", "--no-progress",
-    )  # fmt: skip
+        "train.py",
+        "--data-root",
+        root,
+        "--data-cache",
+        cache,
+        "--device",
+        "cpu",
+        "--work-dir",
+        work,
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--crop-size",
+        "32",
+        "32",
+        "--workers",
+        "0",
+        "--val-interval",
+        "100",
+        "--no-progress",
+    )
 
 
 def test_cache_bytes_damaged_in_place_stop_with_one_line(cached, tmp_path: Path) -> None:
@@ -366,8 +473,10 @@ def test_malformed_cache_manifests_are_one_line(cached, tmp_path: Path) -> None:
     root, cache = cached
     manifest = cache / "train" / "manifest.json"
     good = json.loads(manifest.read_text())
-    no_name = {**good, "samples": [{k: v for k, v in e.items() if k != "name"}
-                                   for e in good["samples"]]}  # fmt: skip
+    no_name = {
+        **good,
+        "samples": [{k: v for k, v in e.items() if k != "name"} for e in good["samples"]],
+    }
     fewer = {**good, "samples": good["samples"][:-1]}
     cases = [
         (good["samples"], "is not a manifest"),

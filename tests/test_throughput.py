@@ -23,10 +23,28 @@ from erfnet.training.resume import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--data", "synthetic", "--iters", "4", "--batch-size", "2", "--crop-size", "32", "64",
-    "--scale", "64", "128", "--val-interval", "2", "--ckpt-interval", "2", "--log-interval", "1",
-    "--num-vis", "1", "--no-progress",
-]  # fmt: skip
+    "--data",
+    "synthetic",
+    "--iters",
+    "4",
+    "--batch-size",
+    "2",
+    "--crop-size",
+    "32",
+    "64",
+    "--scale",
+    "64",
+    "128",
+    "--val-interval",
+    "2",
+    "--ckpt-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--num-vis",
+    "1",
+    "--no-progress",
+]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -40,8 +58,17 @@ def cached(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     """(a copy of the synthetic root, its decoded train cache) written by the script."""
     base = tmp_path_factory.mktemp("cached")
     root = Path(shutil.copytree(synthetic_root, base / "cityscapes"))
-    cmd = [sys.executable, "scripts/prepare_cityscapes.py", "--root", str(root), "--cache",
-           str(base / "cache"), "--workers", "2", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "scripts/prepare_cityscapes.py",
+        "--root",
+        str(root),
+        "--cache",
+        str(base / "cache"),
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 images" in r.stdout
@@ -140,8 +167,17 @@ def test_stale_truncated_and_partial_caches_are_refused(
     with pytest.raises(CacheError, match=r"stale: '.*leftImg8bit.png' changed since"):
         CachedCityscapesDataset(root2, "train", folder)
     # train.py says it in one line, naming the cache and how to rebuild it.
-    argv = [*TINY, "--data-root", str(root2), "--data-cache", str(folder), "--workers", "0",
-            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    argv = [
+        *TINY,
+        "--data-root",
+        str(root2),
+        "--data-cache",
+        str(folder),
+        "--workers",
+        "0",
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     with pytest.raises(SystemExit) as exc:
         train_cli.cli(argv)
     msg = str(exc.value.code)

@@ -515,13 +515,29 @@ def test_a_failing_rank_ends_every_rank_with_one_line(
     """torchrun, 2 processes: rank 1 is killed after iteration 1. Rank 0 saves latest.pth of
     iteration 1 and stops with one line, no traceback, instead of waiting or a traceback."""
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "--log-dir", str(logs), "--redirects", "3",
-           str(REPO / "tests" / "fault_launcher.py"), "sigkill@1:rank1", *ddp_args,
-           "--iters", "4", "--data-root", str(synthetic_root),
-           "--work-dir", str(tmp_path / "w")]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, env=train_env_of(), capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        str(REPO / "tests" / "fault_launcher.py"),
+        "sigkill@1:rank1",
+        *ddp_args,
+        "--iters",
+        "4",
+        "--data-root",
+        str(synthetic_root),
+        "--work-dir",
+        str(tmp_path / "w"),
+    ]
+    r = subprocess.run(
+        cmd, cwd=REPO, env=train_env_of(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode != 0
     (rank0,) = logs.glob("*/attempt_0/0/stderr.log")
     text = rank0.read_text()

@@ -110,9 +110,14 @@ def test_output_frames_are_the_palette_of_the_argmax(model, clip, tmp_path, pipe
     path, frames = clip
     out, labels_dir = tmp_path / "out.mkv", tmp_path / "labels"
     report = run_video(
-        open_source(path), TorchPredictor(model), out, alpha=1.0, codec="ffv1",
-        labels_dir=labels_dir, pipelined=pipelined,
-    )  # fmt: skip
+        open_source(path),
+        TorchPredictor(model),
+        out,
+        alpha=1.0,
+        codec="ffv1",
+        labels_dir=labels_dir,
+        pipelined=pipelined,
+    )
     decoded_in, _ = decode(path)
     assert all((a == b).all() for a, b in zip(decoded_in, frames, strict=True))  # lossless input
     written, rate = decode(out)
@@ -145,8 +150,9 @@ def test_blend_and_resize(model, clip, tmp_path) -> None:
 
 def test_every_and_max_frames(model, clip, tmp_path) -> None:
     path, _ = clip
-    report = run_video(open_source(path), TorchPredictor(model), tmp_path / "e.mkv", every=2,
-                       codec="ffv1")  # fmt: skip
+    report = run_video(
+        open_source(path), TorchPredictor(model), tmp_path / "e.mkv", every=2, codec="ffv1"
+    )
     written, rate = decode(tmp_path / "e.mkv")
     assert len(written) == report["frames"] == FRAMES // 2
     assert rate == RATE / 2  # the output still plays at the source's speed
@@ -160,8 +166,14 @@ def test_folder_of_frames(model, clip, tmp_path) -> None:
     folder.mkdir()
     for i, f in enumerate(frames[:3]):
         Image.fromarray(f).save(folder / f"{i:04d}.png")
-    report = run_video(open_source(folder), TorchPredictor(model), tmp_path / "f.mkv",
-                       alpha=1.0, codec="ffv1", fps=10)  # fmt: skip
+    report = run_video(
+        open_source(folder),
+        TorchPredictor(model),
+        tmp_path / "f.mkv",
+        alpha=1.0,
+        codec="ffv1",
+        fps=10,
+    )
     written, rate = decode(tmp_path / "f.mkv")
     assert report["frames"] == len(written) == 3 and rate == 10
     np.testing.assert_array_equal(written[2], PALETTE[reference_labels(model, frames[2])])
@@ -239,24 +251,45 @@ def test_script_end_to_end(checkpoint: Path, clip, tmp_path: Path) -> None:
     path, _ = clip
     out, report_file = tmp_path / "out.mp4", tmp_path / "fps.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "video.py"), str(path), "--checkpoint",
-         str(checkpoint), "--out", str(out), "--json", str(report_file), "--device", "cpu",
-         "--no-progress"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "video.py"),
+            str(path),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--json",
+            str(report_file),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "end to end" in proc.stdout and "FPS" in proc.stdout
     report = json.loads(report_file.read_text())
     assert report["frames"] == FRAMES and report["mode"] == "pipelined"
     assert len(decode(out)[0]) == FRAMES
     bad = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "video.py"), str(tmp_path / "nope.mp4"),
-         "--checkpoint", str(checkpoint)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "video.py"),
+            str(tmp_path / "nope.mp4"),
+            "--checkpoint",
+            str(checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.mp4'}: no such video "
-                                               "file or folder"]  # fmt: skip
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope.mp4'}: no such video file or folder"
+    ]
 
 
 def test_onnx_predictor_matches_torch(model, checkpoint, clip, tmp_path) -> None:
@@ -315,11 +348,22 @@ def test_writer_failure_with_a_stalled_source_ends_in_seconds(checkpoint, tmp_pa
     feeder.start()
     try:
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "video.py"), str(fifo), "--checkpoint",
-             str(checkpoint), "--out", str(tmp_path / "out.mp4"), "--codec", "mpeg4",
-             "--no-progress"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "video.py"),
+                str(fifo),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "out.mp4"),
+                "--codec",
+                "mpeg4",
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         release.set()
         if feeder.is_alive():  # the script never opened the pipe: let the feeder's open return
@@ -404,10 +448,20 @@ def test_frames_of_another_size_are_one_line(checkpoint, clip, tmp_path) -> None
     for i, frame in enumerate(frames[:3]):
         Image.fromarray(frame if i != 1 else frame[:-2]).save(folder / f"{i:03d}.png")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "video.py"), str(folder), "--checkpoint",
-         str(checkpoint), "--out", str(tmp_path / "out.mp4"), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "video.py"),
+            str(folder),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "out.mp4"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "frame 1 is 62x128 (HxW)" in _one_error_line(proc)
 
@@ -415,8 +469,10 @@ def test_frames_of_another_size_are_one_line(checkpoint, clip, tmp_path) -> None
 def _video(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "video.py"), *args, "--no-progress"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_outputs_that_are_the_input_are_refused(checkpoint, clip, tmp_path) -> None:
@@ -470,8 +526,9 @@ def test_variable_frame_rate_and_threads(checkpoint, clip, tmp_path) -> None:
     ``--threads`` sets the network's threads (the thread plan otherwise)."""
     vfr = _variable_rate_clip(tmp_path / "vfr.mkv", clip[1])
     report = tmp_path / "r.json"
-    proc = _video(str(vfr), "--checkpoint", str(checkpoint), "--threads", "1", "--json",
-                  str(report))  # fmt: skip
+    proc = _video(
+        str(vfr), "--checkpoint", str(checkpoint), "--threads", "1", "--json", str(report)
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"warning: {vfr} has a variable frame rate" in proc.stdout
     assert json.loads(report.read_text())["threads"] == 1
@@ -500,11 +557,22 @@ def test_exported_models_through_the_script(model, checkpoint, clip, tmp_path) -
     path, frames = clip
     onnx_path = export_onnx(erfnet.load_model(checkpoint), tmp_path / "m.onnx", *SIZE, meta=META)
     xml = _openvino_model(onnx_path, tmp_path / "m.xml")
-    for flag, exported, backend in (("--onnx", onnx_path, "onnxruntime"),
-                                    ("--model", xml, "openvino")):  # fmt: skip
+    for flag, exported, backend in (
+        ("--onnx", onnx_path, "onnxruntime"),
+        ("--model", xml, "openvino"),
+    ):
         labels, report = tmp_path / f"labels_{backend}", tmp_path / f"{backend}.json"
-        proc = _video(str(path), flag, str(exported), "--labels", str(labels), "--json",
-                      str(report), "--max-frames", "2")  # fmt: skip
+        proc = _video(
+            str(path),
+            flag,
+            str(exported),
+            "--labels",
+            str(labels),
+            "--json",
+            str(report),
+            "--max-frames",
+            "2",
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(report.read_text())["backend"] == backend
         got = np.array(Image.open(labels / "000000.png"))

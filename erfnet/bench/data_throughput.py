@@ -25,26 +25,37 @@ from torch.utils.data import default_collate
 from erfnet.config import IGNORE_INDEX, RECIPE
 from erfnet.data.cityscapes import CityscapesDataset, load_image, load_label
 from erfnet.data.fast import device_aug
-from erfnet.data.transforms import (
-    normalize,
-    pad_to,
-    resize_crop_bilinear,
-    resize_crop_nearest,
-)
+from erfnet.data.transforms import normalize, pad_to, resize_crop_bilinear, resize_crop_nearest
 from erfnet.model import ERFNet
 from erfnet.training.resume import SeededDataset, build_train_loader, mix_seed, seeded_rngs
 from erfnet.training.step import train_step
 
 # Stages of each path, for one worker; the main-process stages are listed separately.
 PATHS: dict[str, tuple[str, ...]] = {
-    "PNG + worker aug": ("seeding", "decode image", "decode label", "draw", "resize/crop image",
-                         "resize/crop label", "photometric", "normalise + pad", "collate"),
-    "cache + worker aug": ("seeding", "read cache", "draw", "resize/crop image",
-                           "resize/crop label", "photometric", "normalise + pad", "collate"),
-    "PNG + gpu-aug": ("seeding", "decode image", "decode label", "draw + taps",
-                      "collate decoded"),
+    "PNG + worker aug": (
+        "seeding",
+        "decode image",
+        "decode label",
+        "draw",
+        "resize/crop image",
+        "resize/crop label",
+        "photometric",
+        "normalise + pad",
+        "collate",
+    ),
+    "cache + worker aug": (
+        "seeding",
+        "read cache",
+        "draw",
+        "resize/crop image",
+        "resize/crop label",
+        "photometric",
+        "normalise + pad",
+        "collate",
+    ),
+    "PNG + gpu-aug": ("seeding", "decode image", "decode label", "draw + taps", "collate decoded"),
     "cache + gpu-aug": ("seeding", "read cache", "draw + taps", "collate decoded"),
-}  # fmt: skip
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -153,12 +164,20 @@ def _path_dataset(path: str, png: CityscapesDataset, cached: CityscapesDataset |
     return device_aug.DeviceAugDataset(ds) if path.endswith("gpu-aug") else ds
 
 
-def time_paths(png: CityscapesDataset, cached: CityscapesDataset | None, *, rounds: int = 6,
-               threads: int | None = 1) -> dict[str, float]:  # fmt: skip
+def time_paths(
+    png: CityscapesDataset,
+    cached: CityscapesDataset | None,
+    *,
+    rounds: int = 6,
+    threads: int | None = 1,
+) -> dict[str, float]:
     """Images/s of one worker (one sample, seeded and collated, as a worker loads it) per path,
     from the median of ``rounds`` interleaved rounds (one sample of every path per round)."""
-    sets = {p: SeededDataset(_path_dataset(p, png, cached)) for p in PATHS
-            if cached is not None or not p.startswith("cache")}  # fmt: skip
+    sets = {
+        p: SeededDataset(_path_dataset(p, png, cached))
+        for p in PATHS
+        if cached is not None or not p.startswith("cache")
+    }
     times: dict[str, list[float]] = {p: [] for p in sets}
 
     def run() -> None:
@@ -175,16 +194,29 @@ def time_paths(png: CityscapesDataset, cached: CityscapesDataset | None, *, roun
     return {p: 1.0 / statistics.median(ts) for p, ts in times.items()}
 
 
-def time_loader(path: str, png: CityscapesDataset, cached: CityscapesDataset | None, *,
-                workers: int, batch: int, batches: int, device: torch.device) -> float:  # fmt: skip
+def time_loader(
+    path: str,
+    png: CityscapesDataset,
+    cached: CityscapesDataset | None,
+    *,
+    workers: int,
+    batch: int,
+    batches: int,
+    device: torch.device,
+) -> float:
     """Images/s that ``build_train_loader`` delivers with ``workers`` workers (steady state), up
     to the device (pinned and uploaded on CUDA). The device-side augmentation of the gpu-aug
     paths is not included: it belongs to the step (``time_stages``' "device aug")."""
     ds = _path_dataset(path, png, cached)
     gpu_aug = path.endswith("gpu-aug")
-    loader, _ = build_train_loader(ds, batch_size=batch, workers=workers, seed=0,
-                                   pin_memory=device.type == "cuda",
-                                   collate_fn=device_aug.collate if gpu_aug else None)  # fmt: skip
+    loader, _ = build_train_loader(
+        ds,
+        batch_size=batch,
+        workers=workers,
+        seed=0,
+        pin_memory=device.type == "cuda",
+        collate_fn=device_aug.collate if gpu_aug else None,
+    )
     it = iter(loader)
     try:
         # Drain what the workers prefetched at the start (2 batches each), then time the
@@ -225,9 +257,14 @@ def time_step(device: torch.device, batch: int, size: tuple[int, int], repeats: 
     return statistics.median(times)
 
 
-def project_recipe(step_s: float, step_batch: int, data_rates: dict[str, float],
-                   device_aug_s: float = 0.0, iters: int = RECIPE.iters, batch: int = 16
-                   ) -> list[dict[str, Any]]:  # fmt: skip
+def project_recipe(
+    step_s: float,
+    step_batch: int,
+    data_rates: dict[str, float],
+    device_aug_s: float = 0.0,
+    iters: int = RECIPE.iters,
+    batch: int = 16,
+) -> list[dict[str, Any]]:
     """The recipe's wall time (``iters`` x ``batch`` images) per data path: each iteration
     takes the slower of the step (``step_s`` at ``step_batch``, scaled linearly to ``batch``,
     plus ``device_aug_s`` per image on the gpu-aug paths) and the data (``batch`` / the path's
@@ -239,10 +276,18 @@ def project_recipe(step_s: float, step_batch: int, data_rates: dict[str, float],
             step += device_aug_s * batch
         data = batch / rate
         it = max(step, data)
-        rows.append({"path": path, "data_images_per_s": rate, "step_s": step, "data_s": data,
-                     "iteration_s": it, "recipe_hours": iters * it / 3600,
-                     "bound": "data" if data > step else "step",
-                     "stall_share": max(0.0, data - step) / it})  # fmt: skip
+        rows.append(
+            {
+                "path": path,
+                "data_images_per_s": rate,
+                "step_s": step,
+                "data_s": data,
+                "iteration_s": it,
+                "recipe_hours": iters * it / 3600,
+                "bound": "data" if data > step else "step",
+                "stall_share": max(0.0, data - step) / it,
+            }
+        )
     return rows
 
 

@@ -2,12 +2,7 @@
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data_root
 from erfnet.data.synthetic import make_synthetic_cityscapes
-from erfnet.data.transforms import (
-    EvalTransform,
-    TrainTransform,
-    normalize,
-    resize_image,
-)
+from erfnet.data.transforms import EvalTransform, TrainTransform, normalize, resize_image
 
 __all__ = [
     "CityscapesDataset",

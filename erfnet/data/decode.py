@@ -169,9 +169,11 @@ def check_same_size(
 
 
 def size_mismatch(
-    label_path: os.PathLike, label_size: Sequence[int], image_path: os.PathLike,
+    label_path: os.PathLike,
+    label_size: Sequence[int],
+    image_path: os.PathLike,
     image_size: Sequence[int],
-) -> str:  # fmt: skip
+) -> str:
     """The message for a label whose (H, W) differs from its image's."""
     return (
         f"label '{label_path}' is {label_size[0]}x{label_size[1]} (HxW) but its image "

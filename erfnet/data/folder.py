@@ -382,8 +382,13 @@ class FolderDataset(Dataset):
         image, label = self.load(index)
         ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
         image, label = self.transform(image, label)
-        return {"image": image, "label": label, "name": s.name, "city": s.city,
-                "ori_size": ori_size}  # fmt: skip
+        return {
+            "image": image,
+            "label": label,
+            "name": s.name,
+            "city": s.city,
+            "ori_size": ori_size,
+        }
 
     def __repr__(self) -> str:
         return (

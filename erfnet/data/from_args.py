@@ -35,8 +35,11 @@ def check_data_flags(args: Any) -> None:
         raise DataFlagError(f"--data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     if data == "folder":
         root = getattr(args, "data_root", None)
-        missing = [flag for flag, value in (("--data-root DIR", root), ("--classes FILE", classes))
-                   if not value]  # fmt: skip
+        missing = [
+            flag
+            for flag, value in (("--data-root DIR", root), ("--classes FILE", classes))
+            if not value
+        ]
         if missing:
             raise DataFlagError(f"--data folder needs {' and '.join(missing)}")
     elif classes is not None:

@@ -23,13 +23,28 @@ from erfnet.labels import LABELS
 # Real city names of each split (the official release), used round robin.
 CITIES: dict[str, tuple[str, ...]] = {
     "train": (
-        "aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt", "hamburg",
-        "hanover", "jena", "krefeld", "monchengladbach", "strasbourg", "stuttgart", "tubingen",
-        "ulm", "weimar", "zurich",
+        "aachen",
+        "bochum",
+        "bremen",
+        "cologne",
+        "darmstadt",
+        "dusseldorf",
+        "erfurt",
+        "hamburg",
+        "hanover",
+        "jena",
+        "krefeld",
+        "monchengladbach",
+        "strasbourg",
+        "stuttgart",
+        "tubingen",
+        "ulm",
+        "weimar",
+        "zurich",
     ),
     "val": ("frankfurt", "lindau", "munster"),
     "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich"),
-}  # fmt: skip
+}
 _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 _NUM_IDS = 34

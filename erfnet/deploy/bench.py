@@ -89,8 +89,14 @@ def _skipped(paths: DeployPaths, backend: str, *modules: str) -> bool:
     return False
 
 
-def onnxruntime_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.ndarray],
-                      threads: int, workdir: Path, paths: DeployPaths) -> None:  # fmt: skip
+def onnxruntime_paths(
+    model: nn.Module,
+    size: tuple[int, int],
+    calib: Sequence[np.ndarray],
+    threads: int,
+    workdir: Path,
+    paths: DeployPaths,
+) -> None:
     """onnxruntime fp32 and static int8 (QDQ, MinMax over ``calib``) of the fixed-size graph."""
     if _skipped(paths, "onnxruntime", "onnx", "onnxruntime"):
         return
@@ -103,9 +109,15 @@ def onnxruntime_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[n
         paths.paths[name] = (functools.partial(_run_onnx, session), "CPUExecutionProvider")
 
 
-def openvino_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.ndarray],
-                   threads: int, workdir: Path, paths: DeployPaths,
-                   nncf_options: Any = None) -> None:  # fmt: skip
+def openvino_paths(
+    model: nn.Module,
+    size: tuple[int, int],
+    calib: Sequence[np.ndarray],
+    threads: int,
+    workdir: Path,
+    paths: DeployPaths,
+    nncf_options: Any = None,
+) -> None:
     """OpenVINO with an f32 hint, with its default hint, and NNCF int8 (as scripts/export.py
     deploys it: the hint it records)."""
     if _skipped(paths, "openvino", "onnx", "openvino"):
@@ -142,9 +154,15 @@ def openvino_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.n
     )
 
 
-def deploy_paths(model: nn.Module, size: tuple[int, int], calib: Sequence[np.ndarray],
-                 threads: int, workdir: Path, compile_fast: bool = True,
-                 nncf_options: Any = None) -> DeployPaths:  # fmt: skip
+def deploy_paths(
+    model: nn.Module,
+    size: tuple[int, int],
+    calib: Sequence[np.ndarray],
+    threads: int,
+    workdir: Path,
+    compile_fast: bool = True,
+    nncf_options: Any = None,
+) -> DeployPaths:
     """Every path, ``model`` (eval mode, CPU) first; ``calib``: int8 calibration inputs."""
     paths = DeployPaths()
     torch_paths(model, paths, compile_fast)

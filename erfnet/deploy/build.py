@@ -101,12 +101,14 @@ def check_output(path: Path, checkpoint: Path, fmt: str, flag: str = "--out") ->
 
 def _fp32_onnx(model: torch.nn.Module, path: Path, req: ExportRequest, argmax: bool) -> Path:
     h, w = req.size or (512, 1024)  # a dynamic export only traces at this size
-    return export_onnx(model, path, h, w, req.opset, model.meta, dynamic=req.size is None,
-                       argmax=argmax)  # fmt: skip
+    return export_onnx(
+        model, path, h, w, req.opset, model.meta, dynamic=req.size is None, argmax=argmax
+    )
 
 
-def _onnx_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace,
-                   held: gate.HeldOut | None) -> None:  # fmt: skip
+def _onnx_artifact(
+    model: torch.nn.Module, req: ExportRequest, ws: Workspace, held: gate.HeldOut | None
+) -> None:
     """The .onnx export in ``ws``: the fp32 graph, or its onnxruntime int8 quantization."""
     if req.precision == "fp32":
         _fp32_onnx(model, ws.artifact, req, req.argmax)
@@ -124,8 +126,9 @@ def _onnx_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace,
         onnx.save(proto, str(ws.artifact))
 
 
-def _openvino_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace,
-                       held: gate.HeldOut | None) -> None:  # fmt: skip
+def _openvino_artifact(
+    model: torch.nn.Module, req: ExportRequest, ws: Workspace, held: gate.HeldOut | None
+) -> None:
     """The OpenVINO IR in ``ws``, converted from the fp32 ONNX export; int8 through NNCF."""
     from erfnet.deploy import openvino_ir
 
@@ -134,8 +137,9 @@ def _openvino_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace
     if req.precision == "int8":
         require("nncf")
         options = req.nncf_options or openvino_ir.NNCFOptions()
-        inputs = gate.NetworkInputs(held.calibration, model.meta["mean"], model.meta["std"],
-                                    req.size)  # fmt: skip
+        inputs = gate.NetworkInputs(
+            held.calibration, model.meta["mean"], model.meta["std"], req.size
+        )
         ir = openvino_ir.quantize_int8(ir, inputs, options)
         ws.notes.append(f"NNCF {asdict(options)}")
     if req.argmax:
@@ -149,13 +153,15 @@ def _openvino_artifact(model: torch.nn.Module, req: ExportRequest, ws: Workspace
     openvino_ir.save_ir(ir, ws.artifact, props)
 
 
-def _gate(req: ExportRequest, model: torch.nn.Module, ws: Workspace,
-          held: gate.HeldOut) -> dict[str, Any]:  # fmt: skip
+def _gate(
+    req: ExportRequest, model: torch.nn.Module, ws: Workspace, held: gate.HeldOut
+) -> dict[str, Any]:
     """Score the artifact in ``ws`` against the fp32 model on the held-out images."""
     exported = load_exported(ws.artifact, req.threads)
     reference = optimize_for_inference(model)
-    figures = gate.score_export(reference, exported, held.scored, model.meta, req.size,
-                                labels_out=req.argmax)  # fmt: skip
+    figures = gate.score_export(
+        reference, exported, held.scored, model.meta, req.size, labels_out=req.argmax
+    )
     figures["scored_images"] = len(held.scored)
     figures["max_miou_drop"] = req.max_miou_drop
     figures["min_agreement"] = req.min_agreement
@@ -164,8 +170,9 @@ def _gate(req: ExportRequest, model: torch.nn.Module, ws: Workspace,
 
 def _move_into_place(ws: Workspace, out: Path) -> None:
     # The IR's .bin first: an .xml is never visible without its weights.
-    for src, dst in reversed(list(zip(_artifact_files(ws.artifact), _artifact_files(out),
-                                      strict=True))):  # fmt: skip
+    for src, dst in reversed(
+        list(zip(_artifact_files(ws.artifact), _artifact_files(out), strict=True))
+    ):
         os.replace(src, dst)
 
 
@@ -196,16 +203,25 @@ def build_export(req: ExportRequest) -> dict[str, Any]:
         torch.set_num_threads(req.threads)
     model = load_model(req.checkpoint)  # its meta is complete (erfnet.checkpoint.complete_meta)
     held = None
-    report: dict[str, Any] = {"checkpoint": str(req.checkpoint), "out": str(req.out),
-                              "format": req.format, "precision": req.precision,
-                              "argmax": req.argmax, "size": req.size,
-                              "licence": model.meta.get("licence")}  # fmt: skip
+    report: dict[str, Any] = {
+        "checkpoint": str(req.checkpoint),
+        "out": str(req.out),
+        "format": req.format,
+        "precision": req.precision,
+        "argmax": req.argmax,
+        "size": req.size,
+        "licence": model.meta.get("licence"),
+    }
     if needs_gate(req):
-        held = gate.held_out_images(req.calib_data, req.calib_classes, req.calib_images,
-                                    req.score_images)  # fmt: skip
+        held = gate.held_out_images(
+            req.calib_data, req.calib_classes, req.calib_images, req.score_images
+        )
         gate.check_classes(held.scored.dataset, model.meta, req.calib_data)
-        report.update(held_out=held.how, calibration_files=held.calibration.files(),
-                      scored_files=held.scored.files())  # fmt: skip
+        report.update(
+            held_out=held.how,
+            calibration_files=held.calibration.files(),
+            scored_files=held.scored.files(),
+        )
         if req.precision != "int8":
             report["calibration_files"] = []  # only int8 is calibrated
     folder = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))

@@ -70,8 +70,9 @@ class HeldOut:
 def _open_split(root: Path, spec: Any, split: str) -> Any | None:
     """``split`` of the dataset at ``root`` (Cityscapes layout, or the folder dataset ``spec``
     describes) with labels, as the --data flags would open it; None where it cannot be read."""
-    data = SimpleNamespace(data="cityscapes" if spec is None else "folder", data_root=str(root),
-                           classes=spec)  # fmt: skip
+    data = SimpleNamespace(
+        data="cityscapes" if spec is None else "folder", data_root=str(root), classes=spec
+    )
     try:
         return dataset_from_args(data, [split], labels=True)[0]
     except DatasetError:
@@ -144,8 +145,9 @@ class NetworkInputs(Sequence):
     """The normalised float32 [1, 3, h, w] network inputs of some images, loaded on access (a
     calibration set at 1024x2048 would otherwise hold 25 MB per image)."""
 
-    def __init__(self, picks: Picks, mean: Sequence[float], std: Sequence[float],
-                 fixed: Size | None) -> None:  # fmt: skip
+    def __init__(
+        self, picks: Picks, mean: Sequence[float], std: Sequence[float], fixed: Size | None
+    ) -> None:
         self.picks, self.mean, self.std, self.fixed = picks, mean, std, fixed
 
     def __len__(self) -> int:

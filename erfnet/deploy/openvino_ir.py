@@ -23,11 +23,7 @@ from erfnet.deploy.exported import OUTPUT_KEY, ExportError, openvino_compiled, r
 
 # The first convolution (the input downsampler) and the classifier of either head, by the node
 # names the ONNX export gives them: the layers NNCF's ignored scope keeps in float when asked.
-EDGE_LAYER_PATTERNS = (
-    r"/encoder/encoder\.0/.*",
-    r"/head/classifier/.*",
-    r"/head/output_conv/.*",
-)
+EDGE_LAYER_PATTERNS = (r"/encoder/encoder\.0/.*", r"/head/classifier/.*", r"/head/output_conv/.*")
 
 
 @dataclass(frozen=True)
@@ -65,8 +61,15 @@ def append_argmax(model: Any) -> Any:
     ov = require("openvino")
     ops = require("openvino.opset11")
     logits = model.get_results()[0].input_value(0)
-    top = ops.topk(logits, ops.constant(np.int64(1)), axis=1, mode="max", sort="value",
-                   index_element_type="i32", stable=True)  # fmt: skip
+    top = ops.topk(
+        logits,
+        ops.constant(np.int64(1)),
+        axis=1,
+        mode="max",
+        sort="value",
+        index_element_type="i32",
+        stable=True,
+    )
     labels = ops.squeeze(top.output(1), ops.constant(np.array([1], dtype=np.int64)))
     labels.output(0).get_tensor().set_names({"labels"})
     out = ov.Model([labels], model.get_parameters(), "erfnet")
@@ -108,8 +111,10 @@ def _agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
 def _accuracy_items(model: Any, inputs: Sequence[np.ndarray]) -> list[tuple[Any, int, Any]]:
     """(inputs, index, fp32 labels as uint8) per calibration image; inputs load on access."""
     fp32 = openvino_compiled(model, hint="f32")
-    return [(inputs, i, np.asarray(fp32(inputs[i])[0]).argmax(1).astype(np.uint8))
-            for i in range(len(inputs))]  # fmt: skip
+    return [
+        (inputs, i, np.asarray(fp32(inputs[i])[0]).argmax(1).astype(np.uint8))
+        for i in range(len(inputs))
+    ]
 
 
 def quantize_int8(
@@ -119,8 +124,10 @@ def quantize_int8(
     nncf = require("nncf")
     if not inputs:
         raise ExportError("int8 calibration needs at least one image")
-    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE,
-               "mixed": nncf.QuantizationPreset.MIXED}  # fmt: skip
+    presets = {
+        "performance": nncf.QuantizationPreset.PERFORMANCE,
+        "mixed": nncf.QuantizationPreset.MIXED,
+    }
     common: dict[str, Any] = {
         "preset": presets[options.preset],
         "subset_size": len(inputs),
@@ -133,6 +140,11 @@ def quantize_int8(
         return nncf.quantize(model, nncf.Dataset(inputs), **common)
     items = nncf.Dataset(_accuracy_items(model, inputs), _item_input)
     return nncf.quantize_with_accuracy_control(
-        model, items, items, validation_fn=_agreement, max_drop=options.max_agreement_drop,
-        drop_type=nncf.DropType.ABSOLUTE, **common,
-    )  # fmt: skip
+        model,
+        items,
+        items,
+        validation_fn=_agreement,
+        max_drop=options.max_agreement_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        **common,
+    )

@@ -51,11 +51,7 @@ class ShardSampler(Sampler[int]):
 
 
 def build_eval_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int = 1,
-    workers: int = 2,
-    pin_memory: bool | None = None,
+    dataset: Dataset, *, batch_size: int = 1, workers: int = 2, pin_memory: bool | None = None
 ) -> DataLoader:
     """A loader over this rank's shard of ``dataset`` (the whole dataset when not distributed)."""
     rank, world = rank_and_world()

@@ -27,10 +27,7 @@ class ConfusionMatrix:
     """
 
     def __init__(
-        self,
-        num_classes: int,
-        device: str | torch.device = "cpu",
-        ignore_index: int = IGNORE_INDEX,
+        self, num_classes: int, device: str | torch.device = "cpu", ignore_index: int = IGNORE_INDEX
     ) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")

@@ -89,8 +89,9 @@ def _plot_confusion(path: Path, mat: np.ndarray, rows: list[str], cols: list[str
             for j in range(norm.shape[1]):
                 if norm[i, j] >= 0.005:
                     color = "white" if norm[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color=color)  # fmt: skip
+                    ax.text(
+                        j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6, color=color
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -110,8 +111,13 @@ def _plot_iou(path: Path, names: list[str], iou: Sequence[float], plt) -> Path:
     miou = sum(valid) / len(valid) if valid else math.nan
     ax.set_title(f"per-class IoU (mIoU {miou:.2f})")
     for i, v in enumerate(iou):
-        ax.text(min(values[i] + 1.0, 88.0), i, "n/a" if math.isnan(v) else f"{v:.1f}",
-                va="center", fontsize=6)  # fmt: skip
+        ax.text(
+            min(values[i] + 1.0, 88.0),
+            i,
+            "n/a" if math.isnan(v) else f"{v:.1f}",
+            va="center",
+            fontsize=6,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -122,8 +122,9 @@ def init_lineage(path: Path, source: str, raw: Any) -> dict[str, Any]:
         # A file converted before lineage was recorded still names its source.
         terms = str(meta.get("licence") or SOURCE_LICENCES.get(meta.get("source"), PROJECT_LICENCE))
         lineage = list(meta.get("lineage", []))
-        lineage.append({"from": "erfnet", "file": path.name, "licence": terms,
-                        "how": "--init-from"})  # fmt: skip
+        lineage.append(
+            {"from": "erfnet", "file": path.name, "licence": terms, "how": "--init-from"}
+        )
         return {"licence": terms, "lineage": lineage}
     theirs = "erfnet_pytorch" if source == IMAGENET_ENCODER else source
     out = source_lineage(theirs, path.name, "--init-from")

@@ -90,8 +90,9 @@ def errors_in_log() -> Iterator[None]:
     except BaseException as e:
         if isinstance(e, Exception | KeyboardInterrupt):  # not a stop request or an exit
             text = one_line(e)
-            record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s",
-                                    (text or type(e).__name__,), None)  # fmt: skip
+            record = log.makeRecord(
+                log.name, logging.ERROR, __file__, 0, "error: %s", (text or type(e).__name__,), None
+            )
             for h in log.handlers:
                 if isinstance(h, logging.FileHandler):
                     h.handle(record)

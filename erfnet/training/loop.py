@@ -111,8 +111,12 @@ def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -
         window.add(loss)
         return
     state.nonfinite += 1
-    log.warning("iteration %d: non-finite loss (%s), step skipped (%d in a row)",
-                state.iteration, loss, state.nonfinite)  # fmt: skip
+    log.warning(
+        "iteration %d: non-finite loss (%s), step skipped (%d in a row)",
+        state.iteration,
+        loss,
+        state.nonfinite,
+    )
     if state.nonfinite >= args.max_nonfinite:
         raise TrainingError(
             f"the loss was non-finite for {state.nonfinite} consecutive iterations (last at"
@@ -140,9 +144,16 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
                 progress=args.progress,
             )
             if run.writer is not None and args.num_vis:
-                logs.log_predictions(run.writer, run.model, run.val_set, num=args.num_vis,
-                                     palette=run.meta["palette"], test_scale=tuple(args.scale),
-                                     device=proc.device, step=state.iteration)  # fmt: skip
+                logs.log_predictions(
+                    run.writer,
+                    run.model,
+                    run.val_set,
+                    num=args.num_vis,
+                    palette=run.meta["palette"],
+                    test_scale=tuple(args.scale),
+                    device=proc.device,
+                    step=state.iteration,
+                )
     except Exception as e:
         run.model.train()
         raise failure(run, state, "validation", e, save_iter) from None
@@ -167,12 +178,14 @@ def save_checkpoint(
         return
     training = {}
     if full:
-        training = resume.training_state(run.optimizer, run.scheduler, run.scaler,
-                                         run.loaders.sampler, state.consumed, run.args)  # fmt: skip
+        training = resume.training_state(
+            run.optimizer, run.scheduler, run.scaler, run.loaders.sampler, state.consumed, run.args
+        )
         training["validation_pending"] = state.val_pending
     meta = {**run.meta, "iteration": state.iteration, **extra_meta}
-    ckpt = make_checkpoint(run.model, meta, iteration=state.iteration,
-                           best_miou=state.best_miou, **training)  # fmt: skip
+    ckpt = make_checkpoint(
+        run.model, meta, iteration=state.iteration, best_miou=state.best_miou, **training
+    )
     atomic_save(ckpt, run.work_dir / name)
 
 

@@ -56,8 +56,9 @@ class WorkDirLock:
         try:  # O_CLOEXEC: no program this process starts gets the descriptor
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise WorkDirError(f"--work-dir '{self.path.parent}': cannot write in it"
-                               f" ({e.strerror})") from None  # fmt: skip
+            raise WorkDirError(
+                f"--work-dir '{self.path.parent}': cannot write in it ({e.strerror})"
+            ) from None
         if not _try_lock(fd, self.path):
             holder = _read_holder(fd)
             os.close(fd)
@@ -90,8 +91,11 @@ def _try_lock(fd: int, path: Path) -> bool:
             return False
         # A file system without locks (some network mounts): run unlocked, as the README
         # says, rather than refuse to train.
-        log.warning("--work-dir '%s': no file lock here (%s); a second run into it would not be"
-                    " stopped", path.parent, e.strerror)  # fmt: skip
+        log.warning(
+            "--work-dir '%s': no file lock here (%s); a second run into it would not be stopped",
+            path.parent,
+            e.strerror,
+        )
     return True
 
 
@@ -165,8 +169,9 @@ def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
         for p in files:
             p.rename(target / p.name)  # the same file system: a rename, nothing copied
     except OSError as e:
-        raise WorkDirError(f"--restart: cannot move the earlier run's files into '{target}'"
-                           f" ({e.strerror})") from None  # fmt: skip
+        raise WorkDirError(
+            f"--restart: cannot move the earlier run's files into '{target}' ({e.strerror})"
+        ) from None
     return target
 
 

@@ -359,10 +359,18 @@ def run_video(
             raise VideoError(f"--labels {labels_dir} is a file, not a folder")
         labels_dir.mkdir(parents=True, exist_ok=True)
     run = _Stages(
-        source, predictor, out, labels_dir, every, max_frames, alpha, codec,
-        out_fps=(fps or source.fps) / every, log=log,
+        source,
+        predictor,
+        out,
+        labels_dir,
+        every,
+        max_frames,
+        alpha,
+        codec,
+        out_fps=(fps or source.fps) / every,
+        log=log,
         lut=palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"])),
-    )  # fmt: skip
+    )
     if out is not None:
         check_fps(run.out_fps)
     if progress:

@@ -46,13 +46,19 @@ def _source(root: Path, path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     st = path.stat()
-    return {"path": path.relative_to(root).as_posix(), "bytes": st.st_size,
-            "mtime_ns": st.st_mtime_ns}  # fmt: skip
+    return {
+        "path": path.relative_to(root).as_posix(),
+        "bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
 
 
 def _sources(dataset: CityscapesDataset, s: Sample) -> dict[str, Any]:
-    return {"name": s.name, "image": _source(dataset.root, s.image),
-            "label": _source(dataset.root, s.label)}  # fmt: skip
+    return {
+        "name": s.name,
+        "image": _source(dataset.root, s.image),
+        "label": _source(dataset.root, s.label),
+    }
 
 
 class _Decode(Dataset):
@@ -103,15 +109,26 @@ def write_cache(
             h, w = int(image.shape[1]), int(image.shape[2])
             image_bytes = image.contiguous().numpy().tobytes()
             label_bytes = label.contiguous().numpy().tobytes()
-            entries[i].update(height=h, width=w, image_offset=img_off, label_offset=lab_off,
-                              image_crc32=zlib.crc32(image_bytes),
-                              label_crc32=zlib.crc32(label_bytes))  # fmt: skip
+            entries[i].update(
+                height=h,
+                width=w,
+                image_offset=img_off,
+                label_offset=lab_off,
+                image_crc32=zlib.crc32(image_bytes),
+                label_crc32=zlib.crc32(label_bytes),
+            )
             fi.write(image_bytes)
             fl.write(label_bytes)
             img_off, lab_off = img_off + 3 * h * w, lab_off + h * w
             bar.update(1)
-    manifest = {"version": VERSION, "split": split, "root": str(dataset.root.resolve()),
-                "image_bytes": img_off, "label_bytes": lab_off, "samples": entries}  # fmt: skip
+    manifest = {
+        "version": VERSION,
+        "split": split,
+        "root": str(dataset.root.resolve()),
+        "image_bytes": img_off,
+        "label_bytes": lab_off,
+        "samples": entries,
+    }
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, folder / MANIFEST)
@@ -133,8 +150,10 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("samples"), list):
         raise CacheError(f'{where} is not a manifest (a JSON object with "samples"); {REBUILD}')
     if manifest.get("version") != VERSION:
-        raise CacheError(f"decoded cache '{folder}' has version {manifest.get('version')}, this "
-                         f"code reads {VERSION}; {REBUILD}")  # fmt: skip
+        raise CacheError(
+            f"decoded cache '{folder}' has version {manifest.get('version')}, this "
+            f"code reads {VERSION}; {REBUILD}"
+        )
     img_end = lab_end = 0
     for n, e in enumerate(manifest["samples"]):
         ok = isinstance(e, dict) and isinstance(e.get("name"), str)
@@ -142,16 +161,20 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
         if not ok:
             raise CacheError(f"{where}: sample {n} lacks a name, shape, offsets or CRCs; {REBUILD}")
         if (e["image_offset"], e["label_offset"]) != (img_end, lab_end):
-            raise CacheError(f"{where}: sample {n} ({e['name']}) does not start where the one "
-                             f"before it ends; {REBUILD}")  # fmt: skip
+            raise CacheError(
+                f"{where}: sample {n} ({e['name']}) does not start where the one "
+                f"before it ends; {REBUILD}"
+            )
         img_end += 3 * e["height"] * e["width"]
         lab_end += e["height"] * e["width"]
     for name, want in ((IMAGES, img_end), (LABELS, lab_end)):
         have = (folder / name).stat().st_size if (folder / name).is_file() else 0
         if have != want:
-            raise CacheError(f"decoded cache '{folder / name}' is {have} bytes, its manifest's "
-                             f"{len(manifest['samples'])} samples need {want}: truncated or "
-                             f"partial; {REBUILD}")  # fmt: skip
+            raise CacheError(
+                f"decoded cache '{folder / name}' is {have} bytes, its manifest's "
+                f"{len(manifest['samples'])} samples need {want}: truncated or "
+                f"partial; {REBUILD}"
+            )
     return manifest["samples"]
 
 
@@ -172,15 +195,19 @@ def check_cache(folder: Path, dataset: CityscapesDataset) -> list[dict[str, Any]
     extra = sorted(set(by_name) - set(names))
     if missing or extra:
         what = f"{missing[0]} is not in it" if missing else f"{extra[0]} is no longer in the data"
-        raise CacheError(f"decoded cache '{folder}' is stale: it holds {len(samples)} images, "
-                         f"{dataset.root} has {len(names)} ({what}); {REBUILD}")  # fmt: skip
+        raise CacheError(
+            f"decoded cache '{folder}' is stale: it holds {len(samples)} images, "
+            f"{dataset.root} has {len(names)} ({what}); {REBUILD}"
+        )
     for s in dataset.samples:
         now, then = _sources(dataset, s), by_name[s.name]
         for key in ("image", "label"):
             if now[key] != then.get(key):
                 src = now[key]["path"] if now[key] else key
-                raise CacheError(f"decoded cache '{folder}' is stale: '{src}' changed since it was "
-                                 f"written (size or modification time); {REBUILD}")  # fmt: skip
+                raise CacheError(
+                    f"decoded cache '{folder}' is stale: '{src}' changed since it was "
+                    f"written (size or modification time); {REBUILD}"
+                )
     return [by_name[n] for n in names]
 
 
@@ -208,8 +235,10 @@ class CachedCityscapesDataset(CityscapesDataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._maps is None:
             # Copy-on-write: writable tensors without copying, the file is never modified.
-            self._maps = (np.memmap(self.cache_folder / IMAGES, np.uint8, mode="c"),
-                          np.memmap(self.cache_folder / LABELS, np.uint8, mode="c"))  # fmt: skip
+            self._maps = (
+                np.memmap(self.cache_folder / IMAGES, np.uint8, mode="c"),
+                np.memmap(self.cache_folder / LABELS, np.uint8, mode="c"),
+            )
         e, (images, labels) = self.entries[index], self._maps
         h, w, i, j = e["height"], e["width"], e["image_offset"], e["label_offset"]
         image, label = images[i : i + 3 * h * w], labels[j : j + h * w]

@@ -39,10 +39,24 @@ from erfnet.data.transforms import (
 
 # Per-sample entries of a DeviceAugDataset item besides "image" and "label".
 PARAM_KEYS = (
-    "ry0", "ry1", "wy", "cx0", "cx1", "wx", "rows_first", "lrows", "lcols", "valid",
-    "brightness", "contrast_first", "saturation", "saturation_on", "hue", "hue_on",
+    "ry0",
+    "ry1",
+    "wy",
+    "cx0",
+    "cx1",
+    "wx",
+    "rows_first",
+    "lrows",
+    "lcols",
+    "valid",
+    "brightness",
+    "contrast_first",
+    "saturation",
+    "saturation_on",
+    "hue",
+    "hue_on",
     "contrast_last",
-)  # fmt: skip
+)
 
 
 def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,13 +78,24 @@ def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, tor
     if flip:
         lcols = lcols.flip(0)
     out = {
-        "ry0": _padded(ry0, ch), "ry1": _padded(ry1, ch), "wy": _padded(wy, ch),
-        "cx0": _padded(cx0, cw), "cx1": _padded(cx1, cw), "wx": _padded(wx, cw),
-        "rows_first": torch.tensor(rows_first), "lrows": _padded(lrows, ch),
-        "lcols": _padded(lcols, cw), "valid": torch.tensor([box[1] - box[0], box[3] - box[2]]),
-    }  # fmt: skip
-    pm = p["photometric"] or {"brightness": None, "mode": 0, "contrast": None,
-                              "saturation": None, "hue": None}  # fmt: skip
+        "ry0": _padded(ry0, ch),
+        "ry1": _padded(ry1, ch),
+        "wy": _padded(wy, ch),
+        "cx0": _padded(cx0, cw),
+        "cx1": _padded(cx1, cw),
+        "wx": _padded(wx, cw),
+        "rows_first": torch.tensor(rows_first),
+        "lrows": _padded(lrows, ch),
+        "lcols": _padded(lcols, cw),
+        "valid": torch.tensor([box[1] - box[0], box[3] - box[2]]),
+    }
+    pm = p["photometric"] or {
+        "brightness": None,
+        "mode": 0,
+        "contrast": None,
+        "saturation": None,
+        "hue": None,
+    }
     contrast = pm["contrast"] if pm["contrast"] is not None else 1.0
     f32 = torch.float32
     out.update(
@@ -121,8 +146,9 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dh, dw = h - t.shape[-2], w - t.shape[-1]
         return F.pad(t, (0, dw, 0, dh)) if dh or dw else t
 
-    return default_collate([{**s, "image": pad(s["image"]), "label": pad(s["label"])}
-                            for s in samples])  # fmt: skip
+    return default_collate(
+        [{**s, "image": pad(s["image"]), "label": pad(s["label"])} for s in samples]
+    )
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -137,8 +163,9 @@ def _gather_cols(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 3, cols.view(n, 1, 1, -1).expand(n, c, h, cols.shape[1]))
 
 
-def resize_crop_batch(image: torch.Tensor, a: dict[str, torch.Tensor], rows_first: bool
-                      ) -> torch.Tensor:  # fmt: skip
+def resize_crop_batch(
+    image: torch.Tensor, a: dict[str, torch.Tensor], rows_first: bool
+) -> torch.Tensor:
     """``resize_crop_bilinear`` of every image of a uint8 [n,3,H,W] batch with its taps, all in
     the order ``rows_first`` says; float32 rounded to integers."""
     f32 = torch.float32

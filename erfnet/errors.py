@@ -1,0 +1,44 @@
+"""The one error convention of every entry point.
+
+- ``UserError``: bad input that one line explains (a file that is missing, unreadable or at odds
+  with a flag; an output that cannot be written). The entry point prints ``error: <line>`` and
+  exits 1.
+- ``FlagError``: a flag bad in itself (out of range, a combination that cannot work). The entry
+  point reports it through its parser's own error (usage + the line) and exits 2.
+
+Library code raises these (or subclasses); only ``run_cli`` turns them into exit statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+class UserError(ValueError):
+    """One line for the user; exit 1."""
+
+
+class FlagError(UserError):
+    """A flag bad in itself; exit 2 through the parser."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line, also for an error re-raised from a DataLoader worker
+    (whose text is "Caught X in DataLoader worker process N. Original Traceback ...")."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(e).__name__
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[], int | None]) -> int:
+    """Run ``main`` under the convention: ``FlagError`` -> ``parser.error`` (exit 2),
+    ``UserError`` -> ``SystemExit("error: <one line>")`` (exit 1); anything else propagates."""
+    try:
+        return main() or 0
+    except FlagError as e:
+        parser.error(one_line(e))
+    except UserError as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
