@@ -291,3 +291,68 @@ def ensure_synthetic_cityscapes(root: str | os.PathLike) -> Path:
         if not (root.exists() and any(root.iterdir())):
             raise
     return root
+
+
+# --- A road-anomaly set: synthetic scenes with foreign objects (RoadAnomaly21 layout) ----------
+
+ANOMALY_STREAM = 3  # rng stream of the anomaly set (0, 1, 2 are the Cityscapes splits)
+
+
+def _foreign_object(rng: np.random.Generator, bh: int, bw: int) -> tuple[np.ndarray, np.ndarray]:
+    """An object of no Cityscapes class: an ellipse or box (mask [bh, bw]) painted with a
+    checkerboard of two saturated colours, a texture no class of the scenes has."""
+    yy, xx = np.mgrid[0:bh, 0:bw].astype(np.float32)
+    if rng.random() < 0.5:
+        cy, cx = (bh - 1) / 2.0, (bw - 1) / 2.0
+        inside = ((yy - cy) / (bh / 2.0)) ** 2 + ((xx - cx) / (bw / 2.0)) ** 2 <= 1.0
+    else:
+        inside = np.ones((bh, bw), bool)
+    cell = int(rng.integers(2, 5))
+    check = ((yy // cell + xx // cell) % 2).astype(bool)
+    hues = rng.uniform(0.0, 1.0, 2)
+    c0, c1 = (np.array(colorsys.hsv_to_rgb(h, 1.0, 1.0), np.float32) * 255.0 for h in hues)
+    paint = np.where(check[..., None], c0, c1)
+    return inside, paint
+
+
+def synthesize_anomaly_sample(
+    rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One scene with 1-3 foreign objects on the road: RGB uint8 [H, W, 3] and the pack's mask
+    uint8 [H, W] (1 anomaly, 0 known, 255 where the scene's label id is ignored)."""
+    img, lab, _, _ = synthesize_sample(rng, height, width)
+    train_ids = np.array([_LABEL_BY_ID[i].train_id for i in range(_NUM_IDS)], np.int64)
+    mask = np.where(train_ids[lab] == 255, 255, 0).astype(np.uint8)
+    out = img.astype(np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        bh = max(4, int(height * rng.uniform(0.08, 0.2)))
+        bw = max(4, int(width * rng.uniform(0.05, 0.12)))
+        y0 = int(rng.integers(height // 2, max(height // 2 + 1, height - bh)))
+        x0 = int(rng.integers(0, max(1, width - bw)))
+        inside, paint = _foreign_object(rng, bh, bw)
+        region = out[y0 : y0 + bh, x0 : x0 + bw]
+        region[inside] = paint[inside] + rng.normal(0.0, 6.0, size=(int(inside.sum()), 3))
+        mask[y0 : y0 + bh, x0 : x0 + bw][inside] = 1
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def make_synthetic_anomaly(
+    root: str | os.PathLike, count: int = 10, size: tuple[int, int] = (128, 256), seed: int = 0
+) -> Path:
+    """Write ``count`` anomaly scenes in the RoadAnomaly21 layout of the validation pack:
+    ``root/images/synthetic_<i>.png`` and ``root/labels_masks/synthetic_<i>.png``; returns root.
+    Name the folder ``RoadAnomaly21`` for the layout to be found by its name."""
+    height, width = int(size[0]), int(size[1])
+    if height < 16 or width < 16:
+        raise ValueError(f"anomaly image size must be at least 16x16 (HxW), got {height}x{width}")
+    if count < 1:
+        raise ValueError(f"the number of anomaly images must be >= 1, got {count}")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels_masks").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng([seed, ANOMALY_STREAM, i])
+        img, mask = synthesize_anomaly_sample(rng, height, width)
+        _save_png(img, root / "images" / f"synthetic_{i:04d}.png", 1)
+        _save_png(mask, root / "labels_masks" / f"synthetic_{i:04d}.png", 1)
+    return root

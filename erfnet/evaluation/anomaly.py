@@ -1,0 +1,509 @@
+"""Road-anomaly evaluation: the validation pack's layouts and mask rules, per-pixel anomaly
+scores from one forward pass, and the exact metrics over a whole set (docs/anomaly.md).
+
+The protocol, as the published ERFNet figures are made (the course code's ``evalAnomaly.py``,
+its mistakes left out):
+
+- Every image is read with PIL and converted to RGB, resized to ``size`` (default 512x1024) by
+  PIL's bilinear resize of the 8-bit image (what torchvision's ``Resize`` does to a PIL image;
+  PIL widens the filter when it shrinks, i.e. it antialiases), then normalised with the
+  checkpoint's own mean / std (``model.meta``: an erfnet_pytorch conversion gives 0-1 inputs, an
+  mmseg one ImageNet's mean / std). ``size=None`` keeps the image's own size.
+- Its mask is resized with PIL's nearest rule (pixel centres) to the same size, then mapped to
+  0 known / 1 anomaly / 255 ignored by the layout's rule. Images without an anomaly pixel are
+  skipped and counted.
+- The scores come from the logits at the network's input size, over all of the model's outputs
+  (``known_only`` drops the void output named by ``meta["void_class"]``).
+- The metrics (``anomaly_metrics``) are exact over every kept pixel of the set.
+
+Memory: the scores of the kept pixels are stored once, float32, anomaly and known pixels in two
+arrays whose lengths the mask check gives before the pass; nothing else grows with the set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from erfnet.data.transforms import normalize
+from erfnet.errors import FlagError, UserError
+from erfnet.evaluation.anomaly_metrics import (
+    AnomalyMetrics,
+    Levels,
+    levels,
+    metrics_from_levels,
+    sort_in_place,
+)
+from erfnet.evaluation.inference import (
+    MIN_VIEW,
+    forward_logits,
+    is_label_map,
+    model_normalization,
+    prefers_channels_last,
+)
+
+DEFAULT_SIZE = (512, 1024)
+SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+KNOWN, ANOMALY, IGNORED = 0, 1, 255
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One set of the validation pack: its folder name, image type and mask rule."""
+
+    name: str
+    folder: str
+    image_type: str
+    rule: str  # "pack": 1 anomaly, 0 known; "roadanomaly": 2 anomaly, 0 known;
+    # "lostandfound": 0 void, 1 free road (known), 2..200 obstacles (anomaly); the rest ignored
+
+
+BENCHMARKS = {
+    b.name: b
+    for b in (
+        Benchmark("roadanomaly21", "RoadAnomaly21", "png", "pack"),
+        Benchmark("roadobstacle21", "RoadObsticle21", "webp", "pack"),  # sic: the pack's name
+        Benchmark("fs_lostfound", "FS_LostFound_full", "png", "pack"),
+        Benchmark("fs_static", "fs_static", "jpg", "pack"),
+        Benchmark("roadanomaly", "RoadAnomaly", "jpg", "roadanomaly"),
+        Benchmark("lostandfound", "LostAndFound", "png", "lostandfound"),
+    )
+}
+BY_FOLDER = {b.folder: b for b in BENCHMARKS.values()}
+
+
+def mask_labels(raw: np.ndarray, rule: str) -> np.ndarray:
+    """A mask's values -> uint8 0 known / 1 anomaly / 255 ignored, by the layout's ``rule``."""
+    out = np.full(raw.shape, IGNORED, np.uint8)
+    if rule == "pack":
+        out[raw == 0], out[raw == 1] = KNOWN, ANOMALY
+    elif rule == "roadanomaly":
+        out[raw == 0], out[raw == 2] = KNOWN, ANOMALY
+    elif rule == "lostandfound":
+        out[raw == 1], out[(raw >= 2) & (raw <= 200)] = KNOWN, ANOMALY
+    else:
+        raise ValueError(f"unknown mask rule {rule!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sets on disk: discovery and the check before the pass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageEntry:
+    image: Path
+    mask: Path
+    anomaly: int = 0
+    known: int = 0
+
+
+@dataclass
+class AnomalySet:
+    """A set's images in order; after ``check_set``, those kept (with their pixel counts) and
+    those skipped (no anomaly pixel)."""
+
+    name: str
+    benchmark: Benchmark
+    root: Path
+    images: list[Path]
+    kept: list[ImageEntry] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+    @property
+    def anomaly_pixels(self) -> int:
+        return sum(e.anomaly for e in self.kept)
+
+    @property
+    def known_pixels(self) -> int:
+        return sum(e.known for e in self.kept)
+
+
+def _expected() -> str:
+    return ", ".join(BY_FOLDER)
+
+
+def _set_at(root: Path, benchmark: str | None) -> AnomalySet:
+    if benchmark is not None:
+        bench = BENCHMARKS[benchmark]
+    elif root.name in BY_FOLDER:
+        bench = BY_FOLDER[root.name]
+    else:
+        raise UserError(
+            f"--data-root {root}: unknown layout '{root.name}'; expected a set folder named one"
+            f" of {_expected()} (or --benchmark {{{','.join(BENCHMARKS)}}})"
+        )
+    images = sorted(
+        p
+        for p in (root / "images").iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if not images:
+        raise UserError(f"{root / 'images'}: no image ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return AnomalySet(root.name, bench, root, images)
+
+
+def find_sets(root: str | os.PathLike, benchmark: str | None = None) -> list[AnomalySet]:
+    """The set at ``root`` (``root/images``), or every set folder under ``root`` (the pack's
+    parent folder); the layout from each folder's name, or ``benchmark`` for one set."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root}: no such folder")
+    if (root / "images").is_dir():
+        return [_set_at(root, benchmark)]
+    folders = sorted(p for p in root.iterdir() if (p / "images").is_dir())
+    if not folders:
+        raise UserError(
+            f"--data-root {root}: neither a set (images/ and labels_masks/) nor a folder of sets"
+            f" ({_expected()})"
+        )
+    if benchmark is not None:
+        raise FlagError(f"--benchmark names the layout of one set; {root} holds several")
+    unknown = [p.name for p in folders if p.name not in BY_FOLDER]
+    if unknown:
+        raise UserError(
+            f"--data-root {root}: unknown set folder(s) {', '.join(unknown)}; expected"
+            f" {_expected()}"
+        )
+    return [_set_at(p, None) for p in folders]
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.size  # noqa: B018 - the header is read here, so a bad file fails now
+        return img
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_labels(path: Path, rule: str, size: Size | None) -> np.ndarray:
+    """A mask file -> 0 / 1 / 255 labels [H, W] at ``size`` (PIL nearest: pixel centres)."""
+    with _open_image(path, "mask") as img:
+        try:
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.NEAREST)
+            raw = np.asarray(img)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read mask {path}: {e}") from None
+    if raw.ndim == 3:
+        if not (raw == raw[..., :1]).all():
+            raise UserError(f"mask {path} is a colour image; expected one value per pixel")
+        raw = raw[..., 0]
+    return mask_labels(raw, rule)
+
+
+def check_set(aset: AnomalySet, size: Size | None, fixed: Size | None = None) -> AnomalySet:
+    """Before the pass: every image readable with a mask of its size, every mask read (its
+    kept / anomaly pixel counts at ``size``); images without an anomaly pixel skipped. ``fixed``:
+    the only input size a fixed-size export takes. UserError (one line) naming the file."""
+    aset.kept, aset.skipped = [], []
+    for image in aset.images:
+        mask = aset.root / "labels_masks" / f"{image.stem}.png"
+        if not mask.is_file():
+            raise UserError(f"{image}: no mask {mask}")
+        with _open_image(image, "image") as img:
+            w, h = img.size
+        with _open_image(mask, "mask") as m:
+            if m.size != (w, h):
+                raise UserError(
+                    f"mask {mask} is {m.size[1]}x{m.size[0]}, its image {image} {h}x{w} (HxW)"
+                )
+        net = size or (h, w)
+        if min(net) < MIN_VIEW:
+            raise UserError(f"{image}: {h}x{w} is under the network's {MIN_VIEW}x{MIN_VIEW}")
+        if fixed is not None and tuple(net) != tuple(fixed):
+            raise UserError(
+                f"the model takes only {fixed[0]}x{fixed[1]} inputs (a fixed-size export);"
+                f" {image} would be {net[0]}x{net[1]}"
+            )
+        labels = read_labels(mask, aset.benchmark.rule, size)
+        anomaly = int(np.count_nonzero(labels == ANOMALY))
+        if anomaly == 0:
+            aset.skipped.append(image)
+            continue
+        known = int(np.count_nonzero(labels == KNOWN))
+        aset.kept.append(ImageEntry(image, mask, anomaly, known))
+    return aset
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and scores
+# --------------------------------------------------------------------------------------------
+
+
+def _to_rgb_uint8(x: Any) -> np.ndarray:
+    """One image in any accepted form -> HWC uint8 RGB: a path, a PIL image, an HWC uint8
+    array, or a CHW / 1CHW tensor (uint8, or float on the 0-255 scale, rounded)."""
+    if isinstance(x, str | os.PathLike):
+        path = Path(x)
+        with _open_image(path, "image") as img:
+            try:
+                return np.asarray(img.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read image {path}: {e}") from None
+    if isinstance(x, Image.Image):
+        return np.asarray(x.convert("RGB"))
+    if isinstance(x, np.ndarray):
+        if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
+            raise ValueError(f"expected an HxWx3 uint8 array, got {x.dtype} {x.shape}")
+        return x
+    if isinstance(x, torch.Tensor):
+        t = x[0] if x.dim() == 4 and x.shape[0] == 1 else x
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"expected one RGB image [3, H, W] or [1, 3, H, W], got {x.shape}")
+        if t.is_floating_point():
+            if bool(t.amin() < 0) or bool(t.amax() > 255):
+                raise ValueError("a float image must be on the 0-255 scale (not normalised)")
+            t = t.round().to(torch.uint8)
+        return t.permute(1, 2, 0).contiguous().cpu().numpy()
+    raise TypeError(f"expected a path, PIL image, HxWx3 uint8 array or tensor, got {type(x)}")
+
+
+def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:
+    """PIL's bilinear resize of an HWC uint8 image to ``size`` (H, W); None keeps it."""
+    if size is None or rgb.shape[:2] == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def model_device(model: Any) -> torch.device:
+    for p in getattr(model, "parameters", list)():
+        return p.device
+    return torch.device("cpu")
+
+
+def network_input(rgb: np.ndarray, model: Any) -> torch.Tensor:
+    """[1, 3, H, W] float32: the 0-255 image normalised with the model's own mean / std."""
+    mean, std = model_normalization(model)
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # a writable copy
+    return normalize(x.to(model_device(model)), mean, std)
+
+
+def void_class(model: Any) -> int | None:
+    """The void output's index (``meta["void_class"]``), None for a model without one."""
+    v = (getattr(model, "meta", None) or {}).get("void_class")
+    return None if v is None else int(v)
+
+
+def scores_from_logits(
+    logits: torch.Tensor,
+    names: Sequence[str],
+    temperature: float = 1.0,
+    void: int | None = None,
+    known_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-pixel scores [N, H, W] (higher = more anomalous) of logits z [N, C, H, W]:
+    msp 1 - max softmax(z/T); maxlogit -max z; maxentropy -sum p log p, p = softmax(z/T);
+    energy -T logsumexp(z/T); void softmax(z/T)[void]. ``known_only`` drops output ``void``
+    first (the void score itself needs it)."""
+    if (known_only or "void" in names) and void is None:
+        raise ValueError("known_only and the void score need the model's void output index")
+    if known_only:
+        if "void" in names:
+            raise ValueError("the void score is the void output's probability: not with known_only")
+        keep = [c for c in range(logits.shape[1]) if c != void]
+        logits = logits[:, keep]
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    out: dict[str, torch.Tensor] = {}
+    if "maxlogit" in names:
+        out["maxlogit"] = -logits.float().amax(1)
+    if "energy" in names:
+        out["energy"] = -temperature * torch.logsumexp(z, 1)
+    if {"msp", "maxentropy", "void"} & set(names):
+        log_p = torch.log_softmax(z, 1)
+        p = log_p.exp()
+        if "msp" in names:
+            out["msp"] = 1.0 - p.amax(1)
+        if "maxentropy" in names:
+            out["maxentropy"] = -(p * log_p).sum(1)
+        if "void" in names:
+            out["void"] = p[:, void]
+    return {name: out[name] for name in names}
+
+
+@torch.inference_mode()
+def image_scores(
+    model: Any,
+    rgb: np.ndarray,
+    names: Sequence[str],
+    size: Size | None = DEFAULT_SIZE,
+    temperature: float = 1.0,
+    known_only: bool = False,
+) -> dict[str, np.ndarray]:
+    """One forward pass of an HWC uint8 image resized to ``size``: every score in ``names`` as
+    a float32 [H, W] array at that size."""
+    x = network_input(resize_rgb(rgb, size), model)
+    logits = forward_logits(model, x, channels_last=prefers_channels_last(model))
+    if is_label_map(logits):
+        raise UserError("the model outputs class labels (an --argmax export): no logits to score")
+    maps = scores_from_logits(logits, names, temperature, void_class(model), known_only)
+    return {k: v[0].float().cpu().numpy() for k, v in maps.items()}
+
+
+def check_model(model: Any, names: Sequence[str], known_only: bool) -> None:
+    """The void score and ``known_only`` need ``meta["void_class"]``: UserError otherwise."""
+    if void_class(model) is None:
+        for asked, flag in (("void" in names, "--score void"), (known_only, "--known-only")):
+            if asked:
+                raise UserError(
+                    f"{flag} needs a void output, and this model has none (no"
+                    " meta['void_class']; erfnet_pytorch conversions have output 19)"
+                )
+
+
+def anomaly_scores(
+    model: nn.Module,
+    x: Any,
+    score: str = "maxlogit",
+    temperature: float = 1.0,
+    size: Sequence[int] | None = DEFAULT_SIZE,
+    known_only: bool = False,
+) -> torch.Tensor:
+    """The anomaly map (float32 [H, W] at ``size``, higher = more anomalous) of one image,
+    computed exactly as ``scripts/anomaly.py`` computes it.
+
+    ``x``: a path, a PIL image, an HxWx3 uint8 array, or a [3, H, W] / [1, 3, H, W] tensor
+    (uint8, or float on the 0-255 scale). ``score``: one of ``SCORES``; ``size=None`` keeps the
+    image's size; inputs are normalised with ``model.meta``'s mean / std.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    check_model(model, [score], known_only)
+    size = None if size is None else (int(size[0]), int(size[1]))
+    maps = image_scores(model, _to_rgb_uint8(x), [score], size, temperature, known_only)
+    return torch.from_numpy(maps[score])
+
+
+# --------------------------------------------------------------------------------------------
+# The pass over a set
+# --------------------------------------------------------------------------------------------
+
+
+class ScoreStore:
+    """One score's values at the kept pixels of a set: anomaly and known pixels in two float32
+    arrays allocated once (their lengths come from ``check_set``)."""
+
+    def __init__(self, anomaly: int, known: int) -> None:
+        self.anomaly = np.empty(anomaly, np.float32)
+        self.known = np.empty(known, np.float32)
+        self.filled = [0, 0]
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        for i, (store, value) in enumerate(((self.anomaly, ANOMALY), (self.known, KNOWN))):
+            values = scores[labels == value]
+            store[self.filled[i] : self.filled[i] + values.size] = values
+            self.filled[i] += values.size
+
+    def levels(self) -> Levels:
+        assert self.filled == [self.anomaly.size, self.known.size]
+        return levels(self.anomaly, sort_in_place(self.known))
+
+
+@dataclass
+class SetResult:
+    aset: AnomalySet
+    metrics: dict[str, AnomalyMetrics]
+    curves: dict[str, Levels]
+    seconds_per_image: float
+
+
+@dataclass(frozen=True)
+class AnomalyProtocol:
+    """How a set is scored: network size (None = native), scores, temperature, known_only."""
+
+    size: Size | None = DEFAULT_SIZE
+    scores: tuple[str, ...] = ("maxlogit",)
+    temperature: float = 1.0
+    known_only: bool = False
+
+    def describe(self, model: Any) -> dict[str, Any]:
+        """The protocol as the JSON records it (and the run prints it)."""
+        mean, std = model_normalization(model)
+        outputs = len(model.meta["class_names"]) if getattr(model, "meta", None) else None
+        void = void_class(model)
+        return {
+            "size": list(self.size) if self.size else "native",
+            "image_resize": "PIL bilinear of the 8-bit RGB image (torchvision Resize on PIL)",
+            "mask_resize": "PIL nearest (pixel centres)",
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "outputs": outputs,
+            "void_class": void,
+            "scored_outputs": "known only (void dropped)" if self.known_only else "all",
+            "temperature": self.temperature,
+            "scores": list(self.scores),
+            "fpr95": "np.interp(0.95, tpr, fpr) over the exact ROC (ood_metrics)",
+            "metrics": "exact over all kept pixels (no binning); ties as scikit-learn",
+        }
+
+
+def score_set(
+    model: Any,
+    aset: AnomalySet,
+    protocol: AnomalyProtocol,
+    on_image: Callable[[ImageEntry, dict[str, np.ndarray]], None] | None = None,
+) -> SetResult:
+    """Score every kept image of a checked set (``check_set``) once, then the metrics of each
+    score over all kept pixels. ``on_image(entry, maps)`` sees each image's score maps."""
+    stores = {s: ScoreStore(aset.anomaly_pixels, aset.known_pixels) for s in protocol.scores}
+    seconds = 0.0
+    for entry in aset.kept:
+        t0 = time.perf_counter()
+        rgb = _to_rgb_uint8(entry.image)
+        maps = image_scores(
+            model, rgb, protocol.scores, protocol.size, protocol.temperature, protocol.known_only
+        )
+        seconds += time.perf_counter() - t0
+        labels = read_labels(entry.mask, aset.benchmark.rule, protocol.size)
+        for name, values in maps.items():
+            if not np.isfinite(values).all():
+                raise UserError(f"{entry.image}: the {name} score has non-finite values")
+            stores[name].add(values, labels)
+        if on_image is not None:
+            on_image(entry, maps)
+    metrics, curves = {}, {}
+    for name in protocol.scores:
+        curves[name] = stores.pop(name).levels()
+        metrics[name] = metrics_from_levels(curves[name])
+    return SetResult(aset, metrics, curves, seconds / max(len(aset.kept), 1))
+
+
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_SIZE",
+    "SCORES",
+    "AnomalyProtocol",
+    "AnomalySet",
+    "Benchmark",
+    "ImageEntry",
+    "ScoreStore",
+    "SetResult",
+    "anomaly_scores",
+    "check_model",
+    "check_set",
+    "find_sets",
+    "image_scores",
+    "mask_labels",
+    "network_input",
+    "read_labels",
+    "resize_rgb",
+    "score_set",
+    "scores_from_logits",
+    "void_class",
+]
