@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.distributed import DeviceError, resolve_device
 from erfnet.errors import FlagError, UserError, run_cli
 from erfnet.evaluation.anomaly import (
     BENCHMARKS,
@@ -41,7 +42,7 @@ from erfnet.evaluation.anomaly import (
     void_class,
 )
 from erfnet.evaluation.inference import MIN_VIEW
-from erfnet.runtime import OutputError, check_output_dir, check_output_file
+from erfnet.runtime import OutputError, apply_cpu_plan, check_output_dir, check_output_file
 
 
 def positive_float(text: str) -> float:
@@ -83,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="heat-map PNGs per image and score, ROC and PR plots (needs matplotlib)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: torch's)")
+                   help="CPU threads (default: the free cores less one, as eval.py plans them)")
     return p
 # fmt: on
 
@@ -160,7 +161,10 @@ def print_table(results: list[SetResult]) -> None:
                 f"  {_pct(m.auroc):>6}"
             )
     for r in results:
-        print(f"{r.aset.name}: {r.seconds_per_image:.3f} s per image (read, resize, forward)")
+        print(
+            f"{r.aset.name}: {r.seconds_per_image:.3f} s per image (read, resize, forward,"
+            f" scores; {torch.get_num_threads()} torch threads)"
+        )
 
 
 def _pct_json(v: float | None) -> float | None:
@@ -196,6 +200,7 @@ def results_json(args: argparse.Namespace, model: Any, protocol, results) -> dic
         "model": args.model,
         "precision": getattr(model, "precision", "fp32"),
         "device": str(args.device),
+        "threads": torch.get_num_threads(),
         "protocol": protocol.describe(model),
         "sets": sets,
     }
@@ -237,10 +242,13 @@ def write_heatmaps(folder: Path, entry: ImageEntry, maps: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise FlagError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise FlagError(f"--threads must be at least 1, got {args.threads}")
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        raise FlagError(str(e)) from None
+    _, args.threads = apply_cpu_plan(device.type, 0, args.threads)
     check_outputs(args)
     model = load(args)
     protocol = protocol_from_args(args, model)

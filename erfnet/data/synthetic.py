@@ -325,8 +325,8 @@ def synthesize_anomaly_sample(
     mask = np.where(train_ids[lab] == 255, 255, 0).astype(np.uint8)
     out = img.astype(np.float32)
     for _ in range(int(rng.integers(1, 4))):
-        bh = max(4, int(height * rng.uniform(0.08, 0.2)))
-        bw = max(4, int(width * rng.uniform(0.05, 0.12)))
+        bh = max(4, int(height * rng.uniform(0.12, 0.25)))
+        bw = max(4, int(width * rng.uniform(0.08, 0.16)))
         y0 = int(rng.integers(height // 2, max(height // 2 + 1, height - bh)))
         x0 = int(rng.integers(0, max(1, width - bw)))
         inside, paint = _foreign_object(rng, bh, bw)
