@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -295,3 +296,30 @@ def test_exports_without_logits_or_at_reduced_precision_are_refused(monkeypatch,
         monkeypatch.setattr(exported, "load_exported", lambda *a, fake=fake: fake)
         with pytest.raises(SystemExit, match=expected):
             cli("--model", tmp_path / "m.onnx", "--data-root", tmp_path)
+
+
+def test_out_dir_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="--out-dir's plots need the optional matplotlib")
+    from erfnet.evaluation.anomaly_metrics import levels, metrics_from_levels, split_scores
+    from erfnet.evaluation.anomaly_plots import write_curves, write_heatmap
+
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random(500).astype(np.float32), rng.random(500) < 0.1
+    lv = levels(*split_scores(scores, labels))
+    written = write_curves(tmp_path, "Set", {"msp": lv}, {"msp": metrics_from_levels(lv)})
+    assert [p.name for p in written] == ["Set_roc.png", "Set_pr.png"]
+    write_heatmap(tmp_path / "Set" / "a_msp.png", scores.reshape(20, 25))
+    assert Image.open(tmp_path / "Set" / "a_msp.png").size == (25, 20)
+
+
+def test_out_dir_without_matplotlib_is_one_line(monkeypatch, tmp_path, void_checkpoint) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        cli(
+            "--checkpoint",
+            void_checkpoint,
+            "--data-root",
+            tmp_path / "d",
+            "--out-dir",
+            tmp_path / "o",
+        )
