@@ -259,15 +259,16 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for s in sets:
         on_image = partial(write_heatmaps, out_dir / s.name) if out_dir else None
-        results.append(score_set(model, s, protocol, on_image))
+        result = score_set(model, s, protocol, on_image, keep_curves=out_dir is not None)
+        if out_dir is not None:  # now, so that one set's curves are held at a time
+            from erfnet.evaluation.anomaly_plots import write_curves
+
+            write_curves(out_dir, s.name, result.curves, result.metrics)
+            result.curves = {}
+        results.append(result)
     print_table(results)
     if args.json is not None:
         write_json(Path(args.json), results_json(args, model, protocol, results))
-    if out_dir is not None:
-        from erfnet.evaluation.anomaly_plots import write_curves
-
-        for r in results:
-            write_curves(out_dir, r.aset.name, r.curves, r.metrics)
     return 0
 
 

@@ -61,13 +61,14 @@ Size = tuple[int, int]
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One set of the validation pack: its folder name, image type and mask rule."""
+    """One set of the validation pack: its ``--benchmark`` name, folder name, image type and
+    mask rule (``mask_labels``): "pack" 1 anomaly, 0 known; "roadanomaly" 2 anomaly, 0 known;
+    "lostandfound" 0 void, 1 free road (known), 2..200 obstacles (anomaly); the rest ignored."""
 
     name: str
     folder: str
     image_type: str
-    rule: str  # "pack": 1 anomaly, 0 known; "roadanomaly": 2 anomaly, 0 known;
-    # "lostandfound": 0 void, 1 free road (known), 2..200 obstacles (anomaly); the rest ignored
+    rule: str
 
 
 BENCHMARKS = {
@@ -458,9 +459,11 @@ def score_set(
     aset: AnomalySet,
     protocol: AnomalyProtocol,
     on_image: Callable[[ImageEntry, dict[str, np.ndarray]], None] | None = None,
+    keep_curves: bool = False,
 ) -> SetResult:
     """Score every kept image of a checked set (``check_set``) once, then the metrics of each
-    score over all kept pixels. ``on_image(entry, maps)`` sees each image's score maps."""
+    score over all kept pixels. ``on_image(entry, maps)`` sees each image's score maps;
+    ``keep_curves`` keeps each score's ``Levels`` (36 B per distinct anomaly score) for plots."""
     stores = {s: ScoreStore(aset.anomaly_pixels, aset.known_pixels) for s in protocol.scores}
     seconds = 0.0
     for entry in aset.kept:
@@ -479,8 +482,10 @@ def score_set(
             on_image(entry, maps)
     metrics, curves = {}, {}
     for name in protocol.scores:
-        curves[name] = stores.pop(name).levels()
-        metrics[name] = metrics_from_levels(curves[name])
+        lv = stores.pop(name).levels()  # frees the score's stored pixels
+        metrics[name] = metrics_from_levels(lv)
+        if keep_curves:
+            curves[name] = lv
     return SetResult(aset, metrics, curves, seconds / max(len(aset.kept), 1))
 
 
