@@ -1,4 +1,4 @@
-"""Road-anomaly evaluation (Segment-Me-If-You-Can, Fishyscapes, Road Anomaly) of a checkpoint.
+r"""Road-anomaly evaluation (Segment-Me-If-You-Can, Fishyscapes, Road Anomaly) of a checkpoint.
 
     python scripts/anomaly.py --checkpoint ckpt.pth --data-root Validation_Dataset
     python scripts/anomaly.py --checkpoint ckpt.pth --data-root Validation_Dataset/RoadAnomaly21 \
