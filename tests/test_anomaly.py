@@ -19,7 +19,7 @@ from torch import nn
 import erfnet
 from erfnet.checkpoint import save_checkpoint
 from erfnet.data.synthetic import make_synthetic_anomaly
-from erfnet.errors import run_cli
+from erfnet.errors import FlagError, UserError, run_cli
 from erfnet.evaluation import anomaly
 from erfnet.evaluation.anomaly_metrics import anomaly_metrics
 from erfnet.model import ERFNet
@@ -323,3 +323,13 @@ def test_out_dir_without_matplotlib_is_one_line(monkeypatch, tmp_path, void_chec
             "--out-dir",
             tmp_path / "o",
         )
+
+
+def test_benchmark_flag_names_one_sets_layout(tmp_path: Path) -> None:
+    root = write_set(tmp_path / "pack" / "Mine", [np.kron(RAW, np.ones((4, 4), np.uint8))])
+    (aset,) = anomaly.find_sets(root, "roadanomaly")  # any folder name, the rule asked for
+    assert aset.benchmark.rule == "roadanomaly"
+    with pytest.raises(FlagError, match="--benchmark names the layout of one set"):
+        anomaly.find_sets(tmp_path / "pack", "roadanomaly")
+    with pytest.raises(UserError, match="unknown set folder"):
+        anomaly.find_sets(tmp_path / "pack")
