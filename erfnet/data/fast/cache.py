@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
+from erfnet.outputs import atomic_write
 
 VERSION = 2  # 2: per-sample CRC-32s
 MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
@@ -129,9 +130,8 @@ def write_cache(
         "label_bytes": lab_off,
         "samples": entries,
     }
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, folder / MANIFEST)
+    # Last, so that a manifest exists only beside complete image and label files.
+    atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
     return {"images": len(entries), "bytes": img_off + lab_off, "folder": str(folder)}
 
 
