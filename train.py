@@ -740,10 +740,12 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
         return stop_after(run, state, stop)
     barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
+    # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
+    best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
     log.info(
-        "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+        "done: %d iterations, best val mIoU %s, last %.2f; outputs in %s",
         args.iters,
-        state.best_miou,
+        best,
         last_miou,
         run.work_dir,
     )

@@ -25,7 +25,7 @@ from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
 from erfnet.evaluation.inference import TestSettings, predict
 from erfnet.evaluation.visualize import colorize, rgb_array
-from erfnet.outputs import atomic_write
+from erfnet.outputs import atomic_write, printable
 from erfnet.runtime import one_line
 from erfnet.training.workdir import WorkDirError
 
@@ -207,7 +207,7 @@ def log_validation(
         metrics["mIoU"],
         metrics["mAcc"],
         metrics["aAcc"],
-        " ".join(f"{n}={v:.1f}" for n, v in ious),
+        " ".join(f"{printable(n)}={v:.1f}" for n, v in ious),  # no name forges a line
     )
     if writer is not None:
         for key in ("mIoU", "mAcc", "aAcc"):

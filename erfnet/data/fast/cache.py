@@ -147,6 +147,8 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CacheError(f"{where} is unreadable ({e}); {REBUILD}") from None
+    except RecursionError:  # thousands of nested brackets: json's parser recurses
+        raise CacheError(f"{where} is unreadable (JSON nested too deeply); {REBUILD}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("samples"), list):
         raise CacheError(f'{where} is not a manifest (a JSON object with "samples"); {REBUILD}')
     if manifest.get("version") != VERSION:
