@@ -118,11 +118,13 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
     suffixes = {}
     for key in ("image_suffix", "label_suffix"):
         value = data.get(key, ".png")
-        if not (isinstance(value, str) and value.startswith(".") and len(value) > 1):
+        # The ending of the file name with its extension: ".png", "_mask.png"; "png" alone
+        # would match "s0.png" as "s0." and "logo_png" too.
+        if not (isinstance(value, str) and "." in value and not value.endswith(".")):
             hint = f' (with its dot: ".{value}")' if isinstance(value, str) and value else ""
             raise DatasetError(
-                f'{where}: "{key}" must be a file suffix starting with a dot such as ".png",'
-                f" got {value!r}{hint}"
+                f'{where}: "{key}" must be a file ending with its extension such as ".png" or'
+                f' "_mask.png", got {value!r}{hint}'
             )
         suffixes[key] = value.lower()  # matched case-insensitively: "s1.PNG" is a ".png"
     return FolderSpec(
