@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from erfnet.data.from_args import (
     DATA_KINDS,
     DataFlagError,
     check_data_flags,
+    data_inputs_from_args,
     data_root_from_args,
     dataset_from_args,
 )
@@ -47,15 +47,11 @@ from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
 from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, MODES, TestSettings, ratio_scale
 from erfnet.evaluation.metrics import format_table
-from erfnet.evaluation.reports import write_reports
+from erfnet.evaluation.reports import REPORT_FILES, write_reports
 from erfnet.evaluation.visualize import ColorWriter
-from erfnet.runtime import (
-    OutputError,
-    apply_cpu_plan,
-    check_output_dir,
-    check_output_file,
-    one_line,
-)
+from erfnet.outputs import OutputError, atomic_write_text, output_dir, output_file, printable
+from erfnet.outputs import check_outputs as check_output_rule
+from erfnet.runtime import apply_cpu_plan, one_line
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
@@ -215,15 +211,26 @@ def check_sizes(args: argparse.Namespace) -> None:
             )
 
 
-def check_outputs(args: argparse.Namespace, data_root: Path | None = None) -> None:
-    """Every output location, before the (possibly hours-long) evaluation: writable, of the
-    right kind, and none of the inputs (nor inside the dataset, with ``data_root``)."""
+def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
+    """Every output, before the (possibly hours-long) evaluation, by the one output rule
+    (``erfnet.outputs.check_outputs``): none is, holds or lies inside an input (the model, the
+    classes file and, ``with_data``, the data root and every split folder of the classes
+    file), none is another (the report files of --out-dir included), each can be written."""
+    report_files = [Path(args.out_dir) / name for name in REPORT_FILES] if args.out_dir else []
+    outputs = [
+        *output_dir("--out-dir", args.out_dir),
+        *output_dir("--save-color", args.save_color),
+        *output_file("--json", args.json),
+        *(out for path in report_files for out in output_file("--out-dir", path)),
+    ]
+    inputs = [("--checkpoint", args.checkpoint), ("--model", args.model)]
+    if args.model is not None and Path(args.model).suffix.lower() == ".xml":
+        inputs.append(("--model", Path(args.model).with_suffix(".bin")))  # the IR's weights
+    inputs += [("--classes", args.classes)]
+    if with_data:
+        inputs += data_inputs_from_args(args)
     try:
-        for flag, value in (("--out-dir", args.out_dir), ("--save-color", args.save_color)):
-            if value is not None:
-                check_output_dir(value, flag, [data_root])
-        if args.json is not None:
-            check_output_file(args.json, "--json", [args.checkpoint, args.model, args.classes])
+        check_output_rule(outputs, inputs)
     except OutputError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -287,12 +294,23 @@ def check_fixed_size(args: argparse.Namespace, size: tuple[int, int]) -> list[in
 
 
 def check_classes(model: Any, classes: Sequence[str], args: argparse.Namespace) -> None:
-    """The model must predict the dataset's classes (``scored_classes``' rule)."""
+    """The model must predict the dataset's classes (``scored_classes``' rule); one warning line
+    when the names it was trained with differ from the dataset's (scored by position)."""
+    flag = f"--model {args.model}" if args.model else f"--checkpoint {args.checkpoint}"
     try:
         scored_classes(model, len(classes))
     except ValueError as e:
-        flag = f"--model {args.model}" if args.model else f"--checkpoint {args.checkpoint}"
         raise SystemExit(f"error: {flag}: {e}") from None
+    trained = list(model.meta["class_names"])[: len(classes)]
+    differ = [i for i, (a, b) in enumerate(zip(trained, classes, strict=True)) if a != b]
+    if differ:
+        i = differ[0]
+        print(
+            f"warning: {flag} was trained with other class names than the dataset's"
+            f" ({len(differ)} of {len(classes)} differ, e.g. class {i}:"
+            f" '{printable(trained[i])}' vs '{printable(classes[i])}'); scored by position",
+            file=sys.stderr,
+        )
 
 
 def prediction_writers(
@@ -383,7 +401,7 @@ def get_device(args: argparse.Namespace) -> torch.device:
 def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
     """The split to score (checked: images, classes the model predicts, outputs outside it)."""
     root = data_root_from_args(args)
-    check_outputs(args, root)
+    check_outputs(args, with_data=True)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
     transform = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
@@ -446,6 +464,14 @@ def report(
         print(format_table(results, dataset.classes))
     if args.out_dir is not None and args.data == "cityscapes":
         print(f"submission PNGs (label ids) written to {args.out_dir}")
+    if args.save_color is not None:
+        print(f"colour renderings written to {args.save_color}")
+    if args.json is not None:  # the results first: a report below that fails cannot lose them
+        # The images actually scored (summed over ranks), not just the split's size.
+        count = results["num_images"] if results is not None else len(dataset)
+        data = results_json(results, args, count, dataset.classes)
+        atomic_write_text(Path(args.json), json.dumps(data, indent=2) + "\n")
+        print(f"metrics written to {args.json}")
     if args.out_dir is not None and results is not None:
         matrix = results["confusion_matrix"].numpy()
         written, note = write_reports(
@@ -454,26 +480,6 @@ def report(
         print(f"reports written to {args.out_dir}: {', '.join(p.name for p in written)}")
         if note:
             print(f"note: {note}")
-    if args.save_color is not None:
-        print(f"colour renderings written to {args.save_color}")
-    if args.json is not None:
-        # The images actually scored (summed over ranks), not just the split's size.
-        count = results["num_images"] if results is not None else len(dataset)
-        data = results_json(results, args, count, dataset.classes)
-        write_text_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
-        print(f"metrics written to {args.json}")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """``text`` to ``path`` through a temporary file renamed over it; OSError naming the path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

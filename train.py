@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet import runtime
+from erfnet import outputs, runtime
 from erfnet.checkpoint import CheckpointError, dataset_meta, lineage_meta
 from erfnet.config import RECIPE
 from erfnet.data.check import check_datasets, image_header
@@ -56,6 +56,7 @@ from erfnet.data.from_args import (
     DATA_KINDS,
     DataFlagError,
     check_data_flags,
+    data_inputs_from_args,
     data_root_from_args,
     dataset_from_args,
 )
@@ -428,12 +429,28 @@ def check_start(args: Namespace, dist_info: DistInfo) -> tuple[Path | None, dict
     checkpoint (returned with its path) is a readable training checkpoint."""
     work_dir = Path(args.work_dir)
     if dist_info.is_main:
+        check_work_dir(args)
         check_not_busy(work_dir)
         check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
     resume_path = resume.resolve_resume(args.resume, work_dir)
     if resume_path is None:
         return None, None
     return resume_path, resume.load_training_checkpoint(resume_path)
+
+
+def check_work_dir(args: Namespace) -> None:
+    """The one output rule (``erfnet.outputs``) for the work dir: not an input, not inside the
+    data root, a split folder of the classes file, or any other input."""
+    work_dir = outputs.Output("--work-dir", Path(args.work_dir), folder=True)
+    inputs = [
+        *data_inputs_from_args(args),
+        ("--init-from", args.init_from),
+        ("--class-weights", args.class_weights),
+    ]
+    try:
+        outputs.check_outputs([work_dir], inputs)
+    except outputs.OutputError as e:
+        raise WorkDirError(str(e)) from None
 
 
 def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.StopFlag:
@@ -723,10 +740,12 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
         return stop_after(run, state, stop)
     barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
+    # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
+    best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
     log.info(
-        "done: %d iterations, best val mIoU %.2f, last %.2f; outputs in %s",
+        "done: %d iterations, best val mIoU %s, last %.2f; outputs in %s",
         args.iters,
-        state.best_miou,
+        best,
         last_miou,
         run.work_dir,
     )

@@ -22,7 +22,6 @@ import io
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from erfnet.evaluation.visualize import class_colors
 from erfnet.fuse import optimize_for_inference
 from erfnet.labels import CLASS_NAMES, PALETTE
 from erfnet.model import ERFNet, unwrap_model
+from erfnet.outputs import atomic_write
 
 FORMAT = "erfnet-v1"
 # Class ids live in uint8 label maps where IGNORE_INDEX (255) means "not labelled": 0..254.
@@ -84,18 +84,9 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
     return complete_meta({"class_names": names, "palette": palette}, num_classes)
 
 
-# atomic_save's temporary file: ".latest.pth.1234.0a1b2c3d.tmp" beside its target, and the
-# pattern that finds the ones a killed write left behind (erfnet.training.workdir.remove_stale_tmp).
-TMP_NAME_RE = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")
-
-
-def tmp_name(name: str) -> str:
-    """A unique temporary name for a write of ``name`` (matched by ``TMP_NAME_RE``)."""
-    return f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` through the one atomic writer (``erfnet.outputs.atomic_write``: a
+    temporary file in the same folder, fsync, rename over ``path``).
 
     A kill at any moment leaves either the old file or the new one, never a partial file. The
     object is serialised in memory first, so a failed write is a plain ``OSError`` (torch's
@@ -103,25 +94,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     file needs; a failed write removes its temporary file and raises ``CheckpointWriteError``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getbuffer()
-    # Not tempfile.mkstemp: its files are mode 0600, and the rename would keep that mode; an
-    # exclusive open honours the umask like a plain torch.save would.
-    tmp = path.parent / tmp_name(path.name)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointWriteError(_write_error(path, len(data), e)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_error(path: Path, size: int, e: OSError) -> str:

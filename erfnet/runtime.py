@@ -1,5 +1,5 @@
 """The process around every entry point: console streams that cannot kill a save, one-line errors
-from DataLoader workers, output paths checked before the work, CPU thread / worker counts that do
+from DataLoader workers (output paths: erfnet.outputs), CPU thread / worker counts that do
 not oversubscribe the cores, and an opt-in malloc setting for large CPU tensors."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import ctypes
 import ctypes.util
 import os
 import sys
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TextIO
+
+# The output rule moved to erfnet.outputs; these names stay importable from here.
+from erfnet.outputs import OutputError, check_output_dir, check_output_file, same_file  # noqa: F401
 
 # Environment variables that already fix the intra-op thread count; we then leave it alone.
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -85,83 +86,6 @@ def one_line(e: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
-
-
-# --------------------------------------------------------------------------------------------
-# Output paths, checked before the work
-# --------------------------------------------------------------------------------------------
-
-
-class OutputError(ValueError):
-    """An output location that cannot or must not be written; one line naming flag and path."""
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when ``a`` and ``b`` name one file (links, ``..`` and relative paths resolved)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return Path(a).resolve() == Path(b).resolve()
-
-
-def _check_writable(path: Path, flag: str, folder: bool) -> None:
-    """Refuse a location that cannot be written, creating nothing: the deepest existing folder
-    on the way gets a probe file, written and removed at once (``os.access`` says yes to root on
-    a read-only mount; a real file also shows a full inode table or an ACL)."""
-    existing = path if folder else path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {path}: '{existing}' is a file, not a folder")
-    probe = existing / f".erfnet-write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        probe.open("xb").close()
-        probe.unlink()
-        if not folder and path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        reason = e.strerror or e
-        raise OutputError(f"{flag} {path}: cannot write in '{existing}': {reason}") from None
-
-
-def check_output_file(
-    path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
-) -> Path:
-    """Check, before the work that ends in writing the file ``path``, that it can be written:
-    not one of ``inputs`` (writing would destroy an input), not a folder, and a location that
-    takes a new file. Returns the path; ``OutputError`` naming ``flag`` otherwise."""
-    path = Path(path)
-    for given in inputs:
-        if given is not None and same_file(path, given):
-            raise OutputError(
-                f"{flag} {path} is the input {given}; writing it would destroy the input"
-            )
-    if path.is_dir():
-        raise OutputError(f"{flag} {path} is a folder; expected a file name")
-    _check_writable(path, flag, folder=False)
-    return path
-
-
-def check_output_dir(
-    path: str | os.PathLike, flag: str, inputs: Iterable[str | os.PathLike | None] = ()
-) -> Path:
-    """Like ``check_output_file`` for a folder that files are written into: it must take a new
-    file, and may be neither one of ``inputs`` (files or folders) nor inside an input folder
-    (its files would mix with or replace the input's)."""
-    path = Path(path)
-    for given in inputs:
-        if given is None:
-            continue
-        if same_file(path, given):
-            raise OutputError(f"{flag} {path} is the input {given}; choose another folder")
-        if Path(given).is_dir() and Path(given).resolve() in path.resolve().parents:
-            raise OutputError(
-                f"{flag} {path} is inside the input folder {given}; choose another folder"
-            )
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file, not a folder")
-    _check_writable(path, flag, folder=True)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from erfnet.deploy.onnx import export_onnx
 from erfnet.distributed import DeviceError, resolve_device
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
-from erfnet.runtime import OutputError, check_output_file
+from erfnet.outputs import OutputError, atomic_write_text, check_outputs, output_file
 from erfnet.training.step import train_step
 from erfnet.video.report import benchmark_video, format_video_benchmark
 
@@ -866,7 +866,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.json:  # before the benchmark, which takes minutes
         try:
-            check_output_file(args.json, "--json", [args.checkpoint])
+            check_outputs(output_file("--json", args.json), [("--checkpoint", args.checkpoint)])
         except OutputError as e:
             raise SystemExit(f"error: {e}") from None
     if args.threads:
@@ -917,8 +917,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["total_s"] = time.perf_counter() - started
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        try:
+            atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
+        except OutputError as e:
+            raise SystemExit(f"error: --json: {e}") from None
         print(f"wrote {args.json}")
     return results
 

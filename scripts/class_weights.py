@@ -30,7 +30,13 @@ from tqdm import tqdm
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError
 from erfnet.data.folder import FolderDataset
-from erfnet.data.from_args import DATA_KINDS, DataFlagError, dataset_from_args
+from erfnet.data.from_args import (
+    DATA_KINDS,
+    DataFlagError,
+    data_inputs_from_args,
+    dataset_from_args,
+)
+from erfnet.outputs import OutputError, atomic_write_text, check_outputs, output_file
 
 METHODS = ("erfnet", "median")
 ERFNET_C = 1.10
@@ -117,12 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "erfnet" and not args.c > 1.0:
         raise SystemExit(f"error: --c must be > 1 (so that every weight is positive), got {args.c}")
     out = Path(args.out)
-    if out.is_dir():
-        raise SystemExit(f"error: --out {out} is a folder; give a file path")
-    try:
+    try:  # before the count: no input (the classes file, a label) is ever replaced
+        check_outputs(output_file("--out", out), data_inputs_from_args(args))
         (dataset,) = dataset_from_args(args, [args.split], labels=True)
         counts, present = count_pixels(dataset, progress=args.progress)
-    except (DataFlagError, DatasetError) as e:
+    except (DataFlagError, DatasetError, OutputError) as e:
         raise SystemExit(f"error: {e}") from None
     if counts.sum() == 0:
         raise SystemExit(
@@ -142,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "pixel_counts": counts.tolist(),
     }
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2) + "\n")
-    except OSError as e:
-        raise SystemExit(f"error: cannot write --out {out}: {e.strerror}") from None
+        atomic_write_text(out, json.dumps(data, indent=2) + "\n")
+    except OutputError as e:
+        raise SystemExit(f"error: --out: {e}") from None
     width = max(len(n) for n in dataset.classes)
     for name, w, n in zip(dataset.classes, weights, counts.tolist(), strict=True):
         print(f"{name:<{width}}  {w:8.4f}  ({n} px)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from erfnet.convert import SOURCES, ConversionError, convert_checkpoint
 from erfnet.model import count_parameters
-from erfnet.runtime import OutputError, check_output_file, same_file
+from erfnet.outputs import OutputError, check_outputs, output_file, same_file
 
 
 # fmt: off
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             f"error: output path must differ from the input: {args.output} is {args.input}"
         )
     try:
-        check_output_file(args.output, "output")  # before the (possibly long) load
+        check_outputs(output_file("output", args.output), [("", args.input)])  # before the load
     except OutputError as e:
         raise SystemExit(f"error: {e}") from None
     try:

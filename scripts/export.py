@@ -29,10 +29,12 @@ from typing import Any
 
 from erfnet.checkpoint import CheckpointError
 from erfnet.data.decode import DatasetError
-from erfnet.deploy.build import FORMATS, PRECISIONS, ExportRequest, build_export, check_output
+from erfnet.data.from_args import data_inputs
+from erfnet.deploy.build import FORMATS, PRECISIONS, ExportRequest, build_export, check_outputs
 from erfnet.deploy.exported import ExportError, export_format, require
 from erfnet.deploy.gate import DEFAULT_MAX_MIOU_DROP, DEFAULT_MIN_AGREEMENT
 from erfnet.deploy.onnx import ONNX_MIN_OPSET
+from erfnet.outputs import OutputError
 from erfnet.runtime import one_line
 
 
@@ -146,11 +148,20 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.checkpoint.is_file():
         raise SystemExit(f"error: checkpoint {args.checkpoint} is not a file")
     try:
-        check_output(args.out, args.checkpoint, args.format)
-        if args.report is not None:
-            check_output(args.report, args.checkpoint, "json", flag="--report")
-    except ExportError as e:
+        check_outputs(args.out, args.report, args.format, export_inputs(args))
+    except (ExportError, OutputError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def export_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """What the export reads: the checkpoint and the held-out data (root, classes file, splits)."""
+    calib = data_inputs(
+        args.calib_data,
+        args.calib_classes,
+        root_flag="--calib-data",
+        classes_flag="--calib-classes",
+    )
+    return [("checkpoint", args.checkpoint), *calib]
 
 
 def check_extras(args: argparse.Namespace) -> None:
@@ -216,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         check_extras(args)
         report = build_export(request(args))
-    except (ExportError, CheckpointError, DatasetError) as e:
+    except (ExportError, CheckpointError, DatasetError, OutputError) as e:
         raise SystemExit(f"error: {one_line(e)}") from None
     except OSError as e:
         raise SystemExit(f"error: {e.filename or args.out}: {e.strerror or e}") from None

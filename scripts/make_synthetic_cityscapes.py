@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.synthetic import make_synthetic_cityscapes
-from erfnet.runtime import OutputError, check_output_dir
+from erfnet.outputs import OutputError, check_output_dir
 
 
 def image_side(text: str) -> int:

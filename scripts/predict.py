@@ -35,13 +35,8 @@ from erfnet.data.decode import DatasetError, load_image
 from erfnet.distributed import resolve_device
 from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, TestSettings, predict
 from erfnet.evaluation.visualize import blend, colorize, save_png
-from erfnet.runtime import (
-    OutputError,
-    apply_cpu_plan,
-    check_output_dir,
-    one_line,
-    tune_cpu_allocator,
-)
+from erfnet.outputs import OutputError, check_outputs, output_dir
+from erfnet.runtime import apply_cpu_plan, one_line, tune_cpu_allocator
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -55,9 +50,9 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
     if path.is_file():
         return [(path, Path(path.stem))]
     if path.is_dir():
+        # Every image, "holiday_color.png" too: --out never lies inside the input (check_out),
+        # so none of these is a file this script wrote.
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        # Skip our own outputs if --out is inside the input folder.
-        files = [p for p in files if not p.stem.endswith(("_color", "_blend"))]
         stems = [p.relative_to(path).with_suffix("") for p in files]
         clash = Counter(str(s).lower() for s in stems)  # lower: case-insensitive file systems
         stems = [
@@ -136,9 +131,12 @@ def load_predictor(args: argparse.Namespace, device: torch.device, threads: int)
 
 
 def check_out(args: argparse.Namespace) -> Path:
-    """--out, refused in one line before any work: not writable, a file, or the input itself."""
+    """--out, refused in one line before any work by the one output rule: not writable, a
+    file, the input or inside it (where a later run would take our PNGs for photos)."""
+    inputs = [("", args.input), ("--checkpoint", args.checkpoint), ("--model", args.model)]
     try:
-        return check_output_dir(args.out, "--out", [args.input])
+        check_outputs(output_dir("--out", args.out), inputs)
+        return Path(args.out)
     except OutputError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -30,7 +30,7 @@ from erfnet.data.cityscapes import (
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.fast.cache import write_cache
-from erfnet.runtime import OutputError, check_output_dir, same_file
+from erfnet.outputs import OutputError, check_outputs, output_dir, same_file
 
 
 # fmt: off
@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = resolve_data_root(args.root)
     if args.cache:  # before the trainId pass, which takes minutes on the real dataset
-        inputs = [root / "leftImg8bit", root / "gtFine"]
+        # What the trainId pass and the cache read: a cache beside them in the root is fine.
+        inputs = [("--root folder", root / "leftImg8bit"), ("--root folder", root / "gtFine")]
         try:
             if same_file(args.cache, root):
                 raise OutputError(f"--cache {args.cache} is the dataset root; choose a folder")
-            check_output_dir(args.cache, "--cache", inputs)
+            check_outputs(output_dir("--cache", args.cache), inputs)
         except OutputError as e:
             raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()

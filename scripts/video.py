@@ -29,20 +29,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.distributed import resolve_device
-from erfnet.runtime import (
-    OutputError,
-    check_output_dir,
-    check_output_file,
-    cpu_plan,
-    tune_cpu_allocator,
-)
+from erfnet.outputs import OutputError, atomic_write_text, output_dir, output_file
+from erfnet.outputs import check_outputs as check_output_rule
+from erfnet.runtime import cpu_plan, tune_cpu_allocator
 from erfnet.video.io import FPS_RANGE, check_output_path, open_source
 from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, VideoError, run_video
 from erfnet.video.report import format_report
@@ -105,15 +100,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Every output location, before any work: not the input, a writable place."""
-    inputs = [args.input] if args.input and "://" not in args.input else []
+    """Every output, before any work, by the one output rule (``erfnet.outputs``): none is or
+    lies inside an input, none is another, each can be written."""
+    source = args.input if args.input and "://" not in args.input else None
+    inputs = [("", source), ("--checkpoint", args.checkpoint), ("--model", args.model)]
     if args.out is not None:
         check_output_path(args.out)  # a folder, a missing folder, a suffix FFmpeg cannot write
-        check_output_file(args.out, "--out", inputs)
-    if args.json is not None:
-        check_output_file(args.json, "--json", inputs + ([args.out] if args.out else []))
-    if args.labels is not None:
-        check_output_dir(args.labels, "--labels", inputs)
+    outputs = [
+        *output_file("--out", args.out),
+        *output_file("--json", args.json),
+        *output_dir("--labels", args.labels),
+    ]
+    check_output_rule(outputs, inputs)
 
 
 def plan_threads(args: argparse.Namespace, device: torch.device) -> int:
@@ -157,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["threads"] = threads or torch.get_num_threads()
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -115,7 +115,7 @@ def test_clear_errors(images: Path, checkpoint: Path, tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=r"cannot (read|decode) .*bad\.png"):
         run(bad, "--checkpoint", checkpoint, "--out", tmp_path / "o")
-    with pytest.raises(SystemExit, match="--out .* is a file"):
+    with pytest.raises(SystemExit, match="--out .* is the input --checkpoint"):
         run(images, "--checkpoint", checkpoint, "--out", checkpoint)
     with pytest.raises(SystemExit, match="--device 'gpu'"):
         predict.main(

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-import erfnet.checkpoint as ckpt_module
+import erfnet.outputs as outputs_module
 import train as train_cli
 from erfnet.checkpoint import CheckpointError, load_model, save_checkpoint
 from erfnet.data.check import PROGRESS_FROM, check_datasets
@@ -312,7 +312,7 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_stays(
                 return _FullDiskFile(path, mode)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module, "open", open_filling_up, raising=False)
+    monkeypatch.setattr(outputs_module, "open", open_filling_up, raising=False)  # the writer
     with pytest.raises(SystemExit) as exc:
         train_cli.cli(run_args(data, work, "--val-interval", "100", "--ckpt-interval", "1"))
     msg = str(exc.value.code)

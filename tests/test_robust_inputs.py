@@ -381,7 +381,7 @@ def test_data_scripts_check_their_outputs_first(synthetic_root: Path, tmp_path: 
     """prepare_cityscapes.py --cache inside the dataset's folders, or unwritable, is refused
     before the trainId pass; make_synthetic_cityscapes.py names an unusable --root."""
     cases = (
-        (synthetic_root / "gtFine" / "cache", "is inside the input folder"),
+        (synthetic_root / "gtFine" / "cache", "is inside the input --root folder"),
         (synthetic_root, "is the dataset root"),
         (Path("/proc/cache"), ": cannot write in"),
     )

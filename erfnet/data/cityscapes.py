@@ -41,6 +41,7 @@ from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' publi
 )
 from erfnet.data.transforms import EvalTransform
 from erfnet.labels import CLASS_NAMES, ID_TO_TRAIN_ID, PALETTE, VALID_LABEL_IDS
+from erfnet.outputs import atomic_write
 
 ENV_VAR = "CITYSCAPES_DATASET"
 DEFAULT_ROOT = "data/cityscapes"
@@ -338,12 +339,8 @@ def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> b
             f"label '{src}' has values {bad} that are not Cityscapes label ids "
             f"(expected 0..{_MAX_LABEL_ID})"
         )
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(ID_TO_TRAIN_ID[ids]).save(tmp, format="PNG")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = Image.fromarray(ID_TO_TRAIN_ID[ids])
+    atomic_write(dst, lambda f: image.save(f, format="PNG"), fsync=False)
     return True
 
 

@@ -12,10 +12,11 @@
 
 ``splits`` is optional (default ``images/<split>`` and ``labels/<split>`` under the root). An image
 and its label pair up by their path relative to the split folder and their stem (the suffix
-stripped); sub-folders are searched recursively. Label PNGs are read as the values stored in them
-(a palette PNG's indices, never its colours; 16-bit PNGs too). With ``label_map`` every stored
-value it does not name becomes ``ignore_index``; without it the stored values are the train ids
-and any other value is an error naming the file.
+stripped); sub-folders are searched recursively (linked ones too, each folder once), suffixes
+matched case-insensitively (``s1.PNG`` is a ``.png``). Label PNGs are read as the values stored
+in them (a palette PNG's indices, never its colours; 16-bit PNGs too). With ``label_map`` every
+stored value it does not name becomes ``ignore_index``; without it the stored values are the
+train ids and any other value is an error naming the file.
 
 Items carry labels with the project's ignore value 255 (``IGNORE_INDEX``) wherever the file holds
 ``ignore_index`` (or an unmapped value), so the loss, the crop, the metric and the checkpoint meta
@@ -40,6 +41,7 @@ from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import Sample, Transform
 from erfnet.data.decode import DatasetError, check_same_size, load_image, open_image
 from erfnet.data.transforms import EvalTransform
+from erfnet.outputs import printable
 
 SPEC_KEYS = (
     "names",
@@ -116,9 +118,15 @@ def load_spec(path: str | os.PathLike) -> FolderSpec:
     suffixes = {}
     for key in ("image_suffix", "label_suffix"):
         value = data.get(key, ".png")
-        if not (isinstance(value, str) and value):
-            raise DatasetError(f'{where}: "{key}" must be a non-empty string such as ".png"')
-        suffixes[key] = value
+        # The ending of the file name with its extension: ".png", "_mask.png"; "png" alone
+        # would match "s0.png" as "s0." and "logo_png" too.
+        if not (isinstance(value, str) and "." in value and not value.endswith(".")):
+            hint = f' (with its dot: ".{value}")' if isinstance(value, str) and value else ""
+            raise DatasetError(
+                f'{where}: "{key}" must be a file ending with its extension such as ".png" or'
+                f' "_mask.png", got {value!r}{hint}'
+            )
+        suffixes[key] = value.lower()  # matched case-insensitively: "s1.PNG" is a ".png"
     return FolderSpec(
         path=path,
         names=tuple(names),
@@ -142,6 +150,8 @@ def _read_spec_json(path: Path, where: str) -> dict[str, Any]:
         raise DatasetError(f"{where}: cannot read it ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{where} is not valid JSON ({e})") from None
+    except RecursionError:  # "[[[[...]]]]" thousands deep: json's parser recurses
+        raise DatasetError(f"{where}: JSON nested too deeply to be a classes file") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: expected a JSON object with keys {list(SPEC_KEYS)}")
     unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -155,6 +165,12 @@ def _names_and_palette(data: dict[str, Any], where: str) -> tuple[list[str], lis
     names = data.get("names")
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
         raise DatasetError(f'{where}: "names" must be a non-empty list of class names')
+    unprintable = [printable(n) for n in names if printable(n) != n]
+    if unprintable:  # a newline in a name would forge train.log lines; U+202E reverses them
+        raise DatasetError(
+            f'{where}: "names" holds control characters (newline, tab, bidi override ...):'
+            f" {unprintable[:3]}; class names are plain text"
+        )
     if len(names) > MAX_TRAIN_ID:  # first: the duplicate listing below is pointless past it
         raise DatasetError(f'{where}: {len(names)} "names"; at most {MAX_TRAIN_ID} classes')
     repeated = sorted(name for name, n in Counter(names).items() if n > 1)
@@ -182,8 +198,14 @@ def _label_map(data: dict[str, Any], where: str, num: int, ignore: int) -> dict[
     raw = data["label_map"]
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f'{where}: "label_map" must be an object {{"stored": train_id}}')
-    label_map = {}
+    label_map: dict[int, int] = {}
+    spelled: dict[int, str] = {}
     for key, value in raw.items():
+        if key.isascii() and key.isdigit() and int(key) in spelled:  # "1" and "01"
+            raise DatasetError(
+                f'{where}: "label_map" names the stored value {int(key)} twice'
+                f' ("{spelled[int(key)]}" and "{key}"); keep one'
+            )
         if not (key.isascii() and key.isdigit() and int(key) <= MAX_STORED_VALUE):
             raise DatasetError(
                 f'{where}: "label_map" key {key!r} is not a stored label value'
@@ -195,6 +217,7 @@ def _label_map(data: dict[str, Any], where: str, num: int, ignore: int) -> dict[
                 f' 0..{num - 1} or "ignore_index" {ignore}'
             )
         label_map[int(key)] = value
+        spelled[int(key)] = key
     return label_map
 
 
@@ -222,15 +245,24 @@ def _splits(data: dict[str, Any], where: str) -> dict[str, dict[str, str]]:
 
 
 def _scan(folder: Path, suffix: str, skip_suffix: str | None) -> dict[str, Path]:
-    """relative/stem -> path for every ``*suffix`` file under ``folder`` (recursive)."""
+    """relative/stem -> path for every ``*suffix`` file under ``folder`` (recursive; suffixes
+    matched case-insensitively, ``suffix`` given in lower case). Linked sub-folders are
+    followed; a folder reached a second time (a link back up: a loop) is not walked again."""
     out: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
+    walked: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in walked:
+            dirnames[:] = []  # the loop guard
+            continue
+        walked.add((stat.st_dev, stat.st_ino))
         dirnames.sort()
         rel = Path(dirpath).relative_to(folder)
         for name in sorted(filenames):
-            if not name.endswith(suffix) or len(name) == len(suffix):
+            lower = name.lower()
+            if not lower.endswith(suffix) or len(name) == len(suffix):
                 continue
-            if skip_suffix is not None and name.endswith(skip_suffix):
+            if skip_suffix is not None and lower.endswith(skip_suffix):
                 continue  # the other role's file in a shared folder
             out[(rel / name[: -len(suffix)]).as_posix()] = Path(dirpath) / name
     return out

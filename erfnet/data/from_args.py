@@ -8,6 +8,7 @@ makes it on first use); ``--data folder`` reads your own folders at ``--data-roo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from erfnet.data.cityscapes import CityscapesDataset, resolve_data_root
+from erfnet.data.decode import DatasetError
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.data.synthetic import synthetic_cache_root
 
@@ -61,6 +63,43 @@ def data_root_from_args(args: Any) -> Path:
     if args.data == "folder":
         return Path(root)
     return resolve_data_root(root)
+
+
+def data_inputs(
+    root: Path | None,
+    classes: str | os.PathLike | FolderSpec | None = None,
+    *,
+    root_flag: str = "--data-root",
+    classes_flag: str = "--classes",
+) -> list[tuple[str, Path]]:
+    """What a dataset reads, as (label, path) inputs for the output rule
+    (``erfnet.outputs.check_outputs``): the classes file and the folders that hold the data,
+    Cityscapes' ``leftImg8bit/`` and ``gtFine/``, a folder dataset's ``images/`` and
+    ``labels/`` or every split folder its classes file names (one may lie outside the root:
+    ``"../tvout/labels/val"``). The root itself is not one: a report written beside the data
+    (``--json ROOT/metrics.json``) replaces nothing."""
+    if root is None:
+        return []
+    root = Path(root)
+    if classes is None:
+        return [(f"{root_flag} folder", root / sub) for sub in ("leftImg8bit", "gtFine")]
+    try:
+        spec = classes if isinstance(classes, FolderSpec) else load_spec(classes)
+    except DatasetError:  # unreadable: the dataset says so in its own words, later
+        return [(classes_flag, Path(classes))]
+    found = [(classes_flag, spec.path)]
+    if not spec.splits:
+        return found + [(f"{root_flag} folder", root / sub) for sub in ("images", "labels")]
+    for split, folders in spec.splits.items():
+        for kind in ("images", "labels"):
+            label = f"split '{split}' {kind} folder of {classes_flag} {spec.path}:"
+            found.append((label, root / folders[kind]))
+    return found
+
+
+def data_inputs_from_args(args: Any) -> list[tuple[str, Path]]:
+    """``data_inputs`` of ``--data`` / ``--data-root`` / ``--classes``."""
+    return data_inputs(data_root_from_args(args), getattr(args, "classes", None))
 
 
 def dataset_from_args(

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from erfnet.labels import LABELS
+from erfnet.outputs import atomic_write, tmp_path
 
 # Real city names of each split (the official release), used round robin.
 CITIES: dict[str, tuple[str, ...]] = {
@@ -196,9 +197,11 @@ def _color_image(lab: np.ndarray) -> np.ndarray:
 
 
 def _save_png(array: np.ndarray, path: Path, compress_level: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
+    # No fsync: a dataset a rerun makes again; the rename alone keeps a file whole or absent.
+    image = Image.fromarray(array)
+    atomic_write(
+        path, lambda f: image.save(f, format="PNG", compress_level=compress_level), fsync=False
+    )
 
 
 def make_synthetic_cityscapes(
@@ -278,7 +281,7 @@ def ensure_synthetic_cityscapes(root: str | os.PathLike) -> Path:
         return root
     p = SYNTHETIC_DATA
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
+    tmp = tmp_path(root)  # a folder, named as the one atomic writer names its files
     make_synthetic_cityscapes(
         tmp, train=p["train"], val=p["val"], test=0, size=p["size"], seed=p["seed"], extras=False
     )

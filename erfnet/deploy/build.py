@@ -1,6 +1,6 @@
 """scripts/export.py's work: one checkpoint to one checked export file.
 
-``check_output`` refuses an output path that cannot be written before anything runs;
+``check_outputs`` refuses output paths that cannot or must not be written before anything runs;
 ``build_export`` writes the export into a temporary folder beside ``--out``, runs the accuracy
 gate (``erfnet.deploy.gate``) on it where it applies, and moves it into place only when the gate
 passes, so a refused or interrupted export leaves no file behind.
@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from erfnet import outputs
 from erfnet.checkpoint import load_model
 from erfnet.deploy import gate
 from erfnet.deploy.exported import (
@@ -78,25 +77,21 @@ def _artifact_files(path: Path) -> list[Path]:
     return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
 
 
-def check_output(path: Path, checkpoint: Path, fmt: str, flag: str = "--out") -> None:
-    """ExportError (one line) unless ``path`` can be written: a file (not a folder) in an
-    existing, writable folder, ending as ``fmt`` needs, and not the input checkpoint."""
-    if fmt in SUFFIX and path.suffix.lower() != SUFFIX[fmt]:
-        raise ExportError(f"{flag} {path}: a --format {fmt} file must end in {SUFFIX[fmt]}")
-    if path.is_dir():
-        raise ExportError(f"{flag} {path} is a folder; give a file path")
-    parent = path.parent
-    if not parent.is_dir():
-        raise ExportError(f"{flag} {path}: the folder {parent} does not exist")
-    targets = _artifact_files(path) if fmt == "openvino" else [path]
-    if checkpoint.exists() and any(p.resolve() == checkpoint.resolve() for p in targets):
-        raise ExportError(f"{flag} {path} would overwrite the input checkpoint {checkpoint}")
-    probe = parent / f".erfnet_write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        probe.touch(exist_ok=False)
-        probe.unlink()
-    except OSError as e:
-        raise ExportError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
+def check_outputs(
+    out: Path, report: Path | None, fmt: str, inputs: list[tuple[str, Path | None]]
+) -> None:
+    """The one output rule (``erfnet.outputs.check_outputs``) for ``--out`` (with an IR's
+    ``.bin``) and ``--report``: a suffix ``fmt`` takes, no input overwritten, no output on
+    another (``--out q.onnx --report q.onnx``, ``--out v.xml --report v.bin``)."""
+    if fmt in SUFFIX and out.suffix.lower() != SUFFIX[fmt]:
+        raise ExportError(f"--out {out}: a --format {fmt} file must end in {SUFFIX[fmt]}")
+    sidecars = _artifact_files(out)[1:] if fmt == "openvino" else []
+    outputs.check_outputs(
+        outputs.output_file("--out", out, *sidecars) + outputs.output_file("--report", report),
+        inputs,
+    )
+    if not out.parent.is_dir():  # after the rule above, which names a file in the way
+        raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 def _fp32_onnx(model: torch.nn.Module, path: Path, req: ExportRequest, argmax: bool) -> Path:
@@ -169,21 +164,20 @@ def _gate(
 
 
 def _move_into_place(ws: Workspace, out: Path) -> None:
-    # The IR's .bin first: an .xml is never visible without its weights.
+    # The IR's .bin first: an .xml is never visible without its weights. The files were
+    # written (and closed) in the workspace beside ``out``: a rename replaces a planted link.
     for src, dst in reversed(
         list(zip(_artifact_files(ws.artifact), _artifact_files(out), strict=True))
     ):
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            raise ExportError(f"--out {out}: cannot write '{dst}': {e.strerror or e}") from None
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    """The JSON report, written atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The JSON report, by the one atomic writer."""
+    outputs.atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def needs_gate(req: ExportRequest) -> bool:
@@ -224,7 +218,8 @@ def build_export(req: ExportRequest) -> dict[str, Any]:
         )
         if req.precision != "int8":
             report["calibration_files"] = []  # only int8 is calibrated
-    folder = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
+    folder = outputs.tmp_path(req.out)  # a folder, named as the atomic writer names its files
+    folder.mkdir()
     ws = Workspace(folder, folder / f"model{SUFFIX[req.format]}")
     try:
         build = _onnx_artifact if req.format == "onnx" else _openvino_artifact

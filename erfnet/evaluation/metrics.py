@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.outputs import printable
 
 
 class ConfusionMatrix:
@@ -129,7 +130,9 @@ def _fmt(v: float) -> str:
 def format_table(results: dict, class_names: Sequence[str] | None = None) -> str:
     """mmseg-style console table: per-class IoU and Acc, then the summary (two decimals)."""
     iou, acc = results["IoU"], results["Acc"]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
+    # Names escaped: a control character in a class name cannot forge a line of train.log.
+    given = class_names if class_names is not None else [str(i) for i in range(len(iou))]
+    names = [printable(n) for n in given]
     if len(names) != len(iou):
         raise ValueError(f"{len(names)} class names for {len(iou)} classes")
     w = max(8, *(len(n) for n in names))

@@ -4,6 +4,12 @@
 columns predictions, counts of pixels) and, when matplotlib is installed, two PNGs: the
 row-normalised matrix with class names (``confusion_matrix.png``) and a per-class IoU bar chart
 (``per_class_iou.png``). matplotlib is an optional extra, imported here only.
+
+Every file goes through the one atomic writer (a link planted in the folder is replaced, not
+written through); the matrix files come first, and a plot that fails (or a confusion matrix of
+more than ``MAX_PLOT_CLASSES`` classes, which would take minutes and gigabytes to draw) costs
+only that plot and a note. Class names are drawn as plain text (no mathtext: "$x$" stays "$x$"),
+control characters escaped.
 """
 
 from __future__ import annotations
@@ -15,7 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
+from erfnet.errors import one_line
+from erfnet.outputs import atomic_write, atomic_write_text, printable
+
 MATPLOTLIB_HINT = "the report plots need matplotlib: pip install matplotlib"
+REPORT_FILES = (
+    "confusion_matrix.npy",
+    "confusion_matrix.json",
+    "confusion_matrix.png",
+    "per_class_iou.png",
+)
+# Above this many classes the confusion-matrix plot is skipped (the .npy / .json are written):
+# a 255-class one is a 9275x9175 image that takes over a minute and gigabytes to draw.
+MAX_PLOT_CLASSES = 60
 
 
 def _column_names(class_names: Sequence[str], columns: int) -> list[str]:
@@ -42,17 +60,16 @@ def write_reports(
     """Write the report files into ``out_dir``; returns (paths written, a note or None).
 
     ``matrix`` is the label x prediction pixel count matrix [C, M] (M >= C), ``iou`` the per-class
-    IoU in percent (NaN for classes neither labelled nor predicted). The note says why the PNGs
-    are missing when matplotlib is not installed.
+    IoU in percent (NaN for classes neither labelled nor predicted). The note says why a PNG is
+    missing (no matplotlib, too many classes, a failed plot).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mat = np.asarray(matrix, dtype=np.int64)
     names = list(class_names)
     cols = list(output_names) if output_names is not None else _column_names(names, mat.shape[1])
     cols = _column_names(cols[: mat.shape[1]], mat.shape[1])
     written = [out / "confusion_matrix.npy", out / "confusion_matrix.json"]
-    np.save(written[0], mat)
+    atomic_write(written[0], lambda f: np.save(f, mat))
     data = {
         "rows": "label",
         "columns": "prediction",
@@ -61,7 +78,7 @@ def write_reports(
         "matrix": mat.tolist(),
         "IoU": {n: (None if math.isnan(v) else v) for n, v in zip(names, iou, strict=True)},
     }
-    written[1].write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(written[1], json.dumps(data, indent=1) + "\n")
     try:
         import matplotlib
 
@@ -69,18 +86,39 @@ def write_reports(
         import matplotlib.pyplot as plt
     except ImportError:
         return written, MATPLOTLIB_HINT
-    written.append(_plot_confusion(out / "confusion_matrix.png", mat, names, cols, plt))
-    written.append(_plot_iou(out / "per_class_iou.png", names, iou, plt))
-    return written, None
+    shown_rows, shown_cols = [printable(n) for n in names], [printable(n) for n in cols]
+    notes = []
+    plots = [("per_class_iou.png", _plot_iou, (shown_rows, iou))]
+    if len(names) <= MAX_PLOT_CLASSES:
+        plots.insert(0, ("confusion_matrix.png", _plot_confusion, (mat, shown_rows, shown_cols)))
+    else:
+        notes.append(
+            f"confusion_matrix.png skipped: {len(names)} classes (drawn up to"
+            f" {MAX_PLOT_CLASSES}; the matrix is in confusion_matrix.npy / .json)"
+        )
+    for name, plot, plot_args in plots:
+        try:
+            written.append(_save_figure(out / name, plot(*plot_args, plt), plt))
+        except Exception as e:  # a plot is an extra: the matrix files above are written
+            notes.append(f"{name} not drawn ({type(e).__name__}: {one_line(e)})")
+    return written, "; ".join(notes) or None
 
 
-def _plot_confusion(path: Path, mat: np.ndarray, rows: list[str], cols: list[str], plt) -> Path:
+def _save_figure(path: Path, fig, plt) -> Path:
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_confusion(mat: np.ndarray, rows: list[str], cols: list[str], plt):
     norm = row_normalised(mat)
     size = max(4.0, 0.35 * max(len(rows), len(cols)) + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(cols)), labels=cols, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(rows)), labels=rows, fontsize=7)
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=90, fontsize=7, parse_math=False)
+    ax.set_yticks(range(len(rows)), labels=rows, fontsize=7, parse_math=False)
     ax.set_xlabel("prediction")
     ax.set_ylabel("label")
     ax.set_title("confusion matrix (each label row sums to 1)")
@@ -94,16 +132,14 @@ def _plot_confusion(path: Path, mat: np.ndarray, rows: list[str], cols: list[str
                     )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_iou(path: Path, names: list[str], iou: Sequence[float], plt) -> Path:
+def _plot_iou(names: list[str], iou: Sequence[float], plt):
     values = [0.0 if math.isnan(v) else float(v) for v in iou]
     fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.3 * len(names) + 1.0)))
     ax.barh(range(len(names)), values, color="tab:blue")
-    ax.set_yticks(range(len(names)), labels=names, fontsize=7)
+    ax.set_yticks(range(len(names)), labels=names, fontsize=7, parse_math=False)
     ax.invert_yaxis()  # first class on top, as in the table
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
@@ -119,6 +155,4 @@ def _plot_iou(path: Path, names: list[str], iou: Sequence[float], plt) -> Path:
             fontsize=6,
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 
 from erfnet.data.transforms import resize_image
 from erfnet.labels import PALETTE as CITYSCAPES_PALETTE
+from erfnet.outputs import atomic_write
 
 Palette = Sequence[Sequence[int]] | np.ndarray
 
@@ -91,16 +91,12 @@ def blend(rgb: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``array`` as a PNG atomically (a temporary file renamed over ``path``), creating
-    the folder; an OSError is re-raised as one line naming the path and the reason."""
+    """Write ``array`` as a PNG by the one atomic writer (``erfnet.outputs.atomic_write``),
+    creating the folder; an OSError is re-raised as one line naming the path and the reason."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), fsync=False)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write '{path}': {e.strerror or e}") from None
     return path
 

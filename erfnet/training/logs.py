@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from argparse import Namespace
@@ -26,6 +25,7 @@ from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
 from erfnet.evaluation.inference import TestSettings, predict
 from erfnet.evaluation.visualize import colorize, rgb_array
+from erfnet.outputs import atomic_write, printable
 from erfnet.runtime import one_line
 from erfnet.training.workdir import WorkDirError
 
@@ -116,14 +116,11 @@ def settings_json(args: Any) -> dict[str, Any]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename; ``OSError`` becomes one line
-    naming the path (``WorkDirError``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``path`` by the one atomic writer; ``OSError`` becomes one line naming the path
+    (``WorkDirError``)."""
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
 
 
@@ -210,7 +207,7 @@ def log_validation(
         metrics["mIoU"],
         metrics["mAcc"],
         metrics["aAcc"],
-        " ".join(f"{n}={v:.1f}" for n, v in ious),
+        " ".join(f"{printable(n)}={v:.1f}" for n, v in ious),  # no name forges a line
     )
     if writer is not None:
         for key in ("mIoU", "mAcc", "aAcc"):

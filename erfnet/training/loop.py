@@ -249,9 +249,15 @@ def failure(
         cause, fix = PEER_FAILED, "Fix what stopped it"
     else:  # not the data: the model, the memory, ...
         cause, fix = f"{type(e).__name__}: {runtime.one_line(e)}", "Fix the cause"
+    # --resume only where there is a checkpoint to continue from (before the first one, as in
+    # a bad label value found by the first batch, --resume would refuse: run again instead).
+    again = (
+        "continue with --resume"
+        if (run.work_dir / "latest.pth").is_file()
+        else "run the same command again"
+    )
     return TrainingError(
-        f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then continue"
-        " with --resume"
+        f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then {again}"
     )
 
 

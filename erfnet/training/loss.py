@@ -181,6 +181,8 @@ def load_class_weights(path: str | Path, class_names: Sequence[str]) -> list[flo
         raise LossConfigError(f"{where}: cannot read it ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LossConfigError(f"{where}: not a JSON file ({e})") from None
+    except RecursionError:  # thousands of nested brackets: json's parser recurses
+        raise LossConfigError(f"{where}: JSON nested too deeply to be a weights file") from None
     if not isinstance(data, dict) or "weights" not in data:
         raise LossConfigError(
             f'{where}: expected a JSON object {{"names": [...], "weights": [w0, w1, ...],'

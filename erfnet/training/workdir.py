@@ -7,8 +7,9 @@
   the next one. The file keeps the holder's PID and host so a second run can say who holds it.
 - ``check_new_run`` / ``move_previous_run``: a new run never overwrites the checkpoints of an
   earlier one; ``--restart`` moves them into a dated sub-folder first.
-- ``remove_stale_tmp``: the ``.<name>.pth.<pid>.<hex>.tmp`` files that ``atomic_save`` writes
-  before its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
+- ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files that the one atomic writer
+  (``erfnet.outputs.atomic_write``: checkpoints, ``args.json``, prediction strips) writes before
+  its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from erfnet.checkpoint import TMP_NAME_RE
+from erfnet.outputs import TMP_NAME_RE
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl
@@ -176,7 +177,7 @@ def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
-    """Delete ``atomic_save``'s leftover temporary files in ``folder``; (count, bytes) removed.
+    """Delete ``atomic_write``'s leftover temporary files in ``folder``; (count, bytes) removed.
 
     Call it only while holding the folder's ``WorkDirLock``: then no live writer owns them.
     """

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
+from erfnet.outputs import atomic_write
 
 VERSION = 2  # 2: per-sample CRC-32s
 MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
@@ -129,9 +130,8 @@ def write_cache(
         "label_bytes": lab_off,
         "samples": entries,
     }
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, folder / MANIFEST)
+    # Last, so that a manifest exists only beside complete image and label files.
+    atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest).encode()))
     return {"images": len(entries), "bytes": img_off + lab_off, "folder": str(folder)}
 
 
@@ -147,6 +147,8 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CacheError(f"{where} is unreadable ({e}); {REBUILD}") from None
+    except RecursionError:  # thousands of nested brackets: json's parser recurses
+        raise CacheError(f"{where} is unreadable (JSON nested too deeply); {REBUILD}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("samples"), list):
         raise CacheError(f'{where} is not a manifest (a JSON object with "samples"); {REBUILD}')
     if manifest.get("version") != VERSION:
