@@ -334,7 +334,10 @@ def _checked_num_classes(ckpt: dict, args: dict[str, Any], path: Path) -> int:
         )
     names = (ckpt.get("meta") or {}).get("class_names")
     if isinstance(names, list | tuple) and names and len(names) != n:
-        raise CheckpointError(f"{path}: model_args num_classes {n} but {len(names)} class names")
+        raise CheckpointError(
+            f"{path}: meta class_names has {len(names)} names for a model of {n} classes"
+            " (model_args num_classes)"
+        )
     return n
 
 
@@ -362,7 +365,7 @@ def meta_problem(meta: dict[str, Any], num_classes: int) -> str | None:
         if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
             return f"meta class_names {names!r:.80}: a list of strings expected"
         if len(names) != num_classes:
-            return f"meta class_names: {len(names)} names for a model of {num_classes} classes"
+            return f"meta class_names has {len(names)} names for a model of {num_classes} classes"
     palette = meta.get("palette")
     if palette is not None:
         if not isinstance(palette, list | tuple) or len(palette) > MAX_CLASSES + 1:

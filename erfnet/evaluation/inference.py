@@ -187,10 +187,8 @@ def model_normalization(model: nn.Module) -> tuple[Stats, Stats]:
     """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (complete in
     every loaded checkpoint and export); a network built in code, without a ``meta`` (as during
     training), is normalised as every built-in transform normalises: ImageNet's."""
-    meta = getattr(model, "meta", None)
-    if meta is None:
-        return MEAN_RGB, STD_RGB
-    return tuple(meta["mean"]), tuple(meta["std"])
+    meta = getattr(model, "meta", None) or {}
+    return tuple(meta.get("mean", MEAN_RGB)), tuple(meta.get("std", STD_RGB))
 
 
 def network_input(

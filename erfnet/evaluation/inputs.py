@@ -94,7 +94,8 @@ def check_values(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"an image must hold RGB numbers on the 0-255 scale, got {image.dtype}")
     if image.numel() == 0:
         return image.to(torch.float32 if image.is_floating_point() else torch.uint8)
-    low, high = float(image.amin()), float(image.amax())
+    values = image if image.is_floating_point() else image.to(torch.int64)  # uint16 has no amin
+    low, high = float(values.amin()), float(values.amax())
     if image.is_floating_point():
         if not bool(torch.isfinite(image).all()):
             raise ValueError("the image holds NaN or infinite values: every pixel must be finite")
