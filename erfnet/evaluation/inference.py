@@ -27,6 +27,7 @@ an argmax): those are resized nearest to the label size, in whole-image single-s
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -466,9 +467,13 @@ def _checked_out_size(out_size: Sequence[int] | None) -> Size | None:
     if out_size is None:
         return None
     size = tuple(out_size)
-    if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+    try:
+        ints = tuple(operator.index(v) for v in size)  # ints, numpy ints, 0-d int tensors
+    except TypeError:
+        ints = ()
+    if len(ints) != 2 or min(ints) < 1:
         raise ValueError(f"out_size {size}: two positive integers (H, W) expected")
-    return int(size[0]), int(size[1])
+    return ints[0], ints[1]
 
 
 def _predict_batch(
