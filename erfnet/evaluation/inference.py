@@ -48,7 +48,8 @@ MODES = ("whole", "slide")
 MIN_VIEW = 8
 Size = tuple[int, int]
 # Full-size float maps (logits, softmax sums) larger than this are made and reduced in
-# horizontal strips of at most this size (the labels are the same; docs/evaluation.md).
+# horizontal strips, all of a strip's maps within this size (the same labels;
+# docs/evaluation.md). Cityscapes' 19 x 1024 x 2048 logits (160 MB) stay whole.
 STRIP_BYTES = 256 << 20
 LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
@@ -382,14 +383,14 @@ def _axis_weights(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.T
 
 def resize_rows(x: torch.Tensor, size: Sequence[int], start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the bilinear resize (align_corners=False) of NCHW ``x`` to
-    ``size``: every row is computed alone, so strips put together equal the whole resize
+    ``size``, by F.interpolate's sampling positions and weights (rows first, at ``x``'s width,
+    then columns): every row is computed alone, so strips put together equal the whole resize
     exactly; it equals ``resize_logits`` to float rounding (a few 1e-7)."""
     h0, h1, a0, a1 = (t.to(x.device) for t in _axis_weights(x.shape[-2], size[0], start, stop))
     w0, w1, b0, b1 = (t.to(x.device) for t in _axis_weights(x.shape[-1], size[1], 0, size[1]))
-    top, bottom = x[:, :, h0], x[:, :, h1]
-    top = top[..., w0] * b0 + top[..., w1] * b1
-    bottom = bottom[..., w0] * b0 + bottom[..., w1] * b1
-    return top * a0[:, None] + bottom * a1[:, None]
+    rows = x.index_select(2, h0).mul_(a0[:, None]).add_(x.index_select(2, h1).mul_(a1[:, None]))
+    out = rows.index_select(3, w0).mul_(b0)
+    return out.add_(rows.index_select(3, w1).mul_(b1))
 
 
 def strip_rows(maps: int, channels: int, width: int, budget: int = STRIP_BYTES) -> int:
@@ -488,9 +489,12 @@ def _predict_batch(
     _check_image(image)
     size = out_size or (int(image.shape[-2]), int(image.shape[-1]))
     outputs = getattr(model, "num_classes", None) or 256  # unknown: at most 255 classes
-    maps = 3 if settings.ms_flip else 1  # softmax sum, one view's softmax and its logits
+    # Full-width float maps alive at once per strip: the resized rows and a temporary; ms+flip
+    # adds the softmax sum and one view's softmax.
+    maps = 4 if settings.ms_flip else 2
     rows = strip_rows(maps * image.shape[0], outputs, size[1], strip_bytes)
-    if rows >= size[0]:  # fits: mmseg's computation as it is written
+    full_map = 4 * image.shape[0] * outputs * size[0] * size[1]
+    if full_map <= strip_bytes:  # one full-size map fits: mmseg's computation as written
         if settings.ms_flip:
             return infer_probs_ms_flip(model, image, size, settings).argmax(1)
         out = infer_logits(model, image, size, settings)
