@@ -332,3 +332,14 @@ def test_resize_and_argmax_in_strips_equal_the_whole_computation(rgb: np.ndarray
         one_row = erfnet.predict(model, chw, settings=settings, strip_bytes=1)  # 1-row strips
         assert torch.equal(one_row, unstripped)
         assert torch.equal(erfnet.predict(model, chw, settings=settings), unstripped)
+
+
+def test_video_predictors_default_to_the_checkpoints_test_size() -> None:
+    pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
+    from erfnet.video.pipeline import network_size_for
+
+    keep = {"rule": "keep_ratio", "scale": [32, 64]}
+    assert network_size_for((72, 128), None, keep) == (32, 57)  # mmcv's rule, as predict
+    assert network_size_for((72, 128), None, {"rule": "shorter_side", "size": 36}) == (36, 64)
+    assert network_size_for((72, 128), (40, 80), keep) == (40, 80)  # --resize wins
+    assert network_size_for((72, 128), None, None) is None  # the frame's own size
