@@ -1,7 +1,10 @@
 """Inference as mmsegmentation tests this recipe; shared by eval.py, training and the scripts.
 
 ``predict(model, image, out_size, settings)``: the test-time settings are one frozen
-``TestSettings`` whose defaults are mmseg's protocol for this recipe.
+``TestSettings`` whose defaults are mmseg's protocol for this recipe, at the test size the
+checkpoint records (``meta["test_size"]``, ``erfnet.evaluation.test_size``). ``predict`` takes
+any form ``erfnet.evaluation.inputs.as_image_batch`` converts (PIL, numpy, path, tensor, list),
+runs the model in eval mode and restores its modes.
 
 Images come in on the 0-255 scale ([N, 3, H, W], uint8 or float): each network input ("view") is
 resized there (``resize_image``: bilinear, rounded, as mmseg resizes the uint8 image) and then
@@ -17,6 +20,9 @@ extra.
 - ms+flip: every ratio of the test scale, each view resized from the original image, with and
   without a horizontal flip; the softmax of each view's logits at the original size (flip
   undone) is summed in place; argmax.
+
+Full-size float maps over ``STRIP_BYTES`` are never made: ``predict`` then resizes and reduces
+them in horizontal strips (``labels_in_strips``), in the same order, with the same labels.
 
 A model may also return class labels [N, H, W] instead of logits (an exported graph that ends in
 an argmax): those are resized nearest to the label size, in whole-image single-scale mode only.
