@@ -72,6 +72,7 @@ from erfnet.distributed import (
     resolve_device,
 )
 from erfnet.evaluation.evaluate import build_eval_loader
+from erfnet.evaluation.test_size import keep_ratio
 from erfnet.model import HEADS, ERFNet
 from erfnet.training import logs, resume, step
 from erfnet.training.finetune import init_from
@@ -364,6 +365,7 @@ def main(args: Namespace) -> int:
         train_set, val_set = get_dataset(args, proc.dist)
         check_data(args, train_set, val_set, proc.dist, stop)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
+        meta["test_size"] = keep_ratio(args.scale)  # validation's size: predict's default
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         model = build_model(args, meta, resume_path, ckpt, proc)
         optimizer, scheduler, scaler = build_optimizer(args, model, proc)

@@ -28,8 +28,9 @@ try:
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import scalar
 
-from erfnet.checkpoint import FORMAT, cityscapes_meta, save_checkpoint
-from erfnet.config import NUM_CLASSES
+from erfnet.checkpoint import FORMAT, check_inflation, cityscapes_meta, save_checkpoint
+from erfnet.config import NUM_CLASSES, RECIPE
+from erfnet.evaluation.test_size import keep_ratio
 from erfnet.model import ERFNet
 
 SOURCES = ("mmseg", "erfnet_pytorch")
@@ -51,6 +52,10 @@ _MMSEG_NB1D_INDEX = dict(zip((0, 2, 3, 5, 7, 8), _NB1D_PARTS, strict=True))
 
 # Foreign modules that are dropped on purpose map to DROP.
 DROP = None
+
+
+# erfnet_pytorch's evaluation resizes every image with Resize(512): its shorter side to 512.
+ERFNET_PYTORCH_TEST_SIZE = {"rule": "shorter_side", "size": 512}
 
 
 class ConversionError(ValueError):
@@ -270,6 +275,7 @@ def load_foreign_checkpoint(path: str | os.PathLike) -> Any:
         raise ConversionError(f"input {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise ConversionError(f"input checkpoint not found: {path}")
+    check_inflation(path, ConversionError)  # before torch.load inflates a byte
     allowed = _numpy_scalar_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -334,6 +340,7 @@ def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[st
     meta.update({"source": source, "source_file": in_path.name})
     meta.update(source_lineage(source, in_path.name, "converted"))
     if source == "mmseg":
+        meta["test_size"] = keep_ratio(RECIPE.test_scale)  # mmseg's Cityscapes test pipeline
         foreign_meta = raw.get("meta") if isinstance(raw, dict) else None
         if isinstance(foreign_meta, dict):
             names, palette = foreign_meta.get("CLASSES"), foreign_meta.get("PALETTE")
@@ -347,6 +354,7 @@ def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[st
     # pipelines compute (x - mean) / std on the 0-255 scale, so mean 0 / std 255 gives x / 255.
     meta["mean"] = [0.0, 0.0, 0.0]
     meta["std"] = [255.0, 255.0, 255.0]
+    meta["test_size"] = dict(ERFNET_PYTORCH_TEST_SIZE)
     if num_classes > ERFNET_PYTORCH_VOID_CLASS:
         meta["class_names"][ERFNET_PYTORCH_VOID_CLASS] = "void"
         meta["palette"][ERFNET_PYTORCH_VOID_CLASS] = [0, 0, 0]

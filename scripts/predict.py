@@ -8,9 +8,12 @@ For each image ``<name>.<ext>`` (a folder is searched recursively; sub-folders a
 writes ``<out>/<name>_color.png`` (the checkpoint's class colours, ``meta["palette"]``) and
 ``<out>/<name>_blend.png`` (the colours over the image). No dataset is needed. Inference is
 mmseg's test protocol: the image is resized on the 0-255 scale keeping its ratio to ``--scale``
-(default the recipe's 1024x2048) and normalised with the checkpoint's mean / std, the logits are
-resized back to the image's size; ``--ms-flip`` averages the softmax over the recipe's scales
-and flips, each view resized from the original image.
+(default the test size the checkpoint records, ``meta["test_size"]``: what train.py validated at,
+or the source recipe's for converted weights; Cityscapes' 1024x2048 for older files) and
+normalised with the checkpoint's mean / std, the logits are resized back to the image's size (in
+strips above 256 MiB of logits, so memory stays bounded; the same labels); ``--ms-flip``
+averages the softmax over the recipe's scales and flips, each view resized from the original
+image.
 The model is ``erfnet.load_model(..., fast=True)`` (BatchNorm folded, channels_last): the same
 predictions as the plain model, faster; or with ``--model`` an exported graph (``.onnx`` through
 onnxruntime, OpenVINO ``.xml``, the optional extras), on the CPU.
@@ -33,7 +36,13 @@ from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.data.check import check_png_data
 from erfnet.data.decode import DatasetError, load_image
 from erfnet.distributed import resolve_device
-from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, TestSettings, predict
+from erfnet.evaluation.inference import (
+    DEFAULT_SETTINGS,
+    MIN_VIEW,
+    TestSettings,
+    predict,
+    settings_for,
+)
 from erfnet.evaluation.visualize import blend, colorize, save_png
 from erfnet.outputs import OutputError, check_outputs, output_dir
 from erfnet.runtime import apply_cpu_plan, one_line, tune_cpu_allocator
@@ -88,9 +97,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
-        "--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale), metavar=("H", "W"),
-        help="test scale; the image is resized keeping its ratio to fit it "
-        f"(default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
+        "--scale", nargs=2, type=int, default=None, metavar=("H", "W"),
+        help="test scale; the image is resized keeping its ratio to fit it (default: the test"
+        " size the checkpoint records, meta['test_size']; without one "
+        f"{DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument(
@@ -102,7 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CPU threads (default: the free cores less one, as train.py plans them)",
     )
     args = p.parse_args(argv)
-    if min(args.scale) < MIN_VIEW:
+    if args.scale is not None and min(args.scale) < MIN_VIEW:
         p.error(
             f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
         )
@@ -172,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     _, threads = apply_cpu_plan(device.type, 0, args.threads)
     model = load_predictor(args, device, threads)
     # predict() normalises each resized view with the checkpoint's meta mean / std.
-    settings = TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
+    settings = (
+        TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
+        if args.scale is not None
+        else settings_for(model, ms_flip=args.ms_flip)  # the size the checkpoint records
+    )
     palette = model.meta["palette"]  # one colour per class: the checkpoint's meta is complete
     written: list[Path] = []
     for path, stem in tqdm(images, desc="predict", unit="img", dynamic_ncols=True):

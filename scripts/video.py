@@ -9,8 +9,10 @@
 Writes the checkpoint's palette blended over each frame to ``--out`` (H.264 via libx264 where
 this PyAV build has it, else MPEG-4; the choice is printed) at the source's frame rate divided
 by ``--every``, and with ``--labels DIR`` one class-index PNG per processed frame. The network
-sees each frame resized to ``--resize H W`` (default: the frame's own size) and normalised with
-the checkpoint's mean / std; logits are resized back to the frame before the argmax.
+sees each frame resized to ``--resize H W`` (default: the test size the checkpoint records,
+``meta["test_size"]``, as ``erfnet.predict`` and scripts/predict.py; Cityscapes' keep-ratio
+1024x2048 for older files) and normalised with the checkpoint's mean / std; logits are resized
+back to the frame before the argmax.
 
 Decoding, the network and encoding run in three threads with bounded queues, so the end-to-end
 FPS approaches the slowest stage's; ``--sequential`` runs the same stages one after another.
@@ -35,6 +37,7 @@ import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.distributed import resolve_device
+from erfnet.evaluation.inference import model_test_size
 from erfnet.outputs import OutputError, atomic_write_text, output_dir, output_file
 from erfnet.outputs import check_outputs as check_output_rule
 from erfnet.runtime import cpu_plan, tune_cpu_allocator
@@ -61,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame")
     p.add_argument(
         "--resize", nargs=2, type=int, metavar=("H", "W"),
-        help="network input size (default: the frame's size), e.g. 512 1024",
+        help="network input size (default: the checkpoint's test size, meta['test_size']),"
+        " e.g. 512 1024",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument("--codec", default="auto", help="encoder: auto (H.264, else mpeg4) or a name")
@@ -130,10 +134,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = plan_threads(args, device)
     if args.model is not None:
         predictor: Any = ExportedPredictor(args.model, args.resize, threads)
+        if args.resize is None:  # the test size the export's checkpoint recorded
+            predictor.test_size = model_test_size(predictor)
     else:
         model = load_model(args.checkpoint, device, fast=True)
         predictor = TorchPredictor(
-            model, model.meta, args.resize, amp=not args.no_amp, cuda_graph=not args.no_cuda_graph
+            model,
+            model.meta,
+            args.resize,
+            amp=not args.no_amp,
+            cuda_graph=not args.no_cuda_graph,
+            test_size=None if args.resize else model_test_size(model),
         )
     source = open_source(args.input, camera=args.camera)
     if args.out is None and args.labels is None:

@@ -200,7 +200,7 @@ def test_folder_is_not_a_checkpoint(tmp_path):
 
 
 def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_path, capsys):
-    keys = {"class_names", "palette", "ignore_index", "mean", "std", "head"}
+    keys = {"class_names", "palette", "ignore_index", "mean", "std", "head", "test_size"}
     written = make_checkpoint(ERFNet(num_classes=3, head="deconv"))["meta"]
     assert set(written) == keys | {"licence", "lineage"} and written["head"] == "deconv"
     assert len(written["palette"]) == 3 and written["licence"] == "Apache-2.0"
@@ -211,6 +211,7 @@ def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_
     torch.save(ckpt, tmp_path / "old.pth")
     meta = load_checkpoint(tmp_path / "old.pth")["meta"]
     assert set(meta) == keys | {"note"} and len(meta["class_names"]) == 19
+    assert meta["test_size"] == {"rule": "keep_ratio", "scale": [1024, 2048]}  # Cityscapes'
     assert meta["palette"][0] == [1, 2, 3] and all(any(c) for c in meta["palette"])
     assert "the checkpoint's palette has 1 colours for 19 classes" in capsys.readouterr().err
     assert load_model(tmp_path / "old.pth").meta == meta

@@ -112,6 +112,7 @@ def test_mmseg_num_classes_from_classifier(tmp_path, reference_nets):
     assert model.num_classes == 7
     loaded = load_model(tmp_path / "out.pth")
     assert loaded.num_classes == 7 and len(loaded.meta["class_names"]) == 7
+    assert loaded.meta["test_size"] == {"rule": "keep_ratio", "scale": [1024, 2048]}  # mmseg's
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         assert_same_logits(loaded(x), ref(x))
@@ -126,6 +127,7 @@ def test_erfnet_pytorch_converts_to_identical_logits(tmp_path, ep_file, ep_ref):
     meta = model.meta
     assert meta["source"] == "erfnet_pytorch" and meta["source_file"] == "erfnet_pretrained.pth"
     assert meta["void_class"] == 19 and meta["class_names"][19] == "void"
+    assert meta["test_size"] == {"rule": "shorter_side", "size": 512}  # its Resize(512)
     assert meta["class_names"][:19] == list(CLASS_NAMES)
 
     # The original takes RGB in [0, 1]; our pipeline's (x - mean) / std with the stored meta on

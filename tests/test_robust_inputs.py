@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from erfnet.data.check import check_datasets, image_header
-from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image
+from erfnet.data.decode import MAX_IMAGE_PIXELS, DatasetError, load_image, pixel_limit
 from erfnet.data.fast.cache import CachedCityscapesDataset, CacheError, write_cache
 from erfnet.data.folder import FolderDataset
 from scripts import benchmark, class_weights, prepare_cityscapes
@@ -168,26 +168,34 @@ def _jpeg_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_images_over_pil_bomb_limit_work_or_are_refused_in_one_line(tmp_path: Path) -> None:
-    """PIL refuses over 179 M pixels with a DecompressionBombError traceback: a 20000 x 20000
-    header is now read (the project's bound is MAX_IMAGE_PIXELS); beyond the bound, one line."""
-    big = _png_blank(tmp_path / "big.png", 20000, 20000)
-    assert image_header(big) == ((20000, 20000), "1")
-    assert 20000 * 20000 <= MAX_IMAGE_PIXELS < 30000 * 30000
-    for path in (
-        _png_header_only(tmp_path / "huge.png", 30000, 30000),
-        _jpeg_claiming(tmp_path / "huge.jpg", 30000, 30000),
-    ):
-        for read in (image_header, load_image):
-            with pytest.raises(DatasetError) as e:
-                read(path)
-            assert f"'{path}' is 30000x30000 (WxH) = 900,000,000 pixels, more than the" in str(
-                e.value
-            )
-    wider = _jpeg_claiming(tmp_path / "wider.jpg", 40000, 40000)  # over twice PIL's new limit
-    for read in (image_header, load_image):
-        with pytest.raises(DatasetError, match=r"has 1,600,000,000 pixels, more than the 715,82"):
-            read(wider)
+def test_images_over_pil_bomb_limit_are_refused_in_one_line_before_pil(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound is PIL's own limit (89,478,485 pixels by default), read from the header before
+    PIL opens the file: one DatasetError line and no DecompressionBombWarning, whether the size
+    is between PIL's warning and error thresholds or beyond; a process that raises PIL's limit
+    raises the bound with it, up to MAX_IMAGE_PIXELS."""
+    limit = pixel_limit()
+    assert limit == Image.MAX_IMAGE_PIXELS <= MAX_IMAGE_PIXELS
+    inside = _png_blank(tmp_path / "inside.png", 9000, 9000)  # 81 M pixels
+    assert image_header(inside) == ((9000, 9000), "1")
+    for side in (10000, 30000):  # over PIL's limit; over twice it
+        for path in (
+            _png_header_only(tmp_path / f"huge{side}.png", side, side),
+            _jpeg_claiming(tmp_path / f"huge{side}.jpg", side, side),
+        ):
+            for read in (image_header, load_image):
+                with pytest.raises(DatasetError) as e:
+                    read(path)
+                assert str(e.value).startswith(
+                    f"'{path}' is {side}x{side} (WxH) = {side * side:,} pixels, more than the"
+                    f" {limit:,} an image may have here"
+                )
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**8 + 1)
+    assert image_header(_png_blank(tmp_path / "raised.png", 10000, 10000))[0] == (10000, 10000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert pixel_limit() == MAX_IMAGE_PIXELS
 
 
 def test_data_check_finds_png_data_shorter_than_its_size(tmp_path: Path) -> None:

@@ -319,6 +319,8 @@ def test_end_to_end_outputs(full_run: Path):
     assert latest["sampler"]["consumed"] == 8 and latest["sampler"]["epoch"] == 2
     args = json.loads((full_run / "args.json").read_text())
     assert args["iters"] == 4 and args["crop_size"] == [32, 64]
+    # The checkpoint records the size it was validated at: predict's default.
+    assert model.meta["test_size"] == {"rule": "keep_ratio", "scale": args["scale"]}
     log = (full_run / "train.log").read_text()
     assert "val at iteration 2" in log and "val at iteration 4" in log
 

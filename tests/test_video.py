@@ -46,6 +46,8 @@ META = {
     "std": [50.0, 60.0, 70.0],
     "palette": [[1, 2, 3], [250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 0]],
     "class_names": ["a", "b", "c", "d", "e"],
+    # Validated at the clip's own size: the scripts' default network size is the frame's.
+    "test_size": {"rule": "fixed", "size": list(SIZE)},
 }
 
 

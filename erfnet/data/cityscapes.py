@@ -35,6 +35,7 @@ from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' publi
     DatasetError,
     check_same_size,
     load_image,
+    open_image,
     pil_rgb8,
     read_png,
     to_uint8,
@@ -324,13 +325,15 @@ def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> b
     if not force and not _needs_update(src, dst):
         return False
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:  # the size bound, from the header, before decoding
             im.load()
             if im.mode not in ("L", "P"):
                 raise DatasetError(
                     f"label '{src}' must be a single-channel 8-bit PNG, got PIL mode {im.mode}"
                 )
             ids = np.asarray(im)
+    except DatasetError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot decode '{src}' as PNG (corrupt or truncated?): {e}") from None
     if ids.size and int(ids.max()) > _MAX_LABEL_ID:

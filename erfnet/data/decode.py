@@ -5,19 +5,20 @@ PNGs go through libpng (torchvision), or pyspng when it is installed and the fil
 8-bit RGB image or grey label (the same values, faster); other formats through PIL. Images come
 out upright (EXIF orientation applied) as uint8 RGB; a 16-bit image keeps its high byte.
 
-Image size: the project's bound is ``MAX_IMAGE_PIXELS`` (2**31 / 3, about 715 million pixels,
-e.g. 26,000 x 27,000: the uint8 RGB copy then stays under 2 GiB, the largest buffer that every
-decoder and int32-indexed kernel on the path takes). It replaces PIL's decompression-bomb limit
-(179 million pixels), which would refuse real aerial images and panoramas with a traceback;
-a larger file is refused from its header, before any pixel is decoded, with one DatasetError line
-giving its size. Importing this module raises PIL's own limit to this bound (never lowers it).
+Image size: PIL's limits stay PIL's (nothing here changes ``PIL.Image.MAX_IMAGE_PIXELS`` or a
+warning filter). The project's bound, ``pixel_limit()``, is PIL's ``MAX_IMAGE_PIXELS`` as it is
+when an image is read (89,478,485 pixels by default, e.g. 9,459 x 9,459; a process that raises
+PIL's limit raises this one with it), capped at ``MAX_IMAGE_PIXELS`` = 2**31 / 3 (its uint8 RGB
+copy stays under 2 GiB, the largest buffer every decoder and int32-indexed kernel takes). The
+size comes from the header (PNG's IHDR and JPEG's frame header are read here, before PIL sees
+the file; other formats from PIL's lazy open) and a larger image is refused with one
+DatasetError line giving its size, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,33 +34,89 @@ class DatasetError(ValueError):
     the message names the path."""
 
 
+# The cap of pixel_limit() whatever PIL's limit says (None included).
 MAX_IMAGE_PIXELS = 2**31 // 3
-if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
-    # PIL warns above its limit and refuses above twice it; ours is checked by check_pixels.
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size.
+_JPEG_SOF = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+_JPEG_SEGMENTS = 4096  # markers read before giving up (PIL's open then reads the header)
+
+
+def pixel_limit() -> int:
+    """The most pixels an image may have here: PIL's ``Image.MAX_IMAGE_PIXELS`` now (its
+    decompression-bomb bound, read at each call), at most ``MAX_IMAGE_PIXELS``."""
+    pil = Image.MAX_IMAGE_PIXELS
+    return MAX_IMAGE_PIXELS if pil is None else min(int(pil), MAX_IMAGE_PIXELS)
 
 
 def check_pixels(path: os.PathLike, width: int, height: int) -> None:
-    """``DatasetError`` for an image over ``MAX_IMAGE_PIXELS`` (from its header)."""
-    if width * height > MAX_IMAGE_PIXELS:
+    """``DatasetError`` for an image over ``pixel_limit()`` (from its header)."""
+    limit = pixel_limit()
+    if width * height > limit:
         raise DatasetError(
             f"'{path}' is {width}x{height} (WxH) = {width * height:,} pixels, more than the"
-            f" {MAX_IMAGE_PIXELS:,} an image may have here; downscale or tile it"
+            f" {limit:,} an image may have here (PIL.Image.MAX_IMAGE_PIXELS, its bomb limit);"
+            " downscale or tile it"
         )
 
 
+def _jpeg_size(f: Any) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, ``f`` just past its SOI marker; None where
+    the markers are not what a JPEG holds."""
+    for _ in range(_JPEG_SEGMENTS):
+        if f.read(1) != b"\xff":
+            return None
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = f.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # end of file / scan before a frame
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a length
+            continue
+        length = int.from_bytes(f.read(2), "big")
+        if marker[0] in _JPEG_SOF:
+            frame = f.read(5)
+            if len(frame) < 5:
+                return None
+            return int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")
+        if length < 2:
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def header_size(path: os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of a PNG or JPEG read from its header alone; None for other formats (and
+    files too damaged to say), whose size PIL's lazy open gives."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+                return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            if head[:2] == b"\xff\xd8":
+                f.seek(2)
+                return _jpeg_size(f)
+    except OSError:
+        return None  # PIL's open reports it
+    return None
+
+
 def open_image(path: os.PathLike) -> Image.Image:
-    """``PIL.Image.open`` (header only) with the size bound of this module; the caller closes
-    it. PIL's errors pass through, except its decompression-bomb refusal (a DatasetError)."""
+    """``PIL.Image.open`` (header only) with the size bound of this module, checked from the
+    header before PIL opens a PNG or JPEG; the caller closes it. PIL's errors pass through,
+    except its decompression-bomb refusal (a DatasetError)."""
+    size = header_size(path)
+    if size is not None:
+        check_pixels(path, *size)
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL gives the count
         found = re.search(r"\((\d+) pixels\)", str(e))
         count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
         raise DatasetError(
-            f"'{path}' has {count}, more than the {MAX_IMAGE_PIXELS:,} an image may have here;"
-            " downscale or tile it"
+            f"'{path}' has {count}, more than the {pixel_limit():,} an image may have here"
+            " (PIL.Image.MAX_IMAGE_PIXELS, its bomb limit); downscale or tile it"
         ) from None
     try:
         check_pixels(path, *im.size)
@@ -98,29 +155,28 @@ def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None
 
 
 def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
-    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, warning on every
-    # call; they are still the fastest PNG path here (libpng straight into a tensor), unless
-    # pyspng is installed (see _spng_decode).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            data = read_file(str(path))
-        except (RuntimeError, OSError) as e:
-            raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
-        head = data[:24].tolist() if data.numel() >= 24 else []
-        if head[12:16] == list(b"IHDR"):  # refuse a huge image before allocating for it
-            size = [int.from_bytes(bytes(head[i : i + 4]), "big") for i in (16, 20)]
-            check_pixels(path, *size)
-        try:
-            # pyspng does not apply the EXIF orientation: only where none is asked (labels).
-            fast = None if exif else _spng_decode(data, mode)
-            if fast is not None:
-                return fast
-            return decode_png(data, mode=mode, apply_exif_orientation=exif)
-        except RuntimeError as e:
-            raise DatasetError(
-                f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
-            ) from None
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (a DeprecationWarning
+    # per call, hidden by Python's default filters; no filter is changed here); they are still
+    # the fastest PNG path here (libpng straight into a tensor), unless pyspng is installed
+    # (see _spng_decode).
+    try:
+        data = read_file(str(path))
+    except (RuntimeError, OSError) as e:
+        raise DatasetError(f"cannot read '{path}': {_torch_io_message(e)}") from None
+    head = data[:24].tolist() if data.numel() >= 24 else []
+    if head[12:16] == list(b"IHDR"):  # refuse a huge image before allocating for it
+        size = [int.from_bytes(bytes(head[i : i + 4]), "big") for i in (16, 20)]
+        check_pixels(path, *size)
+    try:
+        # pyspng does not apply the EXIF orientation: only where none is asked (labels).
+        fast = None if exif else _spng_decode(data, mode)
+        if fast is not None:
+            return fast
+        return decode_png(data, mode=mode, apply_exif_orientation=exif)
+    except RuntimeError as e:
+        raise DatasetError(
+            f"cannot decode '{path}' as PNG (corrupt or truncated?): {_torch_io_message(e)}"
+        ) from None
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:

@@ -7,7 +7,6 @@ it) starts here, so the graph and its metadata are written in one place.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,21 +46,19 @@ def export_onnx(
     out = Path(out)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
     # The TorchScript exporter (dynamo=False) needs no onnxscript and keeps H and W dynamic
-    # through model.py's resizes, which are always recorded while exporting; its deprecation
-    # warnings say nothing a user can act on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            fused,
-            (torch.randn(1, 3, height, width),),
-            str(out),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamic_axes={INPUT_NAME: axes, "logits": axes},
-            do_constant_folding=True,
-        )
+    # through model.py's resizes, which are always recorded while exporting. Its deprecation
+    # warnings are left to the warning filters (hidden by default outside __main__).
+    torch.onnx.export(
+        fused,
+        (torch.randn(1, 3, height, width),),
+        str(out),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={INPUT_NAME: axes, "logits": axes},
+        do_constant_folding=True,
+    )
     proto = onnx.load(str(out))
     if argmax:
         append_argmax(proto)

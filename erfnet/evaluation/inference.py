@@ -1,7 +1,10 @@
 """Inference as mmsegmentation tests this recipe; shared by eval.py, training and the scripts.
 
 ``predict(model, image, out_size, settings)``: the test-time settings are one frozen
-``TestSettings`` whose defaults are mmseg's protocol for this recipe.
+``TestSettings`` whose defaults are mmseg's protocol for this recipe, at the test size the
+checkpoint records (``meta["test_size"]``, ``erfnet.evaluation.test_size``). ``predict`` takes
+any form ``erfnet.evaluation.inputs.as_image_batch`` converts (PIL, numpy, path, tensor, list),
+runs the model in eval mode and restores its modes.
 
 Images come in on the 0-255 scale ([N, 3, H, W], uint8 or float): each network input ("view") is
 resized there (``resize_image``: bilinear, rounded, as mmseg resizes the uint8 image) and then
@@ -18,6 +21,9 @@ extra.
   without a horizontal flip; the softmax of each view's logits at the original size (flip
   undone) is summed in place; argmax.
 
+Full-size float maps over ``STRIP_BYTES`` are never made: ``predict`` then resizes and reduces
+them in horizontal strips (``labels_in_strips``), in the same order, with the same labels.
+
 A model may also return class labels [N, H, W] instead of logits (an exported graph that ends in
 an argmax): those are resized nearest to the label size, in whole-image single-scale mode only.
 
@@ -27,8 +33,11 @@ an argmax): those are resized nearest to the label size, in whole-image single-s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +45,18 @@ from torch import nn
 
 from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
 from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
+from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
+from erfnet.evaluation.test_size import DEFAULT_TEST_SIZE, RULES, rule_and_scale, rule_size
 
 MODES = ("whole", "slide")
 # The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
 # smaller in either side would reach the bottleneck as an empty map.
 MIN_VIEW = 8
 Size = tuple[int, int]
+# Full-size float maps (logits, softmax sums) larger than this are made and reduced in
+# horizontal strips, all of a strip's maps within this size (the same labels;
+# docs/evaluation.md). Cityscapes' 19 x 1024 x 2048 logits (160 MB) stay whole.
+STRIP_BYTES = 256 << 20
 LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
     " single-scale prediction applies (no slide, no ms+flip)"
@@ -52,7 +67,9 @@ LABELS_ONLY_WHOLE = (
 class TestSettings:
     """How images are predicted; the defaults are mmseg's test protocol for this recipe.
 
-    ``scale``: the test size (H, W) an image is resized to, keeping its ratio. ``mode``: one of
+    ``scale``: the test size (H, W) an image is resized to under ``rule`` (``keep_ratio``:
+    fitted into it keeping its ratio, mmcv's rule; ``fixed``: to it; ``shorter_side``: the
+    shorter side to S, given as (S, S); see ``erfnet.evaluation.test_size``). ``mode``: one of
     ``MODES``. ``ms_flip``: average the softmax over ``ratios`` x ``scale`` views, each also
     flipped when ``flip``. ``slide_crop`` / ``slide_stride``: the crops of slide mode. ``amp``:
     fp16 autocast (CUDA only). Invalid values raise ValueError naming the field.
@@ -68,8 +85,15 @@ class TestSettings:
     slide_crop: Size = RECIPE.slide_crop
     slide_stride: Size = RECIPE.slide_stride
     amp: bool = False
+    rule: str = "keep_ratio"
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.rule == "shorter_side" and tuple(self.scale)[:1] * 2 != tuple(self.scale):
+            raise ValueError(
+                f"rule shorter_side takes one size S as scale (S, S), got {self.scale}"
+            )
         for name in ("scale", "slide_crop", "slide_stride"):
             value = tuple(getattr(self, name))
             if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
@@ -89,6 +113,12 @@ class TestSettings:
                 f"slide_stride {stride} larger than slide_crop {crop} would leave pixels uncovered"
             )
 
+    @classmethod
+    def for_test_size(cls, test_size: dict[str, Any], **others: Any) -> TestSettings:
+        """The settings of a checkpoint's ``meta["test_size"]`` (and ``others``' fields)."""
+        rule, scale = rule_and_scale(test_size)
+        return cls(scale=scale, rule=rule, **others)
+
     @property
     def view_ratios(self) -> tuple[float, ...]:
         """The ratios of ``scale`` that views are made at: ``ratios`` for ms+flip, else 1."""
@@ -96,6 +126,19 @@ class TestSettings:
 
 
 DEFAULT_SETTINGS = TestSettings()
+
+
+def model_test_size(model: Any) -> dict[str, Any]:
+    """The test size ``model`` was validated at: its ``meta["test_size"]`` (recorded by
+    train.py and the converters), else Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``:
+    checkpoints written before the key existed, and networks built in code)."""
+    meta = getattr(model, "meta", None) or {}
+    return meta.get("test_size") or DEFAULT_TEST_SIZE
+
+
+def settings_for(model: Any, **others: Any) -> TestSettings:
+    """``TestSettings`` at the model's own test size (``model_test_size``) and ``others``."""
+    return TestSettings.for_test_size(model_test_size(model), **others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,14 +151,19 @@ def ratio_scale(scale: Sequence[int], ratio: float) -> Size:
     return int(scale[0] * ratio), int(scale[1] * ratio)
 
 
-def view_size(out_size: Sequence[int], scale: Sequence[int], ratio: float = 1.0) -> Size:
-    """The network input size for an image of ``out_size`` at ``scale`` x ``ratio``; ValueError
-    (one line) when a side falls under ``MIN_VIEW`` pixels."""
-    size = rescale_size(tuple(out_size), ratio_scale(scale, ratio))
+def view_size(
+    out_size: Sequence[int], scale: Sequence[int], ratio: float = 1.0, rule: str = "keep_ratio"
+) -> Size:
+    """The network input size for an image of ``out_size`` at ``scale`` x ``ratio`` under
+    ``rule`` (``TestSettings.rule``); ValueError (one line) when a side falls under
+    ``MIN_VIEW`` pixels."""
+    size = rule_size(tuple(out_size), rule, scale, ratio)
     if min(size) < MIN_VIEW:
-        at = f"{scale[0]}x{scale[1]}" + (f" x {ratio:g}" if ratio != 1.0 else "")
+        at = f"{scale[0]}x{scale[1]}" if rule != "shorter_side" else f"{scale[0]}"
+        at = ("the test scale " if rule == "keep_ratio" else f"the test size {rule} ") + at
+        at += f" x {ratio:g}" if ratio != 1.0 else ""
         raise ValueError(
-            f"a {out_size[0]}x{out_size[1]} image resized to the test scale {at} is"
+            f"a {out_size[0]}x{out_size[1]} image resized to {at} is"
             f" {size[0]}x{size[1]} pixels, under the {MIN_VIEW}x{MIN_VIEW} the network needs:"
             " use a larger scale, or an image less elongated"
         )
@@ -147,10 +195,8 @@ def model_normalization(model: nn.Module) -> tuple[Stats, Stats]:
     """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (complete in
     every loaded checkpoint and export); a network built in code, without a ``meta`` (as during
     training), is normalised as every built-in transform normalises: ImageNet's."""
-    meta = getattr(model, "meta", None)
-    if meta is None:
-        return MEAN_RGB, STD_RGB
-    return tuple(meta["mean"]), tuple(meta["std"])
+    meta = getattr(model, "meta", None) or {}
+    return tuple(meta.get("mean", MEAN_RGB)), tuple(meta.get("std", STD_RGB))
 
 
 def network_input(
@@ -273,7 +319,7 @@ def infer_logits(
     _check_image(image)
     mean, std = model_normalization(model)
     out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    x = network_input(image, view_size(out_size, settings.scale), mean, std)
+    x = network_input(image, view_size(out_size, settings.scale, 1.0, settings.rule), mean, std)
     logits = _view_logits(model, x, settings, prefers_channels_last(model))
     if is_label_map(logits):
         if settings.mode != "whole":  # pragma: no cover - slide_logits raises first
@@ -303,7 +349,7 @@ def infer_probs_ms_flip(
     channels_last = prefers_channels_last(model)
     acc: torch.Tensor | None = None
     for r in settings.ratios:
-        x = network_input(image, view_size(out_size, settings.scale, r), mean, std)
+        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
         for flipped in (False, True) if settings.flip else (False,):
             logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
             if is_label_map(logits):
@@ -322,24 +368,195 @@ def infer_probs_ms_flip(
     return acc.div_(len(settings.ratios) * (2 if settings.flip else 1))
 
 
+# --------------------------------------------------------------------------------------------
+# Bounded memory: the resize back to the image and the argmax in horizontal strips
+# --------------------------------------------------------------------------------------------
+
+
+def _axis_weights(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    """Source indices and weights of output positions ``start:stop`` of a bilinear resize
+    (align_corners=False) from ``n_in`` to ``n_out``, by F.interpolate's formula."""
+    if n_in == n_out:  # F.interpolate copies along an axis that keeps its size
+        idx = torch.arange(start, stop)
+        ones = torch.ones(stop - start)
+        return idx, idx, ones, torch.zeros(stop - start)
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    src = (scale * (torch.arange(start, stop, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0)
+    i0 = src.long().clamp_max(n_in - 1)
+    w1 = (src - i0).clamp(0, 1)
+    return i0, torch.where(i0 < n_in - 1, i0 + 1, i0), 1 - w1, w1
+
+
+def resize_rows(x: torch.Tensor, size: Sequence[int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the bilinear resize (align_corners=False) of NCHW ``x`` to
+    ``size``, by F.interpolate's sampling positions and weights (rows first, at ``x``'s width,
+    then columns): every row is computed alone, so strips put together equal the whole resize
+    exactly; it equals ``resize_logits`` to float rounding (a few 1e-7)."""
+    h0, h1, a0, a1 = (t.to(x.device) for t in _axis_weights(x.shape[-2], size[0], start, stop))
+    w0, w1, b0, b1 = (t.to(x.device) for t in _axis_weights(x.shape[-1], size[1], 0, size[1]))
+    rows = x.index_select(2, h0).mul_(a0[:, None]).add_(x.index_select(2, h1).mul_(a1[:, None]))
+    out = rows.index_select(3, w0).mul_(b0)
+    return out.add_(rows.index_select(3, w1).mul_(b1))
+
+
+def strip_rows(maps: int, channels: int, width: int, budget: int = STRIP_BYTES) -> int:
+    """Rows per strip so that ``maps`` float32 maps [channels, rows, width] fit ``budget``."""
+    return max(1, budget // max(1, 4 * maps * channels * width))
+
+
+def _view_logits_list(
+    model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings
+) -> list[tuple[torch.Tensor, bool]]:
+    """(logits at the view's size, flipped) for every view ``predict`` averages, in its order
+    (a model that outputs labels: its labels, whole-image single-scale only)."""
+    mean, std = model_normalization(model)
+    channels_last = prefers_channels_last(model)
+    views = []
+    flips = (False, True) if settings.ms_flip and settings.flip else (False,)
+    for r in settings.view_ratios:
+        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
+        for flipped in flips:
+            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
+            if is_label_map(logits) and settings.ms_flip:
+                raise ValueError(LABELS_ONLY_WHOLE)
+            views.append((logits, flipped))
+    return views
+
+
+@torch.inference_mode()
+def labels_in_strips(
+    views: Sequence[tuple[torch.Tensor, bool]], out_size: Sequence[int], rows: int
+) -> torch.Tensor:
+    """Class map [N, *out_size] from view logits, ``rows`` output rows at a time: one view's
+    logits resized to the image then argmax, or (several views, ms+flip) the mean of their
+    softmax at the image size (flips undone) then argmax; the order of mmseg's whole-image
+    computation, never a full-size float map."""
+    h, w = int(out_size[0]), int(out_size[1])
+    first = views[0][0]
+    labels = torch.empty((first.shape[0], h, w), dtype=torch.long, device=first.device)
+    for y0 in range(0, h, rows):
+        y1 = min(y0 + rows, h)
+        if len(views) == 1:
+            labels[:, y0:y1] = resize_rows(first, (h, w), y0, y1).argmax(1)
+            continue
+        acc: torch.Tensor | None = None
+        for logits, flipped in views:
+            strip = resize_rows(logits, (h, w), y0, y1)
+            probs = torch.softmax(strip.flip(-1) if flipped else strip, dim=1)
+            acc = probs if acc is None else acc.add_(probs)
+        assert acc is not None
+        labels[:, y0:y1] = acc.div_(len(views)).argmax(1)
+    return labels
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` (and each submodule) in eval mode inside, each module's own mode restored on
+    exit; eval mode reads BatchNorm's running statistics and never updates them."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
+def _model_device(model: Any) -> torch.device | None:
+    for p in getattr(model, "parameters", list)():
+        return p.device
+    return None
+
+
+def _checked_out_size(out_size: Sequence[int] | None) -> Size | None:
+    if out_size is None:
+        return None
+    size = tuple(out_size)
+    try:
+        ints = tuple(operator.index(v) for v in size)  # ints, numpy ints, 0-d int tensors
+    except TypeError:
+        ints = ()
+    if len(ints) != 2 or min(ints) < 1:
+        raise ValueError(f"out_size {size}: two positive integers (H, W) expected")
+    return ints[0], ints[1]
+
+
+def _predict_batch(
+    model: nn.Module,
+    image: torch.Tensor,
+    out_size: Size | None,
+    settings: TestSettings,
+    strip_bytes: int,
+) -> torch.Tensor:
+    """Class map [N, *out_size] of one checked 0-255 batch; full-size float maps above
+    ``strip_bytes`` are made in strips (``labels_in_strips``)."""
+    _check_image(image)
+    size = out_size or (int(image.shape[-2]), int(image.shape[-1]))
+    outputs = getattr(model, "num_classes", None) or 256  # unknown: at most 255 classes
+    # Full-width float maps alive at once per strip: the resized rows and a temporary; ms+flip
+    # adds the softmax sum and one view's softmax.
+    maps = 4 if settings.ms_flip else 2
+    rows = strip_rows(maps * image.shape[0], outputs, size[1], strip_bytes)
+    full_map = 4 * image.shape[0] * outputs * size[0] * size[1]
+    if full_map <= strip_bytes:  # one full-size map fits: mmseg's computation as written
+        if settings.ms_flip:
+            return infer_probs_ms_flip(model, image, size, settings).argmax(1)
+        out = infer_logits(model, image, size, settings)
+        return out if is_label_map(out) else out.argmax(1)
+    views = _view_logits_list(model, image, size, settings)
+    if is_label_map(views[0][0]):  # an exported graph ending in an argmax
+        return resize_labels(views[0][0], size)
+    return labels_in_strips(views, size, rows)
+
+
 @torch.inference_mode()
 def predict(
     model: nn.Module,
-    image: torch.Tensor,
+    image: Any,
     out_size: Sequence[int] | None = None,
-    settings: TestSettings = DEFAULT_SETTINGS,
-) -> torch.Tensor:
-    """Class map [N, *out_size] (int64) for a 0-255 RGB image batch [N, 3, h, w] (uint8 or
-    float), at ``out_size`` (default the image's size), as ``settings`` say (default: mmseg's
-    whole-image single-scale test); each view normalised with ``model.meta``'s mean / std."""
-    if settings.ms_flip:
-        return infer_probs_ms_flip(model, image, out_size, settings).argmax(1)
-    out = infer_logits(model, image, out_size, settings)
-    return out if is_label_map(out) else out.argmax(1)
+    settings: TestSettings | None = None,
+    *,
+    strip_bytes: int = STRIP_BYTES,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Class maps (int64) for what a notebook holds, as ``settings`` say.
+
+    ``image``: a PIL image, an H x W x 3 uint8 numpy array, a path, a ``[3, H, W]`` or
+    ``[N, 3, H, W]`` tensor (uint8 0-255, or float on the same 0-255 scale), or a list of
+    these of any sizes (see ``erfnet.evaluation.inputs.as_image_batch``: 0-1 floats, NaN,
+    16-bit values and empty images are refused in one ValueError line). Returns ``[H, W]`` for
+    one image, ``[N, H, W]`` for an NCHW batch, a list of ``[H, W]`` for a list, at ``out_size``
+    (default each image's size; not with a list).
+
+    ``settings`` default: mmseg's whole-image single-scale test at the model's test size, the
+    one its checkpoint records (``meta["test_size"]``: train.py's validation scale, the
+    converters' source recipe; a checkpoint without it: Cityscapes' keep-ratio 1024x2048).
+    Each view is normalised with ``model.meta``'s mean / std. The model runs in eval mode
+    (BatchNorm's running statistics, none updated) and every module's mode is restored after.
+    Float maps at the image size over ``strip_bytes`` are made in horizontal strips.
+    """
+    if is_image_list(image) and out_size is not None:
+        raise ValueError("out_size with a list of images: each is predicted at its own size")
+    size = _checked_out_size(out_size)
+    settings = settings if settings is not None else settings_for(model)
+    batches = as_image_batch(image, _model_device(model))
+    with eval_mode(model):
+        preds = [_predict_batch(model, b, size, settings, strip_bytes) for b in batches]
+    if is_image_list(image):
+        return [p[0] for p in preds]
+    return preds[0][0] if is_single_image(image) else preds[0]
 
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "STRIP_BYTES",
+    "eval_mode",
+    "labels_in_strips",
+    "model_test_size",
+    "resize_rows",
+    "settings_for",
+    "strip_rows",
     "MIN_VIEW",
     "MODES",
     "TestSettings",

@@ -14,8 +14,9 @@ from urllib.parse import urlparse
 
 import av
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from erfnet.data.decode import DatasetError, open_image
 from erfnet.data.synthetic import synthesize_sample
 
 Size = tuple[int, int]
@@ -166,9 +167,11 @@ def _open_folder(path: Path) -> FrameSource:
     def frames() -> Iterator[np.ndarray]:
         for file in files:
             try:
-                with Image.open(file) as img:
+                with open_image(file) as img:  # PIL's size bound, from the header
                     yield np.array(img.convert("RGB"))
-            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            except DatasetError as e:
+                raise VideoError(str(e)) from None
+            except (UnidentifiedImageError, OSError) as e:
                 raise VideoError(f"{file}: cannot read frame: {e}") from None
 
     return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from erfnet.data.transforms import normalize, resize_image
 from erfnet.deploy.exported import ExportError, load_exported
+from erfnet.evaluation.test_size import rule_and_scale, rule_size
 from erfnet.evaluation.visualize import blend, palette_lut
 from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
@@ -96,6 +97,18 @@ def preprocess_frame(
     return normalize(x, mean, std)
 
 
+def network_size_for(
+    frame_size: Sequence[int], network_size: Size | None, test_size: dict | None
+) -> Size | None:
+    """The network input size of a frame: ``network_size`` (``--resize``, or an export's fixed
+    size) when set, else the frame resized by ``test_size``'s rule (a checkpoint's
+    ``meta["test_size"]``), else None (the frame's own size)."""
+    if network_size is not None or test_size is None:
+        return network_size
+    rule, scale = rule_and_scale(test_size)
+    return rule_size((int(frame_size[0]), int(frame_size[1])), rule, scale)
+
+
 def _labels(logits: torch.Tensor, frame_size: Size) -> torch.Tensor:
     """Logits resized bilinearly to the frame (if needed), argmax, uint8 [H, W]."""
     if tuple(logits.shape[-2:]) != tuple(frame_size):
@@ -122,12 +135,14 @@ class TorchPredictor:
         network_size: Size | None = None,
         amp: bool = True,
         cuda_graph: bool = True,
+        test_size: dict | None = None,
     ) -> None:
         self.model = model.eval()
         self.meta = meta if meta is not None else getattr(model, "meta", {}) or {}
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.network_size = tuple(network_size) if network_size else None
+        self.test_size = test_size
         self.amp = amp and self.cuda
         mean, std = _mean_std(self.meta)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
@@ -140,14 +155,16 @@ class TorchPredictor:
         frame = torch.from_numpy(np.ascontiguousarray(rgb))
         if self.cuda:  # pinned (cached by PyTorch's host allocator): an async copy in predict
             return frame.pin_memory()
-        return preprocess_frame(frame, self.network_size, self.mean, self.std).contiguous(
+        size = network_size_for(frame.shape[:2], self.network_size, self.test_size)
+        return preprocess_frame(frame, size, self.mean, self.std).contiguous(
             memory_format=torch.channels_last
         )
 
     @torch.inference_mode()
     def _frame_to_labels(self, x: torch.Tensor, frame_size: Size) -> torch.Tensor:
         if self.cuda:
-            x = preprocess_frame(x, self.network_size, self.mean, self.std)
+            size = network_size_for(x.shape[:2], self.network_size, self.test_size)
+            x = preprocess_frame(x, size, self.mean, self.std)
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", torch.float16, enabled=self.amp, cache_enabled=False):
             logits = self.model(x)
@@ -193,7 +210,13 @@ class ExportedPredictor:
     ``erfnet.deploy.exported.load_exported``: normalisation and palette come from the meta the
     exporter wrote into the file; a graph exported for a fixed size sets the network size."""
 
-    def __init__(self, path: str | Path, network_size: Size | None = None, threads: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        network_size: Size | None = None,
+        threads: int = 0,
+        test_size: dict | None = None,
+    ):
         try:
             self.model = load_exported(path, threads)
         except ExportError as e:
@@ -207,13 +230,15 @@ class ExportedPredictor:
                 f" {network_size[0]} {network_size[1]} cannot be used with it"
             )
         self.network_size = tuple(network_size) if network_size else fixed
+        self.test_size = test_size
         self.mean, self.std = _mean_std(self.meta)
         self.device = torch.device("cpu")
         self.notes: list[str] = []
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         frame = torch.from_numpy(np.ascontiguousarray(rgb))
-        return preprocess_frame(frame, self.network_size, self.mean, self.std)
+        size = network_size_for(frame.shape[:2], self.network_size, self.test_size)
+        return preprocess_frame(frame, size, self.mean, self.std)
 
     def predict(self, x: torch.Tensor, frame_size: Size) -> np.ndarray:
         out = self.model(x)

@@ -1,0 +1,114 @@
+"""The test size a checkpoint was validated at: ``meta["test_size"]``, one of three rules.
+
+- ``{"rule": "keep_ratio", "scale": [H, W]}``: mmcv's rescale rule (what mmseg tests with): the
+  image is fitted into the scale keeping its ratio (``rescale_size``). Cityscapes' recipe:
+  ``[1024, 2048]``, also the default of files written before the key existed.
+- ``{"rule": "shorter_side", "size": S}``: the shorter side becomes S, the ratio kept
+  (erfnet_pytorch's ``Resize(512)``; the longer side truncated as torchvision computes it).
+- ``{"rule": "fixed", "size": [H, W]}``: every image resized to H x W.
+
+``train.py`` records the keep-ratio rule of its ``--scale`` (the size it validates at), the
+converters the rule of the foreign recipe; ``erfnet.predict`` and ``scripts/predict.py`` /
+``scripts/video.py`` test at it unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from erfnet.config import RECIPE
+from erfnet.data.transforms import rescale_size
+
+RULES = ("keep_ratio", "shorter_side", "fixed")
+DEFAULT_TEST_SIZE: dict[str, Any] = {"rule": "keep_ratio", "scale": list(RECIPE.test_scale)}
+# The largest side a test size may name: far above any real test scale, small enough that a
+# typo (an extra digit or two) is refused rather than allocated.
+MAX_SIDE = 16384
+
+
+def keep_ratio(scale: Sequence[int]) -> dict[str, Any]:
+    """``meta["test_size"]`` for mmcv's keep-ratio rule at ``scale`` (H, W)."""
+    return {"rule": "keep_ratio", "scale": [int(scale[0]), int(scale[1])]}
+
+
+def _side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIDE
+
+
+def check_test_size(value: Any) -> dict[str, Any]:
+    """``value`` as a plain ``test_size`` dict; ValueError (one line, what was expected) when it
+    is not one of ``RULES`` in the documented format."""
+    expected = (
+        'expected {"rule": "keep_ratio", "scale": [H, W]}, {"rule": "shorter_side", "size": S}'
+        f' or {{"rule": "fixed", "size": [H, W]}} with sides 1..{MAX_SIDE}'
+    )
+    if not isinstance(value, dict) or value.get("rule") not in RULES:
+        raise ValueError(f"test_size {value!r:.120}: {expected}")
+    rule = value["rule"]
+    key = "scale" if rule == "keep_ratio" else "size"
+    field = value.get(key)
+    if set(value) != {"rule", key}:
+        raise ValueError(f"test_size {value!r:.120}: {expected}")
+    if rule == "shorter_side":
+        if not _side(field):
+            raise ValueError(f"test_size {value!r:.120}: {expected}")
+        return {"rule": rule, key: field}
+    if not isinstance(field, list | tuple) or len(field) != 2 or not all(map(_side, field)):
+        raise ValueError(f"test_size {value!r:.120}: {expected}")
+    return {"rule": rule, key: [int(field[0]), int(field[1])]}
+
+
+def shorter_side_size(size: Sequence[int], side: int) -> tuple[int, int]:
+    """(h, w) of an image of ``size`` whose shorter side becomes ``side``, the ratio kept; the
+    longer side truncated, as torchvision's ``Resize(side)`` computes it."""
+    h, w = int(size[0]), int(size[1])
+    if h <= w:
+        return side, int(side * w / h)
+    return int(side * h / w), side
+
+
+def rule_size(
+    size: Sequence[int], rule: str, scale: Sequence[int], ratio: float = 1.0
+) -> tuple[int, int]:
+    """The network input (h, w) for an image of ``size`` under ``rule`` at ``scale`` (H, W; for
+    ``shorter_side`` S in both) times an ms ``ratio`` (truncated, as mmseg's MultiScaleFlipAug)."""
+    if not all(isinstance(v, int) and v >= 1 for v in size):
+        raise ValueError(f"image size {tuple(size)}: two positive integers (H, W) expected")
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    if rule == "keep_ratio":
+        return rescale_size((int(size[0]), int(size[1])), target)
+    if rule == "shorter_side":
+        return shorter_side_size(size, target[0])
+    if rule == "fixed":
+        return target
+    raise ValueError(f"test size rule {rule!r}: one of {RULES} expected")
+
+
+def rule_and_scale(test_size: dict[str, Any]) -> tuple[str, tuple[int, int]]:
+    """(rule, (H, W)) of a checked ``test_size``: ``shorter_side`` S gives (S, S)."""
+    test_size = check_test_size(test_size)
+    value = test_size["scale" if test_size["rule"] == "keep_ratio" else "size"]
+    if test_size["rule"] == "shorter_side":
+        return "shorter_side", (value, value)
+    return test_size["rule"], (value[0], value[1])
+
+
+def describe(test_size: dict[str, Any]) -> str:
+    """'keep_ratio 1024x2048', 'shorter_side 512', 'fixed 512x1024'."""
+    rule, scale = rule_and_scale(test_size)
+    if rule == "shorter_side":
+        return f"shorter_side {scale[0]}"
+    return f"{rule} {scale[0]}x{scale[1]}"
+
+
+__all__ = [
+    "DEFAULT_TEST_SIZE",
+    "RULES",
+    "check_test_size",
+    "describe",
+    "keep_ratio",
+    "rule_and_scale",
+    "rule_size",
+    "shorter_side_size",
+]
