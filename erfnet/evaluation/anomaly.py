@@ -51,6 +51,7 @@ from erfnet.evaluation.inference import (
     model_normalization,
     prefers_channels_last,
 )
+from erfnet.evaluation.inputs import as_image_batch
 
 DEFAULT_SIZE = (512, 1024)
 SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
@@ -247,31 +248,16 @@ def check_set(aset: AnomalySet, size: Size | None, fixed: Size | None = None) ->
 
 
 def _to_rgb_uint8(x: Any) -> np.ndarray:
-    """One image in any accepted form -> HWC uint8 RGB: a path, a PIL image, an HWC uint8
-    array, or a CHW / 1CHW tensor (uint8, or float on the 0-255 scale, rounded)."""
-    if isinstance(x, str | os.PathLike):
-        path = Path(x)
-        with _open_image(path, "image") as img:
-            try:
-                return np.asarray(img.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read image {path}: {e}") from None
-    if isinstance(x, Image.Image):
-        return np.asarray(x.convert("RGB"))
-    if isinstance(x, np.ndarray):
-        if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
-            raise ValueError(f"expected an HxWx3 uint8 array, got {x.dtype} {x.shape}")
-        return x
-    if isinstance(x, torch.Tensor):
-        t = x[0] if x.dim() == 4 and x.shape[0] == 1 else x
-        if t.dim() != 3 or t.shape[0] != 3:
-            raise ValueError(f"expected one RGB image [3, H, W] or [1, 3, H, W], got {x.shape}")
-        if t.is_floating_point():
-            if bool(t.amin() < 0) or bool(t.amax() > 255):
-                raise ValueError("a float image must be on the 0-255 scale (not normalised)")
-            t = t.round().to(torch.uint8)
-        return t.permute(1, 2, 0).contiguous().cpu().numpy()
-    raise TypeError(f"expected a path, PIL image, HxWx3 uint8 array or tensor, got {type(x)}")
+    """One image in any form ``erfnet.predict`` takes (``inputs.as_image_batch``: a path, a PIL
+    image, an HWC uint8 array, a CHW / 1CHW tensor) -> HWC uint8 RGB, the form PIL's resize
+    needs; float 0-255 values are rounded."""
+    batches = as_image_batch(x)
+    if len(batches) != 1 or batches[0].shape[0] != 1:
+        raise ValueError("anomaly_scores takes one image, not a batch or a list")
+    t = batches[0][0]
+    if t.is_floating_point():
+        t = t.round().to(torch.uint8)
+    return t.permute(1, 2, 0).contiguous().cpu().numpy()
 
 
 def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:
