@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
+from erfnet.errors import UserError
 from erfnet.evaluation.visualize import class_colors
 from erfnet.fuse import optimize_for_inference
 from erfnet.labels import CLASS_NAMES, PALETTE
@@ -47,6 +48,22 @@ LINEAGE_KEYS = ("licence", "lineage")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+class IntermediateCheckpointError(CheckpointError, UserError):
+    """The encoder stage's checkpoint of ``--recipe erfnet_pytorch``: no model to predict with."""
+
+
+def check_not_intermediate(ckpt: dict, path: str | os.PathLike) -> None:
+    """``IntermediateCheckpointError`` (one line) for the encoder stage's checkpoint of
+    ``train.py --recipe erfnet_pytorch`` (logits at 1/8, no decoder): it only starts the
+    decoder stage."""
+    if (ckpt.get("meta") or {}).get("stage") == "encoder":
+        raise IntermediateCheckpointError(
+            f"{path} is the encoder stage of --recipe erfnet_pytorch (an intermediate, logits at"
+            " 1/8 without a decoder): train the full network from it with `python train.py"
+            f" --recipe erfnet_pytorch --stage decoder --init-from {path}`"
+        )
 
 
 class CheckpointWriteError(CheckpointError):
@@ -319,7 +336,9 @@ def _foreign_hint(ckpt: Any) -> str:
 
 def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> ERFNet:
     """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly;
-    a class count that is absurd or disagrees with the weights is refused before building."""
+    a class count that is absurd or disagrees with the weights is refused before building, and
+    so is the encoder stage's checkpoint of ``--recipe erfnet_pytorch``."""
+    check_not_intermediate(ckpt, path)
     _checked_num_classes(ckpt, model_args(ckpt["model_args"]), Path(path))
     try:
         model = ERFNet(**ckpt["model_args"])
