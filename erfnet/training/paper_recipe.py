@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet.checkpoint import CheckpointError
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE, PaperRecipe
+from erfnet.data.paper_transforms import ShorterSideEvalTransform
 from erfnet.errors import FlagError
 from erfnet.model import EncoderStage, ERFNet
 from erfnet.training.workdir import WorkDirError
@@ -179,6 +180,12 @@ def stage_args(args: Namespace, stage: str, dataset_size: int, world_size: int =
     out.scale = (shorter_side(args), UNBOUNDED_SIDE)
     out.gpu_aug, out.accum_steps = False, 1
     return out
+
+
+def val_transform(args: Namespace, stage: str) -> ShorterSideEvalTransform:
+    """Validation at the shorter side; the encoder stage's labels at 1/8 of it."""
+    stride = PAPER_RECIPE.encoder_stride if stage == "encoder" else 1
+    return ShorterSideEvalTransform(shorter_side(args), label_stride=stride)
 
 
 def shorter_side(args: Namespace) -> int:
