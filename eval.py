@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.config import PAPER_RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
 from erfnet.data.check import check_datasets
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
@@ -37,6 +38,7 @@ from erfnet.data.from_args import (
     data_root_from_args,
     dataset_from_args,
 )
+from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -58,6 +60,10 @@ from erfnet.runtime import (
 )
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
+# --protocol: mmseg's test (the default) or erfnet_pytorch's eval_iou.py at a shorter side of 512.
+PAPER_PROTOCOL = PAPER_RECIPE.name
+PROTOCOLS = ("mmseg", PAPER_PROTOCOL)
+PAPER_SIZE = PAPER_RECIPE.shorter_side
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
 
 
@@ -160,6 +166,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="CPU threads (default: the free cores less one, as train.py plans them)",
     )
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="mmseg",
+        help="mmseg: the full-resolution test above (default); erfnet_pytorch: the paper's"
+        f" code's, images and labels resized to a shorter side of {PAPER_SIZE} by PIL, scored"
+        " there (docs/erfnet_pytorch.md)",
+    )
     return p
 # fmt: on
 
@@ -184,6 +198,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
         raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
     check_sizes(args)
+    check_protocol(args)
     if args.workers is not None and args.workers < 0:
         raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
     if args.threads is not None and args.threads < 1:
@@ -196,6 +211,27 @@ def check_args(args: argparse.Namespace) -> None:
                 f"error: --save-color {args.save_color} must be outside --out-dir {args.out_dir}:"
                 " the official evaluator rejects a second PNG per image under its folder"
             )
+
+
+def check_protocol(args: argparse.Namespace) -> None:
+    """--protocol erfnet_pytorch fixes the views: one whole image at the shorter side."""
+    if args.protocol != PAPER_PROTOCOL:
+        return
+    given = [
+        flag
+        for flag, on in (
+            ("--ms-flip", args.ms_flip),
+            ("--scales", args.scales is not None),
+            ("--mode slide", args.mode != "whole"),
+            ("--scale", args.scale is not None),
+        )
+        if on
+    ]
+    if given:
+        raise SystemExit(
+            f"error: {', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (one whole image"
+            f" at a shorter side of {PAPER_SIZE})"
+        )
 
 
 def check_sizes(args: argparse.Namespace) -> None:
@@ -230,6 +266,8 @@ def check_outputs(args: argparse.Namespace, data_root: Path | None = None) -> No
 
 def settings_from_args(args: argparse.Namespace) -> TestSettings:
     """The flags as ``TestSettings`` (defaults: mmseg's protocol)."""
+    if args.protocol == PAPER_PROTOCOL:  # the images come resized: keep them as they are
+        return TestSettings(scale=shorter_side_scale(PAPER_SIZE), amp=args.amp)
     ratios = {"ratios": tuple(args.scales)} if args.scales is not None else {}
     scale = tuple(args.scale) if args.scale is not None else DEFAULT_SETTINGS.scale
     return TestSettings(scale=scale, mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios)
@@ -259,6 +297,11 @@ def load_export(args: argparse.Namespace, threads: int) -> Any:
         raise SystemExit(
             f"error: --model {args.model} ends in an argmax (it outputs labels): only the"
             " whole-image single-scale test applies; drop --ms-flip / --mode slide"
+        )
+    if model.input_size is not None and args.protocol == PAPER_PROTOCOL:
+        raise SystemExit(
+            f"error: --model {args.model} takes fixed-size inputs; --protocol {PAPER_PROTOCOL}"
+            " needs a dynamic-size export (images keep their aspect at the shorter side)"
         )
     if model.input_size is not None:
         args.scale = check_fixed_size(args, model.input_size)
@@ -361,6 +404,7 @@ def results_json(
         mode=settings.mode,
         scale=list(settings.scale),
         split=args.split,
+        protocol=args.protocol,
         num_images=num_images,
         amp=settings.amp,
     )
@@ -386,7 +430,9 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
     check_outputs(args, root)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
-    transform = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
+    transform: Callable = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
+    if args.protocol == PAPER_PROTOCOL:  # PIL's resizes of image and label
+        transform = ShorterSideEvalTransform(PAPER_SIZE)
     if args.data == "folder":
         check_folder_split(root, load_spec(args.classes), args.split)
     (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
@@ -439,9 +485,19 @@ def report(
     output_names: Sequence[str] | None = None,
 ) -> None:
     """The console table, the --out-dir reports and the --json file (rank 0)."""
-    how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
-    scale = list(settings_from_args(args).scale)
-    print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {scale}")
+    if args.protocol == PAPER_PROTOCOL:
+        print(
+            f"{args.split}: {len(dataset)} images, protocol {PAPER_PROTOCOL}: images (PIL"
+            f" bilinear) and labels (PIL nearest) at a shorter side of {PAPER_SIZE}, argmax over"
+            " all outputs, scored there"
+        )
+    else:
+        how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
+        scale = list(settings_from_args(args).scale)
+        print(
+            f"{args.split}: {len(dataset)} images, protocol mmseg, {how}, mode {args.mode},"
+            f" scale {scale}"
+        )
     if results is not None:
         print(format_table(results, dataset.classes))
     if args.out_dir is not None and args.data == "cityscapes":

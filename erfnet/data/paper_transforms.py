@@ -18,6 +18,16 @@ from PIL import Image
 
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE
 
+# The keep-ratio test scale (H, W) under which an image whose shorter side is S stays as it is
+# (mmcv's rule with a long side that never binds): how the evaluator, which resizes to a scale,
+# takes the images ``ShorterSideEvalTransform`` resized already.
+UNBOUNDED_SIDE = 1 << 30
+
+
+def shorter_side_scale(size: int) -> tuple[int, int]:
+    """The test scale that leaves an image of shorter side ``size`` at its size."""
+    return int(size), UNBOUNDED_SIDE
+
 
 def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     """(h, w) of an ``size`` image whose shorter side becomes ``shorter``, as torchvision's

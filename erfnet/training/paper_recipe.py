@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet.checkpoint import CheckpointError
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE, PaperRecipe
-from erfnet.data.paper_transforms import ShorterSideEvalTransform
+from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.errors import FlagError
 from erfnet.model import EncoderStage, ERFNet
 from erfnet.training.workdir import WorkDirError
@@ -35,9 +35,6 @@ from erfnet.training.workdir import WorkDirError
 STAGES = ("encoder", "decoder")
 STAGE_CHOICES = ("both", *STAGES)
 ENCODER_DIR = "encoder"  # the encoder stage's sub-folder of the work dir
-# The keep-ratio scale (H, W) whose rule leaves an image of shorter side S at S (the long side
-# never binds): how validation, which resizes to a scale, takes images already at S.
-UNBOUNDED_SIDE = 1 << 30
 
 # --- flags -----------------------------------------------------------------------------------
 
@@ -177,7 +174,7 @@ def stage_args(args: Namespace, stage: str, dataset_size: int, world_size: int =
     out = Namespace(**vars(args))
     out.stage, out.iters_per_epoch, out.iters = stage, per_epoch, iters
     out.val_interval, out.ckpt_interval = per_epoch, iters + 1
-    out.scale = (shorter_side(args), UNBOUNDED_SIDE)
+    out.scale = shorter_side_scale(shorter_side(args))
     out.gpu_aug, out.accum_steps = False, 1
     return out
 
