@@ -275,9 +275,9 @@ def test_train_both_stages_resume_and_eval(synthetic_root, run_train, tmp_path):
     work = tmp_path / "run"
     data = ["--data", "synthetic", "--data-root", str(synthetic_root)]
     size = ["--scale", "32", "64", "--epochs", "2", "--batch-size", "2"]
-    quiet = ["--log-interval", "1", "--num-vis", "0", "--no-progress"]
+    quiet = ["--log-interval", "1", "--num-vis", "0", "--no-progress", "--threads", "1"]
     args = ["--recipe", "erfnet_pytorch", *data, *size, *quiet, "--work-dir", str(work)]
-    done = run_train(args)
+    done = run_train([*args, "--workers", "0"])
     assert done.returncode == 0, done.stderr[-2000:]
     log = (work / "train.log").read_text()
     lrs = [float(x) for x in re.findall(r"iter \d+/4 \| loss [\d.]+ \| lr ([\d.e+-]+)", log)]
@@ -290,6 +290,14 @@ def test_train_both_stages_resume_and_eval(synthetic_root, run_train, tmp_path):
         load_model(work / "encoder" / "latest.pth")
     assert isinstance(e.value, UserError)
     assert load_checkpoint(work / "encoder" / "latest.pth")["iteration"] == 4
+    # --resume across the stage boundary: without the decoder stage's files, the run continues
+    # from the finished encoder stage and ends with the same weights (one thread: bit for bit).
+    first = load_checkpoint(work / "latest.pth")["model"]
+    for name in ("latest.pth", "best.pth"):
+        (work / name).unlink()
+    assert train_cli.cli([*args, "--workers", "0", "--resume"]) == 0
+    again = load_checkpoint(work / "latest.pth")["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
     out = tmp_path / "m.json"
     protocol = ["--protocol", "erfnet_pytorch", "--json", str(out), "--workers", "0"]
     eval_script.main(["--checkpoint", str(work / "latest.pth"), *data, *protocol])
