@@ -171,8 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=PROTOCOLS,
         default="mmseg",
         help="mmseg: the full-resolution test above (default); erfnet_pytorch: the paper's"
-        f" code's, images and labels resized to a shorter side of {PAPER_SIZE} by PIL, scored"
-        " there (docs/erfnet_pytorch.md)",
+        f" code's, images and labels resized to a shorter side of {PAPER_SIZE} (or H of --scale)"
+        " by PIL, scored there (docs/erfnet_pytorch.md)",
     )
     return p
 # fmt: on
@@ -223,15 +223,20 @@ def check_protocol(args: argparse.Namespace) -> None:
             ("--ms-flip", args.ms_flip),
             ("--scales", args.scales is not None),
             ("--mode slide", args.mode != "whole"),
-            ("--scale", args.scale is not None),
+            ("--split test", args.split == "test"),
         )
         if on
     ]
     if given:
         raise SystemExit(
-            f"error: {', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (one whole image"
-            f" at a shorter side of {PAPER_SIZE})"
+            f"error: {', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (it scores a"
+            " labelled split, one whole image at a shorter side)"
         )
+
+
+def paper_size(args: argparse.Namespace) -> int:
+    """--protocol erfnet_pytorch's shorter side: 512, or H of --scale H W (as train.py's)."""
+    return PAPER_SIZE if args.scale is None else int(args.scale[0])
 
 
 def check_sizes(args: argparse.Namespace) -> None:
@@ -267,7 +272,7 @@ def check_outputs(args: argparse.Namespace, data_root: Path | None = None) -> No
 def settings_from_args(args: argparse.Namespace) -> TestSettings:
     """The flags as ``TestSettings`` (defaults: mmseg's protocol)."""
     if args.protocol == PAPER_PROTOCOL:  # the images come resized: keep them as they are
-        return TestSettings(scale=shorter_side_scale(PAPER_SIZE), amp=args.amp)
+        return TestSettings(scale=shorter_side_scale(paper_size(args)), amp=args.amp)
     ratios = {"ratios": tuple(args.scales)} if args.scales is not None else {}
     scale = tuple(args.scale) if args.scale is not None else DEFAULT_SETTINGS.scale
     return TestSettings(scale=scale, mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios)
@@ -402,7 +407,8 @@ def results_json(
         ms_flip=settings.ms_flip,
         scales=list(settings.view_ratios),
         mode=settings.mode,
-        scale=list(settings.scale),
+        scale=list(settings.scale) if args.protocol != PAPER_PROTOCOL else None,
+        shorter_side=paper_size(args) if args.protocol == PAPER_PROTOCOL else None,
         split=args.split,
         protocol=args.protocol,
         num_images=num_images,
@@ -432,7 +438,7 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
     # first resize to --scale would blur the views above ratio 1.
     transform: Callable = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
     if args.protocol == PAPER_PROTOCOL:  # PIL's resizes of image and label
-        transform = ShorterSideEvalTransform(PAPER_SIZE)
+        transform = ShorterSideEvalTransform(paper_size(args))
     if args.data == "folder":
         check_folder_split(root, load_spec(args.classes), args.split)
     (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
@@ -488,8 +494,8 @@ def report(
     if args.protocol == PAPER_PROTOCOL:
         print(
             f"{args.split}: {len(dataset)} images, protocol {PAPER_PROTOCOL}: images (PIL"
-            f" bilinear) and labels (PIL nearest) at a shorter side of {PAPER_SIZE}, argmax over"
-            " all outputs, scored there"
+            f" bilinear) and labels (PIL nearest) at a shorter side of {paper_size(args)}, argmax"
+            " over all outputs, scored there"
         )
     else:
         how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"

@@ -299,9 +299,10 @@ def test_train_both_stages_resume_and_eval(synthetic_root, run_train, tmp_path):
     again = load_checkpoint(work / "latest.pth")["model"]
     assert all(torch.equal(first[k], again[k]) for k in first)
     out = tmp_path / "m.json"
-    protocol = ["--protocol", "erfnet_pytorch", "--json", str(out), "--workers", "0"]
-    eval_script.main(["--checkpoint", str(work / "latest.pth"), *data, *protocol])
-    assert 0 <= json.loads(out.read_text())["mIoU"] <= 100
+    protocol = ["--protocol", "erfnet_pytorch", "--scale", "32", "64", "--json", str(out)]
+    eval_script.main(["--checkpoint", str(work / "latest.pth"), *data, *protocol, "--workers", "0"])
+    scores = json.loads(out.read_text())
+    assert 0 <= scores["mIoU"] <= 100 and scores["shorter_side"] == 32
     with pytest.raises(SystemExit, match="--stage decoder"):
         eval_script.main(["--checkpoint", str(work / "encoder" / "best.pth"), *data])
 

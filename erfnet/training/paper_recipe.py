@@ -69,6 +69,7 @@ def recipe_defaults(data: str, recipe: PaperRecipe = PAPER_RECIPE) -> dict[str, 
         "scale": (recipe.shorter_side, 2 * recipe.shorter_side),
         "head": "deconv",
         "stage": "both",
+        "photometric": False,  # none in this recipe (args.json says so)
     }
     if data == "synthetic":
         defaults.update(SYNTHETIC_DEFAULTS)
