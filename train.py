@@ -301,8 +301,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
             parser.error(str(e))
     elif args.epochs is not None or args.stage is not None:
         parser.error(f"--epochs and --stage belong to --recipe {PAPER_RECIPE.name}")
-    if args.work_dir is None:
-        args.work_dir = str(Path("work_dirs") / f"erfnet_{args.data}")
+    if args.work_dir is None:  # erfnet_<data>, or erfnet_pytorch_<data> under that recipe
+        name = "erfnet" if args.recipe == "mmseg" else args.recipe
+        args.work_dir = str(Path("work_dirs") / f"{name}_{args.data}")
     check_args(parser, args)
     return args
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,7 +282,7 @@ def test_train_both_stages_resume_and_eval(synthetic_root, run_train, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     log = (work / "train.log").read_text()
     lrs = [float(x) for x in re.findall(r"iter \d+/4 \| loss [\d.]+ \| lr ([\d.e+-]+)", log)]
-    base = PAPER_RECIPE.lr * 10  # the synthetic default
+    base = train_cli.paper_recipe.SYNTHETIC_DEFAULTS["lr"]
     assert lrs == pytest.approx([epoch_lr(base, i % 4, 2, 2) for i in range(8)], rel=1e-3)
     model = load_model(work / "latest.pth")
     assert model.meta["test_size"] == {"rule": "shorter_side", "size": 32}
@@ -312,9 +313,10 @@ def test_flags_under_the_recipe(tmp_path):
     parser = train_cli.get_args_parser
     args = parse(parser(), ["--recipe", "erfnet_pytorch", "--work-dir", str(tmp_path)])
     assert (args.lr, args.batch_size, args.epochs, args.stage) == (5e-4, 6, 150, "both")
-    assert args.head == "deconv" and args.scale[0] == 512
+    assert args.head == "deconv" and args.scale[0] == 512 and not args.photometric
     args = parse(parser(), ["--recipe", "erfnet_pytorch", "--lr", "1e-3", "--epochs", "3"])
     assert (args.lr, args.epochs) == (1e-3, 3)
+    assert Path(args.work_dir).name == "erfnet_pytorch_cityscapes"
     refused = (["--iters", "10"], ["--crop-size", "8", "8"], ["--head", "fcn"], ["--momentum", "0"])
     for bad in refused:
         with pytest.raises(SystemExit) as e:
