@@ -509,7 +509,9 @@ def setup_stage(
         weights=weights,
     )
     stage_meta = paper_recipe.recipe_meta(meta, stage, paper_recipe.shorter_side(args))
-    model = stage_weights(args, parts.model, stage_meta, start, encoder)
+    model = paper_recipe.stage_weights(
+        args, parts.model, stage_meta, start.path, start.ckpt, encoder
+    )
     model.meta = stage_meta  # validation's normalisation (0-1 inputs) and its void output
     model.to(proc.device, memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
@@ -548,43 +550,21 @@ def setup_stage(
     )
     train_model = wrap_for_training(sargs, model, proc)
     run = Run(
-        sargs,
-        work_dir,
-        proc,
-        model,
-        train_model,
-        parts.optimizer,
-        parts.scheduler,
-        scaler,
-        parts.criterion,
-        loaders,
-        val_set,
-        stage_meta,
-        writer,
+        args=sargs,
+        work_dir=work_dir,
+        proc=proc,
+        model=model,
+        train_model=train_model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        scaler=scaler,
+        criterion=parts.criterion,
+        loaders=loaders,
+        val_set=val_set,
+        meta=stage_meta,
+        writer=writer,
     )
     return run, state
-
-
-def stage_weights(
-    args: Namespace, model: nn.Module, meta: dict[str, Any], start: Start, encoder: nn.Module | None
-) -> nn.Module:
-    """The stage model's weights: the --resume checkpoint's, else the encoder stage's encoder
-    (the decoder stage of the same run), else --init-from's (the decoder stage alone), else
-    fresh. ``meta`` gains the weights' licence and lineage."""
-    if start.ckpt is not None:
-        resume.check_model_fits(start.ckpt, model, start.path)
-        model.load_state_dict(start.ckpt["model"])
-        meta.update(lineage_meta(start.ckpt.get("meta")))
-    elif encoder is not None:
-        state = model.state_dict()
-        state.update(paper_recipe.encoder_weights(encoder))
-        model.load_state_dict(state)
-    elif args.init_from is not None:
-        report = init_from(model, args.init_from)
-        meta.update(report.lineage_meta())
-        for line in report.describe(args.init_from):
-            log.info("%s", line)
-    return model
 
 
 def setup_process(args: Namespace) -> Process:

@@ -271,15 +271,22 @@ def our_to_ref_key(key: str, stage: str) -> str:
     return f"decoder.layers.{i}.{rest}"
 
 
-def test_train_both_stages_resume_and_eval(synthetic_root, run_train, tmp_path):
+@pytest.fixture()
+def keep_threads():
+    """train.py run in this process sets torch's thread count (--threads 1): restored after."""
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_train_both_stages_resume_and_eval(synthetic_root, tmp_path, keep_threads):
     """One tiny run through both stages (2 epochs of 2 iterations each), then the protocol."""
     work = tmp_path / "run"
     data = ["--data", "synthetic", "--data-root", str(synthetic_root)]
     size = ["--scale", "32", "64", "--epochs", "2", "--batch-size", "2"]
     quiet = ["--log-interval", "1", "--num-vis", "0", "--no-progress", "--threads", "1"]
     args = ["--recipe", "erfnet_pytorch", *data, *size, *quiet, "--work-dir", str(work)]
-    done = run_train([*args, "--workers", "0"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert train_cli.cli([*args, "--workers", "0"]) == 0  # in this process: no second start-up
     log = (work / "train.log").read_text()
     lrs = [float(x) for x in re.findall(r"iter \d+/4 \| loss [\d.]+ \| lr ([\d.e+-]+)", log)]
     base = train_cli.paper_recipe.SYNTHETIC_DEFAULTS["lr"]

@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from erfnet.checkpoint import CheckpointError
+from erfnet.checkpoint import CheckpointError, lineage_meta
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE, PaperRecipe
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.errors import FlagError
 from erfnet.model import EncoderStage, ERFNet
+from erfnet.training.finetune import init_from
+from erfnet.training.logs import log
+from erfnet.training.resume import check_model_fits
 from erfnet.training.workdir import WorkDirError
 
 STAGES = ("encoder", "decoder")
@@ -367,3 +370,30 @@ def stage_batch(
 def encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The ``encoder.*`` tensors of an encoder-stage (or full) model: the decoder stage's start."""
     return {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+
+
+def stage_weights(
+    args: Namespace,
+    model: nn.Module,
+    meta: dict[str, Any],
+    resume_path: Path | None,
+    ckpt: dict | None,
+    encoder: nn.Module | None,
+) -> nn.Module:
+    """The stage model's weights: the --resume checkpoint's, else the encoder stage's encoder
+    (the decoder stage of the same run), else --init-from's (the decoder stage alone), else
+    fresh. ``meta`` gains the weights' licence and lineage."""
+    if ckpt is not None:
+        check_model_fits(ckpt, model, resume_path or Path("<checkpoint>"))
+        model.load_state_dict(ckpt["model"])
+        meta.update(lineage_meta(ckpt.get("meta")))
+    elif encoder is not None:
+        state = model.state_dict()
+        state.update(encoder_weights(encoder))
+        model.load_state_dict(state)
+    elif args.init_from is not None:
+        report = init_from(model, args.init_from)
+        meta.update(report.lineage_meta())
+        for line in report.describe(args.init_from):
+            log.info("%s", line)
+    return model
