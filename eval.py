@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint erfnet.pth                      # val, single scale (whole image)
     python eval.py --checkpoint erfnet.pth --ms-flip            # 6 scales x flip
+    python eval.py --checkpoint erfnet.pth --protocol erfnet_pytorch  # the paper's 512-px test
     python eval.py --checkpoint erfnet.pth --split test --out-dir submission/
     torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
     python eval.py --checkpoint best.pth --data folder --data-root DIR --classes FILE --out-dir r/

@@ -4,6 +4,7 @@
     python train.py --data cityscapes --data-root data/cityscapes # the full recipe
     torchrun --nproc_per_node=4 train.py --data cityscapes        # 4 GPUs x 4 images = 16
     python train.py --data cityscapes --accum-steps 4             # 1 GPU: 4 x 4 accumulated
+    python train.py --recipe erfnet_pytorch --data cityscapes     # the paper's two stages
 
 Exit status: 0 when training finished, 130 / 143 when stopped by SIGINT / SIGTERM (after saving
 latest.pth; continue with --resume), 1 on an error (bad data, full disk, a work dir in use by

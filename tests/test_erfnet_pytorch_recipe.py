@@ -25,7 +25,8 @@ from erfnet.convert import convert_state_dict
 from erfnet.data.paper_transforms import PaperTrainTransform, ShorterSideEvalTransform
 from erfnet.errors import UserError
 from erfnet.model import ERFNet
-from erfnet.training.paper_recipe import EpochPolyLR, build_stage
+from erfnet.training.finetune import init_from
+from erfnet.training.paper_recipe import EpochPolyLR, build_stage, model_config
 from erfnet.training.step import train_step
 
 # The numbers, typed from its text: train ids 0..18, then void.
@@ -297,7 +298,14 @@ def test_train_both_stages_resume_and_eval(synthetic_root, tmp_path, keep_thread
     with pytest.raises(IntermediateCheckpointError, match="--stage decoder") as e:
         load_model(work / "encoder" / "latest.pth")
     assert isinstance(e.value, UserError)
-    assert load_checkpoint(work / "encoder" / "latest.pth")["iteration"] == 4
+    encoder_ckpt = load_checkpoint(work / "encoder" / "latest.pth")
+    assert encoder_ckpt["iteration"] == 4
+    # --stage decoder --init-from <the encoder stage>: its encoder, not its 1/8 classifier
+    fresh = ERFNet(**model_config(20))
+    report = init_from(fresh, work / "encoder" / "latest.pth")
+    assert "encoder-only start" in " ".join(report.describe("x"))
+    assert set(report.loaded) == {k for k in encoder_ckpt["model"] if k.startswith("encoder.")}
+    assert all(torch.equal(fresh.state_dict()[k], encoder_ckpt["model"][k]) for k in report.loaded)
     # --resume across the stage boundary: without the decoder stage's files, the run continues
     # from the finished encoder stage and ends with the same weights (one thread: bit for bit).
     first = load_checkpoint(work / "latest.pth")["model"]
