@@ -19,7 +19,12 @@ from torch import nn
 import eval as eval_script
 import train as train_cli
 from erfnet import load_model
-from erfnet.checkpoint import IntermediateCheckpointError, load_checkpoint
+from erfnet.checkpoint import (
+    IntermediateCheckpointError,
+    build_model_from_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+)
 from erfnet.config import PAPER_RECIPE
 from erfnet.convert import convert_state_dict
 from erfnet.data.paper_transforms import PaperTrainTransform, ShorterSideEvalTransform
@@ -121,7 +126,13 @@ def test_recipe_numbers_are_the_issues():
     assert parts.model.num_classes == 20 and parts.model.config["head"] == "deconv"
     # the model config round-trips; mmseg's rates stay the default of a file without them
     assert ERFNet(**parts.model.config).config == parts.model.config
-    assert ERFNet().encoder[2].dropout.p == 0.1 and type(ERFNet().encoder[2].dropout) is nn.Dropout
+    old_file = make_checkpoint(ERFNet(20, head="deconv"))
+    for key in ("dropout_64", "dropout2d"):
+        del old_file["model_args"][key]  # a checkpoint written before these arguments
+    old = build_model_from_checkpoint(old_file)
+    assert old.encoder[2].dropout.p == 0.1 and type(old.encoder[2].dropout) is nn.Dropout
+    new = build_model_from_checkpoint(make_checkpoint(parts.model))
+    assert new.config == parts.model.config and type(new.encoder[2].dropout) is nn.Dropout2d
 
 
 def test_augmentation_outputs_are_draws_of_flip_and_translation():
