@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint erfnet.pth                      # val, single scale (whole image)
     python eval.py --checkpoint erfnet.pth --ms-flip            # 6 scales x flip
+    python eval.py --checkpoint erfnet.pth --protocol erfnet_pytorch  # the paper's 512-px test
     python eval.py --checkpoint erfnet.pth --split test --out-dir submission/
     torchrun --nproc_per_node=4 eval.py --checkpoint erfnet.pth # shards images, same result
     python eval.py --checkpoint best.pth --data folder --data-root DIR --classes FILE --out-dir r/
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.config import PAPER_RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
 from erfnet.data.check import check_datasets
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
@@ -37,6 +39,7 @@ from erfnet.data.from_args import (
     data_root_from_args,
     dataset_from_args,
 )
+from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
@@ -54,6 +57,10 @@ from erfnet.outputs import check_outputs as check_output_rule
 from erfnet.runtime import apply_cpu_plan, one_line
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
+# --protocol: mmseg's test (the default) or erfnet_pytorch's eval_iou.py at a shorter side of 512.
+PAPER_PROTOCOL = PAPER_RECIPE.name
+PROTOCOLS = ("mmseg", PAPER_PROTOCOL)
+PAPER_SIZE = PAPER_RECIPE.shorter_side
 _SCALE = " ".join(map(str, DEFAULT_SETTINGS.scale))
 
 
@@ -156,6 +163,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="CPU threads (default: the free cores less one, as train.py plans them)",
     )
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="mmseg",
+        help="mmseg: the full-resolution test above (default); erfnet_pytorch: the paper's"
+        f" code's, images and labels resized to a shorter side of {PAPER_SIZE} (or H of --scale)"
+        " by PIL, scored there (docs/erfnet_pytorch.md)",
+    )
     return p
 # fmt: on
 
@@ -180,6 +195,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
         raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
     check_sizes(args)
+    check_protocol(args)
     if args.workers is not None and args.workers < 0:
         raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
     if args.threads is not None and args.threads < 1:
@@ -192,6 +208,32 @@ def check_args(args: argparse.Namespace) -> None:
                 f"error: --save-color {args.save_color} must be outside --out-dir {args.out_dir}:"
                 " the official evaluator rejects a second PNG per image under its folder"
             )
+
+
+def check_protocol(args: argparse.Namespace) -> None:
+    """--protocol erfnet_pytorch fixes the views: one whole image at the shorter side."""
+    if args.protocol != PAPER_PROTOCOL:
+        return
+    given = [
+        flag
+        for flag, on in (
+            ("--ms-flip", args.ms_flip),
+            ("--scales", args.scales is not None),
+            ("--mode slide", args.mode != "whole"),
+            ("--split test", args.split == "test"),
+        )
+        if on
+    ]
+    if given:
+        raise SystemExit(
+            f"error: {', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (it scores a"
+            " labelled split, one whole image at a shorter side)"
+        )
+
+
+def paper_size(args: argparse.Namespace) -> int:
+    """--protocol erfnet_pytorch's shorter side: 512, or H of --scale H W (as train.py's)."""
+    return PAPER_SIZE if args.scale is None else int(args.scale[0])
 
 
 def check_sizes(args: argparse.Namespace) -> None:
@@ -237,6 +279,8 @@ def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> TestSettings:
     """The flags as ``TestSettings`` (defaults: mmseg's protocol)."""
+    if args.protocol == PAPER_PROTOCOL:  # the images come resized: keep them as they are
+        return TestSettings(scale=shorter_side_scale(paper_size(args)), amp=args.amp)
     ratios = {"ratios": tuple(args.scales)} if args.scales is not None else {}
     scale = tuple(args.scale) if args.scale is not None else DEFAULT_SETTINGS.scale
     return TestSettings(scale=scale, mode=args.mode, ms_flip=args.ms_flip, amp=args.amp, **ratios)
@@ -266,6 +310,11 @@ def load_export(args: argparse.Namespace, threads: int) -> Any:
         raise SystemExit(
             f"error: --model {args.model} ends in an argmax (it outputs labels): only the"
             " whole-image single-scale test applies; drop --ms-flip / --mode slide"
+        )
+    if model.input_size is not None and args.protocol == PAPER_PROTOCOL:
+        raise SystemExit(
+            f"error: --model {args.model} takes fixed-size inputs; --protocol {PAPER_PROTOCOL}"
+            " needs a dynamic-size export (images keep their aspect at the shorter side)"
         )
     if model.input_size is not None:
         args.scale = check_fixed_size(args, model.input_size)
@@ -377,8 +426,10 @@ def results_json(
         ms_flip=settings.ms_flip,
         scales=list(settings.view_ratios),
         mode=settings.mode,
-        scale=list(settings.scale),
+        scale=list(settings.scale) if args.protocol != PAPER_PROTOCOL else None,
+        shorter_side=paper_size(args) if args.protocol == PAPER_PROTOCOL else None,
         split=args.split,
+        protocol=args.protocol,
         num_images=num_images,
         amp=settings.amp,
     )
@@ -404,7 +455,9 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
     check_outputs(args, with_data=True)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
-    transform = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
+    transform: Callable = EvalTransform(None if args.ms_flip else settings_from_args(args).scale)
+    if args.protocol == PAPER_PROTOCOL:  # PIL's resizes of image and label
+        transform = ShorterSideEvalTransform(paper_size(args))
     if args.data == "folder":
         check_folder_split(root, load_spec(args.classes), args.split)
     (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
@@ -457,9 +510,19 @@ def report(
     output_names: Sequence[str] | None = None,
 ) -> None:
     """The console table, the --out-dir reports and the --json file (rank 0)."""
-    how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
-    scale = list(settings_from_args(args).scale)
-    print(f"{args.split}: {len(dataset)} images, {how}, mode {args.mode}, scale {scale}")
+    if args.protocol == PAPER_PROTOCOL:
+        print(
+            f"{args.split}: {len(dataset)} images, protocol {PAPER_PROTOCOL}: images (PIL"
+            f" bilinear) and labels (PIL nearest) at a shorter side of {paper_size(args)}, argmax"
+            " over all outputs, scored there"
+        )
+    else:
+        how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
+        scale = list(settings_from_args(args).scale)
+        print(
+            f"{args.split}: {len(dataset)} images, protocol mmseg, {how}, mode {args.mode},"
+            f" scale {scale}"
+        )
     if results is not None:
         print(format_table(results, dataset.classes))
     if args.out_dir is not None and args.data == "cityscapes":

@@ -4,6 +4,7 @@
     python train.py --data cityscapes --data-root data/cityscapes # the full recipe
     torchrun --nproc_per_node=4 train.py --data cityscapes        # 4 GPUs x 4 images = 16
     python train.py --data cityscapes --accum-steps 4             # 1 GPU: 4 x 4 accumulated
+    python train.py --recipe erfnet_pytorch --data cityscapes     # the paper's two stages
 
 Exit status: 0 when training finished, 130 / 143 when stopped by SIGINT / SIGTERM (after saving
 latest.pth; continue with --resume), 1 on an error (bad data, full disk, a work dir in use by
@@ -37,6 +38,7 @@ if __name__ == "__main__":  # until the run installs its own handlers (open_run)
 from argparse import Namespace
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from tqdm import tqdm
 
 from erfnet import outputs, runtime
 from erfnet.checkpoint import CheckpointError, dataset_meta, lineage_meta
-from erfnet.config import RECIPE
+from erfnet.config import PAPER_RECIPE, RECIPE, RECIPES
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.cityscapes import DatasetError
 from erfnet.data.from_args import (
@@ -60,6 +62,7 @@ from erfnet.data.from_args import (
     data_root_from_args,
     dataset_from_args,
 )
+from erfnet.data.paper_transforms import PaperTrainTransform
 from erfnet.data.synthetic import ensure_synthetic_cityscapes
 from erfnet.data.transforms import TrainTransform, rescale_size
 from erfnet.distributed import (
@@ -71,10 +74,11 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
+from erfnet.errors import FlagError
 from erfnet.evaluation.evaluate import build_eval_loader
 from erfnet.evaluation.test_size import keep_ratio
 from erfnet.model import HEADS, ERFNet
-from erfnet.training import logs, resume, step
+from erfnet.training import logs, paper_recipe, resume, step
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
 from erfnet.training.loop import (
@@ -179,6 +183,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs"
                    " (default: none)")
 
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", choices=RECIPES, default="mmseg",
+                   help="mmseg: mmsegmentation's ERFNet recipe; erfnet_pytorch: the paper's own"
+                   " code's two-stage training (encoder at 1/8, then the full network; Adam,"
+                   " per-epoch lr, 20 outputs with void), which sets every default"
+                   " (docs/erfnet_pytorch.md)")
+    g.add_argument("--epochs", type=int, metavar="N", default=None,
+                   help="--recipe erfnet_pytorch: epochs per stage (default: 150; synthetic:"
+                   f" {paper_recipe.SYNTHETIC_DEFAULTS['epochs']})")
+    g.add_argument("--stage", choices=paper_recipe.STAGE_CHOICES, default=None,
+                   help="--recipe erfnet_pytorch: train both stages (default), the encoder"
+                   " stage alone, or the decoder stage alone (from --init-from)")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
                    help=f"training iterations {defaults_note('iters', r.iters)}")
@@ -277,10 +294,29 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     if args.data == "synthetic":  # the quick-start preset, under any flag given explicitly
         parser.set_defaults(**SYNTHETIC_PRESET)
         args = parser.parse_args(argv)
-    if args.work_dir is None:
-        args.work_dir = str(Path("work_dirs") / f"erfnet_{args.data}")
+    if args.recipe == PAPER_RECIPE.name:  # its defaults, under any flag given explicitly
+        given = explicit_flags(parser, argv)
+        parser.set_defaults(**paper_recipe.recipe_defaults(args.data))
+        args = parser.parse_args(argv)
+        try:
+            paper_recipe.check_flags(args, given)
+        except FlagError as e:
+            parser.error(str(e))
+    elif args.epochs is not None or args.stage is not None:
+        parser.error(f"--epochs and --stage belong to --recipe {PAPER_RECIPE.name}")
+    if args.work_dir is None:  # erfnet_<data>, or erfnet_pytorch_<data> under that recipe
+        name = "erfnet" if args.recipe == "mmseg" else args.recipe
+        args.work_dir = str(Path("work_dirs") / f"{name}_{args.data}")
     check_args(parser, args)
     return args
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the flags given on the command line (a parse without defaults)."""
+    unset = object()  # no flag's value: argparse converts only string defaults
+    bare = get_args_parser()
+    bare.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(bare.parse_args(argv)).items() if v is not unset}
 
 
 def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
@@ -306,6 +342,8 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
         if min(size) < MIN_SIDE:
             parser.error(f"{flag} takes H W, each at least {MIN_SIDE}, got {list(size)}")
+    if args.recipe == PAPER_RECIPE.name:  # no crop: whole images at --scale's shorter side
+        args.crop_size = (args.scale[0], args.scale[0])
     (ch, cw), (sh, sw) = args.crop_size, args.scale
     if ch > sh or cw > sw:
         parser.error(
@@ -366,6 +404,9 @@ def main(args: Namespace) -> int:
         check_data(args, train_set, val_set, proc.dist, stop)
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         meta["test_size"] = keep_ratio(args.scale)  # validation's size: predict's default
+        if args.recipe == PAPER_RECIPE.name:  # its stages, each through train_loop
+            start = Start(resume_path, ckpt)
+            return train_stages(args, proc, start, train_set, meta, stop, cleanup)
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         model = build_model(args, meta, resume_path, ckpt, proc)
         optimizer, scheduler, scaler = build_optimizer(args, model, proc)
@@ -412,6 +453,124 @@ def main(args: Namespace) -> int:
         return train_loop(run, state, stop)
 
 
+def train_stages(
+    args: Namespace,
+    proc: Process,
+    start: Start,
+    train_set: Dataset,
+    meta: dict[str, Any],
+    stop: step.StopFlag,
+    cleanup: ExitStack,
+) -> int:
+    """--recipe erfnet_pytorch: its stages in order, each a Run of the same loop; the decoder
+    stage starts from the encoder stage's weights (or --init-from, or its --resume checkpoint).
+    Returns the exit status."""
+    resumed = None
+    if start.ckpt is not None:
+        resumed = start.ckpt["meta"].get("stage")
+        if resumed not in paper_recipe.STAGES:
+            raise CheckpointError(
+                f"--resume {start.path}: not a checkpoint of --recipe {PAPER_RECIPE.name}"
+            )
+    encoder = None
+    for stage in paper_recipe.stages_to_run(args, resumed):
+        run, state = setup_stage(args, stage, proc, start, train_set, meta, encoder, cleanup)
+        status = train_loop(run, state, stop)
+        if status:
+            return status
+        encoder, start = run.model, Start(None, None)
+    return 0
+
+
+def setup_stage(
+    args: Namespace,
+    stage: str,
+    proc: Process,
+    start: Start,
+    train_set: Dataset,
+    meta: dict[str, Any],
+    encoder: nn.Module | None,
+    cleanup: ExitStack,
+) -> tuple[Run, TrainState]:
+    """One stage of --recipe erfnet_pytorch as a Run: its settings, model (from ``encoder``,
+    --init-from or the --resume checkpoint), Adam and schedule, criterion, loaders (its labels
+    made on the device), validation set at the shorter side, work dir and TensorBoard."""
+    sargs = paper_recipe.stage_args(args, stage, len(train_set), proc.dist.world_size)
+    work_dir = paper_recipe.stage_dir(Path(args.work_dir), stage)
+    weights = None
+    if args.class_weights is not None:
+        weights = load_class_weights(args.class_weights, meta["class_names"])
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    parts = paper_recipe.build_stage(
+        PAPER_RECIPE,
+        stage,
+        len(meta["class_names"]),
+        ignore_index=meta["ignore_index"],
+        iters_per_epoch=sargs.iters_per_epoch,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        weights=weights,
+    )
+    stage_meta = paper_recipe.recipe_meta(meta, stage, paper_recipe.shorter_side(args))
+    model = paper_recipe.stage_weights(
+        args, parts.model, stage_meta, start.path, start.ckpt, encoder
+    )
+    model.meta = stage_meta  # validation's normalisation (0-1 inputs) and its void output
+    model.to(proc.device, memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
+    state = TrainState()
+    if start.ckpt is not None:
+        state = restore_state(
+            sargs, start.ckpt, parts.optimizer, parts.scheduler, scaler, len(train_set), proc
+        )
+        log.info("resumed the %s stage from %s at iteration %d", stage, start.path, state.iteration)
+    (val_set,) = dataset_from_args(args, ["val"], {"val": paper_recipe.val_transform(args, stage)})
+    if proc.dist.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        logs.write_run_settings(
+            sargs,
+            work_dir,
+            train_set,
+            val_set,
+            proc.device,
+            proc.dist,
+            proc.autocast_dtype,
+            start.path,
+        )
+    loaders = build_loaders(sargs, train_set, val_set, proc, state)
+    loaders.to_device = partial(
+        paper_recipe.stage_batch, upload=loaders.to_device, labels=parts.label_transform
+    )
+    writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
+    if writer is not None:
+        cleanup.callback(writer.close)
+    log.info(
+        "%s stage: %d epochs x %d iterations, outputs in %s",
+        stage,
+        args.epochs,
+        sargs.iters_per_epoch,
+        work_dir,
+    )
+    train_model = wrap_for_training(sargs, model, proc)
+    run = Run(
+        args=sargs,
+        work_dir=work_dir,
+        proc=proc,
+        model=model,
+        train_model=train_model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        scaler=scaler,
+        criterion=parts.criterion,
+        loaders=loaders,
+        val_set=val_set,
+        meta=stage_meta,
+        writer=writer,
+    )
+    return run, state
+
+
 def setup_process(args: Namespace) -> Process:
     """The device, AMP, CPU threads and loader workers (written back to ``args``), and the
     process group under torchrun."""
@@ -434,7 +593,12 @@ def check_start(args: Namespace, dist_info: DistInfo) -> tuple[Path | None, dict
         check_work_dir(args)
         check_not_busy(work_dir)
         check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
-    resume_path = resume.resolve_resume(args.resume, work_dir)
+        if args.recipe == PAPER_RECIPE.name:
+            paper_recipe.check_new_stage_run(args)
+    if args.recipe == PAPER_RECIPE.name:
+        resume_path = paper_recipe.resume_path(args)
+    else:
+        resume_path = resume.resolve_resume(args.resume, work_dir)
     if resume_path is None:
         return None, None
     return resume_path, resume.load_training_checkpoint(resume_path)
@@ -499,9 +663,11 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     on other data, return your own datasets here (items: ``image`` float [3, H, W] normalised,
     ``label`` int64 [H, W]).
     """
-    transform = TrainTransform(
+    transform: Callable = TrainTransform(
         crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
     )
+    if args.recipe == PAPER_RECIPE.name:
+        transform = PaperTrainTransform(shorter_side=paper_recipe.shorter_side(args))
     if args.data == "synthetic":  # made on first use, by rank 0 alone
         on_rank0(partial(make_synthetic, data_root_from_args(args)), dist_info)
     if args.data_cache:  # the train split from the decoded cache instead of the PNGs
@@ -844,13 +1010,21 @@ def progress_bar(run: Run, state: TrainState) -> AbstractContextManager[tqdm | N
     )
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a run continues: the --resume checkpoint's path and contents, or None and None."""
+
+    path: Path | None
+    ckpt: dict | None
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The command line: flags, the run, and its exit status (see the module docstring)."""
     parser = get_args_parser()
     args = parse_args(parser, argv)
     try:
         return main(args)
-    except ConfigError as e:
+    except (ConfigError, FlagError) as e:
         parser.error(str(e))
     except (
         CheckpointError,

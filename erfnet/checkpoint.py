@@ -53,6 +53,22 @@ class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
+class IntermediateCheckpointError(CheckpointError, UserError):
+    """The encoder stage's checkpoint of ``--recipe erfnet_pytorch``: no model to predict with."""
+
+
+def check_not_intermediate(ckpt: dict, path: str | os.PathLike) -> None:
+    """``IntermediateCheckpointError`` (one line) for the encoder stage's checkpoint of
+    ``train.py --recipe erfnet_pytorch`` (logits at 1/8, no decoder): it only starts the
+    decoder stage."""
+    if (ckpt.get("meta") or {}).get("stage") == "encoder":
+        raise IntermediateCheckpointError(
+            f"{path} is the encoder stage of --recipe erfnet_pytorch (an intermediate, logits at"
+            " 1/8 without a decoder): train the full network from it with `python train.py"
+            f" --recipe erfnet_pytorch --stage decoder --init-from {path}`"
+        )
+
+
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (e.g. the disk is full); the previous file is intact."""
 
@@ -433,7 +449,9 @@ def _foreign_hint(ckpt: Any) -> str:
 
 def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> ERFNet:
     """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly;
-    a class count that is absurd or disagrees with the weights is refused before building."""
+    a class count that is absurd or disagrees with the weights is refused before building, and
+    so is the encoder stage's checkpoint of ``--recipe erfnet_pytorch``."""
+    check_not_intermediate(ckpt, path)
     _checked_num_classes(ckpt, model_args(ckpt["model_args"]), Path(path))
     try:
         model = ERFNet(**ckpt["model_args"])

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from erfnet.checkpoint import FORMAT, check_inflation, cityscapes_meta, save_checkpoint
 from erfnet.config import NUM_CLASSES, RECIPE
-from erfnet.evaluation.test_size import keep_ratio
+from erfnet.evaluation.test_size import keep_ratio, shorter_side
 from erfnet.model import ERFNet
 
 SOURCES = ("mmseg", "erfnet_pytorch")
@@ -55,7 +55,7 @@ DROP = None
 
 
 # erfnet_pytorch's evaluation resizes every image with Resize(512): its shorter side to 512.
-ERFNET_PYTORCH_TEST_SIZE = {"rule": "shorter_side", "size": 512}
+ERFNET_PYTORCH_TEST_SIZE = shorter_side(512)
 
 
 class ConversionError(ValueError):

@@ -52,7 +52,9 @@ class DownsamplerBlock(nn.Module):
 class NonBottleneck1d(nn.Module):
     """Residual block of two factorised (3x1 then 1x3) conv pairs, the second pair dilated."""
 
-    def __init__(self, channels: int, dropout: float = 0.0, dilation: int = 1) -> None:
+    def __init__(
+        self, channels: int, dropout: float = 0.0, dilation: int = 1, dropout2d: bool = False
+    ) -> None:
         super().__init__()
         d = dilation
         self.conv3x1_1 = nn.Conv2d(channels, channels, (3, 1), padding=(1, 0))
@@ -61,8 +63,9 @@ class NonBottleneck1d(nn.Module):
         self.conv3x1_2 = nn.Conv2d(channels, channels, (3, 1), padding=(d, 0), dilation=(d, 1))
         self.conv1x3_2 = nn.Conv2d(channels, channels, (1, 3), padding=(0, d), dilation=(1, d))
         self.bn2 = nn.BatchNorm2d(channels, eps=BACKBONE_BN_EPS)
-        # mmseg uses element-wise dropout here (the paper's code used Dropout2d).
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # mmseg uses element-wise dropout here, the paper's code Dropout2d (whole channels).
+        drop = nn.Dropout2d if dropout2d else nn.Dropout
+        self.dropout = drop(dropout) if dropout > 0 else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +91,21 @@ class UpsamplerBlock(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
-def build_encoder(dropout: float = 0.1) -> nn.Sequential:
-    """Encoder to 1/8 resolution, 128 channels. Index order equals mmseg's ``encoder.N``."""
+def build_encoder(
+    dropout: float = 0.1, dropout_64: float | None = None, dropout2d: bool = False
+) -> nn.Sequential:
+    """Encoder to 1/8 resolution, 128 channels. Index order equals mmseg's ``encoder.N``.
+
+    ``dropout`` in the eight 128-channel blocks and, unless ``dropout_64`` is given, in the five
+    64-channel ones (mmseg: 0.1 everywhere; erfnet_pytorch's training: 0.3 and 0.03, Dropout2d).
+    """
+    p64 = dropout if dropout_64 is None else dropout_64
     return nn.Sequential(
         DownsamplerBlock(3, 16),
         DownsamplerBlock(16, 64),
-        *(NonBottleneck1d(64, dropout, 1) for _ in range(5)),
+        *(NonBottleneck1d(64, p64, 1, dropout2d) for _ in range(5)),
         DownsamplerBlock(64, 128),
-        *(NonBottleneck1d(128, dropout, d) for d in ENCODER_DILATIONS),
+        *(NonBottleneck1d(128, dropout, d, dropout2d) for d in ENCODER_DILATIONS),
     )
 
 
@@ -150,9 +160,17 @@ class ERFNet(nn.Module):
     Args:
         num_classes: output channels (19 for Cityscapes; erfnet_pytorch's weights have 20).
         head: ``"fcn"`` (mmseg's FCNHead) or ``"deconv"`` (the paper's transposed-conv output).
-        dropout: element-wise dropout in the encoder's residual blocks.
+        dropout: dropout in the encoder's residual blocks (the 128-channel ones only when
+            ``dropout_64`` is given).
         head_channels: hidden channels of the FCN head.
         head_dropout: Dropout2d before the FCN head's classifier.
+        dropout_64: dropout of the five 64-channel encoder blocks (None: ``dropout``).
+        dropout2d: channel-wise Dropout2d in the encoder (erfnet_pytorch) instead of mmseg's
+            element-wise dropout.
+
+    The defaults are mmseg's; ``--recipe erfnet_pytorch`` trains with ``dropout=0.3,
+    dropout_64=0.03, dropout2d=True``. A checkpoint records every argument (``model_args``), so
+    ``load_model`` rebuilds either; files without the last two get the defaults (mmseg's).
     """
 
     def __init__(
@@ -162,6 +180,8 @@ class ERFNet(nn.Module):
         dropout: float = 0.1,
         head_channels: int = 128,
         head_dropout: float = 0.1,
+        dropout_64: float | None = None,
+        dropout2d: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -175,9 +195,11 @@ class ERFNet(nn.Module):
             "dropout": dropout,
             "head_channels": head_channels,
             "head_dropout": head_dropout,
+            "dropout_64": dropout_64,
+            "dropout2d": dropout2d,
         }
         self.num_classes = num_classes
-        self.encoder = build_encoder(dropout)
+        self.encoder = build_encoder(dropout, dropout_64, dropout2d)
         self.decoder = build_decoder()
         if head == "fcn":
             self.head: nn.Module = FCNHead(16, num_classes, head_channels, head_dropout)
@@ -193,6 +215,28 @@ class ERFNet(nn.Module):
         if _needs_resize(logits, x.shape[-2:]):
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+
+class EncoderStage(nn.Module):
+    """The paper's first training stage (erfnet_pytorch's ``Net(..., only_encode=True)``): the
+    ERFNet encoder and a 1x1 conv from 128 channels to the classes (its
+    ``encoder.output_conv``); logits at 1/8 of the input, not resized.
+
+    ``config`` is the full network's (``ERFNet(**config)``): its encoder settings build the
+    encoder, and the second stage builds the full network from it.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.num_classes = int(config["num_classes"])
+        self.encoder = build_encoder(
+            config.get("dropout", 0.1), config.get("dropout_64"), config.get("dropout2d", False)
+        )
+        self.output_conv = nn.Conv2d(128, self.num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_conv(self.encoder(x))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

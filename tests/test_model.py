@@ -159,6 +159,8 @@ def test_config_and_bad_arguments():
         "dropout": 0.2,
         "head_channels": 128,
         "head_dropout": 0.1,
+        "dropout_64": None,
+        "dropout2d": False,
     }
     assert ERFNet(**net.config).config == net.config
     with pytest.raises(ValueError, match="head must be one of"):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from erfnet.config import RECIPE
+from erfnet.data.paper_transforms import shorter_side_size
 from erfnet.data.transforms import rescale_size
 
 RULES = ("keep_ratio", "shorter_side", "fixed")
@@ -30,6 +31,11 @@ MAX_SIDE = 16384
 def keep_ratio(scale: Sequence[int]) -> dict[str, Any]:
     """``meta["test_size"]`` for mmcv's keep-ratio rule at ``scale`` (H, W)."""
     return {"rule": "keep_ratio", "scale": [int(scale[0]), int(scale[1])]}
+
+
+def shorter_side(size: int) -> dict[str, Any]:
+    """``meta["test_size"]`` for erfnet_pytorch's rule: the shorter side resized to ``size``."""
+    return {"rule": "shorter_side", "size": int(size)}
 
 
 def _side(value: Any) -> bool:
@@ -57,15 +63,6 @@ def check_test_size(value: Any) -> dict[str, Any]:
     if not isinstance(field, list | tuple) or len(field) != 2 or not all(map(_side, field)):
         raise ValueError(f"test_size {value!r:.120}: {expected}")
     return {"rule": rule, key: [int(field[0]), int(field[1])]}
-
-
-def shorter_side_size(size: Sequence[int], side: int) -> tuple[int, int]:
-    """(h, w) of an image of ``size`` whose shorter side becomes ``side``, the ratio kept; the
-    longer side truncated, as torchvision's ``Resize(side)`` computes it."""
-    h, w = int(size[0]), int(size[1])
-    if h <= w:
-        return side, int(side * w / h)
-    return int(side * h / w), side
 
 
 def rule_size(

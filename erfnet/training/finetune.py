@@ -52,6 +52,7 @@ class InitReport:
     reinitialised: list[str]
     source_classes: int | None
     num_classes: int
+    total: int = 0  # tensors of the model (an encoder-only start loads fewer)
     licence: str = PROJECT_LICENCE  # the terms the new weights are under
     lineage: list[dict[str, Any]] = field(default_factory=list)  # oldest first, this step last
 
@@ -62,7 +63,10 @@ class InitReport:
     def describe(self, path: str | os.PathLike) -> list[str]:
         """The log lines: what was loaded, what was not, and the weights' licence."""
         lines = [f"--init-from {path} ({self.source}): {len(self.loaded)} tensors loaded"]
-        if self.source == IMAGENET_ENCODER:
+        if (
+            self.source == IMAGENET_ENCODER
+            or len(self.loaded) + len(self.reinitialised) < self.total
+        ):
             lines.append("encoder-only start: the decoder and head are initialised as usual")
         if self.reinitialised:
             num = self.num_classes
@@ -144,8 +148,12 @@ def load_init_state(
         if source == "erfnet":
             if not isinstance(raw.get("model"), dict):
                 raise ConversionError("'model' is not a state_dict")
-            head = str((raw.get("model_args") or {}).get("head", "fcn"))
-            return source, dict(raw["model"]), head, init_lineage(path, source, raw)
+            head: str | None = str((raw.get("model_args") or {}).get("head", "fcn"))
+            state = dict(raw["model"])
+            if (raw.get("meta") or {}).get("stage") == "encoder":  # --recipe erfnet_pytorch's
+                head = None  # first stage: an encoder-only start (its 1/8 classifier dropped)
+                state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+            return source, state, head, init_lineage(path, source, raw)
         if source in ("mmseg", "erfnet_pytorch"):
             head = "fcn" if source == "mmseg" else "deconv"
             state = convert_state_dict(raw, source)
@@ -202,4 +210,4 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     cls_weight = state.get(cls_prefix + "weight")
     if cls_weight is not None:
         src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
-    return InitReport(source, loaded, reinit, src_classes, model.num_classes, **lineage)
+    return InitReport(source, loaded, reinit, src_classes, model.num_classes, len(own), **lineage)

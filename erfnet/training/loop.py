@@ -132,6 +132,8 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
     the completed iterations (and iter_<N>.pth when ``save_iter``), then stops the run."""
     args, proc = run.args, run.proc
     state.val_pending = True
+    # The scored classes: all outputs but a "void" one (--recipe erfnet_pytorch's last).
+    names = run.meta["class_names"][: run.meta.get("void_class", len(run.meta["class_names"]))]
     try:
         with stop.interruptible():
             amp = proc.autocast_dtype == torch.float16 and proc.device.type == "cuda"
@@ -140,7 +142,7 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
                 run.loaders.val,
                 proc.device,
                 TestSettings(scale=tuple(args.scale), amp=amp),
-                num_classes=len(run.meta["class_names"]),
+                num_classes=len(names),
                 progress=args.progress,
             )
             if run.writer is not None and args.num_vis:
@@ -160,7 +162,7 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
     state.val_pending = False
     state.last_miou = float(metrics["mIoU"])
     if proc.dist.is_main:
-        logs.log_validation(metrics, run.meta["class_names"], state.iteration, run.writer)
+        logs.log_validation(metrics, names, state.iteration, run.writer)
     if run.writer is not None:
         run.writer.flush()
     if state.last_miou > state.best_miou:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from erfnet.checkpoint import CheckpointError, load_checkpoint
+from erfnet.checkpoint import CheckpointError, load_checkpoint, model_args
 from erfnet.model import ERFNet
 from erfnet.training.logs import log, settings_json
 from erfnet.training.step import PolyLR
@@ -321,11 +321,12 @@ def load_training_checkpoint(path: Path) -> dict:
 def check_model_fits(ckpt: dict, model: ERFNet, path: Path) -> None:
     """CheckpointError naming each model setting where the --resume checkpoint and ``model``
     differ."""
-    if dict(ckpt["model_args"]) != dict(model.config):
+    saved = model_args(ckpt["model_args"])  # a file older than an argument has its default
+    if saved != dict(model.config):
         diff = {
-            k: (ckpt["model_args"].get(k), model.config.get(k))
-            for k in sorted(set(ckpt["model_args"]) | set(model.config))
-            if ckpt["model_args"].get(k) != model.config.get(k)
+            k: (saved.get(k), model.config.get(k))
+            for k in sorted(set(saved) | set(model.config))
+            if saved.get(k) != model.config.get(k)
         }
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - Windows
 
 LOCK_NAME = "train.lock"
 # What a run writes into its work dir (besides the lock): what --restart moves away.
-RUN_FILES = ("latest.pth", "best.pth", "train.log", "args.json", "tensorboard")
+RUN_FILES = ("latest.pth", "best.pth", "train.log", "args.json", "tensorboard", "encoder")
 log = logging.getLogger("erfnet.train")
 
 
