@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
-from erfnet.evaluation.visualize import class_colors
+from erfnet.errors import UserError
 from erfnet.fuse import optimize_for_inference
-from erfnet.labels import CLASS_NAMES, PALETTE
+from erfnet.labels import CLASS_NAMES, PALETTE, class_colors
 from erfnet.model import ERFNet, unwrap_model
 
 FORMAT = "erfnet-v1"
@@ -45,7 +45,7 @@ PROJECT_LICENCE = "Apache-2.0"
 LINEAGE_KEYS = ("licence", "lineage")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 

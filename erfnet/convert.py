@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from erfnet.checkpoint import FORMAT, cityscapes_meta, save_checkpoint
 from erfnet.config import NUM_CLASSES
+from erfnet.errors import UserError
 from erfnet.model import ERFNet
 
 SOURCES = ("mmseg", "erfnet_pytorch")
@@ -53,7 +54,7 @@ _MMSEG_NB1D_INDEX = dict(zip((0, 2, 3, 5, 7, 8), _NB1D_PARTS, strict=True))
 DROP = None
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A foreign checkpoint that cannot be converted; the message lists every problem."""
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from erfnet.convert import SOURCES, ConversionError, convert_checkpoint
+from erfnet.convert import SOURCES, convert_checkpoint
+from erfnet.errors import UserError, cli_main
 from erfnet.model import count_parameters
-from erfnet.runtime import OutputError, check_output_file, same_file
+from erfnet.runtime import check_output_file, same_file
 
 
 # fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--from",
@@ -28,26 +29,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("input", type=Path, help="foreign checkpoint (.pth)")
     p.add_argument("output", type=Path, help="where to write our checkpoint (.pth)")
-    return p.parse_args(argv)
+    return p
 # fmt: on
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if same_file(args.input, args.output):  # also a hard link or another spelling of it
-        raise SystemExit(
-            f"error: output path must differ from the input: {args.output} is {args.input}"
-        )
-    try:
-        check_output_file(args.output, "output")  # before the (possibly long) load
-    except OutputError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        model = convert_checkpoint(args.input, args.output, args.source)
-    except ConversionError as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:  # e.g. the output folder is not writable
-        raise SystemExit(f"error: cannot write {args.output}: {e}") from None
+        raise UserError(f"output path must differ from the input: {args.output} is {args.input}")
+    check_output_file(args.output, "output")  # before the (possibly long) load
+    model = convert_checkpoint(args.input, args.output, args.source)
     print(
         f"converted {args.source} checkpoint {args.input} -> {args.output}: "
         f"head={model.config['head']}, classes={model.num_classes}, "

@@ -60,7 +60,7 @@ class TestSettings:
 
     __test__ = False  # not a pytest test class, whatever its name
 
-    scale: Size = RECIPE.test_scale
+    scale: Size = RECIPE.scale
     mode: str = "whole"
     ms_flip: bool = False
     ratios: tuple[float, ...] = RECIPE.ms_flip_ratios
