@@ -85,7 +85,7 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
 
 
 # atomic_save's temporary file: ".latest.pth.1234.0a1b2c3d.tmp" beside its target, and the
-# pattern that finds the ones a killed write left behind (erfnet.training.workdir.remove_stale_tmp).
+# pattern that finds the ones a killed write left behind (erfnet.training.process.remove_stale_tmp).
 TMP_NAME_RE = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")
 
 

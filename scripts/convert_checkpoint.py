@@ -20,13 +20,9 @@ from erfnet.runtime import check_output_file, same_file
 # fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--from",
-        dest="source",
-        required=True,
-        choices=SOURCES,
-        help="format of IN: mmseg (erfnet_fcn_*_cityscapes) or erfnet_pytorch (Eromera's)",
-    )
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES,
+                   help="format of IN: mmseg (erfnet_fcn_*_cityscapes) or erfnet_pytorch"
+                   " (Eromera's)")
     p.add_argument("input", type=Path, help="foreign checkpoint (.pth)")
     p.add_argument("output", type=Path, help="where to write our checkpoint (.pth)")
     return p

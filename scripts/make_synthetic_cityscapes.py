@@ -53,20 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=non_negative, default=8, help="train images (default 8)")
     p.add_argument("--val", type=non_negative, default=4, help="val images (default 4)")
     p.add_argument("--test", type=non_negative, default=0, help="test images (default 0)")
-    p.add_argument(
-        "--size",
-        type=image_side,
-        nargs=2,
-        default=[1024, 2048],
-        metavar=("H", "W"),
-        help="image height and width in pixels (default 1024 2048, the real size)",
-    )
+    p.add_argument("--size", type=image_side, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+                   help="image height and width in pixels (default 1024 2048, the real size)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--no-extras",
-        action="store_true",
-        help="write only images and _labelIds.png (skip _color, _instanceIds, _polygons.json)",
-    )
+    p.add_argument("--no-extras", action="store_true",
+                   help="write only images and _labelIds.png (skip _color, _instanceIds,"
+                   " _polygons.json)")
     return p
 # fmt: on
 

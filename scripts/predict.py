@@ -88,16 +88,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
-    p.add_argument(
-        "--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale), metavar=("H", "W"),
-        help="test scale; the image is resized keeping its ratio to fit it "
-        f"(default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
-    )
+    p.add_argument("--scale", nargs=2, type=int, default=list(DEFAULT_SETTINGS.scale),
+                   metavar=("H", "W"), help="test scale; the image is resized keeping its ratio"
+                   f" to fit it (default {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
-    p.add_argument(
-        "--no-fast", action="store_true",
-        help="use the plain model instead of the fused inference path (same predictions)",
-    )
+    p.add_argument("--no-fast", action="store_true",
+                   help="use the plain model instead of the fused inference path (same"
+                   " predictions)")
     add_runtime_flags(p)
     return p
 # fmt: on

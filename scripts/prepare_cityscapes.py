@@ -37,17 +37,10 @@ from erfnet.runtime import check_output_dir, same_file
 # fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--root",
-        default=None,
-        help=f"Cityscapes root (default: ${ENV_VAR}, else data/cityscapes)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="parallel processes (default: min(8, CPUs))",
-    )
+    p.add_argument("--root", default=None,
+                   help=f"Cityscapes root (default: ${ENV_VAR}, else data/cityscapes)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel processes (default: min(8, CPUs))")
     p.add_argument("--force", action="store_true", help="rewrite files that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cache", metavar="DIR", default=None,

@@ -57,25 +57,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", type=int, metavar="N", help="camera /dev/videoN instead of input")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="our checkpoint (.pth), run with PyTorch")
-    model.add_argument(
-        "--model", "--onnx", dest="model", metavar="PATH",
-        help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or OpenVINO .xml"
-        " (--onnx is the old name)",
-    )
+    model.add_argument("--model", "--onnx", dest="model", metavar="PATH",
+                       help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or"
+                       " OpenVINO .xml (--onnx is the old name)")
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")
     p.add_argument("--labels", metavar="DIR", help="also write one class-index PNG per frame")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
     p.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame")
-    p.add_argument(
-        "--resize", nargs=2, type=int, metavar=("H", "W"),
-        help="network input size (default: the frame's size), e.g. 512 1024",
-    )
+    p.add_argument("--resize", nargs=2, type=int, metavar=("H", "W"),
+                   help="network input size (default: the frame's size), e.g. 512 1024")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument("--codec", default="auto", help="encoder: auto (H.264, else mpeg4) or a name")
-    p.add_argument(
-        "--fps", type=float,
-        help="frame rate of the input (overrides what the source says; a folder of frames: 30)",
-    )
+    p.add_argument("--fps", type=float,
+                   help="frame rate of the input (overrides what the source says; a folder of"
+                   " frames: 30)")
     add_runtime_flags(p)
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run the network eagerly")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of fp16 autocast")
