@@ -26,35 +26,35 @@ from typing import Any
 
 import torch
 
-from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.config import PAPER_RECIPE
 from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
-from erfnet.data.check import check_datasets
+from erfnet.data.check import check_datasets, image_header
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.data.from_args import (
     DATA_KINDS,
-    DataFlagError,
     check_data_flags,
     data_inputs_from_args,
     data_root_from_args,
     dataset_from_args,
 )
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
+from erfnet.data.transforms import rescale_size
 from erfnet.distributed import (
     cleanup_distributed,
     init_distributed,
     local_rank_from_env,
     resolve_device,
 )
+from erfnet.errors import FlagError, UserError, cli_main, one_line
 from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
 from erfnet.evaluation.inference import DEFAULT_SETTINGS, MIN_VIEW, MODES, TestSettings, ratio_scale
 from erfnet.evaluation.metrics import format_table
 from erfnet.evaluation.reports import REPORT_FILES, write_reports
 from erfnet.evaluation.visualize import ColorWriter
-from erfnet.outputs import OutputError, atomic_write_text, output_dir, output_file, printable
+from erfnet.outputs import atomic_write_text, output_dir, output_file, printable
 from erfnet.outputs import check_outputs as check_output_rule
-from erfnet.runtime import apply_cpu_plan, one_line
+from erfnet.runtime import add_runtime_flags, apply_cpu_plan, check_runtime_flags
 
 _RATIOS = " ".join(map(str, DEFAULT_SETTINGS.ratios))
 # --protocol: mmseg's test (the default) or erfnet_pytorch's eval_iou.py at a shorter side of 512.
@@ -72,96 +72,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH", help="our checkpoint (.pth)")
-    what.add_argument(
-        "--model",
-        metavar="PATH",
-        help="an exported model (.onnx through onnxruntime, OpenVINO .xml), on the CPU; needs"
-        " the optional onnxruntime / openvino package",
-    )
-    p.add_argument(
-        "--data",
-        choices=DATA_KINDS,
-        default="cityscapes",
-        help="Cityscapes, the quick start's synthetic set, or your own folders described by"
-        " --classes FILE (default: cityscapes)",
-    )
-    p.add_argument(
-        "--data-root",
-        metavar="DIR",
-        default=None,
-        help="dataset root (Cityscapes default: $CITYSCAPES_DATASET, else data/cityscapes)",
-    )
-    p.add_argument(
-        "--classes",
-        metavar="FILE",
-        default=None,
-        help="--data folder: the dataset's JSON classes file (README: Train on your own data)",
-    )
-    p.add_argument(
-        "--split",
-        choices=("val", "test", "train"),
-        default="val",
-        help="split to evaluate (default: val); test only writes --out-dir predictions",
-    )
-    p.add_argument(
-        "--ms-flip",
-        action="store_true",
-        help="multi-scale + flip test: softmax of every ratio x (no flip, flip) view averaged",
-    )
-    p.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        metavar="R",
-        default=None,
-        help=f"ratios of --scale for --ms-flip (default: {_RATIOS})",
-    )
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=DEFAULT_SETTINGS.mode,
-        help=f"whole image (default), or sliding {DEFAULT_SETTINGS.slide_crop} crops, stride"
-        f" {DEFAULT_SETTINGS.slide_stride}",
-    )
-    p.add_argument(
-        "--scale",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        default=None,
-        help=f"test resize, keeping the image's ratio (default: {_SCALE}; a fixed-size export:"
-        " its input size)",
-    )
-    p.add_argument(
-        "--out-dir",
-        metavar="DIR",
-        default=None,
-        help="write official submission PNGs (Cityscapes label ids, original size) in per-city"
-        " folders and, for a labelled split, the confusion matrix (.npy, .json, .png) and a"
-        " per-class IoU chart",
-    )
-    p.add_argument(
-        "--save-color",
-        metavar="DIR",
-        default=None,
-        help="write colour renderings and blends over the image (apart from --out-dir)",
-    )
+    what.add_argument("--model", metavar="PATH",
+                      help="an exported model (.onnx through onnxruntime, OpenVINO .xml), on the"
+                      " CPU; needs the optional onnxruntime / openvino package")
+    p.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
+                   help="Cityscapes, the quick start's synthetic set, or your own folders"
+                   " described by --classes FILE (default: cityscapes)")
+    p.add_argument("--data-root", metavar="DIR", default=None,
+                   help="dataset root (Cityscapes default: $CITYSCAPES_DATASET, else"
+                   " data/cityscapes)")
+    p.add_argument("--classes", metavar="FILE", default=None,
+                   help="--data folder: the dataset's JSON classes file (README: Train on your"
+                   " own data)")
+    p.add_argument("--split", choices=("val", "test", "train"), default="val",
+                   help="split to evaluate (default: val); test only writes --out-dir"
+                   " predictions")
+    p.add_argument("--ms-flip", action="store_true",
+                   help="multi-scale + flip test: softmax of every ratio x (no flip, flip) view"
+                   " averaged")
+    p.add_argument("--scales", type=float, nargs="+", metavar="R", default=None,
+                   help=f"ratios of --scale for --ms-flip (default: {_RATIOS})")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_SETTINGS.mode,
+                   help=f"whole image (default), or sliding {DEFAULT_SETTINGS.slide_crop} crops,"
+                   f" stride {DEFAULT_SETTINGS.slide_stride}")
+    p.add_argument("--scale", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help=f"test resize, keeping the image's ratio (default: {_SCALE}; a"
+                   " fixed-size export: its input size)")
+    p.add_argument("--out-dir", metavar="DIR", default=None,
+                   help="write official submission PNGs (Cityscapes label ids, original size)"
+                   " in per-city folders and, for a labelled split, the confusion matrix (.npy,"
+                   " .json, .png) and a per-class IoU chart")
+    p.add_argument("--save-color", metavar="DIR", default=None,
+                   help="write colour renderings and blends over the image (apart from"
+                   " --out-dir)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the metrics as JSON")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="DataLoader workers (default: what the machine's free cores allow)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads (default: the free cores less one, as train.py plans them)",
-    )
+    add_runtime_flags(p, workers=True)
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
     p.add_argument(
         "--protocol",
@@ -175,38 +120,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 # fmt: on
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
-
-
 def check_args(args: argparse.Namespace) -> None:
-    """Flag combinations that cannot work, as SystemExit messages."""
-    try:
-        check_data_flags(args)
-    except DataFlagError as e:
-        raise SystemExit(f"error: {e}") from None
+    """Flag values and combinations that cannot work (``FlagError``), and the outputs."""
+    check_data_flags(args)
+    check_runtime_flags(args, exported=args.model is not None)
     if args.split == "test" and args.out_dir is None and args.data != "folder":
-        raise SystemExit(
-            "error: --split test has no labels to score; add --out-dir DIR to write the"
-            " submission PNGs"
+        raise FlagError(
+            "--split test has no labels to score; add --out-dir DIR to write the submission PNGs"
         )
     if args.scales is not None and not args.ms_flip:
-        raise SystemExit("error: --scales sets the --ms-flip ratios; add --ms-flip")
+        raise FlagError("--scales sets the --ms-flip ratios; add --ms-flip")
     if args.scales is not None and not all(r > 0 and math.isfinite(r) for r in args.scales):
-        raise SystemExit(f"error: --scales must be positive ratios, got {args.scales}")
+        raise FlagError(f"--scales must be positive ratios, got {args.scales}")
     check_sizes(args)
     check_protocol(args)
-    if args.workers is not None and args.workers < 0:
-        raise SystemExit(f"error: --workers must be >= 0, got {args.workers}")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
     check_outputs(args)
     if args.out_dir is not None and args.save_color is not None:
         out, color = Path(args.out_dir).resolve(), Path(args.save_color).resolve()
         if out == color or out in color.parents or color in out.parents:
-            raise SystemExit(
-                f"error: --save-color {args.save_color} must be outside --out-dir {args.out_dir}:"
-                " the official evaluator rejects a second PNG per image under its folder"
+            raise FlagError(
+                f"--save-color {args.save_color} must be outside --out-dir {args.out_dir}: the"
+                " official evaluator rejects a second PNG per image under its folder"
             )
 
 
@@ -225,8 +159,8 @@ def check_protocol(args: argparse.Namespace) -> None:
         if on
     ]
     if given:
-        raise SystemExit(
-            f"error: {', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (it scores a"
+        raise FlagError(
+            f"{', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (it scores a"
             " labelled split, one whole image at a shorter side)"
         )
 
@@ -240,15 +174,15 @@ def check_sizes(args: argparse.Namespace) -> None:
     """--scale and the --ms-flip views it gives must reach the network's minimum size."""
     scale = args.scale if args.scale is not None else DEFAULT_SETTINGS.scale
     if min(scale) < MIN_VIEW:
-        raise SystemExit(
-            f"error: --scale H W must be at least {MIN_VIEW} {MIN_VIEW} (the network's"
-            f" minimum input), got {scale[0]} {scale[1]}"
+        raise FlagError(
+            f"--scale H W must be at least {MIN_VIEW} {MIN_VIEW} (the network's minimum input),"
+            f" got {scale[0]} {scale[1]}"
         )
     for r in args.scales or ():
         if min(ratio_scale(scale, r)) < MIN_VIEW:
             h, w = ratio_scale(scale, r)
-            raise SystemExit(
-                f"error: --scales {r:g} makes {h}x{w} views of --scale {scale[0]} {scale[1]},"
+            raise FlagError(
+                f"--scales {r:g} makes {h}x{w} views of --scale {scale[0]} {scale[1]},"
                 f" under the network's minimum {MIN_VIEW}x{MIN_VIEW}"
             )
 
@@ -271,10 +205,7 @@ def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
     inputs += [("--classes", args.classes)]
     if with_data:
         inputs += data_inputs_from_args(args)
-    try:
-        check_output_rule(outputs, inputs)
-    except OutputError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_output_rule(outputs, inputs)
 
 
 def settings_from_args(args: argparse.Namespace) -> TestSettings:
@@ -288,32 +219,21 @@ def settings_from_args(args: argparse.Namespace) -> TestSettings:
 
 def load_for_eval(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
     """The model to score: our checkpoint's plain weights (no BN folding: folding changes float
-    rounding, so not bit-exact), or with --model an exported graph."""
-    if args.model is not None:
-        return load_export(args, threads)
-    try:
-        return load_model(args.checkpoint, device)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --checkpoint: {e}") from None
+    rounding, so not bit-exact), or with --model an exported graph (deploy is an opt-in layer:
+    imported here only), with the views the protocol asks for checked against what it takes."""
+    from erfnet.deploy.exported import load_network
 
-
-def load_export(args: argparse.Namespace, threads: int) -> Any:
-    """--model: an .onnx or OpenVINO .xml (deploy is an opt-in layer: imported here only), with
-    the views the protocol asks for checked against what the graph accepts."""
-    from erfnet.deploy.exported import ExportError, load_exported
-
-    try:
-        model = load_exported(args.model, threads)
-    except ExportError as e:
-        raise SystemExit(f"error: --model {e}") from None
+    model = load_network(args.checkpoint, args.model, device, threads)
+    if args.model is None:
+        return model
     if model.output == "labels" and (args.ms_flip or args.mode != "whole"):
-        raise SystemExit(
-            f"error: --model {args.model} ends in an argmax (it outputs labels): only the"
-            " whole-image single-scale test applies; drop --ms-flip / --mode slide"
+        raise UserError(
+            f"--model {args.model} ends in an argmax (it outputs labels): only the whole-image"
+            " single-scale test applies; drop --ms-flip / --mode slide"
         )
     if model.input_size is not None and args.protocol == PAPER_PROTOCOL:
-        raise SystemExit(
-            f"error: --model {args.model} takes fixed-size inputs; --protocol {PAPER_PROTOCOL}"
+        raise UserError(
+            f"--model {args.model} takes fixed-size inputs; --protocol {PAPER_PROTOCOL}"
             " needs a dynamic-size export (images keep their aspect at the shorter side)"
         )
     if model.input_size is not None:
@@ -335,8 +255,8 @@ def check_fixed_size(args: argparse.Namespace, size: tuple[int, int]) -> list[in
     elif any(r != 1.0 for r in settings.view_ratios):
         why = f"--ms-flip ratios {list(settings.view_ratios)} (views of other sizes)"
     if why:
-        raise SystemExit(
-            f"error: --model {args.model} takes only {h}x{w} inputs (a fixed-size export), not"
+        raise UserError(
+            f"--model {args.model} takes only {h}x{w} inputs (a fixed-size export), not"
             f" {why}; export with a dynamic size, or evaluate at {h}x{w}"
         )
     return scale
@@ -349,7 +269,7 @@ def check_classes(model: Any, classes: Sequence[str], args: argparse.Namespace) 
     try:
         scored_classes(model, len(classes))
     except ValueError as e:
-        raise SystemExit(f"error: {flag}: {e}") from None
+        raise UserError(f"{flag}: {e}") from None
     trained = list(model.meta["class_names"])[: len(classes)]
     differ = [i for i, (a, b) in enumerate(zip(trained, classes, strict=True)) if a != b]
     if differ:
@@ -436,19 +356,6 @@ def results_json(
     return out
 
 
-def get_device(args: argparse.Namespace) -> torch.device:
-    """--device as a torch.device; an export (--model) runs on the CPU."""
-    if args.model is not None and args.device not in (None, "cpu", "auto"):
-        raise SystemExit(
-            f"error: --model runs on the CPU (onnxruntime / OpenVINO), not on"
-            f" --device {args.device}"
-        )
-    try:
-        return resolve_device("cpu" if args.model else args.device, local_rank_from_env())
-    except ValueError as e:  # a --device this machine does not have
-        raise SystemExit(f"error: {e}") from None
-
-
 def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
     """The split to score (checked: images, classes the model predicts, outputs outside it)."""
     root = data_root_from_args(args)
@@ -467,13 +374,35 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
     # Every file before the first image is scored: a damaged PNG would otherwise stop the run
     # late, or kill it (torchvision's libpng aborts on PNG data shorter than its size).
     check_datasets({args.split: dataset}, progress=False)
+    if args.model is not None and model.input_size is not None and not args.ms_flip:
+        check_resized_sizes(args, dataset, model.input_size)
     return dataset
 
 
+def check_resized_sizes(args: argparse.Namespace, dataset: Any, size: tuple[int, int]) -> None:
+    """A fixed-size export takes only ``size`` inputs: every image, resized keeping its ratio to
+    fit --scale, must come out at exactly that size (a 64x128 image fits 31 63 as 31x62)."""
+    scale = tuple(settings_from_args(args).scale)
+    for sample in getattr(dataset, "samples", []):
+        shape, _ = image_header(Path(sample.image))
+        resized = rescale_size(shape, scale)
+        if resized != tuple(size):
+            raise UserError(
+                f"--model {args.model} takes only {size[0]}x{size[1]} inputs, but --scale"
+                f" {scale[0]} {scale[1]} resizes '{sample.image}' ({shape[0]}x{shape[1]}) to"
+                f" {resized[0]}x{resized[1]} (the resize keeps the image's ratio); export with"
+                " a dynamic size, or give images of the export's ratio"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the flags and outputs, load, check the data, evaluate, report."""
     check_args(args)
-    device = get_device(args)
+    device = resolve_device("cpu" if args.model else args.device, local_rank_from_env())
     info = init_distributed(device)
     try:
         # One thread plan with train.py: threads + workers leave a core free on the CPU.
@@ -483,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes
         model = load_for_eval(args, device, threads)
+        dataset = get_dataset(args, model)
         try:
-            dataset = get_dataset(args, model)
             results = evaluate(
                 model,
                 build_eval_loader(dataset, workers=workers),
@@ -494,10 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                 on_prediction=prediction_writers(args, model, dataset),
                 progress=info.is_main,
             )
-            if info.is_main:
-                report(args, dataset, results, model.meta["class_names"])
-        except (ValueError, OSError) as e:  # DatasetError included, also from loader workers
-            raise SystemExit(f"error: {one_line(e)}") from None
+        except ValueError as e:  # a label value out of range, a view the model cannot take
+            raise UserError(one_line(e)) from None
+        if info.is_main:
+            report(args, dataset, results, model.meta["class_names"])
     finally:
         cleanup_distributed()
     return 0

@@ -56,7 +56,6 @@ from erfnet.data.check import check_datasets, image_header
 from erfnet.data.cityscapes import DatasetError
 from erfnet.data.from_args import (
     DATA_KINDS,
-    DataFlagError,
     check_data_flags,
     data_inputs_from_args,
     data_root_from_args,
@@ -66,7 +65,6 @@ from erfnet.data.paper_transforms import PaperTrainTransform
 from erfnet.data.synthetic import ensure_synthetic_cityscapes
 from erfnet.data.transforms import TrainTransform, rescale_size
 from erfnet.distributed import (
-    DeviceError,
     DistInfo,
     barrier,
     cleanup_distributed,
@@ -74,37 +72,35 @@ from erfnet.distributed import (
     local_rank_from_env,
     resolve_device,
 )
-from erfnet.errors import FlagError
+from erfnet.errors import FlagError, run_cli
 from erfnet.evaluation.evaluate import build_eval_loader
-from erfnet.evaluation.test_size import keep_ratio
 from erfnet.model import HEADS, ERFNet
-from erfnet.training import logs, paper_recipe, resume, step
+from erfnet.test_size import keep_ratio
+from erfnet.training import logs, paper_recipe, process, resume, step
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
 from erfnet.training.loop import (
-    PEER_FAILED,
     Loaders,
     Process,
     Run,
     TrainState,
     account,
     fetch_batch,
-    is_peer_failure,
-    resume_hint,
     save_when_due,
     stop_after,
     stop_wanted,
     validate,
 )
-from erfnet.training.loss import Criterion, LossConfigError, load_class_weights, make_criterion
-from erfnet.training.step import ConfigError, TrainingError
-from erfnet.training.workdir import (
-    WorkDirError,
+from erfnet.training.loss import Criterion, load_class_weights, make_criterion
+from erfnet.training.process import (
+    PEER_FAILED,
     WorkDirLock,
     check_new_run,
     check_not_busy,
+    is_peer_failure,
     move_previous_run,
     remove_stale_tmp,
+    resume_hint,
 )
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
@@ -172,9 +168,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f" {defaults_note('scale', r.scale)}")
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
-    g.add_argument("--workers", type=int, metavar="N", default=None,
-                   help="DataLoader worker processes per training process (default: on CUDA"
-                   " min(4, cores - 1); on the CPU 0 up to 4 cores, else min(4, cores / 4))")
     g.add_argument("--skip-data-check", action="store_true",
                    help="skip the check of every image and label header before the first"
                    " iteration (bad files then stop the run when first read)")
@@ -239,17 +232,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    " (e.g. 0.7 100000) (default: off)")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="auto",
-                   help="auto (this process's GPU if any, else cpu), cpu, cuda, cuda:N")
+    runtime.add_runtime_flags(g, workers=True)  # --device, --threads, --workers
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on for CUDA with fp16 autocast + GradScaler,"
                    " off on the CPU; --amp on the CPU means bf16 autocast)")
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=int, metavar="N", default=None,
-                   help="torch CPU threads (default on the CPU: cores - workers - 1, at least 1,"
-                   " so a busy neighbour cannot stall every step; $OMP_NUM_THREADS if set)")
     g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
                    help="resize, crop, flip, photometric and normalise the batch on the device;"
                    " workers only decode and draw (same batches) (default: on for CUDA, off"
@@ -334,11 +323,9 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             parser.error(
                 f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}"
             )
-    for flag in ("workers", "keep_ckpts", "num_vis", "seed"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+    for flag in ("keep_ckpts", "num_vis", "seed"):
+        if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be a positive integer, got {args.threads}")
     for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
         if min(size) < MIN_SIDE:
             parser.error(f"{flag} takes H W, each at least {MIN_SIDE}, got {list(size)}")
@@ -379,8 +366,9 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
             )
         args.ohem = (thresh, int(min_kept))
     try:
+        runtime.check_runtime_flags(args)
         check_data_flags(args)
-    except DataFlagError as e:
+    except FlagError as e:
         parser.error(str(e))
     if args.restart and args.resume is not None:
         parser.error("--restart starts a new run and --resume continues one; give one of them")
@@ -436,19 +424,19 @@ def main(args: Namespace) -> int:
         if writer is not None:
             cleanup.callback(writer.close)
         run = Run(
-            args,
-            work_dir,
-            proc,
-            model,
-            train_model,
-            optimizer,
-            scheduler,
-            scaler,
-            criterion,
-            loaders,
-            val_set,
-            meta,
-            writer,
+            args=args,
+            work_dir=work_dir,
+            proc=proc,
+            model=model,
+            train_model=train_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            criterion=criterion,
+            loaders=loaders,
+            val_set=val_set,
+            meta=meta,
+            writer=writer,
         )
         return train_loop(run, state, stop)
 
@@ -459,7 +447,7 @@ def train_stages(
     start: Start,
     train_set: Dataset,
     meta: dict[str, Any],
-    stop: step.StopFlag,
+    stop: process.StopFlag,
     cleanup: ExitStack,
 ) -> int:
     """--recipe erfnet_pytorch: its stages in order, each a Run of the same loop; the decoder
@@ -613,13 +601,10 @@ def check_work_dir(args: Namespace) -> None:
         ("--init-from", args.init_from),
         ("--class-weights", args.class_weights),
     ]
-    try:
-        outputs.check_outputs([work_dir], inputs)
-    except outputs.OutputError as e:
-        raise WorkDirError(str(e)) from None
+    outputs.check_outputs([work_dir], inputs)
 
 
-def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.StopFlag:
+def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> process.StopFlag:
     """The run's surroundings, each undone by ``cleanup``: the process group, a console that
     cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
     and the SIGINT / SIGTERM flag (returned) that stops the loop after saving."""
@@ -631,7 +616,7 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.S
         try:
             work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
+            raise FlagError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
         lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
         lock.acquire()
         cleanup.callback(lock.release)
@@ -649,7 +634,7 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> step.S
             )
     # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
     # wait or validation), then exit.
-    stop = step.StopFlag(immediate=not dist_info.distributed)
+    stop = process.StopFlag(immediate=not dist_info.distributed)
     stop.install()
     cleanup.callback(stop.restore)
     return stop
@@ -693,7 +678,11 @@ def make_synthetic(root: Path) -> None:
 
 
 def check_data(
-    args: Namespace, train_set: Dataset, val_set: Dataset, dist_info: DistInfo, stop: step.StopFlag
+    args: Namespace,
+    train_set: Dataset,
+    val_set: Dataset,
+    dist_info: DistInfo,
+    stop: process.StopFlag,
 ) -> None:
     """Every image and label header now, not the first bad file hours from now, and every val
     image large enough for the model at --scale (rank 0 reads, the others wait; a stop signal
@@ -888,7 +877,7 @@ def augment_on_device(
     return images.contiguous(memory_format=torch.channels_last), labels
 
 
-def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
+def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
     """The validation a stop signal interrupted (if any), then the iterations to --iters.
     Returns the exit status."""
     args = run.args
@@ -904,7 +893,7 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
             return 0
         if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
             return stop_after(run, state, stop)
-    except step.StopRequested:  # in the data wait or validation: the iteration is complete
+    except process.StopRequested:  # in the data wait or validation: the iteration is complete
         return stop_after(run, state, stop)
     barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
@@ -920,7 +909,7 @@ def train_loop(run: Run, state: TrainState, stop: step.StopFlag) -> int:
     return 0
 
 
-def iterate(run: Run, state: TrainState, stop: step.StopFlag) -> str:
+def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
     """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
     step, account, log, validate when due, save when due, stop when asked."""
     args, proc = run.args, run.proc
@@ -1022,24 +1011,13 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line: flags, the run, and its exit status (see the module docstring)."""
     parser = get_args_parser()
     args = parse_args(parser, argv)
-    try:
-        return main(args)
-    except (ConfigError, FlagError) as e:
-        parser.error(str(e))
-    except (
-        CheckpointError,
-        DatasetError,
-        DeviceError,
-        LossConfigError,
-        TrainingError,
-        WorkDirError,
-    ) as e:  # one line, also for an error raised in a DataLoader worker
-        raise SystemExit(f"error: {runtime.one_line(e)}") from None
+    try:  # errors.run_cli: one line (also for an error raised in a DataLoader worker)
+        return run_cli(parser, partial(main, args))
     except RuntimeError as e:
         if not is_peer_failure(e):
             raise
         raise SystemExit(f"error: stopping: {PEER_FAILED}") from None
-    except step.StopRequested as e:  # before the first iteration (the data check)
+    except process.StopRequested as e:  # before the first iteration (the data check)
         print(f"stopped by {e} before training began; nothing saved", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving

@@ -31,12 +31,11 @@ import torch
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.errors import UserError
-from erfnet.evaluation.test_size import DEFAULT_TEST_SIZE, check_test_size
-from erfnet.evaluation.visualize import class_colors
 from erfnet.fuse import optimize_for_inference
-from erfnet.labels import CLASS_NAMES, PALETTE
+from erfnet.labels import CLASS_NAMES, PALETTE, class_colors
 from erfnet.model import ERFNet, unwrap_model
 from erfnet.outputs import atomic_write
+from erfnet.test_size import DEFAULT_TEST_SIZE, check_test_size
 
 FORMAT = "erfnet-v1"
 # Class ids live in uint8 label maps where IGNORE_INDEX (255) means "not labelled": 0..254.
@@ -158,7 +157,7 @@ def complete_meta(
     written before the key existed were validated at); ``head``: the model's (when given);
     ``class_names``: ``class_<i>`` for a model saved without them (a checkpoint never claims a
     dataset's classes it was not given); ``palette``: one colour per class, completed by
-    ``erfnet.evaluation.visualize.class_colors``' rule.
+    ``erfnet.labels.class_colors``' rule.
     """
     full = dict(meta or {})
     full.setdefault("test_size", {**DEFAULT_TEST_SIZE, "scale": list(DEFAULT_TEST_SIZE["scale"])})
@@ -384,7 +383,7 @@ def check_meta(meta: dict[str, Any], num_classes: int, path: str | os.PathLike) 
     """CheckpointError (one line naming the file and the key) for meta that cannot work: mean /
     std not three finite numbers or std <= 0, class names not ``num_classes`` strings, palette
     entries not RGB triples of 0-255 ints, an ignore index outside 0-255, a malformed
-    ``test_size`` (``erfnet.evaluation.test_size``)."""
+    ``test_size`` (``erfnet.test_size``)."""
     problem = meta_problem(meta, num_classes)
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")

@@ -33,13 +33,12 @@ class Recipe:
     batch_size_per_gpu: int = 4
     reference_gpus: int = 4
     crop_size: tuple[int, int] = (512, 1024)
-    scale: tuple[int, int] = (1024, 2048)
+    scale: tuple[int, int] = (1024, 2048)  # the random resize's base and the test resize
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     val_interval: int = 16_000
     ckpt_interval: int = 16_000
-    test_scale: tuple[int, int] = (1024, 2048)
     ms_flip_ratios: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     slide_crop: tuple[int, int] = (512, 1024)
     slide_stride: tuple[int, int] = (341, 682)

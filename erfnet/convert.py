@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from erfnet.checkpoint import FORMAT, check_inflation, cityscapes_meta, save_checkpoint
 from erfnet.config import NUM_CLASSES, RECIPE
-from erfnet.evaluation.test_size import keep_ratio, shorter_side
+from erfnet.errors import UserError
 from erfnet.model import ERFNet
+from erfnet.test_size import keep_ratio, shorter_side
 
 SOURCES = ("mmseg", "erfnet_pytorch")
 # Where each source's weights come from and the terms they are published under; a converted
@@ -58,7 +59,7 @@ DROP = None
 ERFNET_PYTORCH_TEST_SIZE = shorter_side(512)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A foreign checkpoint that cannot be converted; the message lists every problem."""
 
 
@@ -340,7 +341,7 @@ def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[st
     meta.update({"source": source, "source_file": in_path.name})
     meta.update(source_lineage(source, in_path.name, "converted"))
     if source == "mmseg":
-        meta["test_size"] = keep_ratio(RECIPE.test_scale)  # mmseg's Cityscapes test pipeline
+        meta["test_size"] = keep_ratio(RECIPE.scale)  # mmseg's Cityscapes test pipeline
         foreign_meta = raw.get("meta") if isinstance(raw, dict) else None
         if isinstance(foreign_meta, dict):
             names, palette = foreign_meta.get("CLASSES"), foreign_meta.get("PALETTE")

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from erfnet.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError):
     """A ``--device`` that this machine does not have; the message names the flag."""
 
 

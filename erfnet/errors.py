@@ -12,7 +12,9 @@ Library code raises these (or subclasses); only ``run_cli`` turns them into exit
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 
 class UserError(ValueError):
@@ -33,12 +35,36 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
-def run_cli(parser: argparse.ArgumentParser, main: Callable[[], int | None]) -> int:
-    """Run ``main`` under the convention: ``FlagError`` -> ``parser.error`` (exit 2),
-    ``UserError`` -> ``SystemExit("error: <one line>")`` (exit 1); anything else propagates."""
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the file: "'<file>': <reason>"."""
+    if e.filename is not None and e.strerror:
+        return f"'{e.filename}': {e.strerror}"
+    return one_line(e)
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[], Any]) -> Any:
+    """Run ``main`` under the convention and return what it returns (None as 0):
+    ``FlagError`` -> ``parser.error`` (exit 2), ``UserError`` -> ``SystemExit("error: <one
+    line>")`` (exit 1), an ``OSError`` the checks could not foresee (a full disk, a file gone
+    meanwhile) -> the same, naming the file; anything else propagates."""
     try:
-        return main() or 0
+        result = main()
     except FlagError as e:
         parser.error(one_line(e))
     except UserError as e:
         raise SystemExit(f"error: {one_line(e)}") from None
+    except OSError as e:
+        raise SystemExit(f"error: {os_error_line(e)}") from None
+    return 0 if result is None else result
+
+
+def cli_main(
+    make_parser: Callable[[], argparse.ArgumentParser],
+    run: Callable[[argparse.Namespace], Any],
+    argv: Sequence[str] | None = None,
+) -> Any:
+    """An entry point's ``main``: parse ``argv`` with ``make_parser()``, then ``run(args)``
+    under ``run_cli``."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    return run_cli(parser, partial(run, args))

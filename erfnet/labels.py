@@ -6,6 +6,8 @@ colour palette, class names) is derived here.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -86,3 +88,37 @@ TRAIN_ID_TO_COLOR: np.ndarray = np.zeros((256, 3), dtype=np.uint8)
 TRAIN_ID_TO_COLOR[: len(PALETTE)] = np.array(PALETTE, dtype=np.uint8)
 
 del _lb
+
+
+# The one palette-completion rule (checkpoint meta, renderings, exports alike).
+Palette = Sequence[Sequence[int]] | np.ndarray
+
+
+def generated_color(index: int) -> tuple[int, int, int]:
+    """A fixed colour per class index: PASCAL VOC's colormap (the index's bits spread over the
+    high bits of R, G and B), distinct for every index up to 255."""
+    rgb = [0, 0, 0]
+    for shift in range(8):
+        for channel in range(3):
+            rgb[channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+    return rgb[0], rgb[1], rgb[2]
+
+
+def class_colors(
+    palette: Palette | None, num_classes: int, what: str = "the palette"
+) -> np.ndarray:
+    """``num_classes`` x 3 uint8: ``palette``'s colours, and for the classes beyond it the one
+    fallback rule (Cityscapes' colour for that index, else ``generated_color``), with a warning
+    line on stderr naming ``what`` and the classes when a non-empty palette was too short."""
+    given = np.asarray(palette if palette is not None else [], dtype=np.uint8).reshape(-1, 3)
+    colors = np.zeros((num_classes, 3), dtype=np.uint8)
+    colors[: min(len(given), num_classes)] = given[:num_classes]
+    for i in range(len(given), num_classes):
+        colors[i] = PALETTE[i] if i < len(PALETTE) else generated_color(i)
+    if 0 < len(given) < num_classes:
+        print(
+            f"warning: {what} has {len(given)} colours for {num_classes} classes; classes"
+            f" {len(given)}-{num_classes - 1} get default colours",
+            file=sys.stderr,
+        )
+    return colors

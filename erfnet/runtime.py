@@ -1,9 +1,10 @@
-"""The process around every entry point: console streams that cannot kill a save, one-line errors
-from DataLoader workers (output paths: erfnet.outputs), CPU thread / worker counts that do
-not oversubscribe the cores, and an opt-in malloc setting for large CPU tensors."""
+"""The process around every entry point: console streams that cannot kill a save, the
+--device / --threads / --workers flags, CPU thread / worker counts that do not oversubscribe the
+cores, and an opt-in malloc setting for large CPU tensors (output paths: erfnet.outputs)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
@@ -12,7 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-# The output rule moved to erfnet.outputs; these names stay importable from here.
+from erfnet.errors import FlagError
+
+# The output rule lives in erfnet.outputs; these names stay importable from here.
 from erfnet.outputs import OutputError, check_output_dir, check_output_file, same_file  # noqa: F401
 
 # Environment variables that already fix the intra-op thread count; we then leave it alone.
@@ -74,23 +77,39 @@ def guarded_console() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------
-# Errors from DataLoader workers
-# --------------------------------------------------------------------------------------------
-
-
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` as one line, also for an error re-raised from a DataLoader worker
-    (whose text is "Caught X in DataLoader worker process N. Original Traceback ...")."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
-# --------------------------------------------------------------------------------------------
 # CPU threads and loader workers
 # --------------------------------------------------------------------------------------------
+
+
+def add_runtime_flags(parser: argparse._ActionsContainer, workers: bool = False) -> None:
+    """--device and --threads (and with ``workers`` --workers), one text and default each;
+    ``check_runtime_flags`` checks them."""
+    # fmt: off
+    parser.add_argument("--device", default="auto",
+                        help="auto (this process's GPU if any, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, metavar="N", default=None,
+                        help="torch CPU threads (default on the CPU: cores - busy workers - 1, at"
+                        " least 1, so a busy neighbour cannot stall every step; $OMP_NUM_THREADS"
+                        " if set)")
+    if workers:
+        parser.add_argument("--workers", type=int, metavar="N", default=None,
+                            help="DataLoader worker processes per process (default: on CUDA"
+                            " min(4, cores - 1); on the CPU 0 up to 4 cores, else"
+                            " min(4, cores / 4))")
+    # fmt: on
+
+
+def check_runtime_flags(args: argparse.Namespace, exported: bool = False) -> None:
+    """``FlagError`` for --threads under 1, --workers under 0, and, for an exported model
+    (``exported``: it runs on the CPU), a --device other than cpu / auto."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise FlagError(f"--threads must be at least 1, got {args.threads}")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise FlagError(f"--workers must be >= 0, got {args.workers}")
+    if exported and args.device not in (None, "cpu", "auto"):
+        raise FlagError(
+            f"--model runs on the CPU (onnxruntime / OpenVINO), not on --device {args.device}"
+        )
 
 
 def available_cores() -> int:

@@ -39,19 +39,21 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from erfnet.bench import data_throughput as throughput
-from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.bench.video import benchmark_video, format_video_benchmark
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, NUM_CLASSES, RECIPE, STD_RGB
 from erfnet.data.cityscapes import CityscapesDataset
 from erfnet.data.fast.cache import CachedCityscapesDataset, write_cache
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform
+from erfnet.deploy.exported import load_network
 from erfnet.deploy.onnx import export_onnx
-from erfnet.distributed import DeviceError, resolve_device
+from erfnet.distributed import resolve_device
+from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
-from erfnet.outputs import OutputError, atomic_write_text, check_outputs, output_file
+from erfnet.outputs import atomic_write_text, check_outputs, output_file
+from erfnet.runtime import check_runtime_flags
 from erfnet.training.step import train_step
-from erfnet.video.report import benchmark_video, format_video_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "eager fp32 NCHW"
@@ -342,7 +344,7 @@ def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
             ]
             proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True)
             if proc.returncode != 0:
-                raise SystemExit(f"error: malloc run failed:\n{proc.stderr.decode()[-2000:]}")
+                raise RuntimeError(f"malloc run failed:\n{proc.stderr.decode()[-2000:]}")
             rows += [
                 {**r, "allocator": allocator, "speedup": None}
                 for r in json.loads(Path(f"{tmp}/out.json").read_text())["infer"]
@@ -662,7 +664,7 @@ def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, 
                     busy.kill()
                     busy.wait()
             if proc.returncode != 0:
-                raise SystemExit(f"error: quick-start run failed:\n{proc.stderr[-2000:]}")
+                raise RuntimeError(f"quick-start run failed:\n{proc.stderr[-2000:]}")
             # "iter N/M | ... | X s/it": the windows after the first (which holds the warm-up)
             windows = [
                 float(line.split(" s/it")[0].rsplit("| ", 1)[1])
@@ -802,7 +804,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, nn.Module], dict[str, Any]]] =
 
 
 # fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
     add("--sections", nargs="+", default=["all"], choices=[*SECTIONS, "all"], help="default all")
@@ -827,17 +829,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "projection (default: 16 CUDA, 1 CPU; scaled linearly to 16)")
     add("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
     add("--json", metavar="OUT.json", help="write all results here")
-    args = p.parse_args(argv)
-    for name in ("batch", "train_batch", "repeats", "data_images", "threads", "data_batch",
-                 "data_step_batch"):
-        if (value := getattr(args, name)) is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.data_workers and min(args.data_workers) < 0:
-        p.error(f"--data-workers must be >= 0, got {args.data_workers}")
-    if args.data and not Path(args.data).is_dir():
-        p.error(f"--data {args.data}: not a directory")
-    return args
+    return p
 # fmt: on
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check_runtime_flags(args)
+    for name in ("batch", "train_batch", "repeats", "data_images", "data_batch", "data_step_batch"):
+        if (value := getattr(args, name)) is not None and value < 1:
+            raise FlagError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.data_workers and min(args.data_workers) < 0:
+        raise FlagError(f"--data-workers must be >= 0, got {args.data_workers}")
+    if args.data and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: not a directory")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
@@ -863,25 +867,20 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)
     if args.json:  # before the benchmark, which takes minutes
-        try:
-            check_outputs(output_file("--json", args.json), [("--checkpoint", args.checkpoint)])
-        except OutputError as e:
-            raise SystemExit(f"error: {e}") from None
+        check_outputs(output_file("--json", args.json), [("--checkpoint", args.checkpoint)])
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        args.device = resolve_device(args.device)
-    except DeviceError as e:  # a --device this machine does not have
-        raise SystemExit(f"error: {e}") from None
+    args.device = resolve_device(args.device)
     resolve_defaults(args)
     cuda = args.device.type == "cuda"
     if args.checkpoint:
-        try:
-            model = load_model(args.checkpoint, args.device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: --checkpoint: {e}") from None
+        model = load_network(args.checkpoint, None, args.device)
     else:
         torch.manual_seed(0)
         model = randomise_bn(ERFNet()).to(args.device).eval()
@@ -917,10 +916,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["total_s"] = time.perf_counter() - started
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:
-        try:
-            atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
-        except OutputError as e:
-            raise SystemExit(f"error: --json: {e}") from None
+        atomic_write_text(args.json, json.dumps(results, indent=2, default=str))
         print(f"wrote {args.json}")
     return results
 

@@ -28,15 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from erfnet.config import IGNORE_INDEX
-from erfnet.data.cityscapes import CityscapesDataset, DatasetError
+from erfnet.data.cityscapes import CityscapesDataset
+from erfnet.data.decode import check_label_values
 from erfnet.data.folder import FolderDataset
-from erfnet.data.from_args import (
-    DATA_KINDS,
-    DataFlagError,
-    data_inputs_from_args,
-    dataset_from_args,
-)
-from erfnet.outputs import OutputError, atomic_write_text, check_outputs, output_file
+from erfnet.data.from_args import DATA_KINDS, data_inputs_from_args, dataset_from_args
+from erfnet.errors import UserError, cli_main
+from erfnet.outputs import atomic_write_text, check_outputs, output_file
 
 METHODS = ("erfnet", "median")
 ERFNET_C = 1.10
@@ -54,7 +51,7 @@ def erfnet_c(text: str) -> float:
 
 
 # fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -76,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output JSON (default: class_weights.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
-    return p.parse_args(argv)
+    return p
 # fmt: on
 
 
@@ -91,8 +88,7 @@ def count_pixels(
         label = dataset.load_label(i)
         hist = np.bincount(label.numpy().ravel(), minlength=256)
         hist[IGNORE_INDEX] = 0
-        if hist[num:].any():
-            raise DatasetError(f"label '{dataset.samples[i].label}' has values >= {num}")
+        check_label_values(np.flatnonzero(hist), dataset.samples[i].label, num, "classes")
         hist = hist[:num]
         counts += hist
         present_pixels[hist > 0] += int(hist.sum())
@@ -119,20 +115,17 @@ def median_frequency_weights(counts: Sequence[int], present_pixels: Sequence[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.method == "erfnet" and not args.c > 1.0:
-        raise SystemExit(f"error: --c must be > 1 (so that every weight is positive), got {args.c}")
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    try:  # before the count: no input (the classes file, a label) is ever replaced
-        check_outputs(output_file("--out", out), data_inputs_from_args(args))
-        (dataset,) = dataset_from_args(args, [args.split], labels=True)
-        counts, present = count_pixels(dataset, progress=args.progress)
-    except (DataFlagError, DatasetError, OutputError) as e:
-        raise SystemExit(f"error: {e}") from None
+    # before the count: no input (the classes file, a label) is ever replaced
+    check_outputs(output_file("--out", out), data_inputs_from_args(args))
+    (dataset,) = dataset_from_args(args, [args.split], labels=True)
+    counts, present = count_pixels(dataset, progress=args.progress)
     if counts.sum() == 0:
-        raise SystemExit(
-            f"error: split '{args.split}' under '{args.data_root}' has no labelled pixel"
-        )
+        raise UserError(f"split '{args.split}' under '{args.data_root}' has no labelled pixel")
     if args.method == "erfnet":
         weights = erfnet_weights(counts.tolist(), args.c)
     else:
@@ -146,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(dataset),
         "pixel_counts": counts.tolist(),
     }
-    try:
-        atomic_write_text(out, json.dumps(data, indent=2) + "\n")
-    except OutputError as e:
-        raise SystemExit(f"error: --out: {e}") from None
+    atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     width = max(len(n) for n in dataset.classes)
     for name, w, n in zip(dataset.classes, weights, counts.tolist(), strict=True):
         print(f"{name:<{width}}  {w:8.4f}  ({n} px)")
@@ -157,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.method} weights of {len(dataset)} images written to {out};"
         f" train with --class-weights {out}"
     )
-    return 0
 
 
 if __name__ == "__main__":

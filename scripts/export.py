@@ -27,15 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from erfnet.checkpoint import CheckpointError
-from erfnet.data.decode import DatasetError
 from erfnet.data.from_args import data_inputs
 from erfnet.deploy.build import FORMATS, PRECISIONS, ExportRequest, build_export, check_outputs
 from erfnet.deploy.exported import ExportError, export_format, require
 from erfnet.deploy.gate import DEFAULT_MAX_MIOU_DROP, DEFAULT_MIN_AGREEMENT
-from erfnet.deploy.onnx import ONNX_MIN_OPSET
-from erfnet.outputs import OutputError
-from erfnet.runtime import one_line
+from erfnet.deploy.onnx import ONNX_MAX_OPSET, ONNX_MIN_OPSET
+from erfnet.errors import FlagError, UserError, cli_main
+
+MAX_SIDE = 4096  # pixels: --size's bound; the trace of a larger fixed size runs out of memory
 
 
 # fmt: off
@@ -45,112 +44,75 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the file to write (.onnx or .xml)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="onnx or openvino (default: from --out's suffix)")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (exact), bf16 (OpenVINO on a CPU with bf16) or int8 (default fp32)",
-    )
-    p.add_argument(
-        "--argmax",
-        action="store_true",
-        help="end the graph in an argmax: integer labels at the input size",
-    )
-    p.add_argument(
-        "--size",
-        nargs=2,
-        type=int,
-        metavar=("H", "W"),
-        default=None,
-        help="fixed input size (default: dynamic H and W)",
-    )
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (exact), bf16 (OpenVINO on a CPU with bf16) or int8 (default fp32)")
+    p.add_argument("--argmax", action="store_true",
+                   help="end the graph in an argmax: integer labels at the input size")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), default=None,
+                   help=f"fixed input size, each side 8 to {MAX_SIDE} (default: dynamic H and W)")
     p.add_argument("--calib-data", type=Path, metavar="ROOT", default=None,
                    help="dataset for calibration (train) and the gate (val); a Cityscapes layout"
                    " or, with --calib-classes, a folder dataset")
-    p.add_argument(
-        "--calib-classes",
-        type=Path,
-        metavar="FILE",
-        default=None,
-        help="the classes file of a folder dataset at --calib-data",
-    )
-    p.add_argument(
-        "--calib-images",
-        type=int,
-        metavar="N",
-        default=64,
-        help="calibration images, spread over the split (default 64; 0 = all)",
-    )
-    p.add_argument(
-        "--score-images",
-        type=int,
-        metavar="N",
-        default=100,
-        help="images the gate scores, spread over the split (default 100; 0 = all)",
-    )
+    p.add_argument("--calib-classes", type=Path, metavar="FILE", default=None,
+                   help="the classes file of a folder dataset at --calib-data")
+    p.add_argument("--calib-images", type=int, metavar="N", default=64,
+                   help="calibration images, spread over the split (default 64; 0 = all)")
+    p.add_argument("--score-images", type=int, metavar="N", default=100,
+                   help="images the gate scores, spread over the split (default 100; 0 = all)")
     p.add_argument("--max-miou-drop", type=float, metavar="X", default=DEFAULT_MAX_MIOU_DROP,
                    help=f"refuse if mIoU drops by more than X points (default"
                    f" {DEFAULT_MAX_MIOU_DROP})")
     p.add_argument("--min-agreement", type=float, metavar="P", default=DEFAULT_MIN_AGREEMENT,
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
                    f" {DEFAULT_MIN_AGREEMENT})")
-    p.add_argument(
-        "--report",
-        type=Path,
-        metavar="JSON",
-        default=None,
-        help="write the figures, calibration_files and scored_files here",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        default=0,
-        help="CPU threads for the gate (default: the runtimes' own)",
-    )
-    p.add_argument(
-        "--opset", type=int, default=ONNX_MIN_OPSET, help=f"ONNX opset (>= {ONNX_MIN_OPSET})"
-    )
+    p.add_argument("--report", type=Path, metavar="JSON", default=None,
+                   help="write the figures, calibration_files and scored_files here")
+    p.add_argument("--threads", type=int, metavar="N", default=0,
+                   help="CPU threads for the gate (default: the runtimes' own)")
+    p.add_argument("--opset", type=int, default=ONNX_MIN_OPSET,
+                   help=f"ONNX opset ({ONNX_MIN_OPSET} to {ONNX_MAX_OPSET})")
     return p
 # fmt: on
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values and combinations that cannot work, as SystemExit messages (before any work)."""
+    """Flag values and combinations that cannot work (``FlagError``), the input checkpoint and
+    the outputs (``UserError``), before any work."""
     if args.format is None:
         try:
             args.format = export_format(args.out)
         except ExportError:
-            raise SystemExit(
-                f"error: --out {args.out}: end it in .onnx or .xml, or give --format"
+            raise FlagError(
+                f"--out {args.out}: end it in .onnx or .xml, or give --format"
             ) from None
     if args.precision == "bf16" and args.format != "openvino":
-        raise SystemExit("error: --precision bf16 is an OpenVINO export: add --format openvino")
+        raise FlagError("--precision bf16 is an OpenVINO export: add --format openvino")
     if args.precision != "fp32" and args.calib_data is None:
-        raise SystemExit(
-            f"error: --precision {args.precision} needs --calib-data ROOT: the"
-            " accuracy gate scores it on held-out images"
+        raise FlagError(
+            f"--precision {args.precision} needs --calib-data ROOT: the accuracy gate scores it"
+            " on held-out images"
         )
     if args.calib_classes is not None and args.calib_data is None:
-        raise SystemExit("error: --calib-classes describes the dataset at --calib-data; add it")
-    if args.size is not None and min(args.size) < 8:
-        raise SystemExit(f"error: --size H W must be at least 8 each, got {args.size}")
-    if args.calib_images < 0 or args.score_images < 0 or args.threads < 0:
-        raise SystemExit("error: --calib-images, --score-images and --threads must be >= 0")
-    if not 0.0 <= args.min_agreement <= 100.0:
-        raise SystemExit(
-            f"error: --min-agreement is a percentage in [0, 100], got {args.min_agreement}"
+        raise FlagError("--calib-classes describes the dataset at --calib-data; add it")
+    if args.size is not None and not all(8 <= side <= MAX_SIDE for side in args.size):
+        raise FlagError(
+            f"--size H W: each side from 8 to {MAX_SIDE} pixels (a larger trace would not fit"
+            f" in memory), got {args.size[0]} {args.size[1]}"
         )
-    if args.opset < ONNX_MIN_OPSET:
-        raise SystemExit(f"error: --opset must be at least {ONNX_MIN_OPSET}, got {args.opset}")
+    if args.calib_images < 0 or args.score_images < 0 or args.threads < 0:
+        raise FlagError("--calib-images, --score-images and --threads must be >= 0")
+    if not 0.0 <= args.min_agreement <= 100.0:
+        raise FlagError(f"--min-agreement is a percentage in [0, 100], got {args.min_agreement}")
+    if not ONNX_MIN_OPSET <= args.opset <= ONNX_MAX_OPSET:
+        raise FlagError(
+            f"--opset must be from {ONNX_MIN_OPSET} to {ONNX_MAX_OPSET} (what the exporter"
+            f" writes), got {args.opset}"
+        )
     if args.calib_data is not None and not args.calib_data.is_dir():
-        raise SystemExit(f"error: --calib-data {args.calib_data} is not a folder")
+        raise UserError(f"--calib-data {args.calib_data} is not a folder")
     if not args.checkpoint.is_file():
-        raise SystemExit(f"error: checkpoint {args.checkpoint} is not a file")
-    try:
-        check_outputs(args.out, args.report, args.format, export_inputs(args))
-    except (ExportError, OutputError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(f"checkpoint {args.checkpoint} is not a file")
+    check_outputs(args.out, args.report, args.format, export_inputs(args))
 
 
 def export_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
@@ -222,15 +184,13 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = get_args_parser().parse_args(argv)
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
-    try:
-        check_extras(args)
-        report = build_export(request(args))
-    except (ExportError, CheckpointError, DatasetError, OutputError) as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
-    except OSError as e:
-        raise SystemExit(f"error: {e.filename or args.out}: {e.strerror or e}") from None
+    check_extras(args)
+    report = build_export(request(args))
     print(summary(report))
     if args.report is not None:
         print(f"report: {args.report}")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.synthetic import make_synthetic_cityscapes
-from erfnet.outputs import OutputError, check_output_dir
+from erfnet.errors import FlagError, UserError, cli_main
+from erfnet.outputs import check_output_dir
 
 
 def image_side(text: str) -> int:
@@ -46,60 +47,49 @@ def non_negative(text: str) -> int:
 
 
 # fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--root", required=True, type=Path, help="output dataset root (created)")
     p.add_argument("--train", type=non_negative, default=8, help="train images (default 8)")
     p.add_argument("--val", type=non_negative, default=4, help="val images (default 4)")
     p.add_argument("--test", type=non_negative, default=0, help="test images (default 0)")
-    p.add_argument(
-        "--size",
-        type=image_side,
-        nargs=2,
-        default=[1024, 2048],
-        metavar=("H", "W"),
-        help="image height and width in pixels (default 1024 2048, the real size)",
-    )
+    p.add_argument("--size", type=image_side, nargs=2, default=[1024, 2048], metavar=("H", "W"),
+                   help="image height and width in pixels (default 1024 2048, the real size)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--no-extras",
-        action="store_true",
-        help="write only images and _labelIds.png (skip _color, _instanceIds, _polygons.json)",
-    )
-    return p.parse_args(argv)
+    p.add_argument("--no-extras", action="store_true",
+                   help="write only images and _labelIds.png (skip _color, _instanceIds,"
+                   " _polygons.json)")
+    return p
 # fmt: on
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.train + args.val + args.test == 0:
-        raise SystemExit("error: nothing to write: --train, --val and --test are all 0")
+        raise FlagError("nothing to write: --train, --val and --test are all 0")
     if args.root.exists() and not args.root.is_dir():
-        raise SystemExit(f"error: --root '{args.root}' exists and is not a folder")
+        raise UserError(f"--root '{args.root}' exists and is not a folder")
     if args.root.is_dir() and any(args.root.iterdir()):
         # The files carry real Cityscapes names: writing into a used folder would overwrite a
         # real dataset's files or mix two synthetic ones (and leave stale _labelTrainIds.png).
-        raise SystemExit(
-            f"error: --root '{args.root}' is not empty; the synthetic files use real Cityscapes"
+        raise UserError(
+            f"--root '{args.root}' is not empty; the synthetic files use real Cityscapes"
             " names and would overwrite or mix with what is there. Use a new or empty folder."
         )
-    try:
-        check_output_dir(args.root, "--root")  # created here: a typo fails now, one line
-    except OutputError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_output_dir(args.root, "--root")  # created here: a typo fails now, one line
     t0 = time.perf_counter()
-    try:
-        root = make_synthetic_cityscapes(
-            args.root,
-            train=args.train,
-            val=args.val,
-            test=args.test,
-            size=tuple(args.size),
-            seed=args.seed,
-            extras=not args.no_extras,
-        )
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    root = make_synthetic_cityscapes(
+        args.root,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        size=tuple(args.size),
+        seed=args.seed,
+        extras=not args.no_extras,
+    )
     h, w = args.size
     print(
         f"wrote {args.train} train / {args.val} val / {args.test} test images of {h}x{w} (HxW)"

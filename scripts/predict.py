@@ -32,10 +32,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from erfnet.checkpoint import CheckpointError, load_model
 from erfnet.data.check import check_png_data
-from erfnet.data.decode import DatasetError, load_image
+from erfnet.data.decode import IMAGE_SUFFIXES, load_image
+from erfnet.deploy.exported import load_network
 from erfnet.distributed import resolve_device
+from erfnet.errors import FlagError, UserError, cli_main, one_line
 from erfnet.evaluation.inference import (
     DEFAULT_SETTINGS,
     MIN_VIEW,
@@ -44,10 +45,13 @@ from erfnet.evaluation.inference import (
     settings_for,
 )
 from erfnet.evaluation.visualize import blend, colorize, save_png
-from erfnet.outputs import OutputError, check_outputs, output_dir
-from erfnet.runtime import apply_cpu_plan, one_line, tune_cpu_allocator
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+from erfnet.outputs import check_outputs, output_dir
+from erfnet.runtime import (
+    add_runtime_flags,
+    apply_cpu_plan,
+    check_runtime_flags,
+    tune_cpu_allocator,
+)
 
 
 def find_images(path: Path) -> list[tuple[Path, Path]]:
@@ -69,9 +73,9 @@ def find_images(path: Path) -> list[tuple[Path, Path]]:
             for p, s in zip(files, stems, strict=True)
         ]
         if len({str(s).lower() for s in stems}) != len(stems):
-            raise SystemExit(f"error: {path}: image names clash even with their extensions")
+            raise UserError(f"{path}: image names clash even with their extensions")
         return list(zip(files, stems, strict=True))
-    raise SystemExit(f"error: {path}: no such file or folder")
+    raise UserError(f"{path}: no such file or folder")
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -80,14 +84,12 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         check_png_data(path)  # libpng would abort the process on PNG data too short for its size
         return load_image(path).permute(1, 2, 0).numpy()
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
     except Image.DecompressionBombError as e:  # PIL's pixel limit, where the decoder relays it
-        raise SystemExit(f"error: image '{path}' is too large to decode: {e}") from None
+        raise UserError(f"image '{path}' is too large to decode: {e}") from None
 
 
 # fmt: off
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -95,60 +97,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument(
-        "--scale", nargs=2, type=int, default=None, metavar=("H", "W"),
-        help="test scale; the image is resized keeping its ratio to fit it (default: the test"
-        " size the checkpoint records, meta['test_size']; without one "
-        f"{DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})",
-    )
+    p.add_argument("--scale", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="test scale; the image is resized keeping its ratio to fit it (default:"
+                   " the test size the checkpoint records, meta['test_size']; without one"
+                   f" {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
-    p.add_argument(
-        "--no-fast", action="store_true",
-        help="use the plain model instead of the fused inference path (same predictions)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, metavar="N",
-        help="CPU threads (default: the free cores less one, as train.py plans them)",
-    )
-    args = p.parse_args(argv)
-    if args.scale is not None and min(args.scale) < MIN_VIEW:
-        p.error(
-            f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
-        )
-    if not 0.0 <= args.alpha <= 1.0:
-        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be at least 1, got {args.threads}")
-    return args
+    p.add_argument("--no-fast", action="store_true",
+                   help="use the plain model instead of the fused inference path (same"
+                   " predictions)")
+    add_runtime_flags(p)
+    return p
 # fmt: on
 
 
-def load_predictor(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
-    """The checkpoint's model (fast path unless --no-fast), or with --model an exported graph
-    (deploy is an opt-in layer: imported here only). Weights holding NaN are refused."""
-    if args.model is not None:
-        from erfnet.deploy.exported import ExportError, load_exported
-
-        try:
-            return load_exported(args.model, threads)
-        except ExportError as e:
-            raise SystemExit(f"error: --model {e}") from None
-    try:
-        return load_model(args.checkpoint, device, fast=not args.no_fast)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --checkpoint: {e}") from None
+def check_args(args: argparse.Namespace) -> None:
+    if args.scale is not None and min(args.scale) < MIN_VIEW:
+        raise FlagError(
+            f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
+        )
+    if not 0.0 <= args.alpha <= 1.0:
+        raise FlagError(f"--alpha must be in [0, 1], got {args.alpha}")
+    check_runtime_flags(args, exported=args.model is not None)
 
 
 def check_out(args: argparse.Namespace) -> Path:
     """--out, refused in one line before any work by the one output rule: not writable, a
     file, the input or inside it (where a later run would take our PNGs for photos)."""
     inputs = [("", args.input), ("--checkpoint", args.checkpoint), ("--model", args.model)]
-    try:
-        check_outputs(output_dir("--out", args.out), inputs)
-        return Path(args.out)
-    except OutputError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_outputs(output_dir("--out", args.out), inputs)
+    return Path(args.out)
 
 
 def predict_image(
@@ -160,27 +137,27 @@ def predict_image(
     try:
         pred = predict(model, image, rgb.shape[:2], settings)
     except ValueError as e:  # too small a view, an export's fixed size or argmax output
-        raise SystemExit(f"error: {path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     except (RuntimeError, MemoryError) as e:  # out of memory, above all for a huge image
         h, w = rgb.shape[:2]
-        raise SystemExit(f"error: {path} ({w}x{h} WxH): {one_line(e)}") from None
+        raise UserError(f"{path} ({w}x{h} WxH): {one_line(e)}") from None
     return rgb, colorize(pred[0].to("cpu", torch.uint8).numpy(), palette, len(palette))
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    args = parse_args(argv)
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    check_args(args)
     images = find_images(Path(args.input))
     if not images:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
     out_dir = check_out(args)
-    if args.model is not None and args.device not in ("cpu", "auto"):
-        raise SystemExit(f"error: --model runs on the CPU, not on --device {args.device}")
-    try:
-        device = resolve_device("cpu" if args.model else args.device)
-    except ValueError as e:  # a --device this machine does not have
-        raise SystemExit(f"error: {e}") from None
+    device = resolve_device("cpu" if args.model else args.device)
     _, threads = apply_cpu_plan(device.type, 0, args.threads)
-    model = load_predictor(args, device, threads)
+    # The fast path unless --no-fast; weights holding NaN are refused.
+    model = load_network(args.checkpoint, args.model, device, threads, fast=not args.no_fast)
     # predict() normalises each resized view with the checkpoint's meta mean / std.
     settings = (
         TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
@@ -193,10 +170,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         rgb, color = predict_image(model, path, device, settings, palette)
         target = out_dir / stem
         for suffix, array in (("_color", color), ("_blend", blend(rgb, color, args.alpha))):
-            try:
-                written.append(save_png(array, target.with_name(target.name + suffix + ".png")))
-            except OSError as e:  # already one line naming the file
-                raise SystemExit(f"error: {e}") from None
+            written.append(save_png(array, target.with_name(target.name + suffix + ".png")))
     print(f"wrote {len(written)} files for {len(images)} image(s) to {out_dir}")
     return written
 

@@ -30,55 +30,43 @@ from erfnet.data.cityscapes import (
 
 # Runnable from a checkout without `pip install -e .`.
 from erfnet.data.fast.cache import write_cache
-from erfnet.outputs import OutputError, check_outputs, output_dir, same_file
+from erfnet.errors import FlagError, UserError, cli_main
+from erfnet.outputs import check_outputs, output_dir, same_file
 
 
 # fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--root",
-        default=None,
-        help=f"Cityscapes root (default: ${ENV_VAR}, else data/cityscapes)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="parallel processes (default: min(8, CPUs))",
-    )
+    p.add_argument("--root", default=None,
+                   help=f"Cityscapes root (default: ${ENV_VAR}, else data/cityscapes)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel processes (default: min(8, CPUs))")
     p.add_argument("--force", action="store_true", help="rewrite files that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="also write a decoded uint8 cache of --cache-splits here")
     p.add_argument("--cache-splits", nargs="+", choices=SPLITS[:2], default=["train"],
                    help="splits to cache (default: train)")
-    args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers must be >= 1, got {args.workers}")
-    return args
+    return p
 # fmt: on
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(get_args_parser, run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        raise FlagError(f"--workers must be >= 1, got {args.workers}")
     root = resolve_data_root(args.root)
     if args.cache:  # before the trainId pass, which takes minutes on the real dataset
         # What the trainId pass and the cache read: a cache beside them in the root is fine.
         inputs = [("--root folder", root / "leftImg8bit"), ("--root folder", root / "gtFine")]
-        try:
-            if same_file(args.cache, root):
-                raise OutputError(f"--cache {args.cache} is the dataset root; choose a folder")
-            check_outputs(output_dir("--cache", args.cache), inputs)
-        except OutputError as e:
-            raise SystemExit(f"error: {e}") from None
+        if same_file(args.cache, root):
+            raise UserError(f"--cache {args.cache} is the dataset root; choose a folder")
+        check_outputs(output_dir("--cache", args.cache), inputs)
     t0 = time.perf_counter()
-    try:
-        res = prepare_train_ids(
-            root, workers=args.workers, force=args.force, progress=not args.quiet
-        )
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+    res = prepare_train_ids(root, workers=args.workers, force=args.force, progress=not args.quiet)
     print(
         f"{root}: wrote {res['written']}, up to date {res['skipped']}, failed {len(res['errors'])} "
         f"({time.perf_counter() - t0:.1f}s)"
@@ -86,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if res["errors"]:
         lines = "\n".join(f"  {msg}" for _, msg in res["errors"][:10])
         more = len(res["errors"]) - 10
-        raise SystemExit(
+        raise SystemExit(  # several lines on purpose: one per file, up to 10
             f"error: {len(res['errors'])} label file(s) could not be converted:\n{lines}"
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
@@ -96,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             out = write_cache(
                 root, args.cache, split, workers=args.workers, progress=not args.quiet
             )
-        except (DatasetError, OSError) as e:
-            raise SystemExit(f"error: --cache {args.cache}: {e}") from None
+        except (DatasetError, OSError) as e:  # the flag named before the file's own line
+            raise UserError(f"--cache {args.cache}: {e}") from None
         print(
             f"{out['folder']}: {out['images']} images, {out['bytes'] / 1e9:.2f} GB "
             f"({time.perf_counter() - t0:.1f}s)"

@@ -35,72 +35,65 @@ from typing import Any
 
 import torch
 
-from erfnet.checkpoint import CheckpointError, load_model
+from erfnet.deploy.exported import load_network
 from erfnet.distributed import resolve_device
+from erfnet.errors import FlagError, cli_main
 from erfnet.evaluation.inference import model_test_size
-from erfnet.outputs import OutputError, atomic_write_text, output_dir, output_file
+from erfnet.outputs import atomic_write_text, output_dir, output_file
 from erfnet.outputs import check_outputs as check_output_rule
-from erfnet.runtime import cpu_plan, tune_cpu_allocator
+from erfnet.runtime import add_runtime_flags, check_runtime_flags, cpu_plan, tune_cpu_allocator
 from erfnet.video.io import FPS_RANGE, check_output_path, open_source
-from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, VideoError, run_video
+from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, run_video
 from erfnet.video.report import format_report
 
 
 # fmt: off
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("input", nargs="?", help="video file, folder of frames or stream URL")
     p.add_argument("--camera", type=int, metavar="N", help="camera /dev/videoN instead of input")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="our checkpoint (.pth), run with PyTorch")
-    model.add_argument(
-        "--model", "--onnx", dest="model", metavar="PATH",
-        help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or OpenVINO .xml"
-        " (--onnx is the old name)",
-    )
+    model.add_argument("--model", "--onnx", dest="model", metavar="PATH",
+                       help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or"
+                       " OpenVINO .xml (--onnx is the old name)")
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")
     p.add_argument("--labels", metavar="DIR", help="also write one class-index PNG per frame")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
     p.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame")
-    p.add_argument(
-        "--resize", nargs=2, type=int, metavar=("H", "W"),
-        help="network input size (default: the checkpoint's test size, meta['test_size']),"
-        " e.g. 512 1024",
-    )
+    p.add_argument("--resize", nargs=2, type=int, metavar=("H", "W"),
+                   help="network input size (default: the checkpoint's test size,"
+                   " meta['test_size']), e.g. 512 1024")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
     p.add_argument("--codec", default="auto", help="encoder: auto (H.264, else mpeg4) or a name")
-    p.add_argument(
-        "--fps", type=float,
-        help="frame rate of the input (overrides what the source says; a folder of frames: 30)",
-    )
-    p.add_argument(
-        "--threads", type=int, metavar="N",
-        help="CPU threads of the network (default: the thread plan, see above)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--fps", type=float,
+                   help="frame rate of the input (overrides what the source says; a folder of"
+                   " frames: 30)")
+    add_runtime_flags(p)
     p.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run the network eagerly")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of fp16 autocast")
     p.add_argument("--sequential", action="store_true", help="no pipelining (for comparison)")
     p.add_argument("--json", metavar="PATH", help="write the FPS report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+# fmt: on
+
+
+def check_args(args: argparse.Namespace) -> None:
     if (args.input is None) == (args.camera is None):
-        p.error("give exactly one input: a video file, folder or URL, or --camera N")
+        raise FlagError("give exactly one input: a video file, folder or URL, or --camera N")
     if args.every < 1:
-        p.error(f"--every must be at least 1, got {args.every}")
+        raise FlagError(f"--every must be at least 1, got {args.every}")
     if args.max_frames is not None and args.max_frames < 1:
-        p.error(f"--max-frames must be at least 1, got {args.max_frames}")
+        raise FlagError(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.resize is not None and min(args.resize) < 8:
-        p.error(f"--resize must be at least 8 8, got {args.resize[0]} {args.resize[1]}")
+        raise FlagError(f"--resize must be at least 8 8, got {args.resize[0]} {args.resize[1]}")
     if not 0.0 <= args.alpha <= 1.0:
-        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+        raise FlagError(f"--alpha must be in [0, 1], got {args.alpha}")
     low, high = FPS_RANGE
     if args.fps is not None and not low <= args.fps <= high:  # also refuses nan and inf
-        p.error(f"--fps must be a frame rate between {low:g} and {high:g}, got {args.fps}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be at least 1, got {args.threads}")
-    return args
-# fmt: on
+        raise FlagError(f"--fps must be a frame rate between {low:g} and {high:g}, got {args.fps}")
+    check_runtime_flags(args, exported=args.model is not None)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -129,18 +122,18 @@ def plan_threads(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)
     check_outputs(args)  # before loading anything
-    device = torch.device("cpu") if args.model is not None else resolve_device(args.device)
+    device = resolve_device("cpu" if args.model is not None else args.device)
     threads = plan_threads(args, device)
+    model = load_network(args.checkpoint, args.model, device, threads, fast=True)
     if args.model is not None:
-        predictor: Any = ExportedPredictor(args.model, args.resize, threads)
-        if args.resize is None:  # the test size the export's checkpoint recorded
-            predictor.test_size = model_test_size(predictor)
+        # the test size the export's checkpoint recorded, unless --resize fixes the size
+        test_size = None if args.resize else model_test_size(model)
+        predictor: Any = ExportedPredictor(model, args.resize, test_size=test_size)
     else:
-        model = load_model(args.checkpoint, device, fast=True)
         predictor = TorchPredictor(
             model,
-            model.meta,
             args.resize,
             amp=not args.no_amp,
             cuda_graph=not args.no_cuda_graph,
@@ -171,15 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --checkpoint: {e}") from None
-    except (VideoError, OutputError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except OSError as e:  # e.g. the disk filled while writing
-        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}") from None
+    return cli_main(get_args_parser, run, argv)
 
 
 if __name__ == "__main__":

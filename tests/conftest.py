@@ -413,6 +413,31 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
             path.chmod(0o755)
 
 
+def randomise_bn(model: nn.Module, seed: int = 0, negative: bool = False) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters (the one copy), so that BN folding is
+    not the identity and a lost buffer shows; ``negative`` makes some gammas negative (max-pool
+    and a negative scale do not commute). In place; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+                gamma = torch.rand(n, generator=g) + 0.5
+                if negative:
+                    gamma *= torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
+                m.weight.copy_(gamma)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def random_bn() -> Callable[..., nn.Module]:
+    """``random_bn(model, seed=0, negative=False)``: ``randomise_bn``."""
+    return randomise_bn
+
+
 @pytest.fixture(scope="session")
 def random_bn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 19-class ERFNet checkpoint (Cityscapes meta) with random weights and random BatchNorm
@@ -423,14 +448,7 @@ def random_bn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from erfnet.model import ERFNet
 
     torch.manual_seed(0)
-    model = ERFNet(num_classes=19)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    model = randomise_bn(ERFNet(num_classes=19))
     path = tmp_path_factory.mktemp("random_bn") / "erfnet19.pth"
     save_checkpoint(path, model.eval(), meta=cityscapes_meta())
     return path

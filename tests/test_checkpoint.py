@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import erfnet
 from erfnet.checkpoint import (
@@ -26,16 +26,16 @@ from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet
 
 
-def random_model(**kwargs) -> ERFNet:
-    """A model whose BatchNorm statistics are not the defaults, so a lost buffer shows."""
+@pytest.fixture(scope="module")
+def random_model(random_bn):
+    """``random_model(**kwargs)``: an ERFNet whose BatchNorm statistics are not the defaults,
+    so a lost buffer shows."""
+    return partial(_random_model, random_bn)
+
+
+def _random_model(random_bn, **kwargs) -> ERFNet:
     torch.manual_seed(0)
-    model = ERFNet(**kwargs)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.normal_(m.bias, std=0.1)
-    return model.eval()
+    return random_bn(ERFNet(**kwargs)).eval()
 
 
 def files_in(folder: Path) -> list[str]:
@@ -43,7 +43,7 @@ def files_in(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_classes": 20, "head": "deconv", "dropout": 0.3}])
-def test_round_trip_identical_outputs(tmp_path, kwargs):
+def test_round_trip_identical_outputs(tmp_path, kwargs, random_model):
     model = random_model(**kwargs)
     path = tmp_path / "m.pth"
     names = [f"class_{i}" for i in range(model.num_classes)]
@@ -82,7 +82,7 @@ def test_meta_comes_from_the_dataset_never_invented(tmp_path, synthetic_root):
     assert len(wide["palette"]) == 20 and wide["palette"][19] == [0, 0, 0]
 
 
-def test_atomic_write_leaves_only_the_file(tmp_path):
+def test_atomic_write_leaves_only_the_file(tmp_path, random_model):
     save_checkpoint(tmp_path / "a.pth", random_model())
     assert files_in(tmp_path) == ["a.pth"]
     # Same permissions as a plain write (the temporary file must not impose 0600).
@@ -90,7 +90,7 @@ def test_atomic_write_leaves_only_the_file(tmp_path):
     assert os.stat(tmp_path / "a.pth").st_mode == os.stat(tmp_path / "plain").st_mode
 
 
-def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch):
+def test_interrupted_write_keeps_previous_file(tmp_path, monkeypatch, random_model):
     path = tmp_path / "a.pth"
     old = random_model()
     save_checkpoint(path, old)
@@ -149,7 +149,7 @@ def test_unrelated_objects_are_not_checkpoints(tmp_path):
         assert "convert" not in str(e.value)
 
 
-def test_wrong_shapes_missing_and_unexpected_keys(tmp_path):
+def test_wrong_shapes_missing_and_unexpected_keys(tmp_path, random_model):
     ckpt = make_checkpoint(random_model())
     ckpt["model"]["head.classifier.weight"] = torch.zeros(7, 128, 1, 1)
     del ckpt["model"]["encoder.3.bn1.running_var"]
@@ -163,7 +163,7 @@ def test_wrong_shapes_missing_and_unexpected_keys(tmp_path):
     assert "encoder.3.bn1.running_var" in msg and "encoder.3.extra" in msg
 
 
-def test_bad_model_args_and_model_entry(tmp_path):
+def test_bad_model_args_and_model_entry(tmp_path, random_model):
     ckpt = make_checkpoint(random_model())
     torch.save({**ckpt, "model_args": {"num_classes": 19, "head": "psp"}}, tmp_path / "a.pth")
     with pytest.raises(CheckpointError, match="bad model_args"):
@@ -181,7 +181,7 @@ class _Evil:
         return (open, (str(self.marker), "w"))
 
 
-def test_weights_only_refuses_arbitrary_objects(tmp_path):
+def test_weights_only_refuses_arbitrary_objects(tmp_path, random_model):
     marker = tmp_path / "pwned"
     ckpt = make_checkpoint(random_model())
     ckpt["meta"]["payload"] = _Evil(marker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,29 +22,15 @@ from erfnet.fuse import (
 from erfnet.model import DownsamplerBlock, ERFNet, NonBottleneck1d, UpsamplerBlock
 
 
-def randomise_bn(model: nn.Module, seed: int = 0, negative: bool = False) -> nn.Module:
-    """Random BN statistics and affine parameters, so folding is not the identity.
-
-    ``negative`` makes some gammas negative (max-pool and a negative scale do not commute).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
-                gamma = torch.rand(n, generator=g) + 0.5
-                if negative:
-                    gamma *= torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
-                m.weight.copy_(gamma)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
+@pytest.fixture(scope="module")
+def make_model(random_bn):
+    """``make_model(head, seed)``: an eval-mode ERFNet with random BN, some gammas negative."""
+    return partial(_make_model, random_bn)
 
 
-def make_model(head: str = "fcn", seed: int = 0) -> ERFNet:
+def _make_model(random_bn, head: str = "fcn", seed: int = 0) -> ERFNet:
     torch.manual_seed(seed)
-    return randomise_bn(ERFNet(head=head), seed, negative=True).eval()
+    return random_bn(ERFNet(head=head), seed, negative=True).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +39,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("head", ["fcn", "deconv"])
 @pytest.mark.parametrize("size", [(64, 128), (37, 53)])
-def test_fuse_bn_matches_eval_model(head: str, size: tuple[int, int]) -> None:
+def test_fuse_bn_matches_eval_model(head: str, size: tuple[int, int], make_model) -> None:
     model = make_model(head)
     fused = fuse_bn(model)
     x = torch.randn(2, 3, *size)
@@ -63,7 +50,7 @@ def test_fuse_bn_matches_eval_model(head: str, size: tuple[int, int]) -> None:
     assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
 
 
-def test_fuse_bn_removes_bn_and_dropout_and_keeps_source() -> None:
+def test_fuse_bn_removes_bn_and_dropout_and_keeps_source(make_model) -> None:
     model = make_model()
     model.train()  # the copy must be in eval mode whatever the source's mode
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -95,7 +82,7 @@ def test_fuse_bn_removes_bn_and_dropout_and_keeps_source() -> None:
     assert fused.head.conv.bias is not None and model.head.conv.bias is None
 
 
-def test_fuse_bn_rejects_other_modules_and_is_idempotent() -> None:
+def test_fuse_bn_rejects_other_modules_and_is_idempotent(make_model) -> None:
     with pytest.raises(TypeError, match="ERFNet"):
         fuse_bn(nn.Conv2d(3, 3, 1))
     model = make_model()
@@ -108,14 +95,14 @@ def test_fuse_bn_rejects_other_modules_and_is_idempotent() -> None:
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fold_bn_into_conv(transposed: bool, bias: bool) -> None:
+def test_fold_bn_into_conv(transposed: bool, bias: bool, random_bn) -> None:
     torch.manual_seed(0)
     if transposed:
         # Different in/out channels: the output channel is dim 1 of the weight.
         conv = nn.ConvTranspose2d(5, 7, 3, stride=2, padding=1, output_padding=1, bias=bias)
     else:
         conv = nn.Conv2d(5, 7, (3, 1), padding=(2, 0), dilation=(2, 1), bias=bias)
-    bn = randomise_bn(nn.BatchNorm2d(7, eps=1e-3), negative=True).eval()
+    bn = random_bn(nn.BatchNorm2d(7, eps=1e-3), negative=True).eval()
     fused = fold_bn_into_conv(conv, bn)
     x = torch.randn(2, 5, 9, 11)
     with torch.no_grad():
@@ -126,7 +113,7 @@ def test_fold_bn_into_conv(transposed: bool, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("size", [(16, 16), (15, 21)])
-def test_fused_downsampler_with_negative_pool_scale(size: tuple[int, int]) -> None:
+def test_fused_downsampler_with_negative_pool_scale(size: tuple[int, int], make_model) -> None:
     model = make_model()
     block = model.encoder[1]  # DownsamplerBlock(16, 64): 48 conv channels, 16 pool channels
     assert isinstance(block, DownsamplerBlock)
@@ -139,7 +126,7 @@ def test_fused_downsampler_with_negative_pool_scale(size: tuple[int, int]) -> No
 
 
 @pytest.mark.parametrize("size", [(64, 128), (75, 141)])
-def test_optimize_for_inference_matches(size: tuple[int, int]) -> None:
+def test_optimize_for_inference_matches(size: tuple[int, int], make_model) -> None:
     model = make_model()
     fast = optimize_for_inference(model)
     fast.head.rows = 8  # small strips so that the strip path runs (several strips, a short one)
@@ -161,7 +148,7 @@ def test_optimize_for_inference_matches(size: tuple[int, int]) -> None:
     assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
 
 
-def test_head_strips_equal_whole_head() -> None:
+def test_head_strips_equal_whole_head(make_model) -> None:
     model = make_model()
     fused = fuse_bn(model)
     feats = torch.randn(1, 16, 45, 30)
@@ -188,11 +175,11 @@ def head_from_blocks() -> nn.Module:
 
 
 @pytest.mark.parametrize("size", [(64, 128), (37, 53)])
-def test_other_head_from_blocks_fuses(size: tuple[int, int]) -> None:
+def test_other_head_from_blocks_fuses(size: tuple[int, int], random_bn) -> None:
     torch.manual_seed(0)
     model = ERFNet()
     model.head = head_from_blocks()
-    randomise_bn(model, negative=True).eval()
+    random_bn(model, negative=True).eval()
     fused, fast = fuse_bn(model), optimize_for_inference(model)
     bns = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns == ["head.5"]
@@ -206,7 +193,7 @@ def test_other_head_from_blocks_fuses(size: tuple[int, int]) -> None:
             assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.999
 
 
-def test_load_model_fast(tmp_path) -> None:
+def test_load_model_fast(tmp_path, make_model) -> None:
     model = make_model()
     path = tmp_path / "m.pth"
     save_checkpoint(path, model)

@@ -3,7 +3,9 @@ torchrun equivalence, ms+flip / slide runs, the test-server output and clear err
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -23,6 +25,7 @@ from erfnet import ERFNet, save_checkpoint
 from erfnet.config import MEAN_RGB, STD_RGB
 from erfnet.data import CityscapesDataset, EvalTransform
 from erfnet.data.transforms import normalize
+from erfnet.errors import UserError
 from erfnet.evaluation.metrics import ConfusionMatrix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,10 +297,15 @@ def test_split_test_writes_submission_only(tmp_path, synthetic_root, checkpoint,
 
 
 def _error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
+    """The error line of a refused run: exit 1 with "error: ..." as the exit message, or a
+    flag error: exit 2 with argparse's usage and "eval.py: error: ..." on stderr."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(stderr):
         eval_script.main(argv)
-    assert e.value.code not in (0, None)
-    return str(e.value.code)
+    if e.value.code == 2:
+        return stderr.getvalue().strip().splitlines()[-1]
+    assert isinstance(e.value.code, str), e.value.code
+    return e.value.code
 
 
 def test_clear_errors(tmp_path, synthetic_root, checkpoint):
@@ -630,8 +638,8 @@ def test_a_fixed_size_export_takes_only_views_of_its_size(
         (["--ms-flip"], "--ms-flip ratios"),
         (["--mode", "slide"], "slide crops of 512x1024"),
     ):
-        args = eval_script.parse_args(["--model", "f.xml", *extra])
-        with pytest.raises(SystemExit, match=f"not {refused}"):
+        args = eval_script.get_args_parser().parse_args(["--model", "f.xml", *extra])
+        with pytest.raises(UserError, match=f"not {refused}"):
             eval_script.check_fixed_size(args, (64, 128))
     # Without --scale the export's own size is the test scale.
     r = _run([*base, "--json", str(tmp_path / "fixed.json")])
@@ -698,6 +706,10 @@ def _one_line_failure(r: subprocess.CompletedProcess, before_work: bool = True) 
     assert r.returncode in (1, 2), (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
+    if r.returncode == 2:  # a flag error: argparse's usage, then "eval.py: error: <the line>"
+        assert lines[0].startswith("usage:"), r.stderr[-2000:]
+        assert lines[-1].startswith("eval.py: error: "), r.stderr[-2000:]
+        return lines[-1].removeprefix("eval.py: ")
     assert lines[-1].startswith("error:"), r.stderr[-2000:]
     if before_work:
         assert len(lines) == 1 and "eval:" not in r.stderr, r.stderr[-2000:]
@@ -847,3 +859,34 @@ def test_cpu_threads_and_workers_follow_the_one_plan(val_root, checkpoint, monke
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "worker processes in total" not in r.stderr
+
+
+def test_a_fixed_export_whose_resize_differs_is_refused_before_the_work(exported, val_root):
+    """A 31x63 export with --scale 31 63: the 64x128 images resize (keeping their ratio) to
+    31x62, which the graph cannot take; one line naming the image, before any evaluation."""
+    from erfnet.deploy.onnx import export_onnx
+
+    fixed = export_onnx(
+        exported["model"],
+        exported["dir"] / "f31x63.onnx",
+        31,
+        63,
+        meta=exported["meta"],
+        dynamic=False,
+    )
+    argv = ["--model", str(fixed), "--data-root", str(val_root), "--workers", "0"]
+    r = _run([str(EVAL), *argv, "--scale", "31", "63"])
+    msg = _one_line_failure(r)
+    assert r.returncode == 1 and "takes only 31x63 inputs" in msg, msg
+    assert "(64x128) to 31x62" in msg and "_leftImg8bit.png" in msg, msg
+
+
+def test_a_broken_openvino_xml_is_one_line_with_its_reason(tmp_path, val_root):
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("the optional openvino package is not installed")
+    broken = tmp_path / "m.xml"
+    broken.write_text('<?xml version="1.0"?>\n<net name="x" version="11"><layers><layer id="0" ')
+    msg = _error(["--model", str(broken), "--data-root", str(val_root), *SCALE])
+    assert msg.startswith(f"error: --model {broken}: cannot load: "), msg
+    reason = msg.split("cannot load: ", 1)[1]  # the reason, not where in OpenVINO's C++
+    assert reason and not reason.startswith(("Exception from", "Check '")), msg

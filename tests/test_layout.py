@@ -106,3 +106,18 @@ def test_no_test_module_imports_another() -> None:
         if bad:
             offenders[path.name] = bad
     assert offenders == {}
+
+
+def test_product_modules_stay_small_and_the_step_module_narrow() -> None:
+    """One concern per module: none of erfnet/ over 450 lines; the step module (one iteration)
+    imports at most 4 project modules (signals, the lock and failures live in process.py)."""
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > 450
+    }
+    assert long == {}
+    step = REPO / "erfnet" / "training" / "step.py"
+    names = imported_modules(step)
+    project = {m for m in names if (REPO / f"{m.replace('.', '/')}.py").is_file()}
+    assert len(project) <= 4, sorted(project)

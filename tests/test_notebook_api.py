@@ -29,8 +29,8 @@ from erfnet.evaluation.inference import (
     labels_in_strips,
     resize_rows,
 )
-from erfnet.evaluation.test_size import shorter_side_size
 from erfnet.model import ERFNet
+from erfnet.test_size import shorter_side_size
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"rule": "fixed", "size": [16, 32]}  # every image to 16x32: fast on a CPU

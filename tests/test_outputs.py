@@ -22,7 +22,7 @@ from erfnet.data.folder import FolderDataset, load_spec
 from erfnet.evaluation.metrics import format_table
 from erfnet.evaluation.reports import MAX_PLOT_CLASSES, write_reports
 from erfnet.model import ERFNet
-from erfnet.training.workdir import remove_stale_tmp
+from erfnet.training.process import remove_stale_tmp
 from scripts import class_weights, export, predict
 
 SIZE = (32, 64)  # (H, W) of every image here

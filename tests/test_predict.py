@@ -22,14 +22,9 @@ SCRIPT = ROOT / "scripts" / "predict.py"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, random_bn) -> Path:
     torch.manual_seed(0)
-    model = ERFNet()
-    with torch.no_grad():  # non-trivial BN statistics so the fast path really folds something
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+    model = random_bn(ERFNet())  # non-trivial BN statistics: folding really folds
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_checkpoint(path, model.eval())
     return path
@@ -135,14 +130,14 @@ def test_checkpoint_mean_std_survive_the_resize(tmp_path: Path, monkeypatch) -> 
     rgb = (np.random.RandomState(0).rand(40, 70, 3) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "img.png")
     seen: list[torch.Tensor] = []
-    real_load = predict.load_model
+    real_load = predict.load_network
 
     def load_and_spy(*args, **kwargs):
         model = real_load(*args, **kwargs)
         model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].clone()))
         return model
 
-    monkeypatch.setattr(predict, "load_model", load_and_spy)
+    monkeypatch.setattr(predict, "load_network", load_and_spy)
     run(
         tmp_path / "img.png",
         "--checkpoint",

@@ -512,5 +512,5 @@ def test_class_weights_refuses_a_non_finite_c(synthetic_root: Path, tmp_path: Pa
     assert not out.exists()
     for bad in ("nan", "-3", "1"):
         with pytest.raises(SystemExit) as e:
-            class_weights.parse_args([str(synthetic_root), "--c", bad])
+            class_weights.get_args_parser().parse_args([str(synthetic_root), "--c", bad])
         assert e.value.code == 2

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import erfnet
+from erfnet.bench.video import benchmark_video, format_video_benchmark
 from erfnet.data.synthetic import synthesize_sample
 from erfnet.runtime import cpu_plan
 from erfnet.video.pipeline import (
@@ -33,7 +34,7 @@ from erfnet.video.pipeline import (
     open_source,
     run_video,
 )
-from erfnet.video.report import benchmark_video, format_report, format_video_benchmark
+from erfnet.video.report import format_report
 from scripts import video as video_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -506,7 +507,7 @@ def test_fps_out_of_range_is_refused(checkpoint, clip, fps) -> None:
         assert "--fps must be a frame rate between 0.001 and 1000, got inf" in proc.stderr
         return
     with pytest.raises(SystemExit) as e:
-        video_script.parse_args([str(path), "--checkpoint", str(checkpoint), "--fps", fps])
+        video_script.main([str(path), "--checkpoint", str(checkpoint), "--fps", fps])
     assert e.value.code == 2
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from erfnet.config import IGNORE_INDEX
 from erfnet.data.decode import (  # noqa: F401  (re-exported: the loaders' public names)
     DatasetError,
+    check_label_values,
     check_same_size,
     load_image,
     open_image,
@@ -194,22 +195,10 @@ def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
         )
     lab = lab[0]
     if kind == "labelIds":
-        if int(lab.max()) > _MAX_LABEL_ID:
-            bad = torch.unique(lab[lab > _MAX_LABEL_ID])[:10].tolist()
-            raise DatasetError(
-                f"label '{path}' has values {bad} that are not Cityscapes label ids "
-                f"(expected 0..{_MAX_LABEL_ID})"
-            )
+        check_label_values(lab, path, _MAX_LABEL_ID + 1, "Cityscapes label ids")
         return map_label_ids(lab)
-    if kind == "trainIds":
-        num_classes = len(CLASS_NAMES)  # Cityscapes' 19 evaluated classes
-        bad_mask = (lab >= num_classes) & (lab != IGNORE_INDEX)
-        if bool(bad_mask.any()):
-            bad = torch.unique(lab[bad_mask])[:10].tolist()
-            raise DatasetError(
-                f"label '{path}' has values {bad} that are not trainIds "
-                f"(expected 0..{num_classes - 1} or {IGNORE_INDEX})"
-            )
+    if kind == "trainIds":  # Cityscapes' 19 evaluated classes
+        check_label_values(lab, path, len(CLASS_NAMES), "trainIds", IGNORE_INDEX)
         return lab
     raise ValueError(f"unknown label kind {kind!r}; expected 'labelIds' or 'trainIds'")
 
@@ -336,12 +325,7 @@ def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> b
         raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot decode '{src}' as PNG (corrupt or truncated?): {e}") from None
-    if ids.size and int(ids.max()) > _MAX_LABEL_ID:
-        bad = np.unique(ids[ids > _MAX_LABEL_ID])[:10].tolist()
-        raise DatasetError(
-            f"label '{src}' has values {bad} that are not Cityscapes label ids "
-            f"(expected 0..{_MAX_LABEL_ID})"
-        )
+    check_label_values(ids, src, _MAX_LABEL_ID + 1, "Cityscapes label ids")
     image = Image.fromarray(ID_TO_TRAIN_ID[ids])
     atomic_write(dst, lambda f: image.save(f, format="PNG"), fsync=False)
     return True

@@ -28,12 +28,38 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_png, read_file
 
+from erfnet.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError):
     """Files on disk that cannot be used (unreadable, undecodable, not in the expected layout);
     the message names the path."""
 
 
+def check_label_values(
+    values: np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    num: int,
+    what: str,
+    ignore_index: int | None = None,
+    hint: str = "",
+) -> None:
+    """The one bad-label-value check: ``DatasetError`` naming the label file and up to 10 of its
+    values that are not ``what`` (0..num-1, or ``ignore_index``), with ``hint`` appended."""
+    bad_mask = (values >= num) | (values < 0)
+    if ignore_index is not None:
+        bad_mask &= values != ignore_index
+    if not bool(bad_mask.any()):
+        return
+    bad = np.unique(np.asarray(values[bad_mask]))[:10].tolist()
+    expected = f"0..{num - 1}" + ("" if ignore_index is None else f" or {ignore_index}")
+    raise DatasetError(
+        f"label '{path}' has values {bad} that are not {what} (expected {expected}{hint})"
+    )
+
+
+# The image files a folder of inputs is searched for (scripts/predict.py, a video's frames).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 # The cap of pixel_limit() whatever PIL's limit says (None included).
 MAX_IMAGE_PIXELS = 2**31 // 3
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size.

@@ -39,7 +39,13 @@ from torch.utils.data import Dataset
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import Sample, Transform
-from erfnet.data.decode import DatasetError, check_same_size, load_image, open_image
+from erfnet.data.decode import (
+    DatasetError,
+    check_label_values,
+    check_same_size,
+    load_image,
+    open_image,
+)
 from erfnet.data.transforms import EvalTransform
 from erfnet.outputs import printable
 
@@ -343,17 +349,9 @@ def to_train_ids(values: np.ndarray, spec: FolderSpec, path: str | os.PathLike) 
             out = np.full(values.shape, IGNORE_INDEX, dtype=np.uint8)
             out[inside] = lut[wide[inside]]
         return torch.from_numpy(np.ascontiguousarray(out))
-    num = len(spec.names)
-    bad_mask = (values >= num) & (values != spec.ignore_index)
-    if values.dtype.kind == "i":
-        bad_mask |= values < 0
-    if bool(bad_mask.any()):
-        bad = np.unique(values[bad_mask])[:10].tolist()
-        raise DatasetError(
-            f"label '{path}' has values {bad} that are not train ids of '{spec.path}' (expected"
-            f' 0..{num - 1} or ignore_index {spec.ignore_index}; add a "label_map" to map'
-            " stored values)"
-        )
+    what = f"train ids of '{spec.path}'"
+    hint = ' = ignore_index; add a "label_map" to map stored values'
+    check_label_values(values, path, len(spec.names), what, spec.ignore_index, hint)
     out = values.astype(np.uint8)
     if spec.ignore_index != IGNORE_INDEX:
         out[values == spec.ignore_index] = IGNORE_INDEX

@@ -19,22 +19,18 @@ from erfnet.data.cityscapes import CityscapesDataset, resolve_data_root
 from erfnet.data.decode import DatasetError
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
 from erfnet.data.synthetic import synthetic_cache_root
+from erfnet.errors import FlagError
 
 DATA_KINDS = ("cityscapes", "synthetic", "folder")
 
 
-class DataFlagError(ValueError):
-    """``--data``, ``--data-root``, ``--classes`` and ``--data-cache`` that do not go together;
-    the message names the flags (command lines show it as a usage error)."""
-
-
 def check_data_flags(args: Any) -> None:
-    """Raise ``DataFlagError`` unless ``args.data`` goes with ``data_root``, ``classes`` and
+    """Raise ``FlagError`` unless ``args.data`` goes with ``data_root``, ``classes`` and
     ``data_cache`` (attributes that ``args`` lacks count as not given)."""
     data = args.data
     classes = getattr(args, "classes", None)
     if data not in DATA_KINDS:
-        raise DataFlagError(f"--data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
+        raise FlagError(f"--data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     if data == "folder":
         root = getattr(args, "data_root", None)
         missing = [
@@ -43,13 +39,13 @@ def check_data_flags(args: Any) -> None:
             if not value
         ]
         if missing:
-            raise DataFlagError(f"--data folder needs {' and '.join(missing)}")
+            raise FlagError(f"--data folder needs {' and '.join(missing)}")
     elif classes is not None:
-        raise DataFlagError(
+        raise FlagError(
             f"--classes describes a folder dataset; add --data folder (got --data {data})"
         )
     if getattr(args, "data_cache", None) is not None and data == "folder":
-        raise DataFlagError(
+        raise FlagError(
             "--data-cache holds a Cityscapes train split (scripts/prepare_cityscapes.py --cache);"
             " it does not apply to --data folder"
         )
@@ -113,7 +109,7 @@ def dataset_from_args(
     ``classes``: a classes file or an already loaded ``FolderSpec``); ``transforms[split]`` is
     that split's transform (absent: the image as on disk, for the evaluator). ``labels`` True
     makes a Cityscapes split without labels an error (None: labels for every split but test).
-    Raises ``DataFlagError`` or ``DatasetError``."""
+    Raises ``FlagError`` or ``DatasetError``."""
     check_data_flags(args)
     transforms = transforms or {}
     root = data_root_from_args(args)

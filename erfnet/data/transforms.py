@@ -419,7 +419,7 @@ class EvalTransform:
     view with the checkpoint's mean/std. Returns the uint8 image [3,h,w] and the label at its
     original resolution (int64) for evaluation."""
 
-    def __init__(self, scale: tuple[int, int] | None = RECIPE.test_scale) -> None:
+    def __init__(self, scale: tuple[int, int] | None = RECIPE.scale) -> None:
         self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
 
     def __call__(

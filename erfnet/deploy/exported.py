@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from erfnet.checkpoint import complete_meta
+from erfnet.checkpoint import CheckpointError, complete_meta, load_model
+from erfnet.errors import UserError
 
 # One metadata key holds the whole checkpoint meta as JSON, in ONNX metadata_props and in
 # OpenVINO's rt_info alike; META_KEY's sibling keys describe the graph itself.
@@ -42,7 +43,7 @@ INSTALL_HINTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An exported model that cannot be written, read or run; the message is one line."""
 
 
@@ -147,6 +148,16 @@ class ExportedModel:
         return out.long() if self.output == "labels" else out.float()
 
 
+def runtime_reason(e: BaseException) -> str:
+    """The reason in an onnxruntime / OpenVINO error, in one line: OpenVINO's text opens with
+    lines that say where in its C++ it failed ("Exception from src/...cpp:84:", "Check '...'
+    failed at ..."), the reason comes after them."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    where = ("Exception from ", "Check '")
+    reason = [line for line in lines if not line.startswith(where)]
+    return " ".join(reason or lines) or type(e).__name__
+
+
 def _fixed_size(shape: list[Any]) -> tuple[int, int] | None:
     h, w = shape[-2], shape[-1]
     return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) else None
@@ -172,7 +183,7 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
     except ExportError:
         raise
     except Exception as e:  # the runtimes raise their own exception types
-        raise ExportError(f"{path}: cannot load: {str(e).splitlines()[0]}") from None
+        raise ExportError(f"{path}: cannot load: {runtime_reason(e)}") from None
     meta = json.loads(props[META_KEY]) if META_KEY in props else _legacy_meta(props)
     if "class_names" not in meta or "mean" not in meta or "std" not in meta:
         raise ExportError(
@@ -187,3 +198,24 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
         precision=props.get(PRECISION_KEY, "fp32"),
         input_size=size,
     )
+
+
+def load_network(
+    checkpoint: str | Path | None,
+    exported: str | Path | None,
+    device: torch.device,
+    threads: int = 0,
+    fast: bool = False,
+) -> Any:
+    """What an entry point's --checkpoint or --model names: our checkpoint through
+    ``load_model`` (``fast``: BN folded, channels_last) on ``device``, or an exported graph on
+    the CPU with ``threads``. A file that cannot be loaded is one line naming the flag."""
+    if exported is None:
+        try:
+            return load_model(checkpoint, device, fast=fast)
+        except CheckpointError as e:
+            raise CheckpointError(f"--checkpoint: {e}") from None
+    try:
+        return load_exported(exported, threads)
+    except ExportError as e:
+        raise ExportError(f"--model {e}") from None

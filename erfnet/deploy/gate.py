@@ -135,10 +135,10 @@ def check_classes(dataset: Any, meta: dict[str, Any], root: str | Path) -> None:
 
 def input_size(label_size: Sequence[int], fixed: Size | None) -> Size:
     """The network input size for an image: the export's fixed size, else the test protocol's
-    (the image rescaled into ``RECIPE.test_scale`` keeping its ratio)."""
+    (the image rescaled into ``RECIPE.scale`` keeping its ratio)."""
     if fixed is not None:
         return fixed
-    return rescale_size((int(label_size[0]), int(label_size[1])), RECIPE.test_scale)
+    return rescale_size((int(label_size[0]), int(label_size[1])), RECIPE.scale)
 
 
 class NetworkInputs(Sequence):

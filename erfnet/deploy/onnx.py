@@ -18,6 +18,7 @@ from erfnet.deploy.exported import META_KEY, OUTPUT_KEY, PRECISION_KEY, require
 from erfnet.fuse import fuse_bn
 
 ONNX_MIN_OPSET = 17
+ONNX_MAX_OPSET = 20  # the highest the TorchScript exporter (dynamo=False, used below) writes
 INPUT_NAME = "input"
 
 

@@ -2,7 +2,7 @@
 
 ``predict(model, image, out_size, settings)``: the test-time settings are one frozen
 ``TestSettings`` whose defaults are mmseg's protocol for this recipe, at the test size the
-checkpoint records (``meta["test_size"]``, ``erfnet.evaluation.test_size``). ``predict`` takes
+checkpoint records (``meta["test_size"]``, ``erfnet.test_size``). ``predict`` takes
 any form ``erfnet.evaluation.inputs.as_image_batch`` converts (PIL, numpy, path, tensor, list),
 runs the model in eval mode and restores its modes.
 
@@ -46,7 +46,7 @@ from torch import nn
 from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
 from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
 from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
-from erfnet.evaluation.test_size import DEFAULT_TEST_SIZE, RULES, rule_and_scale, rule_size
+from erfnet.test_size import DEFAULT_TEST_SIZE, RULES, rule_and_scale, rule_size
 
 MODES = ("whole", "slide")
 # The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
@@ -69,7 +69,7 @@ class TestSettings:
 
     ``scale``: the test size (H, W) an image is resized to under ``rule`` (``keep_ratio``:
     fitted into it keeping its ratio, mmcv's rule; ``fixed``: to it; ``shorter_side``: the
-    shorter side to S, given as (S, S); see ``erfnet.evaluation.test_size``). ``mode``: one of
+    shorter side to S, given as (S, S); see ``erfnet.test_size``). ``mode``: one of
     ``MODES``. ``ms_flip``: average the softmax over ``ratios`` x ``scale`` views, each also
     flipped when ``flip``. ``slide_crop`` / ``slide_stride``: the crops of slide mode. ``amp``:
     fp16 autocast (CUDA only). Invalid values raise ValueError naming the field.
@@ -77,7 +77,7 @@ class TestSettings:
 
     __test__ = False  # not a pytest test class, whatever its name
 
-    scale: Size = RECIPE.test_scale
+    scale: Size = RECIPE.scale
     mode: str = "whole"
     ms_flip: bool = False
     ratios: tuple[float, ...] = RECIPE.ms_flip_ratios

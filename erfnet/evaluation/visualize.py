@@ -10,50 +10,20 @@ is painted black silently. Pixels of any value that is not a class (the ignore i
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
 
 from erfnet.data.transforms import resize_image
-from erfnet.labels import PALETTE as CITYSCAPES_PALETTE
+from erfnet.evaluation.inference import TestSettings, predict
+from erfnet.labels import Palette, class_colors, generated_color  # noqa: F401  (re-exported)
+from erfnet.model import unwrap_model
 from erfnet.outputs import atomic_write
-
-Palette = Sequence[Sequence[int]] | np.ndarray
-
-
-def generated_color(index: int) -> tuple[int, int, int]:
-    """A fixed colour per class index: PASCAL VOC's colormap (the index's bits spread over the
-    high bits of R, G and B), distinct for every index up to 255."""
-    rgb = [0, 0, 0]
-    for shift in range(8):
-        for channel in range(3):
-            rgb[channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
-    return rgb[0], rgb[1], rgb[2]
-
-
-def class_colors(
-    palette: Palette | None, num_classes: int, what: str = "the palette"
-) -> np.ndarray:
-    """``num_classes`` x 3 uint8: ``palette``'s colours, and for the classes beyond it the one
-    fallback rule (Cityscapes' colour for that index, else ``generated_color``), with a warning
-    line on stderr naming ``what`` and the classes when a non-empty palette was too short."""
-    given = np.asarray(palette if palette is not None else [], dtype=np.uint8).reshape(-1, 3)
-    colors = np.zeros((num_classes, 3), dtype=np.uint8)
-    colors[: min(len(given), num_classes)] = given[:num_classes]
-    for i in range(len(given), num_classes):
-        colors[i] = CITYSCAPES_PALETTE[i] if i < len(CITYSCAPES_PALETTE) else generated_color(i)
-    if 0 < len(given) < num_classes:
-        print(
-            f"warning: {what} has {len(given)} colours for {num_classes} classes; classes"
-            f" {len(given)}-{num_classes - 1} get default colours",
-            file=sys.stderr,
-        )
-    return colors
 
 
 def palette_lut(palette: Palette, num_classes: int | None = None) -> np.ndarray:
@@ -138,3 +108,36 @@ class ColorWriter:
             save_color(
                 labels[i], rgb, self.out_dir, batch["city"][i], batch["name"][i], palette=self.lut
             )
+
+
+@torch.no_grad()
+def prediction_strips(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    num: int,
+    palette: Palette,
+    settings: TestSettings,
+    device: torch.device,
+) -> list[np.ndarray]:
+    """The first ``num`` images of ``dataset`` as [image | ground truth | prediction] strips,
+    HxWx3 uint8 at the label's size; the model is in eval mode meanwhile."""
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    strips = []
+    try:
+        for i in range(min(num, len(dataset))):  # type: ignore[arg-type]
+            sample = dataset[i]
+            image = sample["image"].unsqueeze(0).to(device)
+            label = sample["label"].numpy()
+            pred = predict(net, image, label.shape, settings)[0].cpu().numpy()
+            rgb = rgb_array(sample["image"])
+            if rgb.shape[:2] != label.shape:
+                rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
+            strips.append(
+                np.concatenate([rgb, colorize(label, palette), colorize(pred, palette)], axis=1)
+            )
+    finally:
+        net.train(was_training)
+    return strips

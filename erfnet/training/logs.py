@@ -1,5 +1,5 @@
 """What a training run reports: train.log and the console, TensorBoard scalars, and
-[image | ground truth | prediction] strips of a few validation images."""
+images of a few validation predictions (rendered by ``erfnet.evaluation.visualize``)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet.checkpoint import unwrap_model
 from erfnet.distributed import DistInfo
-from erfnet.evaluation.inference import TestSettings, predict
-from erfnet.evaluation.visualize import colorize, rgb_array
+from erfnet.errors import one_line
 from erfnet.outputs import atomic_write, printable
-from erfnet.runtime import one_line
-from erfnet.training.workdir import WorkDirError
+from erfnet.training.process import WorkDirError
 
 log = logging.getLogger("erfnet.train")
 
@@ -217,36 +212,10 @@ def log_validation(
     return ious
 
 
-@torch.no_grad()
-def log_predictions(
-    writer: Any,
-    model: nn.Module,
-    val_set: Dataset,
-    *,
-    num: int,
-    palette: Sequence[Sequence[int]],
-    test_scale: Sequence[int],
-    device: torch.device,
-    step: int,
-) -> None:
-    """The first ``num`` val images as [image | ground truth | prediction] strips."""
-    net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
-        for i in range(min(num, len(val_set))):  # type: ignore[arg-type]
-            sample = val_set[i]
-            image = sample["image"].unsqueeze(0).to(device)
-            label = sample["label"].numpy()
-            settings = TestSettings(scale=tuple(test_scale))
-            pred = predict(net, image, label.shape, settings)[0].cpu().numpy()
-            rgb = rgb_array(sample["image"])
-            if rgb.shape[:2] != label.shape:
-                rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
-            strip = np.concatenate([rgb, colorize(label, palette), colorize(pred, palette)], axis=1)
-            writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
-    finally:
-        net.train(was_training)
+def log_images(writer: Any, strips: Sequence[np.ndarray], step: int) -> None:
+    """HxWx3 uint8 images (``visualize.prediction_strips``) to TensorBoard as val/prediction_i."""
+    for i, strip in enumerate(strips):
+        writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
 
 
 def write_run_settings(

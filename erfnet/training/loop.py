@@ -10,7 +10,6 @@ before an error stops the run.
 from __future__ import annotations
 
 import math
-import os
 import signal
 from argparse import Namespace
 from collections.abc import Callable, Iterator
@@ -22,17 +21,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from erfnet import runtime
 from erfnet.checkpoint import atomic_save, make_checkpoint
 from erfnet.data.cityscapes import DatasetError
 from erfnet.distributed import DistInfo, barrier
+from erfnet.errors import one_line
 from erfnet.evaluation.evaluate import evaluate
 from erfnet.evaluation.inference import TestSettings
+from erfnet.evaluation.visualize import prediction_strips
 from erfnet.training import logs, resume
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion
+from erfnet.training.process import (
+    PEER_FAILED,
+    StopFlag,
+    TrainingError,
+    is_peer_failure,
+    resume_hint,
+)
 from erfnet.training.resume import InfiniteSampler
-from erfnet.training.step import PolyLR, StopFlag, TrainingError
+from erfnet.training.step import PolyLR
 
 
 @dataclass
@@ -71,9 +78,9 @@ class Loaders:
     to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """What the loop works with, set up once by train.py's steps."""
+    """What the loop works with, set up once by train.py's steps (built by keywords)."""
 
     args: Namespace
     work_dir: Path
@@ -146,16 +153,15 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
                 progress=args.progress,
             )
             if run.writer is not None and args.num_vis:
-                logs.log_predictions(
-                    run.writer,
+                strips = prediction_strips(
                     run.model,
                     run.val_set,
                     num=args.num_vis,
                     palette=run.meta["palette"],
-                    test_scale=tuple(args.scale),
+                    settings=TestSettings(scale=tuple(args.scale)),
                     device=proc.device,
-                    step=state.iteration,
                 )
+                logs.log_images(run.writer, strips, state.iteration)
     except Exception as e:
         run.model.train()
         raise failure(run, state, "validation", e, save_iter) from None
@@ -246,11 +252,11 @@ def failure(
         save_checkpoint(run, state, "latest.pth")
         saved = f"latest.pth of iteration {state.iteration} saved"
     if isinstance(e, DatasetError | OSError):
-        cause, fix = runtime.one_line(e), "Fix the file"
+        cause, fix = one_line(e), "Fix the file"
     elif is_peer_failure(e):
         cause, fix = PEER_FAILED, "Fix what stopped it"
     else:  # not the data: the model, the memory, ...
-        cause, fix = f"{type(e).__name__}: {runtime.one_line(e)}", "Fix the cause"
+        cause, fix = f"{type(e).__name__}: {one_line(e)}", "Fix the cause"
     # --resume only where there is a checkpoint to continue from (before the first one, as in
     # a bad label value found by the first batch, --resume would refuse: run again instead).
     again = (
@@ -261,24 +267,3 @@ def failure(
     return TrainingError(
         f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then {again}"
     )
-
-
-PEER_FAILED = "another process of this torchrun job failed or was killed (its output says why)"
-
-
-def is_peer_failure(e: BaseException) -> bool:
-    """Whether ``e`` is a collective that failed because another rank is gone (gloo says so at
-    once; NCCL after its timeout)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
-        return False
-    text = str(e)
-    return isinstance(e, torch.distributed.DistError) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    )
-
-
-def resume_hint(work_dir: Path) -> str:
-    """Where the run can continue from: a sentence that never names a file that is not there."""
-    if (work_dir / "latest.pth").is_file():
-        return f"The last good checkpoint, {work_dir / 'latest.pth'}, is intact (--resume)."
-    return f"No checkpoint was written in {work_dir} yet; --resume has nothing to continue."

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.errors import UserError
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,7 +27,7 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AVERAGE_OVER = ("all", "labelled")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(UserError):
     """A loss setting or file that cannot be used; the message names the flag or the file."""
 
 

@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from erfnet import test_size
 from erfnet.checkpoint import CheckpointError, lineage_meta
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE, PaperRecipe
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.errors import FlagError
-from erfnet.evaluation import test_size
 from erfnet.model import EncoderStage, ERFNet
 from erfnet.training.finetune import init_from
 from erfnet.training.logs import log
+from erfnet.training.process import WorkDirError
 from erfnet.training.resume import check_model_fits
-from erfnet.training.workdir import WorkDirError
 
 STAGES = ("encoder", "decoder")
 STAGE_CHOICES = ("both", *STAGES)

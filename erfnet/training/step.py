@@ -1,17 +1,15 @@
-"""The parts of a training iteration that ``train.py``'s loop calls.
+"""One training iteration, and what shapes it.
 
 ``train_step`` (forward, ``criterion``, backward, optimizer step, gradient accumulation), the poly
-learning-rate schedule, the scope of SyncBatchNorm, the AMP settings and the stop flag that
-SIGINT/SIGTERM set.
+learning-rate schedule, the scope of SyncBatchNorm and the AMP settings. The run's process
+concerns (lock, signals, failures) live in ``erfnet.training.process``.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -21,17 +19,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet.config import RECIPE
 from erfnet.distributed import all_reduce_sum
-from erfnet.training.logs import log
+from erfnet.errors import FlagError
 from erfnet.training.loss import Criterion, segmentation_loss
-
-
-class ConfigError(ValueError):
-    """A bad training setting; the message names the flag."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
-
 
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedule
@@ -138,7 +127,7 @@ def amp_settings(
     else:
         dtype = getattr(torch, amp_dtype)
     if device.type == "cpu" and dtype == torch.float16:
-        raise ConfigError("--amp-dtype float16 is for CUDA; use bfloat16 on the CPU")
+        raise FlagError("--amp-dtype float16 is for CUDA; use bfloat16 on the CPU")
     return dtype, (device.type == "cuda" and dtype == torch.float16)
 
 
@@ -227,90 +216,3 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     all_reduce_sum(t)
     return t / dist.get_world_size()
-
-
-# --------------------------------------------------------------------------------------------
-# Signals
-# --------------------------------------------------------------------------------------------
-
-
-class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to catch
-    """A stop signal arrived inside ``StopFlag.interruptible()``: leave what was being done."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal_name(signum))
-        self.signum = signum
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts.
-
-    Inside ``interruptible()`` (the data check, waiting for a batch, validation: the parts that
-    may take long and change no training state) a signal raises ``StopRequested`` at once
-    instead, so that a stop request is honoured within seconds at any point. Under torchrun
-    (``immediate=False``) the ranks must stop together: the flag only, all-reduced.
-    """
-
-    def __init__(self, immediate: bool = True) -> None:
-        self.signum = 0
-        self.immediate = immediate
-        self._raise_now = False
-        self._old: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    def requested(self, device: torch.device | None = None) -> bool:
-        """Whether to stop after this iteration. Under DDP (pass the ``device``): whether any
-        process was signalled, so that all stop at the same iteration (torchrun signals every
-        process, but not necessarily between the same two iterations)."""
-        if device is None:
-            return bool(self.signum)
-        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
-        return all_reduce_sum(flag).item() > 0
-
-    @contextmanager
-    def interruptible(self) -> Iterator[None]:
-        """A stop signal received before or inside the block raises ``StopRequested``."""
-        if not self.immediate:
-            yield
-            return
-        if self.signum:
-            raise StopRequested(self.signum)
-        self._raise_now = True
-        try:
-            yield
-        finally:
-            self._raise_now = False
-
-    def name(self) -> str:
-        return signal_name(self.signum)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
-        self.signum = signum
-        if self._raise_now:
-            self._raise_now = False
-            log.warning("received %s: stopping now", signal.Signals(signum).name)
-            raise StopRequested(signum)
-        log.warning(
-            "received %s: saving latest.pth after this iteration, then exiting"
-            " (send it again to abort without saving)",
-            signal.Signals(signum).name,
-        )
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"

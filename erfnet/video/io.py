@@ -16,12 +16,11 @@ import av
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from erfnet.data.decode import DatasetError, open_image
-from erfnet.data.synthetic import synthesize_sample
+from erfnet.data.decode import IMAGE_SUFFIXES, DatasetError, open_image
+from erfnet.errors import UserError
 
 Size = tuple[int, int]
 STAGES = ("decode", "preprocess", "network", "postprocess", "encode")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 # Encoders tried for ``codec="auto"``, best first: H.264 (libx264, else any software H.264 this
 # FFmpeg build has), then MPEG-4 part 2, which every FFmpeg build can write.
@@ -38,7 +37,7 @@ DEFAULT_FPS = 30.0  # for a folder of frames or a source that does not say
 FPS_RANGE = (0.001, 1000.0)
 
 
-class VideoError(ValueError):
+class VideoError(UserError):
     """A source or output that cannot be used; the message names it and says what is wrong."""
 
 
@@ -296,15 +295,6 @@ def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec
         writer.write(f)
     writer.close()
     return writer.path
-
-
-def synthetic_clip(size: Size, frames: int, seed: int = 0, step: int = 0) -> list[np.ndarray]:
-    """``frames`` street-like frames (the synthetic Cityscapes generator): a camera panning
-    ``step`` pixels per frame (default width / 64) across one wide scene."""
-    h, w = size
-    step = step or max(1, w // 64)
-    scene = synthesize_sample(np.random.default_rng(seed), h, w + step * frames)[0]
-    return [np.ascontiguousarray(scene[:, i * step : i * step + w]) for i in range(frames)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""What keeps a work dir safe: one run at a time, no run overwritten, no stale temporary files.
+"""The training run as a process: its work dir, its signals and its failures.
+
+What keeps a work dir safe: one run at a time, no run overwritten, no stale temporary files.
 
 - ``WorkDirLock``: a POSIX record lock (``fcntl`` ``F_SETLK``) on ``<work_dir>/train.lock``, held
   for the whole run. It belongs to the training process alone: forked DataLoader workers do not
@@ -10,6 +12,9 @@
 - ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files that the one atomic writer
   (``erfnet.outputs.atomic_write``: checkpoints, ``args.json``, prediction strips) writes before
   its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
+
+How a run ends: ``StopFlag`` (SIGINT / SIGTERM stop it after saving), ``TrainingError`` (the one
+line of a failure), ``is_peer_failure`` (another torchrun process is gone) and ``resume_hint``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from erfnet.distributed import all_reduce_sum
+from erfnet.errors import UserError
 from erfnet.outputs import TMP_NAME_RE
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
@@ -34,7 +48,7 @@ RUN_FILES = ("latest.pth", "best.pth", "train.log", "args.json", "tensorboard", 
 log = logging.getLogger("erfnet.train")
 
 
-class WorkDirError(RuntimeError):
+class WorkDirError(UserError):
     """The work dir cannot take this run; the message names it and says what to do."""
 
 
@@ -194,3 +208,115 @@ def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
                 continue
             count, size = count + 1, size + n
     return count, size
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------
+
+
+class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to catch
+    """A stop signal arrived inside ``StopFlag.interruptible()``: leave what was being done."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts.
+
+    Inside ``interruptible()`` (the data check, waiting for a batch, validation: the parts that
+    may take long and change no training state) a signal raises ``StopRequested`` at once
+    instead, so that a stop request is honoured within seconds at any point. Under torchrun
+    (``immediate=False``) the ranks must stop together: the flag only, all-reduced.
+    """
+
+    def __init__(self, immediate: bool = True) -> None:
+        self.signum = 0
+        self.immediate = immediate
+        self._raise_now = False
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def requested(self, device: torch.device | None = None) -> bool:
+        """Whether to stop after this iteration. Under DDP (pass the ``device``): whether any
+        process was signalled, so that all stop at the same iteration (torchrun signals every
+        process, but not necessarily between the same two iterations)."""
+        if device is None:
+            return bool(self.signum)
+        flag = torch.tensor([1.0 if self.signum else 0.0], device=device)
+        return all_reduce_sum(flag).item() > 0
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stop signal received before or inside the block raises ``StopRequested``."""
+        if not self.immediate:
+            yield
+            return
+        if self.signum:
+            raise StopRequested(self.signum)
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
+
+    def name(self) -> str:
+        return signal_name(self.signum)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
+        self.signum = signum
+        if self._raise_now:
+            self._raise_now = False
+            log.warning("received %s: stopping now", signal.Signals(signum).name)
+            raise StopRequested(signum)
+        log.warning(
+            "received %s: saving latest.pth after this iteration, then exiting"
+            " (send it again to abort without saving)",
+            signal.Signals(signum).name,
+        )
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+PEER_FAILED = "another process of this torchrun job failed or was killed (its output says why)"
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank is gone (gloo says so at
+    once; NCCL after its timeout)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
+def resume_hint(work_dir: Path) -> str:
+    """Where the run can continue from: a sentence that never names a file that is not there."""
+    if (work_dir / "latest.pth").is_file():
+        return f"The last good checkpoint, {work_dir / 'latest.pth'}, is intact (--resume)."
+    return f"No checkpoint was written in {work_dir} yet; --resume has nothing to continue."
