@@ -72,8 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--model",
         metavar="PATH",
-        help="an exported model (.onnx through onnxruntime, OpenVINO .xml), on the CPU; needs"
-        " the optional onnxruntime / openvino package",
+        help="an exported model (.onnx through onnxruntime, OpenVINO .xml, AOTInductor .pt2),"
+        " on the CPU; needs the optional onnxruntime / openvino package (a .pt2: a C++ compiler)",
     )
     p.add_argument(
         "--data",

@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="our checkpoint (.pth)")
-    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
+    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml, .pt2), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

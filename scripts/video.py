@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--checkpoint", help="our checkpoint (.pth), run with PyTorch")
     model.add_argument(
         "--model", "--onnx", dest="model", metavar="PATH",
-        help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or OpenVINO .xml"
+        help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime), OpenVINO .xml or .pt2"
         " (--onnx is the old name)",
     )
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")

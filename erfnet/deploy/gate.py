@@ -36,6 +36,9 @@ from erfnet.evaluation.metrics import ConfusionMatrix
 
 DEFAULT_MAX_MIOU_DROP = 0.5  # mIoU points
 DEFAULT_MIN_AGREEMENT = 98.5  # percent of scored pixels whose label equals the fp32 label
+# An fp32 export is exact up to float rounding: its thresholds (the .pth's mIoU to 0.05 points).
+FP32_MAX_MIOU_DROP = 0.05
+FP32_MIN_AGREEMENT = 99.99
 Size = tuple[int, int]
 
 
@@ -231,4 +234,14 @@ def check_gate(figures: dict[str, Any], max_miou_drop: float, min_agreement: flo
         raise GateError(
             f"export refused by the accuracy gate on {figures['scored_images']} held-out"
             f" image(s): " + "; ".join(missed) + "; no file written"
+        )
+
+
+def check_self(figures: dict[str, Any], min_agreement: float) -> None:
+    """GateError when an export's labels on the self-check's random input (no held-out images
+    given) agree with fp32 on fewer than ``min_agreement`` percent of its pixels."""
+    if figures["agreement"] < min_agreement:
+        raise GateError(
+            f"export refused by its self-check on {figures['input']}: pixel agreement with fp32"
+            f" {figures['agreement']:.2f}% < --min-agreement {min_agreement:g}%; no file written"
         )
