@@ -14,7 +14,7 @@ of the scored pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -181,27 +181,34 @@ def protocol_labels(
     return F.interpolate(labels, size=size, mode="nearest")[0, 0].long()
 
 
-@torch.inference_mode()
-def score_export(
-    reference: nn.Module,
-    exported: Callable[[torch.Tensor], torch.Tensor],
+def class_maps(
+    model: Callable[[torch.Tensor], torch.Tensor],
     picks: Picks,
     meta: dict[str, Any],
     fixed: Size | None,
     labels_out: bool,
-) -> dict[str, Any]:
-    """mIoU (percent) of the fp32 ``reference`` and of ``exported`` on ``picks``, the drop in
-    points and the pixel agreement (percent) of their class maps at the label size."""
-    num_scored = len(picks.dataset.classes)
-    num_outputs = len(meta["class_names"])
-    cms = {name: ConfusionMatrix(num_outputs) for name in ("fp32", "export")}
-    equal = total = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(class map, ground-truth labels) at the label size for each image of ``picks``, one at
+    a time, through the project's protocol (``network_input``, then ``protocol_labels``)."""
     for i in picks.indices:
         image, label = picks.dataset.load(i)
         size = input_size(label.shape, fixed)
         x = network_input(image[None].float(), size, meta["mean"], meta["std"])
-        ref = protocol_labels(reference(x), label.shape, labels_out)
-        got = protocol_labels(exported(x), label.shape, labels_out)
+        with torch.inference_mode():
+            yield protocol_labels(model(x), label.shape, labels_out), label
+
+
+def compare_maps(
+    reference: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    exported: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_scored: int,
+    num_outputs: int,
+) -> dict[str, Any]:
+    """mIoU (percent) of both sets of class maps against their labels, the drop in points and
+    the pixel agreement (percent) between them."""
+    cms = {name: ConfusionMatrix(num_outputs) for name in ("fp32", "export")}
+    equal = total = 0
+    for (ref, label), (got, _) in zip(reference, exported, strict=True):
         cms["fp32"].update(ref, label)
         cms["export"].update(got, label)
         equal += int((ref == got).sum())
@@ -215,6 +222,22 @@ def score_export(
         "agreement": 100.0 * equal / total,
         "scored_pixels": total,
     }
+
+
+def score_export(
+    reference: nn.Module,
+    exported: Callable[[torch.Tensor], torch.Tensor],
+    picks: Picks,
+    meta: dict[str, Any],
+    fixed: Size | None,
+    labels_out: bool,
+) -> dict[str, Any]:
+    """mIoU (percent) of the fp32 ``reference`` and of ``exported`` on ``picks``, the drop in
+    points and the pixel agreement (percent) of their class maps at the label size (one image
+    at a time: a 1024x2048 class map is 16 MB)."""
+    ref = class_maps(reference, picks, meta, fixed, labels_out)
+    got = class_maps(exported, picks, meta, fixed, labels_out)
+    return compare_maps(ref, got, len(picks.dataset.classes), len(meta["class_names"]))
 
 
 def check_gate(figures: dict[str, Any], max_miou_drop: float, min_agreement: float) -> None:
