@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--model",
         metavar="PATH",
         help="an exported model (.onnx through onnxruntime, OpenVINO .xml, AOTInductor .pt2),"
-        " on the CPU; needs the optional onnxruntime / openvino package (a .pt2: a C++ compiler)",
+        " on the CPU; needs the optional onnxruntime / openvino package (a .pt2: PyTorch only)",
     )
     p.add_argument(
         "--data",

@@ -22,7 +22,7 @@ A .pt2 is compiled native code (load only packages you made), built by default f
 (AVX2) CPU; loading refuses it in one line on a CPU without the instructions it was built for.
 
 Extras: onnx + onnxruntime (ONNX), openvino (+ onnx, for the conversion), nncf (OpenVINO int8);
-a .pt2 needs a C++ compiler (g++) where it is exported and where it is loaded.
+exporting a .pt2 needs a C++ compiler (g++), loading one does not.
 """
 
 from __future__ import annotations

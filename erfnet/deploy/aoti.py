@@ -220,8 +220,14 @@ def check_host(path: str | Path, metadata: dict[str, str]) -> None:
 
 # Warnings that say nothing a user can act on: PyTorch's loader warns when the package's
 # AOTI_CPU_ISA differs from the host's best ISA, also for a portable AVX2 package on an AVX-512
-# CPU (check_host makes the real check); the C++ build warns of a missing CUDA runtime.
-QUIET_LOGGERS = ("torch.export.pt2_archive._package", "torch.utils.cpp_extension")
+# CPU (check_host makes the real check), and of an "outdated pt2 file" when its first loader
+# fails on a machine without a C++ compiler (its fallback then loads the package); the C++ build
+# warns of a missing CUDA runtime.
+QUIET_LOGGERS = (
+    "torch.export.pt2_archive._package",
+    "torch._inductor.package.package",
+    "torch.utils.cpp_extension",
+)
 
 
 @contextlib.contextmanager

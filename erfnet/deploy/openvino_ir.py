@@ -34,6 +34,8 @@ class NNCFOptions:
     preset: str = "performance"  # "performance" (symmetric) or "mixed" (asymmetric activations)
     fast_bias_correction: bool = True
     ignore_edge_layers: bool = False  # keep the first and last convolutions in float
+    # More node-name patterns (regular expressions) NNCF keeps in float: mixed precision.
+    ignored_patterns: tuple[str, ...] = ()
     # nncf.quantize_with_accuracy_control: layers go back to float, most harmful first, until the
     # labels of the calibration images agree with fp32 on at least 1 - max_agreement_drop of
     # their pixels (the gate then scores other images).
@@ -133,8 +135,11 @@ def quantize_int8(
         "subset_size": len(inputs),
         "fast_bias_correction": options.fast_bias_correction,
     }
-    if options.ignore_edge_layers:
-        patterns = list(EDGE_LAYER_PATTERNS)
+    patterns = [
+        *(EDGE_LAYER_PATTERNS if options.ignore_edge_layers else ()),
+        *options.ignored_patterns,
+    ]
+    if patterns:
         common["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
     if not options.accuracy_control:
         return nncf.quantize(model, nncf.Dataset(inputs), **common)
