@@ -44,6 +44,7 @@ from erfnet.deploy.gate import (
     FP32_MIN_AGREEMENT,
 )
 from erfnet.deploy.onnx import ONNX_MIN_OPSET
+from erfnet.deploy.openvino_ir import INT8_METHODS
 from erfnet.runtime import one_line
 
 
@@ -104,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, metavar="P", default=None,
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
                    f" {DEFAULT_MIN_AGREEMENT}; fp32 {FP32_MIN_AGREEMENT})")
+    p.add_argument("--int8-method", choices=tuple(INT8_METHODS), default=None,
+                   help="OpenVINO int8: the NNCF settings (default: the closest to the gate"
+                   " measured, see docs/deploy.md); float-* keep those layers in f32")
     p.add_argument("--cpu-target", choices=("portable", "native"), default="portable",
                    help="a .pt2's CPU: portable = any x86-64-v3 (AVX2) CPU (default), native ="
                    " this CPU's instructions (AVX-512 where it has them; refused elsewhere)")
@@ -142,6 +146,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"error: --precision {args.precision}: a .pt2 is fp32 (exact); bf16 and int8 are"
             " OpenVINO / ONNX exports"
         )
+    if args.int8_method is not None and (args.precision, args.format) != ("int8", "openvino"):
+        raise SystemExit("error: --int8-method is for --precision int8 --format openvino (NNCF)")
     if args.precision == "bf16" and args.format != "openvino":
         raise SystemExit("error: --precision bf16 is an OpenVINO export: add --format openvino")
     if args.precision != "fp32" and args.calib_data is None:
@@ -218,6 +224,7 @@ def request(args: argparse.Namespace) -> ExportRequest:
         threads=args.threads,
         opset=args.opset,
         cpu_target=args.cpu_target,
+        int8_method=args.int8_method,
         report=args.report,
     )
 

@@ -63,6 +63,7 @@ class ExportRequest:
     opset: int = ONNX_MIN_OPSET
     nncf_options: Any = None  # erfnet.deploy.openvino_ir.NNCFOptions, None = its defaults
     cpu_target: str = "portable"  # a .pt2's: "portable" (x86-64-v3, AVX2) or "native"
+    int8_method: str | None = None  # OpenVINO int8: a key of INT8_METHODS, None = the best
     report: Path | None = None
 
 
@@ -137,12 +138,13 @@ def _openvino_artifact(
     ir = openvino_ir.convert_onnx(_fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False))
     if req.precision == "int8":
         require("nncf")
-        options = req.nncf_options or openvino_ir.NNCFOptions()
+        method = int8_method(req)
+        options = req.nncf_options or openvino_ir.INT8_METHODS[method]
         inputs = gate.NetworkInputs(
             held.calibration, model.meta["mean"], model.meta["std"], req.size
         )
         ir = openvino_ir.quantize_int8(ir, inputs, options)
-        ws.notes.append(f"NNCF {asdict(options)}")
+        ws.notes.append(f"NNCF int8 method {method}: {asdict(options)}")
     if req.argmax:
         ir = openvino_ir.append_argmax(ir)
     props = {
@@ -186,6 +188,28 @@ def _self_check(req: ExportRequest, model: torch.nn.Module, ws: Workspace) -> di
     if got.is_floating_point():
         figures["max_logit_diff"] = float((got - ref).abs().max())
     return figures
+
+
+def int8_method(req: ExportRequest) -> str:
+    """The name of the int8 method an export uses (onnxruntime's one for an .onnx)."""
+    from erfnet.deploy.openvino_ir import BEST_INT8_METHOD
+
+    if req.format == "onnx":
+        return "onnxruntime MinMax per-channel"
+    if req.nncf_options is not None:
+        return "custom NNCFOptions"
+    return req.int8_method or BEST_INT8_METHOD
+
+
+def _int8_refusal(req: ExportRequest, error: gate.GateError) -> gate.GateError:
+    """A refused int8 export's message, naming the method tried and the best one measured."""
+    from erfnet.deploy.openvino_ir import BEST_INT8_METHOD
+
+    return gate.GateError(
+        f"{error}; int8 method tried: {int8_method(req)} (the closest to the gate of the"
+        f" methods measured in docs/deploy.md: OpenVINO --int8-method {BEST_INT8_METHOD});"
+        " a bf16 (CPUs with bf16) or fp32 export keeps the labels"
+    )
 
 
 def _gate(
@@ -245,10 +269,12 @@ def _check(
         elif req.format == "pt2":
             report["self_check"] = _self_check(req, model, ws)
             gate.check_self(report["self_check"], req.min_agreement)
-    except gate.GateError:
+    except gate.GateError as e:
         report["accepted"] = False
         if req.report is not None:
             write_report(req.report, report)
+        if req.precision == "int8":
+            raise _int8_refusal(req, e) from None
         raise
 
 

@@ -43,6 +43,27 @@ class NNCFOptions:
     max_agreement_drop: float = 0.0075
 
 
+# scripts/export.py --int8-method: the NNCF settings tried for a gate-passing int8 export, in
+# the order of docs/deploy.md's frontier ("float" = kept in f32, the rest int8).
+INT8_METHODS = {
+    "defaults": NNCFOptions(),
+    "float-edges": NNCFOptions(ignore_edge_layers=True, fast_bias_correction=False),
+    "float-head": NNCFOptions(
+        ignore_edge_layers=True, fast_bias_correction=False, ignored_patterns=(r"/head/.*",)
+    ),
+    "float-decoder-head": NNCFOptions(
+        ignore_edge_layers=True,
+        fast_bias_correction=False,
+        ignored_patterns=(r"/head/.*", r"/decoder/.*"),
+    ),
+    "accuracy-control": NNCFOptions(
+        ignore_edge_layers=True, fast_bias_correction=False, accuracy_control=True
+    ),
+}
+# The method whose export came closest to the gate on a trained checkpoint (docs/deploy.md).
+BEST_INT8_METHOD = "float-decoder-head"
+
+
 def cpu_supports_bf16() -> bool:
     """True where OpenVINO's CPU plugin runs bf16 natively (AVX512-BF16 or AMX)."""
     ov = require("openvino")
