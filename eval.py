@@ -73,8 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH", help="our checkpoint (.pth)")
     what.add_argument("--model", metavar="PATH",
-                      help="an exported model (.onnx through onnxruntime, OpenVINO .xml), on the"
-                      " CPU; needs the optional onnxruntime / openvino package")
+                      help="an exported model (.onnx through onnxruntime, OpenVINO .xml,"
+                      " AOTInductor .pt2), on the CPU; needs the optional onnxruntime / openvino"
+                      " package (a .pt2: PyTorch only)")
     p.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
                    help="Cityscapes, the quick start's synthetic set, or your own folders"
                    " described by --classes FILE (default: cityscapes)")

@@ -50,6 +50,7 @@ from erfnet.deploy.onnx import export_onnx
 from erfnet.distributed import resolve_device
 from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.fuse import fuse_bn, optimize_for_inference
+from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet, count_parameters
 from erfnet.outputs import atomic_write_text, check_outputs, output_file
 from erfnet.runtime import check_runtime_flags
@@ -709,9 +710,9 @@ def section_video(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 def deploy_inputs(
     args: argparse.Namespace, model: nn.Module, size: tuple[int, int], tmp: Path
-) -> tuple[Any, list[torch.Tensor]]:
-    """int8 calibration inputs (train) and agreement inputs (val) at ``size``, from --data or a
-    synthetic Cityscapes made at that size; disjoint, as the export gate's."""
+) -> tuple[Any, Any]:
+    """int8 calibration inputs (train) and the scored images (val, with labels) at ``size``,
+    from --data or a synthetic Cityscapes made at that size; disjoint, as the export gate's."""
     from erfnet.deploy.gate import NetworkInputs, held_out_images
 
     calib_n, score_n = (2, 2) if args.quick else (16, 8)
@@ -720,43 +721,123 @@ def deploy_inputs(
     )
     held = held_out_images(root, None, calib_n, score_n)
     mean, std = model.meta["mean"], model.meta["std"]
-    calib = NetworkInputs(held.calibration, mean, std, size)
-    scored = NetworkInputs(held.scored, mean, std, size)
-    return calib, [torch.from_numpy(scored[i]) for i in range(len(scored))]
+    return NetworkInputs(held.calibration, mean, std, size), held.scored
+
+
+def gate_verdict(figures: dict[str, Any], reduced: bool) -> str:
+    """What scripts/export.py's gate would say of these figures: fp32 thresholds for an exact
+    path, the reduced-precision defaults for a bf16 / int8 one."""
+    from erfnet.deploy import gate
+
+    drop, agree = (
+        (gate.DEFAULT_MAX_MIOU_DROP, gate.DEFAULT_MIN_AGREEMENT)
+        if reduced
+        else (gate.FP32_MAX_MIOU_DROP, gate.FP32_MIN_AGREEMENT)
+    )
+    missed = []
+    if figures["agreement"] < agree:
+        missed.append("agreement")
+    if not figures["miou_drop"] <= drop:  # NaN fails too
+        missed.append("mIoU drop")
+    verdict = "refused: " + " and ".join(missed) if missed else "passes"
+    return f"{verdict} ({drop:g} / {agree:g} %)"
+
+
+def deploy_accuracy(
+    built: Any, model: nn.Module, scored: Any, size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Per path: the gate's figures against the plain eager model on the scored images (the
+    export protocol: class maps at the label size), its verdict and its first call's time."""
+    from erfnet.deploy.bench import PLAIN
+    from erfnet.deploy.gate import class_maps, compare_maps
+
+    meta = model.meta
+    reference = list(class_maps(model, scored, meta, size, False))
+    classes = len(scored.dataset.classes), len(meta["class_names"])
+    rows = []
+    for name, (fn, note) in built.paths.items():
+        t = time.perf_counter()
+        figures = compare_maps(reference, class_maps(fn, scored, meta, size, False), *classes)
+        verdict = gate_verdict(figures, name in built.reduced)
+        rows.append(
+            {
+                "path": name,
+                "agreement": figures["agreement"],
+                "miou": figures["export_miou"],
+                "miou_drop": figures["miou_drop"],
+                "gate": verdict if name != PLAIN else "reference",
+                "first_call_s": time.perf_counter() - t,  # the first call compiles, if any
+                "note": note,
+            }
+        )
+    return rows
+
+
+def deploy_plot(rows: list[dict[str, Any]], path: Path) -> str:
+    """Speed against agreement, one point per path, as a PNG at ``path``; what was done."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        passed = r["gate"].startswith(("passes", "reference"))
+        ax.scatter(r["speedup"], r["agreement"], marker="o" if passed else "x", s=60)
+        ax.annotate(
+            r["path"],
+            (r["speedup"], r["agreement"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("speed, x plain eager fp32 (median, one interleaved run)")
+    ax.set_ylabel("argmax agreement with fp32, % of scored pixels")
+    ax.set_title(
+        f"ERFNet CPU deploy paths, {rows[0]['size']}, {rows[0]['threads']} threads"
+        " (o: passes the gate, x: refused)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return f"wrote {path}"
 
 
 def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """Every CPU deployment path at the first size, batch 1, in one interleaved run: latency,
-    speed against the plain eager model and argmax agreement with it on held-out images."""
+    speed against the plain eager model, agreement and mIoU against it on held-out images, and
+    the export gate's verdict; the plot beside --json."""
     from erfnet.deploy.bench import PLAIN, deploy_paths
+    from erfnet.deploy.gate import NetworkInputs
 
     size, threads = args.sizes[0], args.threads or 2
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     model = model.cpu().eval()
-    if not hasattr(model, "meta"):
-        model.meta = {"mean": list(MEAN_RGB), "std": list(STD_RGB)}
+    model.meta = {
+        "mean": list(MEAN_RGB),
+        "std": list(STD_RGB),
+        "class_names": list(CLASS_NAMES),
+        **getattr(model, "meta", {}),
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            calib, images = deploy_inputs(args, model, size, Path(tmp))
+            calib, scored = deploy_inputs(args, model, size, Path(tmp))
             built = deploy_paths(model, size, calib, threads, Path(tmp), args.compile != "off")
-            refs = [model(x).argmax(1) for x in images]
-            rows = []
-            for name, (fn, note) in built.paths.items():
-                t = time.perf_counter()
-                labels = [fn(x).argmax(1) for x in images]  # the first call compiles, if any
-                first_s = time.perf_counter() - t
-                equal = sum(int((a == b).sum()) for a, b in zip(labels, refs, strict=True))
-                total = sum(r.numel() for r in refs)
-                rows.append(
-                    {
-                        "path": name,
-                        "agreement": 100.0 * equal / total,
-                        "first_call_s": first_s,
-                        "note": note,
-                    }
-                )
-            fns = {name: functools.partial(fn, images[0]) for name, (fn, _) in built.paths.items()}
+            rows = deploy_accuracy(built, model, scored, size)
+            mean, std = model.meta["mean"], model.meta["std"]
+            x = torch.from_numpy(NetworkInputs(scored, mean, std, size)[0])
+            fns = {name: functools.partial(fn, x) for name, (fn, _) in built.paths.items()}
             times = interleaved(fns, torch.device("cpu"), args.repeats, args.warmup, args.budget)
     finally:
         torch.set_num_threads(old_threads)
@@ -773,7 +854,7 @@ def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
     isa = cpu_isa()
     show(
         f"Deploy paths, CPU, {size[0]}x{size[1]}, batch 1, {threads} threads (median of"
-        f" {len(times[PLAIN])} interleaved runs; agreement on {len(images)} held-out"
+        f" {len(times[PLAIN])} interleaved runs; agreement and mIoU on {len(scored)} held-out"
         f" image(s)); ISA: {format_isa(isa)}",
         rows,
         {
@@ -781,13 +862,20 @@ def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
             "ms": "median_ms",
             "x plain": lambda r: f"{r['speedup']:.2f}",
             "argmax agreement %": lambda r: f"{r['agreement']:.2f}",
+            "mIoU drop": lambda r: f"{r['miou_drop']:.2f}",
+            "gate (drop / agreement)": "gate",
             "first call s": "first_call_s",
             "note": "note",
         },
     )
     for name, why in built.skipped.items():
         print(f"  {name}: skipped ({why})")
-    return {"deploy": rows, "deploy_skipped": built.skipped, "isa": isa}
+    result = {"deploy": rows, "deploy_skipped": built.skipped, "isa": isa}
+    if args.json:
+        plot = Path(args.json).with_name(Path(args.json).stem + "_deploy.png")
+        print(f"  plot: {deploy_plot(rows, plot)}")
+        result["deploy_plot"] = str(plot) if plot.is_file() else None
+    return result
 
 
 # --sections name -> section, run in this order. Adding a section: its function and a line here.

@@ -1,7 +1,8 @@
-"""Export a checkpoint for deployment: ONNX or OpenVINO, fp32 / bf16 / int8, gated on held-out
-images.
+"""Export a checkpoint for deployment: ONNX or OpenVINO (fp32 / bf16 / int8) or an AOTInductor
+package (.pt2, fp32), checked against the fp32 model before it is written.
 
     python scripts/export.py ckpt.pth --out erfnet.onnx
+    python scripts/export.py ckpt.pth --out erfnet.pt2 --size 512 1024 --calib-data data/cityscapes
     python scripts/export.py ckpt.pth --out erfnet.xml --format openvino --precision bf16 \\
         --size 512 1024 --calib-data data/cityscapes
     python scripts/export.py ckpt.pth --out erfnet_int8.xml --precision int8 --argmax \\
@@ -14,9 +15,14 @@ returns ``logits`` [N, C, H, W], or with --argmax the class map ``labels`` [N, H
 given --calib-data, pass an accuracy gate first: calibrated on the train split of --calib-data,
 scored on its val split (one split: two disjoint halves) against the fp32 PyTorch model; refused
 (exit 1, no file written) when the mIoU drops by more than --max-miou-drop points or the labels
-agree with fp32 on fewer than --min-agreement percent of pixels. See docs/deploy.md.
+agree with fp32 on fewer than --min-agreement percent of pixels (fp32 exports: 0.05 points and
+99.99 %; a .pt2 without --calib-data is checked on a random image). See docs/deploy.md.
 
-Extras: onnx + onnxruntime (ONNX), openvino (+ onnx, for the conversion), nncf (OpenVINO int8).
+A .pt2 is compiled native code (load only packages you made), built by default for any x86-64-v3
+(AVX2) CPU; loading refuses it in one line on a CPU without the instructions it was built for.
+
+Extras: onnx + onnxruntime (ONNX), openvino (+ onnx, for the conversion), nncf (OpenVINO int8);
+exporting a .pt2 needs a C++ compiler (g++), loading one does not.
 """
 
 from __future__ import annotations
@@ -30,8 +36,14 @@ from typing import Any
 from erfnet.data.from_args import data_inputs
 from erfnet.deploy.build import FORMATS, PRECISIONS, ExportRequest, build_export, check_outputs
 from erfnet.deploy.exported import ExportError, export_format, require
-from erfnet.deploy.gate import DEFAULT_MAX_MIOU_DROP, DEFAULT_MIN_AGREEMENT
+from erfnet.deploy.gate import (
+    DEFAULT_MAX_MIOU_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    FP32_MAX_MIOU_DROP,
+    FP32_MIN_AGREEMENT,
+)
 from erfnet.deploy.onnx import ONNX_MAX_OPSET, ONNX_MIN_OPSET
+from erfnet.deploy.openvino_ir import INT8_METHODS
 from erfnet.errors import FlagError, UserError, cli_main
 
 MAX_SIDE = 4096  # pixels: --size's bound; the trace of a larger fixed size runs out of memory
@@ -41,9 +53,10 @@ MAX_SIDE = 4096  # pixels: --size's bound; the trace of a larger fixed size runs
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="our checkpoint (.pth)")
-    p.add_argument("--out", type=Path, required=True, help="the file to write (.onnx or .xml)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the file to write (.onnx, .xml or .pt2)")
     p.add_argument("--format", choices=FORMATS, default=None,
-                   help="onnx or openvino (default: from --out's suffix)")
+                   help="onnx, openvino or pt2 (default: from --out's suffix)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (exact), bf16 (OpenVINO on a CPU with bf16) or int8 (default fp32)")
     p.add_argument("--argmax", action="store_true",
@@ -59,12 +72,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="calibration images, spread over the split (default 64; 0 = all)")
     p.add_argument("--score-images", type=int, metavar="N", default=100,
                    help="images the gate scores, spread over the split (default 100; 0 = all)")
-    p.add_argument("--max-miou-drop", type=float, metavar="X", default=DEFAULT_MAX_MIOU_DROP,
+    p.add_argument("--max-miou-drop", type=float, metavar="X", default=None,
                    help=f"refuse if mIoU drops by more than X points (default"
-                   f" {DEFAULT_MAX_MIOU_DROP})")
-    p.add_argument("--min-agreement", type=float, metavar="P", default=DEFAULT_MIN_AGREEMENT,
+                   f" {DEFAULT_MAX_MIOU_DROP}; fp32 {FP32_MAX_MIOU_DROP})")
+    p.add_argument("--min-agreement", type=float, metavar="P", default=None,
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
-                   f" {DEFAULT_MIN_AGREEMENT})")
+                   f" {DEFAULT_MIN_AGREEMENT}; fp32 {FP32_MIN_AGREEMENT})")
+    p.add_argument("--int8-method", choices=tuple(INT8_METHODS), default=None,
+                   help="OpenVINO int8: the NNCF settings (default: the closest to the gate"
+                   " measured, see docs/deploy.md); float-* keep those layers in f32")
+    p.add_argument("--cpu-target", choices=("portable", "native"), default="portable",
+                   help="a .pt2's CPU: portable = any x86-64-v3 (AVX2) CPU (default), native ="
+                   " this CPU's instructions (AVX-512 where it has them; refused elsewhere)")
     p.add_argument("--report", type=Path, metavar="JSON", default=None,
                    help="write the figures, calibration_files and scored_files here")
     p.add_argument("--threads", type=int, metavar="N", default=0,
@@ -83,8 +102,15 @@ def check_args(args: argparse.Namespace) -> None:
             args.format = export_format(args.out)
         except ExportError:
             raise FlagError(
-                f"--out {args.out}: end it in .onnx or .xml, or give --format"
+                f"--out {args.out}: end it in .onnx, .xml or .pt2, or give --format"
             ) from None
+    if args.precision != "fp32" and args.format == "pt2":
+        raise FlagError(
+            f"--precision {args.precision}: a .pt2 is fp32 (exact); bf16 and int8 are"
+            " OpenVINO / ONNX exports"
+        )
+    if args.int8_method is not None and (args.precision, args.format) != ("int8", "openvino"):
+        raise FlagError("--int8-method is for --precision int8 --format openvino (NNCF)")
     if args.precision == "bf16" and args.format != "openvino":
         raise FlagError("--precision bf16 is an OpenVINO export: add --format openvino")
     if args.precision != "fp32" and args.calib_data is None:
@@ -101,6 +127,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.calib_images < 0 or args.score_images < 0 or args.threads < 0:
         raise FlagError("--calib-images, --score-images and --threads must be >= 0")
+    fp32 = args.precision == "fp32"
+    if args.max_miou_drop is None:
+        args.max_miou_drop = FP32_MAX_MIOU_DROP if fp32 else DEFAULT_MAX_MIOU_DROP
+    if args.min_agreement is None:
+        args.min_agreement = FP32_MIN_AGREEMENT if fp32 else DEFAULT_MIN_AGREEMENT
     if not 0.0 <= args.min_agreement <= 100.0:
         raise FlagError(f"--min-agreement is a percentage in [0, 100], got {args.min_agreement}")
     if not ONNX_MIN_OPSET <= args.opset <= ONNX_MAX_OPSET:
@@ -127,7 +158,13 @@ def export_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
 
 
 def check_extras(args: argparse.Namespace) -> None:
-    """The optional packages this export needs, and a bf16-capable CPU for bf16."""
+    """The optional packages this export needs, a bf16-capable CPU for bf16, a C++ compiler
+    for a .pt2."""
+    if args.format == "pt2":
+        from erfnet.deploy.aoti import check_compiler
+
+        check_compiler()
+        return
     needed = {"onnx": ["onnx", "onnxruntime"], "openvino": ["onnx", "openvino"]}[args.format]
     if args.precision == "int8" and args.format == "openvino":
         needed.append("nncf")
@@ -159,6 +196,8 @@ def request(args: argparse.Namespace) -> ExportRequest:
         min_agreement=args.min_agreement,
         threads=args.threads,
         opset=args.opset,
+        cpu_target=args.cpu_target,
+        int8_method=args.int8_method,
         report=args.report,
     )
 
@@ -170,6 +209,15 @@ def summary(report: dict[str, Any]) -> str:
         f" {report['format']} {report['precision']}, output"
         f" {'labels' if report['argmax'] else 'logits'}) in {report['seconds']:.1f} s"
     ]
+    if "self_check" in report:
+        c = report["self_check"]
+        diff = (
+            f", largest logit difference {c['max_logit_diff']:.2g}" if "max_logit_diff" in c else ""
+        )
+        lines.append(
+            f"checked on {c['input']}: pixel agreement with fp32 {c['agreement']:.2f}%{diff}"
+            " (give --calib-data to score it on held-out images)"
+        )
     if "gate" in report:
         g = report["gate"]
         lines.append(

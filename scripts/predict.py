@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an image file or a folder of images (searched recursively)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="our checkpoint (.pth)")
-    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml), on the CPU")
+    what.add_argument("--model", help="an exported model (.onnx, OpenVINO .xml, .pt2), on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (slower)")
     p.add_argument("--scale", nargs=2, type=int, default=None, metavar=("H", "W"),

@@ -55,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="our checkpoint (.pth), run with PyTorch")
     model.add_argument("--model", "--onnx", dest="model", metavar="PATH",
-                       help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime) or"
-                       " OpenVINO .xml (--onnx is the old name)")
+                       help="an exported model, CPU: .onnx (fp32 or int8, onnxruntime), OpenVINO"
+                       " .xml or .pt2 (--onnx is the old name)")
     p.add_argument("--out", help="overlay video to write (.mp4, .mkv, .avi, .mov, .webm)")
     p.add_argument("--labels", metavar="DIR", help="also write one class-index PNG per frame")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")

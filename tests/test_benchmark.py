@@ -215,3 +215,9 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
         assert 0 < r["agreement"] <= 100, name
     for exact in {"ours fast=True", "onnxruntime fp32", "OpenVINO f32 hint"} & set(deploy):
         assert deploy[exact]["agreement"] > 99.9, exact
+        assert deploy[exact]["gate"].startswith("passes"), exact  # the fp32 thresholds
+    assert deploy["plain eager fp32"]["gate"] == "reference"
+    assert res["deploy_skipped"]["AOTInductor .pt2"] == "--compile off"  # --quick compiles none
+    if importlib.util.find_spec("matplotlib"):  # speed vs agreement, beside the JSON
+        assert res["deploy_plot"] == str(out.with_name(out.stem + "_deploy.png"))
+        assert Path(res["deploy_plot"]).read_bytes()[:4] == b"\x89PNG"

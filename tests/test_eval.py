@@ -688,7 +688,7 @@ def test_model_flag_errors(tmp_path, val_root, exported):
     msg = _error(["--model", str(tmp_path / "none.onnx"), *base])
     assert msg.startswith("error: --model") and "no such file" in msg
     msg = _error(["--model", str(tmp_path / "m.pt"), *base])
-    assert "expected an exported model ending in .onnx or .xml" in msg
+    assert "expected an exported model ending in .onnx, .xml or .pt2" in msg
     msg = _error(["--model", str(exported["onnx"]), *base, "--device", "cuda"])
     assert "--model runs on the CPU" in msg
     with pytest.raises(SystemExit):  # argparse: one of --checkpoint / --model, not both

@@ -1,11 +1,13 @@
 """The deployment paths scripts/benchmark.py's ``deploy`` section times side by side.
 
 ``deploy_paths`` builds every way this project can run an ERFNet on the CPU at one input size:
-the plain eager model, the exact fast path, torch.compile of it, torch bf16 autocast, onnxruntime
-fp32 and int8, OpenVINO with an f32 hint, with its default hint (bf16 on a CPU with AMX) and
-int8 (NNCF). Each is a callable on a normalised float batch that returns logits, built with the
-same functions scripts/export.py uses; paths whose optional package is absent are listed in
-``skipped`` with the reason.
+the plain eager model, the exact fast path, torch.compile of it, the AOTInductor package
+(scripts/export.py --format pt2), torch bf16 autocast, onnxruntime fp32 and int8, OpenVINO with
+an f32 hint, with its default hint (bf16 on a CPU with AMX), with a bf16 hint (on a CPU with
+native bf16) and int8 (NNCF). Each is a callable on a normalised float batch that returns
+logits, built with the same functions scripts/export.py uses; paths whose optional package is
+absent are listed in ``skipped`` with the reason. ``reduced`` names the paths that are not exact
+(the export gate's thresholds for reduced precision apply to them, fp32's to the others).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class DeployPaths:
         default_factory=dict
     )
     skipped: dict[str, str] = field(default_factory=dict)
+    reduced: set[str] = field(default_factory=set)  # bf16 / int8: not exact
 
 
 def _autocast_bf16(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +62,26 @@ def _run_openvino(compiled: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(compiled(x.numpy())[0]))
 
 
+def pt2_path(
+    model: nn.Module, size: tuple[int, int], threads: int, workdir: Path, paths: DeployPaths
+) -> None:
+    """The AOTInductor package scripts/export.py --format pt2 writes (portable target, fixed
+    size), loaded as eval.py --model loads it."""
+    from erfnet.deploy.aoti import check_compiler, export_pt2
+    from erfnet.deploy.exported import load_exported
+
+    try:
+        check_compiler()
+    except ExportError as e:
+        paths.skipped["AOTInductor .pt2"] = str(e)
+        return
+    path = export_pt2(model, workdir / "erfnet.pt2", model.meta, size)
+    paths.paths["AOTInductor .pt2"] = (
+        load_exported(path, threads),
+        "scripts/export.py --format pt2 (x86-64-v3, frozen); compiled at export",
+    )
+
+
 def torch_paths(model: nn.Module, paths: DeployPaths, compile_fast: bool = True) -> None:
     """Plain eager, the exact fast path, torch.compile (inductor, freezing) of it, bf16."""
     fast = optimize_for_inference(model)
@@ -76,6 +99,7 @@ def torch_paths(model: nn.Module, paths: DeployPaths, compile_fast: bool = True)
         functools.partial(_autocast_bf16, fast),
         "approximate",
     )
+    paths.reduced.add("torch bf16 autocast(fast)")
 
 
 def _skipped(paths: DeployPaths, backend: str, *modules: str) -> bool:
@@ -107,6 +131,7 @@ def onnxruntime_paths(
     for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
         session = onnx_session(path, threads)
         paths.paths[name] = (functools.partial(_run_onnx, session), "CPUExecutionProvider")
+    paths.reduced.add("onnxruntime int8")
 
 
 def openvino_paths(
@@ -139,6 +164,14 @@ def openvino_paths(
         functools.partial(_run_openvino, default),
         f"runs {hint}",
     )
+    if "16" in hint:
+        paths.reduced.add("OpenVINO default hint")
+    elif openvino_ir.cpu_supports_bf16():  # the bf16 export, which the default hint is not here
+        paths.paths["OpenVINO bf16 hint"] = (
+            functools.partial(_run_openvino, openvino_compiled(ir, threads, "bf16")),
+            "the --precision bf16 export",
+        )
+        paths.reduced.add("OpenVINO bf16 hint")
     try:
         require("nncf")
     except ExportError as e:
@@ -152,6 +185,7 @@ def openvino_paths(
         functools.partial(_run_openvino, compiled),
         f"NNCF {options.preset}, hint {OPENVINO_HINT['int8']}",
     )
+    paths.reduced.add("OpenVINO int8")
 
 
 def deploy_paths(
@@ -166,6 +200,10 @@ def deploy_paths(
     """Every path, ``model`` (eval mode, CPU) first; ``calib``: int8 calibration inputs."""
     paths = DeployPaths()
     torch_paths(model, paths, compile_fast)
+    if compile_fast:
+        pt2_path(model, size, threads, workdir, paths)
+    else:
+        paths.skipped["AOTInductor .pt2"] = "--compile off"
     onnxruntime_paths(model, size, calib, threads, workdir, paths)
     openvino_paths(model, size, calib, threads, workdir, paths, nncf_options)
     return paths

@@ -33,9 +33,9 @@ from erfnet.deploy.exported import (
 from erfnet.deploy.onnx import ONNX_MIN_OPSET, append_argmax, export_onnx, set_props
 from erfnet.fuse import optimize_for_inference
 
-FORMATS = ("onnx", "openvino")
+FORMATS = ("onnx", "openvino", "pt2")
 PRECISIONS = ("fp32", "bf16", "int8")
-SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "pt2": ".pt2"}
 # The INFERENCE_PRECISION_HINT each OpenVINO precision is gated and deployed with. int8 keeps
 # its non-quantized layers in f32, so the gate's figures hold on CPUs with and without bf16.
 OPENVINO_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -61,6 +61,8 @@ class ExportRequest:
     threads: int = 0
     opset: int = ONNX_MIN_OPSET
     nncf_options: Any = None  # erfnet.deploy.openvino_ir.NNCFOptions, None = its defaults
+    cpu_target: str = "portable"  # a .pt2's: "portable" (x86-64-v3, AVX2) or "native"
+    int8_method: str | None = None  # OpenVINO int8: a key of INT8_METHODS, None = the best
     report: Path | None = None
 
 
@@ -131,12 +133,13 @@ def _openvino_artifact(
     ir = openvino_ir.convert_onnx(_fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False))
     if req.precision == "int8":
         require("nncf")
-        options = req.nncf_options or openvino_ir.NNCFOptions()
+        method = int8_method(req)
+        options = req.nncf_options or openvino_ir.INT8_METHODS[method]
         inputs = gate.NetworkInputs(
             held.calibration, model.meta["mean"], model.meta["std"], req.size
         )
         ir = openvino_ir.quantize_int8(ir, inputs, options)
-        ws.notes.append(f"NNCF {asdict(options)}")
+        ws.notes.append(f"NNCF int8 method {method}: {asdict(options)}")
     if req.argmax:
         ir = openvino_ir.append_argmax(ir)
     props = {
@@ -146,6 +149,62 @@ def _openvino_artifact(
         HINT_KEY: OPENVINO_HINT[req.precision],
     }
     openvino_ir.save_ir(ir, ws.artifact, props)
+
+
+def _pt2_artifact(
+    model: torch.nn.Module, req: ExportRequest, ws: Workspace, held: gate.HeldOut | None
+) -> None:
+    """The AOTInductor package in ``ws`` (fp32, frozen weights; erfnet.deploy.aoti)."""
+    from erfnet.deploy.aoti import export_pt2
+
+    started = time.perf_counter()
+    export_pt2(model, ws.artifact, model.meta, req.size, argmax=req.argmax, target=req.cpu_target)
+    ws.notes.append(f"AOTInductor compile {time.perf_counter() - started:.0f} s")
+
+
+# A dynamic .pt2 is checked without --calib-data at this size (a multiple of 8).
+CHECK_SIZE = (256, 512)
+
+
+@torch.inference_mode()
+def _self_check(req: ExportRequest, model: torch.nn.Module, ws: Workspace) -> dict[str, Any]:
+    """Without held-out images: the export against the fp32 model on one random input (argmax
+    agreement and the largest logit difference), so that no broken file is ever written."""
+    exported = load_exported(ws.artifact, req.threads)
+    h, w = req.size or CHECK_SIZE
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    ref, got = optimize_for_inference(model)(x), exported(x)
+    labels = got if not got.is_floating_point() else got.argmax(1)
+    figures: dict[str, Any] = {
+        "input": f"one random normal {h}x{w} image (no --calib-data)",
+        "agreement": 100.0 * float((labels == ref.argmax(1)).float().mean()),
+        "min_agreement": req.min_agreement,
+    }
+    if got.is_floating_point():
+        figures["max_logit_diff"] = float((got - ref).abs().max())
+    return figures
+
+
+def int8_method(req: ExportRequest) -> str:
+    """The name of the int8 method an export uses (onnxruntime's one for an .onnx)."""
+    from erfnet.deploy.openvino_ir import BEST_INT8_METHOD
+
+    if req.format == "onnx":
+        return "onnxruntime MinMax per-channel"
+    if req.nncf_options is not None:
+        return "custom NNCFOptions"
+    return req.int8_method or BEST_INT8_METHOD
+
+
+def _int8_refusal(req: ExportRequest, error: gate.GateError) -> gate.GateError:
+    """A refused int8 export's message, naming the method tried and the best one measured."""
+    from erfnet.deploy.openvino_ir import BEST_INT8_METHOD
+
+    return gate.GateError(
+        f"{error}; int8 method tried: {int8_method(req)} (the closest to the gate of the"
+        f" methods measured in docs/deploy.md: OpenVINO --int8-method {BEST_INT8_METHOD});"
+        " a bf16 (CPUs with bf16) or fp32 export keeps the labels"
+    )
 
 
 def _gate(
@@ -185,6 +244,34 @@ def needs_gate(req: ExportRequest) -> bool:
     return req.precision != "fp32" or req.calib_data is not None
 
 
+BUILDERS = {"onnx": _onnx_artifact, "openvino": _openvino_artifact, "pt2": _pt2_artifact}
+
+
+def _check(
+    req: ExportRequest,
+    model: torch.nn.Module,
+    ws: Workspace,
+    held: gate.HeldOut | None,
+    report: dict[str, Any],
+) -> None:
+    """Add the gate's figures (or, for a .pt2 without --calib-data, the self-check's) to
+    ``report``; GateError when they miss a threshold, after writing the report if asked."""
+    try:
+        if held is not None:
+            report["gate"] = _gate(req, model, ws, held)
+            gate.check_gate(report["gate"], req.max_miou_drop, req.min_agreement)
+        elif req.format == "pt2":
+            report["self_check"] = _self_check(req, model, ws)
+            gate.check_self(report["self_check"], req.min_agreement)
+    except gate.GateError as e:
+        report["accepted"] = False
+        if req.report is not None:
+            write_report(req.report, report)
+        if req.precision == "int8":
+            raise _int8_refusal(req, e) from None
+        raise
+
+
 def build_export(req: ExportRequest) -> dict[str, Any]:
     """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict.
 
@@ -222,18 +309,9 @@ def build_export(req: ExportRequest) -> dict[str, Any]:
     folder.mkdir()
     ws = Workspace(folder, folder / f"model{SUFFIX[req.format]}")
     try:
-        build = _onnx_artifact if req.format == "onnx" else _openvino_artifact
-        build(model, req, ws, held)
-        if held is not None:
-            report["gate"] = _gate(req, model, ws, held)
-            report["notes"] = ws.notes
-            try:
-                gate.check_gate(report["gate"], req.max_miou_drop, req.min_agreement)
-            except gate.GateError:
-                report["accepted"] = False
-                if req.report is not None:
-                    write_report(req.report, report)
-                raise
+        BUILDERS[req.format](model, req, ws, held)
+        report["notes"] = ws.notes
+        _check(req, model, ws, held, report)
         _move_into_place(ws, req.out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Run an exported ERFNet (an ONNX file through onnxruntime, an OpenVINO ``.xml``) as a model.
+"""Run an exported ERFNet (an ONNX file through onnxruntime, an OpenVINO ``.xml``, an
+AOTInductor ``.pt2`` package) as a model.
 
 ``load_exported(path)`` gives an ``ExportedModel``: called on a normalised float batch
 [N, 3, H, W] it returns float logits [N, C, H, W] (or, for a graph exported with ``--argmax``,
@@ -34,7 +35,7 @@ PRECISION_KEY = "erfnet_precision"  # "fp32", "bf16" or "int8"
 # fp32 IR).
 HINT_KEY = "erfnet_inference_precision"
 PROP_KEYS = (META_KEY, OUTPUT_KEY, PRECISION_KEY, HINT_KEY)
-FORMATS = {".onnx": "onnx", ".xml": "openvino"}
+FORMATS = {".onnx": "onnx", ".xml": "openvino", ".pt2": "pt2"}
 INSTALL_HINTS = {
     "onnx": "pip install onnx onnxruntime",
     "onnxruntime": "pip install onnx onnxruntime",
@@ -60,7 +61,7 @@ def export_format(path: str | Path) -> str:
     """'onnx' or 'openvino' from the file's suffix; ExportError for anything else."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise ExportError(f"{path}: expected an exported model ending in .onnx or .xml")
+        raise ExportError(f"{path}: expected an exported model ending in .onnx, .xml or .pt2")
     return fmt
 
 
@@ -116,8 +117,8 @@ class ExportedModel:
     """An exported graph behind the call signature of an eval-mode ERFNet (CPU tensors)."""
 
     path: Path
-    format: str  # "onnx" or "openvino"
-    runner: Any  # onnxruntime.InferenceSession or openvino.CompiledModel
+    format: str  # "onnx", "openvino" or "pt2"
+    runner: Any  # onnxruntime.InferenceSession, openvino.CompiledModel or an AOTInductor model
     meta: dict[str, Any]
     output: str = "logits"  # or "labels" (argmax in the graph)
     precision: str = "fp32"
@@ -138,6 +139,11 @@ class ExportedModel:
                 f"{self.path.name}: exported for {h}x{w} inputs, got {x.shape[-2]}x{x.shape[-1]}"
                 " (export with a dynamic size, or evaluate at that size)"
             )
+        if self.format == "pt2":
+            from erfnet.deploy.aoti import run_pt2
+
+            out = run_pt2(self.runner, x.detach().cpu(), dynamic=self.input_size is None)
+            return out.long() if self.output == "labels" else out.float()
         data = np.ascontiguousarray(x.detach().float().cpu().numpy())
         if self.format == "onnx":
             name = self.runner.get_inputs()[0].name
@@ -163,15 +169,28 @@ def _fixed_size(shape: list[Any]) -> tuple[int, int] | None:
     return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) else None
 
 
+def _load_pt2(path: Path, threads: int) -> tuple[Any, dict[str, str], tuple[int, int] | None]:
+    """An AOTInductor package (native code: see erfnet.deploy.aoti), after its CPU check."""
+    from erfnet.deploy.aoti import fixed_size, load_pt2
+
+    if threads:
+        torch.set_num_threads(threads)  # the package runs on PyTorch's intra-op threads
+    runner, props = load_pt2(path)
+    return runner, props, fixed_size(props)
+
+
 def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
-    """Load ``path`` (.onnx or OpenVINO .xml) for CPU inference; ExportError (one line) if it
-    is missing, unreadable, or was not written by this project's exporter."""
+    """Load ``path`` (.onnx, OpenVINO .xml or AOTInductor .pt2) for CPU inference; ExportError
+    (one line) if it is missing, unreadable, was not written by this project's exporter, or (a
+    .pt2) was compiled for instructions this CPU lacks."""
     path = Path(path)
     fmt = export_format(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     try:
-        if fmt == "onnx":
+        if fmt == "pt2":
+            runner, props, size = _load_pt2(path, threads)
+        elif fmt == "onnx":
             runner = onnx_session(path, threads)
             props = _onnx_props(runner)
             size = _fixed_size(runner.get_inputs()[0].shape)

@@ -14,7 +14,7 @@ of the scored pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +36,9 @@ from erfnet.evaluation.metrics import ConfusionMatrix
 
 DEFAULT_MAX_MIOU_DROP = 0.5  # mIoU points
 DEFAULT_MIN_AGREEMENT = 98.5  # percent of scored pixels whose label equals the fp32 label
+# An fp32 export is exact up to float rounding: its thresholds (the .pth's mIoU to 0.05 points).
+FP32_MAX_MIOU_DROP = 0.05
+FP32_MIN_AGREEMENT = 99.99
 Size = tuple[int, int]
 
 
@@ -178,27 +181,34 @@ def protocol_labels(
     return F.interpolate(labels, size=size, mode="nearest")[0, 0].long()
 
 
-@torch.inference_mode()
-def score_export(
-    reference: nn.Module,
-    exported: Callable[[torch.Tensor], torch.Tensor],
+def class_maps(
+    model: Callable[[torch.Tensor], torch.Tensor],
     picks: Picks,
     meta: dict[str, Any],
     fixed: Size | None,
     labels_out: bool,
-) -> dict[str, Any]:
-    """mIoU (percent) of the fp32 ``reference`` and of ``exported`` on ``picks``, the drop in
-    points and the pixel agreement (percent) of their class maps at the label size."""
-    num_scored = len(picks.dataset.classes)
-    num_outputs = len(meta["class_names"])
-    cms = {name: ConfusionMatrix(num_outputs) for name in ("fp32", "export")}
-    equal = total = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(class map, ground-truth labels) at the label size for each image of ``picks``, one at
+    a time, through the project's protocol (``network_input``, then ``protocol_labels``)."""
     for i in picks.indices:
         image, label = picks.dataset.load(i)
         size = input_size(label.shape, fixed)
         x = network_input(image[None].float(), size, meta["mean"], meta["std"])
-        ref = protocol_labels(reference(x), label.shape, labels_out)
-        got = protocol_labels(exported(x), label.shape, labels_out)
+        with torch.inference_mode():
+            yield protocol_labels(model(x), label.shape, labels_out), label
+
+
+def compare_maps(
+    reference: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    exported: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_scored: int,
+    num_outputs: int,
+) -> dict[str, Any]:
+    """mIoU (percent) of both sets of class maps against their labels, the drop in points and
+    the pixel agreement (percent) between them."""
+    cms = {name: ConfusionMatrix(num_outputs) for name in ("fp32", "export")}
+    equal = total = 0
+    for (ref, label), (got, _) in zip(reference, exported, strict=True):
         cms["fp32"].update(ref, label)
         cms["export"].update(got, label)
         equal += int((ref == got).sum())
@@ -212,6 +222,22 @@ def score_export(
         "agreement": 100.0 * equal / total,
         "scored_pixels": total,
     }
+
+
+def score_export(
+    reference: nn.Module,
+    exported: Callable[[torch.Tensor], torch.Tensor],
+    picks: Picks,
+    meta: dict[str, Any],
+    fixed: Size | None,
+    labels_out: bool,
+) -> dict[str, Any]:
+    """mIoU (percent) of the fp32 ``reference`` and of ``exported`` on ``picks``, the drop in
+    points and the pixel agreement (percent) of their class maps at the label size (one image
+    at a time: a 1024x2048 class map is 16 MB)."""
+    ref = class_maps(reference, picks, meta, fixed, labels_out)
+    got = class_maps(exported, picks, meta, fixed, labels_out)
+    return compare_maps(ref, got, len(picks.dataset.classes), len(meta["class_names"]))
 
 
 def check_gate(figures: dict[str, Any], max_miou_drop: float, min_agreement: float) -> None:
@@ -231,4 +257,14 @@ def check_gate(figures: dict[str, Any], max_miou_drop: float, min_agreement: flo
         raise GateError(
             f"export refused by the accuracy gate on {figures['scored_images']} held-out"
             f" image(s): " + "; ".join(missed) + "; no file written"
+        )
+
+
+def check_self(figures: dict[str, Any], min_agreement: float) -> None:
+    """GateError when an export's labels on the self-check's random input (no held-out images
+    given) agree with fp32 on fewer than ``min_agreement`` percent of its pixels."""
+    if figures["agreement"] < min_agreement:
+        raise GateError(
+            f"export refused by its self-check on {figures['input']}: pixel agreement with fp32"
+            f" {figures['agreement']:.2f}% < --min-agreement {min_agreement:g}%; no file written"
         )

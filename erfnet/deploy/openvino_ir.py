@@ -34,11 +34,34 @@ class NNCFOptions:
     preset: str = "performance"  # "performance" (symmetric) or "mixed" (asymmetric activations)
     fast_bias_correction: bool = True
     ignore_edge_layers: bool = False  # keep the first and last convolutions in float
+    # More node-name patterns (regular expressions) NNCF keeps in float: mixed precision.
+    ignored_patterns: tuple[str, ...] = ()
     # nncf.quantize_with_accuracy_control: layers go back to float, most harmful first, until the
     # labels of the calibration images agree with fp32 on at least 1 - max_agreement_drop of
     # their pixels (the gate then scores other images).
     accuracy_control: bool = False
     max_agreement_drop: float = 0.0075
+
+
+# scripts/export.py --int8-method: the NNCF settings tried for a gate-passing int8 export, in
+# the order of docs/deploy.md's frontier ("float" = kept in f32, the rest int8).
+INT8_METHODS = {
+    "defaults": NNCFOptions(),
+    "float-edges": NNCFOptions(ignore_edge_layers=True, fast_bias_correction=False),
+    "float-head": NNCFOptions(
+        ignore_edge_layers=True, fast_bias_correction=False, ignored_patterns=(r"/head/.*",)
+    ),
+    "float-decoder-head": NNCFOptions(
+        ignore_edge_layers=True,
+        fast_bias_correction=False,
+        ignored_patterns=(r"/head/.*", r"/decoder/.*"),
+    ),
+    "accuracy-control": NNCFOptions(
+        ignore_edge_layers=True, fast_bias_correction=False, accuracy_control=True
+    ),
+}
+# The method whose export came closest to the gate on a trained checkpoint (docs/deploy.md).
+BEST_INT8_METHOD = "float-decoder-head"
 
 
 def cpu_supports_bf16() -> bool:
@@ -133,8 +156,11 @@ def quantize_int8(
         "subset_size": len(inputs),
         "fast_bias_correction": options.fast_bias_correction,
     }
-    if options.ignore_edge_layers:
-        patterns = list(EDGE_LAYER_PATTERNS)
+    patterns = [
+        *(EDGE_LAYER_PATTERNS if options.ignore_edge_layers else ()),
+        *options.ignored_patterns,
+    ]
+    if patterns:
         common["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
     if not options.accuracy_control:
         return nncf.quantize(model, nncf.Dataset(inputs), **common)

@@ -149,8 +149,8 @@ class TorchPredictor:
 
 
 class ExportedPredictor:
-    """An exported model (.onnx through onnxruntime, OpenVINO .xml) on the CPU, run through
-    ``erfnet.deploy.exported.load_exported``: normalisation and palette come from the meta the
+    """An exported model (.onnx through onnxruntime, OpenVINO .xml, AOTInductor .pt2) on the
+    CPU, run through ``erfnet.deploy.exported.load_exported``: normalisation and palette come from the meta the
     exporter wrote into the file; a graph exported for a fixed size sets the network size.
     ``model`` is a loaded ``ExportedModel`` or the path of one."""
 
@@ -168,7 +168,8 @@ class ExportedPredictor:
                 raise VideoError(f"--model {e}") from None
         self.model, path = model, model.path
         self.meta = self.model.meta
-        self.backend = "onnxruntime" if self.model.format == "onnx" else "openvino"
+        backends = {"onnx": "onnxruntime", "openvino": "openvino", "pt2": "aotinductor"}
+        self.backend = backends[self.model.format]
         fixed = self.model.input_size
         if network_size and fixed and tuple(network_size) != fixed:
             raise VideoError(
