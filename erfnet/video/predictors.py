@@ -150,8 +150,9 @@ class TorchPredictor:
 
 class ExportedPredictor:
     """An exported model (.onnx through onnxruntime, OpenVINO .xml, AOTInductor .pt2) on the
-    CPU, run through ``erfnet.deploy.exported.load_exported``: normalisation and palette come from the meta the
-    exporter wrote into the file; a graph exported for a fixed size sets the network size.
+    CPU, run through ``erfnet.deploy.exported.load_exported``: normalisation and palette come
+    from the meta the exporter wrote into the file; a graph exported for a fixed size sets the
+    network size.
     ``model`` is a loaded ``ExportedModel`` or the path of one."""
 
     def __init__(
