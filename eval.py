@@ -135,7 +135,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise FlagError(f"--scales must be positive ratios, got {args.scales}")
     check_sizes(args)
     check_protocol(args)
-    check_outputs(args)
     if args.out_dir is not None and args.save_color is not None:
         out, color = Path(args.out_dir).resolve(), Path(args.save_color).resolve()
         if out == color or out in color.parents or color in out.parents:
@@ -143,6 +142,7 @@ def check_args(args: argparse.Namespace) -> None:
                 f"--save-color {args.save_color} must be outside --out-dir {args.out_dir}: the"
                 " official evaluator rejects a second PNG per image under its folder"
             )
+    check_outputs(args)
 
 
 def check_protocol(args: argparse.Namespace) -> None:
@@ -272,7 +272,13 @@ def check_classes(model: Any, classes: Sequence[str], args: argparse.Namespace) 
     except ValueError as e:
         raise UserError(f"{flag}: {e}") from None
     trained = list(model.meta["class_names"])[: len(classes)]
-    differ = [i for i, (a, b) in enumerate(zip(trained, classes, strict=True)) if a != b]
+    # class_<i>: the placeholder of a checkpoint saved without names (complete_meta), no claim
+    unnamed = [f"class_{i}" for i in range(len(trained))]
+    differ = [
+        i
+        for i, (a, b, u) in enumerate(zip(trained, classes, unnamed, strict=True))
+        if a not in (b, u)
+    ]
     if differ:
         i = differ[0]
         print(

@@ -22,13 +22,8 @@ import erfnet
 from erfnet.checkpoint import CheckpointError, make_checkpoint
 from erfnet.convert import ConversionError, load_foreign_checkpoint
 from erfnet.errors import UserError
-from erfnet.evaluation.inference import (
-    TestSettings,
-    infer_logits,
-    infer_probs_ms_flip,
-    labels_in_strips,
-    resize_rows,
-)
+from erfnet.evaluation.inference import TestSettings, infer_logits, infer_probs_ms_flip
+from erfnet.evaluation.strips import labels_in_strips, resize_rows
 from erfnet.model import ERFNet
 from erfnet.test_size import shorter_side_size
 
@@ -336,7 +331,7 @@ def test_resize_and_argmax_in_strips_equal_the_whole_computation(rgb: np.ndarray
 
 def test_video_predictors_default_to_the_checkpoints_test_size() -> None:
     pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
-    from erfnet.video.pipeline import network_size_for
+    from erfnet.video.predictors import network_size_for
 
     keep = {"rule": "keep_ratio", "scale": [32, 64]}
     assert network_size_for((72, 128), None, keep) == (32, 57)  # mmcv's rule, as predict

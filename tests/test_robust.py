@@ -660,7 +660,7 @@ def test_a_read_only_work_dir_is_one_line(
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
         r = run_train(run_args(synthetic_root, ro, "--resume"))
         assert r.returncode == 1 and r.stderr.strip() == (
-            f"error: --work-dir '{ro}': cannot write in it (Read-only file system)"
+            f"error: --work-dir {ro}: cannot write in '{ro}': Read-only file system"
         ), r.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(ro)], check=False)

@@ -32,11 +32,9 @@ an argmax): those are resized nearest to the label size, in whole-image single-s
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,99 +44,22 @@ from torch import nn
 from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
 from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
 from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
-from erfnet.test_size import DEFAULT_TEST_SIZE, RULES, rule_and_scale, rule_size
+from erfnet.evaluation.settings import (
+    DEFAULT_SETTINGS,
+    MIN_VIEW,
+    MODES,
+    Size,
+    TestSettings,
+    model_test_size,
+    settings_for,
+)
+from erfnet.evaluation.strips import STRIP_BYTES, labels_in_strips, strip_rows
+from erfnet.test_size import rule_size
 
-MODES = ("whole", "slide")
-# The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
-# smaller in either side would reach the bottleneck as an empty map.
-MIN_VIEW = 8
-Size = tuple[int, int]
-# Full-size float maps (logits, softmax sums) larger than this are made and reduced in
-# horizontal strips, all of a strip's maps within this size (the same labels;
-# docs/evaluation.md). Cityscapes' 19 x 1024 x 2048 logits (160 MB) stay whole.
-STRIP_BYTES = 256 << 20
 LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
     " single-scale prediction applies (no slide, no ms+flip)"
 )
-
-
-@dataclass(frozen=True)
-class TestSettings:
-    """How images are predicted; the defaults are mmseg's test protocol for this recipe.
-
-    ``scale``: the test size (H, W) an image is resized to under ``rule`` (``keep_ratio``:
-    fitted into it keeping its ratio, mmcv's rule; ``fixed``: to it; ``shorter_side``: the
-    shorter side to S, given as (S, S); see ``erfnet.test_size``). ``mode``: one of
-    ``MODES``. ``ms_flip``: average the softmax over ``ratios`` x ``scale`` views, each also
-    flipped when ``flip``. ``slide_crop`` / ``slide_stride``: the crops of slide mode. ``amp``:
-    fp16 autocast (CUDA only). Invalid values raise ValueError naming the field.
-    """
-
-    __test__ = False  # not a pytest test class, whatever its name
-
-    scale: Size = RECIPE.scale
-    mode: str = "whole"
-    ms_flip: bool = False
-    ratios: tuple[float, ...] = RECIPE.ms_flip_ratios
-    flip: bool = True
-    slide_crop: Size = RECIPE.slide_crop
-    slide_stride: Size = RECIPE.slide_stride
-    amp: bool = False
-    rule: str = "keep_ratio"
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if self.rule == "shorter_side" and tuple(self.scale)[:1] * 2 != tuple(self.scale):
-            raise ValueError(
-                f"rule shorter_side takes one size S as scale (S, S), got {self.scale}"
-            )
-        for name in ("scale", "slide_crop", "slide_stride"):
-            value = tuple(getattr(self, name))
-            if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value):
-                raise ValueError(f"{name} must be two positive integers (H, W), got {value}")
-            object.__setattr__(self, name, (int(value[0]), int(value[1])))
-        ratios = tuple(float(r) for r in self.ratios)
-        if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
-            raise ValueError(f"ratios must be positive finite numbers, got {list(self.ratios)}")
-        object.__setattr__(self, "ratios", ratios)
-        if ratios != RECIPE.ms_flip_ratios and not self.ms_flip:
-            raise ValueError("ratios are the ms+flip ratios: set ms_flip=True with them")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        crop, stride = self.slide_crop, self.slide_stride
-        if stride[0] > crop[0] or stride[1] > crop[1]:
-            raise ValueError(
-                f"slide_stride {stride} larger than slide_crop {crop} would leave pixels uncovered"
-            )
-
-    @classmethod
-    def for_test_size(cls, test_size: dict[str, Any], **others: Any) -> TestSettings:
-        """The settings of a checkpoint's ``meta["test_size"]`` (and ``others``' fields)."""
-        rule, scale = rule_and_scale(test_size)
-        return cls(scale=scale, rule=rule, **others)
-
-    @property
-    def view_ratios(self) -> tuple[float, ...]:
-        """The ratios of ``scale`` that views are made at: ``ratios`` for ms+flip, else 1."""
-        return self.ratios if self.ms_flip else (1.0,)
-
-
-DEFAULT_SETTINGS = TestSettings()
-
-
-def model_test_size(model: Any) -> dict[str, Any]:
-    """The test size ``model`` was validated at: its ``meta["test_size"]`` (recorded by
-    train.py and the converters), else Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``:
-    checkpoints written before the key existed, and networks built in code)."""
-    meta = getattr(model, "meta", None) or {}
-    return meta.get("test_size") or DEFAULT_TEST_SIZE
-
-
-def settings_for(model: Any, **others: Any) -> TestSettings:
-    """``TestSettings`` at the model's own test size (``model_test_size``) and ``others``."""
-    return TestSettings.for_test_size(model_test_size(model), **others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,42 +289,6 @@ def infer_probs_ms_flip(
     return acc.div_(len(settings.ratios) * (2 if settings.flip else 1))
 
 
-# --------------------------------------------------------------------------------------------
-# Bounded memory: the resize back to the image and the argmax in horizontal strips
-# --------------------------------------------------------------------------------------------
-
-
-def _axis_weights(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
-    """Source indices and weights of output positions ``start:stop`` of a bilinear resize
-    (align_corners=False) from ``n_in`` to ``n_out``, by F.interpolate's formula."""
-    if n_in == n_out:  # F.interpolate copies along an axis that keeps its size
-        idx = torch.arange(start, stop)
-        ones = torch.ones(stop - start)
-        return idx, idx, ones, torch.zeros(stop - start)
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-    src = (scale * (torch.arange(start, stop, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0)
-    i0 = src.long().clamp_max(n_in - 1)
-    w1 = (src - i0).clamp(0, 1)
-    return i0, torch.where(i0 < n_in - 1, i0 + 1, i0), 1 - w1, w1
-
-
-def resize_rows(x: torch.Tensor, size: Sequence[int], start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the bilinear resize (align_corners=False) of NCHW ``x`` to
-    ``size``, by F.interpolate's sampling positions and weights (rows first, at ``x``'s width,
-    then columns): every row is computed alone, so strips put together equal the whole resize
-    exactly; it equals ``resize_logits`` to float rounding (a few 1e-7)."""
-    h0, h1, a0, a1 = (t.to(x.device) for t in _axis_weights(x.shape[-2], size[0], start, stop))
-    w0, w1, b0, b1 = (t.to(x.device) for t in _axis_weights(x.shape[-1], size[1], 0, size[1]))
-    rows = x.index_select(2, h0).mul_(a0[:, None]).add_(x.index_select(2, h1).mul_(a1[:, None]))
-    out = rows.index_select(3, w0).mul_(b0)
-    return out.add_(rows.index_select(3, w1).mul_(b1))
-
-
-def strip_rows(maps: int, channels: int, width: int, budget: int = STRIP_BYTES) -> int:
-    """Rows per strip so that ``maps`` float32 maps [channels, rows, width] fit ``budget``."""
-    return max(1, budget // max(1, 4 * maps * channels * width))
-
-
 def _view_logits_list(
     model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings
 ) -> list[tuple[torch.Tensor, bool]]:
@@ -421,32 +306,6 @@ def _view_logits_list(
                 raise ValueError(LABELS_ONLY_WHOLE)
             views.append((logits, flipped))
     return views
-
-
-@torch.inference_mode()
-def labels_in_strips(
-    views: Sequence[tuple[torch.Tensor, bool]], out_size: Sequence[int], rows: int
-) -> torch.Tensor:
-    """Class map [N, *out_size] from view logits, ``rows`` output rows at a time: one view's
-    logits resized to the image then argmax, or (several views, ms+flip) the mean of their
-    softmax at the image size (flips undone) then argmax; the order of mmseg's whole-image
-    computation, never a full-size float map."""
-    h, w = int(out_size[0]), int(out_size[1])
-    first = views[0][0]
-    labels = torch.empty((first.shape[0], h, w), dtype=torch.long, device=first.device)
-    for y0 in range(0, h, rows):
-        y1 = min(y0 + rows, h)
-        if len(views) == 1:
-            labels[:, y0:y1] = resize_rows(first, (h, w), y0, y1).argmax(1)
-            continue
-        acc: torch.Tensor | None = None
-        for logits, flipped in views:
-            strip = resize_rows(logits, (h, w), y0, y1)
-            probs = torch.softmax(strip.flip(-1) if flipped else strip, dim=1)
-            acc = probs if acc is None else acc.add_(probs)
-        assert acc is not None
-        labels[:, y0:y1] = acc.div_(len(views)).argmax(1)
-    return labels
 
 
 @contextmanager
@@ -550,13 +409,9 @@ def predict(
 
 __all__ = [
     "DEFAULT_SETTINGS",
-    "STRIP_BYTES",
     "eval_mode",
-    "labels_in_strips",
     "model_test_size",
-    "resize_rows",
     "settings_for",
-    "strip_rows",
     "MIN_VIEW",
     "MODES",
     "TestSettings",
