@@ -233,7 +233,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             " erfnet.deploy.exported.load_exported(path) (the scripts' --model flag), and"
             " load_model a .pth checkpoint"
         )
-    check_inflation(path)
+    check_inflation(path, CheckpointError)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
