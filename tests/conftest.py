@@ -135,6 +135,18 @@ def run_train() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The work dir of one uninterrupted tiny run (``TINY_TRAIN_ARGS`` on ``synthetic_root``,
+    ``--workers 0``), run once per session: the reference of the exact-resume tests and the
+    outputs the end-to-end checks read. Read-only (copy it to resume or change it)."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    args = [*TINY_TRAIN_ARGS, "--data-root", str(synthetic_root), "--workers", "0"]
+    r = run_train_process([*args, "--work-dir", str(work)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="session")
 def start_train() -> Callable[..., subprocess.Popen]:
     """``start_train(args, fault=None, **popen)``: a train.py subprocess, not waited for."""
     return start_train_process
