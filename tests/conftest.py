@@ -61,6 +61,32 @@ TINY_TRAIN_ARGS = (
 )
 
 
+# The core specs: model, loss, metrics, data, inference, checkpoints, fine-tuning, in this process
+# (no subprocess, no optional extra). `python -m pytest -q -n 0 -m core` runs them alone.
+CORE_SPEC_MODULES = {
+    "test_model.py",
+    "test_loss.py",
+    "test_metrics.py",
+    "test_data.py",
+    "test_data_transforms.py",
+    "test_folder_data.py",
+    "test_custom_classes.py",
+    "test_class_weights.py",
+    "test_inference.py",
+    "test_checkpoint.py",
+    "test_finetune.py",
+    "test_lineage.py",
+    "test_reports.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of ``CORE_SPEC_MODULES`` ``core``."""
+    for item in items:
+        if item.path.name in CORE_SPEC_MODULES:
+            item.add_marker(pytest.mark.core)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_outside_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$XDG_CACHE_HOME for the whole session, train.py's subprocesses included: a
