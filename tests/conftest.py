@@ -61,6 +61,32 @@ TINY_TRAIN_ARGS = (
 )
 
 
+# The core specs: model, loss, metrics, data, inference, checkpoints, fine-tuning, in this process
+# (no subprocess, no optional extra). `python -m pytest -q -n 0 -m core` runs them alone.
+CORE_SPEC_MODULES = {
+    "test_model.py",
+    "test_loss.py",
+    "test_metrics.py",
+    "test_data.py",
+    "test_data_transforms.py",
+    "test_folder_data.py",
+    "test_custom_classes.py",
+    "test_class_weights.py",
+    "test_inference.py",
+    "test_checkpoint.py",
+    "test_finetune.py",
+    "test_lineage.py",
+    "test_reports.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests of ``CORE_SPEC_MODULES`` ``core``."""
+    for item in items:
+        if item.path.name in CORE_SPEC_MODULES:
+            item.add_marker(pytest.mark.core)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_outside_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$XDG_CACHE_HOME for the whole session, train.py's subprocesses included: a
@@ -132,6 +158,18 @@ def run_train() -> Callable[..., subprocess.CompletedProcess]:
     """``run_train(args, fault=None, **env)``: train.py run to its end in a subprocess, its
     output captured (``run_train_process``)."""
     return run_train_process
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The work dir of one uninterrupted tiny run (``TINY_TRAIN_ARGS`` on ``synthetic_root``,
+    ``--workers 0``), run once per session: the reference of the exact-resume tests and the
+    outputs the end-to-end checks read. Read-only (copy it to resume or change it)."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    args = [*TINY_TRAIN_ARGS, "--data-root", str(synthetic_root), "--workers", "0"]
+    r = run_train_process([*args, "--work-dir", str(work)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
 
 
 @pytest.fixture(scope="session")

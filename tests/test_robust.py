@@ -191,6 +191,7 @@ def test_a_second_run_in_the_same_work_dir_stops_at_once(
         for line in holder.stderr:
             if "training for" in line:
                 break
+        holder.send_signal(signal.SIGSTOP)  # holds the lock, idle: no CPU taken from the test
         r = run_train(args)
         assert r.returncode == 1
         assert r.stderr.strip() == (

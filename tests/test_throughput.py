@@ -75,15 +75,11 @@ def cached(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return root, base / "cache"
 
 
-@pytest.fixture(scope="module")
-def plain_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, run_train) -> Path:
-    """A 4-iteration run on today's path (PNG decode, augmentation in the loader)."""
-    work = tmp_path_factory.mktemp("plain")
-    r = run_train(
-        [*TINY, "--data-root", str(synthetic_root), "--workers", "0", "--work-dir", str(work)]
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return work
+@pytest.fixture
+def plain_run(tiny_run: Path) -> Path:
+    """A 4-iteration run on today's path (PNG decode, augmentation in the loader): conftest's
+    session-wide ``tiny_run``, whose flags are ``TINY``."""
+    return tiny_run
 
 
 # ---------------------------------------------------------------- device-side augmentation

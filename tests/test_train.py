@@ -51,24 +51,11 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def full_run(
-    synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, tiny_args, run_train
-) -> Path:
-    """An uninterrupted 4-iteration run (the reference for the resume tests)."""
-    work = tmp_path_factory.mktemp("full")
-    args = [
-        *tiny_args,
-        "--data-root",
-        str(synthetic_root),
-        "--workers",
-        "0",
-        "--work-dir",
-        str(work),
-    ]
-    r = run_train(args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return work
+@pytest.fixture
+def full_run(tiny_run: Path) -> Path:
+    """An uninterrupted 4-iteration run (the reference for the resume tests): conftest's
+    session-wide ``tiny_run``."""
+    return tiny_run
 
 
 # ---------------------------------------------------------------- schedule
