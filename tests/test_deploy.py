@@ -229,3 +229,22 @@ def test_tune_cpu_allocator_keeps_results() -> None:
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_gates_class_maps_leave_autograd_on_between_images() -> None:
+    """A generator suspended between two images (``zip`` stops at the shorter iterable) must not
+    hold the caller in inference mode: autograd stays on for whatever runs next."""
+    from erfnet.checkpoint import complete_meta
+    from erfnet.deploy import gate
+
+    class TwoImages:
+        def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.full((3, 16, 32), 100 + i, dtype=torch.uint8), torch.zeros(16, 32)
+
+    model = ERFNet(num_classes=3).eval()
+    maps = gate.class_maps(
+        model, gate.Picks(TwoImages(), [0, 1]), complete_meta(None, 3), None, False
+    )
+    labels, _ = next(maps)
+    assert labels.shape == (16, 32) and torch.is_grad_enabled()
+    maps.close()

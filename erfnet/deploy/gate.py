@@ -194,8 +194,11 @@ def class_maps(
         image, label = picks.dataset.load(i)
         size = input_size(label.shape, fixed)
         x = network_input(image[None].float(), size, meta["mean"], meta["std"])
+        # Not across the yield: a generator left suspended (zip stops at the shorter one) would
+        # keep the caller in inference mode, autograd off for the rest of the process.
         with torch.inference_mode():
-            yield protocol_labels(model(x), label.shape, labels_out), label
+            labels = protocol_labels(model(x), label.shape, labels_out)
+        yield labels, label
 
 
 def compare_maps(
