@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode
 from tqdm import tqdm
 
 from erfnet.config import IGNORE_INDEX
@@ -186,6 +185,8 @@ def map_label_ids(label_ids: torch.Tensor) -> torch.Tensor:
 
 def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
     """A label PNG as uint8 trainIds [H, W] (kind "labelIds" is mapped, "trainIds" is checked)."""
+    from torchvision.io import ImageReadMode  # torchvision loads torch._dynamo: where used
+
     path = Path(path)
     lab = read_png(path, ImageReadMode.UNCHANGED)
     if lab.dtype != torch.uint8 or lab.shape[0] != 1:

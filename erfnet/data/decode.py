@@ -21,14 +21,16 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_png, read_file
 
 from erfnet.errors import UserError
+
+if TYPE_CHECKING:  # torchvision's io loads torch._dynamo (~2 s): imported where it decodes
+    from torchvision.io import ImageReadMode
 
 
 class DatasetError(UserError):
@@ -171,6 +173,8 @@ def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None
         except ImportError:
             pyspng = None
         _PYSPNG.append(pyspng)
+    from torchvision.io import ImageReadMode
+
     head = data[:29].tolist() if data.numel() >= 29 else []
     # IHDR: bit depth at byte 24, colour type at 25 (2 RGB, 0 grey), interlace at 28.
     want = 2 if mode == ImageReadMode.RGB else 0
@@ -185,6 +189,8 @@ def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tenso
     # per call, hidden by Python's default filters; no filter is changed here); they are still
     # the fastest PNG path here (libpng straight into a tensor), unless pyspng is installed
     # (see _spng_decode).
+    from torchvision.io import decode_png, read_file
+
     try:
         data = read_file(str(path))
     except (RuntimeError, OSError) as e:
@@ -214,6 +220,8 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     """
     path = Path(path)
     if path.suffix.lower() == ".png":
+        from torchvision.io import ImageReadMode
+
         return to_uint8(read_png(path, ImageReadMode.RGB, exif=True))
     try:
         with open_image(path) as im:

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, RECIPE, STD_RGB
 
@@ -85,6 +83,10 @@ def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of a [H,W] label (same rule as cv2 INTER_NEAREST)."""
     if tuple(label.shape[-2:]) == tuple(size):
         return label
+    # torchvision loads torch._dynamo (~2 s of every process start): imported where it is used
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     return TF.resize(label[None], list(size), InterpolationMode.NEAREST)[0]
 
 
