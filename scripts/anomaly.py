@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,9 @@ from erfnet.evaluation.anomaly import (
     void_class,
 )
 from erfnet.evaluation.inference import MIN_VIEW
-from erfnet.runtime import OutputError, apply_cpu_plan, check_output_dir, check_output_file
+from erfnet.outputs import atomic_write_text, output_dir, output_file
+from erfnet.outputs import check_outputs as check_output_rule
+from erfnet.runtime import apply_cpu_plan
 
 
 def positive_float(text: str) -> float:
@@ -207,26 +208,18 @@ def results_json(args: argparse.Namespace, model: Any, protocol, results) -> dic
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write --json {path}: {e.strerror or e}") from None
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """--json and --out-dir writable, none of the inputs, before any work; --out-dir's
-    matplotlib present."""
-    try:
-        if args.json is not None:
-            check_output_file(args.json, "--json", [args.checkpoint, args.model])
-        if args.out_dir is not None:
-            check_output_dir(args.out_dir, "--out-dir", [args.data_root])
-    except OutputError as e:
-        raise UserError(str(e)) from None
+    """--json and --out-dir by the one output rule (``erfnet.outputs``) before any work: neither
+    is, holds or lies inside an input (the checkpoint or export, the data root), nor the other;
+    --out-dir's matplotlib present."""
+    outputs = [*output_file("--json", args.json), *output_dir("--out-dir", args.out_dir)]
+    inputs = [("--checkpoint", args.checkpoint), ("--model", args.model)]
+    if args.model is not None and Path(args.model).suffix.lower() == ".xml":
+        inputs.append(("--model", Path(args.model).with_suffix(".bin")))  # the IR's weights
+    check_output_rule(outputs, [*inputs, ("--data-root", args.data_root)])
     if args.out_dir is not None:
         from erfnet.evaluation.anomaly_plots import require_matplotlib
 

@@ -333,3 +333,20 @@ def test_benchmark_flag_names_one_sets_layout(tmp_path: Path) -> None:
         anomaly.find_sets(tmp_path / "pack", "roadanomaly")
     with pytest.raises(UserError, match="unknown set folder"):
         anomaly.find_sets(tmp_path / "pack")
+
+
+def test_outputs_never_land_on_an_input_or_on_each_other(pack, void_checkpoint, tmp_path):
+    """The one output rule, before any work: --json on the checkpoint, --out-dir inside the pack,
+    --json inside --out-dir are each one line; the checkpoint and the pack are left unchanged."""
+    before = void_checkpoint.read_bytes(), sorted(p.name for p in pack.rglob("*"))
+    cases = [("--json", void_checkpoint), ("--out-dir", pack / "plots")]
+    for flag, path in cases:
+        with pytest.raises(SystemExit) as e:
+            cli("--checkpoint", void_checkpoint, "--data-root", pack, flag, path)
+        assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        out = tmp_path / "o"
+        cli("--checkpoint", void_checkpoint, "--data-root", pack, "--out-dir", out, "--json", out)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "--json" in message and "--out-dir" in message
+    assert (void_checkpoint.read_bytes(), sorted(p.name for p in pack.rglob("*"))) == before

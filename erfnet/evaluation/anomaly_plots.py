@@ -3,7 +3,6 @@ PR curves. matplotlib is an optional extra, imported here only, when called."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from erfnet.errors import UserError
 from erfnet.evaluation.anomaly_metrics import AnomalyMetrics, Levels, pr_points, roc_points
+from erfnet.outputs import atomic_write
 
 MATPLOTLIB_HINT = "--out-dir writes plots with matplotlib: pip install matplotlib"
 MAX_PLOT_POINTS = 4000  # a curve is drawn through at most this many of its points
@@ -30,9 +30,7 @@ def require_matplotlib() -> Any:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), fsync=False)
 
 
 def write_heatmap(path: Path, scores: np.ndarray) -> None:
@@ -82,9 +80,7 @@ def write_curves(
         ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper right")
         fig.tight_layout()
         path = out_dir / f"{set_name}_{kind}.png"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100), fsync=False)
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
     return written
