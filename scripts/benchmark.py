@@ -52,7 +52,7 @@ from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.labels import CLASS_NAMES
 from erfnet.model import ERFNet, count_parameters
-from erfnet.outputs import atomic_write_text, check_outputs, output_file
+from erfnet.outputs import atomic_write, atomic_write_text, check_outputs, output_file
 from erfnet.runtime import check_runtime_flags
 from erfnet.training.step import train_step
 
@@ -803,13 +803,10 @@ def deploy_plot(rows: list[dict[str, Any]], path: Path) -> str:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"), fsync=False)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return f"wrote {path}"
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from erfnet.evaluation.visualize import blend, palette_lut
+from erfnet.outputs import atomic_write
 from erfnet.video.io import (  # noqa: F401  (re-exported: the video path's public names)
     AUTO_CODECS,
     DEFAULT_FPS,
@@ -155,8 +157,10 @@ class _Stages:
             self.writer.write(image)
         if self.labels_dir is not None:
             path = self.labels_dir / f"{index:06d}.png"
-            try:
-                Image.fromarray(labels).save(path, compress_level=1)
+            image = Image.fromarray(labels)
+            save = partial(image.save, format="PNG", compress_level=1)
+            try:  # the one atomic writer: never a half-written frame, never through a link
+                atomic_write(path, save, fsync=False)
             except OSError as e:
                 raise VideoError(f"--labels: cannot write {path}: {e.strerror or e}") from None
         self.timer.add("encode", t)
