@@ -1,6 +1,7 @@
 """AOTInductor packages (.pt2) of an ERFNet: compiled ahead of time, weights frozen, CPU checked.
 
-``export_pt2`` compiles ``fuse_bn(model)`` (channels_last weights) with
+``export_pt2`` compiles ``optimize_for_inference(model)`` (BN folded, channels_last weights, the
+FCN head in row strips at a fixed size) with
 ``torch._inductor.aoti_compile_and_package``: export and compile run under ``torch.no_grad()``,
 the only way inductor's freezing applies (weights become constants, the convolutions are
 prepacked for oneDNN with their ReLUs and residual adds fused in; without it the package is no
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from erfnet.deploy.exported import META_KEY, OUTPUT_KEY, PRECISION_KEY, ExportError
-from erfnet.fuse import fuse_bn
+from erfnet.fuse import optimize_for_inference
 
 TARGETS = ("portable", "native")
 PORTABLE_MARCH = "x86-64-v3"
@@ -150,7 +151,9 @@ def export_pt2(
     with ``argmax`` int64 labels [1, H, W].
     """
     march, flags = target_flags(target)
-    net = fuse_bn(model).cpu().float().to(memory_format=torch.channels_last)
+    net = optimize_for_inference(model.cpu().float())
+    if size is None:  # strips unroll over a known height: a dynamic package runs the head whole
+        net.head.rows = 0
     if argmax:
         net = WithArgmax(net)
     h, w = size or (512, 1024)  # a dynamic export only traces at this size
