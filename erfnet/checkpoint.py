@@ -28,13 +28,11 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint_checks import MAX_CLASSES, check_inflation, export_kind, meta_problem
-from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.errors import UserError
 from erfnet.fuse import optimize_for_inference
-from erfnet.labels import CLASS_NAMES, PALETTE, class_colors
+from erfnet.labels import CLASS_NAMES, PALETTE, complete_meta
 from erfnet.model import ERFNet, unwrap_model
 from erfnet.outputs import atomic_write
-from erfnet.test_size import DEFAULT_TEST_SIZE
 
 FORMAT = "erfnet-v1"
 # The terms of weights this project's code trained from scratch (the code's own licence). Weights
@@ -142,34 +140,6 @@ def model_args(ckpt_args: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(ERFNet.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     return {**defaults, **ckpt_args}
-
-
-def complete_meta(
-    meta: dict[str, Any] | None, num_classes: int, head: str | None = None
-) -> dict[str, Any]:
-    """The meta with every key a reader uses: the one place that fills what a file lacks.
-
-    ``mean`` / ``std``: ImageNet's (what every built-in pipeline trains with); ``ignore_index``:
-    255; ``test_size``: Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``, what files
-    written before the key existed were validated at); ``head``: the model's (when given);
-    ``class_names``: ``class_<i>`` for a model saved without them (a checkpoint never claims a
-    dataset's classes it was not given); ``palette``: one colour per class, completed by
-    ``erfnet.labels.class_colors``' rule.
-    """
-    full = dict(meta or {})
-    full.setdefault("test_size", {**DEFAULT_TEST_SIZE, "scale": list(DEFAULT_TEST_SIZE["scale"])})
-    full.setdefault("mean", list(MEAN_RGB))
-    full.setdefault("std", list(STD_RGB))
-    full.setdefault("ignore_index", IGNORE_INDEX)
-    if head is not None:
-        full.setdefault("head", head)
-    names = list(full.get("class_names") or [])
-    full["class_names"] = names + [f"class_{i}" for i in range(len(names), num_classes)]
-    palette = full.get("palette") or []
-    if len(palette) < num_classes:
-        colors = class_colors(palette, num_classes, "the checkpoint's palette")
-        full["palette"] = [[int(v) for v in c] for c in colors]
-    return full
 
 
 def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any) -> dict:

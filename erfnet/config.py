@@ -7,6 +7,7 @@ Sizes are (height, width) throughout the project.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # ImageNet statistics on the 0-255 scale, RGB order (mmseg's data_preprocessor): the defaults of
 # TrainTransform and of a model without meta; inference normalises with a checkpoint's own
@@ -45,6 +46,9 @@ class Recipe:
 
 
 RECIPE = Recipe()
+# ``meta["test_size"]`` (``erfnet.test_size``) of files written before the key existed and of
+# networks built in code: the recipe's keep-ratio test scale.
+DEFAULT_TEST_SIZE: dict[str, Any] = {"rule": "keep_ratio", "scale": list(RECIPE.scale)}
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -17,12 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from erfnet.config import RECIPE
+from erfnet.config import DEFAULT_TEST_SIZE
 from erfnet.data.paper_transforms import shorter_side_size
 from erfnet.data.transforms import rescale_size
 
 RULES = ("keep_ratio", "shorter_side", "fixed")
-DEFAULT_TEST_SIZE: dict[str, Any] = {"rule": "keep_ratio", "scale": list(RECIPE.scale)}
 # The largest side a test size may name: far above any real test scale, small enough that a
 # typo (an extra digit or two) is refused rather than allocated.
 MAX_SIDE = 16384

@@ -63,6 +63,7 @@ from erfnet.evaluation.inference import (
     prefers_channels_last,
 )
 from erfnet.evaluation.inputs import as_image_batch
+from erfnet.evaluation.settings import model_meta
 
 DEFAULT_SIZE = (512, 1024)
 SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
@@ -108,7 +109,7 @@ def network_input(rgb: np.ndarray, model: Any) -> torch.Tensor:
 
 def void_class(model: Any) -> int | None:
     """The void output's index (``meta["void_class"]``), None for a model without one."""
-    v = (getattr(model, "meta", None) or {}).get("void_class")
+    v = model_meta(model).get("void_class")
     return None if v is None else int(v)
 
 
@@ -248,7 +249,6 @@ class AnomalyProtocol:
     def describe(self, model: Any) -> dict[str, Any]:
         """The protocol as the JSON records it (and the run prints it)."""
         mean, std = model_normalization(model)
-        outputs = len(model.meta["class_names"]) if getattr(model, "meta", None) else None
         void = void_class(model)
         return {
             "size": list(self.size) if self.size else "native",
@@ -256,7 +256,7 @@ class AnomalyProtocol:
             "mask_resize": "PIL nearest (pixel centres)",
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
-            "outputs": outputs,
+            "outputs": len(model_meta(model)["class_names"]),
             "void_class": void,
             "scored_outputs": "known only (void dropped)" if self.known_only else "all",
             "temperature": self.temperature,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from erfnet.distributed import all_reduce_sum
 from erfnet.evaluation.inference import DEFAULT_SETTINGS, Size, TestSettings, predict
 from erfnet.evaluation.metrics import ConfusionMatrix
+from erfnet.evaluation.settings import model_meta
 
 # evaluate's per-batch callback: (predictions [N, H, W] int64 at the label size, the batch dict).
 OnPrediction = Callable[[torch.Tensor, dict], None]
@@ -119,8 +120,7 @@ def scored_classes(model: nn.Module, num_classes: int) -> int:
     whose ``meta["void_class"]`` is that last index (erfnet_pytorch's "void", predicted but never
     scored). ValueError (one line) otherwise."""
     outputs = getattr(model, "num_classes", None) or num_classes
-    meta = getattr(model, "meta", None) or {}
-    void = outputs == num_classes + 1 and meta.get("void_class") == num_classes
+    void = outputs == num_classes + 1 and model_meta(model).get("void_class") == num_classes
     if outputs != num_classes and not void:
         raise ValueError(
             f"the model predicts {outputs} classes, expected {num_classes} (this evaluation needs"

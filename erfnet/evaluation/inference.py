@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
+from erfnet.config import RECIPE
 from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
 from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
 from erfnet.evaluation.settings import (
@@ -50,6 +50,7 @@ from erfnet.evaluation.settings import (
     MODES,
     Size,
     TestSettings,
+    model_meta,
     model_test_size,
     settings_for,
 )
@@ -113,11 +114,10 @@ def is_label_map(out: torch.Tensor) -> bool:
 
 
 def model_normalization(model: nn.Module) -> tuple[Stats, Stats]:
-    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (complete in
-    every loaded checkpoint and export); a network built in code, without a ``meta`` (as during
-    training), is normalised as every built-in transform normalises: ImageNet's."""
-    meta = getattr(model, "meta", None) or {}
-    return tuple(meta.get("mean", MEAN_RGB)), tuple(meta.get("std", STD_RGB))
+    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (every ERFNet
+    and export carries a complete one; ImageNet's for a network built in code)."""
+    meta = model_meta(model)
+    return tuple(meta["mean"]), tuple(meta["std"])
 
 
 def network_input(
