@@ -59,6 +59,7 @@ from erfnet.evaluation.anomaly_sets import (
 from erfnet.evaluation.inference import (
     forward_logits,
     is_label_map,
+    model_device,
     model_normalization,
     prefers_channels_last,
 )
@@ -94,17 +95,11 @@ def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def model_device(model: Any) -> torch.device:
-    for p in getattr(model, "parameters", list)():
-        return p.device
-    return torch.device("cpu")
-
-
 def network_input(rgb: np.ndarray, model: Any) -> torch.Tensor:
     """[1, 3, H, W] float32: the 0-255 image normalised with the model's own mean / std."""
     mean, std = model_normalization(model)
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # a writable copy
-    return normalize(x.to(model_device(model)), mean, std)
+    return normalize(x.to(model_device(model) or x.device), mean, std)
 
 
 def void_class(model: Any) -> int | None:

@@ -17,16 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from erfnet.distributed import all_reduce_sum
-from erfnet.evaluation.inference import DEFAULT_SETTINGS, Size, TestSettings, predict
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, Size, TestSettings, eval_mode, predict
 from erfnet.evaluation.metrics import ConfusionMatrix
 from erfnet.evaluation.settings import model_meta
 
 # evaluate's per-batch callback: (predictions [N, H, W] int64 at the label size, the batch dict).
 OnPrediction = Callable[[torch.Tensor, dict], None]
-
-# --------------------------------------------------------------------------------------------
-# Sharding
-# --------------------------------------------------------------------------------------------
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -64,7 +60,6 @@ def build_eval_loader(
         sampler=ShardSampler(len(dataset), rank, world),
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
     )
 
 
@@ -87,11 +82,6 @@ def _sharded(loader: DataLoader) -> DataLoader:
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
 
 
 def _out_size(batch: dict, image: torch.Tensor) -> Size:
@@ -157,20 +147,15 @@ def evaluate(
     device = torch.device(device)
     net = _unwrap_ddp(model)
     if num_classes is None:
-        classes = _dataset_attr(loader, "classes")
+        classes = getattr(getattr(loader, "dataset", None), "classes", None)
         num_classes = len(classes) if classes is not None else getattr(net, "num_classes", None)
         if num_classes is None:
             raise ValueError("pass num_classes: neither the dataset nor the model has classes")
     outputs = scored_classes(net, num_classes)
-    was_training = getattr(net, "training", False)
-    net.eval()
-    try:
+    with eval_mode(net):
         cm, num_images, num_labelled = _predict_all(
             net, _sharded(loader), device, settings, outputs, on_prediction, progress
         )
-    finally:
-        if isinstance(net, nn.Module):
-            net.train(was_training)
     all_reduce_sum(cm.mat)
     seen = torch.tensor([num_images, num_labelled], dtype=torch.int64, device=device)
     num_images, num_labelled = all_reduce_sum(seen).tolist()
@@ -213,17 +198,3 @@ def _predict_all(
         if on_prediction is not None:
             on_prediction(pred, batch)
     return cm, num_images, num_labelled
-
-
-def _dataset_attr(loader: DataLoader, name: str) -> object:
-    return getattr(getattr(loader, "dataset", None), name, None)
-
-
-__all__ = [
-    "OnPrediction",
-    "ShardSampler",
-    "build_eval_loader",
-    "evaluate",
-    "rank_and_world",
-    "scored_classes",
-]

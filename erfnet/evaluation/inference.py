@@ -213,14 +213,32 @@ def _view_logits(
 ) -> torch.Tensor:
     if settings.mode == "whole":
         return forward_logits(model, x, amp=settings.amp, channels_last=channels_last)
+    crop, stride = settings.slide_crop, settings.slide_stride
     return slide_logits(
-        model,
-        x,
-        crop=settings.slide_crop,
-        stride=settings.slide_stride,
-        amp=settings.amp,
-        channels_last=channels_last,
+        model, x, crop=crop, stride=stride, amp=settings.amp, channels_last=channels_last
     )
+
+
+def _views(
+    model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings, ms: bool
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(logits at the view's size, flipped) of each view in mmseg's order: ``image`` resized to
+    the test scale (``ms``: to each of ``settings.ratios`` of it, also flipped when
+    ``settings.flip``), normalised with the model's statistics. No local here keeps a yielded
+    map alive: the caller frees it."""
+    mean, std = model_normalization(model)
+    channels_last = prefers_channels_last(model)
+    flips = (False, True) if ms and settings.flip else (False,)
+    for r in settings.ratios if ms else (1.0,):
+        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
+        for flipped in flips:
+            view = x.flip(-1) if flipped else x
+            yield _view_logits(model, view, settings, channels_last), flipped
+
+
+def _out_size(image: torch.Tensor, out_size: Sequence[int] | None) -> Size:
+    _check_image(image)
+    return tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
 
 
 @torch.inference_mode()
@@ -237,14 +255,9 @@ def infer_logits(
     size rescaled to ``settings.scale`` keeping the ratio, normalised with the model's
     ``model_normalization``. ``settings.ms_flip`` is not looked at (see ``predict``).
     """
-    _check_image(image)
-    mean, std = model_normalization(model)
-    out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    x = network_input(image, view_size(out_size, settings.scale, 1.0, settings.rule), mean, std)
-    logits = _view_logits(model, x, settings, prefers_channels_last(model))
-    if is_label_map(logits):
-        if settings.mode != "whole":  # pragma: no cover - slide_logits raises first
-            raise ValueError(LABELS_ONLY_WHOLE)
+    out_size = _out_size(image, out_size)
+    logits, _ = next(_views(model, image, out_size, settings, False))
+    if is_label_map(logits):  # whole mode only: slide_logits refuses labels
         return resize_labels(logits, out_size)
     return resize_logits(logits, out_size)
 
@@ -264,48 +277,20 @@ def infer_probs_ms_flip(
     the original size, softmaxed and un-flipped, then added in place to one accumulator, so peak
     memory is a few full-size maps whatever the view count.
     """
-    _check_image(image)
-    mean, std = model_normalization(model)
-    out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    channels_last = prefers_channels_last(model)
+    out_size = _out_size(image, out_size)
     acc: torch.Tensor | None = None
-    for r in settings.ratios:
-        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
-        for flipped in (False, True) if settings.flip else (False,):
-            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
-            if is_label_map(logits):
-                raise ValueError(LABELS_ONLY_WHOLE)
-            logits = resize_logits(logits, out_size)
-            if flipped:
-                logits = logits.flip(-1)
-            probs = torch.softmax(logits, dim=1)
-            del logits
-            if acc is None:
-                acc = probs
-            else:
-                acc.add_(probs)
-            del probs
+    for logits, flipped in _views(model, image, out_size, settings, True):
+        if is_label_map(logits):
+            raise ValueError(LABELS_ONLY_WHOLE)
+        logits = resize_logits(logits, out_size)
+        if flipped:
+            logits = logits.flip(-1)
+        probs = torch.softmax(logits, dim=1)
+        del logits
+        acc = probs if acc is None else acc.add_(probs)
+        del probs
     assert acc is not None
     return acc.div_(len(settings.ratios) * (2 if settings.flip else 1))
-
-
-def _view_logits_list(
-    model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings
-) -> list[tuple[torch.Tensor, bool]]:
-    """(logits at the view's size, flipped) for every view ``predict`` averages, in its order
-    (a model that outputs labels: its labels, whole-image single-scale only)."""
-    mean, std = model_normalization(model)
-    channels_last = prefers_channels_last(model)
-    views = []
-    flips = (False, True) if settings.ms_flip and settings.flip else (False,)
-    for r in settings.view_ratios:
-        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
-        for flipped in flips:
-            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
-            if is_label_map(logits) and settings.ms_flip:
-                raise ValueError(LABELS_ONLY_WHOLE)
-            views.append((logits, flipped))
-    return views
 
 
 @contextmanager
@@ -323,7 +308,8 @@ def eval_mode(model: Any) -> Iterator[None]:
             m.training = mode
 
 
-def _model_device(model: Any) -> torch.device | None:
+def model_device(model: Any) -> torch.device | None:
+    """The device of the model's parameters (None for a model without any, e.g. an export)."""
     for p in getattr(model, "parameters", list)():
         return p.device
     return None
@@ -364,8 +350,10 @@ def _predict_batch(
             return infer_probs_ms_flip(model, image, size, settings).argmax(1)
         out = infer_logits(model, image, size, settings)
         return out if is_label_map(out) else out.argmax(1)
-    views = _view_logits_list(model, image, size, settings)
+    views = list(_views(model, image, size, settings, settings.ms_flip))
     if is_label_map(views[0][0]):  # an exported graph ending in an argmax
+        if settings.ms_flip:
+            raise ValueError(LABELS_ONLY_WHOLE)
         return resize_labels(views[0][0], size)
     return labels_in_strips(views, size, rows)
 
@@ -399,7 +387,7 @@ def predict(
         raise ValueError("out_size with a list of images: each is predicted at its own size")
     size = _checked_out_size(out_size)
     settings = settings if settings is not None else settings_for(model)
-    batches = as_image_batch(image, _model_device(model))
+    batches = as_image_batch(image, model_device(model))
     with eval_mode(model):
         preds = [_predict_batch(model, b, size, settings, strip_bytes) for b in batches]
     if is_image_list(image):
