@@ -40,7 +40,6 @@ FORMAT = "erfnet-v1"
 # ``meta["lineage"]`` where the weights came from, oldest first (erfnet.convert,
 # erfnet.training.finetune); an export copies both into its metadata.
 PROJECT_LICENCE = "Apache-2.0"
-LINEAGE_KEYS = ("licence", "lineage")
 
 
 class CheckpointError(UserError):
@@ -91,8 +90,7 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
 
     Models with more outputs than the 19 classes get ``class_<i>`` / black for the extra ones.
     """
-    names = list(CLASS_NAMES[:num_classes])
-    names += [f"class_{i}" for i in range(len(names), num_classes)]
+    names = list(CLASS_NAMES[:num_classes])  # complete_meta adds class_<i>
     palette = [list(c) for c in PALETTE][:num_classes]
     palette += [[0, 0, 0]] * (num_classes - len(palette))
     return complete_meta({"class_names": names, "palette": palette}, num_classes)
@@ -217,7 +215,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: 'model_args' and 'meta' must be dicts")
     args = model_args(ckpt["model_args"])
     num_classes = _checked_num_classes(ckpt, args, path)
-    check_meta(ckpt.get("meta") or {}, num_classes, path)
+    # Meta that cannot work (mean / std, class names, palette, ignore index, test size): one line.
+    problem = meta_problem(ckpt.get("meta") or {}, num_classes)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     # Files written before the meta was complete get the missing keys here, once.
     ckpt["meta"] = complete_meta(ckpt.get("meta"), num_classes, str(args.get("head")))
     return ckpt
@@ -239,16 +240,6 @@ def _checked_num_classes(ckpt: dict, args: dict[str, Any], path: Path) -> int:
             " (model_args num_classes)"
         )
     return n
-
-
-def check_meta(meta: dict[str, Any], num_classes: int, path: str | os.PathLike) -> None:
-    """CheckpointError (one line naming the file and the key) for meta that cannot work: mean /
-    std not three finite numbers or std <= 0, class names not ``num_classes`` strings, palette
-    entries not RGB triples of 0-255 ints, an ignore index outside 0-255, a malformed
-    ``test_size`` (``erfnet.test_size``)."""
-    problem = meta_problem(meta, num_classes)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
 
 
 def _load_error(path: Path, e: Exception) -> str:
@@ -322,14 +313,9 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
         isinstance(v, torch.Tensor) for v in ckpt["model"].values()
     ):
         raise CheckpointError(f"{path}: 'model' must be a state_dict (a dict of tensors)")
-    missing, unexpected = [], []
     own = model.state_dict()
-    for k in own:
-        if k not in ckpt["model"]:
-            missing.append(k)
-    for k in ckpt["model"]:
-        if k not in own:
-            unexpected.append(k)
+    missing = [k for k in own if k not in ckpt["model"]]
+    unexpected = [k for k in ckpt["model"] if k not in own]
     shape_errors = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in ckpt["model"].items()

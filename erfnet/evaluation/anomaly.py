@@ -42,20 +42,13 @@ from erfnet.evaluation.anomaly_metrics import (
     metrics_from_levels,
     sort_in_place,
 )
-from erfnet.evaluation.anomaly_sets import (
-    ANOMALY,
-    BENCHMARKS,
-    BY_FOLDER,
-    KNOWN,
-    AnomalySet,
-    Benchmark,
-    ImageEntry,
-    Size,
-    check_set,
-    find_sets,
-    mask_labels,
-    read_labels,
-)
+from erfnet.evaluation.anomaly_sets import ANOMALY, KNOWN, AnomalySet, ImageEntry, Size, read_labels
+
+# Re-exported: scripts/anomaly.py and the tests take these from here.
+from erfnet.evaluation.anomaly_sets import BENCHMARKS as BENCHMARKS
+from erfnet.evaluation.anomaly_sets import BY_FOLDER as BY_FOLDER
+from erfnet.evaluation.anomaly_sets import check_set as check_set
+from erfnet.evaluation.anomaly_sets import find_sets as find_sets
 from erfnet.evaluation.inference import (
     forward_logits,
     is_label_map,
@@ -243,16 +236,15 @@ class AnomalyProtocol:
 
     def describe(self, model: Any) -> dict[str, Any]:
         """The protocol as the JSON records it (and the run prints it)."""
-        mean, std = model_normalization(model)
-        void = void_class(model)
+        meta = model_meta(model)
         return {
             "size": list(self.size) if self.size else "native",
             "image_resize": "PIL bilinear of the 8-bit RGB image (torchvision Resize on PIL)",
             "mask_resize": "PIL nearest (pixel centres)",
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "outputs": len(model_meta(model)["class_names"]),
-            "void_class": void,
+            "mean": [float(m) for m in meta["mean"]],
+            "std": [float(s) for s in meta["std"]],
+            "outputs": len(meta["class_names"]),
+            "void_class": void_class(model),
             "scored_outputs": "known only (void dropped)" if self.known_only else "all",
             "temperature": self.temperature,
             "scores": list(self.scores),
@@ -294,29 +286,3 @@ def score_set(
         if keep_curves:
             curves[name] = lv
     return SetResult(aset, metrics, curves, seconds / max(len(aset.kept), 1))
-
-
-__all__ = [
-    "BENCHMARKS",
-    "BY_FOLDER",
-    "DEFAULT_SIZE",
-    "SCORES",
-    "AnomalyProtocol",
-    "AnomalySet",
-    "Benchmark",
-    "ImageEntry",
-    "ScoreStore",
-    "SetResult",
-    "anomaly_scores",
-    "check_model",
-    "check_set",
-    "find_sets",
-    "image_scores",
-    "mask_labels",
-    "network_input",
-    "read_labels",
-    "resize_rgb",
-    "score_set",
-    "scores_from_logits",
-    "void_class",
-]

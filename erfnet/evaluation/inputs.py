@@ -146,13 +146,3 @@ def as_image_batch(x: ImageLike, device: torch.device | str | None = None) -> li
         check_size(batch)
         batches.append(check_values(batch.to(device) if device is not None else batch))
     return batches
-
-
-__all__ = [
-    "FLOAT_HINT",
-    "as_image_batch",
-    "check_size",
-    "check_values",
-    "is_image_list",
-    "is_single_image",
-]
