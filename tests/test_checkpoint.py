@@ -219,10 +219,10 @@ def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_
 
 @pytest.mark.parametrize("kwargs", [{}, {"num_classes": 20, "head": "deconv"}])
 def test_a_network_built_in_code_carries_the_meta_its_checkpoint_holds(tmp_path, kwargs):
+    from erfnet.config import DEFAULT_TEST_SIZE
     from erfnet.evaluation.inference import model_normalization
     from erfnet.evaluation.settings import model_test_size
     from erfnet.fuse import fuse_bn, optimize_for_inference
-    from erfnet.test_size import DEFAULT_TEST_SIZE
 
     model = ERFNet(**kwargs)
     written = make_checkpoint(model)["meta"]

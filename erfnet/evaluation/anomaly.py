@@ -43,12 +43,10 @@ from erfnet.evaluation.anomaly_metrics import (
     sort_in_place,
 )
 from erfnet.evaluation.anomaly_sets import ANOMALY, KNOWN, AnomalySet, ImageEntry, Size, read_labels
-
-# Re-exported: scripts/anomaly.py and the tests take these from here.
-from erfnet.evaluation.anomaly_sets import BENCHMARKS as BENCHMARKS
-from erfnet.evaluation.anomaly_sets import BY_FOLDER as BY_FOLDER
-from erfnet.evaluation.anomaly_sets import check_set as check_set
-from erfnet.evaluation.anomaly_sets import find_sets as find_sets
+from erfnet.evaluation.anomaly_sets import BENCHMARKS as BENCHMARKS  # re-exported
+from erfnet.evaluation.anomaly_sets import BY_FOLDER as BY_FOLDER  # re-exported
+from erfnet.evaluation.anomaly_sets import check_set as check_set  # re-exported
+from erfnet.evaluation.anomaly_sets import find_sets as find_sets  # re-exported
 from erfnet.evaluation.inference import (
     forward_logits,
     is_label_map,

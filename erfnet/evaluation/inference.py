@@ -42,18 +42,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from erfnet.config import RECIPE
-from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
+from erfnet.data.transforms import Stats, normalize, resize_image
+from erfnet.data.transforms import rescale_size as rescale_size  # re-exported
 from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
 from erfnet.evaluation.settings import (
     DEFAULT_SETTINGS,
     MIN_VIEW,
-    MODES,
     Size,
     TestSettings,
     model_meta,
-    model_test_size,
     settings_for,
 )
+from erfnet.evaluation.settings import MODES as MODES  # re-exported
+from erfnet.evaluation.settings import model_test_size as model_test_size  # re-exported
 from erfnet.evaluation.strips import STRIP_BYTES, labels_in_strips, strip_rows
 from erfnet.test_size import rule_size
 
@@ -393,28 +394,3 @@ def predict(
     if is_image_list(image):
         return [p[0] for p in preds]
     return preds[0][0] if is_single_image(image) else preds[0]
-
-
-__all__ = [
-    "DEFAULT_SETTINGS",
-    "eval_mode",
-    "model_test_size",
-    "settings_for",
-    "MIN_VIEW",
-    "MODES",
-    "TestSettings",
-    "forward_logits",
-    "infer_logits",
-    "infer_probs_ms_flip",
-    "model_normalization",
-    "network_input",
-    "predict",
-    "prefers_channels_last",
-    "ratio_scale",
-    "rescale_size",
-    "resize_image",
-    "resize_labels",
-    "resize_logits",
-    "slide_logits",
-    "view_size",
-]
