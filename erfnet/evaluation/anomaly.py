@@ -56,6 +56,7 @@ from erfnet.evaluation.inference import (
 )
 from erfnet.evaluation.inputs import as_image_batch
 from erfnet.evaluation.settings import model_meta
+from erfnet.evaluation.visualize import rgb_array
 
 DEFAULT_SIZE = (512, 1024)
 SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
@@ -73,10 +74,7 @@ def _to_rgb_uint8(x: Any) -> np.ndarray:
     batches = as_image_batch(x)
     if len(batches) != 1 or batches[0].shape[0] != 1:
         raise ValueError("anomaly_scores takes one image, not a batch or a list")
-    t = batches[0][0]
-    if t.is_floating_point():
-        t = t.round().to(torch.uint8)
-    return t.permute(1, 2, 0).contiguous().cpu().numpy()
+    return rgb_array(batches[0][0])
 
 
 def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:

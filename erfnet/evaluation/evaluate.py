@@ -48,39 +48,41 @@ class ShardSampler(Sampler[int]):
 
 
 def build_eval_loader(
-    dataset: Dataset, *, batch_size: int = 1, workers: int = 2, pin_memory: bool | None = None
+    dataset: Dataset,
+    *,
+    batch_size: int = 1,
+    workers: int = 2,
+    pin_memory: bool | None = None,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A loader over this rank's shard of ``dataset`` (the whole dataset when not distributed)."""
     rank, world = rank_and_world()
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world),
         num_workers=workers,
-        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 
 def _sharded(loader: DataLoader) -> DataLoader:
     """Under DDP, a loader that is not already a ShardSampler loader is rebuilt as one, so that
     no image is counted twice (DistributedSampler pads) or on every rank."""
-    rank, world = rank_and_world()
-    if world == 1 or isinstance(loader.sampler, ShardSampler):
+    if rank_and_world()[1] == 1 or isinstance(loader.sampler, ShardSampler):
         return loader
     if loader.batch_size is None:
         raise ValueError(
             "evaluate under torchrun needs a DataLoader with batch_size set (or one built by"
             " erfnet.evaluation.inference.build_eval_loader)"
         )
-    return DataLoader(
+    return build_eval_loader(
         loader.dataset,
         batch_size=loader.batch_size,
-        sampler=ShardSampler(len(loader.dataset), rank, world),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
+        workers=loader.num_workers,
         pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
     )
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from erfnet.data.transforms import resize_image
 from erfnet.evaluation.inference import TestSettings, predict
-from erfnet.labels import Palette, class_colors, generated_color  # noqa: F401  (re-exported)
+from erfnet.labels import Palette, class_colors
 from erfnet.model import unwrap_model
 from erfnet.outputs import atomic_write
 
