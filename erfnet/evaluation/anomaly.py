@@ -62,11 +62,6 @@ DEFAULT_SIZE = (512, 1024)
 SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
 
 
-# --------------------------------------------------------------------------------------------
-# Inputs and scores
-# --------------------------------------------------------------------------------------------
-
-
 def _to_rgb_uint8(x: Any) -> np.ndarray:
     """One image in any form ``erfnet.predict`` takes (``inputs.as_image_batch``: a path, a PIL
     image, an HWC uint8 array, a CHW / 1CHW tensor) -> HWC uint8 RGB, the form PIL's resize
@@ -186,11 +181,6 @@ def anomaly_scores(
     size = None if size is None else (int(size[0]), int(size[1]))
     maps = image_scores(model, _to_rgb_uint8(x), [score], size, temperature, known_only)
     return torch.from_numpy(maps[score])
-
-
-# --------------------------------------------------------------------------------------------
-# The pass over a set
-# --------------------------------------------------------------------------------------------
 
 
 class ScoreStore:

@@ -1,16 +1,11 @@
 """Inference as mmsegmentation tests this recipe; shared by eval.py, training and the scripts.
 
-``predict(model, image, out_size, settings)``: the test-time settings are one frozen
-``TestSettings`` whose defaults are mmseg's protocol for this recipe, at the test size the
-checkpoint records (``meta["test_size"]``, ``erfnet.test_size``). ``predict`` takes
-any form ``erfnet.evaluation.inputs.as_image_batch`` converts (PIL, numpy, path, tensor, list),
-runs the model in eval mode and restores its modes.
-
-Images come in on the 0-255 scale ([N, 3, H, W], uint8 or float): each network input ("view") is
-resized there (``resize_image``: bilinear, rounded, as mmseg resizes the uint8 image) and then
-normalised once with the model's own statistics (``model.meta["mean"]`` / ``["std"]``), so a
-checkpoint trained with another normalisation (erfnet_pytorch's mean 0 / std 255) needs nothing
-extra.
+``predict(model, image, out_size, settings)``: ``TestSettings``' defaults are mmseg's protocol,
+at the test size the checkpoint records (``meta["test_size"]``, ``erfnet.test_size``). Images
+are on the 0-255 scale: each network input ("view") is resized there (``resize_image``:
+bilinear, rounded, as mmseg resizes the uint8 image), then normalised once with the model's own
+``meta["mean"]`` / ``["std"]``, so a checkpoint trained with another normalisation
+(erfnet_pytorch's mean 0 / std 255) needs nothing extra.
 
 - Whole image (the recipe's test mode): the image is resized keeping its ratio to the test scale
   (mmcv's rescale rule), the logits are resized bilinearly (align_corners=False) to the original
@@ -26,8 +21,6 @@ them in horizontal strips (``labels_in_strips``), in the same order, with the sa
 
 A model may also return class labels [N, H, W] instead of logits (an exported graph that ends in
 an argmax): those are resized nearest to the label size, in whole-image single-scale mode only.
-
-``erfnet.evaluation.evaluate.evaluate`` runs a loader through ``predict`` and returns the metrics.
 """
 
 from __future__ import annotations
@@ -62,11 +55,6 @@ LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
     " single-scale prediction applies (no slide, no ms+flip)"
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes, resizing and normalisation
-# --------------------------------------------------------------------------------------------
 
 
 def ratio_scale(scale: Sequence[int], ratio: float) -> Size:
@@ -136,11 +124,6 @@ def _check_image(image: torch.Tensor) -> None:
             "images must be on the 0-255 scale (they are resized there and normalised with the"
             " model's mean/std); got negative values, i.e. an already normalised image"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Forward passes
-# --------------------------------------------------------------------------------------------
 
 
 def prefers_channels_last(model: nn.Module) -> bool:

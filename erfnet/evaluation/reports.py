@@ -98,13 +98,14 @@ def write_reports(
         )
     for name, plot, plot_args in plots:
         try:
-            written.append(_save_figure(out / name, plot(*plot_args, plt), plt))
+            written.append(save_figure(out / name, plot(*plot_args, plt), plt))
         except Exception as e:  # a plot is an extra: the matrix files above are written
             notes.append(f"{name} not drawn ({type(e).__name__}: {one_line(e)})")
     return written, "; ".join(notes) or None
 
 
-def _save_figure(path: Path, fig, plt) -> Path:
+def save_figure(path: Path, fig, plt) -> Path:
+    """``fig`` as a PNG by the one atomic writer, then closed."""
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
