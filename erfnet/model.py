@@ -201,7 +201,7 @@ class ERFNet(nn.Module):
         }
         self.num_classes = num_classes
         # The complete meta (mean / std, test size, class names, ...) every reader uses; a loaded
-        # checkpoint's replaces it (``load_model``), train.py's its run's.
+        # checkpoint's replaces it (``load_model``).
         self.meta: dict[str, Any] = complete_meta(None, num_classes, head)
         self.encoder = build_encoder(dropout, dropout_64, dropout2d)
         self.decoder = build_decoder()
