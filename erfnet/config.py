@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # ImageNet statistics on the 0-255 scale, RGB order (mmseg's data_preprocessor): the defaults of
-# TrainTransform and of a network built in code (its meta); inference normalises with a checkpoint's own
-# meta["mean"] / ["std"].
+# TrainTransform and of a network built in code (its meta); inference normalises with a
+# checkpoint's own meta["mean"] / ["std"].
 MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
 STD_RGB: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
