@@ -28,13 +28,11 @@ from typing import Any
 import torch
 
 from erfnet.checkpoint_checks import MAX_CLASSES, check_inflation, export_kind, meta_problem
-from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.errors import UserError
 from erfnet.fuse import optimize_for_inference
-from erfnet.labels import CLASS_NAMES, PALETTE, class_colors
+from erfnet.labels import CLASS_NAMES, PALETTE, complete_meta
 from erfnet.model import ERFNet, unwrap_model
 from erfnet.outputs import atomic_write
-from erfnet.test_size import DEFAULT_TEST_SIZE
 
 FORMAT = "erfnet-v1"
 # The terms of weights this project's code trained from scratch (the code's own licence). Weights
@@ -42,7 +40,6 @@ FORMAT = "erfnet-v1"
 # ``meta["lineage"]`` where the weights came from, oldest first (erfnet.convert,
 # erfnet.training.finetune); an export copies both into its metadata.
 PROJECT_LICENCE = "Apache-2.0"
-LINEAGE_KEYS = ("licence", "lineage")
 
 
 class CheckpointError(UserError):
@@ -51,18 +48,6 @@ class CheckpointError(UserError):
 
 class IntermediateCheckpointError(CheckpointError, UserError):
     """The encoder stage's checkpoint of ``--recipe erfnet_pytorch``: no model to predict with."""
-
-
-def check_not_intermediate(ckpt: dict, path: str | os.PathLike) -> None:
-    """``IntermediateCheckpointError`` (one line) for the encoder stage's checkpoint of
-    ``train.py --recipe erfnet_pytorch`` (logits at 1/8, no decoder): it only starts the
-    decoder stage."""
-    if (ckpt.get("meta") or {}).get("stage") == "encoder":
-        raise IntermediateCheckpointError(
-            f"{path} is the encoder stage of --recipe erfnet_pytorch (an intermediate, logits at"
-            " 1/8 without a decoder): train the full network from it with `python train.py"
-            f" --recipe erfnet_pytorch --stage decoder --init-from {path}`"
-        )
 
 
 class CheckpointWriteError(CheckpointError):
@@ -93,8 +78,7 @@ def cityscapes_meta(num_classes: int = len(CLASS_NAMES)) -> dict[str, Any]:
 
     Models with more outputs than the 19 classes get ``class_<i>`` / black for the extra ones.
     """
-    names = list(CLASS_NAMES[:num_classes])
-    names += [f"class_{i}" for i in range(len(names), num_classes)]
+    names = list(CLASS_NAMES[:num_classes])  # complete_meta adds class_<i>
     palette = [list(c) for c in PALETTE][:num_classes]
     palette += [[0, 0, 0]] * (num_classes - len(palette))
     return complete_meta({"class_names": names, "palette": palette}, num_classes)
@@ -142,34 +126,6 @@ def model_args(ckpt_args: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(ERFNet.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     return {**defaults, **ckpt_args}
-
-
-def complete_meta(
-    meta: dict[str, Any] | None, num_classes: int, head: str | None = None
-) -> dict[str, Any]:
-    """The meta with every key a reader uses: the one place that fills what a file lacks.
-
-    ``mean`` / ``std``: ImageNet's (what every built-in pipeline trains with); ``ignore_index``:
-    255; ``test_size``: Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``, what files
-    written before the key existed were validated at); ``head``: the model's (when given);
-    ``class_names``: ``class_<i>`` for a model saved without them (a checkpoint never claims a
-    dataset's classes it was not given); ``palette``: one colour per class, completed by
-    ``erfnet.labels.class_colors``' rule.
-    """
-    full = dict(meta or {})
-    full.setdefault("test_size", {**DEFAULT_TEST_SIZE, "scale": list(DEFAULT_TEST_SIZE["scale"])})
-    full.setdefault("mean", list(MEAN_RGB))
-    full.setdefault("std", list(STD_RGB))
-    full.setdefault("ignore_index", IGNORE_INDEX)
-    if head is not None:
-        full.setdefault("head", head)
-    names = list(full.get("class_names") or [])
-    full["class_names"] = names + [f"class_{i}" for i in range(len(names), num_classes)]
-    palette = full.get("palette") or []
-    if len(palette) < num_classes:
-        colors = class_colors(palette, num_classes, "the checkpoint's palette")
-        full["palette"] = [[int(v) for v in c] for c in colors]
-    return full
 
 
 def make_checkpoint(model: ERFNet, meta: dict[str, Any] | None = None, **extra: Any) -> dict:
@@ -247,7 +203,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: 'model_args' and 'meta' must be dicts")
     args = model_args(ckpt["model_args"])
     num_classes = _checked_num_classes(ckpt, args, path)
-    check_meta(ckpt.get("meta") or {}, num_classes, path)
+    # Meta that cannot work (mean / std, class names, palette, ignore index, test size): one line.
+    problem = meta_problem(ckpt.get("meta") or {}, num_classes)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     # Files written before the meta was complete get the missing keys here, once.
     ckpt["meta"] = complete_meta(ckpt.get("meta"), num_classes, str(args.get("head")))
     return ckpt
@@ -269,16 +228,6 @@ def _checked_num_classes(ckpt: dict, args: dict[str, Any], path: Path) -> int:
             " (model_args num_classes)"
         )
     return n
-
-
-def check_meta(meta: dict[str, Any], num_classes: int, path: str | os.PathLike) -> None:
-    """CheckpointError (one line naming the file and the key) for meta that cannot work: mean /
-    std not three finite numbers or std <= 0, class names not ``num_classes`` strings, palette
-    entries not RGB triples of 0-255 ints, an ignore index outside 0-255, a malformed
-    ``test_size`` (``erfnet.test_size``)."""
-    problem = meta_problem(meta, num_classes)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
 
 
 def _load_error(path: Path, e: Exception) -> str:
@@ -316,11 +265,8 @@ def _foreign_hint(ckpt: Any) -> str:
     if not isinstance(ckpt, dict):
         return ""
     if ckpt and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()):
-        own = set(ERFNet().state_dict())
-        if set(ckpt) == own or (
-            set(ckpt) - {k for k in ckpt if k.startswith("head.")}
-            == own - {k for k in own if k.startswith("head.")}
-        ):
+        own = {k for k in ERFNet().state_dict() if not k.startswith("head.")}
+        if {k for k in ckpt if not k.startswith("head.")} == own:  # any head: any class count
             return (
                 " It is a bare ERFNet state_dict() of this project (weights without"
                 " 'model_args' and meta): save it with"
@@ -342,7 +288,12 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
     """Rebuild the ERFNet described by ``ckpt['model_args']`` and load its weights strictly;
     a class count that is absurd or disagrees with the weights is refused before building, and
     so is the encoder stage's checkpoint of ``--recipe erfnet_pytorch``."""
-    check_not_intermediate(ckpt, path)
+    if (ckpt.get("meta") or {}).get("stage") == "encoder":  # it only starts the decoder stage
+        raise IntermediateCheckpointError(
+            f"{path} is the encoder stage of --recipe erfnet_pytorch (an intermediate, logits at"
+            " 1/8 without a decoder): train the full network from it with `python train.py"
+            f" --recipe erfnet_pytorch --stage decoder --init-from {path}`"
+        )
     _checked_num_classes(ckpt, model_args(ckpt["model_args"]), Path(path))
     try:
         model = ERFNet(**ckpt["model_args"])
@@ -352,14 +303,9 @@ def build_model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoi
         isinstance(v, torch.Tensor) for v in ckpt["model"].values()
     ):
         raise CheckpointError(f"{path}: 'model' must be a state_dict (a dict of tensors)")
-    missing, unexpected = [], []
     own = model.state_dict()
-    for k in own:
-        if k not in ckpt["model"]:
-            missing.append(k)
-    for k in ckpt["model"]:
-        if k not in own:
-            unexpected.append(k)
+    missing = [k for k in own if k not in ckpt["model"]]
+    unexpected = [k for k in ckpt["model"] if k not in own]
     shape_errors = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in ckpt["model"].items()

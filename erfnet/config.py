@@ -7,10 +7,11 @@ Sizes are (height, width) throughout the project.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # ImageNet statistics on the 0-255 scale, RGB order (mmseg's data_preprocessor): the defaults of
-# TrainTransform and of a model without meta; inference normalises with a checkpoint's own
-# meta["mean"] / ["std"].
+# TrainTransform and of a network built in code (its meta); inference normalises with a
+# checkpoint's own meta["mean"] / ["std"].
 MEAN_RGB: tuple[float, float, float] = (123.675, 116.28, 103.53)
 STD_RGB: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
@@ -45,6 +46,9 @@ class Recipe:
 
 
 RECIPE = Recipe()
+# ``meta["test_size"]`` (``erfnet.test_size``) of files written before the key existed and of
+# networks built in code: the recipe's keep-ratio test scale.
+DEFAULT_TEST_SIZE: dict[str, Any] = {"rule": "keep_ratio", "scale": list(RECIPE.scale)}
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -19,15 +19,6 @@ from torch import nn
 
 from erfnet.model import DownsamplerBlock, ERFNet, FCNHead, unwrap_model
 
-__all__ = [
-    "ChannelAffine",
-    "HeadInStrips",
-    "bn_scale_shift",
-    "fold_bn_into_conv",
-    "fuse_bn",
-    "optimize_for_inference",
-]
-
 BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)

@@ -1,18 +1,19 @@
 """The Cityscapes label table (cityscapesScripts' ``labels.py``), the single home of these facts.
 
 Everything else (the loader's id -> trainId lookup, the submission writer's trainId -> id, the
-colour palette, class names) is derived here.
+colour palette, class names) is derived here, and so is a model's complete meta
+(``complete_meta``: what every ERFNet carries from construction and every checkpoint holds).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from erfnet.config import IGNORE_INDEX
+from erfnet.config import DEFAULT_TEST_SIZE, IGNORE_INDEX, MEAN_RGB, STD_RGB
 
 
 class Label(NamedTuple):
@@ -122,3 +123,31 @@ def class_colors(
             file=sys.stderr,
         )
     return colors
+
+
+def complete_meta(
+    meta: dict[str, Any] | None, num_classes: int, head: str | None = None
+) -> dict[str, Any]:
+    """The meta with every key a reader uses: the one place that fills what a file lacks.
+
+    ``mean`` / ``std``: ImageNet's (what every built-in pipeline trains with); ``ignore_index``:
+    255; ``test_size``: Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``, what files
+    written before the key existed were validated at); ``head``: the model's (when given);
+    ``class_names``: ``class_<i>`` for a model saved without them (a checkpoint never claims a
+    dataset's classes it was not given); ``palette``: one colour per class, completed by
+    ``class_colors``' rule.
+    """
+    full = dict(meta or {})
+    full.setdefault("test_size", {**DEFAULT_TEST_SIZE, "scale": list(DEFAULT_TEST_SIZE["scale"])})
+    full.setdefault("mean", list(MEAN_RGB))
+    full.setdefault("std", list(STD_RGB))
+    full.setdefault("ignore_index", IGNORE_INDEX)
+    if head is not None:
+        full.setdefault("head", head)
+    names = list(full.get("class_names") or [])
+    full["class_names"] = names + [f"class_{i}" for i in range(len(names), num_classes)]
+    palette = full.get("palette") or []
+    if len(palette) < num_classes:
+        colors = class_colors(palette, num_classes, "the checkpoint's palette")
+        full["palette"] = [[int(v) for v in c] for c in colors]
+    return full

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erfnet.config import NUM_CLASSES
+from erfnet.labels import complete_meta
 
 # Backbone BatchNorm eps: mmseg and the paper's code both use 1e-3 (the head uses the default 1e-5).
 BACKBONE_BN_EPS = 1e-3
@@ -199,6 +200,9 @@ class ERFNet(nn.Module):
             "dropout2d": dropout2d,
         }
         self.num_classes = num_classes
+        # The complete meta (mean / std, test size, class names, ...) every reader uses; a loaded
+        # checkpoint's replaces it (``load_model``).
+        self.meta: dict[str, Any] = complete_meta(None, num_classes, head)
         self.encoder = build_encoder(dropout, dropout_64, dropout2d)
         self.decoder = build_decoder()
         if head == "fcn":
@@ -230,6 +234,7 @@ class EncoderStage(nn.Module):
         super().__init__()
         self.config = dict(config)
         self.num_classes = int(config["num_classes"])
+        self.meta: dict[str, Any] = complete_meta(None, self.num_classes, config.get("head"))
         self.encoder = build_encoder(
             config.get("dropout", 0.1), config.get("dropout_64"), config.get("dropout2d", False)
         )

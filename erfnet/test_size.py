@@ -17,12 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from erfnet.config import RECIPE
-from erfnet.data.paper_transforms import shorter_side_size
+from erfnet.data.paper_transforms import shorter_side_size  # re-exported too
 from erfnet.data.transforms import rescale_size
 
 RULES = ("keep_ratio", "shorter_side", "fixed")
-DEFAULT_TEST_SIZE: dict[str, Any] = {"rule": "keep_ratio", "scale": list(RECIPE.scale)}
 # The largest side a test size may name: far above any real test scale, small enough that a
 # typo (an extra digit or two) is refused rather than allocated.
 MAX_SIDE = 16384
@@ -49,20 +47,16 @@ def check_test_size(value: Any) -> dict[str, Any]:
         'expected {"rule": "keep_ratio", "scale": [H, W]}, {"rule": "shorter_side", "size": S}'
         f' or {{"rule": "fixed", "size": [H, W]}} with sides 1..{MAX_SIDE}'
     )
-    if not isinstance(value, dict) or value.get("rule") not in RULES:
-        raise ValueError(f"test_size {value!r:.120}: {expected}")
-    rule = value["rule"]
+    rule = value.get("rule") if isinstance(value, dict) else None
     key = "scale" if rule == "keep_ratio" else "size"
-    field = value.get(key)
-    if set(value) != {"rule", key}:
-        raise ValueError(f"test_size {value!r:.120}: {expected}")
-    if rule == "shorter_side":
-        if not _side(field):
-            raise ValueError(f"test_size {value!r:.120}: {expected}")
-        return {"rule": rule, key: field}
-    if not isinstance(field, list | tuple) or len(field) != 2 or not all(map(_side, field)):
-        raise ValueError(f"test_size {value!r:.120}: {expected}")
-    return {"rule": rule, key: [int(field[0]), int(field[1])]}
+    if rule in RULES and set(value) == {"rule", key}:
+        field = value[key]
+        if rule == "shorter_side" and _side(field):
+            return {"rule": rule, key: field}
+        pair = isinstance(field, list | tuple) and len(field) == 2 and all(map(_side, field))
+        if rule != "shorter_side" and pair:
+            return {"rule": rule, key: [int(field[0]), int(field[1])]}
+    raise ValueError(f"test_size {value!r:.120}: {expected}")
 
 
 def rule_size(
@@ -97,15 +91,3 @@ def describe(test_size: dict[str, Any]) -> str:
     if rule == "shorter_side":
         return f"shorter_side {scale[0]}"
     return f"{rule} {scale[0]}x{scale[1]}"
-
-
-__all__ = [
-    "DEFAULT_TEST_SIZE",
-    "RULES",
-    "check_test_size",
-    "describe",
-    "keep_ratio",
-    "rule_and_scale",
-    "rule_size",
-    "shorter_side_size",
-]

@@ -215,3 +215,20 @@ def test_meta_is_complete_when_written_and_an_old_file_is_completed_at_load(tmp_
     assert meta["palette"][0] == [1, 2, 3] and all(any(c) for c in meta["palette"])
     assert "the checkpoint's palette has 1 colours for 19 classes" in capsys.readouterr().err
     assert load_model(tmp_path / "old.pth").meta == meta
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_classes": 20, "head": "deconv"}])
+def test_a_network_built_in_code_carries_the_meta_its_checkpoint_holds(tmp_path, kwargs):
+    from erfnet.config import DEFAULT_TEST_SIZE
+    from erfnet.evaluation.inference import model_normalization
+    from erfnet.evaluation.settings import model_test_size
+    from erfnet.fuse import fuse_bn, optimize_for_inference
+
+    model = ERFNet(**kwargs)
+    written = make_checkpoint(model)["meta"]
+    assert model.meta == {k: v for k, v in written.items() if k not in ("licence", "lineage")}
+    assert model_normalization(model) == (MEAN_RGB, STD_RGB)  # ImageNet's, as before
+    assert model_test_size(model) == DEFAULT_TEST_SIZE
+    assert fuse_bn(model).meta == optimize_for_inference(model).meta == model.meta
+    save_checkpoint(tmp_path / "m.pth", model)
+    assert load_model(tmp_path / "m.pth").meta == written

@@ -42,35 +42,24 @@ from erfnet.evaluation.anomaly_metrics import (
     metrics_from_levels,
     sort_in_place,
 )
-from erfnet.evaluation.anomaly_sets import (
-    ANOMALY,
-    BENCHMARKS,
-    BY_FOLDER,
-    KNOWN,
-    AnomalySet,
-    Benchmark,
-    ImageEntry,
-    Size,
-    check_set,
-    find_sets,
-    mask_labels,
-    read_labels,
-)
+from erfnet.evaluation.anomaly_sets import ANOMALY, KNOWN, AnomalySet, ImageEntry, Size, read_labels
+from erfnet.evaluation.anomaly_sets import BENCHMARKS as BENCHMARKS  # re-exported
+from erfnet.evaluation.anomaly_sets import BY_FOLDER as BY_FOLDER  # re-exported
+from erfnet.evaluation.anomaly_sets import check_set as check_set  # re-exported
+from erfnet.evaluation.anomaly_sets import find_sets as find_sets  # re-exported
 from erfnet.evaluation.inference import (
     forward_logits,
     is_label_map,
+    model_device,
     model_normalization,
     prefers_channels_last,
 )
 from erfnet.evaluation.inputs import as_image_batch
+from erfnet.evaluation.settings import model_meta
+from erfnet.evaluation.visualize import rgb_array
 
 DEFAULT_SIZE = (512, 1024)
 SCORES = ("msp", "maxlogit", "maxentropy", "energy", "void")
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs and scores
-# --------------------------------------------------------------------------------------------
 
 
 def _to_rgb_uint8(x: Any) -> np.ndarray:
@@ -80,10 +69,7 @@ def _to_rgb_uint8(x: Any) -> np.ndarray:
     batches = as_image_batch(x)
     if len(batches) != 1 or batches[0].shape[0] != 1:
         raise ValueError("anomaly_scores takes one image, not a batch or a list")
-    t = batches[0][0]
-    if t.is_floating_point():
-        t = t.round().to(torch.uint8)
-    return t.permute(1, 2, 0).contiguous().cpu().numpy()
+    return rgb_array(batches[0][0])
 
 
 def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:
@@ -93,22 +79,16 @@ def resize_rgb(rgb: np.ndarray, size: Size | None) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def model_device(model: Any) -> torch.device:
-    for p in getattr(model, "parameters", list)():
-        return p.device
-    return torch.device("cpu")
-
-
 def network_input(rgb: np.ndarray, model: Any) -> torch.Tensor:
     """[1, 3, H, W] float32: the 0-255 image normalised with the model's own mean / std."""
     mean, std = model_normalization(model)
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None]  # a writable copy
-    return normalize(x.to(model_device(model)), mean, std)
+    return normalize(x.to(model_device(model) or x.device), mean, std)
 
 
 def void_class(model: Any) -> int | None:
     """The void output's index (``meta["void_class"]``), None for a model without one."""
-    v = (getattr(model, "meta", None) or {}).get("void_class")
+    v = model_meta(model).get("void_class")
     return None if v is None else int(v)
 
 
@@ -203,11 +183,6 @@ def anomaly_scores(
     return torch.from_numpy(maps[score])
 
 
-# --------------------------------------------------------------------------------------------
-# The pass over a set
-# --------------------------------------------------------------------------------------------
-
-
 class ScoreStore:
     """One score's values at the kept pixels of a set: anomaly and known pixels in two float32
     arrays allocated once (their lengths come from ``check_set``)."""
@@ -247,17 +222,15 @@ class AnomalyProtocol:
 
     def describe(self, model: Any) -> dict[str, Any]:
         """The protocol as the JSON records it (and the run prints it)."""
-        mean, std = model_normalization(model)
-        outputs = len(model.meta["class_names"]) if getattr(model, "meta", None) else None
-        void = void_class(model)
+        meta = model_meta(model)
         return {
             "size": list(self.size) if self.size else "native",
             "image_resize": "PIL bilinear of the 8-bit RGB image (torchvision Resize on PIL)",
             "mask_resize": "PIL nearest (pixel centres)",
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "outputs": outputs,
-            "void_class": void,
+            "mean": [float(m) for m in meta["mean"]],
+            "std": [float(s) for s in meta["std"]],
+            "outputs": len(meta["class_names"]),
+            "void_class": void_class(model),
             "scored_outputs": "known only (void dropped)" if self.known_only else "all",
             "temperature": self.temperature,
             "scores": list(self.scores),
@@ -299,29 +272,3 @@ def score_set(
         if keep_curves:
             curves[name] = lv
     return SetResult(aset, metrics, curves, seconds / max(len(aset.kept), 1))
-
-
-__all__ = [
-    "BENCHMARKS",
-    "BY_FOLDER",
-    "DEFAULT_SIZE",
-    "SCORES",
-    "AnomalyProtocol",
-    "AnomalySet",
-    "Benchmark",
-    "ImageEntry",
-    "ScoreStore",
-    "SetResult",
-    "anomaly_scores",
-    "check_model",
-    "check_set",
-    "find_sets",
-    "image_scores",
-    "mask_labels",
-    "network_input",
-    "read_labels",
-    "resize_rgb",
-    "score_set",
-    "scores_from_logits",
-    "void_class",
-]

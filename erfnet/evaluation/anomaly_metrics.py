@@ -131,34 +131,3 @@ def anomaly_metrics(scores: np.ndarray, labels: np.ndarray) -> AnomalyMetrics:
     """All metrics of per-pixel ``scores`` (higher = more anomalous) against boolean
     ``labels`` (anomaly = True)."""
     return metrics_from_levels(levels(*split_scores(scores, labels)))
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """scikit-learn's ``average_precision_score(labels, scores)``, exact."""
-    return anomaly_metrics(scores, labels).auprc
-
-
-def fpr_at_95_tpr(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """``np.interp(0.95, tpr, fpr)`` over scikit-learn's ``roc_curve(labels, scores)``."""
-    return anomaly_metrics(scores, labels).fpr95
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """scikit-learn's ``roc_auc_score(labels, scores)``."""
-    return anomaly_metrics(scores, labels).auroc
-
-
-__all__ = [
-    "AnomalyMetrics",
-    "Levels",
-    "anomaly_metrics",
-    "auroc",
-    "average_precision",
-    "fpr_at_95_tpr",
-    "levels",
-    "metrics_from_levels",
-    "pr_points",
-    "roc_points",
-    "sort_in_place",
-    "split_scores",
-]

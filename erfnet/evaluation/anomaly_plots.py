@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from erfnet.errors import UserError
 from erfnet.evaluation.anomaly_metrics import AnomalyMetrics, Levels, pr_points, roc_points
-from erfnet.outputs import atomic_write
+from erfnet.evaluation.reports import save_figure
+from erfnet.evaluation.visualize import save_png
 
 MATPLOTLIB_HINT = "--out-dir writes plots with matplotlib: pip install matplotlib"
 MAX_PLOT_POINTS = 4000  # a curve is drawn through at most this many of its points
@@ -29,19 +29,13 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"), fsync=False)
-
-
 def write_heatmap(path: Path, scores: np.ndarray) -> None:
     """The score map in the inferno colours, stretched from the image's lowest to its highest
     score (bright = anomalous)."""
     plt = require_matplotlib()
     lo, hi = float(scores.min()), float(scores.max())
     unit = (scores - lo) / (hi - lo) if hi > lo else np.zeros_like(scores)
-    rgb = (plt.get_cmap("inferno")(unit)[..., :3] * 255.0 + 0.5).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_png(rgb, path)
+    save_png((plt.get_cmap("inferno")(unit)[..., :3] * 255.0 + 0.5).astype(np.uint8), path)
 
 
 def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +50,6 @@ def write_curves(
 ) -> list[Path]:
     """``<set>_roc.png`` and ``<set>_pr.png`` with one line per score; returns the paths."""
     plt = require_matplotlib()
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kind in ("roc", "pr"):
         fig, ax = plt.subplots(figsize=(5.5, 5.0))
@@ -79,8 +72,5 @@ def write_curves(
         ax.set(xlim=(0, 1), ylim=(0, 1.01), title=f"{set_name}: {kind.upper()}")
         ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper right")
         fig.tight_layout()
-        path = out_dir / f"{set_name}_{kind}.png"
-        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100), fsync=False)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(out_dir / f"{set_name}_{kind}.png", fig, plt))
     return written

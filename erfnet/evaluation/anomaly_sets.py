@@ -60,11 +60,6 @@ def mask_labels(raw: np.ndarray, rule: str) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Sets on disk: discovery and the check before the pass
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ImageEntry:
     image: Path
@@ -94,10 +89,6 @@ class AnomalySet:
         return sum(e.known for e in self.kept)
 
 
-def _expected() -> str:
-    return ", ".join(BY_FOLDER)
-
-
 def _set_at(root: Path, benchmark: str | None) -> AnomalySet:
     if benchmark is not None:
         bench = BENCHMARKS[benchmark]
@@ -106,7 +97,7 @@ def _set_at(root: Path, benchmark: str | None) -> AnomalySet:
     else:
         raise UserError(
             f"--data-root {root}: unknown layout '{root.name}'; expected a set folder named one"
-            f" of {_expected()} (or --benchmark {{{','.join(BENCHMARKS)}}})"
+            f" of {', '.join(BY_FOLDER)} (or --benchmark {{{','.join(BENCHMARKS)}}})"
         )
     images = sorted(
         p
@@ -130,7 +121,7 @@ def find_sets(root: str | os.PathLike, benchmark: str | None = None) -> list[Ano
     if not folders:
         raise UserError(
             f"--data-root {root}: neither a set (images/ and labels_masks/) nor a folder of sets"
-            f" ({_expected()})"
+            f" ({', '.join(BY_FOLDER)})"
         )
     if benchmark is not None:
         raise FlagError(f"--benchmark names the layout of one set; {root} holds several")
@@ -138,7 +129,7 @@ def find_sets(root: str | os.PathLike, benchmark: str | None = None) -> list[Ano
     if unknown:
         raise UserError(
             f"--data-root {root}: unknown set folder(s) {', '.join(unknown)}; expected"
-            f" {_expected()}"
+            f" {', '.join(BY_FOLDER)}"
         )
     return [_set_at(p, None) for p in folders]
 

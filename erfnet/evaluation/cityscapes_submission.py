@@ -9,12 +9,10 @@ Cityscapes' own classes can be submitted: ``check_cityscapes_classes`` says so i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from erfnet.evaluation.visualize import save_png
@@ -29,12 +27,6 @@ def check_cityscapes_classes(classes: Sequence[str]) -> None:
             f" dataset has {len(classes)} classes: {list(classes)[:3]} ...; write colour"
             " renderings (--save-color) instead"
         )
-
-
-def save_label_ids(pred: np.ndarray, out_dir: str | os.PathLike, city: str, name: str) -> Path:
-    """The test server's PNG for a train-id map [H, W] (uint8): train ids -> label ids (255 -> 0
-    "unlabeled"), written atomically as ``<out>/<city>/<name>_leftImg8bit.png``."""
-    return save_png(TRAIN_ID_TO_ID[pred], Path(out_dir) / city / f"{name}_leftImg8bit.png")
 
 
 @dataclass
@@ -53,5 +45,6 @@ class SubmissionWriter:
 
     def __call__(self, preds: torch.Tensor, batch: dict) -> None:
         labels = preds.to("cpu", torch.uint8).numpy()
-        for i in range(labels.shape[0]):
-            save_label_ids(labels[i], self.out_dir, batch["city"][i], batch["name"][i])
+        for i in range(labels.shape[0]):  # train ids -> label ids (255 -> 0 "unlabeled")
+            path = Path(self.out_dir) / batch["city"][i] / f"{batch['name'][i]}_leftImg8bit.png"
+            save_png(TRAIN_ID_TO_ID[labels[i]], path)

@@ -17,15 +17,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from erfnet.distributed import all_reduce_sum
-from erfnet.evaluation.inference import DEFAULT_SETTINGS, Size, TestSettings, predict
+from erfnet.evaluation.inference import DEFAULT_SETTINGS, Size, TestSettings, eval_mode, predict
 from erfnet.evaluation.metrics import ConfusionMatrix
+from erfnet.evaluation.settings import model_meta
 
 # evaluate's per-batch callback: (predictions [N, H, W] int64 at the label size, the batch dict).
 OnPrediction = Callable[[torch.Tensor, dict], None]
-
-# --------------------------------------------------------------------------------------------
-# Sharding
-# --------------------------------------------------------------------------------------------
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -51,46 +48,42 @@ class ShardSampler(Sampler[int]):
 
 
 def build_eval_loader(
-    dataset: Dataset, *, batch_size: int = 1, workers: int = 2, pin_memory: bool | None = None
+    dataset: Dataset,
+    *,
+    batch_size: int = 1,
+    workers: int = 2,
+    pin_memory: bool | None = None,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A loader over this rank's shard of ``dataset`` (the whole dataset when not distributed)."""
     rank, world = rank_and_world()
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world),
         num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 
 def _sharded(loader: DataLoader) -> DataLoader:
     """Under DDP, a loader that is not already a ShardSampler loader is rebuilt as one, so that
     no image is counted twice (DistributedSampler pads) or on every rank."""
-    rank, world = rank_and_world()
-    if world == 1 or isinstance(loader.sampler, ShardSampler):
+    if rank_and_world()[1] == 1 or isinstance(loader.sampler, ShardSampler):
         return loader
     if loader.batch_size is None:
         raise ValueError(
             "evaluate under torchrun needs a DataLoader with batch_size set (or one built by"
             " erfnet.evaluation.inference.build_eval_loader)"
         )
-    return DataLoader(
+    return build_eval_loader(
         loader.dataset,
         batch_size=loader.batch_size,
-        sampler=ShardSampler(len(loader.dataset), rank, world),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
+        workers=loader.num_workers,
         pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
 
 
 def _out_size(batch: dict, image: torch.Tensor) -> Size:
@@ -119,8 +112,7 @@ def scored_classes(model: nn.Module, num_classes: int) -> int:
     whose ``meta["void_class"]`` is that last index (erfnet_pytorch's "void", predicted but never
     scored). ValueError (one line) otherwise."""
     outputs = getattr(model, "num_classes", None) or num_classes
-    meta = getattr(model, "meta", None) or {}
-    void = outputs == num_classes + 1 and meta.get("void_class") == num_classes
+    void = outputs == num_classes + 1 and model_meta(model).get("void_class") == num_classes
     if outputs != num_classes and not void:
         raise ValueError(
             f"the model predicts {outputs} classes, expected {num_classes} (this evaluation needs"
@@ -157,20 +149,15 @@ def evaluate(
     device = torch.device(device)
     net = _unwrap_ddp(model)
     if num_classes is None:
-        classes = _dataset_attr(loader, "classes")
+        classes = getattr(getattr(loader, "dataset", None), "classes", None)
         num_classes = len(classes) if classes is not None else getattr(net, "num_classes", None)
         if num_classes is None:
             raise ValueError("pass num_classes: neither the dataset nor the model has classes")
     outputs = scored_classes(net, num_classes)
-    was_training = getattr(net, "training", False)
-    net.eval()
-    try:
+    with eval_mode(net):
         cm, num_images, num_labelled = _predict_all(
             net, _sharded(loader), device, settings, outputs, on_prediction, progress
         )
-    finally:
-        if isinstance(net, nn.Module):
-            net.train(was_training)
     all_reduce_sum(cm.mat)
     seen = torch.tensor([num_images, num_labelled], dtype=torch.int64, device=device)
     num_images, num_labelled = all_reduce_sum(seen).tolist()
@@ -213,17 +200,3 @@ def _predict_all(
         if on_prediction is not None:
             on_prediction(pred, batch)
     return cm, num_images, num_labelled
-
-
-def _dataset_attr(loader: DataLoader, name: str) -> object:
-    return getattr(getattr(loader, "dataset", None), name, None)
-
-
-__all__ = [
-    "OnPrediction",
-    "ShardSampler",
-    "build_eval_loader",
-    "evaluate",
-    "rank_and_world",
-    "scored_classes",
-]

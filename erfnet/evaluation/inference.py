@@ -1,16 +1,11 @@
 """Inference as mmsegmentation tests this recipe; shared by eval.py, training and the scripts.
 
-``predict(model, image, out_size, settings)``: the test-time settings are one frozen
-``TestSettings`` whose defaults are mmseg's protocol for this recipe, at the test size the
-checkpoint records (``meta["test_size"]``, ``erfnet.test_size``). ``predict`` takes
-any form ``erfnet.evaluation.inputs.as_image_batch`` converts (PIL, numpy, path, tensor, list),
-runs the model in eval mode and restores its modes.
-
-Images come in on the 0-255 scale ([N, 3, H, W], uint8 or float): each network input ("view") is
-resized there (``resize_image``: bilinear, rounded, as mmseg resizes the uint8 image) and then
-normalised once with the model's own statistics (``model.meta["mean"]`` / ``["std"]``), so a
-checkpoint trained with another normalisation (erfnet_pytorch's mean 0 / std 255) needs nothing
-extra.
+``predict(model, image, out_size, settings)``: ``TestSettings``' defaults are mmseg's protocol,
+at the test size the checkpoint records (``meta["test_size"]``, ``erfnet.test_size``). Images
+are on the 0-255 scale: each network input ("view") is resized there (``resize_image``:
+bilinear, rounded, as mmseg resizes the uint8 image), then normalised once with the model's own
+``meta["mean"]`` / ``["std"]``, so a checkpoint trained with another normalisation
+(erfnet_pytorch's mean 0 / std 255) needs nothing extra.
 
 - Whole image (the recipe's test mode): the image is resized keeping its ratio to the test scale
   (mmcv's rescale rule), the logits are resized bilinearly (align_corners=False) to the original
@@ -26,8 +21,6 @@ them in horizontal strips (``labels_in_strips``), in the same order, with the sa
 
 A model may also return class labels [N, H, W] instead of logits (an exported graph that ends in
 an argmax): those are resized nearest to the label size, in whole-image single-scale mode only.
-
-``erfnet.evaluation.evaluate.evaluate`` runs a loader through ``predict`` and returns the metrics.
 """
 
 from __future__ import annotations
@@ -41,18 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from erfnet.config import MEAN_RGB, RECIPE, STD_RGB
-from erfnet.data.transforms import Stats, normalize, rescale_size, resize_image
+from erfnet.config import RECIPE
+from erfnet.data.transforms import Stats, normalize, resize_image
+from erfnet.data.transforms import rescale_size as rescale_size  # re-exported
 from erfnet.evaluation.inputs import as_image_batch, is_image_list, is_single_image
 from erfnet.evaluation.settings import (
     DEFAULT_SETTINGS,
     MIN_VIEW,
-    MODES,
     Size,
     TestSettings,
-    model_test_size,
+    model_meta,
     settings_for,
 )
+from erfnet.evaluation.settings import MODES as MODES  # re-exported
+from erfnet.evaluation.settings import model_test_size as model_test_size  # re-exported
 from erfnet.evaluation.strips import STRIP_BYTES, labels_in_strips, strip_rows
 from erfnet.test_size import rule_size
 
@@ -60,11 +55,6 @@ LABELS_ONLY_WHOLE = (
     "this model outputs class labels (a graph exported with --argmax): only whole-image"
     " single-scale prediction applies (no slide, no ms+flip)"
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes, resizing and normalisation
-# --------------------------------------------------------------------------------------------
 
 
 def ratio_scale(scale: Sequence[int], ratio: float) -> Size:
@@ -113,11 +103,10 @@ def is_label_map(out: torch.Tensor) -> bool:
 
 
 def model_normalization(model: nn.Module) -> tuple[Stats, Stats]:
-    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (complete in
-    every loaded checkpoint and export); a network built in code, without a ``meta`` (as during
-    training), is normalised as every built-in transform normalises: ImageNet's."""
-    meta = getattr(model, "meta", None) or {}
-    return tuple(meta.get("mean", MEAN_RGB)), tuple(meta.get("std", STD_RGB))
+    """(mean, std) on the 0-255 scale the model was trained with: its ``meta``'s (every ERFNet
+    and export carries a complete one; ImageNet's for a network built in code)."""
+    meta = model_meta(model)
+    return tuple(meta["mean"]), tuple(meta["std"])
 
 
 def network_input(
@@ -135,11 +124,6 @@ def _check_image(image: torch.Tensor) -> None:
             "images must be on the 0-255 scale (they are resized there and normalised with the"
             " model's mean/std); got negative values, i.e. an already normalised image"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Forward passes
-# --------------------------------------------------------------------------------------------
 
 
 def prefers_channels_last(model: nn.Module) -> bool:
@@ -213,14 +197,32 @@ def _view_logits(
 ) -> torch.Tensor:
     if settings.mode == "whole":
         return forward_logits(model, x, amp=settings.amp, channels_last=channels_last)
+    crop, stride = settings.slide_crop, settings.slide_stride
     return slide_logits(
-        model,
-        x,
-        crop=settings.slide_crop,
-        stride=settings.slide_stride,
-        amp=settings.amp,
-        channels_last=channels_last,
+        model, x, crop=crop, stride=stride, amp=settings.amp, channels_last=channels_last
     )
+
+
+def _views(
+    model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings, ms: bool
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(logits at the view's size, flipped) of each view in mmseg's order: ``image`` resized to
+    the test scale (``ms``: to each of ``settings.ratios`` of it, also flipped when
+    ``settings.flip``), normalised with the model's statistics. No local here keeps a yielded
+    map alive: the caller frees it."""
+    mean, std = model_normalization(model)
+    channels_last = prefers_channels_last(model)
+    flips = (False, True) if ms and settings.flip else (False,)
+    for r in settings.ratios if ms else (1.0,):
+        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
+        for flipped in flips:
+            view = x.flip(-1) if flipped else x
+            yield _view_logits(model, view, settings, channels_last), flipped
+
+
+def _out_size(image: torch.Tensor, out_size: Sequence[int] | None) -> Size:
+    _check_image(image)
+    return tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
 
 
 @torch.inference_mode()
@@ -237,14 +239,9 @@ def infer_logits(
     size rescaled to ``settings.scale`` keeping the ratio, normalised with the model's
     ``model_normalization``. ``settings.ms_flip`` is not looked at (see ``predict``).
     """
-    _check_image(image)
-    mean, std = model_normalization(model)
-    out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    x = network_input(image, view_size(out_size, settings.scale, 1.0, settings.rule), mean, std)
-    logits = _view_logits(model, x, settings, prefers_channels_last(model))
-    if is_label_map(logits):
-        if settings.mode != "whole":  # pragma: no cover - slide_logits raises first
-            raise ValueError(LABELS_ONLY_WHOLE)
+    out_size = _out_size(image, out_size)
+    logits, _ = next(_views(model, image, out_size, settings, False))
+    if is_label_map(logits):  # whole mode only: slide_logits refuses labels
         return resize_labels(logits, out_size)
     return resize_logits(logits, out_size)
 
@@ -264,48 +261,20 @@ def infer_probs_ms_flip(
     the original size, softmaxed and un-flipped, then added in place to one accumulator, so peak
     memory is a few full-size maps whatever the view count.
     """
-    _check_image(image)
-    mean, std = model_normalization(model)
-    out_size = tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
-    channels_last = prefers_channels_last(model)
+    out_size = _out_size(image, out_size)
     acc: torch.Tensor | None = None
-    for r in settings.ratios:
-        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
-        for flipped in (False, True) if settings.flip else (False,):
-            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
-            if is_label_map(logits):
-                raise ValueError(LABELS_ONLY_WHOLE)
-            logits = resize_logits(logits, out_size)
-            if flipped:
-                logits = logits.flip(-1)
-            probs = torch.softmax(logits, dim=1)
-            del logits
-            if acc is None:
-                acc = probs
-            else:
-                acc.add_(probs)
-            del probs
+    for logits, flipped in _views(model, image, out_size, settings, True):
+        if is_label_map(logits):
+            raise ValueError(LABELS_ONLY_WHOLE)
+        logits = resize_logits(logits, out_size)
+        if flipped:
+            logits = logits.flip(-1)
+        probs = torch.softmax(logits, dim=1)
+        del logits
+        acc = probs if acc is None else acc.add_(probs)
+        del probs
     assert acc is not None
     return acc.div_(len(settings.ratios) * (2 if settings.flip else 1))
-
-
-def _view_logits_list(
-    model: nn.Module, image: torch.Tensor, out_size: Size, settings: TestSettings
-) -> list[tuple[torch.Tensor, bool]]:
-    """(logits at the view's size, flipped) for every view ``predict`` averages, in its order
-    (a model that outputs labels: its labels, whole-image single-scale only)."""
-    mean, std = model_normalization(model)
-    channels_last = prefers_channels_last(model)
-    views = []
-    flips = (False, True) if settings.ms_flip and settings.flip else (False,)
-    for r in settings.view_ratios:
-        x = network_input(image, view_size(out_size, settings.scale, r, settings.rule), mean, std)
-        for flipped in flips:
-            logits = _view_logits(model, x.flip(-1) if flipped else x, settings, channels_last)
-            if is_label_map(logits) and settings.ms_flip:
-                raise ValueError(LABELS_ONLY_WHOLE)
-            views.append((logits, flipped))
-    return views
 
 
 @contextmanager
@@ -323,7 +292,8 @@ def eval_mode(model: Any) -> Iterator[None]:
             m.training = mode
 
 
-def _model_device(model: Any) -> torch.device | None:
+def model_device(model: Any) -> torch.device | None:
+    """The device of the model's parameters (None for a model without any, e.g. an export)."""
     for p in getattr(model, "parameters", list)():
         return p.device
     return None
@@ -364,8 +334,10 @@ def _predict_batch(
             return infer_probs_ms_flip(model, image, size, settings).argmax(1)
         out = infer_logits(model, image, size, settings)
         return out if is_label_map(out) else out.argmax(1)
-    views = _view_logits_list(model, image, size, settings)
+    views = list(_views(model, image, size, settings, settings.ms_flip))
     if is_label_map(views[0][0]):  # an exported graph ending in an argmax
+        if settings.ms_flip:
+            raise ValueError(LABELS_ONLY_WHOLE)
         return resize_labels(views[0][0], size)
     return labels_in_strips(views, size, rows)
 
@@ -399,34 +371,9 @@ def predict(
         raise ValueError("out_size with a list of images: each is predicted at its own size")
     size = _checked_out_size(out_size)
     settings = settings if settings is not None else settings_for(model)
-    batches = as_image_batch(image, _model_device(model))
+    batches = as_image_batch(image, model_device(model))
     with eval_mode(model):
         preds = [_predict_batch(model, b, size, settings, strip_bytes) for b in batches]
     if is_image_list(image):
         return [p[0] for p in preds]
     return preds[0][0] if is_single_image(image) else preds[0]
-
-
-__all__ = [
-    "DEFAULT_SETTINGS",
-    "eval_mode",
-    "model_test_size",
-    "settings_for",
-    "MIN_VIEW",
-    "MODES",
-    "TestSettings",
-    "forward_logits",
-    "infer_logits",
-    "infer_probs_ms_flip",
-    "model_normalization",
-    "network_input",
-    "predict",
-    "prefers_channels_last",
-    "ratio_scale",
-    "rescale_size",
-    "resize_image",
-    "resize_labels",
-    "resize_logits",
-    "slide_logits",
-    "view_size",
-]

@@ -118,13 +118,6 @@ def check_values(image: torch.Tensor) -> torch.Tensor:
     return image.to(torch.uint8)
 
 
-def check_size(image: torch.Tensor) -> None:
-    """One ValueError line for an image without pixels (a 0 x W or H x 0 image)."""
-    h, w = image.shape[-2:]
-    if h == 0 or w == 0:
-        raise ValueError(f"a {h}x{w} (HxW) image has no pixels")
-
-
 def as_image_batch(x: ImageLike, device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Images of any form this module lists as RGB batches ``[N, 3, H, W]`` on the 0-255 scale
     (uint8 or float32), on ``device`` when given: one batch for a single input, one ``[1, 3, H,
@@ -143,16 +136,7 @@ def as_image_batch(x: ImageLike, device: torch.device | str | None = None) -> li
                 " per entry"
             )
         batch = tensor if tensor.dim() == 4 else tensor[None]
-        check_size(batch)
+        if 0 in batch.shape[-2:]:
+            raise ValueError(f"a {batch.shape[-2]}x{batch.shape[-1]} (HxW) image has no pixels")
         batches.append(check_values(batch.to(device) if device is not None else batch))
     return batches
-
-
-__all__ = [
-    "FLOAT_HINT",
-    "as_image_batch",
-    "check_size",
-    "check_values",
-    "is_image_list",
-    "is_single_image",
-]

@@ -50,8 +50,7 @@ class ConfusionMatrix:
         target = target.reshape(-1).to(self.mat.device, torch.int64)
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
         keep = target != self.ignore_index
-        target = target[keep]
-        pred = pred[keep]
+        target, pred = target[keep], pred[keep]
         # Row/column ``n`` collects out-of-range values, so that one bincount both counts and
         # validates: a label of 19 cannot alias class 0 of the next row.
         stride = n + 1
@@ -140,13 +139,8 @@ def format_table(results: dict, class_names: Sequence[str] | None = None) -> str
     lines = ["per class results:", sep, f"| {'Class':<{w}} | {'IoU':>6} | {'Acc':>6} |", sep]
     for n, i, a in zip(names, iou, acc, strict=True):
         lines.append(f"| {n:<{w}} | {_fmt(i):>6} | {_fmt(a):>6} |")
-    lines += [sep, "Summary:"]
-    ssep = f"+{'-' * 8}+{'-' * 8}+{'-' * 8}+"
-    lines += [
-        ssep,
-        f"| {'aAcc':>6} | {'mIoU':>6} | {'mAcc':>6} |",
-        ssep,
-        f"| {_fmt(results['aAcc']):>6} | {_fmt(results['mIoU']):>6} | {_fmt(results['mAcc']):>6} |",
-        ssep,
-    ]
+    keys, ssep = ("aAcc", "mIoU", "mAcc"), f"+{'-' * 8}" * 3 + "+"
+    head = " | ".join(f"{k:>6}" for k in keys)
+    values = " | ".join(f"{_fmt(results[k]):>6}" for k in keys)
+    lines += [sep, "Summary:", ssep, f"| {head} |", ssep, f"| {values} |", ssep]
     return "\n".join(lines)

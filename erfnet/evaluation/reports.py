@@ -66,8 +66,8 @@ def write_reports(
     out = Path(out_dir)
     mat = np.asarray(matrix, dtype=np.int64)
     names = list(class_names)
-    cols = list(output_names) if output_names is not None else _column_names(names, mat.shape[1])
-    cols = _column_names(cols[: mat.shape[1]], mat.shape[1])
+    given = output_names if output_names is not None else names
+    cols = _column_names(list(given)[: mat.shape[1]], mat.shape[1])
     written = [out / "confusion_matrix.npy", out / "confusion_matrix.json"]
     atomic_write(written[0], lambda f: np.save(f, mat))
     data = {
@@ -98,13 +98,14 @@ def write_reports(
         )
     for name, plot, plot_args in plots:
         try:
-            written.append(_save_figure(out / name, plot(*plot_args, plt), plt))
+            written.append(save_figure(out / name, plot(*plot_args, plt), plt))
         except Exception as e:  # a plot is an extra: the matrix files above are written
             notes.append(f"{name} not drawn ({type(e).__name__}: {one_line(e)})")
     return written, "; ".join(notes) or None
 
 
-def _save_figure(path: Path, fig, plt) -> Path:
+def save_figure(path: Path, fig, plt) -> Path:
+    """``fig`` as a PNG by the one atomic writer, then closed."""
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
@@ -147,12 +148,7 @@ def _plot_iou(names: list[str], iou: Sequence[float], plt):
     miou = sum(valid) / len(valid) if valid else math.nan
     ax.set_title(f"per-class IoU (mIoU {miou:.2f})")
     for i, v in enumerate(iou):
-        ax.text(
-            min(values[i] + 1.0, 88.0),
-            i,
-            "n/a" if math.isnan(v) else f"{v:.1f}",
-            va="center",
-            fontsize=6,
-        )
+        label = "n/a" if math.isnan(v) else f"{v:.1f}"
+        ax.text(min(values[i] + 1.0, 88.0), i, label, va="center", fontsize=6)
     fig.tight_layout()
     return fig

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from erfnet.config import RECIPE
-from erfnet.test_size import DEFAULT_TEST_SIZE, RULES, rule_and_scale
+from erfnet.labels import complete_meta
+from erfnet.test_size import RULES, rule_and_scale
 
 MODES = ("whole", "slide")
 # The smallest network input: ERFNet's output stride (three 2x downsamplers); a view that is
@@ -83,12 +84,18 @@ class TestSettings:
 DEFAULT_SETTINGS = TestSettings()
 
 
+def model_meta(model: Any) -> dict[str, Any]:
+    """``model.meta``, complete as every ERFNet, EncoderStage and export carries it. The one
+    fallback: a module from elsewhere (``predict`` takes any) gets what its meta lacks, or the
+    whole meta, as a network built in code (``complete_meta``)."""
+    return complete_meta(getattr(model, "meta", None), getattr(model, "num_classes", 0))
+
+
 def model_test_size(model: Any) -> dict[str, Any]:
     """The test size ``model`` was validated at: its ``meta["test_size"]`` (recorded by
-    train.py and the converters), else Cityscapes' keep-ratio 1024x2048 (``DEFAULT_TEST_SIZE``:
-    checkpoints written before the key existed, and networks built in code)."""
-    meta = getattr(model, "meta", None) or {}
-    return meta.get("test_size") or DEFAULT_TEST_SIZE
+    train.py and the converters; ``DEFAULT_TEST_SIZE`` for checkpoints written before the key
+    existed, and networks built in code)."""
+    return model_meta(model)["test_size"]
 
 
 def settings_for(model: Any, **others: Any) -> TestSettings:

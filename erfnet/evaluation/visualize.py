@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from erfnet.data.transforms import resize_image
 from erfnet.evaluation.inference import TestSettings, predict
-from erfnet.labels import Palette, class_colors, generated_color  # noqa: F401  (re-exported)
+from erfnet.labels import Palette, class_colors
 from erfnet.model import unwrap_model
 from erfnet.outputs import atomic_write
 
@@ -123,21 +123,15 @@ def prediction_strips(
     """The first ``num`` images of ``dataset`` as [image | ground truth | prediction] strips,
     HxWx3 uint8 at the label's size; the model is in eval mode meanwhile."""
     net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
     strips = []
-    try:
-        for i in range(min(num, len(dataset))):  # type: ignore[arg-type]
-            sample = dataset[i]
-            image = sample["image"].unsqueeze(0).to(device)
-            label = sample["label"].numpy()
-            pred = predict(net, image, label.shape, settings)[0].cpu().numpy()
-            rgb = rgb_array(sample["image"])
-            if rgb.shape[:2] != label.shape:
-                rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
-            strips.append(
-                np.concatenate([rgb, colorize(label, palette), colorize(pred, palette)], axis=1)
-            )
-    finally:
-        net.train(was_training)
+    for i in range(min(num, len(dataset))):  # type: ignore[arg-type]
+        sample = dataset[i]
+        label = sample["label"].numpy()
+        # predict runs the model in eval mode and restores its modes
+        pred = predict(net, sample["image"][None].to(device), label.shape, settings)[0]
+        rgb = rgb_array(sample["image"])
+        if rgb.shape[:2] != label.shape:
+            rgb = np.asarray(Image.fromarray(rgb).resize(label.shape[::-1]))
+        colors = [colorize(label, palette), colorize(pred.cpu().numpy(), palette)]
+        strips.append(np.concatenate([rgb, *colors], axis=1))
     return strips
