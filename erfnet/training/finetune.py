@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from erfnet.checkpoint import PROJECT_LICENCE, CheckpointError, combine_licences
+from erfnet.checkpoint import PROJECT_LICENCE, CheckpointError, combine_licences, lineage_meta
 from erfnet.convert import (
     ERFNET_PYTORCH_TABLE,
     SOURCE_LICENCES,
@@ -34,6 +34,8 @@ from erfnet.convert import (
     source_lineage,
 )
 from erfnet.model import ERFNet
+from erfnet.training.logs import log
+from erfnet.training.resume import check_model_fits
 
 IMAGENET_ENCODER = "imagenet_encoder"
 # Eromera's ImageNet classifier wraps the encoder as ``features.encoder`` (through DataParallel).
@@ -211,3 +213,20 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     if cls_weight is not None:
         src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
     return InitReport(source, loaded, reinit, src_classes, model.num_classes, len(own), **lineage)
+
+
+def start_weights(
+    model: ERFNet, meta: dict[str, Any], init_path: str | None, path: Path | None, ckpt: dict | None
+) -> None:
+    """``model``'s weights from the --resume checkpoint ``ckpt`` (read from ``path``), else from
+    --init-from (each rank loads the file: the same weights everywhere); ``meta`` gains their
+    licence and lineage."""
+    if ckpt is not None:
+        check_model_fits(ckpt, model, path or Path("<checkpoint>"))
+        model.load_state_dict(ckpt["model"])
+        meta.update(lineage_meta(ckpt.get("meta")))  # a resumed run keeps its weights' terms
+    elif init_path is not None:
+        report = init_from(model, init_path)
+        meta.update(report.lineage_meta())  # the weights keep their source's licence
+        for line in report.describe(init_path):
+            log.info("%s", line)

@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet.distributed import DistInfo
 from erfnet.errors import one_line
 from erfnet.outputs import atomic_write, printable
 from erfnet.training.process import WorkDirError
@@ -154,17 +153,16 @@ class LossWindow:
 def log_training(
     window: LossWindow,
     writer: Any,
-    *,
     iteration: int,
     first: int,
-    iters: int,
-    log_interval: int,
+    args: Namespace,
     lr: float,
     device: torch.device,
 ) -> None:
-    """One ``iter N/M | loss | lr | s/it | eta`` line (mean over the window) and its scalars."""
-    now = time.perf_counter()
-    n = max(1, iteration - max(first, iteration - log_interval))
+    """One ``iter N/M | loss | lr | s/it | eta`` line (mean over the window) and its scalars;
+    ``first``: the iteration this process started from."""
+    now, iters = time.perf_counter(), args.iters
+    n = max(1, iteration - max(first, iteration - args.log_interval))
     sec_per_it = (now - window.start) / n
     avg = window.loss_sum / window.loss_n if window.loss_n else float("nan")
     eta = (now - window.run_start) / max(1, iteration - first) * (iters - iteration)
@@ -219,25 +217,20 @@ def log_images(writer: Any, strips: Sequence[np.ndarray], step: int) -> None:
 
 
 def write_run_settings(
-    args: Namespace,
-    work_dir: Path,
-    train_set: Dataset,
-    val_set: Dataset,
-    device: torch.device,
-    dist_info: DistInfo,
-    autocast_dtype: torch.dtype | None,
-    resume_path: Path | None,
+    args: Namespace, work_dir: Path, train_set: Dataset, val_set: Dataset, proc: Any, resumed: Any
 ) -> None:
-    """args.json (the flags as resolved, plus where and how this run trains) and its log lines."""
+    """args.json (the flags as resolved, plus where and how ``proc``, ``loop.Process``, trains)
+    and its log lines."""
     data_root = getattr(train_set, "root", args.data_root)
     settings = settings_json(args)
+    world, dtype = proc.dist.world_size, proc.autocast_dtype
     settings.update(
         data_root=str(data_root),
-        device=str(device),
-        world_size=dist_info.world_size,
-        total_batch_size=args.batch_size * getattr(args, "accum_steps", 1) * dist_info.world_size,
-        amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
-        resumed_from=str(resume_path) if resume_path else None,
+        device=str(proc.device),
+        world_size=world,
+        total_batch_size=args.batch_size * getattr(args, "accum_steps", 1) * world,
+        amp_dtype_used=str(dtype).replace("torch.", "") if dtype else None,
+        resumed_from=str(resumed) if resumed else None,
     )
     write_text_atomic(work_dir / "args.json", json.dumps(settings, indent=2) + "\n")
     log.info("run settings: %s", json.dumps(settings))

@@ -78,6 +78,18 @@ class Loaders:
     to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class Parts:
+    """What a recipe trains: the model, its optimizer, schedule and criterion, and a transform
+    of the labels on the device (--recipe erfnet_pytorch's stages)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # step.PolyLR, paper_recipe.EpochPolyLR
+    criterion: Criterion
+    label_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @dataclass(kw_only=True)
 class Run:
     """What the loop works with, set up once by train.py's steps (built by keywords)."""

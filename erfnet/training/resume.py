@@ -336,7 +336,6 @@ def check_model_fits(ckpt: dict, model: ERFNet, path: Path) -> None:
 
 def restore_training_state(
     ckpt: dict,
-    *,
     optimizer: torch.optim.Optimizer,
     scheduler: PolyLR,
     scaler: torch.amp.GradScaler,
