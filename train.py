@@ -37,23 +37,18 @@ if __name__ == "__main__":  # until the run installs its own handlers (open_run)
 
 from argparse import Namespace
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from erfnet import outputs, runtime
 from erfnet.checkpoint import dataset_meta
 from erfnet.config import PAPER_RECIPE, RECIPE, RECIPES
-from erfnet.data.check import check_datasets, image_header
-from erfnet.data.cityscapes import DatasetError
 from erfnet.data.from_args import (
     DATA_KINDS,
     check_data_flags,
@@ -62,8 +57,7 @@ from erfnet.data.from_args import (
     dataset_from_args,
 )
 from erfnet.data.paper_transforms import PaperTrainTransform
-from erfnet.data.synthetic import ensure_synthetic_cityscapes
-from erfnet.data.transforms import TrainTransform, rescale_size
+from erfnet.data.transforms import TrainTransform
 from erfnet.distributed import (
     DistInfo,
     barrier,
@@ -77,6 +71,7 @@ from erfnet.evaluation.evaluate import build_eval_loader
 from erfnet.model import HEADS, ERFNet
 from erfnet.test_size import keep_ratio
 from erfnet.training import logs, paper_recipe, process, resume, step
+from erfnet.training.data_check import MIN_SIDE, check_data, make_synthetic, on_rank0
 from erfnet.training.finetune import start_weights
 from erfnet.training.logs import log
 from erfnet.training.loop import (
@@ -107,7 +102,6 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "ckpt_interval": 400,
 }
 MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit; the sampler adds the epoch to it
-MIN_SIDE = 8  # pixels: the smallest image side the model takes (1 pixel at 1/8)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -137,29 +131,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     # fmt: off
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
-                   help="dataset: Cityscapes (gtFine), a synthetic Cityscapes made on demand, or"
-                   " your own folders described by --classes FILE")
+                   help="Cityscapes (gtFine), a synthetic one made on demand, or your folders")
     g.add_argument("--data-root", metavar="DIR", default=None,
-                   help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes);"
-                   " for --data synthetic the folder to create/use (default: a cache folder,"
-                   " ~/.cache/erfnet/synthetic-...); for --data folder the dataset root")
+                   help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes),"
+                   " synthetic's folder (default: a cache folder) or --data folder's root")
     g.add_argument("--classes", metavar="FILE", default=None,
-                   help="--data folder: the JSON file of names, palette, ignore_index,"
-                   " label_map, splits and suffixes (see README, Train on your own data)")
+                   help="--data folder: its classes JSON file (README, Train on your own data)")
     g.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"), default=r.crop_size,
                    help=f"random crop {defaults_note('crop_size', r.crop_size)}")
     g.add_argument("--scale", nargs=2, type=int, metavar=("H", "W"), default=r.scale,
                    help=f"base size of the random resize (ratio {r.ratio_range[0]}-"
-                   f"{r.ratio_range[1]}), also the validation resize"
-                   f" {defaults_note('scale', r.scale)}")
+                   f"{r.ratio_range[1]}) and of validation {defaults_note('scale', r.scale)}")
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
     g.add_argument("--skip-data-check", action="store_true",
-                   help="skip the check of every image and label header before the first"
-                   " iteration (a bad file then stops the run when first read)")
+                   help="skip the check of every image and label header before training")
     g.add_argument("--data-cache", metavar="DIR", default=None,
-                   help="read the train split from this decoded uint8 cache (made by"
-                   " scripts/prepare_cityscapes.py --cache DIR) (default: none)")
+                   help="the train split from this decoded cache (prepare_cityscapes.py --cache)"
+                   " (default: none)")
 
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", choices=RECIPES, default="mmseg",
@@ -169,84 +158,75 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--recipe erfnet_pytorch: epochs per stage (default: 150; synthetic:"
                    f" {paper_recipe.SYNTHETIC_DEFAULTS['epochs']})")
     g.add_argument("--stage", choices=paper_recipe.STAGE_CHOICES, default=None,
-                   help="--recipe erfnet_pytorch: train both stages (default), the encoder"
-                   " stage alone, or the decoder stage alone (from --init-from)")
+                   help="--recipe erfnet_pytorch: both (default) or one stage (decoder: from"
+                   " --init-from)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
                    help=f"training iterations {defaults_note('iters', r.iters)}")
     g.add_argument("--batch-size", type=int, metavar="N", default=r.batch_size_per_gpu,
-                   help="images per process and iteration; the recipe's total is"
-                   f" {r.batch_size_per_gpu} x {r.reference_gpus} GPUs"
-                   f" {defaults_note('batch_size', r.batch_size_per_gpu)}")
+                   help=f"images per process and iteration (the recipe: x {r.reference_gpus}"
+                   f" GPUs) {defaults_note('batch_size', r.batch_size_per_gpu)}")
     g.add_argument("--lr", type=float, default=r.lr,
                    help=f"SGD base learning rate {defaults_note('lr', r.lr)}")
     g.add_argument("--momentum", type=float, default=r.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="SGD weight decay")
     g.add_argument("--min-lr", type=float, default=r.min_lr, help="the poly schedule's final lr")
     g.add_argument("--poly-power", type=float, default=r.poly_power, help="poly schedule power")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of weights, data order, augmentation and dropout")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data and dropout")
     g.add_argument("--accum-steps", type=int, metavar="K", default=1,
-                   help="gradient accumulation: K micro-batches of --batch-size per optimizer"
-                   " step; --iters counts optimizer steps")
+                   help="gradient accumulation: K micro-batches of --batch-size per step")
     g.add_argument("--sync-bn", choices=step.SYNC_BN_SCOPES, default="head",
-                   help="which BatchNorms become SyncBatchNorm under torchrun on CUDA (head: the"
-                   " FCN head's only, as mmseg's recipe ran)")
+                   help="the BatchNorms synchronised under torchrun on CUDA (head: as mmseg)")
     g.add_argument("--head", choices=HEADS, default="fcn",
                    help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
     g.add_argument("--init-from", metavar="CKPT", default=None,
-                   help="start from these weights (ours, mmseg's, erfnet_pytorch's, or the"
-                   " ImageNet encoder) with a new optimizer and schedule")
+                   help="start from these weights (ours, mmseg's, erfnet_pytorch's, ImageNet's)")
 
     g = p.add_argument_group("loss (mmseg's CrossEntropyLoss)")
     g.add_argument("--avg-non-ignore", action="store_true",
-                   help="divide the summed pixel loss by the labelled pixels (mmseg 1.x's"
-                   " avg_non_ignore=True) instead of by all pixels N*H*W (default: all)")
+                   help="average the pixel loss over labelled pixels (mmseg 1.x) (default: all)")
     g.add_argument("--class-weights", metavar="FILE", default=None,
-                   help='per-class loss weights: a JSON file {"names": [...], "weights": [...]},'
-                   " e.g. from scripts/class_weights.py (default: none)")
+                   help="per-class loss weights, scripts/class_weights.py's JSON (default: none)")
     g.add_argument("--ohem", nargs=2, type=float, metavar=("THRESH", "MIN_KEPT"), default=None,
                    help="mmseg's OHEMPixelSampler, e.g. 0.7 100000 (default: off)")
 
     g = p.add_argument_group("speed")
     runtime.add_runtime_flags(g, workers=True)  # --device, --threads, --workers
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: fp16 autocast + GradScaler on CUDA, off on"
-                   " the CPU, where --amp means bf16 autocast)")
+                   help="mixed precision (default: fp16 on CUDA, off on the CPU, where --amp"
+                   " means bf16)")
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-                   help="augment the batch on the device, the same batches (default: on for"
-                   " CUDA, off on the CPU)")
+                   help="augment on the device (default: on for CUDA, off on the CPU)")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
-                   help="outputs: latest.pth, best.pth, iter_<N>.pth, train.log, args.json,"
-                   " tensorboard/ (default: work_dirs/erfnet_<data>)")
+                   help="checkpoints, train.log, args.json, tensorboard/ (default:"
+                   " work_dirs/erfnet_<data>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue a run: from PATH, or without PATH from the work dir's"
-                   " latest.pth (default: start a new run)")
+                   help="continue a run from PATH, else from the work dir's latest.pth (default:"
+                   " start a new run)")
     g.add_argument("--restart", action="store_true",
-                   help="start a new run in a work dir that holds an earlier run, after moving"
-                   " that run's files into its sub-folder previous-<date>-<time>/")
+                   help="start over in a work dir with an earlier run (moved to previous-*/)")
     g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
-                   help="validate (single scale) every N iterations and at the end"
+                   help="validate every N iterations"
                    f" {defaults_note('val_interval', r.val_interval)}")
     g.add_argument("--ckpt-interval", type=int, metavar="N", default=r.ckpt_interval,
                    help="write iter_<N>.pth every N iterations"
                    f" {defaults_note('ckpt_interval', r.ckpt_interval)}")
     g.add_argument("--keep-ckpts", type=int, metavar="K", default=3,
-                   help="keep only the newest K iter_<N>.pth files (0 keeps all)")
+                   help="keep the newest K iter_<N>.pth files (0: all)")
     g.add_argument("--log-interval", type=int, metavar="N", default=50,
-                   help="log the mean loss to train.log and TensorBoard every N iterations")
+                   help="log the mean loss every N iterations")
     g.add_argument("--num-vis", type=int, metavar="N", default=4,
-                   help="val images whose predictions go to TensorBoard at each validation")
+                   help="val predictions shown in TensorBoard")
     g.add_argument("--max-nonfinite", type=int, metavar="N", default=20,
-                   help="stop after N consecutive iterations with a non-finite loss")
+                   help="stop after N consecutive non-finite losses")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm progress bars on rank 0")
+                   help="tqdm progress bars")
     # fmt: on
     return p
 
@@ -453,12 +433,13 @@ def make_run(
     writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
     if writer is not None:
         cleanup.callback(writer.close)
+    wrapped = step.wrap_for_training(parts.model, proc.device, proc.dist.distributed, args.compile)
     run = Run(
         args=args,
         work_dir=work_dir,
         proc=proc,
         model=parts.model,
-        train_model=wrap_for_training(args, parts.model, proc),
+        train_model=wrapped,
         optimizer=parts.optimizer,
         scheduler=parts.scheduler,
         scaler=scaler,
@@ -566,78 +547,6 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     return train_set, val_set
 
 
-def make_synthetic(root: Path) -> None:
-    """Create the synthetic dataset at ``root`` unless it is there; a DatasetError if it cannot."""
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"--data-root '{root}' exists and is not a folder")
-    try:
-        if not (root.exists() and any(root.iterdir())):
-            log.info("creating the synthetic dataset in %s", root)
-        ensure_synthetic_cityscapes(root)
-    except OSError as e:
-        raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
-
-
-def check_data(
-    args: Namespace,
-    train_set: Dataset,
-    val_set: Dataset,
-    dist_info: DistInfo,
-    stop: process.StopFlag,
-) -> None:
-    """Every image and label header now, not the first bad file hours from now, and every val
-    image large enough for the model at --scale (rank 0 reads, the others wait; a stop signal
-    ends it at once). A --data-cache run never reads the train PNGs: the cache's own check
-    covers it."""
-    if args.skip_data_check:
-        return
-    splits = {"val": val_set} if args.data_cache else {"train": train_set, "val": val_set}
-    with stop.interruptible():
-        on_rank0(partial(check_and_log, splits, tuple(args.scale), args.progress), dist_info)
-
-
-def check_and_log(splits: dict[str, Dataset], scale: tuple[int, int], progress: bool) -> None:
-    checked = check_datasets(splits, progress)
-    check_val_sizes(splits["val"], scale)
-    shown = (
-        f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-        for k, n in checked.items()
-    )
-    log.info("data check: %s", ", ".join(shown))
-
-
-def check_val_sizes(val_set: Dataset, scale: tuple[int, int]) -> None:
-    """DatasetError naming the val images that validation at ``scale`` would shrink below
-    ``MIN_SIDE`` pixels on a side (the model's 1/8 bottleneck needs at least one pixel)."""
-    small = []
-    for sample in getattr(val_set, "samples", []):
-        size, _ = image_header(Path(sample.image))
-        h, w = rescale_size(size, scale)
-        if min(h, w) < MIN_SIDE:
-            small.append(f"'{sample.image}' ({size[0]}x{size[1]} -> {h}x{w})")
-    if small:
-        shown = ", ".join(small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
-        raise DatasetError(
-            f"{len(small)} val image(s) would be smaller than {MIN_SIDE} pixels on a side when"
-            f" validation resizes them to fit --scale {scale[0]} {scale[1]}: {shown}; raise"
-            " --scale or remove them"
-        )
-
-
-def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
-    """Run ``work`` on rank 0 alone (the others wait); its DatasetError stops every rank."""
-    error = [""]
-    if dist_info.is_main:
-        try:
-            work()
-        except DatasetError as e:
-            error[0] = str(e)
-    if dist_info.distributed:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise DatasetError(error[0])
-
-
 def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> Criterion:
     """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
     --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
@@ -668,15 +577,6 @@ def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: Proce
     if proc.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return model
-
-
-def wrap_for_training(args: Namespace, model: nn.Module, proc: Process) -> nn.Module:
-    """The model as the step runs it: DistributedDataParallel under torchrun, then
-    torch.compile with --compile (checkpoints and validation keep using ``model``)."""
-    if proc.dist.distributed:
-        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return torch.compile(model) if args.compile else model
 
 
 def build_loaders(
@@ -765,12 +665,12 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
     """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
     step, account, log, validate when due, save when due, stop when asked."""
     args, proc = run.args, run.proc
-    log_start(run, state)
+    logs.log_start(args, proc, state.iteration)
     reduce = step.mean_over_ranks if proc.dist.distributed else None
     window = logs.LossWindow()  # the losses and times since the last log line
     batches = iter(run.loaders.train)
     run.model.train()
-    with progress_bar(run, state) as bar:
+    with logs.progress_bar(args, proc.dist.is_main, state.iteration) as bar:
         for iteration in range(state.iteration, args.iters):
             resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
@@ -809,33 +709,6 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
             if stop_wanted(run, state, stop) and not last:
                 return "stopped"
     return "done"
-
-
-def log_start(run: Run, state: TrainState) -> None:
-    """The 'training for N iterations' line: batch, lr, precision, device, threads, workers."""
-    args, proc = run.args, run.proc
-    step_batch = args.batch_size * args.accum_steps
-    log.info(
-        f"training for {args.iters} iterations (from {state.iteration}), batch {args.batch_size}"
-        f" x {args.accum_steps} accumulated x {proc.dist.world_size} process(es)"
-        f" = {step_batch * proc.dist.world_size}, lr {args.lr:g}, amp {proc.autocast_dtype},"
-        f" on {proc.device} ({torch.get_num_threads()} threads, {args.workers} loader workers,"
-        f" {runtime.available_cores()} cores)"
-    )
-
-
-def progress_bar(run: Run, state: TrainState) -> AbstractContextManager[tqdm | None]:
-    """tqdm's bar on rank 0 with --progress, else a context that yields None."""
-    if not (run.proc.dist.is_main and run.args.progress):
-        return nullcontext(None)
-    return tqdm(
-        total=run.args.iters,
-        initial=state.iteration,
-        unit="it",
-        desc="train",
-        dynamic_ncols=True,
-        smoothing=0.05,
-    )
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from erfnet.errors import one_line
 from erfnet.outputs import atomic_write, printable
+from erfnet.runtime import available_cores
 from erfnet.training.process import WorkDirError
 
 log = logging.getLogger("erfnet.train")
@@ -235,3 +236,29 @@ def write_run_settings(
     write_text_atomic(work_dir / "args.json", json.dumps(settings, indent=2) + "\n")
     log.info("run settings: %s", json.dumps(settings))
     log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)
+
+
+def log_start(args: Namespace, proc: Any, iteration: int) -> None:
+    """The 'training for N iterations' line: batch, lr, precision, device, threads, workers."""
+    world = proc.dist.world_size
+    log.info(
+        f"training for {args.iters} iterations (from {iteration}), batch {args.batch_size}"
+        f" x {args.accum_steps} accumulated x {world} process(es)"
+        f" = {args.batch_size * args.accum_steps * world}, lr {args.lr:g}, amp"
+        f" {proc.autocast_dtype}, on {proc.device} ({torch.get_num_threads()} threads,"
+        f" {args.workers} loader workers, {available_cores()} cores)"
+    )
+
+
+def progress_bar(args: Namespace, is_main: bool, iteration: int) -> AbstractContextManager:
+    """tqdm's bar on rank 0 with --progress, else a context that yields None."""
+    if not (is_main and args.progress):
+        return nullcontext(None)
+    return tqdm(
+        total=args.iters,
+        initial=iteration,
+        unit="it",
+        desc="train",
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )

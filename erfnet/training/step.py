@@ -205,6 +205,17 @@ def train_step(
     return loss_value
 
 
+def wrap_for_training(
+    model: nn.Module, device: torch.device, distributed: bool, compile_it: bool
+) -> nn.Module:
+    """The model as the step runs it: DistributedDataParallel under torchrun, then
+    torch.compile with --compile (checkpoints and validation keep using ``model``)."""
+    if distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if compile_it else model
+
+
 def _ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The DistributedDataParallel wrapper of ``model`` (also under torch.compile), if any."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
