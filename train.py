@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from erfnet import outputs, runtime
+from erfnet import distributed, outputs, runtime
 from erfnet.checkpoint import dataset_meta
 from erfnet.config import PAPER_RECIPE, RECIPE, RECIPES
 from erfnet.data.from_args import (
@@ -58,35 +58,14 @@ from erfnet.data.from_args import (
 )
 from erfnet.data.paper_transforms import PaperTrainTransform
 from erfnet.data.transforms import TrainTransform
-from erfnet.distributed import (
-    DistInfo,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    local_rank_from_env,
-    resolve_device,
-)
 from erfnet.errors import FlagError, run_cli
 from erfnet.evaluation.evaluate import build_eval_loader
 from erfnet.model import HEADS, ERFNet
 from erfnet.test_size import keep_ratio
-from erfnet.training import logs, paper_recipe, process, resume, step
+from erfnet.training import logs, loop, paper_recipe, process, resume, step
 from erfnet.training.data_check import MIN_SIDE, check_data, make_synthetic, on_rank0
 from erfnet.training.finetune import start_weights
 from erfnet.training.logs import log
-from erfnet.training.loop import (
-    Loaders,
-    Parts,
-    Process,
-    Run,
-    TrainState,
-    account,
-    fetch_batch,
-    save_when_due,
-    stop_after,
-    stop_wanted,
-    validate,
-)
 from erfnet.training.loss import Criterion, load_class_weights, make_criterion
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
@@ -352,14 +331,14 @@ def main(args: Namespace) -> int:
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
         scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
-        parts = Parts(model, optimizer, scheduler, criterion)
+        parts = loop.Parts(model, optimizer, scheduler, criterion)
         run, state = make_run(args, proc, start, train_set, val_set, meta, cleanup, parts)
         return train_loop(run, state, stop)
 
 
 def train_stages(
     args: Namespace,
-    proc: Process,
+    proc: loop.Process,
     start: Start,
     train_set: Dataset,
     meta: dict[str, Any],
@@ -393,19 +372,19 @@ def train_stages(
 
 def make_run(
     args: Namespace,
-    proc: Process,
+    proc: loop.Process,
     start: Start,
     train_set: Dataset,
     val_set: Dataset,
     meta: dict[str, Any],
     cleanup: ExitStack,
-    parts: Parts,
-) -> tuple[Run, TrainState]:
+    parts: loop.Parts,
+) -> tuple[loop.Run, loop.TrainState]:
     """The Run of ``parts`` from ``start``: the GradScaler, the --resume state, args.json, the
     loaders, TensorBoard and the model wrapped for training."""
     work_dir = paper_recipe.stage_dir(Path(args.work_dir), args.stage)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
-    state = TrainState()
+    state = loop.TrainState()
     if start.ckpt is not None:  # the optimizer, schedule, scaler and RNGs; where it stood
         iteration, best_miou, consumed = resume.restore_training_state(
             start.ckpt,
@@ -417,7 +396,9 @@ def make_run(
             proc.dist.world_size,
         )
         pending = bool(start.ckpt.get("validation_pending", False))
-        state = TrainState(iteration, consumed, best_miou, start=iteration, val_pending=pending)
+        state = loop.TrainState(
+            iteration, consumed, best_miou, start=iteration, val_pending=pending
+        )
         if args.stage is None:
             log.info(
                 "resumed from %s at iteration %d (best mIoU %.2f)", start.path, iteration, best_miou
@@ -434,7 +415,7 @@ def make_run(
     if writer is not None:
         cleanup.callback(writer.close)
     wrapped = step.wrap_for_training(parts.model, proc.device, proc.dist.distributed, args.compile)
-    run = Run(
+    run = loop.Run(
         args=args,
         work_dir=work_dir,
         proc=proc,
@@ -452,20 +433,20 @@ def make_run(
     return run, state
 
 
-def setup_process(args: Namespace) -> Process:
+def setup_process(args: Namespace) -> loop.Process:
     """The device, AMP, CPU threads and loader workers (written back to ``args``), and the
     process group under torchrun."""
-    device = resolve_device(args.device, local_rank_from_env())
+    device = distributed.resolve_device(args.device, distributed.local_rank_from_env())
     autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
     # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
     args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
     args.threads = torch.get_num_threads()  # as used, for args.json
-    return Process(device, init_distributed(device), autocast_dtype, use_scaler)
+    return loop.Process(device, distributed.init_distributed(device), autocast_dtype, use_scaler)
 
 
-def check_start(args: Namespace, dist_info: DistInfo) -> Start:
+def check_start(args: Namespace, dist_info: distributed.DistInfo) -> Start:
     """What the run starts from, checked before anything is written: the work dir (rank 0)
     follows the one output rule (``erfnet.outputs``), is not in use and holds no earlier run
     that a new one would overwrite; the --resume checkpoint is a training checkpoint."""
@@ -486,11 +467,13 @@ def check_start(args: Namespace, dist_info: DistInfo) -> Start:
     return Start() if path is None else Start(path, resume.load_training_checkpoint(path))
 
 
-def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> process.StopFlag:
+def open_run(
+    args: Namespace, dist_info: distributed.DistInfo, cleanup: ExitStack
+) -> process.StopFlag:
     """The run's surroundings, each undone by ``cleanup``: the process group, a console that
     cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
     and the SIGINT / SIGTERM flag (returned) that stops the loop after saving."""
-    cleanup.callback(cleanup_distributed)
+    cleanup.callback(distributed.cleanup_distributed)
     # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
     cleanup.enter_context(runtime.guarded_console())
     work_dir, moved = Path(args.work_dir), None
@@ -522,7 +505,7 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> proces
     return stop
 
 
-def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]:
+def get_dataset(args: Namespace, dist_info: distributed.DistInfo) -> tuple[Dataset, Dataset]:
     """The augmented train split and the plain val split (the evaluator resizes it to --scale).
 
     A dataset exposes ``classes`` (names), ``palette`` (RGB per class) and ``ignore_index``; the
@@ -562,7 +545,7 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
     )
 
 
-def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: Process) -> ERFNet:
+def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: loop.Process) -> ERFNet:
     """The model on the device, from --seed, --init-from or the --resume checkpoint;
     SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -583,10 +566,10 @@ def build_loaders(
     args: Namespace,
     train_set: Dataset,
     val_set: Dataset,
-    proc: Process,
-    state: TrainState,
+    proc: loop.Process,
+    state: loop.TrainState,
     labels: Callable | None = None,
-) -> Loaders:
+) -> loop.Loaders:
     """The endless training loader at the state's position, the validation loader, and how a
     training batch reaches the device. --gpu-aug: the workers decode and draw the augmentation,
     the device applies it (the same batches)."""
@@ -611,7 +594,7 @@ def build_loaders(
         val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=pin
     )
     upload = partial(to_device, augment=augment, device=device, labels=labels)
-    return Loaders(loader, sampler, val_loader, upload)
+    return loop.Loaders(loader, sampler, val_loader, upload)
 
 
 def to_device(
@@ -629,13 +612,13 @@ def to_device(
     return images, target if labels is None else labels(target)
 
 
-def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
+def train_loop(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> int:
     """The validation a stop signal interrupted (if any), then the iterations to --iters.
     Returns the exit status."""
     args = run.args
     try:
         if state.val_pending:  # as the uninterrupted run did it, before going on
-            validate(run, state, stop)
+            loop.validate(run, state, stop)
         if state.iteration >= args.iters:
             log.info(
                 "nothing to do: the checkpoint is at iteration %d of --iters %d",
@@ -644,10 +627,10 @@ def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
             )
             return 0
         if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
-            return stop_after(run, state, stop)
+            return loop.stop_after(run, state, stop)
     except process.StopRequested:  # in the data wait or validation: the iteration is complete
-        return stop_after(run, state, stop)
-    barrier()
+        return loop.stop_after(run, state, stop)
+    distributed.barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
     # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
     best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
@@ -661,7 +644,7 @@ def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
     return 0
 
 
-def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
+def iterate(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> str:
     """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
     step, account, log, validate when due, save when due, stop when asked."""
     args, proc = run.args, run.proc
@@ -674,7 +657,7 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
         for iteration in range(state.iteration, args.iters):
             resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
-            batch = fetch_batch(batches, run, state, stop)
+            batch = loop.fetch_batch(batches, run, state, stop)
             t1 = time.perf_counter()
             images, labels = run.loaders.to_device(batch)
             lr = run.optimizer.param_groups[0]["lr"]
@@ -692,7 +675,7 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
             run.scheduler.step()
             window.data_time += t1 - t0
             window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
-            account(state, loss, run, window)
+            loop.account(state, loss, run, window)
             done, last = state.iteration, state.iteration == args.iters
             if bar is not None:
                 bar.update(1)
@@ -703,10 +686,10 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
             due_val = done % args.val_interval == 0 or last
             due_ckpt = done % args.ckpt_interval == 0
             if due_val:
-                validate(run, state, stop, save_iter=due_ckpt)
+                loop.validate(run, state, stop, save_iter=due_ckpt)
             if due_val or due_ckpt or last:
-                save_when_due(run, state, save_iter=due_ckpt)
-            if stop_wanted(run, state, stop) and not last:
+                loop.save_when_due(run, state, save_iter=due_ckpt)
+            if loop.stop_wanted(run, state, stop) and not last:
                 return "stopped"
     return "done"
 

@@ -71,10 +71,9 @@ class InitReport:
         ):
             lines.append("encoder-only start: the decoder and head are initialised as usual")
         if self.reinitialised:
-            num = self.num_classes
             lines.append(
-                f"re-initialised for {num} classes (the file has {self.source_classes}): "
-                + ", ".join(self.reinitialised)
+                f"re-initialised for {self.num_classes} classes (the file has"
+                f" {self.source_classes}): {', '.join(self.reinitialised)}"
             )
         origin = ", ".join(f"{s['from']} ({s['licence']})" for s in self.lineage[:-1])
         lines.append(
@@ -93,11 +92,8 @@ def _is_imagenet_encoder(obj: Any) -> bool:
 
 
 def imagenet_encoder_state(obj: Any) -> dict[str, torch.Tensor]:
-    """Our ``encoder.*`` tensors from Eromera's ImageNet file (its classifier dropped).
-
-    Its encoder keys are erfnet_pytorch's (``initial_block``, ``layers.{0..14}``) under
-    ``features.encoder.``; they go through the converter's erfnet_pytorch table.
-    """
+    """Our ``encoder.*`` tensors from Eromera's ImageNet file (its classifier dropped): its keys
+    are erfnet_pytorch's under ``features.encoder.``, mapped by the converter's table."""
     state = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else obj
     out: dict[str, torch.Tensor] = {}
     unknown = []

@@ -14,7 +14,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -110,15 +109,6 @@ def settings_json(args: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in vars(args).items()}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` by the one atomic writer; ``OSError`` becomes one line naming the path
-    (``WorkDirError``)."""
-    try:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as e:
-        raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
-
-
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     d, rem = divmod(seconds, 86400)
@@ -190,9 +180,7 @@ def log_training(
     window.reset(now)
 
 
-def log_validation(
-    metrics: dict, class_names: Sequence[str], iteration: int, writer: Any
-) -> list[tuple[str, float]]:
+def log_validation(metrics: dict, class_names: Sequence[str], iteration: int, writer: Any) -> None:
     """The val line of train.log (mIoU, mAcc, aAcc and each class's IoU) and its scalars."""
     ious = [(n, v) for n, v in zip(class_names, metrics["IoU"], strict=False) if not math.isnan(v)]
     log.info(
@@ -208,13 +196,6 @@ def log_validation(
             writer.add_scalar(f"val/{key}", metrics[key], iteration)
         for n, v in ious:
             writer.add_scalar(f"val/IoU/{n}", v, iteration)
-    return ious
-
-
-def log_images(writer: Any, strips: Sequence[np.ndarray], step: int) -> None:
-    """HxWx3 uint8 images (``visualize.prediction_strips``) to TensorBoard as val/prediction_i."""
-    for i, strip in enumerate(strips):
-        writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
 
 
 def write_run_settings(
@@ -233,7 +214,11 @@ def write_run_settings(
         amp_dtype_used=str(dtype).replace("torch.", "") if dtype else None,
         resumed_from=str(resumed) if resumed else None,
     )
-    write_text_atomic(work_dir / "args.json", json.dumps(settings, indent=2) + "\n")
+    text, path = json.dumps(settings, indent=2) + "\n", work_dir / "args.json"
+    try:  # by the one atomic writer
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
     log.info("run settings: %s", json.dumps(settings))
     log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)
 

@@ -1,10 +1,5 @@
-"""What ``train.py``'s loop works with and the steps it calls.
-
-``TrainState`` is where the run stands (the counters a checkpoint, a log line or an error message
-reports); ``Run`` holds what the steps of ``train.py`` set up once. The loop's steps:
-``fetch_batch``, ``account`` for an iteration, ``validate``, ``save_checkpoint`` /
-``save_when_due``, ``stop_after`` a signal, and ``failure``, which saves the completed iterations
-before an error stops the run.
+"""What ``train.py``'s loop works with (``Run``, set up once; ``TrainState``, where it stands)
+and the steps it calls; ``failure`` saves the completed iterations before an error stops the run.
 """
 
 from __future__ import annotations
@@ -28,18 +23,12 @@ from erfnet.errors import one_line
 from erfnet.evaluation.evaluate import evaluate
 from erfnet.evaluation.inference import TestSettings
 from erfnet.evaluation.visualize import prediction_strips
-from erfnet.training import logs, resume
+from erfnet.training import logs, process, resume
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion
-from erfnet.training.process import (
-    PEER_FAILED,
-    StopFlag,
-    TrainingError,
-    is_peer_failure,
-    resume_hint,
-)
+from erfnet.training.process import PEER_FAILED, StopFlag, TrainingError, is_peer_failure
 from erfnet.training.resume import InfiniteSampler
-from erfnet.training.step import PolyLR
+from erfnet.training.step import ClosedFormLR
 
 
 @dataclass
@@ -85,14 +74,14 @@ class Parts:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # step.PolyLR, paper_recipe.EpochPolyLR
+    scheduler: ClosedFormLR  # step.PolyLR, paper_recipe.EpochPolyLR
     criterion: Criterion
     label_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(kw_only=True)
 class Run:
-    """What the loop works with, set up once by train.py's steps (built by keywords)."""
+    """What the loop works with, set up once (``train.make_run``)."""
 
     args: Namespace
     work_dir: Path
@@ -100,7 +89,7 @@ class Run:
     model: nn.Module  # the weights: what checkpoints and validation use
     train_model: nn.Module  # the same model, wrapped for training (DDP, torch.compile)
     optimizer: torch.optim.Optimizer
-    scheduler: PolyLR
+    scheduler: ClosedFormLR
     scaler: torch.amp.GradScaler
     criterion: Criterion
     loaders: Loaders
@@ -139,8 +128,8 @@ def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -
     if state.nonfinite >= args.max_nonfinite:
         raise TrainingError(
             f"the loss was non-finite for {state.nonfinite} consecutive iterations (last at"
-            f" iteration {state.iteration}); stopping. {resume_hint(run.work_dir)} Try a lower"
-            " --lr or --no-amp, and check the data."
+            f" iteration {state.iteration}); stopping. {process.resume_hint(run.work_dir)} Try a"
+            " lower --lr or --no-amp, and check the data."
         )
 
 
@@ -173,7 +162,10 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
                     settings=TestSettings(scale=tuple(args.scale)),
                     device=proc.device,
                 )
-                logs.log_images(run.writer, strips, state.iteration)
+                for i, strip in enumerate(strips):  # HxWx3 uint8
+                    run.writer.add_image(
+                        f"val/prediction_{i}", strip, state.iteration, dataformats="HWC"
+                    )
     except Exception as e:
         run.model.train()
         raise failure(run, state, "validation", e, save_iter) from None
@@ -271,11 +263,8 @@ def failure(
         cause, fix = f"{type(e).__name__}: {one_line(e)}", "Fix the cause"
     # --resume only where there is a checkpoint to continue from (before the first one, as in
     # a bad label value found by the first batch, --resume would refuse: run again instead).
-    again = (
-        "continue with --resume"
-        if (run.work_dir / "latest.pth").is_file()
-        else "run the same command again"
-    )
+    resumable = (run.work_dir / "latest.pth").is_file()
+    again = "continue with --resume" if resumable else "run the same command again"
     return TrainingError(
         f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then {again}"
     )

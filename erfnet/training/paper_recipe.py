@@ -2,12 +2,9 @@
 
 erfnet_pytorch's ``train/main.py`` trains the encoder alone at 1/8 resolution (with its
 ``encoder.output_conv``), then the full network from that encoder; each stage has its own class
-weights and a fresh Adam with an lr decayed once per epoch (facts and sources:
-docs/erfnet_pytorch.md). ``build_stage(recipe, stage, ...)`` returns one stage's model,
-optimizer, schedule, criterion and label transform; ``train.py`` runs each stage through the
-same loop as mmseg's recipe, with the stage's settings (``stage_args``): iterations = epochs x
-ceil(images / batch), validation every epoch. The encoder stage writes its checkpoints into
-``<work dir>/encoder/``, the decoder stage into the work dir itself.
+weights and a fresh Adam with an lr decayed once per epoch (docs/erfnet_pytorch.md). ``train.py``
+runs each stage (``build_stage``) through mmseg's loop with the stage's settings
+(``stage_args``); the encoder stage writes into ``<work dir>/encoder/``.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet import test_size
 from erfnet.checkpoint import CheckpointError
@@ -35,6 +31,7 @@ from erfnet.training.loop import Parts
 from erfnet.training.loss import load_class_weights
 from erfnet.training.process import WorkDirError
 from erfnet.training.resume import resolve_resume
+from erfnet.training.step import ClosedFormLR
 
 STAGES = ("encoder", "decoder")
 STAGE_CHOICES = ("both", *STAGES)
@@ -165,16 +162,12 @@ def resume_path(args: Namespace) -> Path | None:
     )
 
 
-def iters_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
-    """ceil(images / batch): erfnet_pytorch's loader keeps the last, smaller batch."""
-    return math.ceil(dataset_size / (batch_size * world_size))
-
-
 def stage_args(args: Namespace, stage: str, dataset_size: int, world_size: int = 1) -> Namespace:
     """The loop's settings for ``stage``: ``iters`` = epochs x iterations per epoch, validation
     (and latest.pth) every epoch, no iter_<N>.pth (one checkpoint per stage), and the test scale
     that keeps validation images at their shorter side."""
-    per_epoch = iters_per_epoch(dataset_size, args.batch_size, world_size)
+    # ceil(images / batch): erfnet_pytorch's loader keeps the last, smaller batch
+    per_epoch = math.ceil(dataset_size / (args.batch_size * world_size))
     iters = args.epochs * per_epoch
     out = Namespace(**vars(args))
     out.stage, out.iters_per_epoch, out.iters = stage, per_epoch, iters
@@ -218,11 +211,11 @@ def recipe_meta(
 # --- one stage ------------------------------------------------------------------------------
 
 
-class EpochPolyLR(LRScheduler):
+class EpochPolyLR(ClosedFormLR):
     """erfnet_pytorch's ``LambdaLR(lambda epoch: (1 - (epoch - 1) / epochs) ** power)`` stepped
     at the start of each 1-based epoch, in an iteration loop: the lr of iteration i (0-based) is
     ``base * (1 - e / epochs) ** power`` with ``e = i // iters_per_epoch``, constant within an
-    epoch. Closed form, so a resumed schedule matches exactly; its state holds numbers only."""
+    epoch."""
 
     def __init__(
         self,
@@ -246,20 +239,10 @@ class EpochPolyLR(LRScheduler):
         factor = (1.0 - done / self.epochs) ** self.power
         return [base * factor for base in self.base_lrs]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.apply()
-
     def set_max_iters(self, max_iters: int) -> None:
         """Another --epochs on resume: the schedule now ends at ``max_iters``."""
         self.epochs = max(1, int(max_iters) // self.iters_per_epoch)
         self.apply()
-
-    def apply(self) -> None:
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = lrs
 
 
 def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,8 @@ class WorkDirBusyError(WorkDirError):
 
 
 class WorkDirLock:
-    """The lock on ``<work_dir>/train.lock`` for as long as this object is held.
-
-    ``acquire`` raises ``WorkDirBusyError`` at once (no waiting) when another process holds it,
-    ``WorkDirError`` when the work dir is not writable.
-    """
+    """The lock on ``<work_dir>/train.lock``: ``acquire`` raises ``WorkDirBusyError`` at once (no
+    waiting) when another process holds it, ``WorkDirError`` when the work dir is not writable."""
 
     def __init__(self, work_dir: str | os.PathLike) -> None:
         self.path = Path(work_dir) / LOCK_NAME
@@ -93,10 +90,8 @@ class WorkDirLock:
 
 
 def _try_lock(fd: int, path: Path) -> bool:
-    """Take the POSIX write lock of ``fd`` without waiting; False when another process has it.
-
-    A POSIX lock (unlike ``flock``) is owned by this process, not by the open file, so the
-    DataLoader workers that fork() copies of the descriptor never hold it."""
+    """Take the POSIX write lock of ``fd`` without waiting (unlike ``flock``'s, it is this
+    process's, not the forked workers'); False when another process has it."""
     if fcntl is None:
         return True
     try:
@@ -169,8 +164,8 @@ def check_new_run(work_dir: str | os.PathLike, resume: bool, restart: bool) -> N
 
 
 def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
-    """Move an earlier run's files into ``work_dir/previous-<date>-<time>/``; that folder, or
-    None when there was nothing to move. Call it while holding the work dir's lock."""
+    """Move an earlier run's files (under the work dir's lock) into
+    ``work_dir/previous-<date>-<time>/``; that folder, or None when there was nothing to move."""
     files = previous_run_files(work_dir)
     if not files:
         return None
@@ -192,9 +187,7 @@ def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
 
 def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
     """Delete ``atomic_write``'s leftover temporary files in ``folder``; (count, bytes) removed.
-
-    Call it only while holding the folder's ``WorkDirLock``: then no live writer owns them.
-    """
+    Only while holding the folder's ``WorkDirLock``: then no live writer owns them."""
     count = size = 0
     folder = Path(folder)
     if not folder.is_dir():
@@ -214,11 +207,6 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
 
-# --------------------------------------------------------------------------------------------
-# Signals
-# --------------------------------------------------------------------------------------------
-
-
 class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to catch
     """A stop signal arrived inside ``StopFlag.interruptible()``: leave what was being done."""
 
@@ -229,12 +217,9 @@ class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to c
 
 class StopFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts.
-
-    Inside ``interruptible()`` (the data check, waiting for a batch, validation: the parts that
-    may take long and change no training state) a signal raises ``StopRequested`` at once
-    instead, so that a stop request is honoured within seconds at any point. Under torchrun
-    (``immediate=False``) the ranks must stop together: the flag only, all-reduced.
-    """
+    Inside ``interruptible()`` (the long parts that change no training state: the data check, a
+    batch wait, validation) a signal raises ``StopRequested`` at once. Under torchrun
+    (``immediate=False``) the ranks must stop together: the flag only, all-reduced."""
 
     def __init__(self, immediate: bool = True) -> None:
         self.signum = 0
