@@ -386,27 +386,16 @@ def make_run(
     scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
     state = loop.TrainState()
     if start.ckpt is not None:  # the optimizer, schedule, scaler and RNGs; where it stood
-        iteration, best_miou, consumed = resume.restore_training_state(
-            start.ckpt,
-            parts.optimizer,
-            parts.scheduler,
-            scaler,
-            args,
-            len(train_set),
-            proc.dist.world_size,
+        ckpt, world = start.ckpt, proc.dist.world_size
+        done, best, consumed = resume.restore_training_state(
+            ckpt, parts.optimizer, parts.scheduler, scaler, args, len(train_set), world
         )
-        pending = bool(start.ckpt.get("validation_pending", False))
-        state = loop.TrainState(
-            iteration, consumed, best_miou, start=iteration, val_pending=pending
-        )
+        pending = bool(ckpt.get("validation_pending", False))
+        state = loop.TrainState(done, consumed, best, start=done, val_pending=pending)
         if args.stage is None:
-            log.info(
-                "resumed from %s at iteration %d (best mIoU %.2f)", start.path, iteration, best_miou
-            )
+            log.info("resumed from %s at iteration %d (best mIoU %.2f)", start.path, done, best)
         else:
-            log.info(
-                "resumed the %s stage from %s at iteration %d", args.stage, start.path, iteration
-            )
+            log.info("resumed the %s stage from %s at iteration %d", args.stage, start.path, done)
     if proc.dist.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         logs.write_run_settings(args, work_dir, train_set, val_set, proc, start.path)
@@ -492,11 +481,9 @@ def open_run(
     if moved is not None:
         log.info("--restart: the earlier run's files are now in %s", moved)
     if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
-        count, size = process.remove_stale_tmp(work_dir)
-        if count:
-            log.info(
-                "removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count, size / 1e6
-            )
+        n, size = process.remove_stale_tmp(work_dir)
+        if n:
+            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", n, size / 1e6)
     # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
     # wait or validation), then exit.
     stop = process.StopFlag(immediate=not dist_info.distributed)
@@ -507,12 +494,9 @@ def open_run(
 
 def get_dataset(args: Namespace, dist_info: distributed.DistInfo) -> tuple[Dataset, Dataset]:
     """The augmented train split and the plain val split (the evaluator resizes it to --scale).
-
-    A dataset exposes ``classes`` (names), ``palette`` (RGB per class) and ``ignore_index``; the
-    model, the loss, validation and the checkpoint meta take them from the train split. To train
-    on other data, return your own datasets here (items: ``image`` float [3, H, W] normalised,
-    ``label`` int64 [H, W]).
-    """
+    To train on other data, return your own datasets here: ``classes``, ``palette`` (RGB) and
+    ``ignore_index`` attributes (the train split's make the meta), items ``image`` float [3, H, W]
+    normalised and ``label`` int64 [H, W]."""
     transform: Callable = TrainTransform(
         crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -43,18 +42,18 @@ def check_data(
     if args.skip_data_check:
         return
     splits = {"val": val_set} if args.data_cache else {"train": train_set, "val": val_set}
+
+    def check() -> None:
+        checked = check_datasets(splits, args.progress)
+        check_val_sizes(val_set, tuple(args.scale))
+        shown = (
+            f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
+            for k, n in checked.items()
+        )
+        log.info("data check: %s", ", ".join(shown))
+
     with stop.interruptible():
-        on_rank0(partial(check_and_log, splits, tuple(args.scale), args.progress), dist_info)
-
-
-def check_and_log(splits: dict[str, Dataset], scale: tuple[int, int], progress: bool) -> None:
-    checked = check_datasets(splits, progress)
-    check_val_sizes(splits["val"], scale)
-    shown = (
-        f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-        for k, n in checked.items()
-    )
-    log.info("data check: %s", ", ".join(shown))
+        on_rank0(check, dist_info)
 
 
 def check_val_sizes(val_set: Dataset, scale: tuple[int, int]) -> None:

@@ -1,11 +1,6 @@
-"""The training loss, as mmsegmentation computes it: pixel-wise cross-entropy, its normalisation,
-class weights and online hard example mining (OHEM).
-
-mmseg's numbers, not PyTorch's defaults: ``F.cross_entropy(..., ignore_index=255)`` divides by the
-number of labelled pixels (or, with class weights, by the sum of their weights); mmseg divides by
-all pixels. ``erfnet.training.step.train_step`` uses ``segmentation_loss`` as its default
-criterion and train.py builds one from its flags with ``make_criterion``.
-"""
+"""The training loss as mmsegmentation computes it, not as PyTorch's defaults do: pixel-wise
+cross-entropy, its normalisation (``segmentation_loss``), class weights and online hard example
+mining (OHEM); train.py builds it from its flags with ``make_criterion``."""
 
 from __future__ import annotations
 
@@ -76,16 +71,10 @@ def ohem_keep_mask(
     min_kept: int,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """mmseg's ``OHEMPixelSampler.sample`` with a ``thresh``: the float mask [N, H, W] of hard
-    labelled pixels (1 kept, 0 dropped), for ``segmentation_loss(pixel_weight=...)``.
-
-    As mmseg (``mmseg/core/seg/sampler/ohem_pixel_sampler.py`` v0.20, ``mmseg/structures/sampler``
-    1.x): ``p`` = the softmax probability of the true class at each labelled pixel; sort the
-    ``n`` values ascending; the threshold is ``max(thresh, sorted_p[min(min_kept * N, n - 1)])``
-    (``min_kept`` is per image: mmseg multiplies it by the batch size N, the images of this
-    process's batch); keep the labelled pixels with ``p < threshold``. Ignored pixels are never
-    kept. So at least ``min_kept * N`` pixels are kept when there are that many (ties at the
-    threshold aside), and every pixel predicted with less than ``thresh`` confidence.
+    """mmseg's ``OHEMPixelSampler.sample`` with a ``thresh`` (``ohem_pixel_sampler.py`` v0.20,
+    ``mmseg/structures/sampler`` 1.x), for ``segmentation_loss(pixel_weight=...)``: the float mask
+    [N, H, W] of the labelled pixels whose true-class probability is below ``max(thresh, the
+    (min_kept x N)-th lowest)``; ``min_kept`` is per image, N the images of this process's batch.
     """
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels))

@@ -37,8 +37,6 @@ STAGES = ("encoder", "decoder")
 STAGE_CHOICES = ("both", *STAGES)
 ENCODER_DIR = "encoder"  # the encoder stage's sub-folder of the work dir
 
-# --- flags -----------------------------------------------------------------------------------
-
 # mmseg's flags that mean nothing under this recipe (their dests).
 REFUSED_FLAGS = (
     "iters",
@@ -188,27 +186,19 @@ def shorter_side(args: Namespace) -> int:
     return int(args.scale[0])
 
 
-# --- meta --------------------------------------------------------------------------------
-
-
 def recipe_meta(
     meta: dict[str, Any], stage: str, size: int, recipe: PaperRecipe = PAPER_RECIPE
 ) -> dict[str, Any]:
     """The dataset's meta for this recipe's model: one more output, "void" (black), the 0-1
     input (mean 0, std 255), the shorter-side test size and the stage."""
-    out = dict(meta)
-    void = len(meta["class_names"])
+    out = dict(meta, void_class=len(meta["class_names"]))
     out["class_names"] = [*meta["class_names"], "void"]
     out["palette"] = [*meta["palette"], [0, 0, 0]]
-    out["void_class"] = void
     out["mean"], out["std"] = list(recipe.mean), list(recipe.std)
     out["input_note"] = "RGB in [0, 1] (x / 255), no mean/std normalisation"
     out["test_size"] = test_size.shorter_side(size)
     out["recipe"], out["stage"] = recipe.name, stage
     return out
-
-
-# --- one stage ------------------------------------------------------------------------------
 
 
 class EpochPolyLR(ClosedFormLR):

@@ -1,20 +1,15 @@
 """The training run as a process: its work dir, its signals and its failures.
 
-What keeps a work dir safe: one run at a time, no run overwritten, no stale temporary files.
-
-- ``WorkDirLock``: a POSIX record lock (``fcntl`` ``F_SETLK``) on ``<work_dir>/train.lock``, held
-  for the whole run. It belongs to the training process alone: forked DataLoader workers do not
-  inherit it, and the kernel releases it the moment the process ends in any way (kill -9
-  included), even while orphaned workers still hold the open file. So a crashed run never blocks
-  the next one. The file keeps the holder's PID and host so a second run can say who holds it.
-- ``check_new_run`` / ``move_previous_run``: a new run never overwrites the checkpoints of an
-  earlier one; ``--restart`` moves them into a dated sub-folder first.
-- ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files that the one atomic writer
-  (``erfnet.outputs.atomic_write``: checkpoints, ``args.json``, prediction strips) writes before
-  its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
-
-How a run ends: ``StopFlag`` (SIGINT / SIGTERM stop it after saving), ``TrainingError`` (the one
-line of a failure), ``is_peer_failure`` (another torchrun process is gone) and ``resume_hint``.
+- ``WorkDirLock``: one run per work dir, a POSIX record lock on ``<work_dir>/train.lock`` that
+  belongs to the training process alone (forked DataLoader workers do not inherit it) and that
+  the kernel releases the moment the process ends in any way (kill -9 included), so a crashed run
+  never blocks the next one. The file names the holder's PID and host for a second run to show.
+- ``check_new_run`` / ``move_previous_run``: a new run never overwrites an earlier one's
+  checkpoints; ``--restart`` moves them into a dated sub-folder first.
+- ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files of ``erfnet.outputs.atomic_write``
+  that only a write killed with SIGKILL (or a power cut) leaves behind.
+- How a run ends: ``StopFlag`` (SIGINT / SIGTERM stop it after saving), ``TrainingError``,
+  ``is_peer_failure`` (another torchrun process is gone) and ``resume_hint``.
 """
 
 from __future__ import annotations
@@ -72,9 +67,9 @@ class WorkDirLock:
                 f"--work-dir '{self.path.parent}': cannot write in it ({e.strerror})"
             ) from None
         if not _try_lock(fd, self.path):
-            holder = _read_holder(fd)
+            error = _busy(self.path.parent, fd)
             os.close(fd)
-            raise WorkDirBusyError(busy_message(self.path.parent, holder))
+            raise error
         self._fd = fd  # from here on release() closes it, whatever fails below
         try:  # the holder's name is only informational: a full disk must not stop the run
             os.ftruncate(fd, 0)
@@ -109,19 +104,16 @@ def _try_lock(fd: int, path: Path) -> bool:
     return True
 
 
-def busy_message(work_dir: Path, holder: str) -> str:
-    return (
-        f"--work-dir '{work_dir}' is in use by another training run ({holder}); wait for it to"
-        " finish or stop it, or choose another --work-dir"
-    )
-
-
-def _read_holder(fd: int) -> str:
+def _busy(work_dir: Path, fd: int) -> WorkDirBusyError:
+    """The error that names the lock's holder (read from the lock file ``fd``)."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
     except OSError:
-        text = ""
-    return text or "pid unknown"
+        holder = ""
+    return WorkDirBusyError(
+        f"--work-dir '{work_dir}' is in use by another training run ({holder or 'pid unknown'});"
+        " wait for it to finish or stop it, or choose another --work-dir"
+    )
 
 
 def check_not_busy(work_dir: str | os.PathLike) -> None:
@@ -133,7 +125,7 @@ def check_not_busy(work_dir: str | os.PathLike) -> None:
         return  # no lock file (or not ours to open): nobody holds it, or acquire() will say
     try:
         if not _try_lock(fd, path):
-            raise WorkDirBusyError(busy_message(path.parent, _read_holder(fd)))
+            raise _busy(path.parent, fd)
     finally:
         os.close(fd)  # also releases the test lock just taken
 

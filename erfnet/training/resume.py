@@ -1,15 +1,11 @@
 """The exact-resume contract: an interrupted and resumed run ends with the same weights as an
 uninterrupted one (bit for bit on the CPU).
 
-- the data order comes from ``InfiniteSampler``: a per-epoch permutation drawn from
-  ``seed + epoch`` and sharded by rank like ``DistributedSampler``; its position (samples consumed
-  by this rank) is saved in the checkpoint;
+- the data order comes from ``InfiniteSampler``, whose position the checkpoint saves;
 - every sample's augmentation is drawn from RNGs seeded by ``(seed, epoch, position)``
-  (``SeededDataset``), not from a worker's running RNG, so it does not depend on worker count or
-  prefetching;
-- the RNGs the model uses (dropout) are reseeded every iteration from ``(seed, rank, iteration)``
-  (``seed_iteration``);
-- the poly schedule is a closed-form function of the iteration (``erfnet.training.step.PolyLR``);
+  (``SeededDataset``), not from a worker's running RNG: worker count and prefetching do not matter;
+- dropout's RNGs are reseeded every iteration from ``(seed, rank, iteration)`` (``seed_iteration``);
+- the lr schedule is a closed-form function of the iteration (``step.ClosedFormLR``);
 - ``training_state`` / ``restore_training_state`` save and restore the rest (optimizer, schedule,
   GradScaler, RNGs, sampler position, the run's settings) in a weights_only-safe checkpoint.
 """
@@ -145,9 +141,8 @@ class SeededDataset(Dataset):
 
 
 def _worker_init(worker_id: int) -> None:
-    # DataLoader seeds each worker's torch RNG from its generator (derived from seed, rank and
-    # the starting iteration); numpy and random follow it. Ctrl-C is left to the main process,
-    # which saves a checkpoint and shuts the workers down itself.
+    # numpy and random follow the worker's torch seed (from the loader's generator); Ctrl-C is
+    # left to the main process, which saves a checkpoint and shuts the workers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed()
     np.random.seed(s % (1 << 32))

@@ -99,10 +99,8 @@ def amp_settings(
     enabled = amp if amp is not None else device.type == "cuda"
     if not enabled:
         return None, False
-    if amp_dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    else:
-        dtype = getattr(torch, amp_dtype)
+    auto = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = auto if amp_dtype == "auto" else getattr(torch, amp_dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise FlagError("--amp-dtype float16 is for CUDA; use bfloat16 on the CPU")
     return dtype, (device.type == "cuda" and dtype == torch.float16)
@@ -120,18 +118,15 @@ def train_step(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     accum_steps: int = 1,
 ) -> float:
-    """One optimizer step over ``images`` / ``labels``: forward, ``criterion(logits, labels)``,
-    backward and (if the loss is finite) ``optimizer.step()``; returns the loss.
+    """One optimizer step over ``images`` / ``labels``: forward, ``criterion(logits, labels)`` on
+    float32 logits outside autocast, backward and, if the loss is finite, ``optimizer.step()``;
+    returns the loss (a non-finite one skips the step). ``reduce`` (DDP) averages the loss over
+    processes first, so that every process takes the same decision.
 
-    ``accum_steps`` K > 1 accumulates gradients: the batch is split into K equal micro-batches
-    (in order), each one's loss is divided by K and backpropagated on its own, then one step is
-    taken. With mmseg's all-pixel mean and equal crops that is the gradient of the whole batch's
-    loss; BatchNorm, however, sees each micro-batch alone. Under DDP the gradient all-reduce runs
-    only in the last micro-batch's backward (``no_sync`` before it).
-
-    The criterion gets float32 logits, outside autocast. ``reduce`` (DDP) averages the loss over
-    processes before the finiteness test, so that every process takes the same decision. A
-    non-finite loss skips the step (returned as nan/inf).
+    ``accum_steps`` K > 1 splits the batch into K equal micro-batches, each one's loss divided by
+    K and backpropagated on its own (under DDP the all-reduce runs only in the last one's
+    backward): with mmseg's all-pixel mean the whole batch's gradient, but BatchNorm sees each
+    micro-batch alone.
     """
     if accum_steps < 1 or images.shape[0] % accum_steps:
         raise ValueError(
