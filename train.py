@@ -405,15 +405,12 @@ def make_run(
         cleanup.callback(writer.close)
     wrapped = step.wrap_for_training(parts.model, proc.device, proc.dist.distributed, args.compile)
     run = loop.Run(
+        **vars(parts),
         args=args,
         work_dir=work_dir,
         proc=proc,
-        model=parts.model,
         train_model=wrapped,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
         scaler=scaler,
-        criterion=parts.criterion,
         loaders=loaders,
         val_set=val_set,
         meta=meta,

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from erfnet import runtime
 from erfnet.errors import one_line
 from erfnet.outputs import atomic_write, printable
-from erfnet.runtime import available_cores
 from erfnet.training.process import WorkDirError
 
 log = logging.getLogger("erfnet.train")
@@ -231,7 +231,7 @@ def log_start(args: Namespace, proc: Any, iteration: int) -> None:
         f" x {args.accum_steps} accumulated x {world} process(es)"
         f" = {args.batch_size * args.accum_steps * world}, lr {args.lr:g}, amp"
         f" {proc.autocast_dtype}, on {proc.device} ({torch.get_num_threads()} threads,"
-        f" {args.workers} loader workers, {available_cores()} cores)"
+        f" {args.workers} loader workers, {runtime.available_cores()} cores)"
     )
 
 

@@ -72,7 +72,7 @@ class Parts:
     """What a recipe trains: the model, its optimizer, schedule and criterion, and a transform
     of the labels on the device (--recipe erfnet_pytorch's stages)."""
 
-    model: nn.Module
+    model: nn.Module  # the weights: what checkpoints and validation use
     optimizer: torch.optim.Optimizer
     scheduler: ClosedFormLR  # step.PolyLR, paper_recipe.EpochPolyLR
     criterion: Criterion
@@ -80,18 +80,14 @@ class Parts:
 
 
 @dataclass(kw_only=True)
-class Run:
-    """What the loop works with, set up once (``train.make_run``)."""
+class Run(Parts):
+    """The parts and what else the loop works with, set up once (``train.make_run``)."""
 
     args: Namespace
     work_dir: Path
     proc: Process
-    model: nn.Module  # the weights: what checkpoints and validation use
     train_model: nn.Module  # the same model, wrapped for training (DDP, torch.compile)
-    optimizer: torch.optim.Optimizer
-    scheduler: ClosedFormLR
     scaler: torch.amp.GradScaler
-    criterion: Criterion
     loaders: Loaders
     val_set: Dataset
     meta: dict[str, Any]  # class names, palette, ignore index, mean / std
