@@ -126,8 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-data-check", action="store_true",
                    help="skip the check of every image and label header before training")
     g.add_argument("--data-cache", metavar="DIR", default=None,
-                   help="the train split from this decoded cache (prepare_cityscapes.py --cache)"
-                   " (default: none)")
+                   help="the train split from this decoded cache (prepare_cityscapes.py --cache)")
 
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", choices=RECIPES, default="mmseg",
@@ -137,8 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--recipe erfnet_pytorch: epochs per stage (default: 150; synthetic:"
                    f" {paper_recipe.SYNTHETIC_DEFAULTS['epochs']})")
     g.add_argument("--stage", choices=paper_recipe.STAGE_CHOICES, default=None,
-                   help="--recipe erfnet_pytorch: both (default) or one stage (decoder: from"
-                   " --init-from)")
+                   help="--recipe erfnet_pytorch: both stages (default), or one of them")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
@@ -162,6 +160,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", metavar="CKPT", default=None,
                    help="start from these weights (ours, mmseg's, erfnet_pytorch's, ImageNet's)")
 
+    # fmt: on
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The loss, speed and output flags."""
+    r = RECIPE
+    # fmt: off
     g = p.add_argument_group("loss (mmseg's CrossEntropyLoss)")
     g.add_argument("--avg-non-ignore", action="store_true",
                    help="average the pixel loss over labelled pixels (mmseg 1.x) (default: all)")
@@ -173,8 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("speed")
     runtime.add_runtime_flags(g, workers=True)  # --device, --threads, --workers
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: fp16 on CUDA, off on the CPU, where --amp"
-                   " means bf16)")
+                   help="mixed precision (default: fp16 on CUDA, off on the CPU; bf16 there)")
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -183,11 +189,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
-                   help="checkpoints, train.log, args.json, tensorboard/ (default:"
-                   " work_dirs/erfnet_<data>)")
+                   help="the run's outputs (default: work_dirs/erfnet_<data>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue a run from PATH, else from the work dir's latest.pth (default:"
-                   " start a new run)")
+                   help="continue from PATH, else the work dir's latest.pth (default: a new run)")
     g.add_argument("--restart", action="store_true",
                    help="start over in a work dir with an earlier run (moved to previous-*/)")
     g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
@@ -207,7 +211,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars")
     # fmt: on
-    return p
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Namespace:
