@@ -131,9 +131,9 @@ def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -
 
 def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = False) -> None:
     """Single-scale validation at ``--scale`` (every rank takes part, rank 0 logs); a new best
-    mIoU writes best.pth. A stop signal abandons it at once (``StopRequested``); any failure
-    (a file changed since the data check, an image the model cannot take, out of memory) saves
-    the completed iterations (and iter_<N>.pth when ``save_iter``), then stops the run."""
+    mIoU writes best.pth. A stop signal abandons it at once; any failure (a changed file, an
+    image the model cannot take, out of memory) saves the completed iterations (and
+    iter_<N>.pth when ``save_iter``), then stops the run."""
     args, proc = run.args, run.proc
     state.val_pending = True
     # The scored classes: all outputs but a "void" one (--recipe erfnet_pytorch's last).
@@ -222,9 +222,8 @@ def stop_wanted(run: Run, state: TrainState, stop: StopFlag) -> bool:
 
 
 def stop_after(run: Run, state: TrainState, stop: StopFlag) -> int:
-    """End the run that SIGINT / SIGTERM asked to stop: latest.pth of the completed iterations
-    (none done, or a non-finite loss: nothing saved), one warning, and the exit status
-    128 + the signal."""
+    """End the run a SIGINT / SIGTERM stopped: latest.pth of the completed iterations (none done
+    or a non-finite loss: nothing saved), one warning, and the exit status 128 + the signal."""
     outcome = "nothing saved (no iteration done)"
     if state.iteration > state.start and not state.nonfinite:
         save_checkpoint(run, state, "latest.pth")

@@ -320,7 +320,11 @@ def build_stage(
 
 
 def stage_parts(
-    args: Namespace, meta: dict[str, Any], path: Path | None, ckpt: dict | None, encoder: Any
+    args: Namespace,
+    meta: dict[str, Any],
+    path: Path | None,
+    ckpt: dict | None,
+    encoder: nn.Module | None,
 ) -> tuple[Parts, dict[str, Any]]:
     """The parts of ``args.stage`` (``stage_args``) and its meta: the model's weights from the
     --resume checkpoint ``ckpt``, else the encoder stage's ``encoder`` (the decoder stage of the
