@@ -37,23 +37,18 @@ if __name__ == "__main__":  # until the run installs its own handlers (open_run)
 
 from argparse import Namespace
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from erfnet import outputs, runtime
-from erfnet.checkpoint import CheckpointError, dataset_meta, lineage_meta
+from erfnet import distributed, outputs, runtime
+from erfnet.checkpoint import dataset_meta
 from erfnet.config import PAPER_RECIPE, RECIPE, RECIPES
-from erfnet.data.check import check_datasets, image_header
-from erfnet.data.cityscapes import DatasetError
 from erfnet.data.from_args import (
     DATA_KINDS,
     check_data_flags,
@@ -62,46 +57,16 @@ from erfnet.data.from_args import (
     dataset_from_args,
 )
 from erfnet.data.paper_transforms import PaperTrainTransform
-from erfnet.data.synthetic import ensure_synthetic_cityscapes
-from erfnet.data.transforms import TrainTransform, rescale_size
-from erfnet.distributed import (
-    DistInfo,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    local_rank_from_env,
-    resolve_device,
-)
+from erfnet.data.transforms import TrainTransform
 from erfnet.errors import FlagError, run_cli
 from erfnet.evaluation.evaluate import build_eval_loader
 from erfnet.model import HEADS, ERFNet
 from erfnet.test_size import keep_ratio
-from erfnet.training import logs, paper_recipe, process, resume, step
-from erfnet.training.finetune import init_from
+from erfnet.training import logs, loop, paper_recipe, process, resume, step
+from erfnet.training.data_check import MIN_SIDE, check_data, make_synthetic, on_rank0
+from erfnet.training.finetune import start_weights
 from erfnet.training.logs import log
-from erfnet.training.loop import (
-    Loaders,
-    Process,
-    Run,
-    TrainState,
-    account,
-    fetch_batch,
-    save_when_due,
-    stop_after,
-    stop_wanted,
-    validate,
-)
 from erfnet.training.loss import Criterion, load_class_weights, make_criterion
-from erfnet.training.process import (
-    PEER_FAILED,
-    WorkDirLock,
-    check_new_run,
-    check_not_busy,
-    is_peer_failure,
-    move_previous_run,
-    remove_stale_tmp,
-    resume_hint,
-)
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -115,10 +80,7 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "val_interval": 200,
     "ckpt_interval": 400,
 }
-
-
 MAX_SEED = 2**63 - 1  # torch's seeds are 64-bit; the sampler adds the epoch to it
-MIN_SIDE = 8  # pixels: the smallest image side the model takes (1 pixel at 1/8)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -132,149 +94,123 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def defaults_note(key: str, recipe_value: Any) -> str:
     """'(default: <recipe value>; synthetic: <quick-start value>)' for a flag's help text."""
-    return f"(default: {_shown(recipe_value)}; synthetic: {_shown(SYNTHETIC_PRESET[key])})"
+    a, b = (
+        " ".join(map(str, v)) if isinstance(v, tuple) else v
+        for v in (recipe_value, SYNTHETIC_PRESET[key])
+    )
+    return f"(default: {a}; synthetic: {b})"
 
 
-def _shown(value: Any) -> str:
-    return " ".join(str(x) for x in value) if isinstance(value, tuple) else str(value)
-
-
-# fmt: off
 def get_args_parser() -> argparse.ArgumentParser:
     r = RECIPE
+    intro, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(
-        prog="train.py",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=_HelpFormatter,
+        prog="train.py", description=intro, epilog=epilog, formatter_class=_HelpFormatter
     )
     # fmt: off
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
-                   help="dataset: Cityscapes (gtFine), a synthetic Cityscapes made on demand, or"
-                   " your own folders described by --classes FILE")
+                   help="Cityscapes (gtFine), a synthetic one made on demand, or your folders")
     g.add_argument("--data-root", metavar="DIR", default=None,
-                   help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes);"
-                   " for --data synthetic the folder to create/use (default: a cache folder,"
-                   " ~/.cache/erfnet/synthetic-...); for --data folder the dataset root")
+                   help="Cityscapes root (default: $CITYSCAPES_DATASET, else data/cityscapes),"
+                   " synthetic's folder (default: a cache folder) or --data folder's root")
     g.add_argument("--classes", metavar="FILE", default=None,
-                   help="--data folder: the JSON file of names, palette, ignore_index,"
-                   " label_map, splits and suffixes (see README, Train on your own data)")
+                   help="--data folder: its classes JSON file (README, Train on your own data)")
     g.add_argument("--crop-size", nargs=2, type=int, metavar=("H", "W"), default=r.crop_size,
                    help=f"random crop {defaults_note('crop_size', r.crop_size)}")
     g.add_argument("--scale", nargs=2, type=int, metavar=("H", "W"), default=r.scale,
                    help=f"base size of the random resize (ratio {r.ratio_range[0]}-"
-                   f"{r.ratio_range[1]}), also the validation resize"
-                   f" {defaults_note('scale', r.scale)}")
+                   f"{r.ratio_range[1]}) and of validation {defaults_note('scale', r.scale)}")
     g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=True,
                    help="mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)")
     g.add_argument("--skip-data-check", action="store_true",
-                   help="skip the check of every image and label header before the first"
-                   " iteration (bad files then stop the run when first read)")
+                   help="skip the check of every image and label header before training")
     g.add_argument("--data-cache", metavar="DIR", default=None,
-                   help="read the train split from this decoded uint8 cache (written by"
-                   " scripts/prepare_cityscapes.py --cache DIR) instead of decoding PNGs"
-                   " (default: none)")
+                   help="the train split from this decoded cache (prepare_cityscapes.py --cache)")
 
     g = p.add_argument_group("recipe")
     g.add_argument("--recipe", choices=RECIPES, default="mmseg",
-                   help="mmseg: mmsegmentation's ERFNet recipe; erfnet_pytorch: the paper's own"
-                   " code's two-stage training (encoder at 1/8, then the full network; Adam,"
-                   " per-epoch lr, 20 outputs with void), which sets every default"
-                   " (docs/erfnet_pytorch.md)")
+                   help="mmseg: mmsegmentation's ERFNet recipe; erfnet_pytorch: the paper's"
+                   " two-stage training, which sets every default (docs/erfnet_pytorch.md)")
     g.add_argument("--epochs", type=int, metavar="N", default=None,
                    help="--recipe erfnet_pytorch: epochs per stage (default: 150; synthetic:"
                    f" {paper_recipe.SYNTHETIC_DEFAULTS['epochs']})")
     g.add_argument("--stage", choices=paper_recipe.STAGE_CHOICES, default=None,
-                   help="--recipe erfnet_pytorch: train both stages (default), the encoder"
-                   " stage alone, or the decoder stage alone (from --init-from)")
+                   help="--recipe erfnet_pytorch: both stages (default), or one of them")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, metavar="N", default=r.iters,
                    help=f"training iterations {defaults_note('iters', r.iters)}")
     g.add_argument("--batch-size", type=int, metavar="N", default=r.batch_size_per_gpu,
-                   help="images per process and iteration; the recipe's total is"
-                   f" {r.batch_size_per_gpu} x {r.reference_gpus} GPUs"
-                   f" {defaults_note('batch_size', r.batch_size_per_gpu)}")
+                   help=f"images per process and iteration (the recipe: x {r.reference_gpus}"
+                   f" GPUs) {defaults_note('batch_size', r.batch_size_per_gpu)}")
     g.add_argument("--lr", type=float, default=r.lr,
                    help=f"SGD base learning rate {defaults_note('lr', r.lr)}")
     g.add_argument("--momentum", type=float, default=r.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="SGD weight decay")
     g.add_argument("--min-lr", type=float, default=r.min_lr, help="the poly schedule's final lr")
     g.add_argument("--poly-power", type=float, default=r.poly_power, help="poly schedule power")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of weights, data order, augmentation and dropout")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data and dropout")
     g.add_argument("--accum-steps", type=int, metavar="K", default=1,
-                   help="gradient accumulation: K micro-batches of --batch-size per optimizer"
-                   " step (each loss divided by K); --iters counts optimizer steps")
+                   help="gradient accumulation: K micro-batches of --batch-size per step")
     g.add_argument("--sync-bn", choices=step.SYNC_BN_SCOPES, default="head",
-                   help="which BatchNorms become SyncBatchNorm under torchrun on CUDA: head (the"
-                   " FCN head's only, as mmseg's recipe ran), all, or none")
+                   help="the BatchNorms synchronised under torchrun on CUDA (head: as mmseg)")
     g.add_argument("--head", choices=HEADS, default="fcn",
                    help="fcn: mmseg's FCNHead; deconv: the paper's transposed-conv output")
     g.add_argument("--init-from", metavar="CKPT", default=None,
-                   help="start from these weights (ours, mmseg's, erfnet_pytorch's, or Eromera's"
-                   " ImageNet encoder as an encoder-only start) with a new optimizer and"
-                   " schedule; another class count re-initialises the classifier only")
+                   help="start from these weights (ours, mmseg's, erfnet_pytorch's, ImageNet's)")
 
+    # fmt: on
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The loss, speed and output flags."""
+    r = RECIPE
+    # fmt: off
     g = p.add_argument_group("loss (mmseg's CrossEntropyLoss)")
     g.add_argument("--avg-non-ignore", action="store_true",
-                   help="divide the summed pixel loss by the labelled pixels (mmseg 1.x's"
-                   " avg_non_ignore=True) instead of by all pixels N*H*W (default: all, as the"
-                   " recipe)")
+                   help="average the pixel loss over labelled pixels (mmseg 1.x) (default: all)")
     g.add_argument("--class-weights", metavar="FILE", default=None,
-                   help='per-class loss weights: a JSON file {"names": [...], "weights": [...]}'
-                   ", one weight per class in class order, e.g. from scripts/class_weights.py"
-                   " (default: none)")
+                   help="per-class loss weights, scripts/class_weights.py's JSON (default: none)")
     g.add_argument("--ohem", nargs=2, type=float, metavar=("THRESH", "MIN_KEPT"), default=None,
-                   help="mmseg's OHEMPixelSampler: train on the labelled pixels whose true-class"
-                   " probability is below max(THRESH, the (MIN_KEPT x images)-th lowest)"
-                   " (e.g. 0.7 100000) (default: off)")
+                   help="mmseg's OHEMPixelSampler, e.g. 0.7 100000 (default: off)")
 
     g = p.add_argument_group("speed")
     runtime.add_runtime_flags(g, workers=True)  # --device, --threads, --workers
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: on for CUDA with fp16 autocast + GradScaler,"
-                   " off on the CPU; --amp on the CPU means bf16 autocast)")
+                   help="mixed precision (default: fp16 on CUDA, off on the CPU; bf16 there)")
     g.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                    help="autocast dtype with --amp: auto = float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--gpu-aug", action=argparse.BooleanOptionalAction, default=None,
-                   help="resize, crop, flip, photometric and normalise the batch on the device;"
-                   " workers only decode and draw (same batches) (default: on for CUDA, off"
-                   " on the CPU)")
+                   help="augment on the device (default: on for CUDA, off on the CPU)")
 
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--work-dir", metavar="DIR", default=None,
-                   help="outputs: latest.pth, best.pth, iter_<N>.pth, train.log, args.json,"
-                   " tensorboard/ (default: work_dirs/erfnet_<data>)")
+                   help="the run's outputs (default: work_dirs/erfnet_<data>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue a run: from PATH, or without PATH from the work dir's"
-                   " latest.pth (default: start a new run)")
+                   help="continue from PATH, else the work dir's latest.pth (default: a new run)")
     g.add_argument("--restart", action="store_true",
-                   help="start a new run in a work dir that holds an earlier run's checkpoints,"
-                   " after moving that run's files into its sub-folder previous-<date>-<time>/"
-                   " (without it, such a work dir is refused)")
+                   help="start over in a work dir with an earlier run (moved to previous-*/)")
     g.add_argument("--val-interval", type=int, metavar="N", default=r.val_interval,
-                   help="validate (single scale) every N iterations and at the end"
+                   help="validate every N iterations"
                    f" {defaults_note('val_interval', r.val_interval)}")
     g.add_argument("--ckpt-interval", type=int, metavar="N", default=r.ckpt_interval,
                    help="write iter_<N>.pth every N iterations"
                    f" {defaults_note('ckpt_interval', r.ckpt_interval)}")
     g.add_argument("--keep-ckpts", type=int, metavar="K", default=3,
-                   help="keep only the newest K iter_<N>.pth files (0 keeps all); latest.pth and"
-                   " best.pth are always kept")
+                   help="keep the newest K iter_<N>.pth files (0: all)")
     g.add_argument("--log-interval", type=int, metavar="N", default=50,
-                   help="log the mean loss to train.log and TensorBoard every N iterations")
+                   help="log the mean loss every N iterations")
     g.add_argument("--num-vis", type=int, metavar="N", default=4,
-                   help="val images whose predictions go to TensorBoard at each validation")
+                   help="val predictions shown in TensorBoard")
     g.add_argument("--max-nonfinite", type=int, metavar="N", default=20,
-                   help="stop after N consecutive iterations with a non-finite loss")
+                   help="stop after N consecutive non-finite losses")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm progress bars on rank 0 (the log reports progress either way)")
+                   help="tqdm progress bars")
     # fmt: on
-    return p
-# fmt: on
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Namespace:
@@ -310,22 +246,14 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
 
 def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
     """What argparse cannot check; ``parser.error`` (exit status 2) names the flag."""
-    for flag in (
-        "iters",
-        "batch_size",
-        "accum_steps",
-        "val_interval",
-        "ckpt_interval",
-        "log_interval",
-        "max_nonfinite",
-    ):
-        if getattr(args, flag) <= 0:
-            parser.error(
-                f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}"
-            )
-    for flag in ("keep_ckpts", "num_vis", "seed"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    positive = "iters batch_size accum_steps val_interval ckpt_interval log_interval max_nonfinite"
+    for dest in positive.split():
+        if getattr(args, dest) <= 0:
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} must be a positive integer, got {getattr(args, dest)}")
+    for dest in ("keep_ckpts", "num_vis", "seed"):
+        if getattr(args, dest) < 0:
+            parser.error(f"--{dest.replace('_', '-')} must be >= 0, got {getattr(args, dest)}")
     for flag, size in (("--crop-size", args.crop_size), ("--scale", args.scale)):
         if min(size) < MIN_SIDE:
             parser.error(f"{flag} takes H W, each at least {MIN_SIDE}, got {list(size)}")
@@ -349,10 +277,9 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--poly-power must be positive, got {args.poly_power}")
     if args.seed > MAX_SEED:
         parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
-    (ch, cw), micro_batch = args.crop_size, args.batch_size  # --accum-steps splits nothing
-    if micro_batch * -(-ch // 8) * -(-cw // 8) < 2:
+    if args.batch_size * -(-ch // 8) * -(-cw // 8) < 2:  # --accum-steps splits nothing
         parser.error(
-            f"--batch-size {micro_batch} with --crop-size {ch} {cw} leaves BatchNorm one"
+            f"--batch-size {args.batch_size} with --crop-size {ch} {cw} leaves BatchNorm one"
             " value per channel at the 1/8 bottleneck (training needs two): use"
             " --batch-size 2 or a crop over 8 pixels on a side"
         )
@@ -381,11 +308,18 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a run continues: the --resume checkpoint's path and contents, or None and None."""
+
+    path: Path | None = None
+    ckpt: dict | None = None
+
+
 def main(args: Namespace) -> int:
     """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
     proc = setup_process(args)
-    work_dir = Path(args.work_dir)
-    resume_path, ckpt = check_start(args, proc.dist)  # before anything is written
+    start = check_start(args, proc.dist)  # before anything is written
     with ExitStack() as cleanup:
         stop = open_run(args, proc.dist, cleanup)
         train_set, val_set = get_dataset(args, proc.dist)
@@ -393,222 +327,142 @@ def main(args: Namespace) -> int:
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         meta["test_size"] = keep_ratio(args.scale)  # validation's size: predict's default
         if args.recipe == PAPER_RECIPE.name:  # its stages, each through train_loop
-            start = Start(resume_path, ckpt)
             return train_stages(args, proc, start, train_set, meta, stop, cleanup)
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
-        model = build_model(args, meta, resume_path, ckpt, proc)
-        optimizer, scheduler, scaler = build_optimizer(args, model, proc)
-        state = TrainState()
-        if ckpt is not None:
-            state = restore_state(args, ckpt, optimizer, scheduler, scaler, len(train_set), proc)
-            log.info(
-                "resumed from %s at iteration %d (best mIoU %.2f)",
-                resume_path,
-                state.iteration,
-                state.best_miou,
-            )
-        train_model = wrap_for_training(args, model, proc)
-        if proc.dist.is_main:
-            logs.write_run_settings(
-                args,
-                work_dir,
-                train_set,
-                val_set,
-                proc.device,
-                proc.dist,
-                proc.autocast_dtype,
-                resume_path,
-            )
-        loaders = build_loaders(args, train_set, val_set, proc, state)
-        writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
-        if writer is not None:
-            cleanup.callback(writer.close)
-        run = Run(
-            args=args,
-            work_dir=work_dir,
-            proc=proc,
-            model=model,
-            train_model=train_model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            criterion=criterion,
-            loaders=loaders,
-            val_set=val_set,
-            meta=meta,
-            writer=writer,
+        model = build_model(args, meta, start, proc)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
+        scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
+        parts = loop.Parts(model, optimizer, scheduler, criterion)
+        run, state = make_run(args, proc, start, train_set, val_set, meta, cleanup, parts)
         return train_loop(run, state, stop)
 
 
 def train_stages(
     args: Namespace,
-    proc: Process,
+    proc: loop.Process,
     start: Start,
     train_set: Dataset,
     meta: dict[str, Any],
     stop: process.StopFlag,
     cleanup: ExitStack,
 ) -> int:
-    """--recipe erfnet_pytorch: its stages in order, each a Run of the same loop; the decoder
-    stage starts from the encoder stage's weights (or --init-from, or its --resume checkpoint).
-    Returns the exit status."""
-    resumed = None
-    if start.ckpt is not None:
-        resumed = start.ckpt["meta"].get("stage")
-        if resumed not in paper_recipe.STAGES:
-            raise CheckpointError(
-                f"--resume {start.path}: not a checkpoint of --recipe {PAPER_RECIPE.name}"
-            )
+    """--recipe erfnet_pytorch: its stages in order, each a Run of the same loop with the
+    stage's settings, parts and validation at the shorter side; the decoder stage starts from
+    the encoder stage's weights (or --init-from, or its --resume checkpoint). The exit status."""
     encoder = None
-    for stage in paper_recipe.stages_to_run(args, resumed):
-        run, state = setup_stage(args, stage, proc, start, train_set, meta, encoder, cleanup)
+    for stage in paper_recipe.stages_to_run(args, start.path, start.ckpt):
+        sargs = paper_recipe.stage_args(args, stage, len(train_set), proc.dist.world_size)
+        parts, stage_meta = paper_recipe.stage_parts(sargs, meta, start.path, start.ckpt, encoder)
+        parts.model.to(proc.device, memory_format=torch.channels_last)
+        val_transform = paper_recipe.val_transform(args, stage)
+        (val_set,) = dataset_from_args(args, ["val"], {"val": val_transform})
+        run, state = make_run(sargs, proc, start, train_set, val_set, stage_meta, cleanup, parts)
+        log.info(
+            "%s stage: %d epochs x %d iterations, outputs in %s",
+            stage,
+            args.epochs,
+            sargs.iters_per_epoch,
+            run.work_dir,
+        )
         status = train_loop(run, state, stop)
         if status:
             return status
-        encoder, start = run.model, Start(None, None)
+        encoder, start = run.model, Start()
     return 0
 
 
-def setup_stage(
+def make_run(
     args: Namespace,
-    stage: str,
-    proc: Process,
+    proc: loop.Process,
     start: Start,
     train_set: Dataset,
+    val_set: Dataset,
     meta: dict[str, Any],
-    encoder: nn.Module | None,
     cleanup: ExitStack,
-) -> tuple[Run, TrainState]:
-    """One stage of --recipe erfnet_pytorch as a Run: its settings, model (from ``encoder``,
-    --init-from or the --resume checkpoint), Adam and schedule, criterion, loaders (its labels
-    made on the device), validation set at the shorter side, work dir and TensorBoard."""
-    sargs = paper_recipe.stage_args(args, stage, len(train_set), proc.dist.world_size)
-    work_dir = paper_recipe.stage_dir(Path(args.work_dir), stage)
-    weights = None
-    if args.class_weights is not None:
-        weights = load_class_weights(args.class_weights, meta["class_names"])
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    parts = paper_recipe.build_stage(
-        PAPER_RECIPE,
-        stage,
-        len(meta["class_names"]),
-        ignore_index=meta["ignore_index"],
-        iters_per_epoch=sargs.iters_per_epoch,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        weights=weights,
-    )
-    stage_meta = paper_recipe.recipe_meta(meta, stage, paper_recipe.shorter_side(args))
-    model = paper_recipe.stage_weights(
-        args, parts.model, stage_meta, start.path, start.ckpt, encoder
-    )
-    model.meta = stage_meta  # validation's normalisation (0-1 inputs) and its void output
-    model.to(proc.device, memory_format=torch.channels_last)
+    parts: loop.Parts,
+) -> tuple[loop.Run, loop.TrainState]:
+    """The Run of ``parts`` from ``start``: the GradScaler, the --resume state, args.json, the
+    loaders, TensorBoard and the model wrapped for training."""
+    work_dir = paper_recipe.stage_dir(Path(args.work_dir), args.stage)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
-    state = TrainState()
-    if start.ckpt is not None:
-        state = restore_state(
-            sargs, start.ckpt, parts.optimizer, parts.scheduler, scaler, len(train_set), proc
+    state = loop.TrainState()
+    if start.ckpt is not None:  # the optimizer, schedule, scaler and RNGs; where it stood
+        ckpt, world = start.ckpt, proc.dist.world_size
+        done, best, consumed = resume.restore_training_state(
+            ckpt, parts.optimizer, parts.scheduler, scaler, args, len(train_set), world
         )
-        log.info("resumed the %s stage from %s at iteration %d", stage, start.path, state.iteration)
-    (val_set,) = dataset_from_args(args, ["val"], {"val": paper_recipe.val_transform(args, stage)})
+        pending = bool(ckpt.get("validation_pending", False))
+        state = loop.TrainState(done, consumed, best, start=done, val_pending=pending)
+        if args.stage is None:
+            log.info("resumed from %s at iteration %d (best mIoU %.2f)", start.path, done, best)
+        else:
+            log.info("resumed the %s stage from %s at iteration %d", args.stage, start.path, done)
     if proc.dist.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-        logs.write_run_settings(
-            sargs,
-            work_dir,
-            train_set,
-            val_set,
-            proc.device,
-            proc.dist,
-            proc.autocast_dtype,
-            start.path,
-        )
-    loaders = build_loaders(sargs, train_set, val_set, proc, state)
-    loaders.to_device = partial(
-        paper_recipe.stage_batch, upload=loaders.to_device, labels=parts.label_transform
-    )
+        logs.write_run_settings(args, work_dir, train_set, val_set, proc, start.path)
+    loaders = build_loaders(args, train_set, val_set, proc, state, parts.label_transform)
     writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
     if writer is not None:
         cleanup.callback(writer.close)
-    log.info(
-        "%s stage: %d epochs x %d iterations, outputs in %s",
-        stage,
-        args.epochs,
-        sargs.iters_per_epoch,
-        work_dir,
-    )
-    train_model = wrap_for_training(sargs, model, proc)
-    run = Run(
-        args=sargs,
+    wrapped = step.wrap_for_training(parts.model, proc.device, proc.dist.distributed, args.compile)
+    run = loop.Run(
+        **vars(parts),
+        args=args,
         work_dir=work_dir,
         proc=proc,
-        model=model,
-        train_model=train_model,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
+        train_model=wrapped,
         scaler=scaler,
-        criterion=parts.criterion,
         loaders=loaders,
         val_set=val_set,
-        meta=stage_meta,
+        meta=meta,
         writer=writer,
     )
     return run, state
 
 
-def setup_process(args: Namespace) -> Process:
+def setup_process(args: Namespace) -> loop.Process:
     """The device, AMP, CPU threads and loader workers (written back to ``args``), and the
     process group under torchrun."""
-    device = resolve_device(args.device, local_rank_from_env())
+    device = distributed.resolve_device(args.device, distributed.local_rank_from_env())
     autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
     # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
     args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
     args.threads = torch.get_num_threads()  # as used, for args.json
-    return Process(device, init_distributed(device), autocast_dtype, use_scaler)
+    return loop.Process(device, distributed.init_distributed(device), autocast_dtype, use_scaler)
 
 
-def check_start(args: Namespace, dist_info: DistInfo) -> tuple[Path | None, dict | None]:
-    """What the run starts from, checked before anything is written: the work dir is not in use
-    and holds no earlier run that a new one would overwrite (rank 0), and the --resume
-    checkpoint (returned with its path) is a readable training checkpoint."""
+def check_start(args: Namespace, dist_info: distributed.DistInfo) -> Start:
+    """What the run starts from, checked before anything is written: the work dir (rank 0)
+    follows the one output rule (``erfnet.outputs``), is not in use and holds no earlier run
+    that a new one would overwrite; the --resume checkpoint is a training checkpoint."""
     work_dir = Path(args.work_dir)
+    paper = args.recipe == PAPER_RECIPE.name
     if dist_info.is_main:
-        check_work_dir(args)
-        check_not_busy(work_dir)
-        check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
-        if args.recipe == PAPER_RECIPE.name:
+        inputs = [
+            *data_inputs_from_args(args),
+            ("--init-from", args.init_from),
+            ("--class-weights", args.class_weights),
+        ]
+        outputs.check_outputs([outputs.Output("--work-dir", work_dir, folder=True)], inputs)
+        process.check_not_busy(work_dir)
+        process.check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
+        if paper:
             paper_recipe.check_new_stage_run(args)
-    if args.recipe == PAPER_RECIPE.name:
-        resume_path = paper_recipe.resume_path(args)
-    else:
-        resume_path = resume.resolve_resume(args.resume, work_dir)
-    if resume_path is None:
-        return None, None
-    return resume_path, resume.load_training_checkpoint(resume_path)
+    path = paper_recipe.resume_path(args) if paper else resume.resolve_resume(args.resume, work_dir)
+    return Start() if path is None else Start(path, resume.load_training_checkpoint(path))
 
 
-def check_work_dir(args: Namespace) -> None:
-    """The one output rule (``erfnet.outputs``) for the work dir: not an input, not inside the
-    data root, a split folder of the classes file, or any other input."""
-    work_dir = outputs.Output("--work-dir", Path(args.work_dir), folder=True)
-    inputs = [
-        *data_inputs_from_args(args),
-        ("--init-from", args.init_from),
-        ("--class-weights", args.class_weights),
-    ]
-    outputs.check_outputs([work_dir], inputs)
-
-
-def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> process.StopFlag:
+def open_run(
+    args: Namespace, dist_info: distributed.DistInfo, cleanup: ExitStack
+) -> process.StopFlag:
     """The run's surroundings, each undone by ``cleanup``: the process group, a console that
     cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
     and the SIGINT / SIGTERM flag (returned) that stops the loop after saving."""
-    cleanup.callback(cleanup_distributed)
+    cleanup.callback(distributed.cleanup_distributed)
     # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
     cleanup.enter_context(runtime.guarded_console())
     work_dir, moved = Path(args.work_dir), None
@@ -617,21 +471,19 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> proces
             work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FlagError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
-        lock = WorkDirLock(work_dir)  # one run per work dir; released on any exit
+        lock = process.WorkDirLock(work_dir)  # one run per work dir; released on any exit
         lock.acquire()
         cleanup.callback(lock.release)
-        moved = move_previous_run(work_dir) if args.restart else None
+        moved = process.move_previous_run(work_dir) if args.restart else None
     handlers = logs.setup_logging(work_dir if dist_info.is_main else None, dist_info.is_main)
     cleanup.callback(logs.close_logging, handlers)
     cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
     if moved is not None:
         log.info("--restart: the earlier run's files are now in %s", moved)
     if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
-        count, size = remove_stale_tmp(work_dir)
-        if count:
-            log.info(
-                "removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", count, size / 1e6
-            )
+        n, size = process.remove_stale_tmp(work_dir)
+        if n:
+            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", n, size / 1e6)
     # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
     # wait or validation), then exit.
     stop = process.StopFlag(immediate=not dist_info.distributed)
@@ -640,14 +492,11 @@ def open_run(args: Namespace, dist_info: DistInfo, cleanup: ExitStack) -> proces
     return stop
 
 
-def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]:
+def get_dataset(args: Namespace, dist_info: distributed.DistInfo) -> tuple[Dataset, Dataset]:
     """The augmented train split and the plain val split (the evaluator resizes it to --scale).
-
-    A dataset exposes ``classes`` (names), ``palette`` (RGB per class) and ``ignore_index``; the
-    model, the loss, validation and the checkpoint meta take them from the train split. To train
-    on other data, return your own datasets here (items: ``image`` float [3, H, W] normalised,
-    ``label`` int64 [H, W]).
-    """
+    To train on other data, return your own datasets here: ``classes``, ``palette`` (RGB) and
+    ``ignore_index`` attributes (the train split's make the meta), items ``image`` float [3, H, W]
+    normalised and ``label`` int64 [H, W]."""
     transform: Callable = TrainTransform(
         crop_size=tuple(args.crop_size), scale=tuple(args.scale), photometric=args.photometric
     )
@@ -665,80 +514,6 @@ def get_dataset(args: Namespace, dist_info: DistInfo) -> tuple[Dataset, Dataset]
     return train_set, val_set
 
 
-def make_synthetic(root: Path) -> None:
-    """Create the synthetic dataset at ``root`` unless it is there; a DatasetError if it cannot."""
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"--data-root '{root}' exists and is not a folder")
-    try:
-        if not (root.exists() and any(root.iterdir())):
-            log.info("creating the synthetic dataset in %s", root)
-        ensure_synthetic_cityscapes(root)
-    except OSError as e:
-        raise DatasetError(f"cannot create the synthetic dataset in '{root}': {e}") from None
-
-
-def check_data(
-    args: Namespace,
-    train_set: Dataset,
-    val_set: Dataset,
-    dist_info: DistInfo,
-    stop: process.StopFlag,
-) -> None:
-    """Every image and label header now, not the first bad file hours from now, and every val
-    image large enough for the model at --scale (rank 0 reads, the others wait; a stop signal
-    ends it at once). A --data-cache run never reads the train PNGs: the cache's own check
-    covers it."""
-    if args.skip_data_check:
-        return
-    splits = {"val": val_set} if args.data_cache else {"train": train_set, "val": val_set}
-    with stop.interruptible():
-        on_rank0(partial(check_and_log, splits, tuple(args.scale), args.progress), dist_info)
-
-
-def check_and_log(splits: dict[str, Dataset], scale: tuple[int, int], progress: bool) -> None:
-    checked = check_datasets(splits, progress)
-    check_val_sizes(splits["val"], scale)
-    log.info(
-        "data check: %s",
-        ", ".join(
-            f"{k} {'skipped (no samples list)' if n is None else f'{n} files ok'}"
-            for k, n in checked.items()
-        ),
-    )
-
-
-def check_val_sizes(val_set: Dataset, scale: tuple[int, int]) -> None:
-    """DatasetError naming the val images that validation at ``scale`` would shrink below
-    ``MIN_SIDE`` pixels on a side (the model's 1/8 bottleneck needs at least one pixel)."""
-    small = []
-    for sample in getattr(val_set, "samples", []):
-        size, _ = image_header(Path(sample.image))
-        h, w = rescale_size(size, scale)
-        if min(h, w) < MIN_SIDE:
-            small.append(f"'{sample.image}' ({size[0]}x{size[1]} -> {h}x{w})")
-    if small:
-        shown = ", ".join(small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
-        raise DatasetError(
-            f"{len(small)} val image(s) would be smaller than {MIN_SIDE} pixels on a side when"
-            f" validation resizes them to fit --scale {scale[0]} {scale[1]}: {shown}; raise"
-            " --scale or remove them"
-        )
-
-
-def on_rank0(work: Callable[[], None], dist_info: DistInfo) -> None:
-    """Run ``work`` on rank 0 alone (the others wait); its DatasetError stops every rank."""
-    error = [""]
-    if dist_info.is_main:
-        try:
-            work()
-        except DatasetError as e:
-            error[0] = str(e)
-    if dist_info.distributed:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise DatasetError(error[0])
-
-
 def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> Criterion:
     """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
     --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
@@ -754,27 +529,12 @@ def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) ->
     )
 
 
-def build_model(
-    args: Namespace,
-    meta: dict[str, Any],
-    resume_path: Path | None,
-    ckpt: dict | None,
-    proc: Process,
-) -> ERFNet:
-    """The model on the device, from --seed, --init-from or the --resume checkpoint ``ckpt``;
-    SyncBatchNorm as --sync-bn says under torchrun on CUDA. ``meta`` gains the licence and
-    lineage of the weights it starts from."""
+def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: loop.Process) -> ERFNet:
+    """The model on the device, from --seed, --init-from or the --resume checkpoint;
+    SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
-    if args.init_from is not None:  # same weights on every rank: each loads the file
-        report = init_from(model, args.init_from)
-        meta.update(report.lineage_meta())  # the weights keep their source's licence
-        for line in report.describe(args.init_from):
-            log.info("%s", line)
-    if ckpt is not None:
-        resume.check_model_fits(ckpt, model, resume_path)
-        model.load_state_dict(ckpt["model"])
-        meta.update(lineage_meta(ckpt.get("meta")))  # a resumed run keeps its weights' terms
+    start_weights(model, meta, args.init_from, start.path, start.ckpt)
     if proc.dist.distributed and proc.device.type == "cuda":
         model = step.convert_sync_batchnorm(model, args.sync_bn)
     elif proc.dist.distributed and args.sync_bn != "none":
@@ -786,58 +546,20 @@ def build_model(
     return model
 
 
-def build_optimizer(
-    args: Namespace, model: nn.Module, proc: Process
-) -> tuple[torch.optim.SGD, step.PolyLR, torch.amp.GradScaler]:
-    """SGD with the poly schedule, and the GradScaler of fp16 autocast (disabled otherwise)."""
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-    )
-    scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
-    return optimizer, scheduler, torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
-
-
-def restore_state(
-    args: Namespace,
-    ckpt: dict,
-    optimizer: torch.optim.Optimizer,
-    scheduler: step.PolyLR,
-    scaler: torch.amp.GradScaler,
-    dataset_size: int,
-    proc: Process,
-) -> TrainState:
-    """The optimizer, schedule, scaler and RNGs of the --resume checkpoint; where it stood."""
-    iteration, best_miou, consumed = resume.restore_training_state(
-        ckpt,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        args=args,
-        dataset_size=dataset_size,
-        world_size=proc.dist.world_size,
-    )
-    pending = bool(ckpt.get("validation_pending", False))
-    return TrainState(iteration, consumed, best_miou, start=iteration, val_pending=pending)
-
-
-def wrap_for_training(args: Namespace, model: nn.Module, proc: Process) -> nn.Module:
-    """The model as the step runs it: DistributedDataParallel under torchrun, then
-    torch.compile with --compile (checkpoints and validation keep using ``model``)."""
-    if proc.dist.distributed:
-        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return torch.compile(model) if args.compile else model
-
-
 def build_loaders(
-    args: Namespace, train_set: Dataset, val_set: Dataset, proc: Process, state: TrainState
-) -> Loaders:
+    args: Namespace,
+    train_set: Dataset,
+    val_set: Dataset,
+    proc: loop.Process,
+    state: loop.TrainState,
+    labels: Callable | None = None,
+) -> loop.Loaders:
     """The endless training loader at the state's position, the validation loader, and how a
     training batch reaches the device. --gpu-aug: the workers decode and draw the augmentation,
     the device applies it (the same batches)."""
     from erfnet.data.fast import device_aug  # --gpu-aug's switch
 
-    device = proc.device
+    device, pin = proc.device, proc.device.type == "cuda"
     augment = device_aug.resolve_gpu_aug(args.gpu_aug, device, train_set)
     log.info("augmentation on %s", f"the device ({device})" if augment else "the workers")
     loader, sampler = resume.build_train_loader(
@@ -849,41 +571,38 @@ def build_loaders(
         world_size=proc.dist.world_size,
         start_samples=state.consumed,
         start_iter=state.iteration,
-        pin_memory=device.type == "cuda",
+        pin_memory=pin,
         collate_fn=device_aug.collate if augment else None,
     )
     val_loader = build_eval_loader(
-        val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=device.type == "cuda"
+        val_set, batch_size=1, workers=min(args.workers, 2), pin_memory=pin
     )
-    if augment is not None:
-        to_device = partial(augment_on_device, augment=augment, device=device)
-    else:
-        to_device = partial(upload, device=device)
-    return Loaders(loader, sampler, val_loader, to_device)
+    upload = partial(to_device, augment=augment, device=device, labels=labels)
+    return loop.Loaders(loader, sampler, val_loader, upload)
 
 
-def upload(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch the workers augmented, on the device: (images channels_last, labels)."""
-    images = batch["image"].to(device, non_blocking=True)
-    labels = batch["label"].to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last), labels
-
-
-def augment_on_device(
-    batch: dict, augment: Callable, device: torch.device
+def to_device(
+    batch: dict, augment: Callable | None, device: torch.device, labels: Callable | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A --gpu-aug batch (decoded images and drawn parameters) augmented on the device."""
-    images, labels = augment(batch, device)
-    return images.contiguous(memory_format=torch.channels_last), labels
+    """A training batch on the device, images channels_last: as the workers augmented it, or
+    with --gpu-aug (decoded images and drawn parameters) augmented there; its labels through
+    the recipe's ``labels`` transform, if any."""
+    if augment is not None:
+        images, target = augment(batch, device)
+    else:
+        images = batch["image"].to(device, non_blocking=True)
+        target = batch["label"].to(device, non_blocking=True)
+    images = images.contiguous(memory_format=torch.channels_last)
+    return images, target if labels is None else labels(target)
 
 
-def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
+def train_loop(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> int:
     """The validation a stop signal interrupted (if any), then the iterations to --iters.
     Returns the exit status."""
     args = run.args
     try:
         if state.val_pending:  # as the uninterrupted run did it, before going on
-            validate(run, state, stop)
+            loop.validate(run, state, stop)
         if state.iteration >= args.iters:
             log.info(
                 "nothing to do: the checkpoint is at iteration %d of --iters %d",
@@ -892,10 +611,10 @@ def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
             )
             return 0
         if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
-            return stop_after(run, state, stop)
+            return loop.stop_after(run, state, stop)
     except process.StopRequested:  # in the data wait or validation: the iteration is complete
-        return stop_after(run, state, stop)
-    barrier()
+        return loop.stop_after(run, state, stop)
+    distributed.barrier()
     last_miou = state.last_miou if state.last_miou is not None else float("nan")
     # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
     best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
@@ -909,20 +628,20 @@ def train_loop(run: Run, state: TrainState, stop: process.StopFlag) -> int:
     return 0
 
 
-def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
+def iterate(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> str:
     """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
     step, account, log, validate when due, save when due, stop when asked."""
     args, proc = run.args, run.proc
-    log_start(run, state)
+    logs.log_start(args, proc, state.iteration)
     reduce = step.mean_over_ranks if proc.dist.distributed else None
     window = logs.LossWindow()  # the losses and times since the last log line
     batches = iter(run.loaders.train)
     run.model.train()
-    with progress_bar(run, state) as bar:
+    with logs.progress_bar(args, proc.dist.is_main, state.iteration) as bar:
         for iteration in range(state.iteration, args.iters):
             resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
             t0 = time.perf_counter()
-            batch = fetch_batch(batches, run, state, stop)
+            batch = loop.fetch_batch(batches, run, state, stop)
             t1 = time.perf_counter()
             images, labels = run.loaders.to_device(batch)
             lr = run.optimizer.param_groups[0]["lr"]
@@ -940,71 +659,23 @@ def iterate(run: Run, state: TrainState, stop: process.StopFlag) -> str:
             run.scheduler.step()
             window.data_time += t1 - t0
             window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
-            account(state, loss, run, window)
+            loop.account(state, loss, run, window)
             done, last = state.iteration, state.iteration == args.iters
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    lr=f"{lr:.2e}",
-                    stall=f"{window.stall_share():.0%}",
-                    refresh=False,
-                )
+                stall = f"{window.stall_share():.0%}"
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
             if done % args.log_interval == 0 or last:
-                logs.log_training(
-                    window,
-                    run.writer,
-                    iteration=done,
-                    first=state.start,
-                    iters=args.iters,
-                    log_interval=args.log_interval,
-                    lr=lr,
-                    device=proc.device,
-                )
+                logs.log_training(window, run.writer, done, state.start, args, lr, proc.device)
             due_val = done % args.val_interval == 0 or last
             due_ckpt = done % args.ckpt_interval == 0
             if due_val:
-                validate(run, state, stop, save_iter=due_ckpt)
+                loop.validate(run, state, stop, save_iter=due_ckpt)
             if due_val or due_ckpt or last:
-                save_when_due(run, state, save_iter=due_ckpt)
-            if stop_wanted(run, state, stop) and not last:
+                loop.save_when_due(run, state, save_iter=due_ckpt)
+            if loop.stop_wanted(run, state, stop) and not last:
                 return "stopped"
     return "done"
-
-
-def log_start(run: Run, state: TrainState) -> None:
-    """The 'training for N iterations' line: batch, lr, precision, device, threads, workers."""
-    args, proc = run.args, run.proc
-    step_batch = args.batch_size * args.accum_steps
-    log.info(
-        f"training for {args.iters} iterations (from {state.iteration}), batch {args.batch_size}"
-        f" x {args.accum_steps} accumulated x {proc.dist.world_size} process(es)"
-        f" = {step_batch * proc.dist.world_size}, lr {args.lr:g}, amp {proc.autocast_dtype},"
-        f" on {proc.device} ({torch.get_num_threads()} threads, {args.workers} loader workers,"
-        f" {runtime.available_cores()} cores)"
-    )
-
-
-def progress_bar(run: Run, state: TrainState) -> AbstractContextManager[tqdm | None]:
-    """tqdm's bar on rank 0 with --progress, else a context that yields None."""
-    if not (run.proc.dist.is_main and run.args.progress):
-        return nullcontext(None)
-    return tqdm(
-        total=run.args.iters,
-        initial=state.iteration,
-        unit="it",
-        desc="train",
-        dynamic_ncols=True,
-        smoothing=0.05,
-    )
-
-
-@dataclass(frozen=True)
-class Start:
-    """What a run continues: the --resume checkpoint's path and contents, or None and None."""
-
-    path: Path | None
-    ckpt: dict | None
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -1014,16 +685,16 @@ def cli(argv: list[str] | None = None) -> int:
     try:  # errors.run_cli: one line (also for an error raised in a DataLoader worker)
         return run_cli(parser, partial(main, args))
     except RuntimeError as e:
-        if not is_peer_failure(e):
+        if not process.is_peer_failure(e):
             raise
-        raise SystemExit(f"error: stopping: {PEER_FAILED}") from None
+        raise SystemExit(f"error: stopping: {process.PEER_FAILED}") from None
     except process.StopRequested as e:  # before the first iteration (the data check)
         print(f"stopped by {e} before training began; nothing saved", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C: abort without saving
         print(
             "error: aborted by a second SIGINT/SIGTERM without saving this iteration."
-            f" {resume_hint(Path(args.work_dir))}",
+            f" {process.resume_hint(Path(args.work_dir))}",
             file=sys.stderr,
         )
         return 130

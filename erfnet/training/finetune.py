@@ -1,17 +1,14 @@
 """``train.py --init-from CKPT``: start a new run from another ERFNet's weights.
 
-The file is one of ours, mmseg's or erfnet_pytorch's (detected as ``erfnet.convert`` detects
-them), or Eromera's ImageNet-pretrained encoder (``erfnet_encoder_pretrained.pth.tar``: keys under
-``module.features.encoder.``, the same block names as erfnet_pytorch's encoder) as an encoder-only
+The file is one of ours, mmseg's or erfnet_pytorch's (as ``erfnet.convert`` detects them), or
+Eromera's ImageNet-pretrained encoder (``erfnet_encoder_pretrained.pth.tar``) as an encoder-only
 start. Every tensor whose name and shape match is copied; when the class count differs the
-classifier (``head.classifier`` / ``head.output_conv``) keeps its fresh initialisation, and the
-re-initialised tensor names are reported. Anything else that does not fit (another head, other
-widths) is a ``CheckpointError`` naming the file: a silent partial load would train from scratch
-without saying so. Optimizer, schedule and iteration start fresh: this is not ``--resume``.
+classifier keeps its fresh initialisation (reported). Anything else that does not fit (another
+head, other widths) is a ``CheckpointError`` naming the file: a silent partial load would train
+from scratch without saying so. Optimizer, schedule and iteration start fresh (not ``--resume``).
 
-Licence lineage: the new weights derive from the file's, so they keep its terms. ``InitReport``
-carries ``licence`` and ``lineage`` (the file's own lineage plus this step) for the new
-checkpoint's meta, and ``describe`` says under which terms the run's weights are.
+Licence lineage: the new weights derive from the file's, so they keep its terms (``InitReport``'s
+``licence`` and ``lineage`` go into the new checkpoint's meta).
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from typing import Any
 
 import torch
 
-from erfnet.checkpoint import PROJECT_LICENCE, CheckpointError, combine_licences
+from erfnet.checkpoint import PROJECT_LICENCE, CheckpointError, combine_licences, lineage_meta
 from erfnet.convert import (
     ERFNET_PYTORCH_TABLE,
     SOURCE_LICENCES,
@@ -34,6 +31,8 @@ from erfnet.convert import (
     source_lineage,
 )
 from erfnet.model import ERFNet
+from erfnet.training.logs import log
+from erfnet.training.resume import check_model_fits
 
 IMAGENET_ENCODER = "imagenet_encoder"
 # Eromera's ImageNet classifier wraps the encoder as ``features.encoder`` (through DataParallel).
@@ -69,10 +68,9 @@ class InitReport:
         ):
             lines.append("encoder-only start: the decoder and head are initialised as usual")
         if self.reinitialised:
-            num = self.num_classes
             lines.append(
-                f"re-initialised for {num} classes (the file has {self.source_classes}): "
-                + ", ".join(self.reinitialised)
+                f"re-initialised for {self.num_classes} classes (the file has"
+                f" {self.source_classes}): {', '.join(self.reinitialised)}"
             )
         origin = ", ".join(f"{s['from']} ({s['licence']})" for s in self.lineage[:-1])
         lines.append(
@@ -91,11 +89,8 @@ def _is_imagenet_encoder(obj: Any) -> bool:
 
 
 def imagenet_encoder_state(obj: Any) -> dict[str, torch.Tensor]:
-    """Our ``encoder.*`` tensors from Eromera's ImageNet file (its classifier dropped).
-
-    Its encoder keys are erfnet_pytorch's (``initial_block``, ``layers.{0..14}``) under
-    ``features.encoder.``; they go through the converter's erfnet_pytorch table.
-    """
+    """Our ``encoder.*`` tensors from Eromera's ImageNet file (its classifier dropped): its keys
+    are erfnet_pytorch's under ``features.encoder.``, mapped by the converter's table."""
     state = obj.get("state_dict") if isinstance(obj.get("state_dict"), dict) else obj
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -125,11 +120,8 @@ def init_lineage(path: Path, source: str, raw: Any) -> dict[str, Any]:
         meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
         # A file converted before lineage was recorded still names its source.
         terms = str(meta.get("licence") or SOURCE_LICENCES.get(meta.get("source"), PROJECT_LICENCE))
-        lineage = list(meta.get("lineage", []))
-        lineage.append(
-            {"from": "erfnet", "file": path.name, "licence": terms, "how": "--init-from"}
-        )
-        return {"licence": terms, "lineage": lineage}
+        step = {"from": "erfnet", "file": path.name, "licence": terms, "how": "--init-from"}
+        return {"licence": terms, "lineage": [*meta.get("lineage", []), step]}
     theirs = "erfnet_pytorch" if source == IMAGENET_ENCODER else source
     out = source_lineage(theirs, path.name, "--init-from")
     out["licence"] = combine_licences(PROJECT_LICENCE, out["licence"])
@@ -144,29 +136,28 @@ def load_init_state(
     path = Path(path)
     try:
         raw = load_foreign_checkpoint(path)  # torch.load(weights_only=True)
-        source = detect_source(raw)
+        source, head = detect_source(raw), None
         if source == "erfnet":
             if not isinstance(raw.get("model"), dict):
                 raise ConversionError("'model' is not a state_dict")
-            head: str | None = str((raw.get("model_args") or {}).get("head", "fcn"))
+            head = str((raw.get("model_args") or {}).get("head", "fcn"))
             state = dict(raw["model"])
             if (raw.get("meta") or {}).get("stage") == "encoder":  # --recipe erfnet_pytorch's
                 head = None  # first stage: an encoder-only start (its 1/8 classifier dropped)
                 state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-            return source, state, head, init_lineage(path, source, raw)
-        if source in ("mmseg", "erfnet_pytorch"):
+        elif source in ("mmseg", "erfnet_pytorch"):
             head = "fcn" if source == "mmseg" else "deconv"
             state = convert_state_dict(raw, source)
-            return source, state, head, init_lineage(path, source, raw)
-        if _is_imagenet_encoder(raw):
-            state = imagenet_encoder_state(raw)
-            return IMAGENET_ENCODER, state, None, init_lineage(path, IMAGENET_ENCODER, raw)
+        elif _is_imagenet_encoder(raw):
+            source, state = IMAGENET_ENCODER, imagenet_encoder_state(raw)
+        else:
+            raise CheckpointError(
+                f"--init-from {path}: not an ERFNet checkpoint (ours, mmseg's, erfnet_pytorch's"
+                " or Eromera's ImageNet encoder file)"
+            )
+        return source, state, head, init_lineage(path, source, raw)
     except ConversionError as e:
         raise CheckpointError(f"--init-from {path}: {e}") from None
-    raise CheckpointError(
-        f"--init-from {path}: not an ERFNet checkpoint (ours, mmseg's, erfnet_pytorch's or"
-        " Eromera's ImageNet encoder file)"
-    )
 
 
 def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
@@ -211,3 +202,20 @@ def init_from(model: ERFNet, path: str | os.PathLike) -> InitReport:
     if cls_weight is not None:
         src_classes = int(cls_weight.shape[0 if head == "fcn" else 1])
     return InitReport(source, loaded, reinit, src_classes, model.num_classes, len(own), **lineage)
+
+
+def start_weights(
+    model: ERFNet, meta: dict[str, Any], init_path: str | None, path: Path | None, ckpt: dict | None
+) -> None:
+    """``model``'s weights from the --resume checkpoint ``ckpt`` (read from ``path``), else from
+    --init-from (each rank loads the file: the same weights everywhere); ``meta`` gains their
+    licence and lineage."""
+    if ckpt is not None:
+        check_model_fits(ckpt, model, path or Path("<checkpoint>"))
+        model.load_state_dict(ckpt["model"])
+        meta.update(lineage_meta(ckpt.get("meta")))  # a resumed run keeps its weights' terms
+    elif init_path is not None:
+        report = init_from(model, init_path)
+        meta.update(report.lineage_meta())  # the weights keep their source's licence
+        for line in report.describe(init_path):
+            log.info("%s", line)

@@ -10,16 +10,15 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from erfnet.distributed import DistInfo
+from erfnet import runtime
 from erfnet.errors import one_line
 from erfnet.outputs import atomic_write, printable
 from erfnet.training.process import WorkDirError
@@ -110,15 +109,6 @@ def settings_json(args: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple | list) else v for k, v in vars(args).items()}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` by the one atomic writer; ``OSError`` becomes one line naming the path
-    (``WorkDirError``)."""
-    try:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as e:
-        raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
-
-
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     d, rem = divmod(seconds, 86400)
@@ -154,17 +144,16 @@ class LossWindow:
 def log_training(
     window: LossWindow,
     writer: Any,
-    *,
     iteration: int,
     first: int,
-    iters: int,
-    log_interval: int,
+    args: Namespace,
     lr: float,
     device: torch.device,
 ) -> None:
-    """One ``iter N/M | loss | lr | s/it | eta`` line (mean over the window) and its scalars."""
-    now = time.perf_counter()
-    n = max(1, iteration - max(first, iteration - log_interval))
+    """One ``iter N/M | loss | lr | s/it | eta`` line (mean over the window) and its scalars;
+    ``first``: the iteration this process started from."""
+    now, iters = time.perf_counter(), args.iters
+    n = max(1, iteration - max(first, iteration - args.log_interval))
     sec_per_it = (now - window.start) / n
     avg = window.loss_sum / window.loss_n if window.loss_n else float("nan")
     eta = (now - window.run_start) / max(1, iteration - first) * (iters - iteration)
@@ -191,9 +180,7 @@ def log_training(
     window.reset(now)
 
 
-def log_validation(
-    metrics: dict, class_names: Sequence[str], iteration: int, writer: Any
-) -> list[tuple[str, float]]:
+def log_validation(metrics: dict, class_names: Sequence[str], iteration: int, writer: Any) -> None:
     """The val line of train.log (mIoU, mAcc, aAcc and each class's IoU) and its scalars."""
     ious = [(n, v) for n, v in zip(class_names, metrics["IoU"], strict=False) if not math.isnan(v)]
     log.info(
@@ -209,36 +196,54 @@ def log_validation(
             writer.add_scalar(f"val/{key}", metrics[key], iteration)
         for n, v in ious:
             writer.add_scalar(f"val/IoU/{n}", v, iteration)
-    return ious
-
-
-def log_images(writer: Any, strips: Sequence[np.ndarray], step: int) -> None:
-    """HxWx3 uint8 images (``visualize.prediction_strips``) to TensorBoard as val/prediction_i."""
-    for i, strip in enumerate(strips):
-        writer.add_image(f"val/prediction_{i}", strip, step, dataformats="HWC")
 
 
 def write_run_settings(
-    args: Namespace,
-    work_dir: Path,
-    train_set: Dataset,
-    val_set: Dataset,
-    device: torch.device,
-    dist_info: DistInfo,
-    autocast_dtype: torch.dtype | None,
-    resume_path: Path | None,
+    args: Namespace, work_dir: Path, train_set: Dataset, val_set: Dataset, proc: Any, resumed: Any
 ) -> None:
-    """args.json (the flags as resolved, plus where and how this run trains) and its log lines."""
+    """args.json (the flags as resolved, plus where and how ``proc``, ``loop.Process``, trains)
+    and its log lines."""
     data_root = getattr(train_set, "root", args.data_root)
     settings = settings_json(args)
+    world, dtype = proc.dist.world_size, proc.autocast_dtype
     settings.update(
         data_root=str(data_root),
-        device=str(device),
-        world_size=dist_info.world_size,
-        total_batch_size=args.batch_size * getattr(args, "accum_steps", 1) * dist_info.world_size,
-        amp_dtype_used=str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
-        resumed_from=str(resume_path) if resume_path else None,
+        device=str(proc.device),
+        world_size=world,
+        total_batch_size=args.batch_size * getattr(args, "accum_steps", 1) * world,
+        amp_dtype_used=str(dtype).replace("torch.", "") if dtype else None,
+        resumed_from=str(resumed) if resumed else None,
     )
-    write_text_atomic(work_dir / "args.json", json.dumps(settings, indent=2) + "\n")
+    text, path = json.dumps(settings, indent=2) + "\n", work_dir / "args.json"
+    try:  # by the one atomic writer
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise WorkDirError(f"cannot write '{path}': {e.strerror}") from None
     log.info("run settings: %s", json.dumps(settings))
     log.info("train: %d images, val: %d images, from %s", len(train_set), len(val_set), data_root)
+
+
+def log_start(args: Namespace, proc: Any, iteration: int) -> None:
+    """The 'training for N iterations' line: batch, lr, precision, device, threads, workers."""
+    world = proc.dist.world_size
+    log.info(
+        f"training for {args.iters} iterations (from {iteration}), batch {args.batch_size}"
+        f" x {args.accum_steps} accumulated x {world} process(es)"
+        f" = {args.batch_size * args.accum_steps * world}, lr {args.lr:g}, amp"
+        f" {proc.autocast_dtype}, on {proc.device} ({torch.get_num_threads()} threads,"
+        f" {args.workers} loader workers, {runtime.available_cores()} cores)"
+    )
+
+
+def progress_bar(args: Namespace, is_main: bool, iteration: int) -> AbstractContextManager:
+    """tqdm's bar on rank 0 with --progress, else a context that yields None."""
+    if not (is_main and args.progress):
+        return nullcontext(None)
+    return tqdm(
+        total=args.iters,
+        initial=iteration,
+        unit="it",
+        desc="train",
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )

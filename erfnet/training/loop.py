@@ -1,10 +1,5 @@
-"""What ``train.py``'s loop works with and the steps it calls.
-
-``TrainState`` is where the run stands (the counters a checkpoint, a log line or an error message
-reports); ``Run`` holds what the steps of ``train.py`` set up once. The loop's steps:
-``fetch_batch``, ``account`` for an iteration, ``validate``, ``save_checkpoint`` /
-``save_when_due``, ``stop_after`` a signal, and ``failure``, which saves the completed iterations
-before an error stops the run.
+"""What ``train.py``'s loop works with (``Run``, set up once; ``TrainState``, where it stands)
+and the steps it calls; ``failure`` saves the completed iterations before an error stops the run.
 """
 
 from __future__ import annotations
@@ -28,18 +23,12 @@ from erfnet.errors import one_line
 from erfnet.evaluation.evaluate import evaluate
 from erfnet.evaluation.inference import TestSettings
 from erfnet.evaluation.visualize import prediction_strips
-from erfnet.training import logs, resume
+from erfnet.training import logs, process, resume
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion
-from erfnet.training.process import (
-    PEER_FAILED,
-    StopFlag,
-    TrainingError,
-    is_peer_failure,
-    resume_hint,
-)
+from erfnet.training.process import PEER_FAILED, StopFlag, TrainingError, is_peer_failure
 from erfnet.training.resume import InfiniteSampler
-from erfnet.training.step import PolyLR
+from erfnet.training.step import ClosedFormLR
 
 
 @dataclass
@@ -78,19 +67,27 @@ class Loaders:
     to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class Parts:
+    """What a recipe trains: the model, its optimizer, schedule and criterion, and a transform
+    of the labels on the device (--recipe erfnet_pytorch's stages)."""
+
+    model: nn.Module  # the weights: what checkpoints and validation use
+    optimizer: torch.optim.Optimizer
+    scheduler: ClosedFormLR  # step.PolyLR, paper_recipe.EpochPolyLR
+    criterion: Criterion
+    label_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @dataclass(kw_only=True)
-class Run:
-    """What the loop works with, set up once by train.py's steps (built by keywords)."""
+class Run(Parts):
+    """The parts and what else the loop works with, set up once (``train.make_run``)."""
 
     args: Namespace
     work_dir: Path
     proc: Process
-    model: nn.Module  # the weights: what checkpoints and validation use
     train_model: nn.Module  # the same model, wrapped for training (DDP, torch.compile)
-    optimizer: torch.optim.Optimizer
-    scheduler: PolyLR
     scaler: torch.amp.GradScaler
-    criterion: Criterion
     loaders: Loaders
     val_set: Dataset
     meta: dict[str, Any]  # class names, palette, ignore index, mean / std
@@ -127,16 +124,16 @@ def account(state: TrainState, loss: float, run: Run, window: logs.LossWindow) -
     if state.nonfinite >= args.max_nonfinite:
         raise TrainingError(
             f"the loss was non-finite for {state.nonfinite} consecutive iterations (last at"
-            f" iteration {state.iteration}); stopping. {resume_hint(run.work_dir)} Try a lower"
-            " --lr or --no-amp, and check the data."
+            f" iteration {state.iteration}); stopping. {process.resume_hint(run.work_dir)} Try a"
+            " lower --lr or --no-amp, and check the data."
         )
 
 
 def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = False) -> None:
     """Single-scale validation at ``--scale`` (every rank takes part, rank 0 logs); a new best
-    mIoU writes best.pth. A stop signal abandons it at once (``StopRequested``); any failure
-    (a file changed since the data check, an image the model cannot take, out of memory) saves
-    the completed iterations (and iter_<N>.pth when ``save_iter``), then stops the run."""
+    mIoU writes best.pth. A stop signal abandons it at once; any failure (a changed file, an
+    image the model cannot take, out of memory) saves the completed iterations (and
+    iter_<N>.pth when ``save_iter``), then stops the run."""
     args, proc = run.args, run.proc
     state.val_pending = True
     # The scored classes: all outputs but a "void" one (--recipe erfnet_pytorch's last).
@@ -161,7 +158,10 @@ def validate(run: Run, state: TrainState, stop: StopFlag, save_iter: bool = Fals
                     settings=TestSettings(scale=tuple(args.scale)),
                     device=proc.device,
                 )
-                logs.log_images(run.writer, strips, state.iteration)
+                for i, strip in enumerate(strips):  # HxWx3 uint8
+                    run.writer.add_image(
+                        f"val/prediction_{i}", strip, state.iteration, dataformats="HWC"
+                    )
     except Exception as e:
         run.model.train()
         raise failure(run, state, "validation", e, save_iter) from None
@@ -222,9 +222,8 @@ def stop_wanted(run: Run, state: TrainState, stop: StopFlag) -> bool:
 
 
 def stop_after(run: Run, state: TrainState, stop: StopFlag) -> int:
-    """End the run that SIGINT / SIGTERM asked to stop: latest.pth of the completed iterations
-    (none done, or a non-finite loss: nothing saved), one warning, and the exit status
-    128 + the signal."""
+    """End the run a SIGINT / SIGTERM stopped: latest.pth of the completed iterations (none done
+    or a non-finite loss: nothing saved), one warning, and the exit status 128 + the signal."""
     outcome = "nothing saved (no iteration done)"
     if state.iteration > state.start and not state.nonfinite:
         save_checkpoint(run, state, "latest.pth")
@@ -259,11 +258,8 @@ def failure(
         cause, fix = f"{type(e).__name__}: {one_line(e)}", "Fix the cause"
     # --resume only where there is a checkpoint to continue from (before the first one, as in
     # a bad label value found by the first batch, --resume would refuse: run again instead).
-    again = (
-        "continue with --resume"
-        if (run.work_dir / "latest.pth").is_file()
-        else "run the same command again"
-    )
+    resumable = (run.work_dir / "latest.pth").is_file()
+    again = "continue with --resume" if resumable else "run the same command again"
     return TrainingError(
         f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then {again}"
     )

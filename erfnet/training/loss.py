@@ -1,11 +1,6 @@
-"""The training loss, as mmsegmentation computes it: pixel-wise cross-entropy, its normalisation,
-class weights and online hard example mining (OHEM).
-
-mmseg's numbers, not PyTorch's defaults: ``F.cross_entropy(..., ignore_index=255)`` divides by the
-number of labelled pixels (or, with class weights, by the sum of their weights); mmseg divides by
-all pixels. ``erfnet.training.step.train_step`` uses ``segmentation_loss`` as its default
-criterion and train.py builds one from its flags with ``make_criterion``.
-"""
+"""The training loss as mmsegmentation computes it, not as PyTorch's defaults do: pixel-wise
+cross-entropy, its normalisation (``segmentation_loss``), class weights and online hard example
+mining (OHEM); train.py builds it from its flags with ``make_criterion``."""
 
 from __future__ import annotations
 
@@ -42,19 +37,12 @@ def segmentation_loss(
 ) -> torch.Tensor:
     """mmseg's ``CrossEntropyLoss`` (softmax, no sigmoid): logits [N, C, H, W], labels [N, H, W].
 
-    What mmseg does (``mmseg/models/losses/cross_entropy_loss.py``, v0.20 and 1.x):
-
-    1. ``F.cross_entropy(logits, labels, weight=class_weight, reduction='none',
-       ignore_index=255)``: a loss map [N, H, W], ``class_weight[y] * CE`` at labelled pixels and
-       0 at ignored ones;
-    2. ``weight_reduce_loss``: the map times the per-pixel weight (the OHEM sampler's kept mask,
-       ``seg_weight``), when there is one;
-    3. the reduction: ``average_over="all"`` (mmseg's default, ``avg_non_ignore=False``, the only
-       behaviour of v0.20 and the one the recipe ran) is the plain mean of the map, so
-       ``sum / (N * H * W)``: ignored pixels count as zeros in the denominator.
-       ``average_over="labelled"`` (1.x's ``avg_non_ignore=True``) is ``sum / (number of
-       labelled pixels)``: the count of pixels whose label is not ``ignore_index``, *not* the sum
-       of their class weights (PyTorch's weighted mean), and not the number OHEM kept.
+    As ``mmseg/models/losses/cross_entropy_loss.py`` (v0.20 and 1.x): the per-pixel CE map (with
+    ``class_weight[y]``, 0 at ignored pixels) times ``pixel_weight`` (OHEM's kept mask), then
+    ``average_over="all"`` (mmseg's default, ``avg_non_ignore=False``, the one the recipe ran):
+    ``sum / (N * H * W)``, ignored pixels counting as zeros in the denominator; ``"labelled"``
+    (1.x's ``avg_non_ignore=True``): ``sum / (number of labelled pixels)``, *not* the sum of their
+    class weights (PyTorch's weighted mean), and not the number OHEM kept.
 
     Why it matters: the share of ignored pixels changes from batch to batch, so the labelled-pixel
     mean is a different objective, not an lr rescale (on a batch with 29.9 % ignored pixels it and
@@ -83,16 +71,10 @@ def ohem_keep_mask(
     min_kept: int,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """mmseg's ``OHEMPixelSampler.sample`` with a ``thresh``: the float mask [N, H, W] of hard
-    labelled pixels (1 kept, 0 dropped), for ``segmentation_loss(pixel_weight=...)``.
-
-    As mmseg (``mmseg/core/seg/sampler/ohem_pixel_sampler.py`` v0.20, ``mmseg/structures/sampler``
-    1.x): ``p`` = the softmax probability of the true class at each labelled pixel; sort the
-    ``n`` values ascending; the threshold is ``max(thresh, sorted_p[min(min_kept * N, n - 1)])``
-    (``min_kept`` is per image: mmseg multiplies it by the batch size N, the images of this
-    process's batch); keep the labelled pixels with ``p < threshold``. Ignored pixels are never
-    kept. So at least ``min_kept * N`` pixels are kept when there are that many (ties at the
-    threshold aside), and every pixel predicted with less than ``thresh`` confidence.
+    """mmseg's ``OHEMPixelSampler.sample`` with a ``thresh`` (``ohem_pixel_sampler.py`` v0.20,
+    ``mmseg/structures/sampler`` 1.x), for ``segmentation_loss(pixel_weight=...)``: the float mask
+    [N, H, W] of the labelled pixels whose true-class probability is below ``max(thresh, the
+    (min_kept x N)-th lowest)``; ``min_kept`` is per image, N the images of this process's batch.
     """
     valid = labels != ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels))
@@ -151,13 +133,9 @@ def make_criterion(
     class_weights: Sequence[float] | None = None,
     ohem: tuple[float, int] | None = None,
 ) -> Criterion:
-    """``criterion(logits, labels)`` for train_step, from train.py's loss flags.
-
-    ``avg_non_ignore``: divide by the labelled pixels instead of all pixels. ``class_weights``:
-    one weight per class (``load_class_weights``). ``ohem``: ``(thresh, min_kept)`` of mmseg's
-    OHEMPixelSampler; the kept mask multiplies the per-pixel loss, and the denominator stays the
-    one ``avg_non_ignore`` chooses, as in mmseg (``weight=seg_weight`` of its loss).
-    """
+    """``criterion(logits, labels)`` for train_step, from train.py's loss flags. ``ohem``'s kept
+    mask multiplies the per-pixel loss; the denominator stays the one ``avg_non_ignore`` chooses,
+    as in mmseg (``weight=seg_weight`` of its loss)."""
     return SegmentationCriterion(
         ignore_index=ignore_index,
         average_over="labelled" if avg_non_ignore else "all",
@@ -167,12 +145,8 @@ def make_criterion(
 
 
 def load_class_weights(path: str | Path, class_names: Sequence[str]) -> list[float]:
-    """The per-class loss weights of a JSON file ``{"names": [...], "weights": [...],
-    "method": "..."}``, checked against the dataset.
-
-    ``weights`` must hold one finite, non-negative number per class; ``names``, when present, must
-    equal the dataset's class names in order. Raises ``LossConfigError`` naming the file.
-    """
+    """The per-class loss weights of a JSON file ``{"names": [...], "weights": [...]}``, checked
+    against the dataset's classes; ``LossConfigError`` names the file."""
     where = f"--class-weights {path}"
     try:
         data = json.loads(Path(path).read_text())

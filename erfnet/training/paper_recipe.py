@@ -2,20 +2,16 @@
 
 erfnet_pytorch's ``train/main.py`` trains the encoder alone at 1/8 resolution (with its
 ``encoder.output_conv``), then the full network from that encoder; each stage has its own class
-weights and a fresh Adam with an lr decayed once per epoch (facts and sources:
-docs/erfnet_pytorch.md). ``build_stage(recipe, stage, ...)`` returns one stage's model,
-optimizer, schedule, criterion and label transform; ``train.py`` runs each stage through the
-same loop as mmseg's recipe, with the stage's settings (``stage_args``): iterations = epochs x
-ceil(images / batch), validation every epoch. The encoder stage writes its checkpoints into
-``<work dir>/encoder/``, the decoder stage into the work dir itself.
+weights and a fresh Adam with an lr decayed once per epoch (docs/erfnet_pytorch.md). ``train.py``
+runs each stage (``build_stage``) through mmseg's loop with the stage's settings
+(``stage_args``); the encoder stage writes into ``<work dir>/encoder/``.
 """
 
 from __future__ import annotations
 
 import math
 from argparse import Namespace
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,42 +19,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from erfnet import test_size
-from erfnet.checkpoint import CheckpointError, lineage_meta
+from erfnet.checkpoint import CheckpointError
 from erfnet.config import IGNORE_INDEX, PAPER_RECIPE, PaperRecipe
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.errors import FlagError
 from erfnet.model import EncoderStage, ERFNet
-from erfnet.training.finetune import init_from
-from erfnet.training.logs import log
+from erfnet.training.finetune import start_weights
+from erfnet.training.loop import Parts
+from erfnet.training.loss import load_class_weights
 from erfnet.training.process import WorkDirError
-from erfnet.training.resume import check_model_fits
+from erfnet.training.resume import resolve_resume
+from erfnet.training.step import ClosedFormLR
 
 STAGES = ("encoder", "decoder")
 STAGE_CHOICES = ("both", *STAGES)
 ENCODER_DIR = "encoder"  # the encoder stage's sub-folder of the work dir
 
-# --- flags -----------------------------------------------------------------------------------
-
-# mmseg's flags that mean nothing under this recipe (dest -> the flag as typed).
-REFUSED_FLAGS = {
-    "iters": "--iters",
-    "crop_size": "--crop-size",
-    "photometric": "--photometric",
-    "ohem": "--ohem",
-    "avg_non_ignore": "--avg-non-ignore",
-    "sync_bn": "--sync-bn",
-    "poly_power": "--poly-power",
-    "min_lr": "--min-lr",
-    "momentum": "--momentum",
-    "val_interval": "--val-interval",
-    "ckpt_interval": "--ckpt-interval",
-    "accum_steps": "--accum-steps",
-    "gpu_aug": "--gpu-aug",
-    "data_cache": "--data-cache",
-}
+# mmseg's flags that mean nothing under this recipe (their dests).
+REFUSED_FLAGS = (
+    "iters",
+    "crop_size",
+    "photometric",
+    "ohem",
+    "avg_non_ignore",
+    "sync_bn",
+    "poly_power",
+    "min_lr",
+    "momentum",
+    "val_interval",
+    "ckpt_interval",
+    "accum_steps",
+    "gpu_aug",
+    "data_cache",
+)
 # --data synthetic under this recipe: the 128x256 images at half size, 30 short epochs per stage
 # (11 iterations of 6 images) and a higher lr, so that the quick start learns in minutes.
 SYNTHETIC_DEFAULTS: dict[str, Any] = {"epochs": 30, "lr": 2e-3, "scale": (64, 128)}
@@ -85,7 +80,7 @@ def check_flags(args: Namespace, given: Sequence[str]) -> None:
     """``FlagError`` for a flag of mmseg's recipe given under this one, and for combinations
     this recipe cannot run; ``given``: the dests of the flags typed on the command line."""
     name = PAPER_RECIPE.name
-    refused = [REFUSED_FLAGS[d] for d in REFUSED_FLAGS if d in given]
+    refused = ["--" + d.replace("_", "-") for d in REFUSED_FLAGS if d in given]
     if "head" in given and args.head != "deconv":
         refused.append(f"--head {args.head}")
     if refused:
@@ -112,25 +107,28 @@ def check_flags(args: Namespace, given: Sequence[str]) -> None:
         )
 
 
-def stages_to_run(args: Namespace, resumed_stage: str | None) -> list[str]:
+def stages_to_run(args: Namespace, path: Path | None, ckpt: dict | None) -> list[str]:
     """The stages this run trains, in order: --stage (``both`` with --init-from is the decoder
-    stage alone), from the stage a --resume checkpoint stopped in."""
+    stage alone), from the stage the --resume checkpoint ``ckpt`` stopped in."""
     if args.stage == "both":
         stages = ["decoder"] if args.init_from is not None else list(STAGES)
     else:
         stages = [args.stage]
-    if resumed_stage is None:
+    if ckpt is None:
         return stages
-    if resumed_stage not in stages:
+    resumed = ckpt["meta"].get("stage")
+    if resumed not in STAGES:
+        raise CheckpointError(f"--resume {path}: not a checkpoint of --recipe {PAPER_RECIPE.name}")
+    if resumed not in stages:
         raise CheckpointError(
-            f"--resume: the checkpoint is of the {resumed_stage} stage, but --stage"
+            f"--resume: the checkpoint is of the {resumed} stage, but --stage"
             f" {args.stage} trains {' and '.join(stages)}"
         )
-    return stages[stages.index(resumed_stage) :]
+    return stages[stages.index(resumed) :]
 
 
-def stage_dir(work_dir: Path, stage: str) -> Path:
-    """Where a stage writes its checkpoints and TensorBoard logs."""
+def stage_dir(work_dir: Path, stage: str | None) -> Path:
+    """Where a stage (None: mmseg's recipe) writes its checkpoints and TensorBoard logs."""
     return work_dir / ENCODER_DIR if stage == "encoder" else work_dir
 
 
@@ -150,12 +148,8 @@ def check_new_stage_run(args: Namespace) -> None:
 def resume_path(args: Namespace) -> Path | None:
     """The --resume checkpoint: PATH, or without it the decoder stage's latest.pth, else the
     encoder stage's (the run stopped in it)."""
-    if args.resume is None:
-        return None
-    if args.resume != "latest":
-        if not Path(args.resume).is_file():
-            raise CheckpointError(f"--resume {args.resume}: no such file")
-        return Path(args.resume)
+    if args.resume != "latest":  # None, or PATH
+        return resolve_resume(args.resume, args.work_dir)
     for stage in reversed(STAGES):
         path = stage_dir(Path(args.work_dir), stage) / "latest.pth"
         if path.is_file():
@@ -166,16 +160,12 @@ def resume_path(args: Namespace) -> Path | None:
     )
 
 
-def iters_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
-    """ceil(images / batch): erfnet_pytorch's loader keeps the last, smaller batch."""
-    return math.ceil(dataset_size / (batch_size * world_size))
-
-
 def stage_args(args: Namespace, stage: str, dataset_size: int, world_size: int = 1) -> Namespace:
     """The loop's settings for ``stage``: ``iters`` = epochs x iterations per epoch, validation
     (and latest.pth) every epoch, no iter_<N>.pth (one checkpoint per stage), and the test scale
     that keeps validation images at their shorter side."""
-    per_epoch = iters_per_epoch(dataset_size, args.batch_size, world_size)
+    # ceil(images / batch): erfnet_pytorch's loader keeps the last, smaller batch
+    per_epoch = math.ceil(dataset_size / (args.batch_size * world_size))
     iters = args.epochs * per_epoch
     out = Namespace(**vars(args))
     out.stage, out.iters_per_epoch, out.iters = stage, per_epoch, iters
@@ -196,19 +186,14 @@ def shorter_side(args: Namespace) -> int:
     return int(args.scale[0])
 
 
-# --- meta --------------------------------------------------------------------------------
-
-
 def recipe_meta(
     meta: dict[str, Any], stage: str, size: int, recipe: PaperRecipe = PAPER_RECIPE
 ) -> dict[str, Any]:
     """The dataset's meta for this recipe's model: one more output, "void" (black), the 0-1
     input (mean 0, std 255), the shorter-side test size and the stage."""
-    out = dict(meta)
-    void = len(meta["class_names"])
+    out = dict(meta, void_class=len(meta["class_names"]))
     out["class_names"] = [*meta["class_names"], "void"]
     out["palette"] = [*meta["palette"], [0, 0, 0]]
-    out["void_class"] = void
     out["mean"], out["std"] = list(recipe.mean), list(recipe.std)
     out["input_note"] = "RGB in [0, 1] (x / 255), no mean/std normalisation"
     out["test_size"] = test_size.shorter_side(size)
@@ -216,14 +201,11 @@ def recipe_meta(
     return out
 
 
-# --- one stage ------------------------------------------------------------------------------
-
-
-class EpochPolyLR(LRScheduler):
+class EpochPolyLR(ClosedFormLR):
     """erfnet_pytorch's ``LambdaLR(lambda epoch: (1 - (epoch - 1) / epochs) ** power)`` stepped
     at the start of each 1-based epoch, in an iteration loop: the lr of iteration i (0-based) is
     ``base * (1 - e / epochs) ** power`` with ``e = i // iters_per_epoch``, constant within an
-    epoch. Closed form, so a resumed schedule matches exactly; its state holds numbers only."""
+    epoch."""
 
     def __init__(
         self,
@@ -247,20 +229,10 @@ class EpochPolyLR(LRScheduler):
         factor = (1.0 - done / self.epochs) ** self.power
         return [base * factor for base in self.base_lrs]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.apply()
-
     def set_max_iters(self, max_iters: int) -> None:
         """Another --epochs on resume: the schedule now ends at ``max_iters``."""
         self.epochs = max(1, int(max_iters) // self.iters_per_epoch)
         self.apply()
-
-    def apply(self) -> None:
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = lrs
 
 
 def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -281,17 +253,6 @@ def stage_labels(
         labels = small[:, 0].long()
     void = (labels == ignore_index) | (labels == IGNORE_INDEX)
     return labels.masked_fill(void, void_index)
-
-
-@dataclass
-class StageParts:
-    """What one stage trains with."""
-
-    model: nn.Module  # EncoderStage or ERFNet
-    optimizer: torch.optim.Adam
-    scheduler: EpochPolyLR
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    label_transform: Callable[[torch.Tensor], torch.Tensor]
 
 
 def model_config(num_outputs: int, recipe: PaperRecipe = PAPER_RECIPE) -> dict[str, Any]:
@@ -333,7 +294,7 @@ def build_stage(
     lr: float | None = None,
     weight_decay: float | None = None,
     weights: Sequence[float] | None = None,
-) -> StageParts:
+) -> Parts:
     """One stage of ``recipe`` for ``num_classes`` classes (the model has one more output,
     void): the model in train mode (fresh weights from torch's RNG), a fresh Adam, the
     per-epoch schedule, the weighted NLL and the label transform. ``epochs``, ``lr``,
@@ -355,46 +316,40 @@ def build_stage(
     criterion = partial(weighted_nll, weight=class_weights(stage, num_classes, weights, recipe))
     stride = recipe.encoder_stride if stage == "encoder" else 1
     labels = partial(stage_labels, stride=stride, ignore_index=ignore_index, void_index=num_classes)
-    return StageParts(model.train(), optimizer, scheduler, criterion, labels)
+    return Parts(model.train(), optimizer, scheduler, criterion, labels)
 
 
-def stage_batch(
-    batch: Any,
-    upload: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-    labels: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch on the device (``upload``) with the stage's labels."""
-    images, target = upload(batch)
-    return images, labels(target)
-
-
-def encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The ``encoder.*`` tensors of an encoder-stage (or full) model: the decoder stage's start."""
-    return {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
-
-
-def stage_weights(
+def stage_parts(
     args: Namespace,
-    model: nn.Module,
     meta: dict[str, Any],
-    resume_path: Path | None,
+    path: Path | None,
     ckpt: dict | None,
     encoder: nn.Module | None,
-) -> nn.Module:
-    """The stage model's weights: the --resume checkpoint's, else the encoder stage's encoder
-    (the decoder stage of the same run), else --init-from's (the decoder stage alone), else
-    fresh. ``meta`` gains the weights' licence and lineage."""
-    if ckpt is not None:
-        check_model_fits(ckpt, model, resume_path or Path("<checkpoint>"))
-        model.load_state_dict(ckpt["model"])
-        meta.update(lineage_meta(ckpt.get("meta")))
-    elif encoder is not None:
-        state = model.state_dict()
-        state.update(encoder_weights(encoder))
-        model.load_state_dict(state)
-    elif args.init_from is not None:
-        report = init_from(model, args.init_from)
-        meta.update(report.lineage_meta())
-        for line in report.describe(args.init_from):
-            log.info("%s", line)
-    return model
+) -> tuple[Parts, dict[str, Any]]:
+    """The parts of ``args.stage`` (``stage_args``) and its meta: the model's weights from the
+    --resume checkpoint ``ckpt``, else the encoder stage's ``encoder`` (the decoder stage of the
+    same run), else --init-from's, else fresh from --seed."""
+    weights = None
+    if args.class_weights is not None:
+        weights = load_class_weights(args.class_weights, meta["class_names"])
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    parts = build_stage(
+        PAPER_RECIPE,
+        args.stage,
+        len(meta["class_names"]),
+        ignore_index=meta["ignore_index"],
+        iters_per_epoch=args.iters_per_epoch,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        weights=weights,
+    )
+    stage_meta = recipe_meta(meta, args.stage, shorter_side(args))
+    if encoder is not None:  # its encoder.* tensors
+        own = parts.model.state_dict()
+        own.update({k: v for k, v in encoder.state_dict().items() if k.startswith("encoder.")})
+        parts.model.load_state_dict(own)
+    else:
+        start_weights(parts.model, stage_meta, args.init_from, path, ckpt)
+    parts.model.meta = stage_meta  # validation's normalisation (0-1 inputs) and its void output
+    return parts, stage_meta

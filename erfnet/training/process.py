@@ -1,20 +1,15 @@
 """The training run as a process: its work dir, its signals and its failures.
 
-What keeps a work dir safe: one run at a time, no run overwritten, no stale temporary files.
-
-- ``WorkDirLock``: a POSIX record lock (``fcntl`` ``F_SETLK``) on ``<work_dir>/train.lock``, held
-  for the whole run. It belongs to the training process alone: forked DataLoader workers do not
-  inherit it, and the kernel releases it the moment the process ends in any way (kill -9
-  included), even while orphaned workers still hold the open file. So a crashed run never blocks
-  the next one. The file keeps the holder's PID and host so a second run can say who holds it.
-- ``check_new_run`` / ``move_previous_run``: a new run never overwrites the checkpoints of an
-  earlier one; ``--restart`` moves them into a dated sub-folder first.
-- ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files that the one atomic writer
-  (``erfnet.outputs.atomic_write``: checkpoints, ``args.json``, prediction strips) writes before
-  its rename; only a write killed with SIGKILL (or a power cut) leaves one behind.
-
-How a run ends: ``StopFlag`` (SIGINT / SIGTERM stop it after saving), ``TrainingError`` (the one
-line of a failure), ``is_peer_failure`` (another torchrun process is gone) and ``resume_hint``.
+- ``WorkDirLock``: one run per work dir, a POSIX record lock on ``<work_dir>/train.lock`` that
+  belongs to the training process alone (forked DataLoader workers do not inherit it) and that
+  the kernel releases the moment the process ends in any way (kill -9 included), so a crashed run
+  never blocks the next one. The file names the holder's PID and host for a second run to show.
+- ``check_new_run`` / ``move_previous_run``: a new run never overwrites an earlier one's
+  checkpoints; ``--restart`` moves them into a dated sub-folder first.
+- ``remove_stale_tmp``: the ``.<name>.<pid>.<hex>.tmp`` files of ``erfnet.outputs.atomic_write``
+  that only a write killed with SIGKILL (or a power cut) leaves behind.
+- How a run ends: ``StopFlag`` (SIGINT / SIGTERM stop it after saving), ``TrainingError``,
+  ``is_peer_failure`` (another torchrun process is gone) and ``resume_hint``.
 """
 
 from __future__ import annotations
@@ -57,11 +52,8 @@ class WorkDirBusyError(WorkDirError):
 
 
 class WorkDirLock:
-    """The lock on ``<work_dir>/train.lock`` for as long as this object is held.
-
-    ``acquire`` raises ``WorkDirBusyError`` at once (no waiting) when another process holds it,
-    ``WorkDirError`` when the work dir is not writable.
-    """
+    """The lock on ``<work_dir>/train.lock``: ``acquire`` raises ``WorkDirBusyError`` at once (no
+    waiting) when another process holds it, ``WorkDirError`` when the work dir is not writable."""
 
     def __init__(self, work_dir: str | os.PathLike) -> None:
         self.path = Path(work_dir) / LOCK_NAME
@@ -75,9 +67,9 @@ class WorkDirLock:
                 f"--work-dir '{self.path.parent}': cannot write in it ({e.strerror})"
             ) from None
         if not _try_lock(fd, self.path):
-            holder = _read_holder(fd)
+            error = _busy(self.path.parent, fd)
             os.close(fd)
-            raise WorkDirBusyError(busy_message(self.path.parent, holder))
+            raise error
         self._fd = fd  # from here on release() closes it, whatever fails below
         try:  # the holder's name is only informational: a full disk must not stop the run
             os.ftruncate(fd, 0)
@@ -93,10 +85,8 @@ class WorkDirLock:
 
 
 def _try_lock(fd: int, path: Path) -> bool:
-    """Take the POSIX write lock of ``fd`` without waiting; False when another process has it.
-
-    A POSIX lock (unlike ``flock``) is owned by this process, not by the open file, so the
-    DataLoader workers that fork() copies of the descriptor never hold it."""
+    """Take the POSIX write lock of ``fd`` without waiting (unlike ``flock``'s, it is this
+    process's, not the forked workers'); False when another process has it."""
     if fcntl is None:
         return True
     try:
@@ -114,19 +104,16 @@ def _try_lock(fd: int, path: Path) -> bool:
     return True
 
 
-def busy_message(work_dir: Path, holder: str) -> str:
-    return (
-        f"--work-dir '{work_dir}' is in use by another training run ({holder}); wait for it to"
-        " finish or stop it, or choose another --work-dir"
-    )
-
-
-def _read_holder(fd: int) -> str:
+def _busy(work_dir: Path, fd: int) -> WorkDirBusyError:
+    """The error that names the lock's holder (read from the lock file ``fd``)."""
     try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
     except OSError:
-        text = ""
-    return text or "pid unknown"
+        holder = ""
+    return WorkDirBusyError(
+        f"--work-dir '{work_dir}' is in use by another training run ({holder or 'pid unknown'});"
+        " wait for it to finish or stop it, or choose another --work-dir"
+    )
 
 
 def check_not_busy(work_dir: str | os.PathLike) -> None:
@@ -138,7 +125,7 @@ def check_not_busy(work_dir: str | os.PathLike) -> None:
         return  # no lock file (or not ours to open): nobody holds it, or acquire() will say
     try:
         if not _try_lock(fd, path):
-            raise WorkDirBusyError(busy_message(path.parent, _read_holder(fd)))
+            raise _busy(path.parent, fd)
     finally:
         os.close(fd)  # also releases the test lock just taken
 
@@ -169,8 +156,8 @@ def check_new_run(work_dir: str | os.PathLike, resume: bool, restart: bool) -> N
 
 
 def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
-    """Move an earlier run's files into ``work_dir/previous-<date>-<time>/``; that folder, or
-    None when there was nothing to move. Call it while holding the work dir's lock."""
+    """Move an earlier run's files (under the work dir's lock) into
+    ``work_dir/previous-<date>-<time>/``; that folder, or None when there was nothing to move."""
     files = previous_run_files(work_dir)
     if not files:
         return None
@@ -192,9 +179,7 @@ def move_previous_run(work_dir: str | os.PathLike) -> Path | None:
 
 def remove_stale_tmp(folder: str | os.PathLike) -> tuple[int, int]:
     """Delete ``atomic_write``'s leftover temporary files in ``folder``; (count, bytes) removed.
-
-    Call it only while holding the folder's ``WorkDirLock``: then no live writer owns them.
-    """
+    Only while holding the folder's ``WorkDirLock``: then no live writer owns them."""
     count = size = 0
     folder = Path(folder)
     if not folder.is_dir():
@@ -214,11 +199,6 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
 
-# --------------------------------------------------------------------------------------------
-# Signals
-# --------------------------------------------------------------------------------------------
-
-
 class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to catch
     """A stop signal arrived inside ``StopFlag.interruptible()``: leave what was being done."""
 
@@ -229,12 +209,9 @@ class StopRequested(BaseException):  # like KeyboardInterrupt: not an error to c
 
 class StopFlag:
     """SIGINT/SIGTERM set a flag the loop checks after each iteration; a second one aborts.
-
-    Inside ``interruptible()`` (the data check, waiting for a batch, validation: the parts that
-    may take long and change no training state) a signal raises ``StopRequested`` at once
-    instead, so that a stop request is honoured within seconds at any point. Under torchrun
-    (``immediate=False``) the ranks must stop together: the flag only, all-reduced.
-    """
+    Inside ``interruptible()`` (the long parts that change no training state: the data check, a
+    batch wait, validation) a signal raises ``StopRequested`` at once. Under torchrun
+    (``immediate=False``) the ranks must stop together: the flag only, all-reduced."""
 
     def __init__(self, immediate: bool = True) -> None:
         self.signum = 0

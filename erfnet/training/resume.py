@@ -1,15 +1,11 @@
 """The exact-resume contract: an interrupted and resumed run ends with the same weights as an
 uninterrupted one (bit for bit on the CPU).
 
-- the data order comes from ``InfiniteSampler``: a per-epoch permutation drawn from
-  ``seed + epoch`` and sharded by rank like ``DistributedSampler``; its position (samples consumed
-  by this rank) is saved in the checkpoint;
+- the data order comes from ``InfiniteSampler``, whose position the checkpoint saves;
 - every sample's augmentation is drawn from RNGs seeded by ``(seed, epoch, position)``
-  (``SeededDataset``), not from a worker's running RNG, so it does not depend on worker count or
-  prefetching;
-- the RNGs the model uses (dropout) are reseeded every iteration from ``(seed, rank, iteration)``
-  (``seed_iteration``);
-- the poly schedule is a closed-form function of the iteration (``erfnet.training.step.PolyLR``);
+  (``SeededDataset``), not from a worker's running RNG: worker count and prefetching do not matter;
+- dropout's RNGs are reseeded every iteration from ``(seed, rank, iteration)`` (``seed_iteration``);
+- the lr schedule is a closed-form function of the iteration (``step.ClosedFormLR``);
 - ``training_state`` / ``restore_training_state`` save and restore the rest (optimizer, schedule,
   GradScaler, RNGs, sampler position, the run's settings) in a weights_only-safe checkpoint.
 """
@@ -57,11 +53,6 @@ RESUME_NEW = (
 )
 
 
-# --------------------------------------------------------------------------------------------
-# Seeds and data order
-# --------------------------------------------------------------------------------------------
-
-
 def mix_seed(*values: int) -> int:
     """A well-spread 63-bit seed from integers (splitmix64 steps), stable across runs."""
     h = 0x9E3779B97F4A7C15
@@ -75,42 +66,26 @@ def mix_seed(*values: int) -> int:
 
 
 class InfiniteSampler(Sampler[tuple[int, int]]):
-    """An endless stream of ``(dataset index, sample seed)`` for this rank.
-
-    Epoch ``e`` is ``randperm(size)`` drawn from ``seed + e`` (``arange`` without shuffling),
-    padded by repetition to a multiple of ``world_size`` and strided by rank, exactly like
-    ``DistributedSampler``. ``start`` is the number of samples this rank already consumed, so a
-    resumed run continues where the interrupted one stopped. Each sample's seed is a function of
-    (seed, epoch, global position) and drives its augmentation (see ``SeededDataset``).
-    """
+    """An endless stream of ``(dataset index, sample seed)`` for this rank, after the ``start``
+    samples it already consumed. Epoch ``e`` is ``randperm(size)`` drawn from ``seed + e``, padded
+    to a multiple of ``world_size`` and strided by rank, exactly like ``DistributedSampler``."""
 
     def __init__(
-        self,
-        size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        start: int = 0,
+        self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0
     ) -> None:
         if size < 1:
             raise ValueError("InfiniteSampler needs a non-empty dataset")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.shuffle = shuffle
         self.start = int(start)
         self.num_samples = math.ceil(size / world_size)  # per rank and epoch
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's dataset indices for ``epoch``."""
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
         total = self.num_samples * self.world_size
         while len(order) < total:
             order += order[: total - len(order)]
@@ -132,10 +107,8 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
 
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch's, numpy's and Python's global RNGs inside the block; restore them after.
-
-    Restoring keeps the caller's RNG streams untouched when samples load in the main process.
-    """
+    """Seed torch's, numpy's and Python's global RNGs inside the block; restore them after (the
+    caller's RNG streams stay untouched when samples load in the main process)."""
     torch_state = torch.get_rng_state()
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -168,9 +141,8 @@ class SeededDataset(Dataset):
 
 
 def _worker_init(worker_id: int) -> None:
-    # DataLoader seeds each worker's torch RNG from its generator (derived from seed, rank and
-    # the starting iteration); numpy and random follow it. Ctrl-C is left to the main process,
-    # which saves a checkpoint and shuts the workers down itself.
+    # numpy and random follow the worker's torch seed (from the loader's generator); Ctrl-C is
+    # left to the main process, which saves a checkpoint and shuts the workers down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed()
     np.random.seed(s % (1 << 32))
@@ -192,12 +164,9 @@ def build_train_loader(
 ) -> tuple[DataLoader, InfiniteSampler]:
     """An endless loader of augmented batches, positioned after ``start_samples`` samples
     (``collate_fn``: the DataLoader's, e.g. ``erfnet.data.fast.device_aug.collate``)."""
+    size = len(dataset)  # type: ignore[arg-type]
     sampler = InfiniteSampler(
-        len(dataset),  # type: ignore[arg-type]
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        start=start_samples,
+        size, seed=seed, rank=rank, world_size=world_size, start=start_samples
     )
     generator = torch.Generator()
     generator.manual_seed(mix_seed(seed, rank, start_iter, 1))
@@ -220,11 +189,6 @@ def build_train_loader(
 def seed_iteration(seed: int, rank: int, iteration: int) -> None:
     """Reseed torch (CPU and CUDA) for one iteration: dropout then depends only on these."""
     torch.manual_seed(mix_seed(seed, rank, iteration, 2))
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state in checkpoints (tensors, lists and numbers only: weights_only-safe)
-# --------------------------------------------------------------------------------------------
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -255,11 +219,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-# --------------------------------------------------------------------------------------------
-# Training state: save, check, restore
-# --------------------------------------------------------------------------------------------
 
 
 def training_state(
@@ -322,13 +281,13 @@ def check_model_fits(ckpt: dict, model: ERFNet, path: Path) -> None:
     """CheckpointError naming each model setting where the --resume checkpoint and ``model``
     differ."""
     saved = model_args(ckpt["model_args"])  # a file older than an argument has its default
-    if saved != dict(model.config):
-        diff = {
-            k: (saved.get(k), model.config.get(k))
-            for k in sorted(set(saved) | set(model.config))
-            if saved.get(k) != model.config.get(k)
-        }
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+    now = dict(model.config)
+    if saved != now:
+        detail = ", ".join(
+            f"{k}: checkpoint {saved.get(k)!r} vs this run {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        )
         raise CheckpointError(
             f"--resume {path}: the checkpoint's model does not match this run ({detail})"
         )
@@ -336,7 +295,6 @@ def check_model_fits(ckpt: dict, model: ERFNet, path: Path) -> None:
 
 def restore_training_state(
     ckpt: dict,
-    *,
     optimizer: torch.optim.Optimizer,
     scheduler: PolyLR,
     scaler: torch.amp.GradScaler,
@@ -371,28 +329,23 @@ def restore_training_state(
 
 def warn_changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Say which settings differ from the checkpoint's run, and which of the two applies."""
-    kept, new = _changed(saved, now, RESUME_KEPT), _changed(saved, now, RESUME_NEW)
-    if kept:
-        log.warning(
-            "resume: %s differ from the checkpoint's run; the checkpoint's values are kept"
-            " (optimizer and schedule state)",
-            ", ".join(kept),
-        )
-    if new:
-        log.warning(
-            "resume: %s differ from the checkpoint's run; the new values apply from here on,"
-            " so the run is no longer the one that was interrupted",
-            ", ".join(new),
-        )
-
-
-def _changed(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    """'--flag old -> new' for each of ``keys`` whose value differs."""
-    return [
-        f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}"
-        for k in keys
-        if k in saved and k in now and saved[k] != now[k]
-    ]
+    for keys, outcome in (
+        (RESUME_KEPT, "the checkpoint's values are kept (optimizer and schedule state)"),
+        (
+            RESUME_NEW,
+            "the new values apply from here on, so the run is no longer the one that was"
+            " interrupted",
+        ),
+    ):
+        changed = [
+            f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}"
+            for k in keys
+            if k in saved and k in now and saved[k] != now[k]
+        ]
+        if changed:
+            log.warning(
+                "resume: %s differ from the checkpoint's run; %s", ", ".join(changed), outcome
+            )
 
 
 def resume_position(state: dict, dataset_size: int, world_size: int) -> int:

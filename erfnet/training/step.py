@@ -1,9 +1,5 @@
-"""One training iteration, and what shapes it.
-
-``train_step`` (forward, ``criterion``, backward, optimizer step, gradient accumulation), the poly
-learning-rate schedule, the scope of SyncBatchNorm and the AMP settings. The run's process
-concerns (lock, signals, failures) live in ``erfnet.training.process``.
-"""
+"""One training iteration, and what shapes it: ``train_step`` (forward, ``criterion``, backward,
+optimizer step, gradient accumulation), the lr schedule, SyncBatchNorm, AMP, the DDP wrap."""
 
 from __future__ import annotations
 
@@ -22,10 +18,6 @@ from erfnet.distributed import all_reduce_sum
 from erfnet.errors import FlagError
 from erfnet.training.loss import Criterion, segmentation_loss
 
-# --------------------------------------------------------------------------------------------
-# Learning-rate schedule
-# --------------------------------------------------------------------------------------------
-
 
 def poly_lr(
     base_lr: float,
@@ -39,11 +31,24 @@ def poly_lr(
     return (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
 
 
-class PolyLR(LRScheduler):
-    """Per-iteration poly decay; closed form, so a resumed schedule matches exactly.
+class ClosedFormLR(LRScheduler):
+    """A schedule whose lr is a closed-form function of the step, so a resumed one matches
+    exactly; its state_dict holds only numbers (safe for ``torch.load(weights_only=True)``)."""
 
-    Its state_dict holds only numbers (safe for ``torch.load(weights_only=True)``).
-    """
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.apply()
+
+    def apply(self) -> None:
+        """Put the lr of the current step in the optimizer's groups."""
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+class PolyLR(ClosedFormLR):
+    """Per-iteration poly decay (``poly_lr``)."""
 
     def __init__(
         self,
@@ -64,39 +69,19 @@ class PolyLR(LRScheduler):
             for base in self.base_lrs
         ]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the position and put the matching lr in the optimizer's groups."""
-        super().load_state_dict(state_dict)
-        self.apply()
-
     def set_max_iters(self, max_iters: int) -> None:
         """Stretch or shorten the schedule (e.g. ``--iters`` changed on resume)."""
         self.max_iters = int(max_iters)
         self.apply()
 
-    def apply(self) -> None:
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = lrs
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm synchronisation under DDP
-# --------------------------------------------------------------------------------------------
 
 SYNC_BN_SCOPES = ("head", "all", "none")
 
 
 def convert_sync_batchnorm(model: nn.Module, scope: str) -> nn.Module:
-    """Turn the BatchNorms of ``scope`` into SyncBatchNorm (statistics over all processes).
-
-    ``"head"`` is the recipe as mmseg ran it: its ERFNet backbone never receives the config's
-    ``norm_cfg``, so the encoder and decoder BNs stayed per-GPU BN and only the FCN head's BN was
-    SyncBN. ``"all"`` converts every BN, ``"none"`` none. ``model`` is an ERFNet (``.head``), or
-    any module for ``"all"`` / ``"none"``; it is converted in place and returned. SyncBatchNorm
-    runs on CUDA only (train.py converts only there); the conversion itself works anywhere.
-    """
+    """Turn the BatchNorms of ``scope`` into SyncBatchNorm, in place. ``"head"`` is the recipe
+    as mmseg ran it: its ERFNet backbone never received the config's ``norm_cfg``, so only the FCN
+    head's BN was SyncBN. SyncBatchNorm runs on CUDA only; the conversion works anywhere."""
     if scope not in SYNC_BN_SCOPES:
         raise ValueError(f"scope must be one of {SYNC_BN_SCOPES}, got {scope!r}")
     if scope == "all":
@@ -106,34 +91,19 @@ def convert_sync_batchnorm(model: nn.Module, scope: str) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Mixed precision
-# --------------------------------------------------------------------------------------------
-
-
 def amp_settings(
     device: torch.device, amp: bool | None, amp_dtype: str = "auto"
 ) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a GradScaler) for ``--amp`` / ``--amp-dtype`` on ``device``.
-
-    ``amp`` None means on for CUDA (fp16 + GradScaler), off on the CPU; ``--amp`` on the CPU is
-    bf16 autocast, which needs no scaler.
-    """
+    """(autocast dtype or None, use a GradScaler) for ``--amp`` / ``--amp-dtype`` on ``device``:
+    by default fp16 + GradScaler on CUDA, off on the CPU, where ``--amp`` is bf16 (no scaler)."""
     enabled = amp if amp is not None else device.type == "cuda"
     if not enabled:
         return None, False
-    if amp_dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    else:
-        dtype = getattr(torch, amp_dtype)
+    auto = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = auto if amp_dtype == "auto" else getattr(torch, amp_dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise FlagError("--amp-dtype float16 is for CUDA; use bfloat16 on the CPU")
     return dtype, (device.type == "cuda" and dtype == torch.float16)
-
-
-# --------------------------------------------------------------------------------------------
-# One optimisation step
-# --------------------------------------------------------------------------------------------
 
 
 def train_step(
@@ -148,18 +118,15 @@ def train_step(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     accum_steps: int = 1,
 ) -> float:
-    """One optimizer step over ``images`` / ``labels``: forward, ``criterion(logits, labels)``,
-    backward and (if the loss is finite) ``optimizer.step()``; returns the loss.
+    """One optimizer step over ``images`` / ``labels``: forward, ``criterion(logits, labels)`` on
+    float32 logits outside autocast, backward and, if the loss is finite, ``optimizer.step()``;
+    returns the loss (a non-finite one skips the step). ``reduce`` (DDP) averages the loss over
+    processes first, so that every process takes the same decision.
 
-    ``accum_steps`` K > 1 accumulates gradients: the batch is split into K equal micro-batches
-    (in order), each one's loss is divided by K and backpropagated on its own, then one step is
-    taken. With mmseg's all-pixel mean and equal crops that is the gradient of the whole batch's
-    loss; BatchNorm, however, sees each micro-batch alone. Under DDP the gradient all-reduce runs
-    only in the last micro-batch's backward (``no_sync`` before it).
-
-    The criterion gets float32 logits, outside autocast. ``reduce`` (DDP) averages the loss over
-    processes before the finiteness test, so that every process takes the same decision. A
-    non-finite loss skips the step (returned as nan/inf).
+    ``accum_steps`` K > 1 splits the batch into K equal micro-batches, each one's loss divided by
+    K and backpropagated on its own (under DDP the all-reduce runs only in the last one's
+    backward): with mmseg's all-pixel mean the whole batch's gradient, but BatchNorm sees each
+    micro-batch alone.
     """
     if accum_steps < 1 or images.shape[0] % accum_steps:
         raise ValueError(
@@ -174,21 +141,14 @@ def train_step(
     for k, (micro_images, micro_labels) in enumerate(micro):
         last = k == accum_steps - 1
         sync = nullcontext() if last or ddp is None else ddp.no_sync()
-        ctx = (
-            torch.autocast(device_type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else nullcontext()
-        )
+        ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with sync:
             with ctx:
                 logits = model(micro_images)
             loss = criterion(logits.float(), micro_labels)
             if accum_steps > 1:
                 loss = loss / accum_steps
-            if use_scaler:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            (scaler.scale(loss) if use_scaler else loss).backward()
         total += loss.detach().float()
     value = total.reshape(1)
     if reduce is not None:
@@ -203,6 +163,17 @@ def train_step(
     else:
         optimizer.zero_grad(set_to_none=True)
     return loss_value
+
+
+def wrap_for_training(
+    model: nn.Module, device: torch.device, distributed: bool, compile_it: bool
+) -> nn.Module:
+    """The model as the step runs it: DistributedDataParallel under torchrun, then
+    torch.compile with --compile (checkpoints and validation keep using ``model``)."""
+    if distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if compile_it else model
 
 
 def _ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
