@@ -47,11 +47,6 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
-# --------------------------------------------------------------------------------------------
-# The atomic writer
-# --------------------------------------------------------------------------------------------
-
-
 def tmp_path(path: PathLike) -> Path:
     """A unique temporary sibling of ``path`` (its name matches ``TMP_NAME_RE``)."""
     path = Path(path)
@@ -93,11 +88,6 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
-# --------------------------------------------------------------------------------------------
-# The output rule
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Output:
     """One output of a command: ``flag`` names it in messages; ``folder`` when files are
@@ -124,9 +114,12 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """True when resolved ``path`` lies strictly inside resolved ``folder``."""
-    return folder in path.parents
+def _existing_folder(out: Output) -> Path:
+    """The deepest existing folder (or file in its way) on the way to ``out``."""
+    existing = out.path if out.folder else out.path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
 
 
 def _check_kind(out: Output) -> None:
@@ -138,9 +131,7 @@ def _check_kind(out: Output) -> None:
             raise OutputError(f"{out.flag} {out.path}{what} is a folder; expected a file name")
     if out.folder and out.path.exists() and not out.path.is_dir():
         raise OutputError(f"{out.flag} {out.path} is a file, not a folder")
-    parent = out.path if out.folder else out.path.parent
-    while parent != parent.parent and not parent.exists():
-        parent = parent.parent
+    parent = _existing_folder(out)
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"{out.flag} {out.path}: '{parent}' is a file, not a folder")
 
@@ -154,7 +145,7 @@ def _check_against_input(out: Output, label: str, given: PathLike) -> None:
             raise OutputError(
                 f"{out.flag} {path} is the input {label}; writing it would destroy the input"
             )
-        if _inside(path.resolve(), inp):
+        if inp in path.resolve().parents:  # strictly inside
             raise OutputError(
                 f"{out.flag} {path} is inside the input {label}; choose a path outside the inputs"
             )
@@ -183,9 +174,7 @@ def _check_writable(out: Output) -> None:
     """The deepest existing folder on the way takes a new file: a probe file is written and
     removed at once (``os.access`` says yes to root on a read-only mount; a real file also shows
     a full inode table or an ACL). Creates nothing."""
-    existing = out.path if out.folder else out.path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _existing_folder(out)
     probe = existing / f".erfnet-write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
         probe.open("xb").close()
@@ -194,9 +183,8 @@ def _check_writable(out: Output) -> None:
             if path.exists() and not os.access(path, os.W_OK):
                 raise PermissionError(13, "Permission denied")
     except OSError as e:
-        reason = e.strerror or e
         raise OutputError(
-            f"{out.flag} {out.path}: cannot write in '{existing}': {reason}"
+            f"{out.flag} {out.path}: cannot write in '{existing}': {e.strerror or e}"
         ) from None
 
 

@@ -207,7 +207,39 @@ def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
 Transform = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-class CityscapesDataset(Dataset):
+class PairDataset(Dataset):
+    """What Cityscapes and a folder dataset share: ``samples``, ``load`` and the items (a
+    subclass gives ``load_label``)."""
+
+    samples: list[Sample]
+    transform: Transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw pair: uint8 RGB [3,H,W] and uint8 train ids [H,W] (or None), checked."""
+        s = self.samples[index]
+        image = load_image(s.image)
+        if s.label is None:
+            return image, None
+        label = self.load_label(index)
+        check_same_size(image, label, s.image, s.label)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image, label = self.load(index)
+        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
+        image, label = self.transform(image, label)
+        item: dict[str, Any] = {"image": image, "name": s.name, "city": s.city}
+        if label is not None:
+            item["label"] = label
+        item["ori_size"] = ori_size
+        return item
+
+
+class CityscapesDataset(PairDataset):
     """Cityscapes ``split`` under ``root``.
 
     Items are dicts: ``image`` [3,H,W], ``label`` int64 [H,W] trainIds with 255 = ignore (absent
@@ -238,34 +270,10 @@ class CityscapesDataset(Dataset):
         self.has_labels = self.samples[0].label is not None
         self.transform = EvalTransform(None) if transform is None else transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The raw pair: uint8 RGB [3,H,W] and uint8 trainIds [H,W] (or None), checked."""
-        s = self.samples[index]
-        image = load_image(s.image)
-        if s.label is None:
-            return image, None
-        label = self.load_label(index)
-        check_same_size(image, label, s.image, s.label)
-        return image, label
-
     def load_label(self, index: int) -> torch.Tensor:
         """The uint8 trainIds [H, W] of sample ``index`` (255 = ignore), checked."""
         s = self.samples[index]
         return load_label(s.label, s.label_kind or "labelIds")
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
-        image, label = self.load(index)
-        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
-        image, label = self.transform(image, label)
-        item: dict[str, Any] = {"image": image, "name": s.name, "city": s.city}
-        if label is not None:
-            item["label"] = label
-        item["ori_size"] = ori_size
-        return item
 
     def __repr__(self) -> str:
         return (

@@ -41,11 +41,6 @@ class VideoError(UserError):
     """A source or output that cannot be used; the message names it and says what is wrong."""
 
 
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class FrameSource:
     """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order.
@@ -176,11 +171,6 @@ def _open_folder(path: Path) -> FrameSource:
     return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)
 
 
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
 def check_output_path(path: str | Path) -> Path:
     """``path`` if a video can be written there (its folder is created); else ``VideoError``."""
     path = Path(path)
@@ -295,8 +285,3 @@ def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec
         writer.write(f)
     writer.close()
     return writer.path
-
-
-# --------------------------------------------------------------------------------------------
-# Colours
-# --------------------------------------------------------------------------------------------

@@ -76,11 +76,6 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# The pipeline
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class _Timer:
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
@@ -209,18 +204,10 @@ def run_video(
         if labels_dir.exists() and not labels_dir.is_dir():
             raise VideoError(f"--labels {labels_dir} is a file, not a folder")
         labels_dir.mkdir(parents=True, exist_ok=True)
+    lut = palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"]))
+    out_fps = (fps or source.fps) / every
     run = _Stages(
-        source,
-        predictor,
-        out,
-        labels_dir,
-        every,
-        max_frames,
-        alpha,
-        codec,
-        out_fps=(fps or source.fps) / every,
-        log=log,
-        lut=palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"])),
+        source, predictor, out, labels_dir, every, max_frames, alpha, codec, out_fps, lut, log
     )
     if out is not None:
         check_fps(run.out_fps)
@@ -404,8 +391,3 @@ def _run_pipelined(run: _Stages, queue_size: int) -> tuple[bool, bool]:
     if channel.errors:
         raise channel.errors[0]
     return interrupted, not reader.is_alive()
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------

@@ -19,10 +19,6 @@ from erfnet.deploy.exported import ExportedModel, ExportError, load_exported
 from erfnet.test_size import rule_and_scale, rule_size
 from erfnet.video.io import Size, VideoError
 
-# --------------------------------------------------------------------------------------------
-# Predictors: preprocess (reader thread) and predict (main thread)
-# --------------------------------------------------------------------------------------------
-
 
 def _mean_std(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)

@@ -46,20 +46,13 @@ class CacheError(DatasetError):
 def _source(root: Path, path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    st = path.stat()
-    return {
-        "path": path.relative_to(root).as_posix(),
-        "bytes": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-    }
+    st, rel = path.stat(), path.relative_to(root).as_posix()
+    return {"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _sources(dataset: CityscapesDataset, s: Sample) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "image": _source(dataset.root, s.image),
-        "label": _source(dataset.root, s.label),
-    }
+    root = dataset.root
+    return {"name": s.name, "image": _source(root, s.image), "label": _source(root, s.label)}
 
 
 class _Decode(Dataset):
@@ -164,8 +157,8 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
             raise CacheError(f"{where}: sample {n} lacks a name, shape, offsets or CRCs; {REBUILD}")
         if (e["image_offset"], e["label_offset"]) != (img_end, lab_end):
             raise CacheError(
-                f"{where}: sample {n} ({e['name']}) does not start where the one "
-                f"before it ends; {REBUILD}"
+                f"{where}: sample {n} ({e['name']}) does not start where the one before it ends;"
+                f" {REBUILD}"
             )
         img_end += 3 * e["height"] * e["width"]
         lab_end += e["height"] * e["width"]

@@ -38,25 +38,11 @@ from erfnet.data.transforms import (
 )
 
 # Per-sample entries of a DeviceAugDataset item besides "image" and "label".
-PARAM_KEYS = (
-    "ry0",
-    "ry1",
-    "wy",
-    "cx0",
-    "cx1",
-    "wx",
-    "rows_first",
-    "lrows",
-    "lcols",
-    "valid",
-    "brightness",
-    "contrast_first",
-    "saturation",
-    "saturation_on",
-    "hue",
-    "hue_on",
-    "contrast_last",
-)
+# fmt: off
+PARAM_KEYS = ("ry0", "ry1", "wy", "cx0", "cx1", "wx", "rows_first", "lrows", "lcols", "valid",
+              "brightness", "contrast_first", "saturation", "saturation_on", "hue", "hue_on",
+              "contrast_last")
+# fmt: on
 
 
 def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -77,25 +63,14 @@ def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, tor
     lcols = _nearest_index(size[1], w, box[2], box[3])
     if flip:
         lcols = lcols.flip(0)
-    out = {
-        "ry0": _padded(ry0, ch),
-        "ry1": _padded(ry1, ch),
-        "wy": _padded(wy, ch),
-        "cx0": _padded(cx0, cw),
-        "cx1": _padded(cx1, cw),
-        "wx": _padded(wx, cw),
-        "rows_first": torch.tensor(rows_first),
-        "lrows": _padded(lrows, ch),
-        "lcols": _padded(lcols, cw),
-        "valid": torch.tensor([box[1] - box[0], box[3] - box[2]]),
-    }
-    pm = p["photometric"] or {
-        "brightness": None,
-        "mode": 0,
-        "contrast": None,
-        "saturation": None,
-        "hue": None,
-    }
+    rows = {"ry0": ry0, "ry1": ry1, "wy": wy, "lrows": lrows}
+    cols = {"cx0": cx0, "cx1": cx1, "wx": wx, "lcols": lcols}
+    out = {k: _padded(t, ch) for k, t in rows.items()}
+    out.update({k: _padded(t, cw) for k, t in cols.items()})
+    out["rows_first"] = torch.tensor(rows_first)
+    out["valid"] = torch.tensor([box[1] - box[0], box[3] - box[2]])
+    neutral = {"brightness": None, "mode": 0, "contrast": None, "saturation": None, "hue": None}
+    pm = p["photometric"] or neutral
     contrast = pm["contrast"] if pm["contrast"] is not None else 1.0
     f32 = torch.float32
     out.update(
@@ -116,9 +91,8 @@ class DeviceAugDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any) -> None:
         transform = getattr(dataset, "transform", None)
-        if not isinstance(transform, TrainTransform) or not callable(
-            getattr(dataset, "load", None)
-        ):
+        loads = callable(getattr(dataset, "load", None))
+        if not isinstance(transform, TrainTransform) or not loads:
             raise DatasetError(
                 f"--gpu-aug needs a dataset with load(index) and a TrainTransform; got "
                 f"{type(dataset).__name__} with transform {type(transform).__name__}"
@@ -170,16 +144,13 @@ def resize_crop_batch(
     the order ``rows_first`` says; float32 rounded to integers."""
     f32 = torch.float32
     wy, wx = a["wy"][:, None, :, None], a["wx"][:, None, None, :]
+    r0, r1, c0, c1 = a["ry0"], a["ry1"], a["cx0"], a["cx1"]
     if rows_first:
-        rows = torch.lerp(
-            _gather_rows(image, a["ry0"]).to(f32), _gather_rows(image, a["ry1"]).to(f32), wy
-        )
-        out = torch.lerp(_gather_cols(rows, a["cx0"]), _gather_cols(rows, a["cx1"]), wx)
+        rows = torch.lerp(_gather_rows(image, r0).to(f32), _gather_rows(image, r1).to(f32), wy)
+        out = torch.lerp(_gather_cols(rows, c0), _gather_cols(rows, c1), wx)
     else:
-        cols = torch.lerp(
-            _gather_cols(image, a["cx0"]).to(f32), _gather_cols(image, a["cx1"]).to(f32), wx
-        )
-        out = torch.lerp(_gather_rows(cols, a["ry0"]), _gather_rows(cols, a["ry1"]), wy)
+        cols = torch.lerp(_gather_cols(image, c0).to(f32), _gather_cols(image, c1).to(f32), wx)
+        out = torch.lerp(_gather_rows(cols, r0), _gather_rows(cols, r1), wy)
     return out.round_().clamp_(0, 255)
 
 
