@@ -145,11 +145,9 @@ def detect_source(obj: Any) -> str | None:
 
 
 def extract_state_dict(obj: Any, source: str) -> dict[str, Any]:
-    """The bare state_dict of a loaded foreign file, without a ``module.`` prefix.
-
-    mmseg files are a dict with ``state_dict`` (plus ``meta`` / ``optimizer``); a bare state_dict is
-    accepted too. erfnet_pytorch files are a bare state_dict, usually saved through DataParallel.
-    """
+    """The bare state_dict of a loaded foreign file, without a ``module.`` prefix. mmseg files are a
+    dict with ``state_dict`` (plus ``meta`` / ``optimizer``); a bare state_dict is accepted too.
+    erfnet_pytorch files are a bare state_dict, usually saved through DataParallel."""
     _check_source(source)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

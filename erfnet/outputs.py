@@ -56,13 +56,12 @@ def tmp_path(path: PathLike) -> Path:
 def atomic_write(
     path: PathLike, write_fn: Callable[[IO[bytes]], Any], *, fsync: bool = True
 ) -> Path:
-    """Call ``write_fn`` on a binary file opened at ``tmp_path(path)``, fsync it (unless
-    ``fsync`` is False: bulk data a rerun makes again), then rename it over ``path``, creating
-    the folder. Any failure removes the temporary file and re-raises (an ``OSError`` as it came).
-
-    The rename replaces whatever entry ``path`` is, a planted link included, so no file outside
-    the folder is ever written through it. The temporary file is opened exclusively (not
-    ``tempfile.mkstemp``, whose 0600 mode the rename would keep): it honours the umask."""
+    """Call ``write_fn`` on a binary file opened at ``tmp_path(path)``, fsync it (unless ``fsync``
+    is False: bulk data a rerun makes again), then rename it over ``path``, creating the folder. Any
+    failure removes the temporary file and re-raises (an ``OSError`` as it came). The rename
+    replaces whatever entry ``path`` is, a planted link included, so no file outside the folder is
+    ever written through it. The temporary file is opened exclusively (not ``tempfile.mkstemp``,
+    whose 0600 mode the rename would keep): it honours the umask."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
@@ -90,12 +89,11 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 @dataclass(frozen=True)
 class Output:
-    """One output of a command: ``flag`` names it in messages; ``folder`` when files are
-    written into it; ``sidecars`` the files written beside a file (an OpenVINO IR's ``.bin``).
-
-    A folder output may hold an input (``--work-dir .`` over ``data/cityscapes``): the files a
-    command writes into it have names of their own, and a command that writes fixed names
-    there (eval.py's report files) lists them as file outputs, each checked."""
+    """One output of a command: ``flag`` names it in messages; ``folder`` when files are written
+    into it; ``sidecars`` the files written beside a file (an OpenVINO IR's ``.bin``). A folder
+    output may hold an input (``--work-dir .`` over ``data/cityscapes``): the files a command writes
+    into it have names of their own, and a command that writes fixed names there (eval.py's report
+    files) lists them as file outputs, each checked."""
 
     flag: str
     path: Path

@@ -112,13 +112,11 @@ def available_cores() -> int:
 def cpu_plan(
     device_type: str, workers: int | None, threads: int | None, cores: int | None = None
 ) -> tuple[int, int | None]:
-    """(loader workers, torch intra-op threads or None to leave torch's) for a process.
-
-    Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and whatever
-    else runs: a compute thread that has to share its core stalls every other one at each
-    parallel op (docs/robustness.md), while one core's less compute costs at most 1/cores.
-    Explicit ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win.
-    """
+    """(loader workers, torch intra-op threads or None to leave torch's) for a process. Rule:
+    threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and whatever else
+    runs: a compute thread that has to share its core stalls every other one at each parallel op
+    (docs/robustness.md), while one core's less compute costs at most 1/cores. Explicit
+    ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win."""
     cores = cores or available_cores()
     if device_type != "cpu":  # the GPU computes; workers decode, the main process feeds
         return (min(4, max(0, cores - 1)) if workers is None else workers), threads
@@ -145,13 +143,11 @@ _M_MMAP_MAX = -4
 
 
 def tune_cpu_allocator() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied.
-
-    By default glibc serves large blocks (a 512x1024 feature map is 8-40 MB) with fresh ``mmap``
-    pages and returns them on free, so every forward pass page-faults them back in (docs/speed.md).
-    With mmap and trimming off they are faulted once and reused; the process keeps its peak
-    memory. As ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``; no-op (False) off glibc.
-    """
+    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied. By default
+    glibc serves large blocks (a 512x1024 feature map is 8-40 MB) with fresh ``mmap`` pages and
+    returns them on free, so every forward pass page-faults them back in (docs/speed.md). With mmap
+    and trimming off they are faulted once and reused; the process keeps its peak memory. As
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``; no-op (False) off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

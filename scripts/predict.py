@@ -55,11 +55,9 @@ from erfnet.runtime import (
 
 
 def find_images(path: Path) -> list[tuple[Path, Path]]:
-    """(image file, output stem relative to --out) for a file or every image under a folder.
-
-    Files that differ only by extension (``x.png``, ``x.jpg``) keep it in their stem
-    (``x.png_color.png``, ``x.jpg_color.png``), so that no output overwrites another.
-    """
+    """(image file, output stem relative to --out) for a file or every image under a folder. Files
+    that differ only by extension (``x.png``, ``x.jpg``) keep it in their stem (``x.png_color.png``,
+    ``x.jpg_color.png``), so that no output overwrites another."""
     if path.is_file():
         return [(path, Path(path.stem))]
     if path.is_dir():

@@ -123,11 +123,9 @@ def _scan(split_dir: Path, suffix: str) -> dict[str, tuple[str, Path]]:
 
 
 def find_samples(root: str | os.PathLike, split: str, labels: bool | None = None) -> list[Sample]:
-    """Discover and pair the files of ``split``, sorted by (city, name).
-
-    ``labels`` None means "labels for every split but test". With labels, an image without a
-    label file (or a label file without an image) is an error naming both paths.
-    """
+    """Discover and pair the files of ``split``, sorted by (city, name). ``labels`` None means
+    "labels for every split but test". With labels, an image without a label file (or a label file
+    without an image) is an error naming both paths."""
     root = Path(root)
     check_root(root)
     if labels is None:
@@ -240,18 +238,15 @@ class PairDataset(Dataset):
 
 
 class CityscapesDataset(PairDataset):
-    """Cityscapes ``split`` under ``root``.
-
-    Items are dicts: ``image`` [3,H,W], ``label`` int64 [H,W] trainIds with 255 = ignore (absent
-    for the test split), ``name`` "<city>_<seq>_<frame>", ``city``, and ``ori_size`` int64 [2] =
-    the image's (H, W) on disk. ``transform`` is a joint callable (uint8 image [3,H,W], uint8
-    trainIds [H,W] or None) -> (image, int64 label or None): ``TrainTransform()`` gives the
-    float32 normalised training crop, ``EvalTransform(scale)`` the uint8 0-255 image the
-    evaluator normalises itself; None is ``EvalTransform(None)`` (the image as on disk).
-
-    ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated classes
-    of ``erfnet.labels``); training takes the model's class count and checkpoint meta from them.
-    """
+    """Cityscapes ``split`` under ``root``. Items are dicts: ``image`` [3,H,W], ``label`` int64
+    [H,W] trainIds with 255 = ignore (absent for the test split), ``name`` "<city>_<seq>_<frame>",
+    ``city``, and ``ori_size`` int64 [2] = the image's (H, W) on disk. ``transform`` is a joint
+    callable (uint8 image [3,H,W], uint8 trainIds [H,W] or None) -> (image, int64 label or None):
+    ``TrainTransform()`` gives the float32 normalised training crop, ``EvalTransform(scale)`` the
+    uint8 0-255 image the evaluator normalises itself; None is ``EvalTransform(None)`` (the image as
+    on disk). ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated
+    classes of ``erfnet.labels``); training takes the model's class count and checkpoint meta from
+    them."""
 
     classes: tuple[str, ...] = CLASS_NAMES
     palette: tuple[tuple[int, int, int], ...] = PALETTE
@@ -311,13 +306,11 @@ def _needs_update(src: Path, dst: Path) -> bool:
 
 
 def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> bool:
-    """Write the ``_labelTrainIds.png`` of one ``_labelIds.png``; False if it was up to date.
-
-    The values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives);
-    the file is written to a temporary name and renamed, so an interrupted run leaves no partial
-    PNG. Up to date means: it exists and is not older than its ``_labelIds.png``. Uses only
-    numpy and PIL, so forked workers never run torch.
-    """
+    """Write the ``_labelTrainIds.png`` of one ``_labelIds.png``; False if it was up to date. The
+    values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives); the file
+    is written to a temporary name and renamed, so an interrupted run leaves no partial PNG. Up to
+    date means: it exists and is not older than its ``_labelIds.png``. Uses only numpy and PIL, so
+    forked workers never run torch."""
     src = Path(label_ids_path)
     dst = train_ids_path(src)
     if not force and not _needs_update(src, dst):
@@ -351,11 +344,9 @@ def _write_train_ids_job(args: tuple[str, bool]) -> tuple[str, bool | None, str]
 def prepare_train_ids(
     root: str | os.PathLike, workers: int = 1, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Write ``_labelTrainIds.png`` next to every ``_labelIds.png`` under ``root`` (all splits),
-    in ``workers`` processes, skipping up-to-date files unless ``force``.
-
-    Returns ``{"written": n, "skipped": n, "errors": [(path, message), ...]}``.
-    """
+    """Write ``_labelTrainIds.png`` next to every ``_labelIds.png`` under ``root`` (all splits), in
+    ``workers`` processes, skipping up-to-date files unless ``force``. Returns ``{"written": n,
+    "skipped": n, "errors": [(path, message), ...]}``."""
     files = find_label_id_files(root)
     todo = [p for p in files if force or _needs_update(p, train_ids_path(p))]
     result: dict[str, Any] = {"written": 0, "skipped": len(files) - len(todo), "errors": []}

@@ -61,12 +61,10 @@ _IGNORED_BOXES = (0, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 
 
 def _class_appearance() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per label id: RGB colour, stripe period (px), stripe angle (rad), stripe amplitude.
-
-    Each of the 19 evaluated classes has its own (period, angle) stripe pattern, because the
-    recipe's hue jitter (+-36 degrees) is larger than the spacing of 19 hues; colour and
-    brightness are a second cue. Ignored ids get dull colours and faint textures.
-    """
+    """Per label id: RGB colour, stripe period (px), stripe angle (rad), stripe amplitude. Each of
+    the 19 evaluated classes has its own (period, angle) stripe pattern, because the recipe's hue
+    jitter (+-36 degrees) is larger than the spacing of 19 hues; colour and brightness are a second
+    cue. Ignored ids get dull colours and faint textures."""
     colors = np.zeros((_NUM_IDS, 3), np.float32)
     period = np.zeros(_NUM_IDS, np.float32)
     angle = np.zeros(_NUM_IDS, np.float32)

@@ -202,12 +202,10 @@ def _uniform(lo: float, hi: float) -> float:
 
 class PhotoMetricDistortion:
     """mmseg's PhotoMetricDistortion on a float [3,H,W] image with integer values 0..255.
-
     Brightness, then contrast first (mode 1) or last (mode 0) as decided by randint(2), then
     saturation and hue in OpenCV 8-bit HSV; each step with p=0.5; every step clips to 0..255 and
-    truncates to integers like mmseg's ``astype(np.uint8)``. Hue shifts by
-    randint(-hue_delta, hue_delta) (high exclusive, like numpy) in 2-degree units, modulo 180.
-    """
+    truncates to integers like mmseg's ``astype(np.uint8)``. Hue shifts by randint(-hue_delta,
+    hue_delta) (high exclusive, like numpy) in 2-degree units, modulo 180."""
 
     def __init__(
         self,

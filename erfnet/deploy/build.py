@@ -273,12 +273,10 @@ def _check(
 
 
 def build_export(req: ExportRequest) -> dict[str, Any]:
-    """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict.
-
-    Raises ExportError (one line) for anything the user can fix, including a gate refusal
-    (``gate.GateError``), after which no output file exists; the report, when asked for, is
-    written either way.
-    """
+    """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict. Raises
+    ExportError (one line) for anything the user can fix, including a gate refusal
+    (``gate.GateError``), after which no output file exists; the report, when asked for, is written
+    either way."""
     started = time.perf_counter()
     if req.threads:
         torch.set_num_threads(req.threads)

@@ -43,11 +43,9 @@ class VideoError(UserError):
 
 @dataclass
 class FrameSource:
-    """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order.
-
-    ``fps`` is the source's frame rate (``DEFAULT_FPS`` when it does not say), ``frames`` the
-    frame count when known (0 otherwise), ``live`` is True for cameras and streams.
-    """
+    """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order. ``fps`` is
+    the source's frame rate (``DEFAULT_FPS`` when it does not say), ``frames`` the frame count when
+    known (0 otherwise), ``live`` is True for cameras and streams."""
 
     name: str
     fps: float
@@ -197,12 +195,10 @@ def _format_name(path: Path) -> str:
 
 
 class VideoWriter:
-    """Encode HxWx3 uint8 RGB frames to ``path`` at ``fps``.
-
-    ``codec="auto"`` picks the first of ``AUTO_CODECS`` that opens (H.264 via libx264, preset
-    veryfast, yuv420p; MPEG-4 part 2 as the fallback); ``self.codec`` says which. ``ffv1`` (.mkv)
-    and ``libx264rgb`` (qp 0) are lossless RGB. Odd frame sizes use yuv444p for H.264.
-    """
+    """Encode HxWx3 uint8 RGB frames to ``path`` at ``fps``. ``codec="auto"`` picks the first of
+    ``AUTO_CODECS`` that opens (H.264 via libx264, preset veryfast, yuv420p; MPEG-4 part 2 as the
+    fallback); ``self.codec`` says which. ``ffv1`` (.mkv) and ``libx264rgb`` (qp 0) are lossless
+    RGB. Odd frame sizes use yuv444p for H.264."""
 
     def __init__(self, path: str | Path, fps: float, size: Size, codec: str = "auto") -> None:
         self.path = check_output_path(path)

@@ -59,12 +59,10 @@ def _labels(logits: torch.Tensor, frame_size: Size) -> torch.Tensor:
 
 
 class TorchPredictor:
-    """A PyTorch ERFNet (ideally ``erfnet.load_model(path, device, fast=True)``) on its device.
-
-    On CUDA the frame goes up as uint8 from a pinned buffer, preprocessing runs on the GPU, the
-    network under fp16 autocast, and with ``cuda_graph`` (the frame size is then fixed) the
-    whole frame -> labels computation is captured once in a CUDA graph and replayed.
-    """
+    """A PyTorch ERFNet (ideally ``erfnet.load_model(path, device, fast=True)``) on its device. On
+    CUDA the frame goes up as uint8 from a pinned buffer, preprocessing runs on the GPU, the network
+    under fp16 autocast, and with ``cuda_graph`` (the frame size is then fixed) the whole frame ->
+    labels computation is captured once in a CUDA graph and replayed."""
 
     backend = "torch"
 
