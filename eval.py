@@ -25,25 +25,13 @@ from typing import Any
 
 import torch
 
+from erfnet import distributed
 from erfnet.config import PAPER_RECIPE
-from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
+from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, from_args
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
-from erfnet.data.from_args import (
-    DATA_KINDS,
-    check_data_flags,
-    data_inputs_from_args,
-    data_root_from_args,
-    dataset_from_args,
-)
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.data.transforms import rescale_size
-from erfnet.distributed import (
-    cleanup_distributed,
-    init_distributed,
-    local_rank_from_env,
-    resolve_device,
-)
 from erfnet.errors import FlagError, UserError, cli_main, one_line
 from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
@@ -74,8 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", metavar="PATH", help="an exported model (.onnx through"
                       " onnxruntime, OpenVINO .xml, AOTInductor .pt2), on the CPU; needs the"
                       " optional onnxruntime / openvino package (a .pt2: PyTorch only)")
-    p.add_argument("--data", choices=DATA_KINDS, default="cityscapes", help="Cityscapes, the"
-                   " quick start's synthetic set, or your own folders described by --classes"
+    p.add_argument("--data", choices=from_args.DATA_KINDS, default="cityscapes", help="Cityscapes,"
+                   " the quick start's synthetic set, or your own folders described by --classes"
                    " FILE (default: cityscapes)")
     p.add_argument("--data-root", metavar="DIR", default=None, help="dataset root (Cityscapes"
                    " default: $CITYSCAPES_DATASET, else data/cityscapes)")
@@ -112,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag values and combinations that cannot work (``FlagError``), and the outputs."""
-    check_data_flags(args)
+    from_args.check_data_flags(args)
     check_runtime_flags(args, exported=args.model is not None)
     if args.split == "test" and args.out_dir is None and args.data != "folder":
         raise FlagError(
@@ -185,7 +173,7 @@ def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
         inputs.append(("--model", Path(args.model).with_suffix(".bin")))  # the IR's weights
     inputs += [("--classes", args.classes)]
     if with_data:
-        inputs += data_inputs_from_args(args)
+        inputs += from_args.data_inputs_from_args(args)
     check_output_rule(outputs, inputs)
 
 
@@ -335,7 +323,7 @@ def results_json(
 
 def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
     """The split to score (checked: images, classes the model predicts, outputs outside it)."""
-    root = data_root_from_args(args)
+    root = from_args.data_root_from_args(args)
     check_outputs(args, with_data=True)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
@@ -344,7 +332,7 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
         transform = ShorterSideEvalTransform(paper_size(args))
     if args.data == "folder":
         check_folder_split(root, load_spec(args.classes), args.split)
-    (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
+    (dataset,) = from_args.dataset_from_args(args, [args.split], {args.split: transform})
     if len(dataset) == 0:
         raise DatasetError(f"split '{args.split}' under '{root}' has no images")
     check_classes(model, dataset.classes, args)
@@ -379,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check the flags and outputs, load, check the data, evaluate, report."""
     check_args(args)
-    device = resolve_device("cpu" if args.model else args.device, local_rank_from_env())
-    info = init_distributed(device)
+    local_rank = distributed.local_rank_from_env()
+    device = distributed.resolve_device("cpu" if args.model else args.device, local_rank)
+    info = distributed.init_distributed(device)
     try:
         # One thread plan with train.py: threads + workers leave a core free on the CPU.
         workers, threads = apply_cpu_plan(device.type, args.workers, args.threads)
@@ -405,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         if info.is_main:
             report(args, dataset, results, model.meta["class_names"])
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
     return 0
 
 

@@ -20,13 +20,8 @@ import argparse
 import os
 import time
 
-from erfnet.data.cityscapes import (
-    ENV_VAR,
-    SPLITS,
-    DatasetError,
-    prepare_train_ids,
-    resolve_data_root,
-)
+from erfnet.data.cityscapes import ENV_VAR, SPLITS, prepare_train_ids, resolve_data_root
+from erfnet.data.decode import DatasetError
 from erfnet.data.fast.cache import write_cache
 from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.outputs import check_outputs, output_dir, same_file

@@ -93,13 +93,11 @@ def check_root(root: Path) -> None:
     if not root.is_dir():
         raise DatasetError(f"Cityscapes root '{root}' is not a folder; {LAYOUT}")
     # Pointed one or two levels too deep (at leftImg8bit/ or gtFine/, or at one of their splits)?
-    for up, node in ((1, root), (2, root.parent)):
+    for node, below in ((root, ""), (root.parent, f"{root.name}/")):
         if node.name in (IMAGE_DIR, LABEL_DIR) and not (root / IMAGE_DIR).is_dir():
-            parent = node.parent
             raise DatasetError(
-                f"'{root}' looks like the {node.name}/"
-                + ("" if up == 1 else f"{root.name}/")
-                + f" folder, not the dataset root; use its parent '{parent}' instead; {LAYOUT}"
+                f"'{root}' looks like the {node.name}/{below} folder, not the dataset root; use"
+                f" its parent '{node.parent}' instead; {LAYOUT}"
             )
     if not (root / IMAGE_DIR).is_dir():
         found = sorted(p.name for p in root.iterdir())[:10]
@@ -239,14 +237,10 @@ class PairDataset(Dataset):
 
 class CityscapesDataset(PairDataset):
     """Cityscapes ``split`` under ``root``. Items are dicts: ``image`` [3,H,W], ``label`` int64
-    [H,W] trainIds with 255 = ignore (absent for the test split), ``name`` "<city>_<seq>_<frame>",
-    ``city``, and ``ori_size`` int64 [2] = the image's (H, W) on disk. ``transform`` is a joint
-    callable (uint8 image [3,H,W], uint8 trainIds [H,W] or None) -> (image, int64 label or None):
-    ``TrainTransform()`` gives the float32 normalised training crop, ``EvalTransform(scale)`` the
-    uint8 0-255 image the evaluator normalises itself; None is ``EvalTransform(None)`` (the image as
-    on disk). ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated
-    classes of ``erfnet.labels``); training takes the model's class count and checkpoint meta from
-    them."""
+    [H,W] trainIds with 255 = ignore (absent for the test split), ``name``, ``city`` and
+    ``ori_size`` (the image's (H, W) on disk). ``transform`` is a joint callable (uint8 image,
+    uint8 trainIds or None) -> (image, int64 label or None); None is ``EvalTransform(None)``.
+    ``classes``, ``palette`` and ``ignore_index`` describe the labels."""
 
     classes: tuple[str, ...] = CLASS_NAMES
     palette: tuple[tuple[int, int, int], ...] = PALETTE

@@ -66,9 +66,7 @@ def _class_appearance() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     jitter (+-36 degrees) is larger than the spacing of 19 hues; colour and brightness are a second
     cue. Ignored ids get dull colours and faint textures."""
     colors = np.zeros((_NUM_IDS, 3), np.float32)
-    period = np.zeros(_NUM_IDS, np.float32)
-    angle = np.zeros(_NUM_IDS, np.float32)
-    amp = np.zeros(_NUM_IDS, np.float32)
+    period, angle, amp = np.zeros((3, _NUM_IDS), np.float32)
     periods = (3.0, 5.0, 8.0, 13.0)
     angles = np.deg2rad([0.0, 36.0, 72.0, 108.0, 144.0])
     for i in range(_NUM_IDS):

@@ -247,20 +247,20 @@ class VideoWriter:
                 " must have one size"
             )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        self._encode(frame)
+
+    def close(self) -> None:
+        try:
+            self._encode(None)  # flush the encoder
+        finally:
+            self.container.close()
+
+    def _encode(self, frame: av.VideoFrame | None) -> None:
         try:
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
         except (av.error.FFmpegError, OSError) as e:  # e.g. the disk is full
             raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
-
-    def close(self) -> None:
-        try:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        except (av.error.FFmpegError, OSError) as e:
-            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
-        finally:
-            self.container.close()
 
 
 def _reason(e: BaseException) -> str:

@@ -199,8 +199,8 @@ def run_video(
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if out is not None:
         out = check_output_path(out)
-    labels_dir = Path(labels_dir) if labels_dir is not None else None
     if labels_dir is not None:
+        labels_dir = Path(labels_dir)
         if labels_dir.exists() and not labels_dir.is_dir():
             raise VideoError(f"--labels {labels_dir} is a file, not a folder")
         labels_dir.mkdir(parents=True, exist_ok=True)

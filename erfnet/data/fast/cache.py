@@ -9,13 +9,11 @@ that the loader memory-maps instead of decoding PNGs (``prepare_cityscapes.py --
                                label's bytes; written last
 
 A cache is refused with a ``CacheError`` naming what is wrong when its manifest is missing (the
-writer did not finish) or malformed (not the layout above, samples that do not tile the data
-files), a data file's size differs from what the manifest says (truncated), or a source file was
-added, removed or changed (size or mtime) since it was written. Each sample's bytes are checked
-against their CRC-32 whenever the sample is read (zlib.crc32, a few ms per full-size Cityscapes
-pair: see docs/data.md), so a data file damaged or overwritten in place with the same size stops
-the run with one line naming the sample instead of training on damaged pixels. Cityscapes train
-takes 2975 x 2048 x 1024 x 3 bytes = 18.7 GB of images and 6.2 GB of labels.
+writer did not finish) or malformed, a data file's size differs from the manifest's (truncated), or
+a source file changed (size or mtime) since it was written. Each sample's bytes are checked against
+their CRC-32 whenever it is read (a few ms per full-size pair: docs/data.md), so a file damaged in
+place stops the run with one line naming the sample. Cityscapes train takes 18.7 GB of images and
+6.2 GB of labels.
 """
 
 from __future__ import annotations

@@ -1,20 +1,18 @@
 """Device-side augmentation (``train.py --gpu-aug``): the training batch of ``TrainTransform``,
 computed on the GPU.
 
-Loader workers only decode the pair and draw the random choices (``TrainTransform.draw``: resize,
-cat_max_ratio crop, flip, photometric), as ``DeviceAugDataset`` items: the uint8 image and label
-as decoded plus the sampling taps of the crop window (``bilinear_taps``, the same function the
-worker path uses) and the photometric parameters. ``DeviceAugment`` then gathers, interpolates,
-distorts, normalises and pads the whole batch on the device.
+Loader workers only decode the pair and draw the random choices (``TrainTransform.draw``), as
+``DeviceAugDataset`` items: the uint8 pair as decoded, the crop window's sampling taps
+(``bilinear_taps``, the function the worker path uses) and the photometric parameters.
+``DeviceAugment`` then gathers, interpolates, distorts, normalises and pads the whole batch on the
+device.
 
-The contract: for the same seed the batch equals the worker path's, value for value (tested on
-the CPU, where the "device" is the CPU). The draws happen in the same order from the same
-per-sample seeds, and every operation is the worker path's elementwise operation on the same
-operands: the gathers read the same source pixels, ``torch.lerp`` gets the same weights, in the
-same order (rows or columns first, per sample), and the photometric steps use
-``PhotoMetricDistortion``'s own conversions. Resume therefore stays exact with or without
-``--gpu-aug``. On CUDA the float kernels may round differently from the CPU's (FMA), so a pixel
-can differ by one intensity level at a rounding tie; the batches are otherwise the same.
+For the same seed the batch equals the worker path's, value for value (tested on the CPU): the same
+draws in the same order from the same per-sample seeds, and every operation is the worker path's
+elementwise one on the same operands (the same taps, ``torch.lerp`` weights and order,
+``PhotoMetricDistortion``'s own conversions), so resume stays exact with or without ``--gpu-aug``.
+On CUDA the float kernels may round differently (FMA): a pixel can differ by one level at a rounding
+tie.
 """
 
 from __future__ import annotations
