@@ -3,16 +3,13 @@ atomic writer.
 
 - ``check_outputs``: each output (a file, the files written beside it, or a folder), after
   resolving links and ``..``, is none of the command's inputs, lies inside no input folder, is
-  no other output, is of the right kind (a file is not a
-  folder and no file stands where a folder must be) and can be written. ``OutputError`` (one
-  line naming the flag and the path) otherwise; nothing is created.
-- ``printable``: a name (a class name from a classes file or a checkpoint) as it is shown in
-  logs, tables and plots: control and bidirectional-override characters escaped, so a name can
-  neither forge a log line nor reverse the rest of one.
+  no other output, is of the right kind (a file is not a folder and no file stands where a
+  folder must be) and can be written. ``OutputError`` (one line naming the flag and the path)
+  otherwise; nothing is created.
+- ``printable``: a name as shown in logs, tables and plots, unable to forge or reverse a line.
 - ``atomic_write``: a file written to a temporary sibling (``tmp_path``: ONE naming scheme,
-  ``.<name>.<pid>.<8 hex>.tmp``, matched by ``TMP_NAME_RE`` and so by the work dir's stale-temp
-  cleaner), fsynced, then renamed over the target. A kill leaves the old file or the new one,
-  never a partial one, and a link planted at the target is replaced, never written through.
+  matched by ``TMP_NAME_RE`` and so by the work dir's stale-temp cleaner), then renamed over the
+  target: a kill leaves the old file or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -157,11 +154,9 @@ def _check_no_collision(outputs: list[Output]) -> None:
             key = path.resolve()
             if key in seen:
                 first, first_path = seen[key]
-                what = (
-                    f"{first.flag} {first_path}"
-                    if first_path == first.path
-                    else f"the file {first_path} written beside {first.flag} {first.path}"
-                )
+                what = f"{first.flag} {first_path}"
+                if first_path != first.path:
+                    what = f"the file {first_path} written beside {first.flag} {first.path}"
                 raise OutputError(
                     f"{out.flag} {path} is also {what}; give each output its own path"
                 )

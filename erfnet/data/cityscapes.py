@@ -8,10 +8,8 @@ Labels are read from ``_labelTrainIds.png`` when present, else ``_labelIds.png``
 ``erfnet.labels.ID_TO_TRAIN_ID`` with one indexing op. Every problem with the files on disk is a
 ``DatasetError`` naming the path and what was expected.
 
-Cityscapes-specific by nature, and only here: the labelIds -> trainIds mapping, the label-value
-checks and the ``_labelTrainIds.png`` preparation (the test server's writer is
-``erfnet.evaluation.cityscapes_submission``). The rest of the project takes the classes from a
-dataset's ``classes`` / ``palette`` / ``ignore_index`` or from a checkpoint's meta.
+Only here (and in the test server's writer, ``erfnet.evaluation.cityscapes_submission``) is the
+code Cityscapes-specific; the rest of the project takes the classes from a dataset or a checkpoint.
 """
 
 from __future__ import annotations

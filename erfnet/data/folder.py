@@ -40,7 +40,7 @@ from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from erfnet.data.cityscapes import PairDataset, Sample, Transform
 from erfnet.data.decode import DatasetError, check_label_values, open_image
 from erfnet.data.transforms import EvalTransform
-from erfnet.outputs import printable
+from erfnet.outputs import PathLike, printable
 
 # Stored label values a label_map may name: 16-bit PNGs hold up to 65535.
 MAX_STORED_VALUE = 65535
@@ -357,8 +357,8 @@ class FolderDataset(PairDataset):
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        spec: FolderSpec | str | os.PathLike,
+        root: PathLike,
+        spec: FolderSpec | PathLike,
         split: str,
         transform: Transform | None = None,
     ) -> None:

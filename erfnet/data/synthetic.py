@@ -112,8 +112,7 @@ def synthesize_sample(
         box = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
         polys.append({"label": _LABEL_BY_ID[label_id].name, "polygon": box})
 
-    sky_end = int(h * rng.uniform(0.1, 0.25))
-    horizon = int(h * rng.uniform(0.4, 0.55))
+    sky_end, horizon = int(h * rng.uniform(0.1, 0.25)), int(h * rng.uniform(0.4, 0.55))
     fill(23, 0, sky_end, 0, w)  # sky
     fill(11, sky_end, horizon, 0, w)  # building
     fill(7, horizon, h, 0, w)  # road

@@ -204,15 +204,9 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
         raise ExportError(
             f"{path}: no erfnet metadata (class names, mean/std); export it with scripts/export.py"
         )
-    return ExportedModel(
-        path=path,
-        format=fmt,
-        runner=runner,
-        meta=complete_meta(meta, len(meta["class_names"])),  # what an older export lacks
-        output=props.get(OUTPUT_KEY, "logits"),
-        precision=props.get(PRECISION_KEY, "fp32"),
-        input_size=size,
-    )
+    meta = complete_meta(meta, len(meta["class_names"]))  # what an older export lacks
+    output, precision = props.get(OUTPUT_KEY, "logits"), props.get(PRECISION_KEY, "fp32")
+    return ExportedModel(path, fmt, runner, meta, output, precision, input_size=size)
 
 
 def load_network(

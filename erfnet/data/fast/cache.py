@@ -19,7 +19,6 @@ place stops the run with one line naming the sample. Cityscapes train takes 18.7
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
-from erfnet.outputs import atomic_write
+from erfnet.outputs import PathLike, atomic_write
 
 VERSION = 2  # 2: per-sample CRC-32s
 MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
@@ -74,11 +73,7 @@ class _Decode(Dataset):
 
 
 def write_cache(
-    root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    split: str = "train",
-    workers: int = 1,
-    progress: bool = True,
+    root: PathLike, out_dir: PathLike, split: str = "train", workers: int = 1, progress: bool = True
 ) -> dict[str, Any]:
     """Decode every pair of ``split`` under ``root`` (as the PNG loader does: trainIds, checked)
     into ``out_dir/split``; returns ``{"images": n, "bytes": total}``. The manifest is removed
@@ -210,11 +205,7 @@ class CachedCityscapesDataset(CityscapesDataset):
     same tensors."""
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        cache_dir: str | os.PathLike,
-        transform: Transform | None = None,
+        self, root: PathLike, split: str, cache_dir: PathLike, transform: Transform | None = None
     ) -> None:
         super().__init__(root, split, transform=transform, labels=True)
         self.cache_folder = Path(cache_dir) / split

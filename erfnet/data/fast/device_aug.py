@@ -24,16 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.data import transforms
 from erfnet.data.cityscapes import DatasetError
-from erfnet.data.transforms import (
-    PhotoMetricDistortion,
-    TrainTransform,
-    _hsv8_to_rgb,
-    _nearest_index,
-    _rgb_to_hsv8,
-    bilinear_taps,
-    normalize,
-)
 
 # Per-sample entries of a DeviceAugDataset item besides "image" and "label".
 # fmt: off
@@ -48,7 +40,9 @@ def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(t, (0, n - t.numel())) if t.numel() < n else t
 
 
-def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, torch.Tensor]:
+def draw_params(
+    transform: transforms.TrainTransform, label: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One sample's random choices as fixed-size tensors (collatable): ``transform.draw`` on
     the [H, W] label, the bilinear / nearest taps of the crop window padded to ``crop_size``,
     and the photometric parameters (neutral values for skipped steps)."""
@@ -56,9 +50,9 @@ def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, tor
     h, w = int(label.shape[0]), int(label.shape[1])
     p = transform.draw(label)
     size, box, flip = p["size"], p["box"], p["flip"]
-    ry0, ry1, wy, cx0, cx1, wx, rows_first = bilinear_taps((h, w), size, box, flip)
-    lrows = _nearest_index(size[0], h, box[0], box[1])
-    lcols = _nearest_index(size[1], w, box[2], box[3])
+    ry0, ry1, wy, cx0, cx1, wx, rows_first = transforms.bilinear_taps((h, w), size, box, flip)
+    lrows = transforms._nearest_index(size[0], h, box[0], box[1])
+    lcols = transforms._nearest_index(size[1], w, box[2], box[3])
     if flip:
         lcols = lcols.flip(0)
     rows = {"ry0": ry0, "ry1": ry1, "wy": wy, "lrows": lrows}
@@ -90,7 +84,7 @@ class DeviceAugDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: Any) -> None:
         transform = getattr(dataset, "transform", None)
         loads = callable(getattr(dataset, "load", None))
-        if not isinstance(transform, TrainTransform) or not loads:
+        if not isinstance(transform, transforms.TrainTransform) or not loads:
             raise DatasetError(
                 f"--gpu-aug needs a dataset with load(index) and a TrainTransform; got "
                 f"{type(dataset).__name__} with transform {type(transform).__name__}"
@@ -156,7 +150,7 @@ def photometric_batch(img: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Te
     """``PhotoMetricDistortion.apply`` on a batch, with per-image parameters. Brightness and
     contrast are exact identities at their neutral values (x * 1 + 0 on integers); the HSV
     steps are selected per image, since their 8-bit round trip is not."""
-    conv = PhotoMetricDistortion._convert
+    conv = transforms.PhotoMetricDistortion._convert
 
     def per_image(t: torch.Tensor, dims: int = 3) -> torch.Tensor:
         return t.view(-1, *([1] * dims))
@@ -164,12 +158,12 @@ def photometric_batch(img: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Te
     img = conv(img, beta=per_image(a["brightness"]))
     img = conv(img, alpha=per_image(a["contrast_first"]))
     if bool(a["saturation_on_cpu"].any()):
-        h, s, v = _rgb_to_hsv8(img)
-        new = _hsv8_to_rgb(h, conv(s, alpha=per_image(a["saturation"], 2)), v)
+        h, s, v = transforms._rgb_to_hsv8(img)
+        new = transforms._hsv8_to_rgb(h, conv(s, alpha=per_image(a["saturation"], 2)), v)
         img = torch.where(per_image(a["saturation_on"]), new, img)
     if bool(a["hue_on_cpu"].any()):
-        h, s, v = _rgb_to_hsv8(img)
-        new = _hsv8_to_rgb((h + per_image(a["hue"], 2)).remainder_(180.0), s, v)
+        h, s, v = transforms._rgb_to_hsv8(img)
+        new = transforms._hsv8_to_rgb((h + per_image(a["hue"], 2)).remainder_(180.0), s, v)
         img = torch.where(per_image(a["hue_on"]), new, img)
     return conv(img, alpha=per_image(a["contrast_last"]))
 
@@ -192,7 +186,7 @@ class DeviceAugment:
     """Turns a collated ``DeviceAugDataset`` batch into the training batch on ``device``:
     (float32 [N,3,h,w] normalised images, int64 [N,h,w] labels), equal to the worker path's."""
 
-    def __init__(self, transform: TrainTransform) -> None:
+    def __init__(self, transform: transforms.TrainTransform) -> None:
         self.transform = transform
         # mean / std as tensors on each device, made once: a tuple would be uploaded (and the
         # stream waited for) at every iteration.
@@ -225,7 +219,7 @@ class DeviceAugment:
             self._stats[device] = tuple(  # type: ignore[assignment]
                 torch.tensor(v, dtype=torch.float32, device=device) for v in (tf.mean, tf.std)
             )
-        img = normalize(img, *self._stats[device])
+        img = transforms.normalize(img, *self._stats[device])
         valid = batch["valid"]
         if bool((valid[:, 0] < ch).any() or (valid[:, 1] < cw).any()):  # pad like pad_to
             rows = torch.arange(ch, device=device)[None] >= a["valid"][:, :1]  # [n, ch]
