@@ -13,6 +13,7 @@ import colorsys
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -171,10 +172,8 @@ def _color_image(lab: np.ndarray) -> np.ndarray:
 
 def _save_png(array: np.ndarray, path: Path, compress_level: int) -> None:
     # No fsync: a dataset a rerun makes again; the rename alone keeps a file whole or absent.
-    image = Image.fromarray(array)
-    atomic_write(
-        path, lambda f: image.save(f, format="PNG", compress_level=compress_level), fsync=False
-    )
+    save = partial(Image.fromarray(array).save, format="PNG", compress_level=compress_level)
+    atomic_write(path, save, fsync=False)
 
 
 def make_synthetic_cityscapes(
