@@ -16,7 +16,6 @@ Images are resized on the 0-255 scale and normalised with the checkpoint's own m
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -26,25 +25,13 @@ from typing import Any
 
 import torch
 
+from erfnet import distributed
 from erfnet.config import PAPER_RECIPE
-from erfnet.data import CityscapesDataset, DatasetError, EvalTransform
+from erfnet.data import CityscapesDataset, DatasetError, EvalTransform, from_args
 from erfnet.data.check import check_datasets, image_header
 from erfnet.data.folder import FolderDataset, FolderSpec, load_spec
-from erfnet.data.from_args import (
-    DATA_KINDS,
-    check_data_flags,
-    data_inputs_from_args,
-    data_root_from_args,
-    dataset_from_args,
-)
 from erfnet.data.paper_transforms import ShorterSideEvalTransform, shorter_side_scale
 from erfnet.data.transforms import rescale_size
-from erfnet.distributed import (
-    cleanup_distributed,
-    init_distributed,
-    local_rank_from_env,
-    resolve_device,
-)
 from erfnet.errors import FlagError, UserError, cli_main, one_line
 from erfnet.evaluation.cityscapes_submission import SubmissionWriter
 from erfnet.evaluation.evaluate import build_eval_loader, evaluate, scored_classes
@@ -72,25 +59,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH", help="our checkpoint (.pth)")
-    what.add_argument("--model", metavar="PATH",
-                      help="an exported model (.onnx through onnxruntime, OpenVINO .xml,"
-                      " AOTInductor .pt2), on the CPU; needs the optional onnxruntime / openvino"
-                      " package (a .pt2: PyTorch only)")
-    p.add_argument("--data", choices=DATA_KINDS, default="cityscapes",
-                   help="Cityscapes, the quick start's synthetic set, or your own folders"
-                   " described by --classes FILE (default: cityscapes)")
-    p.add_argument("--data-root", metavar="DIR", default=None,
-                   help="dataset root (Cityscapes default: $CITYSCAPES_DATASET, else"
-                   " data/cityscapes)")
-    p.add_argument("--classes", metavar="FILE", default=None,
-                   help="--data folder: the dataset's JSON classes file (README: Train on your"
-                   " own data)")
-    p.add_argument("--split", choices=("val", "test", "train"), default="val",
-                   help="split to evaluate (default: val); test only writes --out-dir"
-                   " predictions")
-    p.add_argument("--ms-flip", action="store_true",
-                   help="multi-scale + flip test: softmax of every ratio x (no flip, flip) view"
-                   " averaged")
+    what.add_argument("--model", metavar="PATH", help="an exported model (.onnx through"
+                      " onnxruntime, OpenVINO .xml, AOTInductor .pt2), on the CPU; needs the"
+                      " optional onnxruntime / openvino package (a .pt2: PyTorch only)")
+    p.add_argument("--data", choices=from_args.DATA_KINDS, default="cityscapes", help="Cityscapes,"
+                   " the quick start's synthetic set, or your own folders described by --classes"
+                   " FILE (default: cityscapes)")
+    p.add_argument("--data-root", metavar="DIR", default=None, help="dataset root (Cityscapes"
+                   " default: $CITYSCAPES_DATASET, else data/cityscapes)")
+    p.add_argument("--classes", metavar="FILE", default=None, help="--data folder: the"
+                   " dataset's JSON classes file (README: Train on your own data)")
+    p.add_argument("--split", choices=("val", "test", "train"), default="val", help="split to"
+                   " evaluate (default: val); test only writes --out-dir predictions")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test: softmax of"
+                   " every ratio x (no flip, flip) view averaged")
     p.add_argument("--scales", type=float, nargs="+", metavar="R", default=None,
                    help=f"ratios of --scale for --ms-flip (default: {_RATIOS})")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_SETTINGS.mode,
@@ -99,31 +81,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help=f"test resize, keeping the image's ratio (default: {_SCALE}; a"
                    " fixed-size export: its input size)")
-    p.add_argument("--out-dir", metavar="DIR", default=None,
-                   help="write official submission PNGs (Cityscapes label ids, original size)"
-                   " in per-city folders and, for a labelled split, the confusion matrix (.npy,"
-                   " .json, .png) and a per-class IoU chart")
-    p.add_argument("--save-color", metavar="DIR", default=None,
-                   help="write colour renderings and blends over the image (apart from"
-                   " --out-dir)")
+    p.add_argument("--out-dir", metavar="DIR", default=None, help="write official submission"
+                   " PNGs (Cityscapes label ids, original size) in per-city folders and, for a"
+                   " labelled split, the confusion matrix (.npy, .json, .png) and a per-class"
+                   " IoU chart")
+    p.add_argument("--save-color", metavar="DIR", default=None, help="write colour renderings"
+                   " and blends over the image (apart from --out-dir)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the metrics as JSON")
     add_runtime_flags(p, workers=True)
     p.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA only)")
-    p.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default="mmseg",
-        help="mmseg: the full-resolution test above (default); erfnet_pytorch: the paper's"
-        f" code's, images and labels resized to a shorter side of {PAPER_SIZE} (or H of --scale)"
-        " by PIL, scored there (docs/erfnet_pytorch.md)",
-    )
+    p.add_argument("--protocol", choices=PROTOCOLS, default="mmseg", help="mmseg: the"
+                   " full-resolution test above (default); erfnet_pytorch: the paper's code's,"
+                   f" images and labels resized to a shorter side of {PAPER_SIZE} (or H of"
+                   " --scale) by PIL, scored there (docs/erfnet_pytorch.md)")
     return p
 # fmt: on
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag values and combinations that cannot work (``FlagError``), and the outputs."""
-    check_data_flags(args)
+    from_args.check_data_flags(args)
     check_runtime_flags(args, exported=args.model is not None)
     if args.split == "test" and args.out_dir is None and args.data != "folder":
         raise FlagError(
@@ -149,16 +126,9 @@ def check_protocol(args: argparse.Namespace) -> None:
     """--protocol erfnet_pytorch fixes the views: one whole image at the shorter side."""
     if args.protocol != PAPER_PROTOCOL:
         return
-    given = [
-        flag
-        for flag, on in (
-            ("--ms-flip", args.ms_flip),
-            ("--scales", args.scales is not None),
-            ("--mode slide", args.mode != "whole"),
-            ("--split test", args.split == "test"),
-        )
-        if on
-    ]
+    views = (("--ms-flip", args.ms_flip), ("--scales", args.scales is not None))
+    more = (("--mode slide", args.mode != "whole"), ("--split test", args.split == "test"))
+    given = [flag for flag, on in (*views, *more) if on]
     if given:
         raise FlagError(
             f"{', '.join(given)}: not part of --protocol {PAPER_PROTOCOL} (it scores a"
@@ -189,10 +159,8 @@ def check_sizes(args: argparse.Namespace) -> None:
 
 
 def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
-    """Every output, before the (possibly hours-long) evaluation, by the one output rule
-    (``erfnet.outputs.check_outputs``): none is, holds or lies inside an input (the model, the
-    classes file and, ``with_data``, the data root and every split folder of the classes
-    file), none is another (the report files of --out-dir included), each can be written."""
+    """Every output by the one output rule (``erfnet.outputs.check_outputs``), before the
+    (possibly hours-long) evaluation; ``with_data`` adds the data folders to the inputs."""
     report_files = [Path(args.out_dir) / name for name in REPORT_FILES] if args.out_dir else []
     outputs = [
         *output_dir("--out-dir", args.out_dir),
@@ -205,7 +173,7 @@ def check_outputs(args: argparse.Namespace, with_data: bool = False) -> None:
         inputs.append(("--model", Path(args.model).with_suffix(".bin")))  # the IR's weights
     inputs += [("--classes", args.classes)]
     if with_data:
-        inputs += data_inputs_from_args(args)
+        inputs += from_args.data_inputs_from_args(args)
     check_output_rule(outputs, inputs)
 
 
@@ -219,9 +187,8 @@ def settings_from_args(args: argparse.Namespace) -> TestSettings:
 
 
 def load_for_eval(args: argparse.Namespace, device: torch.device, threads: int) -> Any:
-    """The model to score: our checkpoint's plain weights (no BN folding: folding changes float
-    rounding, so not bit-exact), or with --model an exported graph (deploy is an opt-in layer:
-    imported here only), with the views the protocol asks for checked against what it takes."""
+    """Our checkpoint's plain weights (no BN folding: it changes float rounding), or an
+    exported graph (deploy is opt-in: imported here only) checked against the views asked."""
     from erfnet.deploy.exported import load_network
 
     model = load_network(args.checkpoint, args.model, device, threads)
@@ -243,8 +210,7 @@ def load_for_eval(args: argparse.Namespace, device: torch.device, threads: int) 
 
 
 def check_fixed_size(args: argparse.Namespace, size: tuple[int, int]) -> list[int]:
-    """--scale for an export fixed to ``size`` inputs (default: that size); views of any other
-    size are refused in one line before the evaluation."""
+    """--scale for an export fixed to ``size`` inputs (default: that size); refuses others."""
     h, w = size
     scale = list(size) if args.scale is None else list(args.scale)
     settings = settings_from_args(argparse.Namespace(**{**vars(args), "scale": scale}))
@@ -299,14 +265,12 @@ def prediction_writers(
         writers.append(SubmissionWriter(Path(args.out_dir), dataset.classes))
     if args.save_color is not None:
         writers.append(ColorWriter(Path(args.save_color), model.meta["palette"]))
-    return functools.partial(call_each, writers) if writers else None
 
+    def write_each(preds: torch.Tensor, batch: dict) -> None:
+        for write in writers:
+            write(preds, batch)
 
-def call_each(
-    writers: Sequence[Callable[[torch.Tensor, dict], None]], preds: torch.Tensor, batch: dict
-) -> None:
-    for write in writers:
-        write(preds, batch)
+    return write_each if writers else None
 
 
 def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
@@ -314,7 +278,6 @@ def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
     the Cityscapes test-server case, which has no equivalent here: say so."""
     if split != "test":
         return
-    classes = spec.path
     try:
         labels = root / spec.split_dirs(split)[1]
     except DatasetError:
@@ -322,7 +285,7 @@ def check_folder_split(root: Path, spec: FolderSpec, split: str) -> None:
     if labels is None or not labels.is_dir():
         where = f"'{labels}' does not exist" if labels is not None else "is not in its splits"
         raise DatasetError(
-            f"split 'test' of classes file '{classes}' has no labels ({where}): the test-server"
+            f"split 'test' of classes file '{spec.path}' has no labels ({where}): the test-server"
             " PNGs (--split test --out-dir, Cityscapes label ids) exist for Cityscapes only;"
             " eval.py scores labelled splits of a folder dataset, and scripts/predict.py"
             " predicts unlabelled images"
@@ -337,16 +300,11 @@ def results_json(
     results: dict | None, args: argparse.Namespace, num_images: int, class_names: Sequence[str]
 ) -> dict:
     settings = settings_from_args(args)
-    num = _num
     out: dict = {}
     if results is not None:
-        out = {
-            "mIoU": num(results["mIoU"]),
-            "mAcc": num(results["mAcc"]),
-            "aAcc": num(results["aAcc"]),
-            "IoU": {n: num(v) for n, v in zip(class_names, results["IoU"], strict=True)},
-            "Acc": {n: num(v) for n, v in zip(class_names, results["Acc"], strict=True)},
-        }
+        out = {key: _num(results[key]) for key in ("mIoU", "mAcc", "aAcc")}
+        for key in ("IoU", "Acc"):
+            out[key] = {n: _num(v) for n, v in zip(class_names, results[key], strict=True)}
     out.update(
         checkpoint=args.checkpoint and str(args.checkpoint),
         model=args.model and str(args.model),
@@ -365,7 +323,7 @@ def results_json(
 
 def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | FolderDataset:
     """The split to score (checked: images, classes the model predicts, outputs outside it)."""
-    root = data_root_from_args(args)
+    root = from_args.data_root_from_args(args)
     check_outputs(args, with_data=True)
     # ms+flip resizes every view from the original image, as mmseg's MultiScaleFlipAug does; a
     # first resize to --scale would blur the views above ratio 1.
@@ -374,7 +332,7 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
         transform = ShorterSideEvalTransform(paper_size(args))
     if args.data == "folder":
         check_folder_split(root, load_spec(args.classes), args.split)
-    (dataset,) = dataset_from_args(args, [args.split], {args.split: transform})
+    (dataset,) = from_args.dataset_from_args(args, [args.split], {args.split: transform})
     if len(dataset) == 0:
         raise DatasetError(f"split '{args.split}' under '{root}' has no images")
     check_classes(model, dataset.classes, args)
@@ -387,8 +345,8 @@ def get_dataset(args: argparse.Namespace, model: Any) -> CityscapesDataset | Fol
 
 
 def check_resized_sizes(args: argparse.Namespace, dataset: Any, size: tuple[int, int]) -> None:
-    """A fixed-size export takes only ``size`` inputs: every image, resized keeping its ratio to
-    fit --scale, must come out at exactly that size (a 64x128 image fits 31 63 as 31x62)."""
+    """Every image, resized to fit --scale, must come out at a fixed-size export's ``size``
+    (a 64x128 image fits 31 63 as 31x62)."""
     scale = tuple(settings_from_args(args).scale)
     for sample in getattr(dataset, "samples", []):
         shape, _ = image_header(Path(sample.image))
@@ -409,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check the flags and outputs, load, check the data, evaluate, report."""
     check_args(args)
-    device = resolve_device("cpu" if args.model else args.device, local_rank_from_env())
-    info = init_distributed(device)
+    local_rank = distributed.local_rank_from_env()
+    device = distributed.resolve_device("cpu" if args.model else args.device, local_rank)
+    info = distributed.init_distributed(device)
     try:
         # One thread plan with train.py: threads + workers leave a core free on the CPU.
         workers, threads = apply_cpu_plan(device.type, args.workers, args.threads)
@@ -435,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         if info.is_main:
             report(args, dataset, results, model.meta["class_names"])
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
     return 0
 
 
@@ -453,11 +412,11 @@ def report(
             " over all outputs, scored there"
         )
     else:
-        how = f"ms+flip {list(settings_from_args(args).ratios)}" if args.ms_flip else "single scale"
-        scale = list(settings_from_args(args).scale)
+        settings = settings_from_args(args)
+        how = f"ms+flip {list(settings.ratios)}" if args.ms_flip else "single scale"
         print(
             f"{args.split}: {len(dataset)} images, protocol mmseg, {how}, mode {args.mode},"
-            f" scale {scale}"
+            f" scale {list(settings.scale)}"
         )
     if results is not None:
         print(format_table(results, dataset.classes))

@@ -54,7 +54,6 @@ _MMSEG_NB1D_INDEX = dict(zip((0, 2, 3, 5, 7, 8), _NB1D_PARTS, strict=True))
 # Foreign modules that are dropped on purpose map to DROP.
 DROP = None
 
-
 # erfnet_pytorch's evaluation resizes every image with Resize(512): its shorter side to 512.
 ERFNET_PYTORCH_TEST_SIZE = shorter_side(512)
 
@@ -103,10 +102,7 @@ def _build_erfnet_pytorch_table() -> dict[str, str | None]:
 
 MMSEG_TABLE: dict[str, str | None] = _build_mmseg_table()
 ERFNET_PYTORCH_TABLE: dict[str, str | None] = _build_erfnet_pytorch_table()
-TABLES: dict[str, dict[str, str | None]] = {
-    "mmseg": MMSEG_TABLE,
-    "erfnet_pytorch": ERFNET_PYTORCH_TABLE,
-}
+TABLES = {"mmseg": MMSEG_TABLE, "erfnet_pytorch": ERFNET_PYTORCH_TABLE}
 # Our classifier weight per source and the axis of its shape holding the number of classes
 # (Conv2d: [out, in, k, k]; ConvTranspose2d: [in, out, k, k]).
 _CLASSIFIER = {
@@ -149,11 +145,9 @@ def detect_source(obj: Any) -> str | None:
 
 
 def extract_state_dict(obj: Any, source: str) -> dict[str, Any]:
-    """The bare state_dict of a loaded foreign file, without a ``module.`` prefix.
-
-    mmseg files are a dict with ``state_dict`` (plus ``meta`` / ``optimizer``); a bare state_dict is
-    accepted too. erfnet_pytorch files are a bare state_dict, usually saved through DataParallel.
-    """
+    """The bare state_dict of a loaded foreign file, without a ``module.`` prefix. mmseg files are a
+    dict with ``state_dict`` (plus ``meta`` / ``optimizer``); a bare state_dict is accepted too.
+    erfnet_pytorch files are a bare state_dict, usually saved through DataParallel."""
     _check_source(source)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -172,19 +166,24 @@ def model_args_for(source: str, num_classes: int, head_channels: int = 128) -> d
     return {"num_classes": num_classes, "head": "deconv"}
 
 
+def _head_size(state: dict[str, torch.Tensor], source: str) -> tuple[int, int]:
+    """(classes, head channels) from the converted weights' shapes (defaults where absent)."""
+    cls_key, cls_axis = _CLASSIFIER[source]
+    cls, conv = state.get(cls_key), state.get("head.conv.weight")
+    num_classes = int(cls.shape[cls_axis]) if cls is not None and cls.dim() == 4 else NUM_CLASSES
+    return num_classes, int(conv.shape[0]) if conv is not None and conv.dim() == 4 else 128
+
+
 def _fmt(items: list[str], limit: int = 20) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
 def convert_state_dict(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
-    """Map a foreign state_dict (or an mmseg file dict) onto our ERFNet's keys, and check it.
-
-    Returns a state_dict that ``ERFNet(**model_args_for(source, C))`` loads strictly, where C is
-    read from the classifier's shape. Raises ConversionError listing every unknown, missing,
-    mis-shaped or non-tensor entry. BatchNorm ``num_batches_tracked`` counters, which PyTorch
-    before 0.4.1 (erfnet_pytorch's era) did not save, are filled with 0 when absent.
-    """
+    """Map a foreign state_dict (or an mmseg file dict) onto our ERFNet's keys, and check it;
+    ConversionError lists every unknown, missing, mis-shaped or non-tensor entry. BatchNorm
+    ``num_batches_tracked`` counters, which PyTorch before 0.4.1 (erfnet_pytorch's era) did not
+    save, are filled with 0 when absent."""
     table = TABLES[_check_source(source)]
     foreign = extract_state_dict(state_dict, source)
     ours: dict[str, torch.Tensor] = {}
@@ -203,14 +202,7 @@ def convert_state_dict(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
         new_key = f"{table[module]}.{leaf}"
         ours[new_key] = value
         origin[new_key] = str(key)
-
-    cls_key, cls_axis = _CLASSIFIER[source]
-    cls = ours.get(cls_key)
-    num_classes = int(cls.shape[cls_axis]) if cls is not None and cls.dim() == 4 else NUM_CLASSES
-    conv = ours.get("head.conv.weight")
-    head_channels = int(conv.shape[0]) if conv is not None and conv.dim() == 4 else 128
-    expected = ERFNet(**model_args_for(source, num_classes, head_channels)).state_dict()
-
+    expected = ERFNet(**model_args_for(source, *_head_size(ours, source))).state_dict()
     reverse = {v: k for k, v in table.items() if v is not None}
     for key, ref in expected.items():
         if key.endswith("num_batches_tracked") and key not in ours:
@@ -225,20 +217,17 @@ def convert_state_dict(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
         for k, v in ours.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    if unknown or missing or shapes or not_tensor:
-        problems = []
-        if unknown:
-            problems.append(f"{len(unknown)} unknown key(s): {_fmt(unknown)}")
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
-        if shapes:
-            problems.append(f"{len(shapes)} mis-shaped tensor(s): {_fmt(shapes)}")
-        if not_tensor:
-            problems.append(f"{len(not_tensor)} non-tensor value(s): {_fmt(not_tensor)}")
+    found = (
+        ("unknown key(s)", unknown),
+        ("missing key(s)", missing),
+        ("mis-shaped tensor(s)", shapes),
+        ("non-tensor value(s)", not_tensor),
+    )
+    problems = [f"{len(items)} {what}: {_fmt(items)}" for what, items in found if items]
+    if problems:
         guess = detect_source(foreign)
-        hint = ""
-        if guess is not None and guess != source:
-            hint = f" The keys look like a {guess!r} checkpoint, not {source!r}."
+        hint = f" The keys look like a {guess!r} checkpoint, not {source!r}."
+        hint = hint if guess is not None and guess != source else ""
         raise ConversionError(
             f"the weights do not match a {source} ERFNet: " + "; ".join(problems) + "." + hint
         )
@@ -246,12 +235,8 @@ def convert_state_dict(state_dict: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def _numpy_scalar_globals() -> list[Any]:
-    """Globals that rebuild numpy scalars (found in mmcv's checkpoint ``meta``): data only.
-
-    A pickled numpy scalar is ``scalar(dtype, bytes)``; the dtype is rebuilt from its class and a
-    small state tuple. Object dtypes are not allowed, so nothing but plain numbers and strings can
-    come out of these.
-    """
+    """Globals that rebuild numpy scalars (found in mmcv's checkpoint ``meta``): data only
+    (``scalar(dtype, bytes)``; no object dtype, so only plain numbers and strings)."""
     dtype_classes = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGUS"}
     return [
         np.dtype,
@@ -266,11 +251,8 @@ def _global_names(allowed: list[Any]) -> set[str]:
 
 
 def load_foreign_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` a foreign file; never unpickles arbitrary objects.
-
-    numpy scalars (which mmcv may store in ``meta``) are allowed as data; anything else that
-    weights_only refuses is reported with the globals the file would need.
-    """
+    """``torch.load(weights_only=True)`` a foreign file (numpy scalars allowed as data); never
+    unpickles arbitrary objects: a refusal names the globals the file would need."""
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"input {path} is a folder, not a checkpoint file")
@@ -325,14 +307,8 @@ def _plain_meta(meta: Any) -> dict[str, Any]:
 
 def source_lineage(source: str, file_name: str, how: str) -> dict[str, Any]:
     """``licence`` and a one-step ``lineage`` for weights taken from a ``source`` file."""
-    terms = SOURCE_LICENCES[source]
-    step = {
-        "from": source,
-        "file": file_name,
-        "licence": terms,
-        "url": SOURCE_URLS[source],
-        "how": how,
-    }
+    terms, url = SOURCE_LICENCES[source], SOURCE_URLS[source]
+    step = {"from": source, "file": file_name, "licence": terms, "url": url, "how": how}
     return {"licence": terms, "lineage": [step]}
 
 
@@ -369,11 +345,8 @@ def _meta_for(source: str, num_classes: int, in_path: Path, raw: Any) -> dict[st
 def convert_checkpoint(
     in_path: str | os.PathLike, out_path: str | os.PathLike, source: str
 ) -> ERFNet:
-    """Convert ``in_path`` (an mmseg or erfnet_pytorch file) into our checkpoint at ``out_path``.
-
-    Returns the converted model (eval mode). The output records the source type and file name in
-    its meta, and loads with ``erfnet.load_model``.
-    """
+    """Convert ``in_path`` (an mmseg or erfnet_pytorch file) into our checkpoint at ``out_path``
+    (its meta records the source); returns the converted model in eval mode."""
     _check_source(source)
     in_path, out_path = Path(in_path), Path(out_path)
     if in_path.resolve() == out_path.resolve():
@@ -393,9 +366,7 @@ def convert_checkpoint(
         state = convert_state_dict(raw, source)
     except ConversionError as e:
         raise ConversionError(f"{in_path}: {e}") from e
-    cls_key, cls_axis = _CLASSIFIER[source]
-    num_classes = int(state[cls_key].shape[cls_axis])
-    head_channels = int(state["head.conv.weight"].shape[0]) if source == "mmseg" else 128
+    num_classes, head_channels = _head_size(state, source)
     model = ERFNet(**model_args_for(source, num_classes, head_channels))
     model.load_state_dict(state, strict=True)
     save_checkpoint(out_path, model, meta=_meta_for(source, num_classes, in_path, raw))

@@ -32,10 +32,8 @@ class DistInfo:
 
 
 def resolve_device(name: str | None = None, local_rank: int = 0) -> torch.device:
-    """``--device`` to a torch.device; ``None`` or ``"auto"`` picks this process's GPU if any.
-
-    Raises ``DeviceError`` for a name that is not a device or a GPU this machine lacks.
-    """
+    """``--device`` to a torch.device; ``None`` or ``"auto"`` picks this process's GPU if any;
+    ``DeviceError`` for a name that is not a device or a GPU this machine lacks."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -51,20 +49,18 @@ def resolve_device(name: str | None = None, local_rank: int = 0) -> torch.device
             raise DeviceError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if device.index >= count:
             raise DeviceError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
-                f" (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+                f"--device {name}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})"
             )
         torch.cuda.set_device(device)
     return device
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group described by torchrun's environment, if there is one.
-
-    NCCL on CUDA, gloo on the CPU. Without ``WORLD_SIZE`` > 1 this is a no-op.
-    """
+    """Join the process group of torchrun's environment (NCCL on CUDA, gloo on the CPU); a
+    no-op without ``WORLD_SIZE`` > 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()

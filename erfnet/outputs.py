@@ -3,16 +3,13 @@ atomic writer.
 
 - ``check_outputs``: each output (a file, the files written beside it, or a folder), after
   resolving links and ``..``, is none of the command's inputs, lies inside no input folder, is
-  no other output, is of the right kind (a file is not a
-  folder and no file stands where a folder must be) and can be written. ``OutputError`` (one
-  line naming the flag and the path) otherwise; nothing is created.
-- ``printable``: a name (a class name from a classes file or a checkpoint) as it is shown in
-  logs, tables and plots: control and bidirectional-override characters escaped, so a name can
-  neither forge a log line nor reverse the rest of one.
+  no other output, is of the right kind (a file is not a folder and no file stands where a
+  folder must be) and can be written. ``OutputError`` (one line naming the flag and the path)
+  otherwise; nothing is created.
+- ``printable``: a name as shown in logs, tables and plots, unable to forge or reverse a line.
 - ``atomic_write``: a file written to a temporary sibling (``tmp_path``: ONE naming scheme,
-  ``.<name>.<pid>.<8 hex>.tmp``, matched by ``TMP_NAME_RE`` and so by the work dir's stale-temp
-  cleaner), fsynced, then renamed over the target. A kill leaves the old file or the new one,
-  never a partial one, and a link planted at the target is replaced, never written through.
+  matched by ``TMP_NAME_RE`` and so by the work dir's stale-temp cleaner), then renamed over the
+  target: a kill leaves the old file or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -47,11 +44,6 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
-# --------------------------------------------------------------------------------------------
-# The atomic writer
-# --------------------------------------------------------------------------------------------
-
-
 def tmp_path(path: PathLike) -> Path:
     """A unique temporary sibling of ``path`` (its name matches ``TMP_NAME_RE``)."""
     path = Path(path)
@@ -61,13 +53,12 @@ def tmp_path(path: PathLike) -> Path:
 def atomic_write(
     path: PathLike, write_fn: Callable[[IO[bytes]], Any], *, fsync: bool = True
 ) -> Path:
-    """Call ``write_fn`` on a binary file opened at ``tmp_path(path)``, fsync it (unless
-    ``fsync`` is False: bulk data a rerun makes again), then rename it over ``path``, creating
-    the folder. Any failure removes the temporary file and re-raises (an ``OSError`` as it came).
-
-    The rename replaces whatever entry ``path`` is, a planted link included, so no file outside
-    the folder is ever written through it. The temporary file is opened exclusively (not
-    ``tempfile.mkstemp``, whose 0600 mode the rename would keep): it honours the umask."""
+    """Call ``write_fn`` on a binary file opened at ``tmp_path(path)``, fsync it (unless ``fsync``
+    is False: bulk data a rerun makes again), then rename it over ``path``, creating the folder. Any
+    failure removes the temporary file and re-raises (an ``OSError`` as it came). The rename
+    replaces whatever entry ``path`` is, a planted link included, so no file outside the folder is
+    ever written through it. The temporary file is opened exclusively (not ``tempfile.mkstemp``,
+    whose 0600 mode the rename would keep): it honours the umask."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
@@ -93,19 +84,13 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
         raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
-# --------------------------------------------------------------------------------------------
-# The output rule
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Output:
-    """One output of a command: ``flag`` names it in messages; ``folder`` when files are
-    written into it; ``sidecars`` the files written beside a file (an OpenVINO IR's ``.bin``).
-
-    A folder output may hold an input (``--work-dir .`` over ``data/cityscapes``): the files a
-    command writes into it have names of their own, and a command that writes fixed names
-    there (eval.py's report files) lists them as file outputs, each checked."""
+    """One output of a command: ``flag`` names it in messages; ``folder`` when files are written
+    into it; ``sidecars`` the files written beside a file (an OpenVINO IR's ``.bin``). A folder
+    output may hold an input (``--work-dir .`` over ``data/cityscapes``): the files a command writes
+    into it have names of their own, and a command that writes fixed names there (eval.py's report
+    files) lists them as file outputs, each checked."""
 
     flag: str
     path: Path
@@ -124,9 +109,12 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """True when resolved ``path`` lies strictly inside resolved ``folder``."""
-    return folder in path.parents
+def _existing_folder(out: Output) -> Path:
+    """The deepest existing folder (or file in its way) on the way to ``out``."""
+    existing = out.path if out.folder else out.path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
 
 
 def _check_kind(out: Output) -> None:
@@ -138,9 +126,7 @@ def _check_kind(out: Output) -> None:
             raise OutputError(f"{out.flag} {out.path}{what} is a folder; expected a file name")
     if out.folder and out.path.exists() and not out.path.is_dir():
         raise OutputError(f"{out.flag} {out.path} is a file, not a folder")
-    parent = out.path if out.folder else out.path.parent
-    while parent != parent.parent and not parent.exists():
-        parent = parent.parent
+    parent = _existing_folder(out)
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"{out.flag} {out.path}: '{parent}' is a file, not a folder")
 
@@ -154,7 +140,7 @@ def _check_against_input(out: Output, label: str, given: PathLike) -> None:
             raise OutputError(
                 f"{out.flag} {path} is the input {label}; writing it would destroy the input"
             )
-        if _inside(path.resolve(), inp):
+        if inp in path.resolve().parents:  # strictly inside
             raise OutputError(
                 f"{out.flag} {path} is inside the input {label}; choose a path outside the inputs"
             )
@@ -168,11 +154,9 @@ def _check_no_collision(outputs: list[Output]) -> None:
             key = path.resolve()
             if key in seen:
                 first, first_path = seen[key]
-                what = (
-                    f"{first.flag} {first_path}"
-                    if first_path == first.path
-                    else f"the file {first_path} written beside {first.flag} {first.path}"
-                )
+                what = f"{first.flag} {first_path}"
+                if first_path != first.path:
+                    what = f"the file {first_path} written beside {first.flag} {first.path}"
                 raise OutputError(
                     f"{out.flag} {path} is also {what}; give each output its own path"
                 )
@@ -183,9 +167,7 @@ def _check_writable(out: Output) -> None:
     """The deepest existing folder on the way takes a new file: a probe file is written and
     removed at once (``os.access`` says yes to root on a read-only mount; a real file also shows
     a full inode table or an ACL). Creates nothing."""
-    existing = out.path if out.folder else out.path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _existing_folder(out)
     probe = existing / f".erfnet-write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
         probe.open("xb").close()
@@ -194,9 +176,8 @@ def _check_writable(out: Output) -> None:
             if path.exists() and not os.access(path, os.W_OK):
                 raise PermissionError(13, "Permission denied")
     except OSError as e:
-        reason = e.strerror or e
         raise OutputError(
-            f"{out.flag} {out.path}: cannot write in '{existing}': {reason}"
+            f"{out.flag} {out.path}: cannot write in '{existing}': {e.strerror or e}"
         ) from None
 
 

@@ -15,16 +15,8 @@ from typing import Any, TextIO
 
 from erfnet.errors import FlagError
 
-# The output rule lives in erfnet.outputs; these names stay importable from here.
-from erfnet.outputs import OutputError, check_output_dir, check_output_file, same_file  # noqa: F401
-
 # Environment variables that already fix the intra-op thread count; we then leave it alone.
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-# --------------------------------------------------------------------------------------------
-# Console streams
-# --------------------------------------------------------------------------------------------
 
 
 class _GuardedStream:
@@ -76,11 +68,6 @@ def guarded_console() -> Iterator[None]:
         sys.stdout, sys.stderr = old
 
 
-# --------------------------------------------------------------------------------------------
-# CPU threads and loader workers
-# --------------------------------------------------------------------------------------------
-
-
 def add_runtime_flags(parser: argparse._ActionsContainer, workers: bool = False) -> None:
     """--device and --threads (and with ``workers`` --workers), one text and default each;
     ``check_runtime_flags`` checks them."""
@@ -125,15 +112,11 @@ def available_cores() -> int:
 def cpu_plan(
     device_type: str, workers: int | None, threads: int | None, cores: int | None = None
 ) -> tuple[int, int | None]:
-    """(loader workers, torch intra-op threads or None to leave torch's) for a training, an
-    evaluation or a prediction process (``apply_cpu_plan`` sets the threads).
-
-    Rule: threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and for
-    whatever else runs on the machine. A compute thread that has to share its core stalls every
-    other one at each parallel op (many times slower than idle: docs/robustness.md), while one
-    core's less compute costs at most 1/cores. Explicit
-    ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win.
-    """
+    """(loader workers, torch intra-op threads or None to leave torch's) for a process. Rule:
+    threads + busy workers <= cores - 1 on the CPU, keeping a core for the OS and whatever else
+    runs: a compute thread that has to share its core stalls every other one at each parallel op
+    (docs/robustness.md), while one core's less compute costs at most 1/cores. Explicit
+    ``--workers`` / ``--threads`` (or $OMP_NUM_THREADS) win."""
     cores = cores or available_cores()
     if device_type != "cpu":  # the GPU computes; workers decode, the main process feeds
         return (min(4, max(0, cores - 1)) if workers is None else workers), threads
@@ -160,15 +143,11 @@ _M_MMAP_MAX = -4
 
 
 def tune_cpu_allocator() -> bool:
-    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied.
-
-    By default glibc serves large blocks (a feature map at 512x1024 is 8-40 MB) with fresh
-    ``mmap`` pages and returns them on free, so every forward pass page-faults hundreds of MB
-    back in (a sizeable share of a forward pass on a small CPU: docs/speed.md). With mmap off and
-    trimming off, the pages are faulted once and reused. Results are unchanged; the cost is that
-    the process keeps its peak memory. The same as running with
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. No-op (False) off glibc.
-    """
+    """Make glibc's malloc keep freed memory for reuse (process-wide); True if applied. By default
+    glibc serves large blocks (a 512x1024 feature map is 8-40 MB) with fresh ``mmap`` pages and
+    returns them on free, so every forward pass page-faults them back in (docs/speed.md). With mmap
+    and trimming off they are faulted once and reused; the process keeps its peak memory. As
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``; no-op (False) off glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -64,15 +64,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="FILE", default=None,
                    help="--data folder: its JSON classes file")
     p.add_argument("--split", default="train", help="split to count (default: train)")
-    p.add_argument("--method", choices=METHODS, default="erfnet",
-                   help="erfnet: 1 / ln(c + p); median: median-frequency balancing"
-                   " (default: erfnet)")
+    p.add_argument("--method", choices=METHODS, default="erfnet", help="erfnet: 1 / ln(c + p);"
+                   " median: median-frequency balancing (default: erfnet)")
     p.add_argument("--c", type=erfnet_c, default=ERFNET_C,
                    help=f"the erfnet method's c (default: {ERFNET_C})")
     p.add_argument("--out", metavar="FILE", default="class_weights.json",
                    help="output JSON (default: class_weights.json)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 # fmt: on
 
@@ -82,8 +80,7 @@ def count_pixels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(pixels per class, labelled pixels of the images in which each class occurs), int64 [C]."""
     num = len(dataset.classes)
-    counts = np.zeros(num, dtype=np.int64)
-    present_pixels = np.zeros(num, dtype=np.int64)
+    counts, present_pixels = np.zeros(num, dtype=np.int64), np.zeros(num, dtype=np.int64)
     for i in tqdm(range(len(dataset)), desc="labels", unit="img", disable=not progress):
         label = dataset.load_label(i)
         hist = np.bincount(label.numpy().ravel(), minlength=256)

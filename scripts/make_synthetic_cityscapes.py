@@ -16,7 +16,6 @@ import argparse
 import time
 from pathlib import Path
 
-# Runnable from a checkout without `pip install -e .`.
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.outputs import check_output_dir
@@ -81,14 +80,9 @@ def run(args: argparse.Namespace) -> None:
         )
     check_output_dir(args.root, "--root")  # created here: a typo fails now, one line
     t0 = time.perf_counter()
+    size, extras = tuple(args.size), not args.no_extras
     root = make_synthetic_cityscapes(
-        args.root,
-        train=args.train,
-        val=args.val,
-        test=args.test,
-        size=tuple(args.size),
-        seed=args.seed,
-        extras=not args.no_extras,
+        args.root, args.train, args.val, args.test, size, args.seed, extras
     )
     h, w = args.size
     print(

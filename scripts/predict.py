@@ -32,34 +32,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from erfnet import runtime
 from erfnet.data.check import check_png_data
 from erfnet.data.decode import IMAGE_SUFFIXES, load_image
 from erfnet.deploy.exported import load_network
 from erfnet.distributed import resolve_device
 from erfnet.errors import FlagError, UserError, cli_main, one_line
-from erfnet.evaluation.inference import (
-    DEFAULT_SETTINGS,
-    MIN_VIEW,
-    TestSettings,
-    predict,
-    settings_for,
-)
+from erfnet.evaluation import inference
 from erfnet.evaluation.visualize import blend, colorize, save_png
 from erfnet.outputs import check_outputs, output_dir
-from erfnet.runtime import (
-    add_runtime_flags,
-    apply_cpu_plan,
-    check_runtime_flags,
-    tune_cpu_allocator,
-)
 
 
 def find_images(path: Path) -> list[tuple[Path, Path]]:
-    """(image file, output stem relative to --out) for a file or every image under a folder.
-
-    Files that differ only by extension (``x.png``, ``x.jpg``) keep it in their stem
-    (``x.png_color.png``, ``x.jpg_color.png``), so that no output overwrites another.
-    """
+    """(image file, output stem relative to --out) for a file or every image under a folder. Files
+    that differ only by extension (``x.png``, ``x.jpg``) keep it in their stem (``x.png_color.png``,
+    ``x.jpg_color.png``), so that no output overwrites another."""
     if path.is_file():
         return [(path, Path(path.stem))]
     if path.is_dir():
@@ -100,24 +87,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="test scale; the image is resized keeping its ratio to fit it (default:"
                    " the test size the checkpoint records, meta['test_size']; without one"
-                   f" {DEFAULT_SETTINGS.scale[0]} {DEFAULT_SETTINGS.scale[1]})")
+                   f" {inference.DEFAULT_SETTINGS.scale[0]} {inference.DEFAULT_SETTINGS.scale[1]})")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the blend (0.5)")
-    p.add_argument("--no-fast", action="store_true",
-                   help="use the plain model instead of the fused inference path (same"
-                   " predictions)")
-    add_runtime_flags(p)
+    p.add_argument("--no-fast", action="store_true", help="use the plain model instead of the"
+                   " fused inference path (same predictions)")
+    runtime.add_runtime_flags(p)
     return p
 # fmt: on
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.scale is not None and min(args.scale) < MIN_VIEW:
+    least = inference.MIN_VIEW
+    if args.scale is not None and min(args.scale) < least:
         raise FlagError(
-            f"--scale must be at least {MIN_VIEW} {MIN_VIEW}, got {args.scale[0]} {args.scale[1]}"
+            f"--scale must be at least {least} {least}, got {args.scale[0]} {args.scale[1]}"
         )
     if not 0.0 <= args.alpha <= 1.0:
         raise FlagError(f"--alpha must be in [0, 1], got {args.alpha}")
-    check_runtime_flags(args, exported=args.model is not None)
+    runtime.check_runtime_flags(args, exported=args.model is not None)
 
 
 def check_out(args: argparse.Namespace) -> Path:
@@ -129,13 +116,13 @@ def check_out(args: argparse.Namespace) -> Path:
 
 
 def predict_image(
-    model: Any, path: Path, device: torch.device, settings: TestSettings, palette: list
+    model: Any, path: Path, device: torch.device, settings: inference.TestSettings, palette: list
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the image HxWx3, its colour map HxWx3) for one file; one line for what cannot work."""
     rgb = read_rgb(path)
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device)  # predict() normalises it
     try:
-        pred = predict(model, image, rgb.shape[:2], settings)
+        pred = inference.predict(model, image, rgb.shape[:2], settings)
     except ValueError as e:  # too small a view, an export's fixed size or argmax output
         raise UserError(f"{path}: {e}") from None
     except (RuntimeError, MemoryError) as e:  # out of memory, above all for a huge image
@@ -155,14 +142,14 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {args.input}")
     out_dir = check_out(args)
     device = resolve_device("cpu" if args.model else args.device)
-    _, threads = apply_cpu_plan(device.type, 0, args.threads)
+    _, threads = runtime.apply_cpu_plan(device.type, 0, args.threads)
     # The fast path unless --no-fast; weights holding NaN are refused.
     model = load_network(args.checkpoint, args.model, device, threads, fast=not args.no_fast)
     # predict() normalises each resized view with the checkpoint's meta mean / std.
     settings = (
-        TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
+        inference.TestSettings(scale=tuple(args.scale), ms_flip=args.ms_flip)
         if args.scale is not None
-        else settings_for(model, ms_flip=args.ms_flip)  # the size the checkpoint records
+        else inference.settings_for(model, ms_flip=args.ms_flip)  # the size the checkpoint records
     )
     palette = model.meta["palette"]  # one colour per class: the checkpoint's meta is complete
     written: list[Path] = []
@@ -176,5 +163,5 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # process-wide: this process gains from reusing its freed memory
+    runtime.tune_cpu_allocator()  # process-wide: this process gains from reusing its freed memory
     main()

@@ -20,15 +20,8 @@ import argparse
 import os
 import time
 
-from erfnet.data.cityscapes import (
-    ENV_VAR,
-    SPLITS,
-    DatasetError,
-    prepare_train_ids,
-    resolve_data_root,
-)
-
-# Runnable from a checkout without `pip install -e .`.
+from erfnet.data.cityscapes import ENV_VAR, SPLITS, prepare_train_ids, resolve_data_root
+from erfnet.data.decode import DatasetError
 from erfnet.data.fast.cache import write_cache
 from erfnet.errors import FlagError, UserError, cli_main
 from erfnet.outputs import check_outputs, output_dir, same_file
@@ -81,9 +74,7 @@ def run(args: argparse.Namespace) -> None:
     for split in args.cache_splits if args.cache else ():
         t0 = time.perf_counter()
         try:
-            out = write_cache(
-                root, args.cache, split, workers=args.workers, progress=not args.quiet
-            )
+            out = write_cache(root, args.cache, split, args.workers, progress=not args.quiet)
         except (DatasetError, OSError) as e:  # the flag named before the file's own line
             raise UserError(f"--cache {args.cache}: {e}") from None
         print(

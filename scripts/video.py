@@ -103,12 +103,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     inputs = [("", source), ("--checkpoint", args.checkpoint), ("--model", args.model)]
     if args.out is not None:
         check_output_path(args.out)  # a folder, a missing folder, a suffix FFmpeg cannot write
-    outputs = [
-        *output_file("--out", args.out),
-        *output_file("--json", args.json),
-        *output_dir("--labels", args.labels),
-    ]
-    check_output_rule(outputs, inputs)
+    outputs = output_file("--out", args.out) + output_file("--json", args.json)
+    check_output_rule(outputs + output_dir("--labels", args.labels), inputs)
 
 
 def plan_threads(args: argparse.Namespace, device: torch.device) -> int:
@@ -127,17 +123,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device("cpu" if args.model is not None else args.device)
     threads = plan_threads(args, device)
     model = load_network(args.checkpoint, args.model, device, threads, fast=True)
+    # the test size the checkpoint recorded, unless --resize fixes the size
+    test_size = None if args.resize else model_test_size(model)
     if args.model is not None:
-        # the test size the export's checkpoint recorded, unless --resize fixes the size
-        test_size = None if args.resize else model_test_size(model)
         predictor: Any = ExportedPredictor(model, args.resize, test_size=test_size)
     else:
+        amp, graph = not args.no_amp, not args.no_cuda_graph
         predictor = TorchPredictor(
-            model,
-            args.resize,
-            amp=not args.no_amp,
-            cuda_graph=not args.no_cuda_graph,
-            test_size=None if args.resize else model_test_size(model),
+            model, args.resize, amp=amp, cuda_graph=graph, test_size=test_size
         )
     source = open_source(args.input, camera=args.camera)
     if args.out is None and args.labels is None:

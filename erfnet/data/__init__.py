@@ -4,13 +4,7 @@ from erfnet.data.cityscapes import CityscapesDataset, DatasetError, resolve_data
 from erfnet.data.synthetic import make_synthetic_cityscapes
 from erfnet.data.transforms import EvalTransform, TrainTransform, normalize, resize_image
 
-__all__ = [
-    "CityscapesDataset",
-    "DatasetError",
-    "EvalTransform",
-    "TrainTransform",
-    "make_synthetic_cityscapes",
-    "normalize",
-    "resize_image",
-    "resolve_data_root",
-]
+# fmt: off
+__all__ = ["CityscapesDataset", "DatasetError", "EvalTransform", "TrainTransform",
+           "make_synthetic_cityscapes", "normalize", "resize_image", "resolve_data_root"]
+# fmt: on

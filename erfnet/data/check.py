@@ -71,15 +71,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 # Adam7's passes: (x start, y start, x step, y step).
-_ADAM7 = (
-    (0, 0, 8, 8),
-    (4, 0, 8, 8),
-    (0, 4, 4, 8),
-    (2, 0, 4, 4),
-    (0, 2, 2, 4),
-    (1, 0, 2, 2),
-    (0, 1, 1, 2),
-)
+# fmt: off
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+# fmt: on
 _INFLATE_STEP = 1 << 20  # bytes inflated at a time: memory stays small for any image size
 
 
@@ -96,12 +91,9 @@ def png_data_size(width: int, height: int, bit_depth: int, color_type: int, inte
 
 
 def check_png_data(path: Path) -> None:
-    """``DatasetError`` when a PNG's image data inflates to fewer bytes than its size needs.
-
-    Chunk checksums cannot see it (the chunks are whole, they just hold too little), PIL's
-    ``verify`` does not inflate, and torchvision's libpng decoder aborts the whole process on
-    such a file ("Not enough image data"), so it must be found here, before a loader reads it.
-    """
+    """``DatasetError`` when a PNG's image data inflates to fewer bytes than its size needs:
+    chunk checksums cannot see it, PIL's ``verify`` does not inflate, and torchvision's libpng
+    aborts the whole process on such a file ("Not enough image data")."""
     with open(path, "rb") as f:
         data = f.read()
     if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
@@ -157,9 +149,7 @@ def check_sample(
 
 def check_datasets(datasets: Mapping[str, Any], progress: bool = True) -> dict[str, int | None]:
     """Check every sample of each named dataset; {name: files checked, or None if skipped}.
-
-    Raises one ``DatasetError`` listing the problems (the first few) and their count.
-    """
+    Raises one ``DatasetError`` listing the first problems and their count."""
     checked: dict[str, int | None] = {}
     pairs: list[tuple[str, Path, Path | None, Collection[str]]] = []
     for name, ds in datasets.items():

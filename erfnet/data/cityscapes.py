@@ -8,10 +8,8 @@ Labels are read from ``_labelTrainIds.png`` when present, else ``_labelIds.png``
 ``erfnet.labels.ID_TO_TRAIN_ID`` with one indexing op. Every problem with the files on disk is a
 ``DatasetError`` naming the path and what was expected.
 
-Cityscapes-specific by nature, and only here: the labelIds -> trainIds mapping, the label-value
-checks and the ``_labelTrainIds.png`` preparation (the test server's writer is
-``erfnet.evaluation.cityscapes_submission``). The rest of the project takes the classes from a
-dataset's ``classes`` / ``palette`` / ``ignore_index`` or from a checkpoint's meta.
+Only here (and in the test server's writer, ``erfnet.evaluation.cityscapes_submission``) is the
+code Cityscapes-specific; the rest of the project takes the classes from a dataset or a checkpoint.
 """
 
 from __future__ import annotations
@@ -93,13 +91,11 @@ def check_root(root: Path) -> None:
     if not root.is_dir():
         raise DatasetError(f"Cityscapes root '{root}' is not a folder; {LAYOUT}")
     # Pointed one or two levels too deep (at leftImg8bit/ or gtFine/, or at one of their splits)?
-    for up, node in ((1, root), (2, root.parent)):
+    for node, below in ((root, ""), (root.parent, f"{root.name}/")):
         if node.name in (IMAGE_DIR, LABEL_DIR) and not (root / IMAGE_DIR).is_dir():
-            parent = node.parent
             raise DatasetError(
-                f"'{root}' looks like the {node.name}/"
-                + ("" if up == 1 else f"{root.name}/")
-                + f" folder, not the dataset root; use its parent '{parent}' instead; {LAYOUT}"
+                f"'{root}' looks like the {node.name}/{below} folder, not the dataset root; use"
+                f" its parent '{node.parent}' instead; {LAYOUT}"
             )
     if not (root / IMAGE_DIR).is_dir():
         found = sorted(p.name for p in root.iterdir())[:10]
@@ -123,11 +119,9 @@ def _scan(split_dir: Path, suffix: str) -> dict[str, tuple[str, Path]]:
 
 
 def find_samples(root: str | os.PathLike, split: str, labels: bool | None = None) -> list[Sample]:
-    """Discover and pair the files of ``split``, sorted by (city, name).
-
-    ``labels`` None means "labels for every split but test". With labels, an image without a
-    label file (or a label file without an image) is an error naming both paths.
-    """
+    """Discover and pair the files of ``split``, sorted by (city, name). ``labels`` None means
+    "labels for every split but test". With labels, an image without a label file (or a label file
+    without an image) is an error naming both paths."""
     root = Path(root)
     check_root(root)
     if labels is None:
@@ -207,19 +201,44 @@ def load_label(path: str | os.PathLike, kind: str = "labelIds") -> torch.Tensor:
 Transform = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-class CityscapesDataset(Dataset):
-    """Cityscapes ``split`` under ``root``.
+class PairDataset(Dataset):
+    """What Cityscapes and a folder dataset share: ``samples``, ``load`` and the items (a
+    subclass gives ``load_label``)."""
 
-    Items are dicts: ``image`` [3,H,W], ``label`` int64 [H,W] trainIds with 255 = ignore (absent
-    for the test split), ``name`` "<city>_<seq>_<frame>", ``city``, and ``ori_size`` int64 [2] =
-    the image's (H, W) on disk. ``transform`` is a joint callable (uint8 image [3,H,W], uint8
-    trainIds [H,W] or None) -> (image, int64 label or None): ``TrainTransform()`` gives the
-    float32 normalised training crop, ``EvalTransform(scale)`` the uint8 0-255 image the
-    evaluator normalises itself; None is ``EvalTransform(None)`` (the image as on disk).
+    samples: list[Sample]
+    transform: Transform
 
-    ``classes``, ``palette`` and ``ignore_index`` describe the labels (the 19 evaluated classes
-    of ``erfnet.labels``); training takes the model's class count and checkpoint meta from them.
-    """
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw pair: uint8 RGB [3,H,W] and uint8 train ids [H,W] (or None), checked."""
+        s = self.samples[index]
+        image = load_image(s.image)
+        if s.label is None:
+            return image, None
+        label = self.load_label(index)
+        check_same_size(image, label, s.image, s.label)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        image, label = self.load(index)
+        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
+        image, label = self.transform(image, label)
+        item: dict[str, Any] = {"image": image, "name": s.name, "city": s.city}
+        if label is not None:
+            item["label"] = label
+        item["ori_size"] = ori_size
+        return item
+
+
+class CityscapesDataset(PairDataset):
+    """Cityscapes ``split`` under ``root``. Items are dicts: ``image`` [3,H,W], ``label`` int64
+    [H,W] trainIds with 255 = ignore (absent for the test split), ``name``, ``city`` and
+    ``ori_size`` (the image's (H, W) on disk). ``transform`` is a joint callable (uint8 image,
+    uint8 trainIds or None) -> (image, int64 label or None); None is ``EvalTransform(None)``.
+    ``classes``, ``palette`` and ``ignore_index`` describe the labels."""
 
     classes: tuple[str, ...] = CLASS_NAMES
     palette: tuple[tuple[int, int, int], ...] = PALETTE
@@ -238,34 +257,10 @@ class CityscapesDataset(Dataset):
         self.has_labels = self.samples[0].label is not None
         self.transform = EvalTransform(None) if transform is None else transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The raw pair: uint8 RGB [3,H,W] and uint8 trainIds [H,W] (or None), checked."""
-        s = self.samples[index]
-        image = load_image(s.image)
-        if s.label is None:
-            return image, None
-        label = self.load_label(index)
-        check_same_size(image, label, s.image, s.label)
-        return image, label
-
     def load_label(self, index: int) -> torch.Tensor:
         """The uint8 trainIds [H, W] of sample ``index`` (255 = ignore), checked."""
         s = self.samples[index]
         return load_label(s.label, s.label_kind or "labelIds")
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
-        image, label = self.load(index)
-        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
-        image, label = self.transform(image, label)
-        item: dict[str, Any] = {"image": image, "name": s.name, "city": s.city}
-        if label is not None:
-            item["label"] = label
-        item["ori_size"] = ori_size
-        return item
 
     def __repr__(self) -> str:
         return (
@@ -303,13 +298,11 @@ def _needs_update(src: Path, dst: Path) -> bool:
 
 
 def write_train_ids(label_ids_path: str | os.PathLike, force: bool = False) -> bool:
-    """Write the ``_labelTrainIds.png`` of one ``_labelIds.png``; False if it was up to date.
-
-    The values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives);
-    the file is written to a temporary name and renamed, so an interrupted run leaves no partial
-    PNG. Up to date means: it exists and is not older than its ``_labelIds.png``. Uses only
-    numpy and PIL, so forked workers never run torch.
-    """
+    """Write the ``_labelTrainIds.png`` of one ``_labelIds.png``; False if it was up to date. The
+    values are the official table's (what cityscapesScripts' createTrainIdLabelImgs gives); the file
+    is written to a temporary name and renamed, so an interrupted run leaves no partial PNG. Up to
+    date means: it exists and is not older than its ``_labelIds.png``. Uses only numpy and PIL, so
+    forked workers never run torch."""
     src = Path(label_ids_path)
     dst = train_ids_path(src)
     if not force and not _needs_update(src, dst):
@@ -343,11 +336,9 @@ def _write_train_ids_job(args: tuple[str, bool]) -> tuple[str, bool | None, str]
 def prepare_train_ids(
     root: str | os.PathLike, workers: int = 1, force: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Write ``_labelTrainIds.png`` next to every ``_labelIds.png`` under ``root`` (all splits),
-    in ``workers`` processes, skipping up-to-date files unless ``force``.
-
-    Returns ``{"written": n, "skipped": n, "errors": [(path, message), ...]}``.
-    """
+    """Write ``_labelTrainIds.png`` next to every ``_labelIds.png`` under ``root`` (all splits), in
+    ``workers`` processes, skipping up-to-date files unless ``force``. Returns ``{"written": n,
+    "skipped": n, "errors": [(path, message), ...]}``."""
     files = find_label_id_files(root)
     todo = [p for p in files if force or _needs_update(p, train_ids_path(p))]
     result: dict[str, Any] = {"written": 0, "skipped": len(files) - len(todo), "errors": []}

@@ -80,13 +80,15 @@ def pixel_limit() -> int:
 
 def check_pixels(path: os.PathLike, width: int, height: int) -> None:
     """``DatasetError`` for an image over ``pixel_limit()`` (from its header)."""
-    limit = pixel_limit()
-    if width * height > limit:
-        raise DatasetError(
-            f"'{path}' is {width}x{height} (WxH) = {width * height:,} pixels, more than the"
-            f" {limit:,} an image may have here (PIL.Image.MAX_IMAGE_PIXELS, its bomb limit);"
-            " downscale or tile it"
-        )
+    if width * height > pixel_limit():
+        raise _too_big(path, f"is {width}x{height} (WxH) = {width * height:,} pixels")
+
+
+def _too_big(path: os.PathLike, size: str) -> DatasetError:
+    return DatasetError(
+        f"'{path}' {size}, more than the {pixel_limit():,} an image may have here"
+        " (PIL.Image.MAX_IMAGE_PIXELS, its bomb limit); downscale or tile it"
+    )
 
 
 def _jpeg_size(f: Any) -> tuple[int, int] | None:
@@ -142,10 +144,7 @@ def open_image(path: os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as e:  # over twice PIL's limit: PIL gives the count
         found = re.search(r"\((\d+) pixels\)", str(e))
         count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise DatasetError(
-            f"'{path}' has {count}, more than the {pixel_limit():,} an image may have here"
-            " (PIL.Image.MAX_IMAGE_PIXELS, its bomb limit); downscale or tile it"
-        ) from None
+        raise _too_big(path, f"has {count}") from None
     try:
         check_pixels(path, *im.size)
     except DatasetError:
@@ -185,10 +184,8 @@ def _spng_decode(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor | None
 
 
 def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tensor:
-    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (a DeprecationWarning
-    # per call, hidden by Python's default filters; no filter is changed here); they are still
-    # the fastest PNG path here (libpng straight into a tensor), unless pyspng is installed
-    # (see _spng_decode).
+    # torchvision 0.29 deprecates its image codecs for TorchCodec (a DeprecationWarning hidden by
+    # the default filters); still the fastest PNG path here, unless pyspng is installed.
     from torchvision.io import decode_png, read_file
 
     try:
@@ -212,12 +209,8 @@ def read_png(path: Path, mode: ImageReadMode, exif: bool = False) -> torch.Tenso
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as uint8 RGB [3, H, W], upright (its EXIF orientation applied): PNG through
-    libpng, JPEG and the rest through PIL.
-
-    A 16-bit image keeps its high byte (``value >> 8``, as PIL and libpng's strip_16 read it),
-    so it is normalised on the same 0-255 scale as an 8-bit one.
-    """
+    """An image file as uint8 RGB [3, H, W], upright (its EXIF orientation applied); a 16-bit
+    image keeps its high byte (``value >> 8``, as PIL and libpng's strip_16 read it)."""
     path = Path(path)
     if path.suffix.lower() == ".png":
         from torchvision.io import ImageReadMode

@@ -28,36 +28,20 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from erfnet.config import IGNORE_INDEX, MEAN_RGB, STD_RGB
-from erfnet.data.cityscapes import Sample, Transform
-from erfnet.data.decode import (
-    DatasetError,
-    check_label_values,
-    check_same_size,
-    load_image,
-    open_image,
-)
+from erfnet.data.cityscapes import PairDataset, Sample, Transform
+from erfnet.data.decode import DatasetError, check_label_values, open_image
 from erfnet.data.transforms import EvalTransform
-from erfnet.outputs import printable
+from erfnet.outputs import PathLike, printable
 
-SPEC_KEYS = (
-    "names",
-    "palette",
-    "ignore_index",
-    "label_map",
-    "splits",
-    "image_suffix",
-    "label_suffix",
-)
 # Stored label values a label_map may name: 16-bit PNGs hold up to 65535.
 MAX_STORED_VALUE = 65535
 # Train ids and the ignore value live in uint8 label tensors.
@@ -101,6 +85,9 @@ class FolderSpec:
         for stored, train_id in self.label_map.items():
             lut[stored] = IGNORE_INDEX if train_id == self.ignore_index else train_id
         return lut
+
+
+SPEC_KEYS = tuple(f.name for f in fields(FolderSpec) if f.name != "path")  # the file's keys
 
 
 def _is_int(v: Any) -> bool:
@@ -358,17 +345,10 @@ def to_train_ids(values: np.ndarray, spec: FolderSpec, path: str | os.PathLike) 
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
-class FolderDataset(Dataset):
+class FolderDataset(PairDataset):
     """``split`` of a folder dataset under ``root``, described by ``spec`` (a classes file path
-    or a ``FolderSpec``).
-
-    The interface is ``CityscapesDataset``'s: ``samples`` (``.image`` / ``.label`` paths),
-    ``load(index)`` -> (uint8 RGB [3,H,W], uint8 train ids [H,W], 255 = ignore), items
-    ``{"image", "label", "name", "city", "ori_size"}`` (``city``: the sub-folder, "" when flat)
-    and the same ``transform`` contract (``TrainTransform`` / ``EvalTransform``; None keeps the
-    image as on disk). ``classes``, ``palette`` and ``ignore_index`` (255) describe the labels
-    as delivered; ``mean`` / ``std`` the normalisation a checkpoint records.
-    """
+    or a ``FolderSpec``), with ``CityscapesDataset``'s interface (``city``: the sub-folder, ""
+    when flat); ``mean`` / ``std``: the normalisation a checkpoint records."""
 
     ignore_index: int = IGNORE_INDEX
     label_modes: tuple[str, ...] = _LABEL_MODES  # the label PNG modes the data check accepts
@@ -377,8 +357,8 @@ class FolderDataset(Dataset):
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        spec: FolderSpec | str | os.PathLike,
+        root: PathLike,
+        spec: FolderSpec | PathLike,
         split: str,
         transform: Transform | None = None,
     ) -> None:
@@ -391,34 +371,10 @@ class FolderDataset(Dataset):
         self.has_labels = True
         self.transform = EvalTransform(None) if transform is None else transform
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def load_label(self, index: int) -> torch.Tensor:
         """The uint8 train ids [H, W] of sample ``index`` (255 = ignore), checked."""
         path = self.samples[index].label
         return to_train_ids(read_label_values(path), self.spec, path)
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw pair: uint8 RGB [3,H,W] and uint8 train ids [H,W], checked."""
-        s = self.samples[index]
-        image = load_image(s.image)
-        label = self.load_label(index)
-        check_same_size(image, label, s.image, s.label)
-        return image, label
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
-        image, label = self.load(index)
-        ori_size = torch.tensor(image.shape[1:], dtype=torch.int64)
-        image, label = self.transform(image, label)
-        return {
-            "image": image,
-            "label": label,
-            "name": s.name,
-            "city": s.city,
-            "ori_size": ori_size,
-        }
 
     def __repr__(self) -> str:
         return (

@@ -33,11 +33,8 @@ def check_data_flags(args: Any) -> None:
         raise FlagError(f"--data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
     if data == "folder":
         root = getattr(args, "data_root", None)
-        missing = [
-            flag
-            for flag, value in (("--data-root DIR", root), ("--classes FILE", classes))
-            if not value
-        ]
+        given = (("--data-root DIR", root), ("--classes FILE", classes))
+        missing = [flag for flag, value in given if not value]
         if missing:
             raise FlagError(f"--data folder needs {' and '.join(missing)}")
     elif classes is not None:
@@ -68,12 +65,9 @@ def data_inputs(
     root_flag: str = "--data-root",
     classes_flag: str = "--classes",
 ) -> list[tuple[str, Path]]:
-    """What a dataset reads, as (label, path) inputs for the output rule
-    (``erfnet.outputs.check_outputs``): the classes file and the folders that hold the data,
-    Cityscapes' ``leftImg8bit/`` and ``gtFine/``, a folder dataset's ``images/`` and
-    ``labels/`` or every split folder its classes file names (one may lie outside the root:
-    ``"../tvout/labels/val"``). The root itself is not one: a report written beside the data
-    (``--json ROOT/metrics.json``) replaces nothing."""
+    """What a dataset reads, as (label, path) inputs for the output rule: the classes file and
+    the folders that hold the data (every split folder a classes file names, which may lie
+    outside the root). The root itself is not one: a report beside the data replaces nothing."""
     if root is None:
         return []
     root = Path(root)
@@ -105,11 +99,9 @@ def dataset_from_args(
     *,
     labels: bool | None = None,
 ) -> list[Dataset]:
-    """One dataset per split of ``splits``, as ``args`` describe them (``data``, ``data_root``,
-    ``classes``: a classes file or an already loaded ``FolderSpec``); ``transforms[split]`` is
-    that split's transform (absent: the image as on disk, for the evaluator). ``labels`` True
-    makes a Cityscapes split without labels an error (None: labels for every split but test).
-    Raises ``FlagError`` or ``DatasetError``."""
+    """One dataset per split, as ``args`` describe them (``classes``: a file or a loaded
+    ``FolderSpec``), with ``transforms[split]`` (absent: the image as on disk); ``labels`` True
+    makes a Cityscapes split without labels an error (None: labels for every split but test)."""
     check_data_flags(args)
     transforms = transforms or {}
     root = data_root_from_args(args)

@@ -13,6 +13,7 @@ import colorsys
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +23,16 @@ from erfnet.labels import LABELS
 from erfnet.outputs import atomic_write, tmp_path
 
 # Real city names of each split (the official release), used round robin.
+# fmt: off
 CITIES: dict[str, tuple[str, ...]] = {
-    "train": (
-        "aachen",
-        "bochum",
-        "bremen",
-        "cologne",
-        "darmstadt",
-        "dusseldorf",
-        "erfurt",
-        "hamburg",
-        "hanover",
-        "jena",
-        "krefeld",
-        "monchengladbach",
-        "strasbourg",
-        "stuttgart",
-        "tubingen",
-        "ulm",
-        "weimar",
-        "zurich",
-    ),
+    "train": ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf", "erfurt",
+              "hamburg", "hanover", "jena", "krefeld", "monchengladbach", "strasbourg",
+              "stuttgart", "tubingen", "ulm", "weimar", "zurich"),
     "val": ("frankfurt", "lindau", "munster"),
     "test": ("berlin", "bielefeld", "bonn", "leverkusen", "mainz", "munich"),
 }
-_SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+# fmt: on
+_SPLIT_INDEX = {split: i for i, split in enumerate(CITIES)}
 
 _NUM_IDS = 34
 _LABEL_BY_ID = {lb.id: lb for lb in LABELS if lb.id >= 0}
@@ -76,16 +62,12 @@ _IGNORED_BOXES = (0, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 
 
 def _class_appearance() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per label id: RGB colour, stripe period (px), stripe angle (rad), stripe amplitude.
-
-    Each of the 19 evaluated classes has its own (period, angle) stripe pattern, because the
-    recipe's hue jitter (+-36 degrees) is larger than the spacing of 19 hues; colour and
-    brightness are a second cue. Ignored ids get dull colours and faint textures.
-    """
+    """Per label id: RGB colour, stripe period (px), stripe angle (rad), stripe amplitude. Each of
+    the 19 evaluated classes has its own (period, angle) stripe pattern, because the recipe's hue
+    jitter (+-36 degrees) is larger than the spacing of 19 hues; colour and brightness are a second
+    cue. Ignored ids get dull colours and faint textures."""
     colors = np.zeros((_NUM_IDS, 3), np.float32)
-    period = np.zeros(_NUM_IDS, np.float32)
-    angle = np.zeros(_NUM_IDS, np.float32)
-    amp = np.zeros(_NUM_IDS, np.float32)
+    period, angle, amp = np.zeros((3, _NUM_IDS), np.float32)
     periods = (3.0, 5.0, 8.0, 13.0)
     angles = np.deg2rad([0.0, 36.0, 72.0, 108.0, 144.0])
     for i in range(_NUM_IDS):
@@ -127,19 +109,11 @@ def synthesize_sample(
 
     def fill(label_id: int, y0: int, y1: int, x0: int, x1: int) -> None:
         lab[y0:y1, x0:x1] = label_id
-        if label_id in _INSTANCE_IDS:
-            inst[y0:y1, x0:x1] = label_id * 1000 + len(polys)
-        else:
-            inst[y0:y1, x0:x1] = label_id
-        polys.append(
-            {
-                "label": _LABEL_BY_ID[label_id].name,
-                "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]],
-            }
-        )
+        inst[y0:y1, x0:x1] = label_id * 1000 + len(polys) if label_id in _INSTANCE_IDS else label_id
+        box = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+        polys.append({"label": _LABEL_BY_ID[label_id].name, "polygon": box})
 
-    sky_end = int(h * rng.uniform(0.1, 0.25))
-    horizon = int(h * rng.uniform(0.4, 0.55))
+    sky_end, horizon = int(h * rng.uniform(0.1, 0.25)), int(h * rng.uniform(0.4, 0.55))
     fill(23, 0, sky_end, 0, w)  # sky
     fill(11, sky_end, horizon, 0, w)  # building
     fill(7, horizon, h, 0, w)  # road
@@ -198,10 +172,8 @@ def _color_image(lab: np.ndarray) -> np.ndarray:
 
 def _save_png(array: np.ndarray, path: Path, compress_level: int) -> None:
     # No fsync: a dataset a rerun makes again; the rename alone keeps a file whole or absent.
-    image = Image.fromarray(array)
-    atomic_write(
-        path, lambda f: image.save(f, format="PNG", compress_level=compress_level), fsync=False
-    )
+    save = partial(Image.fromarray(array).save, format="PNG", compress_level=compress_level)
+    atomic_write(path, save, fsync=False)
 
 
 def make_synthetic_cityscapes(
@@ -214,16 +186,10 @@ def make_synthetic_cityscapes(
     extras: bool = True,
     compress_level: int = 1,
 ) -> Path:
-    """Write a synthetic Cityscapes under ``root`` in the official layout and return ``root``.
-
-    ``size`` is (height, width), like every size in the project (the real images are
-    (1024, 2048)). Writes
-    ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` and
-    ``gtFine/<split>/<city>/..._gtFine_labelIds.png`` (label ids, ignored ids included); with
-    ``extras`` also ``_gtFine_color.png``, ``_gtFine_instanceIds.png`` and
-    ``_gtFine_polygons.json`` (rectangles and triangles in drawing order).
-    The test split's labels are all 0 ("unlabeled"), like the public release.
-    """
+    """Write a synthetic Cityscapes of ``size`` (H, W) images under ``root`` in the official
+    layout (``_leftImg8bit.png``, ``_gtFine_labelIds.png``; with ``extras`` also the
+    ``_gtFine_color.png``, ``_gtFine_instanceIds.png`` and ``_gtFine_polygons.json``) and return
+    ``root``. The test split's labels are all 0 ("unlabeled"), like the public release."""
     height, width = int(size[0]), int(size[1])
     if height < 8 or width < 8:
         raise ValueError(f"synthetic image size must be at least 8x8 (HxW), got {height}x{width}")
@@ -237,16 +203,13 @@ def make_synthetic_cityscapes(
         for i in range(n):
             city = cities[i % len(cities)]
             name = f"{city}_{i // len(cities):06d}_000019"
-            img_dir = root / "leftImg8bit" / split / city
-            gt_dir = root / "gtFine" / split / city
-            img_dir.mkdir(parents=True, exist_ok=True)
-            gt_dir.mkdir(parents=True, exist_ok=True)
+            img_dir, gt_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+            for folder in (img_dir, gt_dir):
+                folder.mkdir(parents=True, exist_ok=True)
             rng = np.random.default_rng([seed, _SPLIT_INDEX[split], i])
             img, lab, inst, polys = synthesize_sample(rng, height, width)
             if split == "test":
-                lab = np.zeros_like(lab)
-                inst = np.zeros_like(inst)
-                polys = []
+                lab, inst, polys = np.zeros_like(lab), np.zeros_like(inst), []
             _save_png(img, img_dir / f"{name}_leftImg8bit.png", compress_level)
             _save_png(lab, gt_dir / f"{name}_gtFine_labelIds.png", compress_level)
             if extras:
@@ -271,11 +234,9 @@ def synthetic_cache_root() -> Path:
 
 
 def ensure_synthetic_cityscapes(root: str | os.PathLike) -> Path:
-    """Create the ``SYNTHETIC_DATA`` dataset at ``root`` unless something is there already.
-
-    Written into a temporary sibling folder and renamed, so a killed run or a concurrent one
-    never leaves a half-made dataset behind. Raises OSError when ``root`` cannot be made.
-    """
+    """Create the ``SYNTHETIC_DATA`` dataset at ``root`` unless something is there already:
+    in a temporary sibling folder then renamed, so a killed or concurrent run never leaves a
+    half-made dataset. Raises OSError when ``root`` cannot be made."""
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         return root
@@ -351,8 +312,8 @@ def make_synthetic_anomaly(
     if count < 1:
         raise ValueError(f"the number of anomaly images must be >= 1, got {count}")
     root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels_masks").mkdir(parents=True, exist_ok=True)
+    for folder in ("images", "labels_masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         rng = np.random.default_rng([seed, ANOMALY_STREAM, i])
         img, mask = synthesize_anomaly_sample(rng, height, width)

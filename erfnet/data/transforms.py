@@ -37,11 +37,7 @@ def _per_channel(values: Stats, like: torch.Tensor) -> torch.Tensor:
 
 def normalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     """0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) -> float32 ``(x - mean) / std``, a new tensor.
-
-    The one place images are normalised: training (``TrainTransform``), evaluation and prediction
-    (``erfnet.evaluation.inference``, with the checkpoint's ``meta["mean"]`` / ``["std"]``).
-    Multiplies by 1/std like mmcv's ``imnormalize``; one allocation, then in place.
-    """
+    Multiplies by 1/std like mmcv's ``imnormalize``; one allocation, then in place."""
     inv_std = 1.0 / _per_channel(std, image)
     return image.to(torch.float32, copy=True).sub_(_per_channel(mean, image)).mul_(inv_std)
 
@@ -52,11 +48,7 @@ def denormalize(image: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
 
 
 def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv ``imrescale`` keep-ratio rule: the (h, w) of ``size`` fitted into ``scale``.
-
-    The factor is min(long edge / long side, short edge / short side) and each side is
-    ``int(side * factor + 0.5)``, as mmcv does.
-    """
+    """mmcv ``imrescale`` keep-ratio rule: the (h, w) of ``size`` fitted into ``scale``."""
     h, w = size
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
@@ -64,11 +56,8 @@ def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, in
 
 
 def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The one image resize: a 0-255 RGB [3,H,W] or [N,3,H,W] (any dtype) to ``size`` (H, W),
-    bilinear without antialiasing (align_corners=False, like cv2 INTER_LINEAR), rounded to
-    integers and clipped to 0..255 as mmseg's uint8 image is; float32. Resize first, then
-    ``normalize``: mmseg resizes the uint8 image before normalising it.
-    """
+    """The one image resize: a 0-255 RGB [3,H,W] or [N,3,H,W] to ``size`` (H, W), bilinear like
+    cv2 INTER_LINEAR, rounded and clipped to 0..255 as mmseg's uint8 image is; float32."""
     size = (int(size[0]), int(size[1]))
     image = image.to(torch.float32)
     if tuple(image.shape[-2:]) == size:
@@ -143,11 +132,7 @@ def resize_crop_bilinear(
     image: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int], flip: bool = False
 ) -> torch.Tensor:
     """``resize_image(image, size)[:, y0:y1, x0:x1]`` (then flipped left-right if ``flip``)
-    computed only inside the box: separable bilinear with the full resize's coordinates.
-
-    Returns float32 rounded to integer values, like the uint8 image mmseg would hold. At a resize
-    ratio of 2 this is far cheaper than resizing the whole image and cropping (docs/data.md).
-    """
+    computed only inside the box (far cheaper at a resize ratio of 2: docs/data.md)."""
     ry0, ry1, wy, cx0, cx1, wx, rows_first = bilinear_taps(
         (image.shape[1], image.shape[2]), size, box, flip
     )
@@ -217,12 +202,10 @@ def _uniform(lo: float, hi: float) -> float:
 
 class PhotoMetricDistortion:
     """mmseg's PhotoMetricDistortion on a float [3,H,W] image with integer values 0..255.
-
     Brightness, then contrast first (mode 1) or last (mode 0) as decided by randint(2), then
     saturation and hue in OpenCV 8-bit HSV; each step with p=0.5; every step clips to 0..255 and
-    truncates to integers like mmseg's ``astype(np.uint8)``. Hue shifts by
-    randint(-hue_delta, hue_delta) (high exclusive, like numpy) in 2-degree units, modulo 180.
-    """
+    truncates to integers like mmseg's ``astype(np.uint8)``. Hue shifts by randint(-hue_delta,
+    hue_delta) (high exclusive, like numpy) in 2-degree units, modulo 180."""
 
     def __init__(
         self,
@@ -243,10 +226,9 @@ class PhotoMetricDistortion:
     def draw(self) -> dict[str, float | None]:
         """The random parameters, drawn in mmseg's order: brightness delta, mode, contrast
         (mode 1), saturation factor, hue delta, contrast (mode 0); None for a skipped step."""
-        p: dict[str, float | None] = {"brightness": None, "contrast": None}
-        if _coin():
-            d = self.brightness_delta
-            p["brightness"] = _uniform(-d, d)
+        d = self.brightness_delta
+        p: dict[str, float | None] = {"brightness": _uniform(-d, d) if _coin() else None}
+        p["contrast"] = None
         p["mode"] = int(torch.randint(2, ()).item())
         if p["mode"] == 1 and _coin():
             p["contrast"] = _uniform(*self.contrast_range)
@@ -304,10 +286,8 @@ def crop_ok(
 def random_crop_box(size: tuple[int, int], crop_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """mmseg ``get_crop_bbox``: (y0, y1, x0, x1), clipped to the image when it is smaller."""
     h, w = size
-    margin_h = max(h - crop_size[0], 0)
-    margin_w = max(w - crop_size[1], 0)
-    oy = int(torch.randint(margin_h + 1, ()).item())
-    ox = int(torch.randint(margin_w + 1, ()).item())
+    oy = int(torch.randint(max(h - crop_size[0], 0) + 1, ()).item())
+    ox = int(torch.randint(max(w - crop_size[1], 0) + 1, ()).item())
     return oy, min(oy + crop_size[0], h), ox, min(ox + crop_size[1], w)
 
 

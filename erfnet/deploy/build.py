@@ -20,16 +20,7 @@ import torch
 
 from erfnet import outputs
 from erfnet.checkpoint import load_model
-from erfnet.deploy import gate
-from erfnet.deploy.exported import (
-    HINT_KEY,
-    META_KEY,
-    OUTPUT_KEY,
-    PRECISION_KEY,
-    ExportError,
-    load_exported,
-    require,
-)
+from erfnet.deploy import exported, gate
 from erfnet.deploy.onnx import ONNX_MIN_OPSET, append_argmax, export_onnx, set_props
 from erfnet.fuse import optimize_for_inference
 
@@ -86,14 +77,14 @@ def check_outputs(
     ``.bin``) and ``--report``: a suffix ``fmt`` takes, no input overwritten, no output on
     another (``--out q.onnx --report q.onnx``, ``--out v.xml --report v.bin``)."""
     if fmt in SUFFIX and out.suffix.lower() != SUFFIX[fmt]:
-        raise ExportError(f"--out {out}: a --format {fmt} file must end in {SUFFIX[fmt]}")
+        raise exported.ExportError(f"--out {out}: a --format {fmt} file must end in {SUFFIX[fmt]}")
     sidecars = _artifact_files(out)[1:] if fmt == "openvino" else []
     outputs.check_outputs(
         outputs.output_file("--out", out, *sidecars) + outputs.output_file("--report", report),
         inputs,
     )
     if not out.parent.is_dir():  # after the rule above, which names a file in the way
-        raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
+        raise exported.ExportError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 def _fp32_onnx(model: torch.nn.Module, path: Path, req: ExportRequest, argmax: bool) -> Path:
@@ -112,14 +103,14 @@ def _onnx_artifact(
         return
     from erfnet.deploy.int8 import quantize_int8
 
-    onnx = require("onnx")
+    onnx = exported.require("onnx")
     fp32 = _fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False)
     inputs = gate.NetworkInputs(held.calibration, model.meta["mean"], model.meta["std"], req.size)
     quantize_int8(fp32, ws.artifact, inputs)
     if req.argmax:  # after quantization: the argmax itself is never quantized
         proto = onnx.load(str(ws.artifact))
         append_argmax(proto)
-        set_props(proto, {OUTPUT_KEY: "labels"})
+        set_props(proto, {exported.OUTPUT_KEY: "labels"})
         onnx.save(proto, str(ws.artifact))
 
 
@@ -129,10 +120,10 @@ def _openvino_artifact(
     """The OpenVINO IR in ``ws``, converted from the fp32 ONNX export; int8 through NNCF."""
     from erfnet.deploy import openvino_ir
 
-    require("openvino")
+    exported.require("openvino")
     ir = openvino_ir.convert_onnx(_fp32_onnx(model, ws.folder / "fp32.onnx", req, argmax=False))
     if req.precision == "int8":
-        require("nncf")
+        exported.require("nncf")
         method = int8_method(req)
         options = req.nncf_options or openvino_ir.INT8_METHODS[method]
         inputs = gate.NetworkInputs(
@@ -143,10 +134,10 @@ def _openvino_artifact(
     if req.argmax:
         ir = openvino_ir.append_argmax(ir)
     props = {
-        META_KEY: json.dumps(model.meta),
-        OUTPUT_KEY: "labels" if req.argmax else "logits",
-        PRECISION_KEY: req.precision,
-        HINT_KEY: OPENVINO_HINT[req.precision],
+        exported.META_KEY: json.dumps(model.meta),
+        exported.OUTPUT_KEY: "labels" if req.argmax else "logits",
+        exported.PRECISION_KEY: req.precision,
+        exported.HINT_KEY: OPENVINO_HINT[req.precision],
     }
     openvino_ir.save_ir(ir, ws.artifact, props)
 
@@ -170,10 +161,10 @@ CHECK_SIZE = (256, 512)
 def _self_check(req: ExportRequest, model: torch.nn.Module, ws: Workspace) -> dict[str, Any]:
     """Without held-out images: the export against the fp32 model on one random input (argmax
     agreement and the largest logit difference), so that no broken file is ever written."""
-    exported = load_exported(ws.artifact, req.threads)
+    export = exported.load_exported(ws.artifact, req.threads)
     h, w = req.size or CHECK_SIZE
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    ref, got = optimize_for_inference(model)(x), exported(x)
+    ref, got = optimize_for_inference(model)(x), export(x)
     labels = got if not got.is_floating_point() else got.argmax(1)
     figures: dict[str, Any] = {
         "input": f"one random normal {h}x{w} image (no --calib-data)",
@@ -211,10 +202,10 @@ def _gate(
     req: ExportRequest, model: torch.nn.Module, ws: Workspace, held: gate.HeldOut
 ) -> dict[str, Any]:
     """Score the artifact in ``ws`` against the fp32 model on the held-out images."""
-    exported = load_exported(ws.artifact, req.threads)
+    export = exported.load_exported(ws.artifact, req.threads)
     reference = optimize_for_inference(model)
     figures = gate.score_export(
-        reference, exported, held.scored, model.meta, req.size, labels_out=req.argmax
+        reference, export, held.scored, model.meta, req.size, labels_out=req.argmax
     )
     figures["scored_images"] = len(held.scored)
     figures["max_miou_drop"] = req.max_miou_drop
@@ -231,7 +222,9 @@ def _move_into_place(ws: Workspace, out: Path) -> None:
         try:
             os.replace(src, dst)
         except OSError as e:
-            raise ExportError(f"--out {out}: cannot write '{dst}': {e.strerror or e}") from None
+            raise exported.ExportError(
+                f"--out {out}: cannot write '{dst}': {e.strerror or e}"
+            ) from None
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
@@ -273,12 +266,10 @@ def _check(
 
 
 def build_export(req: ExportRequest) -> dict[str, Any]:
-    """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict.
-
-    Raises ExportError (one line) for anything the user can fix, including a gate refusal
-    (``gate.GateError``), after which no output file exists; the report, when asked for, is
-    written either way.
-    """
+    """Write the export ``req`` asks for to ``req.out``, gated; the report as a dict. Raises
+    ExportError (one line) for anything the user can fix, including a gate refusal
+    (``gate.GateError``), after which no output file exists; the report, when asked for, is written
+    either way."""
     started = time.perf_counter()
     if req.threads:
         torch.set_num_threads(req.threads)

@@ -81,11 +81,8 @@ def openvino_model(path: str | Path) -> tuple[Any, dict[str, str]]:
     """An IR read from ``path`` and its erfnet metadata (rt_info ``["erfnet", key]``)."""
     ov = require("openvino")
     model = ov.Core().read_model(str(path))
-    props = {}
-    for key in PROP_KEYS:
-        if model.has_rt_info(["erfnet", key]):
-            props[key] = model.get_rt_info(["erfnet", key]).astype(str)
-    return model, props
+    keys = [key for key in PROP_KEYS if model.has_rt_info(["erfnet", key])]
+    return model, {key: model.get_rt_info(["erfnet", key]).astype(str) for key in keys}
 
 
 def openvino_compiled(path: str | Path | Any, threads: int = 0, hint: str | None = None) -> Any:
@@ -143,14 +140,13 @@ class ExportedModel:
             from erfnet.deploy.aoti import run_pt2
 
             out = run_pt2(self.runner, x.detach().cpu(), dynamic=self.input_size is None)
-            return out.long() if self.output == "labels" else out.float()
-        data = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        if self.format == "onnx":
-            name = self.runner.get_inputs()[0].name
-            out = self.runner.run(None, {name: data})[0]
         else:
-            out = self.runner(data)[0]
-        out = torch.from_numpy(np.asarray(out))
+            data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+            if self.format == "onnx":
+                out = self.runner.run(None, {self.runner.get_inputs()[0].name: data})[0]
+            else:
+                out = self.runner(data)[0]
+            out = torch.from_numpy(np.asarray(out))
         return out.long() if self.output == "labels" else out.float()
 
 
@@ -208,15 +204,9 @@ def load_exported(path: str | Path, threads: int = 0) -> ExportedModel:
         raise ExportError(
             f"{path}: no erfnet metadata (class names, mean/std); export it with scripts/export.py"
         )
-    return ExportedModel(
-        path=path,
-        format=fmt,
-        runner=runner,
-        meta=complete_meta(meta, len(meta["class_names"])),  # what an older export lacks
-        output=props.get(OUTPUT_KEY, "logits"),
-        precision=props.get(PRECISION_KEY, "fp32"),
-        input_size=size,
-    )
+    meta = complete_meta(meta, len(meta["class_names"]))  # what an older export lacks
+    output, precision = props.get(OUTPUT_KEY, "logits"), props.get(PRECISION_KEY, "fp32")
+    return ExportedModel(path, fmt, runner, meta, output, precision, input_size=size)
 
 
 def load_network(

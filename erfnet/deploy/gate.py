@@ -73,9 +73,8 @@ class HeldOut:
 def _open_split(root: Path, spec: Any, split: str) -> Any | None:
     """``split`` of the dataset at ``root`` (Cityscapes layout, or the folder dataset ``spec``
     describes) with labels, as the --data flags would open it; None where it cannot be read."""
-    data = SimpleNamespace(
-        data="cityscapes" if spec is None else "folder", data_root=str(root), classes=spec
-    )
+    kind = "cityscapes" if spec is None else "folder"
+    data = SimpleNamespace(data=kind, data_root=str(root), classes=spec)
     try:
         return dataset_from_args(data, [split], labels=True)[0]
     except DatasetError:
@@ -216,8 +215,7 @@ def compare_maps(
         cms["export"].update(got, label)
         equal += int((ref == got).sum())
         total += ref.numel()
-    fp32 = cms["fp32"].compute(num_scored)["mIoU"]
-    export = cms["export"].compute(num_scored)["mIoU"]
+    fp32, export = (cms[name].compute(num_scored)["mIoU"] for name in ("fp32", "export"))
     return {
         "fp32_miou": fp32,
         "export_miou": export,

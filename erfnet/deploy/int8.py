@@ -27,12 +27,7 @@ class QuantizationError(ExportError):
 
 
 def quantize_int8(
-    fp32_path: str | Path,
-    out_path: str | Path,
-    inputs: Sequence[np.ndarray],
-    *,
-    per_channel: bool = True,
-    quant_format: str = "QDQ",
+    fp32_path: str | Path, out_path: str | Path, inputs: Sequence[np.ndarray]
 ) -> Path:
     """Static int8 quantization of ``fp32_path`` with MinMax ranges over ``inputs``."""
     onnx = require("onnx")
@@ -69,8 +64,8 @@ def quantize_int8(
         str(fp32_path),
         str(out_path),
         Reader(),
-        quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
-        per_channel=per_channel,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,

@@ -33,15 +33,10 @@ def export_onnx(
     dynamic: bool = True,
     argmax: bool = False,
 ) -> Path:
-    """Write ``fuse_bn(model)`` to ``out`` as ONNX.
-
-    The graph takes ``input`` [N, 3, H, W] (normalised float32) and returns ``logits``
-    [N, C, H, W] or, with ``argmax``, int64 ``labels`` [N, H, W] (model.py already resizes the
-    logits to the input size, so the labels are at the input size). ``dynamic``: N, H and W are
-    free and ``height`` / ``width`` only size the tracing input; otherwise H and W are fixed to
-    them (N stays free). ``meta`` (the checkpoint's) goes into the file's metadata as JSON under
-    ``META_KEY``, with the output kind and "fp32" under ``OUTPUT_KEY`` / ``PRECISION_KEY``.
-    """
+    """Write ``fuse_bn(model)`` to ``out`` as ONNX: ``input`` [N, 3, H, W] (normalised float32)
+    to ``logits`` [N, C, H, W] or, with ``argmax``, int64 ``labels`` [N, H, W]. ``dynamic``: H
+    and W are free and ``height`` / ``width`` only size the tracing input (N is always free).
+    ``meta`` goes into the file's metadata as JSON under ``META_KEY``."""
     onnx = require("onnx")
     fused = fuse_bn(model).cpu().float()
     out = Path(out)
@@ -72,10 +67,8 @@ def export_onnx(
 
 
 def append_argmax(proto: Any) -> None:
-    """End the graph (in place) in ``labels`` = int64 argmax over the class axis of its output.
-
-    ONNX's ArgMax, like ``torch.argmax``, returns the first index among equal maxima.
-    """
+    """End the graph (in place) in ``labels`` = int64 argmax over the class axis of its output
+    (ONNX's ArgMax, like ``torch.argmax``, returns the first index among equal maxima)."""
     onnx = require("onnx")
     graph = proto.graph
     logits = graph.output[0]

@@ -43,22 +43,18 @@ class NNCFOptions:
     max_agreement_drop: float = 0.0075
 
 
+def _float_edges(**more: Any) -> NNCFOptions:
+    return NNCFOptions(ignore_edge_layers=True, fast_bias_correction=False, **more)
+
+
 # scripts/export.py --int8-method: the NNCF settings tried for a gate-passing int8 export, in
 # the order of docs/deploy.md's frontier ("float" = kept in f32, the rest int8).
 INT8_METHODS = {
     "defaults": NNCFOptions(),
-    "float-edges": NNCFOptions(ignore_edge_layers=True, fast_bias_correction=False),
-    "float-head": NNCFOptions(
-        ignore_edge_layers=True, fast_bias_correction=False, ignored_patterns=(r"/head/.*",)
-    ),
-    "float-decoder-head": NNCFOptions(
-        ignore_edge_layers=True,
-        fast_bias_correction=False,
-        ignored_patterns=(r"/head/.*", r"/decoder/.*"),
-    ),
-    "accuracy-control": NNCFOptions(
-        ignore_edge_layers=True, fast_bias_correction=False, accuracy_control=True
-    ),
+    "float-edges": _float_edges(),
+    "float-head": _float_edges(ignored_patterns=(r"/head/.*",)),
+    "float-decoder-head": _float_edges(ignored_patterns=(r"/head/.*", r"/decoder/.*")),
+    "accuracy-control": _float_edges(accuracy_control=True),
 }
 # The method whose export came closest to the gate on a trained checkpoint (docs/deploy.md).
 BEST_INT8_METHOD = "float-decoder-head"
@@ -77,21 +73,13 @@ def convert_onnx(onnx_path: str | Path) -> Any:
 
 
 def append_argmax(model: Any) -> Any:
-    """A new model ending in int32 ``labels`` [N, H, W]: the argmax over the class axis.
-
-    A stable TopK (k=1) returns the first index among equal maxima, like ``torch.argmax``.
-    """
+    """A new model ending in int32 ``labels`` [N, H, W]: the argmax over the class axis (a
+    stable TopK, k=1, returns the first index among equal maxima, like ``torch.argmax``)."""
     ov = require("openvino")
     ops = require("openvino.opset11")
-    logits = model.get_results()[0].input_value(0)
+    logits, k = model.get_results()[0].input_value(0), ops.constant(np.int64(1))
     top = ops.topk(
-        logits,
-        ops.constant(np.int64(1)),
-        axis=1,
-        mode="max",
-        sort="value",
-        index_element_type="i32",
-        stable=True,
+        logits, k, axis=1, mode="max", sort="value", index_element_type="i32", stable=True
     )
     labels = ops.squeeze(top.output(1), ops.constant(np.array([1], dtype=np.int64)))
     labels.output(0).get_tensor().set_names({"labels"})
@@ -156,10 +144,8 @@ def quantize_int8(
         "subset_size": len(inputs),
         "fast_bias_correction": options.fast_bias_correction,
     }
-    patterns = [
-        *(EDGE_LAYER_PATTERNS if options.ignore_edge_layers else ()),
-        *options.ignored_patterns,
-    ]
+    patterns = [*(EDGE_LAYER_PATTERNS if options.ignore_edge_layers else ())]
+    patterns += options.ignored_patterns
     if patterns:
         common["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
     if not options.accuracy_control:

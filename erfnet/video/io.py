@@ -41,18 +41,11 @@ class VideoError(UserError):
     """A source or output that cannot be used; the message names it and says what is wrong."""
 
 
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class FrameSource:
-    """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order.
-
-    ``fps`` is the source's frame rate (``DEFAULT_FPS`` when it does not say), ``frames`` the
-    frame count when known (0 otherwise), ``live`` is True for cameras and streams.
-    """
+    """Decoded frames (HxWx3 uint8 RGB) of a file, camera, stream or folder, in order. ``fps`` is
+    the source's frame rate (``DEFAULT_FPS`` when it does not say), ``frames`` the frame count when
+    known (0 otherwise), ``live`` is True for cameras and streams."""
 
     name: str
     fps: float
@@ -176,11 +169,6 @@ def _open_folder(path: Path) -> FrameSource:
     return FrameSource(str(path), DEFAULT_FPS, len(files), False, frames)
 
 
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
 def check_output_path(path: str | Path) -> Path:
     """``path`` if a video can be written there (its folder is created); else ``VideoError``."""
     path = Path(path)
@@ -207,12 +195,10 @@ def _format_name(path: Path) -> str:
 
 
 class VideoWriter:
-    """Encode HxWx3 uint8 RGB frames to ``path`` at ``fps``.
-
-    ``codec="auto"`` picks the first of ``AUTO_CODECS`` that opens (H.264 via libx264, preset
-    veryfast, yuv420p; MPEG-4 part 2 as the fallback); ``self.codec`` says which. ``ffv1`` (.mkv)
-    and ``libx264rgb`` (qp 0) are lossless RGB. Odd frame sizes use yuv444p for H.264.
-    """
+    """Encode HxWx3 uint8 RGB frames to ``path`` at ``fps``. ``codec="auto"`` picks the first of
+    ``AUTO_CODECS`` that opens (H.264 via libx264, preset veryfast, yuv420p; MPEG-4 part 2 as the
+    fallback); ``self.codec`` says which. ``ffv1`` (.mkv) and ``libx264rgb`` (qp 0) are lossless
+    RGB. Odd frame sizes use yuv444p for H.264."""
 
     def __init__(self, path: str | Path, fps: float, size: Size, codec: str = "auto") -> None:
         self.path = check_output_path(path)
@@ -261,20 +247,20 @@ class VideoWriter:
                 " must have one size"
             )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        self._encode(frame)
+
+    def close(self) -> None:
+        try:
+            self._encode(None)  # flush the encoder
+        finally:
+            self.container.close()
+
+    def _encode(self, frame: av.VideoFrame | None) -> None:
         try:
             for packet in self.stream.encode(frame):
                 self.container.mux(packet)
         except (av.error.FFmpegError, OSError) as e:  # e.g. the disk is full
             raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
-
-    def close(self) -> None:
-        try:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-        except (av.error.FFmpegError, OSError) as e:
-            raise VideoError(f"--out {self.path}: cannot write: {_reason(e)}") from None
-        finally:
-            self.container.close()
 
 
 def _reason(e: BaseException) -> str:
@@ -295,8 +281,3 @@ def write_clip(path: str | Path, frames: Sequence[np.ndarray], fps: float, codec
         writer.write(f)
     writer.close()
     return writer.path
-
-
-# --------------------------------------------------------------------------------------------
-# Colours
-# --------------------------------------------------------------------------------------------

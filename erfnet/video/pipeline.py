@@ -60,25 +60,11 @@ from erfnet.video.predictors import (  # noqa: F401  (re-exported)
     preprocess_frame,
 )
 
-__all__ = [
-    "STAGES",
-    "ExportedPredictor",
-    "FrameSource",
-    "OnnxPredictor",
-    "TorchPredictor",
-    "VideoError",
-    "VideoWriter",
-    "blend",
-    "open_source",
-    "preprocess_frame",
-    "run_video",
-    "write_clip",
-]
-
-
-# --------------------------------------------------------------------------------------------
-# The pipeline
-# --------------------------------------------------------------------------------------------
+# fmt: off
+__all__ = ["STAGES", "ExportedPredictor", "FrameSource", "OnnxPredictor", "TorchPredictor",
+           "VideoError", "VideoWriter", "blend", "open_source", "preprocess_frame", "run_video",
+           "write_clip"]
+# fmt: on
 
 
 @dataclass
@@ -157,8 +143,7 @@ class _Stages:
             self.writer.write(image)
         if self.labels_dir is not None:
             path = self.labels_dir / f"{index:06d}.png"
-            image = Image.fromarray(labels)
-            save = partial(image.save, format="PNG", compress_level=1)
+            save = partial(Image.fromarray(labels).save, format="PNG", compress_level=1)
             try:  # the one atomic writer: never a half-written frame, never through a link
                 atomic_write(path, save, fsync=False)
             except OSError as e:
@@ -202,25 +187,16 @@ def run_video(
         raise ValueError(f"every must be >= 1, got {every}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    if out is not None:
-        out = check_output_path(out)
-    labels_dir = Path(labels_dir) if labels_dir is not None else None
+    out = check_output_path(out) if out is not None else None
     if labels_dir is not None:
+        labels_dir = Path(labels_dir)
         if labels_dir.exists() and not labels_dir.is_dir():
             raise VideoError(f"--labels {labels_dir} is a file, not a folder")
         labels_dir.mkdir(parents=True, exist_ok=True)
+    lut = palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"]))
+    out_fps = (fps or source.fps) / every
     run = _Stages(
-        source,
-        predictor,
-        out,
-        labels_dir,
-        every,
-        max_frames,
-        alpha,
-        codec,
-        out_fps=(fps or source.fps) / every,
-        log=log,
-        lut=palette_lut(predictor.meta["palette"], len(predictor.meta["class_names"])),
+        source, predictor, out, labels_dir, every, max_frames, alpha, codec, out_fps, lut, log
     )
     if out is not None:
         check_fps(run.out_fps)
@@ -404,8 +380,3 @@ def _run_pipelined(run: _Stages, queue_size: int) -> tuple[bool, bool]:
     if channel.errors:
         raise channel.errors[0]
     return interrupted, not reader.is_alive()
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------

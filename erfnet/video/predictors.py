@@ -19,10 +19,6 @@ from erfnet.deploy.exported import ExportedModel, ExportError, load_exported
 from erfnet.test_size import rule_and_scale, rule_size
 from erfnet.video.io import Size, VideoError
 
-# --------------------------------------------------------------------------------------------
-# Predictors: preprocess (reader thread) and predict (main thread)
-# --------------------------------------------------------------------------------------------
-
 
 def _mean_std(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
@@ -63,12 +59,10 @@ def _labels(logits: torch.Tensor, frame_size: Size) -> torch.Tensor:
 
 
 class TorchPredictor:
-    """A PyTorch ERFNet (ideally ``erfnet.load_model(path, device, fast=True)``) on its device.
-
-    On CUDA the frame goes up as uint8 from a pinned buffer, preprocessing runs on the GPU, the
-    network under fp16 autocast, and with ``cuda_graph`` (the frame size is then fixed) the
-    whole frame -> labels computation is captured once in a CUDA graph and replayed.
-    """
+    """A PyTorch ERFNet (ideally ``erfnet.load_model(path, device, fast=True)``) on its device. On
+    CUDA the frame goes up as uint8 from a pinned buffer, preprocessing runs on the GPU, the network
+    under fp16 autocast, and with ``cuda_graph`` (the frame size is then fixed) the whole frame ->
+    labels computation is captured once in a CUDA graph and replayed."""
 
     backend = "torch"
 

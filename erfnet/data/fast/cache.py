@@ -9,19 +9,16 @@ that the loader memory-maps instead of decoding PNGs (``prepare_cityscapes.py --
                                label's bytes; written last
 
 A cache is refused with a ``CacheError`` naming what is wrong when its manifest is missing (the
-writer did not finish) or malformed (not the layout above, samples that do not tile the data
-files), a data file's size differs from what the manifest says (truncated), or a source file was
-added, removed or changed (size or mtime) since it was written. Each sample's bytes are checked
-against their CRC-32 whenever the sample is read (zlib.crc32, a few ms per full-size Cityscapes
-pair: see docs/data.md), so a data file damaged or overwritten in place with the same size stops
-the run with one line naming the sample instead of training on damaged pixels. Cityscapes train
-takes 2975 x 2048 x 1024 x 3 bytes = 18.7 GB of images and 6.2 GB of labels.
+writer did not finish) or malformed, a data file's size differs from the manifest's (truncated), or
+a source file changed (size or mtime) since it was written. Each sample's bytes are checked against
+their CRC-32 whenever it is read (a few ms per full-size pair: docs/data.md), so a file damaged in
+place stops the run with one line naming the sample. Cityscapes train takes 18.7 GB of images and
+6.2 GB of labels.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from erfnet.data.cityscapes import CityscapesDataset, DatasetError, Sample, Transform
-from erfnet.outputs import atomic_write
+from erfnet.outputs import PathLike, atomic_write
 
 VERSION = 2  # 2: per-sample CRC-32s
 MANIFEST, IMAGES, LABELS = "manifest.json", "images.u8", "labels.u8"
@@ -46,20 +43,13 @@ class CacheError(DatasetError):
 def _source(root: Path, path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    st = path.stat()
-    return {
-        "path": path.relative_to(root).as_posix(),
-        "bytes": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-    }
+    st, rel = path.stat(), path.relative_to(root).as_posix()
+    return {"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _sources(dataset: CityscapesDataset, s: Sample) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "image": _source(dataset.root, s.image),
-        "label": _source(dataset.root, s.label),
-    }
+    root = dataset.root
+    return {"name": s.name, "image": _source(root, s.image), "label": _source(root, s.label)}
 
 
 class _Decode(Dataset):
@@ -83,11 +73,7 @@ class _Decode(Dataset):
 
 
 def write_cache(
-    root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    split: str = "train",
-    workers: int = 1,
-    progress: bool = True,
+    root: PathLike, out_dir: PathLike, split: str = "train", workers: int = 1, progress: bool = True
 ) -> dict[str, Any]:
     """Decode every pair of ``split`` under ``root`` (as the PNG loader does: trainIds, checked)
     into ``out_dir/split``; returns ``{"images": n, "bytes": total}``. The manifest is removed
@@ -164,8 +150,8 @@ def _read_manifest(folder: Path) -> list[dict[str, Any]]:
             raise CacheError(f"{where}: sample {n} lacks a name, shape, offsets or CRCs; {REBUILD}")
         if (e["image_offset"], e["label_offset"]) != (img_end, lab_end):
             raise CacheError(
-                f"{where}: sample {n} ({e['name']}) does not start where the one "
-                f"before it ends; {REBUILD}"
+                f"{where}: sample {n} ({e['name']}) does not start where the one before it ends;"
+                f" {REBUILD}"
             )
         img_end += 3 * e["height"] * e["width"]
         lab_end += e["height"] * e["width"]
@@ -219,11 +205,7 @@ class CachedCityscapesDataset(CityscapesDataset):
     same tensors."""
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        cache_dir: str | os.PathLike,
-        transform: Transform | None = None,
+        self, root: PathLike, split: str, cache_dir: PathLike, transform: Transform | None = None
     ) -> None:
         super().__init__(root, split, transform=transform, labels=True)
         self.cache_folder = Path(cache_dir) / split

@@ -1,20 +1,18 @@
 """Device-side augmentation (``train.py --gpu-aug``): the training batch of ``TrainTransform``,
 computed on the GPU.
 
-Loader workers only decode the pair and draw the random choices (``TrainTransform.draw``: resize,
-cat_max_ratio crop, flip, photometric), as ``DeviceAugDataset`` items: the uint8 image and label
-as decoded plus the sampling taps of the crop window (``bilinear_taps``, the same function the
-worker path uses) and the photometric parameters. ``DeviceAugment`` then gathers, interpolates,
-distorts, normalises and pads the whole batch on the device.
+Loader workers only decode the pair and draw the random choices (``TrainTransform.draw``), as
+``DeviceAugDataset`` items: the uint8 pair as decoded, the crop window's sampling taps
+(``bilinear_taps``, the function the worker path uses) and the photometric parameters.
+``DeviceAugment`` then gathers, interpolates, distorts, normalises and pads the whole batch on the
+device.
 
-The contract: for the same seed the batch equals the worker path's, value for value (tested on
-the CPU, where the "device" is the CPU). The draws happen in the same order from the same
-per-sample seeds, and every operation is the worker path's elementwise operation on the same
-operands: the gathers read the same source pixels, ``torch.lerp`` gets the same weights, in the
-same order (rows or columns first, per sample), and the photometric steps use
-``PhotoMetricDistortion``'s own conversions. Resume therefore stays exact with or without
-``--gpu-aug``. On CUDA the float kernels may round differently from the CPU's (FMA), so a pixel
-can differ by one intensity level at a rounding tie; the batches are otherwise the same.
+For the same seed the batch equals the worker path's, value for value (tested on the CPU): the same
+draws in the same order from the same per-sample seeds, and every operation is the worker path's
+elementwise one on the same operands (the same taps, ``torch.lerp`` weights and order,
+``PhotoMetricDistortion``'s own conversions), so resume stays exact with or without ``--gpu-aug``.
+On CUDA the float kernels may round differently (FMA): a pixel can differ by one level at a rounding
+tie.
 """
 
 from __future__ import annotations
@@ -26,37 +24,15 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from erfnet.config import IGNORE_INDEX
+from erfnet.data import transforms
 from erfnet.data.cityscapes import DatasetError
-from erfnet.data.transforms import (
-    PhotoMetricDistortion,
-    TrainTransform,
-    _hsv8_to_rgb,
-    _nearest_index,
-    _rgb_to_hsv8,
-    bilinear_taps,
-    normalize,
-)
 
 # Per-sample entries of a DeviceAugDataset item besides "image" and "label".
-PARAM_KEYS = (
-    "ry0",
-    "ry1",
-    "wy",
-    "cx0",
-    "cx1",
-    "wx",
-    "rows_first",
-    "lrows",
-    "lcols",
-    "valid",
-    "brightness",
-    "contrast_first",
-    "saturation",
-    "saturation_on",
-    "hue",
-    "hue_on",
-    "contrast_last",
-)
+# fmt: off
+PARAM_KEYS = ("ry0", "ry1", "wy", "cx0", "cx1", "wx", "rows_first", "lrows", "lcols", "valid",
+              "brightness", "contrast_first", "saturation", "saturation_on", "hue", "hue_on",
+              "contrast_last")
+# fmt: on
 
 
 def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,7 +40,9 @@ def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(t, (0, n - t.numel())) if t.numel() < n else t
 
 
-def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, torch.Tensor]:
+def draw_params(
+    transform: transforms.TrainTransform, label: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One sample's random choices as fixed-size tensors (collatable): ``transform.draw`` on
     the [H, W] label, the bilinear / nearest taps of the crop window padded to ``crop_size``,
     and the photometric parameters (neutral values for skipped steps)."""
@@ -72,30 +50,19 @@ def draw_params(transform: TrainTransform, label: torch.Tensor) -> dict[str, tor
     h, w = int(label.shape[0]), int(label.shape[1])
     p = transform.draw(label)
     size, box, flip = p["size"], p["box"], p["flip"]
-    ry0, ry1, wy, cx0, cx1, wx, rows_first = bilinear_taps((h, w), size, box, flip)
-    lrows = _nearest_index(size[0], h, box[0], box[1])
-    lcols = _nearest_index(size[1], w, box[2], box[3])
+    ry0, ry1, wy, cx0, cx1, wx, rows_first = transforms.bilinear_taps((h, w), size, box, flip)
+    lrows = transforms._nearest_index(size[0], h, box[0], box[1])
+    lcols = transforms._nearest_index(size[1], w, box[2], box[3])
     if flip:
         lcols = lcols.flip(0)
-    out = {
-        "ry0": _padded(ry0, ch),
-        "ry1": _padded(ry1, ch),
-        "wy": _padded(wy, ch),
-        "cx0": _padded(cx0, cw),
-        "cx1": _padded(cx1, cw),
-        "wx": _padded(wx, cw),
-        "rows_first": torch.tensor(rows_first),
-        "lrows": _padded(lrows, ch),
-        "lcols": _padded(lcols, cw),
-        "valid": torch.tensor([box[1] - box[0], box[3] - box[2]]),
-    }
-    pm = p["photometric"] or {
-        "brightness": None,
-        "mode": 0,
-        "contrast": None,
-        "saturation": None,
-        "hue": None,
-    }
+    rows = {"ry0": ry0, "ry1": ry1, "wy": wy, "lrows": lrows}
+    cols = {"cx0": cx0, "cx1": cx1, "wx": wx, "lcols": lcols}
+    out = {k: _padded(t, ch) for k, t in rows.items()}
+    out.update({k: _padded(t, cw) for k, t in cols.items()})
+    out["rows_first"] = torch.tensor(rows_first)
+    out["valid"] = torch.tensor([box[1] - box[0], box[3] - box[2]])
+    neutral = {"brightness": None, "mode": 0, "contrast": None, "saturation": None, "hue": None}
+    pm = p["photometric"] or neutral
     contrast = pm["contrast"] if pm["contrast"] is not None else 1.0
     f32 = torch.float32
     out.update(
@@ -116,9 +83,8 @@ class DeviceAugDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any) -> None:
         transform = getattr(dataset, "transform", None)
-        if not isinstance(transform, TrainTransform) or not callable(
-            getattr(dataset, "load", None)
-        ):
+        loads = callable(getattr(dataset, "load", None))
+        if not isinstance(transform, transforms.TrainTransform) or not loads:
             raise DatasetError(
                 f"--gpu-aug needs a dataset with load(index) and a TrainTransform; got "
                 f"{type(dataset).__name__} with transform {type(transform).__name__}"
@@ -170,16 +136,13 @@ def resize_crop_batch(
     the order ``rows_first`` says; float32 rounded to integers."""
     f32 = torch.float32
     wy, wx = a["wy"][:, None, :, None], a["wx"][:, None, None, :]
+    r0, r1, c0, c1 = a["ry0"], a["ry1"], a["cx0"], a["cx1"]
     if rows_first:
-        rows = torch.lerp(
-            _gather_rows(image, a["ry0"]).to(f32), _gather_rows(image, a["ry1"]).to(f32), wy
-        )
-        out = torch.lerp(_gather_cols(rows, a["cx0"]), _gather_cols(rows, a["cx1"]), wx)
+        rows = torch.lerp(_gather_rows(image, r0).to(f32), _gather_rows(image, r1).to(f32), wy)
+        out = torch.lerp(_gather_cols(rows, c0), _gather_cols(rows, c1), wx)
     else:
-        cols = torch.lerp(
-            _gather_cols(image, a["cx0"]).to(f32), _gather_cols(image, a["cx1"]).to(f32), wx
-        )
-        out = torch.lerp(_gather_rows(cols, a["ry0"]), _gather_rows(cols, a["ry1"]), wy)
+        cols = torch.lerp(_gather_cols(image, c0).to(f32), _gather_cols(image, c1).to(f32), wx)
+        out = torch.lerp(_gather_rows(cols, r0), _gather_rows(cols, r1), wy)
     return out.round_().clamp_(0, 255)
 
 
@@ -187,7 +150,7 @@ def photometric_batch(img: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Te
     """``PhotoMetricDistortion.apply`` on a batch, with per-image parameters. Brightness and
     contrast are exact identities at their neutral values (x * 1 + 0 on integers); the HSV
     steps are selected per image, since their 8-bit round trip is not."""
-    conv = PhotoMetricDistortion._convert
+    conv = transforms.PhotoMetricDistortion._convert
 
     def per_image(t: torch.Tensor, dims: int = 3) -> torch.Tensor:
         return t.view(-1, *([1] * dims))
@@ -195,12 +158,12 @@ def photometric_batch(img: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Te
     img = conv(img, beta=per_image(a["brightness"]))
     img = conv(img, alpha=per_image(a["contrast_first"]))
     if bool(a["saturation_on_cpu"].any()):
-        h, s, v = _rgb_to_hsv8(img)
-        new = _hsv8_to_rgb(h, conv(s, alpha=per_image(a["saturation"], 2)), v)
+        h, s, v = transforms._rgb_to_hsv8(img)
+        new = transforms._hsv8_to_rgb(h, conv(s, alpha=per_image(a["saturation"], 2)), v)
         img = torch.where(per_image(a["saturation_on"]), new, img)
     if bool(a["hue_on_cpu"].any()):
-        h, s, v = _rgb_to_hsv8(img)
-        new = _hsv8_to_rgb((h + per_image(a["hue"], 2)).remainder_(180.0), s, v)
+        h, s, v = transforms._rgb_to_hsv8(img)
+        new = transforms._hsv8_to_rgb((h + per_image(a["hue"], 2)).remainder_(180.0), s, v)
         img = torch.where(per_image(a["hue_on"]), new, img)
     return conv(img, alpha=per_image(a["contrast_last"]))
 
@@ -223,7 +186,7 @@ class DeviceAugment:
     """Turns a collated ``DeviceAugDataset`` batch into the training batch on ``device``:
     (float32 [N,3,h,w] normalised images, int64 [N,h,w] labels), equal to the worker path's."""
 
-    def __init__(self, transform: TrainTransform) -> None:
+    def __init__(self, transform: transforms.TrainTransform) -> None:
         self.transform = transform
         # mean / std as tensors on each device, made once: a tuple would be uploaded (and the
         # stream waited for) at every iteration.
@@ -256,7 +219,7 @@ class DeviceAugment:
             self._stats[device] = tuple(  # type: ignore[assignment]
                 torch.tensor(v, dtype=torch.float32, device=device) for v in (tf.mean, tf.std)
             )
-        img = normalize(img, *self._stats[device])
+        img = transforms.normalize(img, *self._stats[device])
         valid = batch["valid"]
         if bool((valid[:, 0] < ch).any() or (valid[:, 1] < cw).any()):  # pad like pad_to
             rows = torch.arange(ch, device=device)[None] >= a["valid"][:, :1]  # [n, ch]
