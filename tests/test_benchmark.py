@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from erfnet.bench import measure
 from erfnet.fuse import fuse_bn
 from erfnet.model import ERFNet
 from scripts import benchmark
@@ -66,10 +67,10 @@ def test_hand_count_matches_reference_figure() -> None:
 def test_flop_counter_matches_hand_count(head: str) -> None:
     model = ERFNet(head=head).eval()
     for h, w in [(32, 64), (48, 80)]:
-        assert benchmark.count_flops(model, (h, w)) == erfnet_hand_flops(h, w, head)
-    assert benchmark.count_flops(model, (32, 64), batch=3) == 3 * erfnet_hand_flops(32, 64, head)
+        assert measure.count_flops(model, (h, w)) == erfnet_hand_flops(h, w, head)
+    assert measure.count_flops(model, (32, 64), batch=3) == 3 * erfnet_hand_flops(32, 64, head)
     # Folding BN changes no convolution.
-    assert benchmark.count_flops(fuse_bn(model), (32, 64)) == erfnet_hand_flops(32, 64, head)
+    assert measure.count_flops(fuse_bn(model), (32, 64)) == erfnet_hand_flops(32, 64, head)
 
 
 def test_parse_size_and_bad_flags() -> None:
@@ -86,16 +87,16 @@ def test_parse_size_and_bad_flags() -> None:
 
 
 def test_cpu_isa_reads_the_flags() -> None:
-    isa = benchmark.cpu_isa()
-    assert set(isa) == set(benchmark.ISA_FLAGS) and all(isinstance(v, bool) for v in isa.values())
-    assert benchmark.format_isa({"AVX2": True, "AMX-INT8": False}) == "AVX2"
-    assert benchmark.format_isa({"AVX2": False}) == "none of AVX2"
+    isa = measure.cpu_isa()
+    assert set(isa) == set(measure.ISA_FLAGS) and all(isinstance(v, bool) for v in isa.values())
+    assert measure.format_isa({"AVX2": True, "AMX-INT8": False}) == "AVX2"
+    assert measure.format_isa({"AVX2": False}) == "none of AVX2"
 
 
 def test_interleaved_runs_every_function_each_round() -> None:
     calls: list[str] = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = benchmark.interleaved(fns, torch.device("cpu"), repeats=4, warmup=1)
+    times = measure.interleaved(fns, torch.device("cpu"), repeats=4, warmup=1)
     assert calls == ["a", "b"] * 5
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
 

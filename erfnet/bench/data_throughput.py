@@ -12,16 +12,16 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
+from erfnet.bench.measure import sync, torch_threads
 from erfnet.config import IGNORE_INDEX, RECIPE
 from erfnet.data.cityscapes import CityscapesDataset, load_image, load_label
 from erfnet.data.fast import device_aug
@@ -31,51 +31,17 @@ from erfnet.training.resume import SeededDataset, build_train_loader, mix_seed, 
 from erfnet.training.step import train_step
 
 # Stages of each path, for one worker; the main-process stages are listed separately.
+_PNG = ("seeding", "decode image", "decode label")
+_CACHE = ("seeding", "read cache")
+_RESIZE = ("resize/crop image", "resize/crop label")
+_WORKER_AUG = ("draw", *_RESIZE, "photometric", "normalise + pad", "collate")
+_GPU_AUG = ("draw + taps", "collate decoded")
 PATHS: dict[str, tuple[str, ...]] = {
-    "PNG + worker aug": (
-        "seeding",
-        "decode image",
-        "decode label",
-        "draw",
-        "resize/crop image",
-        "resize/crop label",
-        "photometric",
-        "normalise + pad",
-        "collate",
-    ),
-    "cache + worker aug": (
-        "seeding",
-        "read cache",
-        "draw",
-        "resize/crop image",
-        "resize/crop label",
-        "photometric",
-        "normalise + pad",
-        "collate",
-    ),
-    "PNG + gpu-aug": ("seeding", "decode image", "decode label", "draw + taps", "collate decoded"),
-    "cache + gpu-aug": ("seeding", "read cache", "draw + taps", "collate decoded"),
+    "PNG + worker aug": _PNG + _WORKER_AUG,
+    "cache + worker aug": _CACHE + _WORKER_AUG,
+    "PNG + gpu-aug": _PNG + _GPU_AUG,
+    "cache + gpu-aug": _CACHE + _GPU_AUG,
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _with_threads(threads: int | None, fn: Callable[[], Any]) -> Any:
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
-
-
-def _seed_only(seed: int) -> None:
-    with seeded_rngs(seed):  # what SeededDataset adds to every sample: save, seed, restore
-        pass
 
 
 def time_stages(
@@ -92,21 +58,22 @@ def time_stages(
     a ``TrainTransform``; ``cached`` (the same split from a decoded cache) adds "read cache"."""
     tf = dataset.transform
     times: dict[str, list[float]] = {}
+    worker, decoded = [], []
 
     @contextmanager
     def clock(name: str, per: int = 1) -> Iterator[None]:
         t = time.perf_counter()
         yield
-        _sync(device)
+        sync(device)
         times.setdefault(name, []).append((time.perf_counter() - t) / per)
 
-    def run() -> None:
-        worker, decoded = [], []
+    with torch_threads(threads):
         for k in range(num):
             i = k % len(dataset)
             s = dataset.samples[i]
-            with clock("seeding"):
-                _seed_only(mix_seed(0, k))
+            # What SeededDataset adds to every sample (save, seed, restore), timed alone.
+            with clock("seeding"), seeded_rngs(mix_seed(0, k)):
+                pass
             with seeded_rngs(mix_seed(0, k)):  # the real seeding, untimed: same draws below
                 with clock("decode image"):
                     image = load_image(s.image)
@@ -145,8 +112,6 @@ def time_stages(
                     {k: v.to(device, non_blocking=True) for k, v in b.items()}
             with clock("device aug", batch):
                 device_aug.DeviceAugment(tf)(b, device)
-
-    _with_threads(threads, run)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -179,8 +144,7 @@ def time_paths(
         if cached is not None or not p.startswith("cache")
     }
     times: dict[str, list[float]] = {p: [] for p in sets}
-
-    def run() -> None:
+    with torch_threads(threads):
         for r in range(rounds + 1):
             key = (r % len(png), mix_seed(1, r))
             for p, ds in sets.items():
@@ -189,8 +153,6 @@ def time_paths(
                 collate([ds[key]])  # the copy a worker makes of a mapped or decoded pair
                 if r:  # the first round warms up
                     times[p].append(time.perf_counter() - t)
-
-    _with_threads(threads, run)
     return {p: 1.0 / statistics.median(ts) for p, ts in times.items()}
 
 
@@ -207,15 +169,13 @@ def time_loader(
     """Images/s that ``build_train_loader`` delivers with ``workers`` workers (steady state), up
     to the device (pinned and uploaded on CUDA). The device-side augmentation of the gpu-aug
     paths is not included: it belongs to the step (``time_stages``' "device aug")."""
-    ds = _path_dataset(path, png, cached)
-    gpu_aug = path.endswith("gpu-aug")
     loader, _ = build_train_loader(
-        ds,
+        _path_dataset(path, png, cached),
         batch_size=batch,
         workers=workers,
         seed=0,
         pin_memory=device.type == "cuda",
-        collate_fn=device_aug.collate if gpu_aug else None,
+        collate_fn=device_aug.collate if path.endswith("gpu-aug") else None,
     )
     it = iter(loader)
     try:
@@ -229,7 +189,7 @@ def time_loader(
             b = next(it)
             for key in ("image", "label"):
                 b[key].to(device, non_blocking=True)
-            _sync(device)
+            sync(device)
         return batches * batch / (time.perf_counter() - t)
     finally:
         del it  # shuts the workers down
@@ -248,10 +208,10 @@ def time_step(device: torch.device, batch: int, size: tuple[int, int], repeats: 
     y[:, :4] = IGNORE_INDEX
     times = []
     for r in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         train_step(model, x, y, opt, scaler, autocast_dtype=torch.float16 if cuda else None)
-        _sync(device)
+        sync(device)
         if r:  # the first is the warm-up (cudnn.benchmark, allocator)
             times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -271,9 +231,7 @@ def project_recipe(
     images/s), as when loading overlaps the step perfectly."""
     rows = []
     for path, rate in data_rates.items():
-        step = step_s * batch / step_batch
-        if path.endswith("gpu-aug"):
-            step += device_aug_s * batch
+        step = step_s * batch / step_batch + (device_aug_s * batch if "gpu-aug" in path else 0)
         data = batch / rate
         it = max(step, data)
         rows.append(
@@ -291,40 +249,24 @@ def project_recipe(
     return rows
 
 
-def workers_to_feed(step_s: float, step_batch: int, per_worker: float) -> int:
-    """Workers of ``per_worker`` images/s that keep a step of ``step_s`` per ``step_batch``
-    images fed, if they scaled perfectly."""
-    return math.ceil(step_batch / step_s / per_worker)
-
-
 def time_pipeline(
     dataset: CityscapesDataset, num: int = 20, warmup: int = 2, threads: int | None = 1
 ) -> dict[str, float]:
     """Time ``dataset[i]`` (decode + labels + transform) in this process, like one DataLoader
-    worker (``threads=1`` matches a worker's single torch thread).
-
-    Returns images/s from the median and from the mean time per image, and the median seconds of
-    the two stages: load (PNG decode + label mapping and checks) and transform. The median is the
-    better figure on a shared machine.
-    """
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        n = len(dataset)
+    worker (``threads=1`` matches a worker's single torch thread): images/s from the median
+    (the better figure on a shared machine) and the mean time per image, and the median
+    seconds of the two stages, load (PNG decode + label mapping and checks) and transform."""
+    n, loads, tfs = len(dataset), [], []
+    with torch_threads(threads):
         for i in range(warmup):
             dataset[i % n]
-        loads, tfs = [], []
         for i in range(num):
             t0 = time.perf_counter()
             image, label = dataset.load(i % n)
             t1 = time.perf_counter()
             dataset.transform(image, label)
-            t2 = time.perf_counter()
             loads.append(t1 - t0)
-            tfs.append(t2 - t1)
-    finally:
-        torch.set_num_threads(old_threads)
+            tfs.append(time.perf_counter() - t1)
     totals = [a + b for a, b in zip(loads, tfs, strict=True)]
     return {
         "images_per_s": 1.0 / statistics.median(totals),

@@ -12,12 +12,12 @@ import av
 import numpy as np
 import torch
 
-from erfnet.checkpoint import cityscapes_meta, load_model
+from erfnet.checkpoint import cityscapes_meta
 from erfnet.data.synthetic import synthesize_sample
 from erfnet.fuse import optimize_for_inference
 from erfnet.model import ERFNet
 from erfnet.video.io import Size, open_source, write_clip
-from erfnet.video.pipeline import ExportedPredictor, TorchPredictor, run_video
+from erfnet.video.pipeline import TorchPredictor, run_video
 from erfnet.video.report import format_report
 
 
@@ -57,30 +57,17 @@ def benchmark_video(
     size: Size = (512, 1024),
     frames: int = 16,
     device: str | torch.device = "cpu",
-    network_size: Size | None = None,
-    checkpoint: str | Path | None = None,
-    onnx: str | Path | None = None,
     workdir: str | Path | None = None,
     rounds: int = 2,
 ) -> dict[str, Any]:
-    """End-to-end FPS on a synthetic H.264 clip, sequential and pipelined (same stages, same
-    model, same output codec) in ``rounds`` interleaved rounds; returns the best report of each
-    mode: ``{"clip", "sequential", "pipelined", "fps_per_round", "speedup"}``.
-
-    The model is ``checkpoint`` (``load_model(..., fast=True)``), an ONNX file, or a random-weight
-    ERFNet (19 classes, fast path): speed does not depend on the weights.
-    """
-    device = torch.device(device)
-    if onnx is not None:
-        predictor: TorchPredictor | ExportedPredictor = ExportedPredictor(onnx, network_size)
-    elif checkpoint is not None:
-        model = load_model(checkpoint, device, fast=True)
-        predictor = TorchPredictor(model, network_size)
-    else:
-        torch.manual_seed(0)
-        model = optimize_for_inference(ERFNet(num_classes=19).to(device).eval())
-        model.meta = cityscapes_meta(19)
-        predictor = TorchPredictor(model, network_size)
+    """End-to-end FPS of a random-weight ERFNet (19 classes, fast path: speed does not depend on
+    the weights) on a synthetic H.264 clip, sequential and pipelined (same stages, same model,
+    same output codec) in ``rounds`` interleaved rounds; returns the best report of each mode:
+    ``{"clip", "sequential", "pipelined", "fps_per_round", "speedup"}``."""
+    torch.manual_seed(0)
+    model = optimize_for_inference(ERFNet(num_classes=19).to(torch.device(device)).eval())
+    model.meta = cityscapes_meta(19)
+    predictor = TorchPredictor(model, None)
     tmp = Path(tempfile.mkdtemp(prefix="erfnet_video_", dir=workdir))
     try:
         clip = write_clip(tmp / "clip.mp4", synthetic_clip(size, frames), 30.0, "auto")

@@ -8,12 +8,14 @@ native bf16) and int8 (NNCF). Each is a callable on a normalised float batch tha
 logits, built with the same functions scripts/export.py uses; paths whose optional package is
 absent are listed in ``skipped`` with the reason. ``reduced`` names the paths that are not exact
 (the export gate's thresholds for reduced precision apply to them, fp32's to the others).
+``score_paths`` gives each path's gate figures and verdict, ``plot_paths`` speed against agreement.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +26,11 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from erfnet.deploy import gate
 from erfnet.deploy.exported import ExportError, onnx_session, openvino_compiled, require
 from erfnet.deploy.onnx import INPUT_NAME, export_onnx
 from erfnet.fuse import optimize_for_inference
+from erfnet.outputs import atomic_write
 
 PLAIN = "plain eager fp32"
 
@@ -102,13 +106,13 @@ def torch_paths(model: nn.Module, paths: DeployPaths, compile_fast: bool = True)
     paths.reduced.add("torch bf16 autocast(fast)")
 
 
-def _skipped(paths: DeployPaths, backend: str, *modules: str) -> bool:
-    """True (and the reason noted) when an optional package that ``backend`` needs is absent."""
+def _skipped(paths: DeployPaths, name: str, *modules: str) -> bool:
+    """True (and the reason noted) when an optional package that path ``name`` needs is absent."""
     try:
         for module in modules:
             require(module)
     except ExportError as e:
-        paths.skipped[backend] = str(e)
+        paths.skipped[name] = str(e)
         return True
     return False
 
@@ -141,7 +145,6 @@ def openvino_paths(
     threads: int,
     workdir: Path,
     paths: DeployPaths,
-    nncf_options: Any = None,
 ) -> None:
     """OpenVINO with an f32 hint, with its default hint, and NNCF int8 (as scripts/export.py
     deploys it: the hint it records)."""
@@ -150,42 +153,29 @@ def openvino_paths(
     from erfnet.deploy import openvino_ir
     from erfnet.deploy.build import OPENVINO_HINT
 
-    fp32_onnx = workdir / "ov_fp32.onnx"
-    if not fp32_onnx.exists():
-        export_onnx(model, fp32_onnx, *size, dynamic=False)
-    ir = openvino_ir.convert_onnx(fp32_onnx)
+    fp32 = export_onnx(model, workdir / "ov_fp32.onnx", *size, dynamic=False)
+    ir = openvino_ir.convert_onnx(fp32)
+
+    def add(name: str, compiled: Any, note: str, reduced: bool = True) -> None:
+        paths.paths[name] = (functools.partial(_run_openvino, compiled), note)
+        if reduced:
+            paths.reduced.add(name)
+
     default = openvino_compiled(ir, threads)
     hint = default.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    paths.paths["OpenVINO f32 hint"] = (
-        functools.partial(_run_openvino, openvino_compiled(ir, threads, "f32")),
-        "exact path",
-    )
-    paths.paths["OpenVINO default hint"] = (
-        functools.partial(_run_openvino, default),
-        f"runs {hint}",
-    )
-    if "16" in hint:
-        paths.reduced.add("OpenVINO default hint")
-    elif openvino_ir.cpu_supports_bf16():  # the bf16 export, which the default hint is not here
-        paths.paths["OpenVINO bf16 hint"] = (
-            functools.partial(_run_openvino, openvino_compiled(ir, threads, "bf16")),
-            "the --precision bf16 export",
-        )
-        paths.reduced.add("OpenVINO bf16 hint")
-    try:
-        require("nncf")
-    except ExportError as e:
-        paths.skipped["OpenVINO int8"] = str(e)
+    add("OpenVINO f32 hint", openvino_compiled(ir, threads, "f32"), "exact path", False)
+    add("OpenVINO default hint", default, f"runs {hint}", "16" in hint)
+    if "16" not in hint and openvino_ir.cpu_supports_bf16():
+        # the bf16 export, which the default hint is not here
+        bf16 = openvino_compiled(ir, threads, "bf16")
+        add("OpenVINO bf16 hint", bf16, "the --precision bf16 export")
+    if _skipped(paths, "OpenVINO int8", "nncf"):
         return
-    options = nncf_options or openvino_ir.NNCFOptions()
+    options = openvino_ir.NNCFOptions()
     with contextlib.redirect_stdout(None):  # NNCF's progress bars
         int8 = openvino_ir.quantize_int8(ir, calib, options)
-    compiled = openvino_compiled(int8, threads, OPENVINO_HINT["int8"])
-    paths.paths["OpenVINO int8"] = (
-        functools.partial(_run_openvino, compiled),
-        f"NNCF {options.preset}, hint {OPENVINO_HINT['int8']}",
-    )
-    paths.reduced.add("OpenVINO int8")
+    int8 = openvino_compiled(int8, threads, OPENVINO_HINT["int8"])
+    add("OpenVINO int8", int8, f"NNCF {options.preset}, hint {OPENVINO_HINT['int8']}")
 
 
 def deploy_paths(
@@ -195,7 +185,6 @@ def deploy_paths(
     threads: int,
     workdir: Path,
     compile_fast: bool = True,
-    nncf_options: Any = None,
 ) -> DeployPaths:
     """Every path, ``model`` (eval mode, CPU) first; ``calib``: int8 calibration inputs."""
     paths = DeployPaths()
@@ -205,5 +194,77 @@ def deploy_paths(
     else:
         paths.skipped["AOTInductor .pt2"] = "--compile off"
     onnxruntime_paths(model, size, calib, threads, workdir, paths)
-    openvino_paths(model, size, calib, threads, workdir, paths, nncf_options)
+    openvino_paths(model, size, calib, threads, workdir, paths)
     return paths
+
+
+def gate_verdict(figures: dict[str, Any], reduced: bool) -> str:
+    """What scripts/export.py's gate would say of these figures: fp32 thresholds for an exact
+    path, the reduced-precision defaults for a bf16 / int8 one."""
+    if reduced:
+        drop, agree = gate.DEFAULT_MAX_MIOU_DROP, gate.DEFAULT_MIN_AGREEMENT
+    else:
+        drop, agree = gate.FP32_MAX_MIOU_DROP, gate.FP32_MIN_AGREEMENT
+    missed = ["agreement"] if figures["agreement"] < agree else []
+    missed += [] if figures["miou_drop"] <= drop else ["mIoU drop"]  # NaN fails too
+    verdict = "refused: " + " and ".join(missed) if missed else "passes"
+    return f"{verdict} ({drop:g} / {agree:g} %)"
+
+
+def score_paths(
+    paths: DeployPaths, model: nn.Module, scored: gate.Picks, size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Per path: the gate's figures against the plain eager ``model`` on the ``scored`` images
+    (the export protocol: class maps at the label size), its verdict, its first call's time."""
+    meta, rows = model.meta, []
+    reference = list(gate.class_maps(model, scored, meta, size, False))
+    classes = len(scored.dataset.classes), len(meta["class_names"])
+    for name, (fn, note) in paths.paths.items():
+        t = time.perf_counter()
+        figures = gate.compare_maps(
+            reference, gate.class_maps(fn, scored, meta, size, False), *classes
+        )
+        verdict = gate_verdict(figures, name in paths.reduced)
+        rows.append(
+            {
+                "path": name,
+                "agreement": figures["agreement"],
+                "miou": figures["export_miou"],
+                "miou_drop": figures["miou_drop"],
+                "gate": verdict if name != PLAIN else "reference",
+                "first_call_s": time.perf_counter() - t,  # the first call compiles, if any
+                "note": note,
+            }
+        )
+    return rows
+
+
+def plot_paths(rows: list[dict[str, Any]], path: Path) -> str:
+    """Speed against agreement, one point per path, as a PNG at ``path``; what was done."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        passed = r["gate"].startswith(("passes", "reference"))
+        xy = (r["speedup"], r["agreement"])
+        ax.scatter(*xy, marker="o" if passed else "x", s=60)
+        ax.annotate(r["path"], xy, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("speed, x plain eager fp32 (median, one interleaved run)")
+    ax.set_ylabel("argmax agreement with fp32, % of scored pixels")
+    ax.set_title(
+        f"ERFNet CPU deploy paths, {rows[0]['size']}, {rows[0]['threads']} threads"
+        " (o: passes the gate, x: refused)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
+    return f"wrote {path}"
