@@ -535,6 +535,7 @@ def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: loop.
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
     start_weights(model, meta, args.init_from, start.path, start.ckpt)
+    model.meta = meta  # validation normalises with the data's mean / std, not the defaults
     if proc.dist.distributed and proc.device.type == "cuda":
         model = step.convert_sync_batchnorm(model, args.sync_bn)
     elif proc.dist.distributed and args.sync_bn != "none":

@@ -545,3 +545,19 @@ def test_the_quick_start_set_is_made_in_the_cache_folder_not_home(cache_outside_
     temporary folder: no test writes into the user's ~/.cache/erfnet."""
     root = data_root_from_args(_parse(["--data", "synthetic"]))
     assert root.is_relative_to(cache_outside_home) and root.name.startswith("synthetic-")
+
+
+def test_the_trained_model_carries_the_datas_meta_for_validation():
+    """Validation normalises with the model's meta: the model train.py builds carries the
+    dataset's (a folder dataset's own mean / std), not the defaults of a network built in code."""
+    from types import SimpleNamespace
+
+    from erfnet.checkpoint import complete_meta
+    from erfnet.evaluation.inference import model_normalization
+
+    meta = complete_meta({"class_names": ["a", "b"], "mean": [1.0, 2.0, 3.0]}, 2)
+    args = SimpleNamespace(seed=0, head="fcn", init_from=None, sync_bn="none")
+    start = SimpleNamespace(path=None, ckpt=None)
+    proc = SimpleNamespace(dist=SimpleNamespace(distributed=False), device=torch.device("cpu"))
+    model = train_cli.build_model(args, meta, start, proc)
+    assert model.meta == meta and model_normalization(model)[0] == (1.0, 2.0, 3.0)
