@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import erfnet
+from erfnet.config import MEAN_RGB
 from erfnet.deploy.exported import load_exported
 from erfnet.deploy.int8 import QuantizationError, quantize_int8
 from erfnet.video.pipeline import OnnxPredictor, open_source, run_video
@@ -65,7 +65,7 @@ def test_int8_export_is_a_smaller_qdq_graph_with_every_figure(exported: dict) ->
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
     model = load_exported(exported["int8"])
     assert model.precision == "int8" and model.output == "logits"
-    assert model.meta["mean"] == list(erfnet.checkpoint.MEAN_RGB)
+    assert model.meta["mean"] == list(MEAN_RGB)
     assert len(model.meta["palette"]) == 19
     json.dumps(report)  # JSON-serialisable as it is
 
