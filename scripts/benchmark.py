@@ -10,20 +10,17 @@ call each per round, and the median over rounds is reported, so a busy machine s
 variant alike. FLOPs count a multiply-add as 2 (torch.utils.flop_counter); achieved GFLOP/s is
 shown beside the machine's measured peak (a large matmul). Ratios are against the plain eager
 fp32 NCHW model, which is what mmsegmentation and erfnet_pytorch run. A section is one function
-``section_x(args, model) -> {json key: results}`` and its line in SECTIONS.
+``section_x(args, model) -> {json key: results}`` (the long ones in erfnet/bench/) and its line
+in SECTIONS.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import functools
 import json
-import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,30 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config as inductor_config
-import torch.nn.functional as F
 from torch import nn
 
-from erfnet.bench import data_throughput as throughput
 from erfnet.bench import measure
+from erfnet.bench.data_section import section_data
+from erfnet.bench.model_speed import section_infer, section_train
 from erfnet.bench.video import benchmark_video, format_video_benchmark
-from erfnet.config import IGNORE_INDEX, NUM_CLASSES, RECIPE
-from erfnet.data.cityscapes import CityscapesDataset
-from erfnet.data.fast.cache import CachedCityscapesDataset, write_cache
+from erfnet.config import RECIPE
 from erfnet.data.synthetic import make_synthetic_cityscapes
-from erfnet.data.transforms import EvalTransform, TrainTransform
 from erfnet.deploy.exported import load_network
-from erfnet.deploy.onnx import export_onnx
 from erfnet.distributed import resolve_device
 from erfnet.errors import FlagError, UserError, cli_main
-from erfnet.fuse import fuse_bn, optimize_for_inference
 from erfnet.model import ERFNet, count_parameters
 from erfnet.outputs import atomic_write_text, check_outputs, output_file
 from erfnet.runtime import check_runtime_flags
-from erfnet.training.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "eager fp32 NCHW"
 # erfnet.fuse.tune_cpu_allocator()'s setting, as glibc's environment variables.
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 CPU_ONLY = ("malloc", "shared_cpu", "deploy")  # skipped on CUDA
@@ -159,129 +148,6 @@ def section_flops(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     return {"model": out}
 
 
-def section_infer(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """Latency / throughput and equivalence of every variant at every (size, batch)."""
-    device, rows = args.device, []
-    peak = measure.matmul_peak(device, args.quick, args.approx)
-    fp32 = "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
-    for i, (size, batch) in enumerate(args.infer_configs):
-        torch.manual_seed(0)
-        x = torch.randn(batch, 3, *size, device=device)
-        compile_now = args.compile == "all" or (args.compile == "first" and i == 0)
-        variants = infer_variants(args, model, x, compile_now)
-        flops = measure.count_flops(model, size, batch)
-        with torch.inference_mode():
-            ref, outs, first_s = model(x).float(), {}, {}
-            for name, (fn, _) in variants.items():
-                t = time.perf_counter()
-                outs[name] = fn(x).float()
-                measure.sync(device)
-                first_s[name] = time.perf_counter() - t
-            fns = {name: functools.partial(fn, x) for name, (fn, _) in variants.items()}
-            times = measure.interleaved(fns, device, args.repeats, args.warmup, args.budget)
-        base, table = statistics.median(times[BASELINE]), []
-        for name, (_, note) in variants.items():
-            med, out = statistics.median(times[name]), outs[name]
-            dtype = next((k for k in ("fp16", "bf16") if k in name), fp32)
-            table.append(
-                {
-                    "size": f"{size[0]}x{size[1]}",
-                    "batch": batch,
-                    "variant": name,
-                    "median_ms": med * 1e3,
-                    "min_ms": min(times[name]) * 1e3,
-                    "runs": len(times[name]),
-                    "images_per_s": batch / med,
-                    "gflops_per_s": flops / med / 1e9,
-                    "peak_dtype": dtype,
-                    "fraction_of_peak": flops / med / 1e9 / peak.get(dtype, float("nan")),
-                    "speedup": base / med,
-                    "max_abs_diff": float((out - ref).abs().max()),
-                    # the fraction of pixels whose argmax class is the baseline's
-                    "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).double().mean()),
-                    "note": note,
-                }
-            )
-            if name.startswith("torch.compile"):
-                table[-1]["compile_s"] = first_s[name]
-        measure.show(
-            f"Inference {size[0]}x{size[1]}, batch {batch}, {device.type} (median of "
-            f"{len(times[BASELINE])} interleaved runs; {fp32} peak "
-            f"{peak.get(fp32, float('nan')):.0f} GFLOP/s)",
-            table,
-            "variant | ms=median_ms | img/s=images_per_s | GFLOP/s=gflops_per_s | of peak="
-            "{fraction_of_peak:.0%} {peak_dtype} | speedup={speedup:.2f}x | max|diff|="
-            "{max_abs_diff:.1e} | argmax={argmax_agreement:.3%} | note",
-        )
-        rows += table
-    return {"peak_gflops": peak, "infer": rows}
-
-
-def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
-    """Capture ``fn(x)`` into a CUDA graph; the returned callable replays it on ``x``'s buffer."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(x)
-
-    def replay(_x: torch.Tensor) -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
-
-
-def onnxruntime_variant(model: nn.Module) -> Callable | None:
-    """erfnet.fuse.export_onnx's graph run by onnxruntime; None without onnx/onnxruntime."""
-    try:
-        import onnxruntime  # optional extra, as is onnx
-    except ImportError:
-        return None
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(None):
-        path = export_onnx(model, Path(tmp) / "erfnet.onnx", 64, 128)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
-
-
-def infer_variants(
-    args: argparse.Namespace, model: nn.Module, x: torch.Tensor, compile_now: bool
-) -> dict[str, tuple[Callable, str]]:
-    """name -> (callable on the NCHW fp32 batch ``x``, note). The first is the baseline."""
-    cuda = args.device.type == "cuda"
-    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    fast = optimize_for_inference(model)
-    v = {
-        BASELINE: (model, "baseline (mmseg / erfnet_pytorch)"),
-        "channels_last": (lambda x: cl(x.contiguous(memory_format=torch.channels_last)), ""),
-        "fused BN": (fuse_bn(model), "fuse_bn, NCHW"),
-        "fast": (fast, "optimize_for_inference (load_model fast=True)"),
-    }
-    if compile_now:
-        compiled = torch.compile(optimize_for_inference(model))
-        if not cuda:  # inductor's freezing: weights as constants, oneDNN prepacking
-            compiled = inductor_config.patch(freezing=True)(compiled)
-        v["torch.compile(fast)"] = (compiled, "inductor" + ("" if cuda else ", freezing"))
-    if cuda:
-        fp16 = torch.autocast("cuda", dtype=torch.float16)(fast)
-        bf16 = torch.autocast("cuda", dtype=torch.bfloat16)(fast)
-        v["fast + fp16 autocast"] = (fp16, "approximate")
-        v["fast + bf16 autocast"] = (bf16, "approximate")
-        with torch.inference_mode():
-            graph = cuda_graph(v["fast + fp16 autocast"][0], x)
-        v["fast + fp16 + CUDA graph"] = (graph, "approximate; graph replay")
-    elif (ort := onnxruntime_variant(model)) is not None:
-        v["onnxruntime"] = (ort, "export_onnx graph, CPUExecutionProvider")
-    if not cuda and args.approx:
-        bf16 = torch.autocast("cpu", dtype=torch.bfloat16)(fast)
-        v["fast + bf16 autocast"] = (bf16, "approximate (AVX512-BF16 / AMX)")
-    return v
-
-
 def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The infer section at the first size, batch 1, in one process per glibc malloc setting:
     the default, and erfnet.fuse.tune_cpu_allocator()'s (set through glibc's environment)."""
@@ -307,217 +173,6 @@ def section_malloc(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
         "variant | allocator | ms=median_ms | speedup={speedup:.2f}x",
     )
     return {"malloc": rows}
-
-
-def section_train(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """One SGD iteration (forward, loss, backward, step): plain eager vs our training path."""
-    device, cuda, (h, w), batch = args.device, args.device.type == "cuda", *args.train_shape
-    torch.manual_seed(0)
-    net = ERFNet()
-    x = torch.randn(batch, 3, h, w, device=device)
-    y = torch.randint(0, NUM_CLASSES, (batch, h, w), device=device)
-    y[:, :4] = IGNORE_INDEX  # a few ignored pixels, as in real labels
-
-    def step(ours: bool, amp: torch.dtype | None = None) -> Callable[[], Any]:
-        layout = torch.channels_last if ours else torch.contiguous_format
-        m = copy.deepcopy(net).to(device, memory_format=layout).train()
-        opt = torch.optim.SGD(
-            m.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay
-        )
-        if ours:
-            scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            xcl = x.contiguous(memory_format=layout)
-            return lambda: train_step(m, xcl, y, opt, scaler, autocast_dtype=amp)
-
-        def plain() -> None:  # what mmseg runs: NCHW fp32, CE with ignore_index, SGD
-            loss = F.cross_entropy(m(x), y, ignore_index=IGNORE_INDEX)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        return plain
-
-    variants = {
-        BASELINE: (step(False), "as mmseg"),
-        "channels_last": (step(True), "training.step.train_step, same maths"),
-    }
-    if cuda:
-        variants["channels_last + fp16 AMP"] = (step(True, torch.float16), "approximate")
-    # Peak memory of one iteration per variant, before the timing. On the CPU only the process's
-    # peak RSS so far is known (ru_maxrss): cumulative, so later variants show at least the max.
-    memory, kind = {}, "cuda max_memory_allocated" if cuda else "process peak RSS"
-    for name, (fn, _) in variants.items():
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        measure.sync(device)
-        memory[name] = (
-            torch.cuda.max_memory_allocated(device) / 2**20
-            if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        )
-    fns = {name: fn for name, (fn, _) in variants.items()}
-    rounds, warmup = max(3, args.repeats // 2), max(0, args.warmup - 1)
-    times = measure.interleaved(fns, device, rounds, warmup, args.budget * 2)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    rows = [
-        {
-            "size": f"{h}x{w}",
-            "batch": batch,
-            "variant": name,
-            "median_s": med[name],
-            "min_s": min(times[name]),
-            "runs": len(times[name]),
-            "images_per_s": batch / med[name],
-            "speedup": med[BASELINE] / med[name],
-            "peak_memory_mb": memory[name],
-            "memory_kind": kind,
-            "note": note,
-        }
-        for name, (_, note) in variants.items()
-    ]
-    measure.show(
-        f"Training iteration (fwd + bwd + SGD), {h}x{w}, batch {batch}, {device.type} "
-        f"(median of {len(times[BASELINE])} interleaved runs)",
-        rows,
-        "variant | s/iter=median_s | img/s=images_per_s | speedup={speedup:.2f}x"
-        f" | {kind} MiB=peak_memory_mb | note",
-    )
-    return {"train": rows}
-
-
-def section_data(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """The data path: images/s of one loader worker (train and val), the train worker's time
-    per stage, images/s per path (PNG or decoded cache; augmentation in the worker or on the
-    device) for one worker and for the real loader with 1, 2, 4, ... workers, and the full
-    recipe's projected wall time from the measured step and data rates."""
-    (h, w), n, rows = ((128, 256) if args.quick else (1024, 2048)), args.data_images, []
-    if args.quick:
-        tfs = {
-            "train": TrainTransform(crop_size=(h // 2, w // 2), scale=(h, w)),
-            "val": EvalTransform(scale=(h, w)),
-        }
-    else:
-        tfs = {"train": TrainTransform(), "val": EvalTransform()}
-    with tempfile.TemporaryDirectory(prefix="erfnet_bench_") as tmp:
-        made = args.data or f"synthetic {n}+{n} images at {h}x{w} (HxW)"
-        root = Path(args.data or Path(tmp) / "cityscapes")
-        if not args.data:
-            make_synthetic_cityscapes(root, train=n, val=n, test=0, size=(h, w), extras=False)
-        for split, tf in tfs.items():
-            torch.manual_seed(0)
-            dataset = CityscapesDataset(root, split, transform=tf)
-            res = throughput.time_pipeline(dataset, num=3 if args.quick else 8, warmup=1)
-            rows.append(
-                {
-                    "split": split,
-                    "transform": repr(tf),
-                    "dataset": made,
-                    **res,
-                    "transform_name": type(tf).__name__,
-                }
-            )
-        measure.show(
-            f"Data pipeline, one worker (1 torch thread): {made}",
-            rows,
-            "split | images/s=images_per_s | load s=load_s | transform s=transform_s | "
-            "transform=transform_name",
-        )
-        png = CityscapesDataset(root, "train", transform=tfs["train"])
-        cache = write_cache(root, Path(tmp) / "cache", "train", progress=False)["folder"]
-        cached = CachedCityscapesDataset(root, "train", Path(cache).parent, png.transform)
-        return {"data": rows, **data_paths(args, png, cached, made)}
-
-
-def data_paths(
-    args: argparse.Namespace, png: CityscapesDataset, cached: CityscapesDataset, made: str
-) -> dict[str, Any]:
-    """section_data's stage table, per-path rates and loader scaling, then the projection."""
-    device, quick = args.device, args.quick
-    batch = args.data_batch or (16 if device.type == "cuda" else 2 if quick else 4)
-    num = 2 * batch if quick else max(8, 2 * batch)
-    stages = throughput.time_stages(png, cached, batch=batch, device=device, num=num)
-    where = {"pin": "main", "host to device": "main", "device aug": str(device)}
-    stage_rows = [
-        {
-            "stage": k,
-            "where": where.get(k, "worker"),
-            "ms_per_image": v * 1e3,
-            "paths": ", ".join(p for p, names in throughput.PATHS.items() if k in names),
-        }
-        for k, v in stages.items()
-    ]
-    measure.show(
-        f"Train data path per stage, median ms per image (1 torch thread; collate, pin, upload "
-        f"and device aug per image of batch {batch}): {made}",
-        stage_rows,
-        "stage | where | ms/image=ms_per_image | paths",
-    )
-    measured = throughput.time_paths(png, cached, rounds=2 if quick else 6)
-    from_stages = throughput.path_rates(stages)
-    path_rows = [
-        {
-            "path": p,
-            "worker_images_per_s": r,
-            "from_stages": from_stages.get(p),
-            "speedup": r / measured["PNG + worker aug"],
-        }
-        for p, r in measured.items()
-    ]
-    measure.show(
-        "One worker per path (images/s, side by side; 'from stages' = 1 / sum of its stages)",
-        path_rows,
-        "path | img/s=worker_images_per_s | from stages=from_stages | vs today={speedup:.2f}x",
-    )
-    counts = args.data_workers or [k for k in (1, 2, 4, 8, 16, 32) if k <= (os.cpu_count() or 1)]
-    loader_rows, batches = [], 2 if quick else 4
-    for workers in counts:
-        for path in throughput.PATHS:
-            rate = throughput.time_loader(
-                path, png, cached, workers=workers, batch=batch, batches=batches, device=device
-            )
-            loader_rows.append(
-                {
-                    "path": path,
-                    "workers": workers,
-                    "images_per_s": rate,
-                    "per_worker": rate / workers,
-                    "efficiency": rate / workers / measured[path],
-                }
-            )
-    measure.show(
-        f"Training loader (build_train_loader, batch {batch}; without the device aug)",
-        loader_rows,
-        "path | workers | img/s=images_per_s | img/s per worker=per_worker | of 1-worker rate="
-        "{efficiency:.0%}",
-    )
-    best = {p: max(r["images_per_s"] for r in loader_rows if r["path"] == p) for p in measured}
-    out = {"data_stages": stage_rows, "data_paths": path_rows, "data_loader": loader_rows}
-    return out | recipe_projection(args, stages["device aug"], measured, best)
-
-
-def recipe_projection(
-    args: argparse.Namespace, device_aug_s: float, per_worker: dict, best: dict
-) -> dict[str, Any]:
-    """The recipe's wall time per data path from a measured step and the best loader rates."""
-    device, cuda, quick = args.device, args.device.type == "cuda", args.quick
-    step_batch = args.data_step_batch or (16 if cuda else 1)
-    size = (64, 128) if quick else RECIPE.crop_size
-    step_s = throughput.time_step(device, step_batch, size, repeats=2 if quick or not cuda else 10)
-    projection = throughput.project_recipe(step_s, step_batch, best, device_aug_s)
-    for r in projection:  # workers of one worker's rate that keep the step fed, if they scaled
-        r["workers_to_feed"] = math.ceil(step_batch / step_s / per_worker[r["path"]])
-    measure.show(
-        f"Projected recipe ({RECIPE.iters} iterations x 16 images, {size[0]}x{size[1]}) on "
-        f"{device}: step {step_s:.3f} s at batch {step_batch}"
-        f"{' (fp16 AMP)' if cuda else ''} (+ device aug per image on the gpu-aug paths), data "
-        "at the best loader rate above",
-        projection,
-        "path | data img/s=data_images_per_s | step s/it=step_s | data s/it=data_s | hours="
-        "recipe_hours | bound | stall={stall_share:.0%} | workers to feed=workers_to_feed",
-    )
-    recipe = dict(step_s=step_s, step_batch=step_batch, step_size=list(size), rows=projection)
-    return {"recipe_projection": recipe}
 
 
 def section_shared_cpu(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
