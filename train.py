@@ -18,7 +18,6 @@ import argparse
 import math
 import signal
 import sys
-import time
 from types import FrameType
 
 
@@ -38,7 +37,6 @@ if __name__ == "__main__":  # until the run installs its own handlers (open_run)
 from argparse import Namespace
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,13 +44,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from erfnet import distributed, outputs, runtime
+from erfnet import distributed, runtime
 from erfnet.checkpoint import dataset_meta
 from erfnet.config import PAPER_RECIPE, RECIPE, RECIPES
 from erfnet.data.from_args import (
     DATA_KINDS,
     check_data_flags,
-    data_inputs_from_args,
     data_root_from_args,
     dataset_from_args,
 )
@@ -60,13 +57,22 @@ from erfnet.data.paper_transforms import PaperTrainTransform
 from erfnet.data.transforms import TrainTransform
 from erfnet.errors import FlagError, run_cli
 from erfnet.evaluation.evaluate import build_eval_loader
-from erfnet.model import HEADS, ERFNet
+from erfnet.model import HEADS
 from erfnet.test_size import keep_ratio
-from erfnet.training import logs, loop, paper_recipe, process, resume, step
+from erfnet.training import loop, paper_recipe, process, resume, step
 from erfnet.training.data_check import MIN_SIDE, check_data, make_synthetic, on_rank0
-from erfnet.training.finetune import start_weights
 from erfnet.training.logs import log
-from erfnet.training.loss import Criterion, load_class_weights, make_criterion
+from erfnet.training.loop import train_loop
+from erfnet.training.setup import (
+    build_model,
+    check_start,
+    get_criterion,
+    make_run,
+    open_run,
+    setup_process,
+    to_device,
+    train_stages,
+)
 
 # ``--data synthetic`` is a quick-start preset: small images and more, larger steps, so that
 # `python train.py --data synthetic` learns something visible in minutes on a laptop CPU (the
@@ -308,14 +314,6 @@ def check_args(parser: argparse.ArgumentParser, args: Namespace) -> None:
         parser.error(f"--work-dir '{args.work_dir}' exists and is not a folder")
 
 
-@dataclass(frozen=True)
-class Start:
-    """What a run continues: the --resume checkpoint's path and contents, or None and None."""
-
-    path: Path | None = None
-    ckpt: dict | None = None
-
-
 def main(args: Namespace) -> int:
     """Train (or resume) as ``args`` say; returns 0, or 128 + the signal that stopped the run."""
     proc = setup_process(args)
@@ -327,7 +325,7 @@ def main(args: Namespace) -> int:
         meta = dataset_meta(train_set)  # class names, palette, ignore index, mean / std
         meta["test_size"] = keep_ratio(args.scale)  # validation's size: predict's default
         if args.recipe == PAPER_RECIPE.name:  # its stages, each through train_loop
-            return train_stages(args, proc, start, train_set, meta, stop, cleanup)
+            return train_stages(args, proc, start, train_set, meta, stop, cleanup, build_loaders)
         criterion = get_criterion(args, meta["class_names"], meta["ignore_index"])
         model = build_model(args, meta, start, proc)
         optimizer = torch.optim.SGD(
@@ -335,161 +333,10 @@ def main(args: Namespace) -> int:
         )
         scheduler = step.PolyLR(optimizer, args.iters, args.poly_power, args.min_lr)
         parts = loop.Parts(model, optimizer, scheduler, criterion)
-        run, state = make_run(args, proc, start, train_set, val_set, meta, cleanup, parts)
+        run, state = make_run(
+            args, proc, start, train_set, val_set, meta, cleanup, parts, build_loaders
+        )
         return train_loop(run, state, stop)
-
-
-def train_stages(
-    args: Namespace,
-    proc: loop.Process,
-    start: Start,
-    train_set: Dataset,
-    meta: dict[str, Any],
-    stop: process.StopFlag,
-    cleanup: ExitStack,
-) -> int:
-    """--recipe erfnet_pytorch: its stages in order, each a Run of the same loop with the
-    stage's settings, parts and validation at the shorter side; the decoder stage starts from
-    the encoder stage's weights (or --init-from, or its --resume checkpoint). The exit status."""
-    encoder = None
-    for stage in paper_recipe.stages_to_run(args, start.path, start.ckpt):
-        sargs = paper_recipe.stage_args(args, stage, len(train_set), proc.dist.world_size)
-        parts, stage_meta = paper_recipe.stage_parts(sargs, meta, start.path, start.ckpt, encoder)
-        parts.model.to(proc.device, memory_format=torch.channels_last)
-        val_transform = paper_recipe.val_transform(args, stage)
-        (val_set,) = dataset_from_args(args, ["val"], {"val": val_transform})
-        run, state = make_run(sargs, proc, start, train_set, val_set, stage_meta, cleanup, parts)
-        log.info(
-            "%s stage: %d epochs x %d iterations, outputs in %s",
-            stage,
-            args.epochs,
-            sargs.iters_per_epoch,
-            run.work_dir,
-        )
-        status = train_loop(run, state, stop)
-        if status:
-            return status
-        encoder, start = run.model, Start()
-    return 0
-
-
-def make_run(
-    args: Namespace,
-    proc: loop.Process,
-    start: Start,
-    train_set: Dataset,
-    val_set: Dataset,
-    meta: dict[str, Any],
-    cleanup: ExitStack,
-    parts: loop.Parts,
-) -> tuple[loop.Run, loop.TrainState]:
-    """The Run of ``parts`` from ``start``: the GradScaler, the --resume state, args.json, the
-    loaders, TensorBoard and the model wrapped for training."""
-    work_dir = paper_recipe.stage_dir(Path(args.work_dir), args.stage)
-    scaler = torch.amp.GradScaler(proc.device.type, enabled=proc.use_scaler)
-    state = loop.TrainState()
-    if start.ckpt is not None:  # the optimizer, schedule, scaler and RNGs; where it stood
-        ckpt, world = start.ckpt, proc.dist.world_size
-        done, best, consumed = resume.restore_training_state(
-            ckpt, parts.optimizer, parts.scheduler, scaler, args, len(train_set), world
-        )
-        pending = bool(ckpt.get("validation_pending", False))
-        state = loop.TrainState(done, consumed, best, start=done, val_pending=pending)
-        if args.stage is None:
-            log.info("resumed from %s at iteration %d (best mIoU %.2f)", start.path, done, best)
-        else:
-            log.info("resumed the %s stage from %s at iteration %d", args.stage, start.path, done)
-    if proc.dist.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        logs.write_run_settings(args, work_dir, train_set, val_set, proc, start.path)
-    loaders = build_loaders(args, train_set, val_set, proc, state, parts.label_transform)
-    writer = logs.open_tensorboard(work_dir, state.iteration) if proc.dist.is_main else None
-    if writer is not None:
-        cleanup.callback(writer.close)
-    wrapped = step.wrap_for_training(parts.model, proc.device, proc.dist.distributed, args.compile)
-    run = loop.Run(
-        **vars(parts),
-        args=args,
-        work_dir=work_dir,
-        proc=proc,
-        train_model=wrapped,
-        scaler=scaler,
-        loaders=loaders,
-        val_set=val_set,
-        meta=meta,
-        writer=writer,
-    )
-    return run, state
-
-
-def setup_process(args: Namespace) -> loop.Process:
-    """The device, AMP, CPU threads and loader workers (written back to ``args``), and the
-    process group under torchrun."""
-    device = distributed.resolve_device(args.device, distributed.local_rank_from_env())
-    autocast_dtype, use_scaler = step.amp_settings(device, args.amp, args.amp_dtype)
-    # threads + busy loader workers <= cores (see erfnet.runtime.cpu_plan)
-    args.workers, threads = runtime.cpu_plan(device.type, args.workers, args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    args.threads = torch.get_num_threads()  # as used, for args.json
-    return loop.Process(device, distributed.init_distributed(device), autocast_dtype, use_scaler)
-
-
-def check_start(args: Namespace, dist_info: distributed.DistInfo) -> Start:
-    """What the run starts from, checked before anything is written: the work dir (rank 0)
-    follows the one output rule (``erfnet.outputs``), is not in use and holds no earlier run
-    that a new one would overwrite; the --resume checkpoint is a training checkpoint."""
-    work_dir = Path(args.work_dir)
-    paper = args.recipe == PAPER_RECIPE.name
-    if dist_info.is_main:
-        inputs = [
-            *data_inputs_from_args(args),
-            ("--init-from", args.init_from),
-            ("--class-weights", args.class_weights),
-        ]
-        outputs.check_outputs([outputs.Output("--work-dir", work_dir, folder=True)], inputs)
-        process.check_not_busy(work_dir)
-        process.check_new_run(work_dir, resume=args.resume is not None, restart=args.restart)
-        if paper:
-            paper_recipe.check_new_stage_run(args)
-    path = paper_recipe.resume_path(args) if paper else resume.resolve_resume(args.resume, work_dir)
-    return Start() if path is None else Start(path, resume.load_training_checkpoint(path))
-
-
-def open_run(
-    args: Namespace, dist_info: distributed.DistInfo, cleanup: ExitStack
-) -> process.StopFlag:
-    """The run's surroundings, each undone by ``cleanup``: the process group, a console that
-    cannot kill a save, the work dir and its lock (rank 0), logging, no stale temporary files,
-    and the SIGINT / SIGTERM flag (returned) that stops the loop after saving."""
-    cleanup.callback(distributed.cleanup_distributed)
-    # A closed stdout/stderr (``| tee`` stopped by Ctrl-C) must not kill a save.
-    cleanup.enter_context(runtime.guarded_console())
-    work_dir, moved = Path(args.work_dir), None
-    if dist_info.is_main:
-        try:
-            work_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise FlagError(f"--work-dir '{work_dir}': cannot create it ({e.strerror})") from None
-        lock = process.WorkDirLock(work_dir)  # one run per work dir; released on any exit
-        lock.acquire()
-        cleanup.callback(lock.release)
-        moved = process.move_previous_run(work_dir) if args.restart else None
-    handlers = logs.setup_logging(work_dir if dist_info.is_main else None, dist_info.is_main)
-    cleanup.callback(logs.close_logging, handlers)
-    cleanup.enter_context(logs.errors_in_log())  # the error line lands in train.log too
-    if moved is not None:
-        log.info("--restart: the earlier run's files are now in %s", moved)
-    if dist_info.is_main:  # only now: while we hold the lock, no live writer owns a .tmp file
-        n, size = process.remove_stale_tmp(work_dir)
-        if n:
-            log.info("removed %d stale .tmp file(s) (%.1f MB) of interrupted writes", n, size / 1e6)
-    # SIGINT / SIGTERM: save latest.pth after this iteration (at once in the data check, a batch
-    # wait or validation), then exit.
-    stop = process.StopFlag(immediate=not dist_info.distributed)
-    stop.install()
-    cleanup.callback(stop.restore)
-    return stop
 
 
 def get_dataset(args: Namespace, dist_info: distributed.DistInfo) -> tuple[Dataset, Dataset]:
@@ -512,39 +359,6 @@ def get_dataset(args: Namespace, dist_info: distributed.DistInfo) -> tuple[Datas
         return train_set, dataset_from_args(args, ["val"])[0]
     train_set, val_set = dataset_from_args(args, ["train", "val"], {"train": transform})
     return train_set, val_set
-
-
-def get_criterion(args: Namespace, class_names: list[str], ignore_index: int) -> Criterion:
-    """mmseg's CrossEntropyLoss: summed pixel CE / (N*H*W), or / labelled pixels with
-    --avg-non-ignore; --class-weights and --ohem as mmseg applies them (see erfnet/loss.py)."""
-    class_weights = None
-    if args.class_weights is not None:
-        class_weights = load_class_weights(args.class_weights, class_names)
-        log.info("class weights from %s: %s", args.class_weights, class_weights)
-    return make_criterion(
-        ignore_index=ignore_index,
-        avg_non_ignore=args.avg_non_ignore,
-        class_weights=class_weights,
-        ohem=args.ohem,
-    )
-
-
-def build_model(args: Namespace, meta: dict[str, Any], start: Start, proc: loop.Process) -> ERFNet:
-    """The model on the device, from --seed, --init-from or the --resume checkpoint;
-    SyncBatchNorm as --sync-bn says under torchrun on CUDA."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = ERFNet(num_classes=len(meta["class_names"]), head=args.head)
-    start_weights(model, meta, args.init_from, start.path, start.ckpt)
-    model.meta = meta  # validation normalises with the data's mean / std, not the defaults
-    if proc.dist.distributed and proc.device.type == "cuda":
-        model = step.convert_sync_batchnorm(model, args.sync_bn)
-    elif proc.dist.distributed and args.sync_bn != "none":
-        log.info("SyncBatchNorm needs CUDA; on the CPU each process keeps its own BN stats")
-    # channels_last is the fast layout for cuDNN and for oneDNN on the CPU alike (same maths).
-    model.to(proc.device, memory_format=torch.channels_last)
-    if proc.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return model
 
 
 def build_loaders(
@@ -580,103 +394,6 @@ def build_loaders(
     )
     upload = partial(to_device, augment=augment, device=device, labels=labels)
     return loop.Loaders(loader, sampler, val_loader, upload)
-
-
-def to_device(
-    batch: dict, augment: Callable | None, device: torch.device, labels: Callable | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch on the device, images channels_last: as the workers augmented it, or
-    with --gpu-aug (decoded images and drawn parameters) augmented there; its labels through
-    the recipe's ``labels`` transform, if any."""
-    if augment is not None:
-        images, target = augment(batch, device)
-    else:
-        images = batch["image"].to(device, non_blocking=True)
-        target = batch["label"].to(device, non_blocking=True)
-    images = images.contiguous(memory_format=torch.channels_last)
-    return images, target if labels is None else labels(target)
-
-
-def train_loop(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> int:
-    """The validation a stop signal interrupted (if any), then the iterations to --iters.
-    Returns the exit status."""
-    args = run.args
-    try:
-        if state.val_pending:  # as the uninterrupted run did it, before going on
-            loop.validate(run, state, stop)
-        if state.iteration >= args.iters:
-            log.info(
-                "nothing to do: the checkpoint is at iteration %d of --iters %d",
-                state.iteration,
-                args.iters,
-            )
-            return 0
-        if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
-            return loop.stop_after(run, state, stop)
-    except process.StopRequested:  # in the data wait or validation: the iteration is complete
-        return loop.stop_after(run, state, stop)
-    distributed.barrier()
-    last_miou = state.last_miou if state.last_miou is not None else float("nan")
-    # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
-    best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
-    log.info(
-        "done: %d iterations, best val mIoU %s, last %.2f; outputs in %s",
-        args.iters,
-        best,
-        last_miou,
-        run.work_dir,
-    )
-    return 0
-
-
-def iterate(run: loop.Run, state: loop.TrainState, stop: process.StopFlag) -> str:
-    """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
-    step, account, log, validate when due, save when due, stop when asked."""
-    args, proc = run.args, run.proc
-    logs.log_start(args, proc, state.iteration)
-    reduce = step.mean_over_ranks if proc.dist.distributed else None
-    window = logs.LossWindow()  # the losses and times since the last log line
-    batches = iter(run.loaders.train)
-    run.model.train()
-    with logs.progress_bar(args, proc.dist.is_main, state.iteration) as bar:
-        for iteration in range(state.iteration, args.iters):
-            resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
-            t0 = time.perf_counter()
-            batch = loop.fetch_batch(batches, run, state, stop)
-            t1 = time.perf_counter()
-            images, labels = run.loaders.to_device(batch)
-            lr = run.optimizer.param_groups[0]["lr"]
-            loss = step.train_step(
-                run.train_model,
-                images,
-                labels,
-                run.optimizer,
-                run.scaler,
-                criterion=run.criterion,
-                autocast_dtype=proc.autocast_dtype,
-                reduce=reduce,
-                accum_steps=args.accum_steps,
-            )
-            run.scheduler.step()
-            window.data_time += t1 - t0
-            window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
-            loop.account(state, loss, run, window)
-            done, last = state.iteration, state.iteration == args.iters
-            if bar is not None:
-                bar.update(1)
-                stall = f"{window.stall_share():.0%}"
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
-            if done % args.log_interval == 0 or last:
-                logs.log_training(window, run.writer, done, state.start, args, lr, proc.device)
-            due_val = done % args.val_interval == 0 or last
-            due_ckpt = done % args.ckpt_interval == 0
-            if due_val:
-                loop.validate(run, state, stop, save_iter=due_ckpt)
-            if due_val or due_ckpt or last:
-                loop.save_when_due(run, state, save_iter=due_ckpt)
-            if loop.stop_wanted(run, state, stop) and not last:
-                return "stopped"
-    return "done"
 
 
 def cli(argv: list[str] | None = None) -> int:

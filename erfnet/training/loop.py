@@ -1,11 +1,13 @@
-"""What ``train.py``'s loop works with (``Run``, set up once; ``TrainState``, where it stands)
-and the steps it calls; ``failure`` saves the completed iterations before an error stops the run.
+"""``train.py``'s loop (``train_loop``, ``iterate``), what it works with (``Run``, set up once;
+``TrainState``, where it stands) and the steps it calls; ``failure`` saves the completed
+iterations before an error stops the run.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import time
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from erfnet.errors import one_line
 from erfnet.evaluation.evaluate import evaluate
 from erfnet.evaluation.inference import TestSettings
 from erfnet.evaluation.visualize import prediction_strips
-from erfnet.training import logs, process, resume
+from erfnet.training import logs, process, resume, step
 from erfnet.training.logs import log
 from erfnet.training.loss import Criterion
 from erfnet.training.process import PEER_FAILED, StopFlag, TrainingError, is_peer_failure
@@ -263,3 +265,85 @@ def failure(
     return TrainingError(
         f"{what} at iteration {state.iteration} failed: {cause}; {saved}. {fix}, then {again}"
     )
+
+
+def train_loop(run: Run, state: TrainState, stop: StopFlag) -> int:
+    """The validation a stop signal interrupted (if any), then the iterations to --iters.
+    Returns the exit status."""
+    args = run.args
+    try:
+        if state.val_pending:  # as the uninterrupted run did it, before going on
+            validate(run, state, stop)
+        if state.iteration >= args.iters:
+            log.info(
+                "nothing to do: the checkpoint is at iteration %d of --iters %d",
+                state.iteration,
+                args.iters,
+            )
+            return 0
+        if iterate(run, state, stop) == "stopped":  # asked to, between two iterations
+            return stop_after(run, state, stop)
+    except process.StopRequested:  # in the data wait or validation: the iteration is complete
+        return stop_after(run, state, stop)
+    barrier()
+    last_miou = state.last_miou if state.last_miou is not None else float("nan")
+    # -1 means "none yet": no validation scored a labelled pixel (an all-ignore val split).
+    best = f"{state.best_miou:.2f}" if state.best_miou >= 0 else "n/a"
+    log.info(
+        "done: %d iterations, best val mIoU %s, last %.2f; outputs in %s",
+        args.iters,
+        best,
+        last_miou,
+        run.work_dir,
+    )
+    return 0
+
+
+def iterate(run: Run, state: TrainState, stop: StopFlag) -> str:
+    """From ``state.iteration`` to --iters ("done"), or to a stop request ("stopped"): fetch,
+    step, account, log, validate when due, save when due, stop when asked."""
+    args, proc = run.args, run.proc
+    logs.log_start(args, proc, state.iteration)
+    reduce = step.mean_over_ranks if proc.dist.distributed else None
+    window = logs.LossWindow()  # the losses and times since the last log line
+    batches = iter(run.loaders.train)
+    run.model.train()
+    with logs.progress_bar(args, proc.dist.is_main, state.iteration) as bar:
+        for iteration in range(state.iteration, args.iters):
+            resume.seed_iteration(args.seed, proc.dist.rank, iteration)  # dropout's RNG
+            t0 = time.perf_counter()
+            batch = fetch_batch(batches, run, state, stop)
+            t1 = time.perf_counter()
+            images, labels = run.loaders.to_device(batch)
+            lr = run.optimizer.param_groups[0]["lr"]
+            loss = step.train_step(
+                run.train_model,
+                images,
+                labels,
+                run.optimizer,
+                run.scaler,
+                criterion=run.criterion,
+                autocast_dtype=proc.autocast_dtype,
+                reduce=reduce,
+                accum_steps=args.accum_steps,
+            )
+            run.scheduler.step()
+            window.data_time += t1 - t0
+            window.compute_time += time.perf_counter() - t1  # train_step waited for the loss
+            account(state, loss, run, window)
+            done, last = state.iteration, state.iteration == args.iters
+            if bar is not None:
+                bar.update(1)
+                stall = f"{window.stall_share():.0%}"
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", stall=stall, refresh=False)
+            if done % args.log_interval == 0 or last:
+                logs.log_training(window, run.writer, done, state.start, args, lr, proc.device)
+            due_val = done % args.val_interval == 0 or last
+            due_ckpt = done % args.ckpt_interval == 0
+            if due_val:
+                validate(run, state, stop, save_iter=due_ckpt)
+            if due_val or due_ckpt or last:
+                save_when_due(run, state, save_iter=due_ckpt)
+            if stop_wanted(run, state, stop) and not last:
+                return "stopped"
+    return "done"
