@@ -79,6 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "... up to the CPU count)")
     add("--data-step-batch", type=int, help="batch of the data section's step for the recipe "
         "projection (default: 16 CUDA, 1 CPU; scaled linearly to 16)")
+    add("--qat-iters", type=int, default=0, metavar="N", help="deploy section: add the int8"
+        " of N steps of quantization-aware fine-tuning (export.py --qat-iters; default 0 = off)")
     add("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
     add("--json", metavar="OUT.json", help="write all results here")
     return p
@@ -101,6 +103,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("batch", "train_batch", "repeats", "data_images", "data_batch", "data_step_batch"):
         if (value := getattr(args, name)) is not None and value < 1:
             raise FlagError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.qat_iters < 0:
+        raise FlagError(f"--qat-iters must be >= 0, got {args.qat_iters}")
     if args.data_workers and min(args.data_workers) < 0:
         raise FlagError(f"--data-workers must be >= 0, got {args.data_workers}")
     if args.data and not Path(args.data).is_dir():
@@ -240,7 +244,9 @@ def section_deploy(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]
     size, threads = args.sizes[0], args.threads or 2
     with measure.torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
         calib, scored, x = deploy_inputs(args, model, size, Path(tmp))
-        built = deploy_paths(model, size, calib, threads, Path(tmp), args.compile != "off")
+        built = deploy_paths(
+            model, size, calib, threads, Path(tmp), args.compile != "off", args.qat_iters
+        )
         rows = score_paths(built, model, scored, size)
         fns = {name: functools.partial(fn, x) for name, (fn, _) in built.paths.items()}
         times = measure.interleaved(fns, args.device, args.repeats, args.warmup, args.budget)

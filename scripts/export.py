@@ -44,6 +44,7 @@ from erfnet.deploy.gate import (
 )
 from erfnet.deploy.onnx import ONNX_MAX_OPSET, ONNX_MIN_OPSET
 from erfnet.deploy.openvino_ir import INT8_METHODS
+from erfnet.deploy.qat import QATOptions
 from erfnet.errors import FlagError, UserError, cli_main
 
 MAX_SIDE = 4096  # pixels: --size's bound; the trace of a larger fixed size runs out of memory
@@ -78,9 +79,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, metavar="P", default=None,
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
                    f" {DEFAULT_MIN_AGREEMENT}; fp32 {FP32_MIN_AGREEMENT})")
-    p.add_argument("--int8-method", choices=tuple(INT8_METHODS), default=None,
+    p.add_argument("--int8-method", choices=(*INT8_METHODS, "qat"), default=None,
                    help="OpenVINO int8: the NNCF settings (default: the closest to the gate"
-                   " measured, see docs/deploy.md); float-* keep those layers in f32")
+                   " measured, see docs/deploy.md); float-* keep those layers in f32; qat ="
+                   " quantization-aware fine-tuning towards the fp32 logits")
+    p.add_argument("--qat-iters", type=int, metavar="N", default=None,
+                   help=f"fine-tuning steps of --int8-method qat, which it implies (default"
+                   f" {QATOptions.iters})")
     p.add_argument("--cpu-target", choices=("portable", "native"), default="portable",
                    help="a .pt2's CPU: portable = any x86-64-v3 (AVX2) CPU (default), native ="
                    " this CPU's instructions (AVX-512 where it has them; refused elsewhere)")
@@ -109,8 +114,16 @@ def check_args(args: argparse.Namespace) -> None:
             f"--precision {args.precision}: a .pt2 is fp32 (exact); bf16 and int8 are"
             " OpenVINO / ONNX exports"
         )
+    if args.qat_iters is not None:
+        if args.qat_iters < 1 or args.int8_method not in (None, "qat"):
+            raise FlagError(
+                f"--qat-iters N: a number of steps >= 1 for --int8-method qat, got"
+                f" {args.qat_iters} with --int8-method {args.int8_method or 'qat'}"
+            )
+        args.int8_method = "qat"
     if args.int8_method is not None and (args.precision, args.format) != ("int8", "openvino"):
-        raise FlagError("--int8-method is for --precision int8 --format openvino (NNCF)")
+        flag = "--qat-iters" if args.qat_iters is not None else "--int8-method"
+        raise FlagError(f"{flag} is for --precision int8 --format openvino (NNCF)")
     if args.precision == "bf16" and args.format != "openvino":
         raise FlagError("--precision bf16 is an OpenVINO export: add --format openvino")
     if args.precision != "fp32" and args.calib_data is None:
@@ -198,6 +211,7 @@ def request(args: argparse.Namespace) -> ExportRequest:
         opset=args.opset,
         cpu_target=args.cpu_target,
         int8_method=args.int8_method,
+        qat_iters=args.qat_iters or 0,
         report=args.report,
     )
 

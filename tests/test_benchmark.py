@@ -129,6 +129,8 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
         "deploy",
         "--data-workers",
         "1",
+        "--qat-iters",
+        "2",
     ]
     # A hang guard only: on two workers beside other load this run can take minutes.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -209,7 +211,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     if importlib.util.find_spec("openvino") and importlib.util.find_spec("onnx"):
         expected |= {"OpenVINO f32 hint", "OpenVINO default hint"}
         if importlib.util.find_spec("nncf"):
-            expected.add("OpenVINO int8")
+            expected |= {"OpenVINO int8", "OpenVINO int8 QAT"}
     assert expected <= set(deploy), sorted(deploy)
     assert deploy["plain eager fp32"]["speedup"] == 1.0
     for name, r in deploy.items():

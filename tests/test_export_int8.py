@@ -90,3 +90,100 @@ def test_int8_method_is_for_openvino_int8_only(
             )
         assert e.value.code == 2 and "--int8-method is for" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_qat_fine_tuning_moves_the_fake_quantized_model_towards_fp32(
+    random_bn_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("nncf")
+    import nncf
+    import numpy as np
+    import torch
+
+    from erfnet.deploy.qat import QATOptions, fine_tune
+    from erfnet.fuse import fuse_bn
+
+    monkeypatch.setenv("NNCF_EXTENSION_LOAD_TIMEOUT", "900")  # its first build, on a busy CPU
+
+    model = load_model(random_bn_checkpoint)
+    inputs = [
+        np.random.default_rng(i).normal(size=(1, 3, 64, 128)).astype(np.float32) for i in range(2)
+    ]
+    teacher, student = fuse_bn(model), fuse_bn(model)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student = nncf.quantize(student, nncf.Dataset(inputs, torch.from_numpy), subset_size=2)
+    x = torch.from_numpy(inputs[0])
+
+    def error() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(student.eval()(x), teacher(x)))
+
+    before = error()
+    losses = fine_tune(student, teacher, inputs, QATOptions(iters=20, lr=1e-5, crop=(64, 128)))
+    assert len(losses) == 20 and error() < 0.8 * before
+
+
+def test_qat_export_is_int8_gated_and_calibrates_only_on_train(
+    random_bn_checkpoint: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    from erfnet.deploy.exported import load_exported
+    from erfnet.deploy.openvino_ir import ir_files
+
+    out, report = tmp_path / "qat.xml", tmp_path / "qat.json"
+    argv = [str(random_bn_checkpoint), "--out", str(out), "--precision", "int8", "--size", *SIZE]
+    argv += ["--calib-data", str(synthetic_root), "--report", str(report), "--qat-iters", "2"]
+    export.main([*argv, "--min-agreement", "0", "--max-miou-drop", "100"])
+    r = json.loads(report.read_text())
+    assert r["accepted"] is True and any(n.startswith("int8 method qat") for n in r["notes"])
+    assert r["calibration_files"] and r["scored_files"]
+    assert all("/train/" in f for f in r["calibration_files"])
+    assert not set(r["calibration_files"]) & set(r["scored_files"])
+    import openvino as ov
+
+    assert _quantized_convs(ov.Core().read_model(str(out)))  # int8, not fp32
+    loaded = load_exported(out)
+    assert loaded.meta == load_model(random_bn_checkpoint).meta
+    for path in ir_files(out):
+        path.unlink()
+    with pytest.raises(SystemExit) as e:  # the same export, refused: no file, the method named
+        export.main([*argv, "--min-agreement", "100"])
+    assert "int8 method tried: qat" in str(e.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.json"]
+    assert json.loads(report.read_text())["accepted"] is False
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--qat-iters", "0"], "--qat-iters N: a number of steps >= 1"),
+        (["--qat-iters", "5", "--int8-method", "defaults"], "--int8-method defaults"),
+        (["--qat-iters", "5", "--precision", "fp32"], "--qat-iters is for --precision int8"),
+    ],
+)
+def test_qat_flags_refused_before_any_work(
+    random_bn_checkpoint: Path, tmp_path: Path, flags, message, capsys
+) -> None:
+    argv = [str(random_bn_checkpoint), "--out", str(tmp_path / "m.xml"), *flags]
+    if "--precision" not in flags:
+        argv += ["--precision", "int8"]
+    with pytest.raises(SystemExit) as e:
+        export.main([*argv, "--calib-data", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_label_margin_loss_by_hand() -> None:
+    import torch
+
+    from erfnet.deploy.qat import label_margin_loss
+
+    # Two pixels, three classes: logits (2.0, 1.5, 0.0) and (0.0, 3.0, -1.0).
+    logits = torch.tensor([[2.0, 0.0], [1.5, 3.0], [0.0, -1.0]])[None, :, None, :]
+    labels = torch.tensor([[[0, 2]]])
+    # pixel 1: label 0 leads the best other (1.5) by 0.5 -> relu(1 - 0.5) = 0.5;
+    # pixel 2: label 2 trails the best other (3.0) by 4.0 -> relu(1 + 4) = 5; mean 2.75.
+    assert float(label_margin_loss(logits, labels, 1.0)) == pytest.approx(2.75)
+    assert float(label_margin_loss(logits, torch.tensor([[[0, 1]]]), 0.5)) == 0.0

@@ -145,9 +145,11 @@ def openvino_paths(
     threads: int,
     workdir: Path,
     paths: DeployPaths,
+    qat_iters: int = 0,
 ) -> None:
     """OpenVINO with an f32 hint, with its default hint, and NNCF int8 (as scripts/export.py
-    deploys it: the hint it records)."""
+    deploys it: the hint it records); with ``qat_iters`` also the int8 of quantization-aware
+    fine-tuning (``--int8-method qat``)."""
     if _skipped(paths, "openvino", "onnx", "openvino"):
         return
     from erfnet.deploy import openvino_ir
@@ -176,6 +178,14 @@ def openvino_paths(
         int8 = openvino_ir.quantize_int8(ir, calib, options)
     int8 = openvino_compiled(int8, threads, OPENVINO_HINT["int8"])
     add("OpenVINO int8", int8, f"NNCF {options.preset}, hint {OPENVINO_HINT['int8']}")
+    if qat_iters:
+        from erfnet.deploy.qat import QATOptions, qat_int8
+
+        # Fine-tuning needs autograd, which the benchmark's inference mode turns off.
+        with torch.inference_mode(False), torch.enable_grad():
+            qat, _ = qat_int8(model, calib, size, QATOptions(iters=qat_iters))
+        qat = openvino_compiled(qat, threads, OPENVINO_HINT["int8"])
+        add("OpenVINO int8 QAT", qat, f"{qat_iters} steps towards the fp32 logits")
 
 
 def deploy_paths(
@@ -185,6 +195,7 @@ def deploy_paths(
     threads: int,
     workdir: Path,
     compile_fast: bool = True,
+    qat_iters: int = 0,
 ) -> DeployPaths:
     """Every path, ``model`` (eval mode, CPU) first; ``calib``: int8 calibration inputs."""
     paths = DeployPaths()
@@ -194,7 +205,7 @@ def deploy_paths(
     else:
         paths.skipped["AOTInductor .pt2"] = "--compile off"
     onnxruntime_paths(model, size, calib, threads, workdir, paths)
-    openvino_paths(model, size, calib, threads, workdir, paths)
+    openvino_paths(model, size, calib, threads, workdir, paths, qat_iters)
     return paths
 
 

@@ -53,7 +53,8 @@ class ExportRequest:
     opset: int = ONNX_MIN_OPSET
     nncf_options: Any = None  # erfnet.deploy.openvino_ir.NNCFOptions, None = its defaults
     cpu_target: str = "portable"  # a .pt2's: "portable" (x86-64-v3, AVX2) or "native"
-    int8_method: str | None = None  # OpenVINO int8: a key of INT8_METHODS, None = the best
+    int8_method: str | None = None  # OpenVINO int8: a key of INT8_METHODS or "qat"; None = the best
+    qat_iters: int = 0  # the "qat" method's fine-tuning steps (erfnet.deploy.qat)
     report: Path | None = None
 
 
@@ -125,12 +126,15 @@ def _openvino_artifact(
     if req.precision == "int8":
         exported.require("nncf")
         method = int8_method(req)
-        options = req.nncf_options or openvino_ir.INT8_METHODS[method]
         inputs = gate.NetworkInputs(
             held.calibration, model.meta["mean"], model.meta["std"], req.size
         )
-        ir = openvino_ir.quantize_int8(ir, inputs, options)
-        ws.notes.append(f"NNCF int8 method {method}: {asdict(options)}")
+        if method == "qat":
+            ir = _qat_ir(model, req, ws, inputs)
+        else:
+            options = req.nncf_options or openvino_ir.INT8_METHODS[method]
+            ir = openvino_ir.quantize_int8(ir, inputs, options)
+            ws.notes.append(f"NNCF int8 method {method}: {asdict(options)}")
     if req.argmax:
         ir = openvino_ir.append_argmax(ir)
     props = {
@@ -140,6 +144,20 @@ def _openvino_artifact(
         exported.HINT_KEY: OPENVINO_HINT[req.precision],
     }
     openvino_ir.save_ir(ir, ws.artifact, props)
+
+
+def _qat_ir(model: torch.nn.Module, req: ExportRequest, ws: Workspace, inputs: Any) -> Any:
+    """The int8 IR of quantization-aware fine-tuning on the calibration images."""
+    from erfnet.deploy.qat import QATOptions, qat_int8
+
+    options = QATOptions(iters=req.qat_iters or QATOptions.iters)
+    started = time.perf_counter()
+    ir, losses = qat_int8(model, inputs, req.size, options)
+    ws.notes.append(
+        f"int8 method qat: {asdict(options)}, loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+        f" in {time.perf_counter() - started:.0f} s"
+    )
+    return ir
 
 
 def _pt2_artifact(
@@ -184,6 +202,8 @@ def int8_method(req: ExportRequest) -> str:
         return "onnxruntime MinMax per-channel"
     if req.nncf_options is not None:
         return "custom NNCFOptions"
+    if req.qat_iters:
+        return "qat"
     return req.int8_method or BEST_INT8_METHOD
 
 
