@@ -80,9 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"refuse if fewer than P %% of pixels keep the fp32 label (default"
                    f" {DEFAULT_MIN_AGREEMENT}; fp32 {FP32_MIN_AGREEMENT})")
     p.add_argument("--int8-method", choices=(*INT8_METHODS, "qat"), default=None,
-                   help="OpenVINO int8: the NNCF settings (default: the closest to the gate"
-                   " measured, see docs/deploy.md); float-* keep those layers in f32; qat ="
-                   " quantization-aware fine-tuning towards the fp32 logits")
+                   help="OpenVINO int8: the NNCF settings (default float-decoder-head, the"
+                   " closest post-training method measured; docs/deploy.md); float-* keep those"
+                   " layers in f32; qat = quantization-aware fine-tuning towards the fp32 logits"
+                   " (closer still, minutes)")
     p.add_argument("--qat-iters", type=int, metavar="N", default=None,
                    help=f"fine-tuning steps of --int8-method qat, which it implies (default"
                    f" {QATOptions.iters})")

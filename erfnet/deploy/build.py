@@ -196,7 +196,7 @@ def _self_check(req: ExportRequest, model: torch.nn.Module, ws: Workspace) -> di
 
 def int8_method(req: ExportRequest) -> str:
     """The name of the int8 method an export uses (onnxruntime's one for an .onnx)."""
-    from erfnet.deploy.openvino_ir import BEST_INT8_METHOD
+    from erfnet.deploy.openvino_ir import DEFAULT_INT8_METHOD
 
     if req.format == "onnx":
         return "onnxruntime MinMax per-channel"
@@ -204,7 +204,7 @@ def int8_method(req: ExportRequest) -> str:
         return "custom NNCFOptions"
     if req.qat_iters:
         return "qat"
-    return req.int8_method or BEST_INT8_METHOD
+    return req.int8_method or DEFAULT_INT8_METHOD
 
 
 def _int8_refusal(req: ExportRequest, error: gate.GateError) -> gate.GateError:
