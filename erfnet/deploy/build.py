@@ -53,8 +53,9 @@ class ExportRequest:
     opset: int = ONNX_MIN_OPSET
     nncf_options: Any = None  # erfnet.deploy.openvino_ir.NNCFOptions, None = its defaults
     cpu_target: str = "portable"  # a .pt2's: "portable" (x86-64-v3, AVX2) or "native"
-    int8_method: str | None = None  # OpenVINO int8: a key of INT8_METHODS or "qat"; None = the best
-    qat_iters: int = 0  # the "qat" method's fine-tuning steps (erfnet.deploy.qat)
+    # OpenVINO int8: a key of INT8_METHODS or "qat"; None = DEFAULT_INT8_METHOD
+    int8_method: str | None = None
+    qat_iters: int = 0  # > 0: the "qat" method with that many steps (erfnet.deploy.qat)
     report: Path | None = None
 
 
