@@ -12,6 +12,7 @@ Library code raises these (or subclasses); only ``run_cli`` turns them into exit
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -64,7 +65,12 @@ def cli_main(
     argv: Sequence[str] | None = None,
 ) -> Any:
     """An entry point's ``main``: parse ``argv`` with ``make_parser()``, then ``run(args)``
-    under ``run_cli``."""
+    under ``run_cli``; Ctrl-C ends it with one line and exit 130, not a traceback (train.py,
+    which saves a run on a signal, keeps its own handling)."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    return run_cli(parser, partial(run, args))
+    try:
+        return run_cli(parser, partial(run, args))
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -665,3 +665,17 @@ def test_a_read_only_work_dir_is_one_line(
         ), r.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_ctrl_c_in_a_script_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from erfnet.errors import cli_main
+
+    def interrupted(args: argparse.Namespace) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: argparse.ArgumentParser(prog="export.py"), interrupted, [])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "export.py: interrupted (Ctrl-C)\n"
